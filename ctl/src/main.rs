@@ -1,0 +1,100 @@
+//! `modelctl`: the command-line client of modeld. Each subcommand is one
+//! RPC call; output is a human table, or the raw reply with `--json`.
+
+mod models;
+mod output;
+mod system;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use modeld_wire::{paths, Client, ClientError};
+
+#[derive(Debug, Parser)]
+#[command(name = "modelctl", version, about = "Control modeld, the model daemon")]
+struct Cli {
+    /// Daemon socket [default: same discovery as modeld]
+    #[arg(long, global = true, env = "MODELD_SOCKET")]
+    socket: Option<PathBuf>,
+    /// Print the daemon's JSON reply instead of a table
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Daemon version, uptime and counters
+    Status,
+    /// GPU memory and processes, and system RAM
+    Vram,
+    /// Register a model (Hugging Face repo and/or local path)
+    Register(models::RegisterArgs),
+    /// List registered models
+    #[command(alias = "ls")]
+    List,
+    /// Show one registered model
+    Show { name: String },
+    /// Remove a model from the registry (its files stay where they are)
+    #[command(alias = "remove")]
+    Rm { name: String },
+    /// Re-read the daemon's config file (as `systemctl reload modeld` does)
+    Reload,
+    /// Stop the daemon after in-flight requests finish
+    Shutdown,
+}
+
+/// How an invocation ended, mapped to exit codes scripts can rely on.
+enum Failure {
+    /// 1: the daemon answered with an error, or the reply was unusable.
+    Error(String),
+    /// 3: no daemon is listening.
+    NotRunning(String),
+}
+
+impl From<ClientError> for Failure {
+    fn from(err: ClientError) -> Self {
+        match err {
+            ClientError::NotRunning { path } => Failure::NotRunning(format!(
+                "modeld is not running (no daemon at {}); start it with `modeld` or `systemctl start modeld`",
+                path.display()
+            )),
+            other => Failure::Error(other.to_string()),
+        }
+    }
+}
+
+type Outcome = Result<(), Failure>;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let socket = cli.socket.clone().unwrap_or_else(paths::default_socket);
+    match run(&cli, &socket) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Error(message)) => {
+            eprintln!("modelctl: {message}");
+            ExitCode::from(1)
+        }
+        Err(Failure::NotRunning(message)) => {
+            eprintln!("modelctl: {message}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+fn run(cli: &Cli, socket: &std::path::Path) -> Outcome {
+    let mut client = Client::connect(socket)?;
+    let json = cli.json;
+    match &cli.command {
+        Command::Status => system::status(&mut client, json),
+        Command::Vram => system::vram(&mut client, json),
+        Command::Reload => system::reload(&mut client, json),
+        Command::Shutdown => system::shutdown(&mut client, json),
+        Command::Register(args) => models::register(&mut client, args, json),
+        Command::List => models::list(&mut client, json),
+        Command::Show { name } => models::show(&mut client, name, json),
+        Command::Rm { name } => models::remove(&mut client, name, json),
+    }
+}

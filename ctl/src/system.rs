@@ -1,0 +1,107 @@
+//! Daemon-wide commands: status, vram, reload, shutdown.
+
+use modeld_wire::methods;
+use modeld_wire::types::{format_bytes, ReloadReply, ShutdownReply, StatusReply, VramReply};
+use modeld_wire::Client;
+use serde_json::json;
+
+use crate::output::{format_duration, or_dash, print_fields, print_json, table};
+use crate::Outcome;
+
+pub fn status(client: &mut Client, json: bool) -> Outcome {
+    let reply: StatusReply = client.call(methods::STATUS, json!({}))?;
+    if json {
+        print_json(&reply);
+        return Ok(());
+    }
+    let config = match (&reply.config.path, &reply.config.last_error) {
+        (_, Some(err)) => format!("last reload refused: {err}"),
+        (Some(path), None) => path.display().to_string(),
+        (None, None) => "embedded defaults".to_string(),
+    };
+    let counts = &reply.counts;
+    print_fields(&[
+        ("version", reply.version.clone()),
+        ("pid", reply.pid.to_string()),
+        ("uptime", format_duration(reply.uptime_s)),
+        ("socket", reply.socket.display().to_string()),
+        ("state dir", reply.state_dir.display().to_string()),
+        ("config", config),
+        ("models", counts.models.to_string()),
+        ("connections", counts.connections.to_string()),
+        (
+            "requests",
+            format!(
+                "{} served, {} in flight",
+                counts.requests_total, counts.requests_in_flight
+            ),
+        ),
+    ]);
+    Ok(())
+}
+
+pub fn vram(client: &mut Client, json: bool) -> Outcome {
+    let reply: VramReply = client.call(methods::VRAM, json!({}))?;
+    if json {
+        print_json(&reply);
+        return Ok(());
+    }
+    if reply.gpus.is_empty() {
+        println!("no GPUs: {}", or_dash(reply.nvml.reason.clone()));
+    } else {
+        let mut gpus = table(&["gpu", "name", "used", "free", "total", "processes"]);
+        for gpu in &reply.gpus {
+            let processes: Vec<String> = gpu
+                .processes
+                .iter()
+                .map(|p| {
+                    let name = p.name.clone().unwrap_or_else(|| "?".into());
+                    let used = p.used_bytes.map(format_bytes).unwrap_or_else(|| "?".into());
+                    format!("{name}[{}] {used}", p.pid)
+                })
+                .collect();
+            gpus.add_row(vec![
+                gpu.index.to_string(),
+                gpu.name.clone(),
+                format_bytes(gpu.used_bytes),
+                format_bytes(gpu.free_bytes),
+                format_bytes(gpu.total_bytes),
+                if processes.is_empty() {
+                    "-".into()
+                } else {
+                    processes.join(", ")
+                },
+            ]);
+        }
+        println!("{gpus}");
+    }
+    println!(
+        "system RAM: {} available of {}",
+        format_bytes(reply.system.available_bytes),
+        format_bytes(reply.system.total_bytes)
+    );
+    Ok(())
+}
+
+pub fn reload(client: &mut Client, json: bool) -> Outcome {
+    let reply: ReloadReply = client.call(methods::RELOAD, json!({}))?;
+    if json {
+        print_json(&reply);
+    } else {
+        match &reply.path {
+            Some(path) => println!("reloaded {}", path.display()),
+            None => println!("reloaded: no config file, embedded defaults in force"),
+        }
+    }
+    Ok(())
+}
+
+pub fn shutdown(client: &mut Client, json: bool) -> Outcome {
+    let reply: ShutdownReply = client.call(methods::SHUTDOWN, json!({}))?;
+    if json {
+        print_json(&reply);
+    } else {
+        println!("modeld is stopping");
+    }
+    Ok(())
+}

@@ -1,0 +1,194 @@
+//! The daemon's own settings: command-line paths plus the optional TOML file
+//! (`modeld.toml`), validated into [`Config`]. Every field has an embedded
+//! default, so the daemon starts with no file at all.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Where things live, decided once at start-up from flags and environment.
+#[derive(Debug, Clone)]
+pub struct Paths {
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub config_file: PathBuf,
+    /// Given with `--config`: then a missing file is an error, not a default.
+    pub config_explicit: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid config {}: {message}", path.display())]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config {}: {field} = {value} is out of range ({limit})", path.display())]
+    OutOfRange {
+        path: PathBuf,
+        field: &'static str,
+        value: String,
+        limit: &'static str,
+    },
+}
+
+/// The contents of `modeld.toml`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub server: ServerConfig,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ServerConfig {
+    /// Group that owns the socket, so its members may connect.
+    pub socket_group: Option<String>,
+    /// Socket file permissions, as an octal string.
+    pub socket_mode: String,
+    /// Longest request line accepted, in bytes.
+    pub max_request_bytes: usize,
+    pub max_connections: usize,
+    /// Requests one connection may have running at once; more wait their turn.
+    pub max_in_flight_per_connection: usize,
+    /// How long a stop waits for in-flight requests before it gives up on them.
+    pub shutdown_grace_s: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            socket_group: None,
+            socket_mode: "0660".to_string(),
+            max_request_bytes: 1 << 20,
+            max_connections: 1024,
+            max_in_flight_per_connection: 64,
+            shutdown_grace_s: 30,
+        }
+    }
+}
+
+impl ServerConfig {
+    /// The socket mode as bits; `validate` has already checked it parses.
+    pub fn socket_mode_bits(&self) -> u32 {
+        u32::from_str_radix(&self.socket_mode, 8).unwrap_or(0o660)
+    }
+}
+
+impl Config {
+    /// Reads the file named in `paths`; a default path that does not exist
+    /// yields the embedded defaults and `None` as the source.
+    pub fn load(paths: &Paths) -> Result<(Config, Option<PathBuf>), ConfigError> {
+        let path = &paths.config_file;
+        match std::fs::read_to_string(path) {
+            Ok(text) => Ok((Config::parse(path, &text)?, Some(path.clone()))),
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound && !paths.config_explicit => {
+                Ok((Config::default(), None))
+            }
+            Err(source) => Err(ConfigError::Read {
+                path: path.clone(),
+                source,
+            }),
+        }
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|err| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: err.to_string(),
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let server = &self.server;
+        let out_of_range = |field, value: String, limit| ConfigError::OutOfRange {
+            path: path.to_path_buf(),
+            field,
+            value,
+            limit,
+        };
+        match u32::from_str_radix(&server.socket_mode, 8) {
+            Ok(mode) if mode <= 0o777 && mode & 0o600 == 0o600 => {}
+            _ => {
+                return Err(out_of_range(
+                    "server.socket_mode",
+                    format!("{:?}", server.socket_mode),
+                    "an octal mode such as \"0660\" that gives the owner read and write",
+                ))
+            }
+        }
+        if !(1024..=256 << 20).contains(&server.max_request_bytes) {
+            return Err(out_of_range(
+                "server.max_request_bytes",
+                server.max_request_bytes.to_string(),
+                "1024 to 268435456",
+            ));
+        }
+        if !(1..=65536).contains(&server.max_connections) {
+            return Err(out_of_range(
+                "server.max_connections",
+                server.max_connections.to_string(),
+                "1 to 65536",
+            ));
+        }
+        if !(1..=4096).contains(&server.max_in_flight_per_connection) {
+            return Err(out_of_range(
+                "server.max_in_flight_per_connection",
+                server.max_in_flight_per_connection.to_string(),
+                "1 to 4096",
+            ));
+        }
+        if server.shutdown_grace_s > 3600 {
+            return Err(out_of_range(
+                "server.shutdown_grace_s",
+                server.shutdown_grace_s.to_string(),
+                "0 to 3600",
+            ));
+        }
+        Ok(())
+    }
+
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(Path::new("test.toml"), text)
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn defaults_round_trip_through_toml() {
+        let text = Config::default().to_toml();
+        assert_eq!(parse(&text).unwrap(), Config::default());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let err = parse("[server]\nmax_request_bytes = 10\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.max_request_bytes"), "{err}");
+        let err = parse("[server]\nsocket_mode = \"999\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("server.socket_mode"), "{err}");
+        let err = parse("[server]\nmax_conections = 3\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("max_conections"), "{err}");
+    }
+}

@@ -1,0 +1,39 @@
+//! Daemon-wide methods: `status`, `reload` and `shutdown`.
+
+use std::sync::Arc;
+
+use modeld_wire::types::{ConfigStatus, ReloadReply, ShutdownReply, StatusReply};
+
+use crate::rpc::{ApiError, NoParams};
+use crate::state::AppState;
+
+pub async fn status(state: Arc<AppState>, _: NoParams) -> Result<StatusReply, ApiError> {
+    let config = state.loaded_config();
+    Ok(StatusReply {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        pid: std::process::id(),
+        uptime_s: state.started.elapsed().as_secs(),
+        started_at: state.started_at,
+        socket: state.paths.socket.clone(),
+        state_dir: state.paths.state_dir.clone(),
+        config: ConfigStatus {
+            path: config.source,
+            loaded_at: config.loaded_at,
+            reloads: config.reloads,
+            last_error: config.last_error,
+        },
+        counts: state.stats.snapshot(state.registry.count() as u64),
+    })
+}
+
+/// The same reload that SIGHUP triggers, with its outcome as the reply.
+pub async fn reload(state: Arc<AppState>, _: NoParams) -> Result<ReloadReply, ApiError> {
+    Ok(crate::lifecycle::reload(&state)?)
+}
+
+/// Acknowledges first; the daemon then stops as on SIGTERM, finishing the
+/// requests already in flight.
+pub async fn shutdown(state: Arc<AppState>, _: NoParams) -> Result<ShutdownReply, ApiError> {
+    state.request_shutdown();
+    Ok(ShutdownReply { stopping: true })
+}

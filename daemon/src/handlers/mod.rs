@@ -1,0 +1,7 @@
+//! Method handlers, one module per command group. Each is a plain async
+//! function from typed parameters to a typed reply; `rpc` does the rest.
+
+pub mod admin;
+pub mod events;
+pub mod models;
+pub mod vram;

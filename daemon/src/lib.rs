@@ -1,0 +1,83 @@
+//! modeld: a daemon that owns the machine's GPUs and manages generative
+//! models for other programs, speaking JSON-RPC 2.0 over a Unix socket.
+//!
+//! `main.rs` only parses flags; [`run`] wires the pieces together. See
+//! ARCHITECTURE.md for the code map.
+
+pub mod cli;
+pub mod config;
+pub mod gpu;
+pub mod handlers;
+pub mod lifecycle;
+pub mod registry;
+pub mod rpc;
+pub mod server;
+pub mod state;
+pub mod validate;
+
+use std::sync::Arc;
+
+use sd_notify::NotifyState;
+
+use crate::config::{Config, ConfigError, Paths};
+use crate::gpu::GpuProbe;
+use crate::lifecycle::{LockError, StateLock};
+use crate::registry::{Registry, RegistryError};
+use crate::rpc::dispatch::Dispatcher;
+use crate::server::{BoundSocket, SocketError};
+use crate::state::AppState;
+
+/// Why the daemon could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Lock(#[from] LockError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+}
+
+/// Runs the daemon until it is told to stop.
+pub async fn run(paths: Paths) -> Result<(), StartError> {
+    let (config, source) = Config::load(&paths)?;
+    // The lock comes before the store: sled must never be opened twice.
+    let _lock = StateLock::acquire(&paths.state_dir)?;
+    let registry = Registry::open(&paths.state_dir)?;
+    let gpu = GpuProbe::open();
+    let socket = BoundSocket::bind(
+        &paths.socket,
+        config.server.socket_mode_bits(),
+        config.server.socket_group.as_deref(),
+    )?;
+    let state = Arc::new(AppState::new(paths, config, source, registry, gpu));
+    let signals = lifecycle::handle_signals(state.clone());
+    let signals = tokio::spawn(async move {
+        if let Err(err) = signals.await {
+            tracing::error!("signal handling failed: {err}");
+        }
+    });
+    let dispatcher = Arc::new(Dispatcher::new(
+        rpc::build_module(state.clone()),
+        state.clone(),
+    ));
+
+    tracing::info!(
+        socket = %socket.path().display(),
+        state_dir = %state.paths.state_dir.display(),
+        models = state.registry.count(),
+        "modeld {} ready",
+        env!("CARGO_PKG_VERSION")
+    );
+    lifecycle::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
+    server::serve(socket, state.clone(), dispatcher).await;
+    lifecycle::notify(&[NotifyState::Stopping]);
+    signals.abort();
+    state.registry.flush().await?;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! Shared daemon state handed to every handler: the registry, the config in
+//! force, counters, the event bus and the shutdown signal.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use modeld_wire::types::{Counts, Event, ReloadReply};
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{Config, ConfigError, Paths};
+use crate::gpu::GpuProbe;
+use crate::registry::{unix_now, Registry};
+
+pub struct AppState {
+    pub paths: Paths,
+    pub started: Instant,
+    pub started_at: u64,
+    pub registry: Registry,
+    pub gpu: GpuProbe,
+    pub stats: Stats,
+    config: RwLock<LoadedConfig>,
+    events: broadcast::Sender<Event>,
+    shutdown: CancellationToken,
+}
+
+/// The config in force and the history of reloads.
+#[derive(Clone)]
+pub struct LoadedConfig {
+    pub config: Arc<Config>,
+    pub source: Option<PathBuf>,
+    pub loaded_at: u64,
+    pub reloads: u64,
+    pub last_error: Option<String>,
+}
+
+/// Live counters, read by `status`.
+#[derive(Default)]
+pub struct Stats {
+    pub connections: AtomicU64,
+    pub requests_total: AtomicU64,
+    pub requests_in_flight: AtomicU64,
+    pub subscriptions: AtomicU64,
+}
+
+impl Stats {
+    pub fn snapshot(&self, models: u64) -> Counts {
+        let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        Counts {
+            models,
+            connections: load(&self.connections),
+            requests_total: load(&self.requests_total),
+            requests_in_flight: load(&self.requests_in_flight),
+            subscriptions: load(&self.subscriptions),
+        }
+    }
+}
+
+/// Increments a gauge for as long as the guard lives.
+pub struct GaugeGuard<'a>(&'a AtomicU64);
+
+impl<'a> GaugeGuard<'a> {
+    pub fn new(gauge: &'a AtomicU64) -> Self {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        GaugeGuard(gauge)
+    }
+}
+
+impl Drop for GaugeGuard<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl AppState {
+    pub fn new(
+        paths: Paths,
+        config: Config,
+        source: Option<PathBuf>,
+        registry: Registry,
+        gpu: GpuProbe,
+    ) -> Self {
+        let now = unix_now();
+        let (events, _) = broadcast::channel(256);
+        AppState {
+            paths,
+            started: Instant::now(),
+            started_at: now,
+            registry,
+            gpu,
+            stats: Stats::default(),
+            config: RwLock::new(LoadedConfig {
+                config: Arc::new(config),
+                source,
+                loaded_at: now,
+                reloads: 0,
+                last_error: None,
+            }),
+            events,
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    pub fn config(&self) -> Arc<Config> {
+        self.loaded_config().config
+    }
+
+    pub fn loaded_config(&self) -> LoadedConfig {
+        self.config
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the config file. A file that fails to parse or validate
+    /// leaves the running config untouched; the error is kept for `status`.
+    pub fn reload_config(&self) -> Result<ReloadReply, ConfigError> {
+        let result = Config::load(&self.paths);
+        let mut loaded = self.config.write().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok((config, source)) => {
+                loaded.config = Arc::new(config);
+                loaded.source = source.clone();
+                loaded.loaded_at = unix_now();
+                loaded.reloads += 1;
+                loaded.last_error = None;
+                tracing::info!(path = ?source, "config reloaded");
+                self.emit(Event::ConfigReloaded {
+                    path: source.clone(),
+                });
+                Ok(ReloadReply {
+                    path: source,
+                    reloads: loaded.reloads,
+                })
+            }
+            Err(err) => {
+                tracing::warn!("config reload refused, keeping the previous config: {err}");
+                loaded.last_error = Some(err.to_string());
+                self.emit(Event::ConfigRejected {
+                    path: Some(self.paths.config_file.clone()),
+                    error: err.to_string(),
+                });
+                Err(err)
+            }
+        }
+    }
+
+    pub fn emit(&self, event: Event) {
+        // No subscribers is normal; the event is simply not seen.
+        let _ = self.events.send(event);
+    }
+
+    pub fn subscribe_events(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    pub fn request_shutdown(&self) {
+        if !self.shutdown.is_cancelled() {
+            tracing::info!("shutting down");
+            self.emit(Event::ShuttingDown);
+            self.shutdown.cancel();
+        }
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        self.shutdown.is_cancelled()
+    }
+}

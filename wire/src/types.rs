@@ -1,0 +1,308 @@
+//! Parameter and reply types of every method, serialized as JSON objects.
+//!
+//! Parameter structs reject unknown fields so that a typo in a script is an
+//! error naming the field instead of a silently ignored option.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// Which cache root a model's files go to when they are downloaded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "String", try_from = "String")]
+pub enum CacheLocation {
+    #[default]
+    Primary,
+    Secondary,
+    Custom(PathBuf),
+}
+
+impl fmt::Display for CacheLocation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CacheLocation::Primary => f.write_str("primary"),
+            CacheLocation::Secondary => f.write_str("secondary"),
+            CacheLocation::Custom(path) => write!(f, "custom:{}", path.display()),
+        }
+    }
+}
+
+impl FromStr for CacheLocation {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "primary" => Ok(CacheLocation::Primary),
+            "secondary" => Ok(CacheLocation::Secondary),
+            other => match other.strip_prefix("custom:") {
+                Some(path) if !path.is_empty() => Ok(CacheLocation::Custom(PathBuf::from(path))),
+                _ => Err(format!(
+                    "cache must be 'primary', 'secondary' or 'custom:/absolute/path', got {other:?}"
+                )),
+            },
+        }
+    }
+}
+
+impl From<CacheLocation> for String {
+    fn from(value: CacheLocation) -> Self {
+        value.to_string()
+    }
+}
+
+impl TryFrom<String> for CacheLocation {
+    type Error = String;
+    fn try_from(value: String) -> Result<Self, Self::Error> {
+        value.parse()
+    }
+}
+
+/// `models.register` parameters. Everything but `name` and one of
+/// `repo`/`local_path` has a default.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegisterParams {
+    pub name: String,
+    /// Hugging Face repo id, `org/name` or `name`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo: Option<String>,
+    /// Branch, tag or commit; `main` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// Glob patterns of the repo files the model needs; a sensible set for
+    /// safetensors models when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub files: Option<Vec<String>>,
+    /// A local file or directory that holds the model; tried before any cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub local_path: Option<PathBuf>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheLocation>,
+    /// Expected size of the files in bytes, used before the real sizes are known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimated_size: Option<u64>,
+    /// Overwrite an existing registration of the same name.
+    #[serde(default)]
+    pub replace: bool,
+}
+
+/// A registered model as stored and returned.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelRecord {
+    pub name: String,
+    pub repo: Option<String>,
+    pub revision: String,
+    pub files: Vec<String>,
+    pub local_path: Option<PathBuf>,
+    pub cache: CacheLocation,
+    pub estimated_size: Option<u64>,
+    /// Seconds since the Unix epoch.
+    pub registered_at: u64,
+    pub updated_at: u64,
+}
+
+/// Parameters of the methods that address one model by name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NameParams {
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelList {
+    pub models: Vec<ModelRecord>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RegisterReply {
+    pub model: ModelRecord,
+    /// True when an earlier registration of the same name was overwritten.
+    pub replaced: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RemoveReply {
+    pub removed: ModelRecord,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusReply {
+    pub version: String,
+    pub pid: u32,
+    pub uptime_s: u64,
+    /// Seconds since the Unix epoch.
+    pub started_at: u64,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub config: ConfigStatus,
+    pub counts: Counts,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigStatus {
+    /// The file read, or `None` when the embedded defaults are in use.
+    pub path: Option<PathBuf>,
+    pub loaded_at: u64,
+    pub reloads: u64,
+    /// Why the last reload was refused; the previous config stays in force.
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Counts {
+    pub models: u64,
+    pub connections: u64,
+    pub requests_total: u64,
+    pub requests_in_flight: u64,
+    pub subscriptions: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ReloadReply {
+    pub path: Option<PathBuf>,
+    pub reloads: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShutdownReply {
+    pub stopping: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VramReply {
+    pub gpus: Vec<GpuInfo>,
+    pub nvml: NvmlStatus,
+    pub system: SystemMemory,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NvmlStatus {
+    pub available: bool,
+    pub driver_version: Option<String>,
+    /// Why no GPU is listed, when NVML could not be used.
+    pub reason: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuInfo {
+    pub index: u32,
+    pub name: String,
+    pub uuid: String,
+    pub total_bytes: u64,
+    pub used_bytes: u64,
+    pub free_bytes: u64,
+    pub processes: Vec<GpuProcess>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuProcess {
+    pub pid: u32,
+    pub name: Option<String>,
+    /// `None` where the driver does not report per-process memory.
+    pub used_bytes: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SystemMemory {
+    pub total_bytes: u64,
+    pub available_bytes: u64,
+}
+
+/// What `events.subscribe` streams.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    ModelRegistered {
+        name: String,
+        replaced: bool,
+    },
+    ModelRemoved {
+        name: String,
+    },
+    ConfigReloaded {
+        path: Option<PathBuf>,
+    },
+    ConfigRejected {
+        path: Option<PathBuf>,
+        error: String,
+    },
+    ShuttingDown,
+}
+
+/// Human-readable byte counts for tables and messages.
+pub fn format_bytes(bytes: u64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// Parses sizes such as `7G`, `512MiB`, `1.5GB` or a bare byte count.
+/// Both SI and binary suffixes count in powers of 1024, as `ls -h` does.
+pub fn parse_bytes(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, suffix) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("not a size: {text:?} (examples: 4096, 512M, 7G)"))?;
+    let shift = match suffix.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 0,
+        "k" | "kb" | "kib" => 10,
+        "m" | "mb" | "mib" => 20,
+        "g" | "gb" | "gib" => 30,
+        "t" | "tb" | "tib" => 40,
+        other => return Err(format!("unknown size suffix {other:?} in {text:?}")),
+    };
+    let bytes = number * (1u64 << shift) as f64;
+    if !bytes.is_finite() || bytes >= u64::MAX as f64 {
+        return Err(format!("size {text:?} is too large"));
+    }
+    Ok(bytes as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cache_location_round_trips() {
+        for text in ["primary", "secondary", "custom:/data/hf"] {
+            let parsed: CacheLocation = text.parse().unwrap();
+            assert_eq!(parsed.to_string(), text);
+        }
+        assert!("custom:".parse::<CacheLocation>().is_err());
+        assert!("tertiary".parse::<CacheLocation>().is_err());
+    }
+
+    #[test]
+    fn sizes_parse_and_format() {
+        assert_eq!(parse_bytes("4096").unwrap(), 4096);
+        assert_eq!(parse_bytes("7G").unwrap(), 7 << 30);
+        assert_eq!(parse_bytes("1.5 GiB").unwrap(), 3 << 29);
+        assert!(parse_bytes("7Q").is_err());
+        assert!(parse_bytes("").is_err());
+        assert_eq!(format_bytes(512), "512 B");
+        assert_eq!(format_bytes(3 << 29), "1.5 GiB");
+    }
+
+    #[test]
+    fn register_params_reject_unknown_fields() {
+        let err = serde_json::from_str::<RegisterParams>(r#"{"name":"a","repo_id":"x"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("repo_id"), "{err}");
+    }
+}
