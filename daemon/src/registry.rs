@@ -84,7 +84,7 @@ impl Registry {
                 .models
                 .compare_and_swap(key, previous, Some(encode(&record)))?;
             if swapped.is_ok() {
-                self.db.flush_async().await?;
+                self.flush().await?;
                 return Ok((record, old.is_some()));
             }
         }
@@ -114,7 +114,7 @@ impl Registry {
             .models
             .remove(name.as_bytes())?
             .ok_or_else(|| RegistryError::NotFound(name.to_string()))?;
-        self.db.flush_async().await?;
+        self.flush().await?;
         decode(name, &removed)
     }
 
@@ -122,8 +122,14 @@ impl Registry {
         self.models.len()
     }
 
+    /// Makes every write so far durable. sled's own `flush_async` can stall
+    /// under many concurrent callers, so the blocking flush runs on the
+    /// blocking pool instead; concurrent flushes share sled's one fsync.
     pub async fn flush(&self) -> Result<(), RegistryError> {
-        self.db.flush_async().await?;
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || db.flush())
+            .await
+            .map_err(|err| RegistryError::Storage(sled::Error::ReportableBug(err.to_string())))??;
         Ok(())
     }
 }

@@ -1,1 +1,207 @@
-//! placeholder
+//! Harness for the end-to-end tests: builds the real `modeld` and `modelctl`
+//! binaries once, starts daemons in temporary directories, and talks to
+//! them through the socket, the CLI and signals.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use modeld_wire::{Client, ClientError};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+/// Directory holding the freshly built binaries (`target/debug` or
+/// `target/release`, matching the test binary's own profile).
+pub fn bin_dir() -> &'static Path {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let exe = std::env::current_exe().expect("test executable path");
+        // target/<profile>/deps/<test> -> target/<profile>
+        let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+        let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
+        build.args(["build", "--quiet", "-p", "modeld", "-p", "modelctl"]);
+        if dir.ends_with("release") {
+            build.arg("--release");
+        }
+        let status = build.status().expect("run cargo build");
+        assert!(status.success(), "building the binaries failed");
+        dir
+    })
+}
+
+pub fn modeld_bin() -> PathBuf {
+    bin_dir().join("modeld")
+}
+
+pub fn modelctl_bin() -> PathBuf {
+    bin_dir().join("modelctl")
+}
+
+/// A daemon running in its own temporary directory.
+pub struct Daemon {
+    pub dir: TempDir,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub config: PathBuf,
+    child: Option<Child>,
+    env: Vec<(String, String)>,
+}
+
+impl Daemon {
+    /// Starts a daemon and waits until it answers `status`.
+    pub fn start() -> Daemon {
+        Daemon::start_with(&[])
+    }
+
+    /// Starts a daemon with extra environment variables.
+    pub fn start_with(env: &[(&str, &str)]) -> Daemon {
+        let dir = tempfile::Builder::new().prefix("modeld-e2e").tempdir().expect("temp dir");
+        let mut daemon = Daemon {
+            socket: dir.path().join("modeld.sock"),
+            state_dir: dir.path().join("state"),
+            config: dir.path().join("modeld.toml"),
+            dir,
+            child: None,
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        };
+        daemon.spawn();
+        daemon
+    }
+
+    /// The command that starts this daemon, for tests that run it by hand.
+    pub fn command(&self) -> Command {
+        let mut command = Command::new(modeld_bin());
+        command
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--config")
+            .arg(&self.config)
+            .env("MODELD_LOG", "warn")
+            .env_remove("NOTIFY_SOCKET")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null());
+        command
+    }
+
+    /// (Re)starts the process and waits for it to answer.
+    pub fn spawn(&mut self) {
+        if !self.config.exists() {
+            std::fs::write(&self.config, "").expect("write empty config");
+        }
+        let child = self.command().spawn().expect("spawn modeld");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().expect("daemon running").id() as i32)
+    }
+
+    pub fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut client) = Client::connect(&self.socket) {
+                if client.call_value("status", json!({})).is_ok() {
+                    return;
+                }
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("modeld exited during start-up: {status}");
+            }
+            assert!(Instant::now() < deadline, "modeld did not become ready");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        let client = Client::connect(&self.socket).expect("connect to modeld");
+        client
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("set timeout");
+        client
+    }
+
+    /// One call on a fresh connection.
+    pub fn call(&self, method: &str, params: Value) -> Result<Value, ClientError> {
+        self.client().call_value(method, params)
+    }
+
+    /// Runs `modelctl` against this daemon.
+    pub fn ctl(&self, args: &[&str]) -> Output {
+        Command::new(modelctl_bin())
+            .arg("--socket")
+            .arg(&self.socket)
+            .args(args)
+            .output()
+            .expect("run modelctl")
+    }
+
+    pub fn signal(&self, signal: Signal) {
+        kill(self.pid(), signal).expect("send signal");
+    }
+
+    /// Waits for the process to exit on its own and returns its status.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("daemon running");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                self.child = None;
+                return status;
+            }
+            assert!(Instant::now() < deadline, "modeld did not exit in {limit:?}");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// SIGTERM and wait: the graceful stop systemd performs.
+    pub fn stop(&mut self) -> ExitStatus {
+        self.signal(Signal::SIGTERM);
+        self.wait_exit(Duration::from_secs(30))
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill9(&mut self) {
+        self.signal(Signal::SIGKILL);
+        self.wait_exit(Duration::from_secs(10));
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// A registration with only the required fields.
+pub fn model(name: &str) -> Value {
+    json!({"name": name, "repo": format!("org/{name}")})
+}
+
+/// The names in a `models.list` reply.
+pub fn names(list: &Value) -> Vec<String> {
+    list["models"]
+        .as_array()
+        .expect("models array")
+        .iter()
+        .map(|m| m["name"].as_str().expect("name").to_string())
+        .collect()
+}
+
+/// The `data.kind` of an error reply.
+pub fn kind(err: &ClientError) -> &str {
+    err.kind().unwrap_or("<none>")
+}
+
+/// Path to the shared fixtures beside the checkout.
+pub fn fixtures_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures")
+}

@@ -1,0 +1,221 @@
+//! The wire protocol under stress and abuse: malformed input, batches,
+//! notifications, oversized lines, vanishing clients, many clients at once.
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use modeld_e2e::{kind, model, names, Daemon};
+use modeld_wire::Client;
+use serde_json::{json, Value};
+
+/// Sends one raw line and returns the one reply line, decoded.
+fn exchange(client: &mut Client, line: &str) -> Value {
+    client.send_line(line).unwrap();
+    client.read_message().unwrap()
+}
+
+fn assert_alive(daemon: &Daemon, client: &mut Client) {
+    let status = client.call_value("status", json!({})).expect("same connection still usable");
+    assert!(status["pid"].as_u64().is_some());
+    daemon.call("status", json!({})).expect("new connections still served");
+}
+
+#[test]
+fn malformed_input_gets_errors_and_the_connection_survives() {
+    let daemon = Daemon::start();
+    let mut client = daemon.client();
+    let cases: &[(&str, i64, &str)] = &[
+        ("{not json", -32700, "parse_error"),
+        ("[1,2", -32700, "parse_error"),
+        ("42", -32600, "invalid_request"),
+        ("\"hello\"", -32600, "invalid_request"),
+        ("[]", -32600, "invalid_request"),
+        (r#"{"id":1,"method":"status"}"#, -32600, "invalid_request"),
+        (r#"{"jsonrpc":"1.0","id":1,"method":"status"}"#, -32600, "invalid_request"),
+        (r#"{"jsonrpc":"2.0","id":1,"method":5}"#, -32600, "invalid_request"),
+        (r#"{"jsonrpc":"2.0","id":1}"#, -32600, "invalid_request"),
+        (r#"{"jsonrpc":"2.0","id":{},"method":"status"}"#, -32600, "invalid_request"),
+        (r#"{"jsonrpc":"2.0","id":1,"method":"status","params":7}"#, -32600, "invalid_request"),
+        (r#"{"jsonrpc":"2.0","id":1,"method":"no.such"}"#, -32601, "method_not_found"),
+        (r#"{"jsonrpc":"2.0","id":1,"method":"models.get","params":{"name":[]}}"#, -32602, "invalid_params"),
+        (r#"{"jsonrpc":"2.0","id":1,"method":"models.get","params":{}}"#, -32602, "invalid_params"),
+        (r#"{"jsonrpc":"2.0","id":1,"method":"status","params":{"x":1}}"#, -32602, "invalid_params"),
+        (r#"{"jsonrpc":"2.0","id":1,"method":"models.register","params":["a"]}"#, -32602, "invalid_params"),
+    ];
+    for (line, code, error_kind) in cases {
+        let reply = exchange(&mut client, line);
+        assert_eq!(reply["jsonrpc"], "2.0", "{line}");
+        assert_eq!(reply["error"]["code"], *code, "{line}: {reply}");
+        assert_eq!(reply["error"]["data"]["kind"], *error_kind, "{line}: {reply}");
+        assert_alive(&daemon, &mut client);
+    }
+}
+
+#[test]
+fn binary_garbage_and_invalid_utf8_are_parse_errors() {
+    let daemon = Daemon::start();
+    let mut stream = UnixStream::connect(&daemon.socket).unwrap();
+    stream.write_all(b"\x00\x01\xff\xfe garbage \x80\n").unwrap();
+    let mut client = daemon.client();
+    // A fresh connection for the check; the garbage one must still answer too.
+    assert_alive(&daemon, &mut client);
+    stream.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":9,\"method\":\"status\"}\n").unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut reader = std::io::BufReader::new(stream);
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+    let first: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(first["error"]["data"]["kind"], "parse_error");
+    line.clear();
+    std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+    let second: Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(second["id"], 9);
+}
+
+#[test]
+fn oversized_line_is_refused_with_the_limit() {
+    let daemon = Daemon::start();
+    let mut client = daemon.client();
+    let huge = format!(
+        r#"{{"jsonrpc":"2.0","id":1,"method":"models.register","params":{{"name":"{}","repo":"a/b"}}}}"#,
+        "x".repeat(2 << 20)
+    );
+    let reply = exchange(&mut client, &huge);
+    assert_eq!(reply["error"]["data"]["kind"], "request_too_large");
+    assert_eq!(reply["error"]["data"]["limit"], 1 << 20);
+    assert_alive(&daemon, &mut client);
+    assert!(names(&daemon.call("models.list", json!({})).unwrap()).is_empty());
+}
+
+#[test]
+fn batches_and_notifications_follow_the_spec() {
+    let daemon = Daemon::start();
+    let mut client = daemon.client();
+    let reply = exchange(
+        &mut client,
+        r#"[{"jsonrpc":"2.0","id":1,"method":"status"},
+            {"jsonrpc":"2.0","method":"models.register","params":{"name":"via-notification","repo":"a/b"}},
+            {"jsonrpc":"2.0","id":"two","method":"nope"},
+            17]"#
+            .replace('\n', "")
+            .as_str(),
+    );
+    let replies = reply.as_array().expect("batch reply is an array");
+    assert_eq!(replies.len(), 3, "{reply}");
+    assert_eq!(replies[0]["id"], 1);
+    assert_eq!(replies[1]["error"]["code"], -32601);
+    assert_eq!(replies[1]["id"], "two");
+    assert_eq!(replies[2]["error"]["code"], -32600);
+    // The notification ran, silently.
+    assert_eq!(names(&daemon.call("models.list", json!({})).unwrap()), ["via-notification"]);
+    // A batch of notifications only gets no reply at all.
+    client
+        .send_line(r#"[{"jsonrpc":"2.0","method":"status"}]"#)
+        .unwrap();
+    let next = exchange(&mut client, r#"{"jsonrpc":"2.0","id":"after","method":"status"}"#);
+    assert_eq!(next["id"], "after");
+}
+
+#[test]
+fn vanishing_clients_harm_no_one() {
+    let daemon = Daemon::start();
+    for _ in 0..20 {
+        // Half a request, then gone.
+        let mut stream = UnixStream::connect(&daemon.socket).unwrap();
+        stream.write_all(br#"{"jsonrpc":"2.0","id":1,"meth"#).unwrap();
+        drop(stream);
+        // A whole request, gone before the reply.
+        let mut stream = UnixStream::connect(&daemon.socket).unwrap();
+        stream
+            .write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"vram\"}\n")
+            .unwrap();
+        drop(stream);
+        // A subscriber that never reads and then leaves.
+        let mut stream = UnixStream::connect(&daemon.socket).unwrap();
+        stream
+            .write_all(b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"events.subscribe\"}\n")
+            .unwrap();
+        drop(stream);
+    }
+    let mut client = daemon.client();
+    assert_alive(&daemon, &mut client);
+    drop(client);
+    // Every connection above has been cleaned up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = daemon.call("status", json!({})).unwrap();
+        if status["counts"]["connections"] == 1 && status["counts"]["subscriptions"] == 0 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "connections leaked: {status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn two_hundred_concurrent_clients() {
+    let daemon = Daemon::start();
+    let socket = daemon.socket.clone();
+    let barrier = std::sync::Arc::new(std::sync::Barrier::new(200));
+    let clients: Vec<_> = (0..200)
+        .map(|i| {
+            let socket = socket.clone();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let mut client = Client::connect(&socket).unwrap();
+                client.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                barrier.wait();
+                let name = format!("m{i:03}");
+                client.call_value("models.register", model(&name)).unwrap();
+                let got = client.call_value("models.get", json!({"name": name})).unwrap();
+                assert_eq!(got["name"], name);
+                client.call_value("status", json!({})).unwrap();
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().expect("client thread");
+    }
+    let listed = names(&daemon.call("models.list", json!({})).unwrap());
+    assert_eq!(listed.len(), 200);
+}
+
+#[test]
+fn pipelined_requests_on_one_connection_all_get_answers() {
+    let daemon = Daemon::start();
+    let mut stream = UnixStream::connect(&daemon.socket).unwrap();
+    let mut batch = String::new();
+    for id in 0..100 {
+        batch.push_str(&format!("{{\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":\"status\"}}\n"));
+    }
+    stream.write_all(batch.as_bytes()).unwrap();
+    stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let mut text = String::new();
+    stream.read_to_string(&mut text).unwrap();
+    let mut ids: Vec<u64> = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["id"].as_u64().unwrap())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, (0..100).collect::<Vec<_>>());
+}
+
+#[test]
+fn events_stream_registry_changes() {
+    let daemon = Daemon::start();
+    let mut subscriber = daemon.client();
+    let mut events = subscriber.subscribe("events.subscribe", json!({})).unwrap();
+    daemon.call("models.register", model("seen")).unwrap();
+    daemon.call("models.remove", json!({"name": "seen"})).unwrap();
+    let first = events.next().unwrap().unwrap();
+    assert_eq!(first, json!({"event": "model_registered", "name": "seen", "replaced": false}));
+    let second = events.next().unwrap().unwrap();
+    assert_eq!(second, json!({"event": "model_removed", "name": "seen"}));
+    let id = events.id().clone();
+    drop(events);
+    let unsubscribed = subscriber.call_value("events.unsubscribe", json!([id])).unwrap();
+    assert_eq!(unsubscribed, true);
+    let err = daemon.call("events.subscribe", json!({"bogus": 1})).unwrap_err();
+    assert_eq!(kind(&err), "invalid_params");
+}
