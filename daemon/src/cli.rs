@@ -12,7 +12,8 @@ use crate::config::{Config, Paths};
 #[command(
     name = "modeld",
     version,
-    about = "Owns the GPUs and serves generative models over a Unix socket"
+    about = "Owns the GPUs and serves generative models over a Unix socket",
+    args_override_self = true
 )]
 pub struct Args {
     /// Unix socket to listen on [default: $RUNTIME_DIRECTORY/modeld.sock,

@@ -20,7 +20,11 @@ pub fn bin_dir() -> &'static Path {
     DIR.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
         // target/<profile>/deps/<test> -> target/<profile>
-        let dir = exe.parent().and_then(Path::parent).expect("target dir").to_path_buf();
+        let dir = exe
+            .parent()
+            .and_then(Path::parent)
+            .expect("target dir")
+            .to_path_buf();
         let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         build.args(["build", "--quiet", "-p", "modeld", "-p", "modelctl"]);
         if dir.ends_with("release") {
@@ -58,14 +62,20 @@ impl Daemon {
 
     /// Starts a daemon with extra environment variables.
     pub fn start_with(env: &[(&str, &str)]) -> Daemon {
-        let dir = tempfile::Builder::new().prefix("modeld-e2e").tempdir().expect("temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("modeld-e2e")
+            .tempdir()
+            .expect("temp dir");
         let mut daemon = Daemon {
             socket: dir.path().join("modeld.sock"),
             state_dir: dir.path().join("state"),
             config: dir.path().join("modeld.toml"),
             dir,
             child: None,
-            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         daemon.spawn();
         daemon
@@ -110,7 +120,11 @@ impl Daemon {
                     return;
                 }
             }
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 panic!("modeld exited during start-up: {status}");
             }
             assert!(Instant::now() < deadline, "modeld did not become ready");
@@ -154,7 +168,10 @@ impl Daemon {
                 self.child = None;
                 return status;
             }
-            assert!(Instant::now() < deadline, "modeld did not exit in {limit:?}");
+            assert!(
+                Instant::now() < deadline,
+                "modeld did not exit in {limit:?}"
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }

@@ -16,9 +16,13 @@ fn exchange(client: &mut Client, line: &str) -> Value {
 }
 
 fn assert_alive(daemon: &Daemon, client: &mut Client) {
-    let status = client.call_value("status", json!({})).expect("same connection still usable");
+    let status = client
+        .call_value("status", json!({}))
+        .expect("same connection still usable");
     assert!(status["pid"].as_u64().is_some());
-    daemon.call("status", json!({})).expect("new connections still served");
+    daemon
+        .call("status", json!({}))
+        .expect("new connections still served");
 }
 
 #[test]
@@ -32,22 +36,61 @@ fn malformed_input_gets_errors_and_the_connection_survives() {
         ("\"hello\"", -32600, "invalid_request"),
         ("[]", -32600, "invalid_request"),
         (r#"{"id":1,"method":"status"}"#, -32600, "invalid_request"),
-        (r#"{"jsonrpc":"1.0","id":1,"method":"status"}"#, -32600, "invalid_request"),
-        (r#"{"jsonrpc":"2.0","id":1,"method":5}"#, -32600, "invalid_request"),
+        (
+            r#"{"jsonrpc":"1.0","id":1,"method":"status"}"#,
+            -32600,
+            "invalid_request",
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":1,"method":5}"#,
+            -32600,
+            "invalid_request",
+        ),
         (r#"{"jsonrpc":"2.0","id":1}"#, -32600, "invalid_request"),
-        (r#"{"jsonrpc":"2.0","id":{},"method":"status"}"#, -32600, "invalid_request"),
-        (r#"{"jsonrpc":"2.0","id":1,"method":"status","params":7}"#, -32600, "invalid_request"),
-        (r#"{"jsonrpc":"2.0","id":1,"method":"no.such"}"#, -32601, "method_not_found"),
-        (r#"{"jsonrpc":"2.0","id":1,"method":"models.get","params":{"name":[]}}"#, -32602, "invalid_params"),
-        (r#"{"jsonrpc":"2.0","id":1,"method":"models.get","params":{}}"#, -32602, "invalid_params"),
-        (r#"{"jsonrpc":"2.0","id":1,"method":"status","params":{"x":1}}"#, -32602, "invalid_params"),
-        (r#"{"jsonrpc":"2.0","id":1,"method":"models.register","params":["a"]}"#, -32602, "invalid_params"),
+        (
+            r#"{"jsonrpc":"2.0","id":{},"method":"status"}"#,
+            -32600,
+            "invalid_request",
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":1,"method":"status","params":7}"#,
+            -32600,
+            "invalid_request",
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":1,"method":"no.such"}"#,
+            -32601,
+            "method_not_found",
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":1,"method":"models.get","params":{"name":[]}}"#,
+            -32602,
+            "invalid_params",
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":1,"method":"models.get","params":{}}"#,
+            -32602,
+            "invalid_params",
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":1,"method":"status","params":{"x":1}}"#,
+            -32602,
+            "invalid_params",
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":1,"method":"models.register","params":["a"]}"#,
+            -32602,
+            "invalid_params",
+        ),
     ];
     for (line, code, error_kind) in cases {
         let reply = exchange(&mut client, line);
         assert_eq!(reply["jsonrpc"], "2.0", "{line}");
         assert_eq!(reply["error"]["code"], *code, "{line}: {reply}");
-        assert_eq!(reply["error"]["data"]["kind"], *error_kind, "{line}: {reply}");
+        assert_eq!(
+            reply["error"]["data"]["kind"], *error_kind,
+            "{line}: {reply}"
+        );
         assert_alive(&daemon, &mut client);
     }
 }
@@ -56,12 +99,18 @@ fn malformed_input_gets_errors_and_the_connection_survives() {
 fn binary_garbage_and_invalid_utf8_are_parse_errors() {
     let daemon = Daemon::start();
     let mut stream = UnixStream::connect(&daemon.socket).unwrap();
-    stream.write_all(b"\x00\x01\xff\xfe garbage \x80\n").unwrap();
+    stream
+        .write_all(b"\x00\x01\xff\xfe garbage \x80\n")
+        .unwrap();
     let mut client = daemon.client();
     // A fresh connection for the check; the garbage one must still answer too.
     assert_alive(&daemon, &mut client);
-    stream.write_all(b"{\"jsonrpc\":\"2.0\",\"id\":9,\"method\":\"status\"}\n").unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    stream
+        .write_all(b"{\"jsonrpc\":\"2.0\",\"id\":9,\"method\":\"status\"}\n")
+        .unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
     let mut reader = std::io::BufReader::new(stream);
     let mut line = String::new();
     std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
@@ -108,12 +157,18 @@ fn batches_and_notifications_follow_the_spec() {
     assert_eq!(replies[1]["id"], "two");
     assert_eq!(replies[2]["error"]["code"], -32600);
     // The notification ran, silently.
-    assert_eq!(names(&daemon.call("models.list", json!({})).unwrap()), ["via-notification"]);
+    assert_eq!(
+        names(&daemon.call("models.list", json!({})).unwrap()),
+        ["via-notification"]
+    );
     // A batch of notifications only gets no reply at all.
     client
         .send_line(r#"[{"jsonrpc":"2.0","method":"status"}]"#)
         .unwrap();
-    let next = exchange(&mut client, r#"{"jsonrpc":"2.0","id":"after","method":"status"}"#);
+    let next = exchange(
+        &mut client,
+        r#"{"jsonrpc":"2.0","id":"after","method":"status"}"#,
+    );
     assert_eq!(next["id"], "after");
 }
 
@@ -123,7 +178,9 @@ fn vanishing_clients_harm_no_one() {
     for _ in 0..20 {
         // Half a request, then gone.
         let mut stream = UnixStream::connect(&daemon.socket).unwrap();
-        stream.write_all(br#"{"jsonrpc":"2.0","id":1,"meth"#).unwrap();
+        stream
+            .write_all(br#"{"jsonrpc":"2.0","id":1,"meth"#)
+            .unwrap();
         drop(stream);
         // A whole request, gone before the reply.
         let mut stream = UnixStream::connect(&daemon.socket).unwrap();
@@ -148,7 +205,10 @@ fn vanishing_clients_harm_no_one() {
         if status["counts"]["connections"] == 1 && status["counts"]["subscriptions"] == 0 {
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "connections leaked: {status}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "connections leaked: {status}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -164,11 +224,15 @@ fn two_hundred_concurrent_clients() {
             let barrier = barrier.clone();
             std::thread::spawn(move || {
                 let mut client = Client::connect(&socket).unwrap();
-                client.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+                client
+                    .set_read_timeout(Some(Duration::from_secs(60)))
+                    .unwrap();
                 barrier.wait();
                 let name = format!("m{i:03}");
                 client.call_value("models.register", model(&name)).unwrap();
-                let got = client.call_value("models.get", json!({"name": name})).unwrap();
+                let got = client
+                    .call_value("models.get", json!({"name": name}))
+                    .unwrap();
                 assert_eq!(got["name"], name);
                 client.call_value("status", json!({})).unwrap();
             })
@@ -187,7 +251,9 @@ fn pipelined_requests_on_one_connection_all_get_answers() {
     let mut stream = UnixStream::connect(&daemon.socket).unwrap();
     let mut batch = String::new();
     for id in 0..100 {
-        batch.push_str(&format!("{{\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":\"status\"}}\n"));
+        batch.push_str(&format!(
+            "{{\"jsonrpc\":\"2.0\",\"id\":{id},\"method\":\"status\"}}\n"
+        ));
     }
     stream.write_all(batch.as_bytes()).unwrap();
     stream.shutdown(std::net::Shutdown::Write).unwrap();
@@ -195,7 +261,11 @@ fn pipelined_requests_on_one_connection_all_get_answers() {
     stream.read_to_string(&mut text).unwrap();
     let mut ids: Vec<u64> = text
         .lines()
-        .map(|l| serde_json::from_str::<Value>(l).unwrap()["id"].as_u64().unwrap())
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["id"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
     ids.sort();
     assert_eq!(ids, (0..100).collect::<Vec<_>>());
@@ -207,15 +277,24 @@ fn events_stream_registry_changes() {
     let mut subscriber = daemon.client();
     let mut events = subscriber.subscribe("events.subscribe", json!({})).unwrap();
     daemon.call("models.register", model("seen")).unwrap();
-    daemon.call("models.remove", json!({"name": "seen"})).unwrap();
+    daemon
+        .call("models.remove", json!({"name": "seen"}))
+        .unwrap();
     let first = events.next().unwrap().unwrap();
-    assert_eq!(first, json!({"event": "model_registered", "name": "seen", "replaced": false}));
+    assert_eq!(
+        first,
+        json!({"event": "model_registered", "name": "seen", "replaced": false})
+    );
     let second = events.next().unwrap().unwrap();
     assert_eq!(second, json!({"event": "model_removed", "name": "seen"}));
     let id = events.id().clone();
     drop(events);
-    let unsubscribed = subscriber.call_value("events.unsubscribe", json!([id])).unwrap();
+    let unsubscribed = subscriber
+        .call_value("events.unsubscribe", json!([id]))
+        .unwrap();
     assert_eq!(unsubscribed, true);
-    let err = daemon.call("events.subscribe", json!({"bogus": 1})).unwrap_err();
+    let err = daemon
+        .call("events.subscribe", json!({"bogus": 1}))
+        .unwrap_err();
     assert_eq!(kind(&err), "invalid_params");
 }

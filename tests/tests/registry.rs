@@ -29,10 +29,16 @@ fn register_list_get_remove_round_trip() {
     assert_eq!(reply["replaced"], true);
     assert_eq!(reply["model"]["registered_at"], got["registered_at"]);
 
-    daemon.call("models.remove", json!({"name": "llama"})).unwrap();
-    let err = daemon.call("models.get", json!({"name": "llama"})).unwrap_err();
+    daemon
+        .call("models.remove", json!({"name": "llama"}))
+        .unwrap();
+    let err = daemon
+        .call("models.get", json!({"name": "llama"}))
+        .unwrap_err();
     assert_eq!(kind(&err), "not_found");
-    let err = daemon.call("models.remove", json!({"name": "llama"})).unwrap_err();
+    let err = daemon
+        .call("models.remove", json!({"name": "llama"}))
+        .unwrap_err();
     assert_eq!(kind(&err), "not_found");
 }
 
@@ -42,28 +48,53 @@ fn validation_errors_name_field_and_limit() {
     let cases = [
         (json!({"name": "../etc", "repo": "a/b"}), "name"),
         (json!({"name": "ok", "repo": "a/b/c"}), "repo"),
-        (json!({"name": "ok", "repo": "a/b", "revision": "../../x"}), "revision"),
-        (json!({"name": "ok", "repo": "a/b", "files": ["../x"]}), "files[0]"),
-        (json!({"name": "ok", "repo": "a/b", "local_path": "rel/path"}), "local_path"),
-        (json!({"name": "ok", "repo": "a/b", "cache": "elsewhere"}), "cache"),
-        (json!({"name": "ok", "repo": "a/b", "estimated_size": "big"}), "estimated_size"),
+        (
+            json!({"name": "ok", "repo": "a/b", "revision": "../../x"}),
+            "revision",
+        ),
+        (
+            json!({"name": "ok", "repo": "a/b", "files": ["../x"]}),
+            "files[0]",
+        ),
+        (
+            json!({"name": "ok", "repo": "a/b", "local_path": "rel/path"}),
+            "local_path",
+        ),
+        (
+            json!({"name": "ok", "repo": "a/b", "cache": "elsewhere"}),
+            "cache",
+        ),
+        (
+            json!({"name": "ok", "repo": "a/b", "estimated_size": "big"}),
+            "estimated_size",
+        ),
         (json!({"name": "ok"}), "repo"),
         (json!({"repo": "a/b"}), "name"),
-        (json!({"name": "ok", "repo": "a/b", "colour": "red"}), "colour"),
+        (
+            json!({"name": "ok", "repo": "a/b", "colour": "red"}),
+            "colour",
+        ),
         (json!({"name": "x".repeat(65), "repo": "a/b"}), "name"),
     ];
     for (params, field) in cases {
         let err = daemon.call("models.register", params.clone()).unwrap_err();
         assert_eq!(kind(&err), "invalid_params", "{params}");
-        let modeld_wire::ClientError::Rpc(obj) = &err else { panic!("{err}") };
+        let modeld_wire::ClientError::Rpc(obj) = &err else {
+            panic!("{err}")
+        };
         assert_eq!(obj.code, -32602);
         let data = obj.data.as_ref().unwrap();
         assert_eq!(data["field"], field, "{params}: {err}");
     }
     let err = daemon
-        .call("models.register", json!({"name": "x".repeat(65), "repo": "a/b"}))
+        .call(
+            "models.register",
+            json!({"name": "x".repeat(65), "repo": "a/b"}),
+        )
         .unwrap_err();
-    let modeld_wire::ClientError::Rpc(obj) = &err else { panic!() };
+    let modeld_wire::ClientError::Rpc(obj) = &err else {
+        panic!()
+    };
     assert_eq!(obj.data.as_ref().unwrap()["limit"], 64);
     assert!(names(&daemon.call("models.list", json!({})).unwrap()).is_empty());
 }
@@ -75,14 +106,20 @@ fn registrations_survive_graceful_restart_and_kill_9() {
     daemon.call("models.register", model("b")).unwrap();
     daemon.stop();
     daemon.spawn();
-    assert_eq!(names(&daemon.call("models.list", json!({})).unwrap()), ["a", "b"]);
+    assert_eq!(
+        names(&daemon.call("models.list", json!({})).unwrap()),
+        ["a", "b"]
+    );
 
     daemon.call("models.remove", json!({"name": "a"})).unwrap();
     daemon.call("models.register", model("c")).unwrap();
     // Acknowledged means flushed: no graceful stop needed.
     daemon.kill9();
     daemon.spawn();
-    assert_eq!(names(&daemon.call("models.list", json!({})).unwrap()), ["b", "c"]);
+    assert_eq!(
+        names(&daemon.call("models.list", json!({})).unwrap()),
+        ["b", "c"]
+    );
 }
 
 #[test]
@@ -110,8 +147,14 @@ fn kill_9_during_concurrent_writes_leaves_a_readable_store() {
         .collect();
     std::thread::sleep(std::time::Duration::from_millis(300));
     daemon.kill9();
-    let acknowledged: Vec<String> = writers.into_iter().flat_map(|w| w.join().unwrap()).collect();
-    assert!(!acknowledged.is_empty(), "no write was acknowledged before the kill");
+    let acknowledged: Vec<String> = writers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    assert!(
+        !acknowledged.is_empty(),
+        "no write was acknowledged before the kill"
+    );
 
     daemon.spawn();
     let stored = names(&daemon.call("models.list", json!({})).unwrap());
@@ -119,14 +162,19 @@ fn kill_9_during_concurrent_writes_leaves_a_readable_store() {
         assert!(stored.contains(name), "acknowledged {name} was lost");
     }
     // The store is still writable after the crash.
-    daemon.call("models.register", model("after-crash")).unwrap();
+    daemon
+        .call("models.register", model("after-crash"))
+        .unwrap();
 }
 
 #[test]
 fn local_only_model_is_accepted() {
     let daemon = Daemon::start();
     let reply = daemon
-        .call("models.register", json!({"name": "mine", "local_path": "/models/mine"}))
+        .call(
+            "models.register",
+            json!({"name": "mine", "local_path": "/models/mine"}),
+        )
         .unwrap();
     assert_eq!(reply["model"]["repo"], json!(null));
     assert_eq!(reply["model"]["local_path"], "/models/mine");

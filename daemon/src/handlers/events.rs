@@ -25,10 +25,15 @@ pub async fn subscribe(
         return;
     };
     let _gauge = GaugeGuard::new(&state.stats.subscriptions);
+    let shutdown = state.shutdown_token();
     loop {
+        // Pending events first: the shutdown event is queued before the
+        // token fires, and subscribers should see it.
         let event = tokio::select! {
-            _ = sink.closed() => return,
+            biased;
             event = events.recv() => event,
+            _ = sink.closed() => return,
+            _ = shutdown.cancelled() => return,
         };
         let event = match event {
             Ok(event) => event,

@@ -74,10 +74,14 @@ pub async fn serve_connection(
         });
     }
 
-    // In-flight requests finish and are answered; streams end after them.
+    // In-flight requests finish and are answered. On shutdown, streams run
+    // to their own end (the server bounds the wait); a client that left
+    // has its streams stopped.
     requests.close();
     requests.wait().await;
-    stop_streams.cancel();
+    if !shutdown.is_cancelled() {
+        stop_streams.cancel();
+    }
     streams.close();
     streams.wait().await;
     drop(outbox);

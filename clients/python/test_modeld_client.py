@@ -1,0 +1,54 @@
+"""Tests of modeld_client against a running daemon named by MODELD_SOCKET.
+
+The Rust end-to-end suite starts a daemon and runs this file with python3.
+"""
+
+import threading
+import unittest
+
+import modeld_client
+
+
+class ClientTest(unittest.TestCase):
+    def test_call_status(self):
+        status = modeld_client.call("status")
+        self.assertIsInstance(status["pid"], int)
+
+    def test_register_list_remove(self):
+        with modeld_client.Client(timeout=30) as client:
+            client.call("models.register", {"name": "py-model", "repo": "org/py-model"})
+            names = [m["name"] for m in client.call("models.list")["models"]]
+            self.assertIn("py-model", names)
+            client.call("models.remove", {"name": "py-model"})
+
+    def test_errors_carry_kind_and_field(self):
+        with self.assertRaises(modeld_client.ModeldError) as caught:
+            modeld_client.call("models.register", {"name": "../x", "repo": "a/b"})
+        self.assertEqual(caught.exception.kind, "invalid_params")
+        self.assertEqual(caught.exception.data["field"], "name")
+
+    def test_stream_events(self):
+        def register_and_remove():
+            modeld_client.call("models.register", {"name": "streamed", "repo": "org/s"})
+            modeld_client.call("models.remove", {"name": "streamed"})
+
+        with modeld_client.Client(timeout=30) as client:
+            events = client.subscribe("events.subscribe")
+            writer = threading.Thread(target=register_and_remove)
+            writer.start()
+            seen = []
+            for event in events:
+                seen.append((event["event"], event["name"]))
+                if len(seen) == 2:
+                    break
+            writer.join()
+        self.assertEqual(seen, [("model_registered", "streamed"), ("model_removed", "streamed")])
+
+    def test_not_running_is_a_clear_error(self):
+        with self.assertRaises(ConnectionError) as caught:
+            modeld_client.Client("/nonexistent/modeld.sock")
+        self.assertIn("not running", str(caught.exception))
+
+
+if __name__ == "__main__":
+    unittest.main()
