@@ -19,12 +19,11 @@ pub fn bin_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
         let exe = std::env::current_exe().expect("test executable path");
-        // target/<profile>/deps/<test> -> target/<profile>
-        let dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("target dir")
-            .to_path_buf();
+        // Tests live in target/<profile>/deps, binaries in target/<profile>.
+        let mut dir = exe.parent().expect("target dir").to_path_buf();
+        if dir.ends_with("deps") {
+            dir.pop();
+        }
         let mut build = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
         build.args(["build", "--quiet", "-p", "modeld", "-p", "modelctl"]);
         if dir.ends_with("release") {

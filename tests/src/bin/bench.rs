@@ -1,0 +1,186 @@
+//! Benchmarks of the real daemon, reported as ratios against a baseline
+//! measured in the same run (this machine is shared and noisy).
+//!
+//! `cargo run --release -p modeld-e2e --bin bench -- rpc [--calls N]`:
+//! round-trip latency of `status` over the daemon's socket with 1 and 64
+//! concurrent clients, against a bare Unix-socket line echo server.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::Path;
+use std::sync::{Arc, Barrier};
+use std::time::{Duration, Instant};
+
+use modeld_e2e::Daemon;
+
+const REQUEST: &str = r#"{"jsonrpc":"2.0","id":1,"method":"status"}"#;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let calls = flag(&args, "--calls").unwrap_or(2000);
+    match args.first().map(String::as_str) {
+        Some("rpc") => rpc(calls),
+        Some("echo-server") => echo_server(Path::new(&args[1])),
+        _ => {
+            eprintln!("usage: bench rpc [--calls N]");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn flag(args: &[String], name: &str) -> Option<usize> {
+    let index = args.iter().position(|a| a == name)?;
+    args.get(index + 1)?.parse().ok()
+}
+
+fn rpc(calls: usize) {
+    let daemon = Daemon::start();
+    let echo = EchoProcess::start();
+    println!("RPC round trip: `status` on modeld vs a bare Unix-socket line echo process");
+    println!("{calls} calls per client, best of {ROUNDS} interleaved rounds; latencies in microseconds\n");
+    println!("| clients | server | p50 µs | p99 µs | calls/s | p50 ratio | p99 ratio |");
+    println!("|---|---|---|---|---|---|---|");
+    for clients in [1, 64] {
+        let mut echo_rounds = Vec::new();
+        let mut modeld_rounds = Vec::new();
+        for _ in 0..ROUNDS {
+            echo_rounds.push(measure(&echo.socket, clients, calls));
+            modeld_rounds.push(measure(&daemon.socket, clients, calls));
+        }
+        let echo = Stats::best(echo_rounds);
+        let modeld = Stats::best(modeld_rounds);
+        for (name, stats) in [("echo", &echo), ("modeld", &modeld)] {
+            println!(
+                "| {clients} | {name} | {:.0} | {:.0} | {:.0} | {:.1}x | {:.1}x |",
+                stats.p50,
+                stats.p99,
+                stats.rate,
+                stats.p50 / echo.p50,
+                stats.p99 / echo.p99
+            );
+        }
+    }
+}
+
+const ROUNDS: usize = 3;
+
+struct Stats {
+    p50: f64,
+    p99: f64,
+    rate: f64,
+}
+
+impl Stats {
+    /// The round with the lowest median: the least disturbed by neighbours.
+    fn best(rounds: Vec<Stats>) -> Stats {
+        rounds
+            .into_iter()
+            .min_by(|a, b| a.p50.total_cmp(&b.p50))
+            .expect("at least one round")
+    }
+}
+
+/// The baseline server, in its own process like the daemon.
+struct EchoProcess {
+    child: std::process::Child,
+    socket: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl EchoProcess {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let socket = dir.path().join("echo.sock");
+        let child = std::process::Command::new(std::env::current_exe().expect("own path"))
+            .arg("echo-server")
+            .arg(&socket)
+            .spawn()
+            .expect("start echo server");
+        while UnixStream::connect(&socket).is_err() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        EchoProcess {
+            child,
+            socket,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for EchoProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `clients` threads, each making `calls` sequential round trips.
+fn measure(socket: &Path, clients: usize, calls: usize) -> Stats {
+    let barrier = Arc::new(Barrier::new(clients + 1));
+    let threads: Vec<_> = (0..clients)
+        .map(|_| {
+            let socket = socket.to_path_buf();
+            let barrier = barrier.clone();
+            std::thread::spawn(move || {
+                let stream = UnixStream::connect(&socket).expect("connect");
+                let mut writer = stream.try_clone().expect("clone");
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                let mut latencies = Vec::with_capacity(calls);
+                // Warm up the connection before timing.
+                for _ in 0..10 {
+                    round_trip(&mut writer, &mut reader, &mut line);
+                }
+                barrier.wait();
+                for _ in 0..calls {
+                    let start = Instant::now();
+                    round_trip(&mut writer, &mut reader, &mut line);
+                    latencies.push(start.elapsed());
+                }
+                latencies
+            })
+        })
+        .collect();
+    barrier.wait();
+    let start = Instant::now();
+    let mut all: Vec<Duration> = threads
+        .into_iter()
+        .flat_map(|t| t.join().expect("client"))
+        .collect();
+    let elapsed = start.elapsed();
+    all.sort();
+    let micros = |q: f64| all[((all.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e6;
+    Stats {
+        p50: micros(0.50),
+        p99: micros(0.99),
+        rate: all.len() as f64 / elapsed.as_secs_f64(),
+    }
+}
+
+fn round_trip(writer: &mut UnixStream, reader: &mut BufReader<UnixStream>, line: &mut String) {
+    writer.write_all(REQUEST.as_bytes()).expect("write");
+    writer.write_all(b"\n").expect("write");
+    line.clear();
+    reader.read_line(line).expect("read");
+    assert!(!line.contains("\"error\""), "error reply: {line}");
+}
+
+/// The baseline: a thread per connection echoing each line back.
+fn echo_server(path: &Path) {
+    let listener = UnixListener::bind(path).expect("bind echo socket");
+    {
+        for stream in listener.incoming().flatten() {
+            std::thread::spawn(move || {
+                let mut writer = stream.try_clone().expect("clone");
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) {
+                    if writer.write_all(line.as_bytes()).is_err() {
+                        return;
+                    }
+                    line.clear();
+                }
+            });
+        }
+    }
+}
