@@ -39,6 +39,38 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields, default)]
 pub struct Config {
     pub server: ServerConfig,
+    pub cache: CacheConfig,
+    pub hub: HubConfig,
+}
+
+/// Cache roots, all in the Hugging Face layout. The standard HF cache
+/// (`HF_HUB_CACHE`, `$HF_HOME/hub`, `~/.cache/huggingface/hub`) is always
+/// searched, and is the primary root unless one is set here.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CacheConfig {
+    pub primary: Option<PathBuf>,
+    pub secondary: Option<PathBuf>,
+    /// More caches to search for models other tools downloaded.
+    pub extra: Vec<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubConfig {
+    /// Overrides `HF_ENDPOINT`.
+    pub endpoint: Option<String>,
+    /// Attempts per request (and per interrupted file) before giving up.
+    pub retries: usize,
+}
+
+impl Default for HubConfig {
+    fn default() -> Self {
+        HubConfig {
+            endpoint: None,
+            retries: 5,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,6 +172,38 @@ impl Config {
                 "server.max_in_flight_per_connection",
                 server.max_in_flight_per_connection.to_string(),
                 "1 to 4096",
+            ));
+        }
+        let roots = [
+            ("cache.primary", &self.cache.primary),
+            ("cache.secondary", &self.cache.secondary),
+        ];
+        for (field, root) in roots {
+            if root.as_ref().is_some_and(|p| !p.is_absolute()) {
+                return Err(out_of_range(field, format!("{root:?}"), "an absolute path"));
+            }
+        }
+        if self.cache.extra.iter().any(|p| !p.is_absolute()) {
+            return Err(out_of_range(
+                "cache.extra",
+                format!("{:?}", self.cache.extra),
+                "absolute paths",
+            ));
+        }
+        if let Some(endpoint) = &self.hub.endpoint {
+            if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                return Err(out_of_range(
+                    "hub.endpoint",
+                    format!("{endpoint:?}"),
+                    "an http:// or https:// URL",
+                ));
+            }
+        }
+        if !(1..=20).contains(&self.hub.retries) {
+            return Err(out_of_range(
+                "hub.retries",
+                self.hub.retries.to_string(),
+                "1 to 20",
             ));
         }
         if server.shutdown_grace_s > 3600 {

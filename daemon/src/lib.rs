@@ -8,10 +8,13 @@ pub mod cli;
 pub mod config;
 pub mod gpu;
 pub mod handlers;
+pub mod hub;
 pub mod lifecycle;
+pub mod pull;
 pub mod registry;
 pub mod rpc;
 pub mod server;
+pub mod sources;
 pub mod state;
 pub mod validate;
 

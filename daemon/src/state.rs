@@ -12,7 +12,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError, Paths};
 use crate::gpu::GpuProbe;
+use crate::hub::api::HubSettings;
+use crate::pull::Pulls;
 use crate::registry::{unix_now, Registry};
+use crate::sources::CacheRoots;
 
 pub struct AppState {
     pub paths: Paths,
@@ -21,6 +24,7 @@ pub struct AppState {
     pub registry: Registry,
     pub gpu: GpuProbe,
     pub stats: Stats,
+    pub pulls: Arc<Pulls>,
     config: RwLock<LoadedConfig>,
     events: broadcast::Sender<Event>,
     shutdown: CancellationToken,
@@ -91,6 +95,7 @@ impl AppState {
             registry,
             gpu,
             stats: Stats::default(),
+            pulls: Arc::new(Pulls::default()),
             config: RwLock::new(LoadedConfig {
                 config: Arc::new(config),
                 source,
@@ -105,6 +110,16 @@ impl AppState {
 
     pub fn config(&self) -> Arc<Config> {
         self.loaded_config().config
+    }
+
+    /// Cache roots as the config in force and the environment say.
+    pub fn cache_roots(&self) -> CacheRoots {
+        CacheRoots::from_config(&self.config())
+    }
+
+    pub fn hub_settings(&self) -> HubSettings {
+        let config = self.config();
+        HubSettings::from_env(config.hub.endpoint.as_deref(), config.hub.retries)
     }
 
     pub fn loaded_config(&self) -> LoadedConfig {

@@ -2,6 +2,8 @@
 //! binaries once, starts daemons in temporary directories, and talks to
 //! them through the socket, the CLI and signals.
 
+pub mod fakehub;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::OnceLock;
@@ -61,6 +63,12 @@ impl Daemon {
 
     /// Starts a daemon with extra environment variables.
     pub fn start_with(env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_configured("", env)
+    }
+
+    /// Starts a daemon with a config file and extra environment variables.
+    /// `HF_HOME` points into the daemon's temp dir unless `env` sets it.
+    pub fn start_configured(config: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = tempfile::Builder::new()
             .prefix("modeld-e2e")
             .tempdir()
@@ -76,8 +84,38 @@ impl Daemon {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         };
+        if !env.iter().any(|(k, _)| *k == "HF_HOME") {
+            let hf_home = daemon.dir.path().join("hf");
+            daemon
+                .env
+                .push(("HF_HOME".into(), hf_home.to_string_lossy().into_owned()));
+        }
+        std::fs::write(&daemon.config, config).expect("write config");
         daemon.spawn();
         daemon
+    }
+
+    /// The standard HF cache of this daemon (`$HF_HOME/hub`).
+    pub fn hf_cache(&self) -> PathBuf {
+        let home = self
+            .env
+            .iter()
+            .find(|(k, _)| k == "HF_HOME")
+            .map(|(_, v)| v.clone());
+        PathBuf::from(home.expect("HF_HOME is always set")).join("hub")
+    }
+
+    /// Subscribes to `models.pull` and collects events up to the last.
+    pub fn pull(&self, params: Value) -> Vec<Value> {
+        let mut client = self.client();
+        let events: Result<Vec<Value>, _> = client
+            .subscribe("models.pull", params)
+            .expect("pull accepted")
+            .collect::<Result<Vec<_>, _>>();
+        let events = events.expect("pull stream");
+        let last = events.last().expect("at least one event");
+        assert_eq!(last["done"], true, "stream ended early: {events:?}");
+        events
     }
 
     /// The command that starts this daemon, for tests that run it by hand.
@@ -92,6 +130,11 @@ impl Daemon {
             .arg(&self.config)
             .env("MODELD_LOG", "warn")
             .env_remove("NOTIFY_SOCKET")
+            .env_remove("HF_TOKEN")
+            .env_remove("HF_TOKEN_PATH")
+            .env_remove("HF_HUB_CACHE")
+            .env_remove("HF_ENDPOINT")
+            .env_remove("HF_HUB_OFFLINE")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
         command

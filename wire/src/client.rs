@@ -117,7 +117,11 @@ impl Client {
         params: impl Serialize,
     ) -> Result<Subscription<'_>, ClientError> {
         let id: Value = self.call(method, params)?;
-        Ok(Subscription { client: self, id })
+        Ok(Subscription {
+            client: self,
+            id,
+            finished: false,
+        })
     }
 
     fn wait_for(&mut self, id: u64) -> Result<Value, ClientError> {
@@ -165,6 +169,8 @@ fn response_result(mut message: Value) -> Result<Value, ClientError> {
 pub struct Subscription<'a> {
     client: &'a mut Client,
     id: Value,
+    /// Set once a result marked `"done": true` has been returned.
+    finished: bool,
 }
 
 impl Subscription<'_> {
@@ -172,10 +178,12 @@ impl Subscription<'_> {
         &self.id
     }
 
-    /// The next notification's result; `Ok(None)` once the socket ends.
-    /// Streams that finish on their own mark their last result with
-    /// `"done": true`; an `error` member in a notification ends it too.
+    /// The next notification's result; `Ok(None)` once the socket ends or
+    /// after the result marked `"done": true` that finishes a stream.
     pub fn next_result(&mut self) -> Result<Option<Value>, ClientError> {
+        if self.finished {
+            return Ok(None);
+        }
         loop {
             let mut message = match self.client.next_notification() {
                 Ok(message) => message,
@@ -191,7 +199,11 @@ impl Subscription<'_> {
                 let error = serde_json::from_value(error.take()).map_err(protocol)?;
                 return Err(ClientError::Rpc(error));
             }
-            return Ok(params.get_mut("result").map(Value::take));
+            let result = params.get_mut("result").map(Value::take);
+            self.finished = result
+                .as_ref()
+                .is_some_and(|r| r.get("done") == Some(&Value::Bool(true)));
+            return Ok(result);
         }
     }
 }

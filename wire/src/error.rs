@@ -25,6 +25,24 @@ pub enum ErrorKind {
     ShuttingDown,
     /// Too many connections; try again once others have closed.
     Overloaded,
+    RepoNotFound,
+    RevisionNotFound,
+    /// Gated or private repo without a token that grants access (401/403).
+    Unauthorized,
+    /// The Hub could not be reached, or the connection kept failing.
+    Network,
+    /// `HF_HUB_OFFLINE` is set and the files are not cached.
+    Offline,
+    /// The target cache root lacks the space the download needs.
+    InsufficientSpace,
+    /// The disk filled up during a download; nothing partial is visible.
+    DiskFull,
+    /// Downloaded bytes failed verification twice.
+    Corrupt,
+    /// A file-system operation failed.
+    Io,
+    /// The Hub answered something unexpected.
+    HubError,
     Internal,
 }
 
@@ -42,6 +60,16 @@ impl ErrorKind {
             ErrorKind::Storage => -32010,
             ErrorKind::ShuttingDown => -32011,
             ErrorKind::Overloaded => -32012,
+            ErrorKind::RepoNotFound => -32020,
+            ErrorKind::RevisionNotFound => -32021,
+            ErrorKind::Unauthorized => -32022,
+            ErrorKind::Network => -32023,
+            ErrorKind::Offline => -32024,
+            ErrorKind::InsufficientSpace => -32025,
+            ErrorKind::DiskFull => -32026,
+            ErrorKind::Corrupt => -32027,
+            ErrorKind::Io => -32028,
+            ErrorKind::HubError => -32029,
         }
     }
 
@@ -57,6 +85,16 @@ impl ErrorKind {
             ErrorKind::Storage => "storage",
             ErrorKind::ShuttingDown => "shutting_down",
             ErrorKind::Overloaded => "overloaded",
+            ErrorKind::RepoNotFound => "repo_not_found",
+            ErrorKind::RevisionNotFound => "revision_not_found",
+            ErrorKind::Unauthorized => "unauthorized",
+            ErrorKind::Network => "network",
+            ErrorKind::Offline => "offline",
+            ErrorKind::InsufficientSpace => "insufficient_space",
+            ErrorKind::DiskFull => "disk_full",
+            ErrorKind::Corrupt => "corrupt",
+            ErrorKind::Io => "io",
+            ErrorKind::HubError => "hub_error",
             ErrorKind::Internal => "internal",
         }
     }

@@ -9,6 +9,13 @@ pub const MODELS_REGISTER: &str = "models.register";
 pub const MODELS_LIST: &str = "models.list";
 pub const MODELS_GET: &str = "models.get";
 pub const MODELS_REMOVE: &str = "models.remove";
+pub const MODELS_SOURCE: &str = "models.source";
+
+/// A subscription: its notifications ([`MODELS_PULL_NOTIFICATION`]) carry
+/// `PullEvent`s, the last with `done: true`.
+pub const MODELS_PULL: &str = "models.pull";
+pub const MODELS_PULL_UNSUBSCRIBE: &str = "models.pull.unsubscribe";
+pub const MODELS_PULL_NOTIFICATION: &str = "models.pull.progress";
 
 /// Subscribing returns a subscription id; each event then arrives as a
 /// notification named [`EVENTS_NOTIFICATION`].

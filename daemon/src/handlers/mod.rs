@@ -4,4 +4,5 @@
 pub mod admin;
 pub mod events;
 pub mod models;
+pub mod pull;
 pub mod vram;

@@ -6,8 +6,11 @@ use modeld_wire::ErrorKind;
 use serde_json::{json, Map, Value};
 
 use crate::config::ConfigError;
+use crate::hub::HubError;
 use crate::registry::RegistryError;
+use crate::sources::NoSecondaryCache;
 use crate::validate::ValidationError;
+use modeld_wire::RpcErrorObject;
 
 /// Everything a handler can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -18,6 +21,10 @@ pub enum ApiError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Config(#[from] ConfigError),
+    #[error(transparent)]
+    Hub(#[from] HubError),
+    #[error(transparent)]
+    NoSecondaryCache(#[from] NoSecondaryCache),
     #[error("modeld is shutting down and accepts no new work")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -32,6 +39,19 @@ impl ApiError {
             ApiError::Registry(RegistryError::AlreadyExists(_)) => ErrorKind::AlreadyExists,
             ApiError::Registry(_) => ErrorKind::Storage,
             ApiError::Config(_) => ErrorKind::InvalidParams,
+            ApiError::NoSecondaryCache(_) => ErrorKind::InvalidParams,
+            ApiError::Hub(err) => match err {
+                HubError::RepoNotFound { .. } => ErrorKind::RepoNotFound,
+                HubError::RevisionNotFound { .. } => ErrorKind::RevisionNotFound,
+                HubError::Unauthorized { .. } => ErrorKind::Unauthorized,
+                HubError::Network { .. } => ErrorKind::Network,
+                HubError::Offline { .. } => ErrorKind::Offline,
+                HubError::InsufficientSpace { .. } => ErrorKind::InsufficientSpace,
+                HubError::DiskFull { .. } => ErrorKind::DiskFull,
+                HubError::Corrupt { .. } => ErrorKind::Corrupt,
+                HubError::Io { .. } => ErrorKind::Io,
+                HubError::Protocol(_) => ErrorKind::HubError,
+            },
             ApiError::ShuttingDown => ErrorKind::ShuttingDown,
             ApiError::Internal(_) => ErrorKind::Internal,
         }
@@ -51,6 +71,21 @@ impl ApiError {
             | ApiError::Registry(RegistryError::AlreadyExists(name)) => {
                 data.insert("name".into(), json!(name));
             }
+            ApiError::NoSecondaryCache(_) => {
+                data.insert("field".into(), json!("cache"));
+            }
+            ApiError::Hub(HubError::InsufficientSpace {
+                root,
+                needed,
+                available,
+            }) => {
+                data.insert("path".into(), json!(root));
+                data.insert("needed_bytes".into(), json!(needed));
+                data.insert("available_bytes".into(), json!(available));
+            }
+            ApiError::Hub(HubError::Unauthorized { status, .. }) => {
+                data.insert("status".into(), json!(status));
+            }
             _ => {}
         }
         data
@@ -60,6 +95,17 @@ impl ApiError {
 impl From<ApiError> for ErrorObjectOwned {
     fn from(err: ApiError) -> Self {
         wire_error(err.kind(), err.to_string(), err.details())
+    }
+}
+
+/// The error as it travels, for embedding in stream events.
+pub fn wire_object(err: &ApiError) -> RpcErrorObject {
+    let mut data = err.details();
+    data.insert("kind".into(), json!(err.kind().as_str()));
+    RpcErrorObject {
+        code: err.kind().code(),
+        message: err.to_string(),
+        data: Some(Value::Object(data)),
     }
 }
 

@@ -40,6 +40,17 @@ pub fn build_module(state: Arc<AppState>) -> Module {
         methods::MODELS_REMOVE,
         handlers::models::remove,
     );
+    route(&mut module, methods::MODELS_SOURCE, handlers::pull::source);
+    module
+        .register_subscription(
+            methods::MODELS_PULL,
+            methods::MODELS_PULL_NOTIFICATION,
+            methods::MODELS_PULL_UNSUBSCRIBE,
+            |params, pending, state, _| async move {
+                handlers::pull::pull(params, pending, (*state).clone()).await
+            },
+        )
+        .expect("method names are unique");
     module
         .register_subscription(
             methods::EVENTS_SUBSCRIBE,

@@ -1,0 +1,89 @@
+//! `models.source` (where a load would find the files) and `models.pull`
+//! (download them now, streaming progress).
+
+use std::sync::Arc;
+
+use jsonrpsee::types::Params;
+use jsonrpsee::PendingSubscriptionSink;
+use modeld_wire::types::{NameParams, PullEvent, PullParams, SourceReply};
+use tokio::sync::broadcast::error::RecvError;
+
+use crate::pull::PullJob;
+use crate::rpc::{decode_params, ApiError};
+use crate::sources::describe;
+use crate::state::AppState;
+use crate::validate::valid_name;
+
+pub async fn source(state: Arc<AppState>, params: NameParams) -> Result<SourceReply, ApiError> {
+    let model = state.registry.get(&valid_name(&params.name)?)?;
+    let roots = state.cache_roots();
+    let hub = state.hub_settings();
+    // Directory walks can be slow on network file systems.
+    tokio::task::spawn_blocking(move || describe(&model, &roots, &hub))
+        .await
+        .map_err(|err| ApiError::Internal(err.to_string()))
+}
+
+pub async fn pull(params: Params<'static>, pending: PendingSubscriptionSink, state: Arc<AppState>) {
+    let watch = match start(&params, &state) {
+        Ok(watch) => watch,
+        Err(err) => {
+            pending.reject(err).await;
+            return;
+        }
+    };
+    let Ok(sink) = pending.accept().await else {
+        return;
+    };
+    let mut events = watch.events;
+    for event in watch.replay {
+        let last = is_last(&event);
+        if send(&sink, &event).await.is_err() || last {
+            return;
+        }
+    }
+    loop {
+        let event = tokio::select! {
+            event = events.recv() => event,
+            _ = sink.closed() => return,
+        };
+        match event {
+            Ok(event) => {
+                let last = is_last(&event);
+                if send(&sink, &event).await.is_err() || last {
+                    return;
+                }
+            }
+            // Progress is lossy for a slow reader; the outcome is never dropped
+            // because a lagging receiver keeps the newest events.
+            Err(RecvError::Lagged(_)) => continue,
+            Err(RecvError::Closed) => return,
+        }
+    }
+}
+
+fn start(
+    params: &Params<'static>,
+    state: &Arc<AppState>,
+) -> Result<crate::pull::PullWatch, ApiError> {
+    let params: PullParams = decode_params(params)?;
+    let model = state.registry.get(&valid_name(&params.name)?)?;
+    if state.is_shutting_down() {
+        return Err(ApiError::ShuttingDown);
+    }
+    state.pulls.attach_or_start(PullJob {
+        model,
+        roots: state.cache_roots(),
+        hub: state.hub_settings(),
+        verify: params.verify,
+    })
+}
+
+fn is_last(event: &PullEvent) -> bool {
+    matches!(event, PullEvent::Done { .. } | PullEvent::Error { .. })
+}
+
+async fn send(sink: &jsonrpsee::SubscriptionSink, event: &PullEvent) -> Result<(), ()> {
+    let message = serde_json::value::to_raw_value(event).map_err(|_| ())?;
+    sink.send(message).await.map_err(|_| ())
+}

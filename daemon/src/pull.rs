@@ -1,0 +1,316 @@
+//! `models.pull`: download a model's files from the Hub into its cache root.
+//!
+//! One pull per (root, repo, revision) runs at a time; a second request for
+//! the same files attaches to the running one and sees the same progress.
+//! A pull outlives the client that asked for it, so a dropped terminal does
+//! not waste a half-finished download.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use modeld_wire::types::{ModelRecord, PullEvent, SourceKind, SpaceCheck, SpaceStatus};
+use tokio::sync::broadcast;
+
+use crate::hub::api::HubSettings;
+use crate::hub::cache::{available_space, RepoCache};
+use crate::hub::download::{blob_is_complete, fetch_blob};
+use crate::hub::{Hub, HubError, RemoteFile};
+use crate::rpc::ApiError;
+use crate::sources::{find_on_disk, patterns, CacheRoots, OnDisk};
+
+/// Progress notifications per second, at most, per pull.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
+
+/// The pulls in progress.
+#[derive(Default)]
+pub struct Pulls {
+    active: Mutex<HashMap<String, Arc<PullHandle>>>,
+}
+
+struct PullHandle {
+    events: broadcast::Sender<PullEvent>,
+    /// Replayed to late joiners so they know the totals and the outcome.
+    start: Mutex<Option<PullEvent>>,
+    last: Mutex<Option<PullEvent>>,
+}
+
+/// A view of one pull: events already past that matter, then the live ones.
+pub struct PullWatch {
+    pub replay: Vec<PullEvent>,
+    pub events: broadcast::Receiver<PullEvent>,
+}
+
+/// Everything a pull needs, taken from the state when it was asked for.
+pub struct PullJob {
+    pub model: ModelRecord,
+    pub roots: CacheRoots,
+    pub hub: HubSettings,
+    pub verify: bool,
+}
+
+impl Pulls {
+    /// Joins the pull of the same files if one runs, else starts one.
+    pub fn attach_or_start(self: &Arc<Self>, job: PullJob) -> Result<PullWatch, ApiError> {
+        let target = job.roots.target(&job.model.cache)?;
+        let key = format!(
+            "{}\0{}\0{}",
+            target.display(),
+            job.model.repo.as_deref().unwrap_or(""),
+            job.model.revision
+        );
+        let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(handle) = active.get(&key) {
+            let events = handle.events.subscribe();
+            let replay = [&handle.start, &handle.last]
+                .iter()
+                .filter_map(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()).clone())
+                .collect();
+            return Ok(PullWatch { replay, events });
+        }
+        let (sender, events) = broadcast::channel(1024);
+        let handle = Arc::new(PullHandle {
+            events: sender,
+            start: Mutex::new(None),
+            last: Mutex::new(None),
+        });
+        active.insert(key.clone(), handle.clone());
+        let pulls = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let outcome = run(&job, target, &handle, started).await;
+            let last = match outcome {
+                Ok(done) => done,
+                Err(err) => {
+                    tracing::warn!(model = %job.model.name, "pull failed: {err}");
+                    PullEvent::Error {
+                        done: true,
+                        error: crate::rpc::error::wire_object(&ApiError::Hub(err)),
+                    }
+                }
+            };
+            // Under the map lock, so a joiner sees either the live pull with
+            // its outcome recorded, or no pull at all.
+            let mut active = pulls.active.lock().unwrap_or_else(|e| e.into_inner());
+            *handle.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(last.clone());
+            let _ = handle.events.send(last);
+            active.remove(&key);
+        });
+        Ok(PullWatch {
+            replay: Vec::new(),
+            events,
+        })
+    }
+}
+
+fn emit(handle: &PullHandle, event: PullEvent) {
+    let _ = handle.events.send(event);
+}
+
+async fn run(
+    job: &PullJob,
+    target: PathBuf,
+    handle: &PullHandle,
+    started: Instant,
+) -> Result<PullEvent, HubError> {
+    let model = &job.model;
+    // Without a repo, or offline, only what is on disk can answer; otherwise
+    // a pull syncs with the Hub, fetching whatever is missing or damaged.
+    let repo = match (model.repo.as_deref(), job.hub.offline) {
+        (Some(repo), false) => repo,
+        (repo, offline) => {
+            return match find_on_disk(model, &job.roots) {
+                Some(found) => Ok(done_on_disk(found, started)),
+                None if offline => Err(HubError::Offline {
+                    repo: repo.unwrap_or(&model.name).to_string(),
+                }),
+                None => Err(HubError::Io {
+                    path: model.local_path.clone().unwrap_or_default(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::NotFound,
+                        "no matching files at the local path and no repo to download from",
+                    ),
+                }),
+            };
+        }
+    };
+    let hub = Hub::new(job.hub.clone())?;
+    let listing = hub.list(repo, &model.revision).await?;
+    let globs = patterns(model);
+    let wanted: Vec<_> = listing
+        .files
+        .iter()
+        .filter(|f| globs.is_match(&f.path))
+        .collect();
+    let mut files: Vec<RemoteFile> = Vec::with_capacity(wanted.len());
+    for file in wanted {
+        files.push(hub.file_meta(repo, &listing.commit, &file.path).await?);
+    }
+    if files.is_empty() {
+        return Err(HubError::Protocol(format!(
+            "no file of {repo}@{} matches {:?}",
+            model.revision, model.files
+        )));
+    }
+    let cache = RepoCache::new(&target, repo);
+    let space = check_space(&cache, &files, job.verify)?;
+    let total: u64 = files.iter().map(|f| f.size).sum();
+    let start = PullEvent::Start {
+        repo: repo.to_string(),
+        commit: listing.commit.clone(),
+        files: files.len(),
+        total_bytes: total,
+        download_bytes: space.needed_bytes,
+        target: target.clone(),
+        space,
+    };
+    *handle.start.lock().unwrap_or_else(|e| e.into_inner()) = Some(start.clone());
+    emit(handle, start);
+
+    let mut progress = Progress::new(total);
+    for file in &files {
+        if job.verify {
+            blob_is_complete(&cache, file, true)?;
+        }
+        let mut on_bytes = |file_bytes: u64| {
+            if let Some(event) = progress.update(file, file_bytes) {
+                emit(handle, event);
+            }
+        };
+        fetch_blob(&hub, &cache, repo, &listing.commit, file, &mut on_bytes).await?;
+        progress.finish_file(file);
+        emit(handle, progress.event(file, file.size));
+        cache
+            .link_snapshot(&listing.commit, &file.path, &file.etag)
+            .map_err(|e| HubError::io(cache.snapshot_dir(&listing.commit), e))?;
+    }
+    cache
+        .write_ref(&model.revision, &listing.commit)
+        .map_err(|e| HubError::io(&cache.dir, e))?;
+    tracing::info!(model = %model.name, commit = %listing.commit, bytes = progress.downloaded, "pull complete");
+    Ok(PullEvent::Done {
+        done: true,
+        source: SourceKind::Hub,
+        path: cache.snapshot_dir(&listing.commit),
+        commit: Some(listing.commit),
+        downloaded_bytes: progress.downloaded,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    })
+}
+
+fn done_on_disk(found: OnDisk, started: Instant) -> PullEvent {
+    let (source, path, commit) = match found {
+        OnDisk::Local { path, .. } => (SourceKind::Local, path, None),
+        OnDisk::Cache { dir, commit, .. } => (SourceKind::Cache, dir, Some(commit)),
+    };
+    PullEvent::Done {
+        done: true,
+        source,
+        path,
+        commit,
+        downloaded_bytes: 0,
+        elapsed_ms: started.elapsed().as_millis() as u64,
+    }
+}
+
+/// Refuses a download that cannot fit; warns below 10% headroom.
+fn check_space(
+    cache: &RepoCache,
+    files: &[RemoteFile],
+    verify: bool,
+) -> Result<SpaceCheck, HubError> {
+    let mut needed = 0;
+    for file in files {
+        if !verify && blob_is_complete(cache, file, false)? {
+            continue;
+        }
+        let partial = std::fs::metadata(cache.incomplete(&file.etag)).map_or(0, |m| m.len());
+        needed += file.size.saturating_sub(partial);
+    }
+    let available = available_space(&cache.root).map_err(|e| HubError::io(&cache.root, e))?;
+    if needed > available {
+        return Err(HubError::InsufficientSpace {
+            root: cache.root.clone(),
+            needed,
+            available,
+        });
+    }
+    let status = if needed + needed / 10 > available {
+        SpaceStatus::Warning
+    } else {
+        SpaceStatus::Sufficient
+    };
+    Ok(SpaceCheck {
+        status,
+        needed_bytes: needed,
+        available_bytes: available,
+    })
+}
+
+/// Running totals of one pull, and the throttle on progress events.
+struct Progress {
+    total: u64,
+    /// Bytes of files already finished.
+    finished: u64,
+    /// Bytes this pull fetched over the network (resumed bytes excluded).
+    downloaded: u64,
+    /// Where the current file stood when this pull first saw it.
+    file_start: Option<u64>,
+    began: Instant,
+    last_emit: Option<Instant>,
+}
+
+impl Progress {
+    fn new(total: u64) -> Self {
+        Progress {
+            total,
+            finished: 0,
+            downloaded: 0,
+            file_start: None,
+            began: Instant::now(),
+            last_emit: None,
+        }
+    }
+
+    fn update(&mut self, file: &RemoteFile, file_bytes: u64) -> Option<PullEvent> {
+        let start = *self.file_start.get_or_insert(file_bytes);
+        // A reset (the server ignored a range) starts the count again.
+        if file_bytes < start {
+            self.file_start = Some(file_bytes);
+        }
+        let due = self
+            .last_emit
+            .is_none_or(|t| t.elapsed() >= PROGRESS_INTERVAL);
+        if !due {
+            return None;
+        }
+        self.last_emit = Some(Instant::now());
+        Some(self.event(file, file_bytes))
+    }
+
+    fn finish_file(&mut self, file: &RemoteFile) {
+        let start = self.file_start.take().unwrap_or(file.size);
+        self.downloaded += file.size.saturating_sub(start);
+        self.finished += file.size;
+    }
+
+    fn event(&self, file: &RemoteFile, file_bytes: u64) -> PullEvent {
+        let in_file = file_bytes.saturating_sub(self.file_start.unwrap_or(file_bytes));
+        let fetched = self.downloaded + in_file;
+        let seconds = self.began.elapsed().as_secs_f64().max(1e-3);
+        let bytes = if self.file_start.is_none() {
+            self.finished
+        } else {
+            self.finished + file_bytes
+        };
+        PullEvent::Progress {
+            file: file.path.clone(),
+            file_bytes,
+            file_total: file.size,
+            bytes: bytes.min(self.total),
+            total: self.total,
+            rate_bytes_per_s: (fetched as f64 / seconds) as u64,
+        }
+    }
+}

@@ -1,0 +1,411 @@
+//! Model files through the daemon: local-first resolution, the HF cache
+//! layout, and downloads from a fake Hub with injected faults.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use modeld_e2e::fakehub::FakeHub;
+use modeld_e2e::{fixtures_dir, kind, Daemon};
+use serde_json::{json, Value};
+
+const REPO: &str = "org/tiny-llama";
+
+/// A fake hub serving the tiny-llama fixture, and a daemon pointed at it.
+fn setup(config: &str, env: &[(&str, &str)]) -> (FakeHub, Daemon, String) {
+    let hub = FakeHub::start();
+    let commit = hub.add_repo_from_dir(REPO, &fixtures_dir().join("tiny-llama"));
+    let endpoint = hub.endpoint();
+    let mut env: Vec<(&str, &str)> = env.to_vec();
+    env.push(("HF_ENDPOINT", &endpoint));
+    let daemon = Daemon::start_configured(config, &env);
+    daemon
+        .call("models.register", json!({"name": "tiny", "repo": REPO}))
+        .unwrap();
+    (hub, daemon, commit)
+}
+
+fn last(events: &[Value]) -> &Value {
+    events.last().unwrap()
+}
+
+fn snapshot(daemon: &Daemon, commit: &str) -> PathBuf {
+    daemon
+        .hf_cache()
+        .join("models--org--tiny-llama/snapshots")
+        .join(commit)
+}
+
+fn assert_same_as_fixture(dir: &Path) {
+    for name in ["config.json", "model.safetensors", "tokenizer.json"] {
+        let got = std::fs::read(dir.join(name)).unwrap();
+        let want = std::fs::read(fixtures_dir().join("tiny-llama").join(name)).unwrap();
+        assert!(got == want, "{name} differs from the fixture");
+    }
+}
+
+fn safetensors_gets(hub: &FakeHub) -> Vec<modeld_e2e::fakehub::Request> {
+    hub.downloads_of(&hub.sha256_of(REPO, "model.safetensors"))
+}
+
+#[test]
+fn pull_writes_the_standard_cache_layout_and_later_resolves_from_it() {
+    let (hub, daemon, commit) = setup("", &[]);
+    let source = daemon
+        .call("models.source", json!({"name": "tiny"}))
+        .unwrap();
+    assert_eq!(source["source"], "hub");
+    assert_eq!(source["download_to"], json!(daemon.hf_cache()));
+
+    let events = daemon.pull(json!({"name": "tiny"}));
+    assert_eq!(events[0]["event"], "start");
+    assert_eq!(events[0]["commit"], commit);
+    assert_eq!(events[0]["space"]["status"], "sufficient");
+    assert!(events.iter().any(|e| e["event"] == "progress"));
+    let done = last(&events);
+    assert_eq!(done["event"], "done");
+    assert_eq!(done["source"], "hub");
+    assert_eq!(done["path"], json!(snapshot(&daemon, &commit)));
+    let total = events[0]["total_bytes"].as_u64().unwrap();
+    assert_eq!(done["downloaded_bytes"], total);
+
+    // The layout huggingface_hub writes and reads.
+    let repo_dir = daemon.hf_cache().join("models--org--tiny-llama");
+    assert_eq!(
+        std::fs::read_to_string(repo_dir.join("refs/main")).unwrap(),
+        commit
+    );
+    let link = std::fs::read_link(snapshot(&daemon, &commit).join("model.safetensors")).unwrap();
+    let sha = hub.sha256_of(REPO, "model.safetensors");
+    assert_eq!(link, Path::new("../../blobs").join(&sha));
+    assert_same_as_fixture(&snapshot(&daemon, &commit));
+
+    let source = daemon
+        .call("models.source", json!({"name": "tiny"}))
+        .unwrap();
+    assert_eq!(source["source"], "cache");
+    assert_eq!(source["commit"], commit);
+    assert!(source["files"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("model.safetensors")));
+
+    // A second pull checks with the Hub but downloads nothing.
+    let before = safetensors_gets(&hub).len();
+    let events = daemon.pull(json!({"name": "tiny"}));
+    assert_eq!(last(&events)["downloaded_bytes"], 0);
+    assert_eq!(safetensors_gets(&hub).len(), before);
+}
+
+#[test]
+fn dropped_connection_resumes_from_the_partial_bytes() {
+    let (hub, daemon, commit) = setup("", &[]);
+    hub.cut_after(100_000, 1);
+    let events = daemon.pull(json!({"name": "tiny"}));
+    assert_eq!(last(&events)["event"], "done", "{events:?}");
+    let gets = safetensors_gets(&hub);
+    assert_eq!(gets.len(), 2, "{gets:?}");
+    assert_eq!(gets[1].range.as_deref(), Some("bytes=100000-"));
+    assert_same_as_fixture(&snapshot(&daemon, &commit));
+}
+
+#[test]
+fn kill_9_mid_download_resumes_after_restart() {
+    let (hub, mut daemon, commit) = setup("", &[]);
+    hub.throttle(Some(100_000));
+    let socket = daemon.socket.clone();
+    let puller = std::thread::spawn(move || {
+        let mut client = modeld_wire::Client::connect(&socket).unwrap();
+        let _ = client
+            .subscribe("models.pull", json!({"name": "tiny"}))
+            .map(|s| s.count());
+    });
+    let sha = hub.sha256_of(REPO, "model.safetensors");
+    let partial = daemon
+        .hf_cache()
+        .join("models--org--tiny-llama/blobs")
+        .join(format!("{sha}.incomplete"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::metadata(&partial).map_or(0, |m| m.len()) < 50_000 {
+        assert!(Instant::now() < deadline, "download never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    daemon.kill9();
+    puller.join().unwrap();
+    let kept = std::fs::metadata(&partial).unwrap().len();
+    assert!(kept >= 50_000);
+    assert!(
+        !snapshot(&daemon, &commit)
+            .join("model.safetensors")
+            .exists(),
+        "a partial file must never be visible in snapshots/"
+    );
+
+    hub.throttle(None);
+    daemon.spawn();
+    let events = daemon.pull(json!({"name": "tiny"}));
+    assert_eq!(last(&events)["event"], "done", "{events:?}");
+    let resumed = safetensors_gets(&hub)
+        .last()
+        .unwrap()
+        .range
+        .clone()
+        .unwrap();
+    let offset: u64 = resumed
+        .trim_start_matches("bytes=")
+        .trim_end_matches('-')
+        .parse()
+        .unwrap();
+    assert!(offset >= kept, "resumed at {offset}, had {kept}");
+    assert!(!partial.exists());
+    assert_same_as_fixture(&snapshot(&daemon, &commit));
+}
+
+#[test]
+fn corrupt_bytes_are_downloaded_again_and_twice_is_an_error() {
+    let (hub, daemon, commit) = setup("", &[]);
+    hub.corrupt(1);
+    let events = daemon.pull(json!({"name": "tiny"}));
+    assert_eq!(last(&events)["event"], "done", "{events:?}");
+    assert_same_as_fixture(&snapshot(&daemon, &commit));
+
+    let (hub, daemon, commit) = setup("", &[]);
+    hub.corrupt(2);
+    let events = daemon.pull(json!({"name": "tiny"}));
+    let end = last(&events);
+    assert_eq!(end["event"], "error");
+    assert_eq!(end["error"]["data"]["kind"], "corrupt");
+    // config.json (not LFS) may have completed; the corrupt file is nowhere.
+    let snap = snapshot(&daemon, &commit);
+    assert!(!snap.join("model.safetensors").exists());
+    let blobs = daemon.hf_cache().join("models--org--tiny-llama/blobs");
+    let leftovers: Vec<_> = std::fs::read_dir(&blobs)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().ends_with(".incomplete"))
+        .collect();
+    assert!(leftovers.is_empty());
+}
+
+#[test]
+fn damaged_cached_files_are_replaced() {
+    let (hub, daemon, commit) = setup("", &[]);
+    daemon.pull(json!({"name": "tiny"}));
+    let sha = hub.sha256_of(REPO, "model.safetensors");
+    let blob = daemon
+        .hf_cache()
+        .join("models--org--tiny-llama/blobs")
+        .join(&sha);
+
+    // Truncated: caught by the size check of every pull.
+    let bytes = std::fs::read(&blob).unwrap();
+    std::fs::write(&blob, &bytes[..1000]).unwrap();
+    let events = daemon.pull(json!({"name": "tiny"}));
+    assert_eq!(last(&events)["downloaded_bytes"], bytes.len() as u64);
+    assert_same_as_fixture(&snapshot(&daemon, &commit));
+
+    // Same size, different bytes: caught when asked to verify.
+    let mut flipped = bytes.clone();
+    flipped[500] ^= 0xff;
+    std::fs::write(&blob, &flipped).unwrap();
+    let events = daemon.pull(json!({"name": "tiny", "verify": true}));
+    assert_eq!(last(&events)["event"], "done");
+    assert_same_as_fixture(&snapshot(&daemon, &commit));
+}
+
+#[test]
+fn concurrent_pulls_of_one_repo_download_once() {
+    let (hub, daemon, _) = setup("", &[]);
+    hub.throttle(Some(400_000));
+    let pullers: Vec<_> = (0..3)
+        .map(|_| {
+            let socket = daemon.socket.clone();
+            std::thread::spawn(move || {
+                let mut client = modeld_wire::Client::connect(&socket).unwrap();
+                let events: Vec<Value> = client
+                    .subscribe("models.pull", json!({"name": "tiny"}))
+                    .unwrap()
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+                events.last().unwrap().clone()
+            })
+        })
+        .collect();
+    for puller in pullers {
+        assert_eq!(puller.join().unwrap()["event"], "done");
+    }
+    assert_eq!(safetensors_gets(&hub).len(), 1);
+}
+
+#[test]
+fn hub_errors_have_their_own_kinds() {
+    let (hub, daemon, _) = setup("[hub]\nretries = 2\n", &[]);
+    daemon
+        .call(
+            "models.register",
+            json!({"name": "ghost", "repo": "org/ghost"}),
+        )
+        .unwrap();
+    let events = daemon.pull(json!({"name": "ghost"}));
+    assert_eq!(last(&events)["error"]["data"]["kind"], "repo_not_found");
+
+    daemon
+        .call(
+            "models.register",
+            json!({"name": "old", "repo": REPO, "revision": "v0"}),
+        )
+        .unwrap();
+    let events = daemon.pull(json!({"name": "old"}));
+    assert_eq!(last(&events)["error"]["data"]["kind"], "revision_not_found");
+
+    hub.gate(REPO, "secret");
+    let events = daemon.pull(json!({"name": "tiny"}));
+    let error = &last(&events)["error"];
+    assert_eq!(error["data"]["kind"], "unauthorized", "{error}");
+    assert!(
+        error["message"].as_str().unwrap().contains("HF_TOKEN"),
+        "{error}"
+    );
+
+    let err = daemon
+        .call("models.pull", json!({"name": "nobody"}))
+        .unwrap_err();
+    assert_eq!(kind(&err), "not_found");
+}
+
+#[test]
+fn gated_repo_works_with_a_token() {
+    let hub = FakeHub::start();
+    hub.add_repo_from_dir(REPO, &fixtures_dir().join("tiny-llama"));
+    hub.gate(REPO, "secret");
+    let endpoint = hub.endpoint();
+    let daemon =
+        Daemon::start_configured("", &[("HF_ENDPOINT", &endpoint), ("HF_TOKEN", "secret")]);
+    daemon
+        .call("models.register", json!({"name": "tiny", "repo": REPO}))
+        .unwrap();
+    let events = daemon.pull(json!({"name": "tiny"}));
+    assert_eq!(last(&events)["event"], "done", "{events:?}");
+}
+
+#[test]
+fn refuses_a_download_that_does_not_fit() {
+    let (hub, daemon, commit) = setup("", &[]);
+    hub.claim_size("model.safetensors", 1 << 60);
+    let events = daemon.pull(json!({"name": "tiny"}));
+    let error = &last(&events)["error"];
+    assert_eq!(error["data"]["kind"], "insufficient_space", "{error}");
+    assert!(error["data"]["needed_bytes"].as_u64().unwrap() >= 1 << 60);
+    assert!(error["data"]["available_bytes"].is_u64());
+    assert!(!snapshot(&daemon, &commit).exists(), "nothing written");
+}
+
+#[test]
+fn network_down_and_offline_mode() {
+    // A port that was just free: nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let endpoint = format!("http://{closed}");
+    let daemon = Daemon::start_configured("[hub]\nretries = 1\n", &[("HF_ENDPOINT", &endpoint)]);
+    daemon
+        .call("models.register", json!({"name": "tiny", "repo": REPO}))
+        .unwrap();
+    let events = daemon.pull(json!({"name": "tiny"}));
+    assert_eq!(
+        last(&events)["error"]["data"]["kind"],
+        "network",
+        "{events:?}"
+    );
+
+    let offline =
+        Daemon::start_configured("", &[("HF_ENDPOINT", &endpoint), ("HF_HUB_OFFLINE", "1")]);
+    offline
+        .call("models.register", json!({"name": "tiny", "repo": REPO}))
+        .unwrap();
+    let source = offline
+        .call("models.source", json!({"name": "tiny"}))
+        .unwrap();
+    assert_eq!(source["source"], "unavailable");
+    assert!(source["reason"]
+        .as_str()
+        .unwrap()
+        .contains("HF_HUB_OFFLINE"));
+    let events = offline.pull(json!({"name": "tiny"}));
+    assert_eq!(last(&events)["error"]["data"]["kind"], "offline");
+}
+
+#[test]
+fn offline_mode_uses_what_another_tool_cached() {
+    // Fill a cache online, then read it offline from a second daemon that
+    // shares only HF_HOME: the files another tool downloaded.
+    let (_hub, online, commit) = setup("", &[]);
+    online.pull(json!({"name": "tiny"}));
+    let hf_home = online
+        .hf_cache()
+        .parent()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    let offline = Daemon::start_configured("", &[("HF_HOME", &hf_home), ("HF_HUB_OFFLINE", "1")]);
+    offline
+        .call("models.register", json!({"name": "tiny", "repo": REPO}))
+        .unwrap();
+    let source = offline
+        .call("models.source", json!({"name": "tiny"}))
+        .unwrap();
+    assert_eq!(source["source"], "cache");
+    assert_eq!(source["commit"], commit);
+    let events = offline.pull(json!({"name": "tiny"}));
+    assert_eq!(last(&events)["source"], "cache");
+}
+
+#[test]
+fn local_path_comes_first_and_custom_cache_is_the_target() {
+    let (_hub, daemon, commit) = setup("", &[]);
+    let local = daemon.dir.path().join("local-model");
+    std::fs::create_dir_all(&local).unwrap();
+    std::fs::copy(
+        fixtures_dir().join("tiny-llama/config.json"),
+        local.join("config.json"),
+    )
+    .unwrap();
+    daemon
+        .call(
+            "models.register",
+            json!({"name": "mine", "repo": REPO, "local_path": local}),
+        )
+        .unwrap();
+    let source = daemon
+        .call("models.source", json!({"name": "mine"}))
+        .unwrap();
+    assert_eq!(source["source"], "local");
+    assert_eq!(source["path"], json!(local));
+
+    let custom = daemon.dir.path().join("custom-cache");
+    let cache = format!("custom:{}", custom.display());
+    daemon
+        .call(
+            "models.register",
+            json!({"name": "elsewhere", "repo": REPO, "cache": cache}),
+        )
+        .unwrap();
+    let events = daemon.pull(json!({"name": "elsewhere"}));
+    let expected = custom
+        .join("models--org--tiny-llama/snapshots")
+        .join(&commit);
+    assert_eq!(last(&events)["path"], json!(expected));
+    assert_same_as_fixture(&expected);
+
+    daemon
+        .call(
+            "models.register",
+            json!({"name": "second", "repo": REPO, "cache": "secondary"}),
+        )
+        .unwrap();
+    let err = daemon
+        .call("models.pull", json!({"name": "second"}))
+        .unwrap_err();
+    assert_eq!(kind(&err), "invalid_params");
+    assert!(err.to_string().contains("cache.secondary"), "{err}");
+}
