@@ -3,6 +3,7 @@
 The Rust end-to-end suite starts a daemon and runs this file with python3.
 """
 
+import os
 import threading
 import unittest
 
@@ -43,6 +44,14 @@ class ClientTest(unittest.TestCase):
                     break
             writer.join()
         self.assertEqual(seen, [("model_registered", "streamed"), ("model_removed", "streamed")])
+
+    @unittest.skipUnless(os.environ.get("MODELD_PULL_MODEL"), "needs a registered model and a hub")
+    def test_stream_pull_progress(self):
+        events = list(modeld_client.stream("models.pull", {"name": os.environ["MODELD_PULL_MODEL"]}))
+        self.assertEqual(events[0]["event"], "start")
+        self.assertEqual(events[-1]["event"], "done")
+        self.assertTrue(events[-1]["done"])
+        self.assertGreater(events[-1]["downloaded_bytes"], 0)
 
     def test_not_running_is_a_clear_error(self):
         with self.assertRaises(ConnectionError) as caught:

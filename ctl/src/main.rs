@@ -3,6 +3,7 @@
 
 mod models;
 mod output;
+mod pull;
 mod system;
 
 use std::path::PathBuf;
@@ -37,6 +38,15 @@ enum Command {
     List,
     /// Show one registered model
     Show { name: String },
+    /// Where a load would find the model's files: local, cache, hub or unavailable
+    Source { name: String },
+    /// Download the model's files into its cache now, with progress
+    Pull {
+        name: String,
+        /// Also re-hash files already cached and fetch any that differ
+        #[arg(long)]
+        verify: bool,
+    },
     /// Remove a model from the registry (its files stay where they are)
     #[command(alias = "remove")]
     Rm { name: String },
@@ -96,5 +106,7 @@ fn run(cli: &Cli, socket: &std::path::Path) -> Outcome {
         Command::List => models::list(&mut client, json),
         Command::Show { name } => models::show(&mut client, name, json),
         Command::Rm { name } => models::remove(&mut client, name, json),
+        Command::Source { name } => pull::source(&mut client, name, json),
+        Command::Pull { name, verify } => pull::pull(&mut client, name, *verify, json),
     }
 }

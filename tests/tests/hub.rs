@@ -409,3 +409,41 @@ fn local_path_comes_first_and_custom_cache_is_the_target() {
     assert_eq!(kind(&err), "invalid_params");
     assert!(err.to_string().contains("cache.secondary"), "{err}");
 }
+
+#[test]
+fn modelctl_source_and_pull() {
+    let (_hub, daemon, commit) = setup("", &[]);
+    let out = daemon.ctl(&["source", "tiny"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("hub"), "{text}");
+
+    let out = daemon.ctl(&["pull", "tiny"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("tiny: hub") && text.contains(&commit),
+        "{text}"
+    );
+
+    let out = daemon.ctl(&["--json", "pull", "tiny"]);
+    let events: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.last().unwrap()["downloaded_bytes"], 0);
+
+    daemon
+        .call(
+            "models.register",
+            json!({"name": "ghost", "repo": "org/ghost"}),
+        )
+        .unwrap();
+    let out = daemon.ctl(&["pull", "ghost"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("repo_not_found"), "{err}");
+}
