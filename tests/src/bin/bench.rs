@@ -4,6 +4,11 @@
 //! `cargo run --release -p modeld-e2e --bin bench -- rpc [--calls N]`:
 //! round-trip latency of `status` over the daemon's socket with 1 and 64
 //! concurrent clients, against a bare Unix-socket line echo server.
+//!
+//! `cargo run --release -p modeld-e2e --bin bench -- download [--mib N]`:
+//! `models.pull` of an N MiB file from the loopback fake hub (HTTP, hashing,
+//! fsync, cache layout) against a raw loopback TCP copy of the same bytes
+//! into a file on the same disk.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -11,6 +16,7 @@ use std::path::Path;
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
+use modeld_e2e::fakehub::FakeHub;
 use modeld_e2e::Daemon;
 
 const REQUEST: &str = r#"{"jsonrpc":"2.0","id":1,"method":"status"}"#;
@@ -21,8 +27,9 @@ fn main() {
     match args.first().map(String::as_str) {
         Some("rpc") => rpc(calls),
         Some("echo-server") => echo_server(Path::new(&args[1])),
+        Some("download") => download(flag(&args, "--mib").unwrap_or(256)),
         _ => {
-            eprintln!("usage: bench rpc [--calls N]");
+            eprintln!("usage: bench rpc [--calls N] | bench download [--mib N]");
             std::process::exit(2);
         }
     }
@@ -183,4 +190,76 @@ fn echo_server(path: &Path) {
             });
         }
     }
+}
+
+fn download(mib: usize) {
+    let hub = FakeHub::start();
+    // Incompressible, deterministic content.
+    let mut state = 0x2545f4914f6cdd1du64;
+    let bytes: Vec<u8> = (0..mib << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    hub.add_repo("bench/big", vec![("model.safetensors".into(), bytes)]);
+    let sha = hub.sha256_of("bench/big", "model.safetensors");
+    let endpoint = hub.endpoint();
+    println!("Download of a {mib} MiB file over loopback; best of {ROUNDS} rounds\n");
+    println!("| path | seconds | MiB/s | ratio |");
+    println!("|---|---|---|---|");
+    let mut raw_best = f64::MAX;
+    let mut pull_best = f64::MAX;
+    for _ in 0..ROUNDS {
+        let dir = tempfile::tempdir().expect("temp dir");
+        raw_best = raw_best.min(raw_copy(hub.addr, &sha, &dir.path().join("copy")));
+        let daemon = Daemon::start_configured("", &[("HF_ENDPOINT", &endpoint)]);
+        daemon
+            .call(
+                "models.register",
+                serde_json::json!({"name": "big", "repo": "bench/big"}),
+            )
+            .expect("register");
+        let start = Instant::now();
+        daemon.pull(serde_json::json!({"name": "big"}));
+        pull_best = pull_best.min(start.elapsed().as_secs_f64());
+    }
+    for (name, seconds) in [("raw TCP copy", raw_best), ("modeld pull", pull_best)] {
+        println!(
+            "| {name} | {seconds:.3} | {:.0} | {:.2}x |",
+            mib as f64 / seconds,
+            seconds / raw_best
+        );
+    }
+}
+
+/// GETs the file's CDN path with a bare socket and writes the body to disk.
+fn raw_copy(addr: std::net::SocketAddr, sha: &str, out: &Path) -> f64 {
+    use std::io::Read;
+    let start = Instant::now();
+    let mut stream = std::net::TcpStream::connect(addr).expect("connect");
+    write!(stream, "GET /cdn/{sha} HTTP/1.1\r\nHost: x\r\n\r\n").expect("request");
+    let mut file = std::fs::File::create(out).expect("create");
+    let mut buf = vec![0u8; 1 << 20];
+    let mut header_done = false;
+    loop {
+        let n = stream.read(&mut buf).expect("read");
+        if n == 0 {
+            break;
+        }
+        let mut chunk = &buf[..n];
+        if !header_done {
+            let end = chunk
+                .windows(4)
+                .position(|w| w == b"\r\n\r\n")
+                .expect("one read holds the header");
+            chunk = &chunk[end + 4..];
+            header_done = true;
+        }
+        file.write_all(chunk).expect("write");
+    }
+    file.sync_all().expect("sync");
+    start.elapsed().as_secs_f64()
 }
