@@ -29,6 +29,7 @@ impl GpuProbe {
             Ok(nvml) => match read_gpus(nvml) {
                 Ok(gpus) => VramReply {
                     gpus,
+                    models: Vec::new(),
                     nvml: NvmlStatus {
                         available: true,
                         driver_version: nvml.sys_driver_version().ok(),
@@ -46,6 +47,7 @@ impl GpuProbe {
 fn unavailable(reason: String, system: SystemMemory) -> VramReply {
     VramReply {
         gpus: Vec::new(),
+        models: Vec::new(),
         nvml: NvmlStatus {
             available: false,
             driver_version: None,

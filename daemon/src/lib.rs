@@ -6,6 +6,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod engine;
 pub mod gpu;
 pub mod handlers;
 pub mod hub;

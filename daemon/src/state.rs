@@ -11,6 +11,7 @@ use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::{Config, ConfigError, Paths};
+use crate::engine::Engine;
 use crate::gpu::GpuProbe;
 use crate::hub::api::HubSettings;
 use crate::pull::Pulls;
@@ -25,6 +26,7 @@ pub struct AppState {
     pub gpu: GpuProbe,
     pub stats: Stats,
     pub pulls: Arc<Pulls>,
+    pub engine: Engine,
     config: RwLock<LoadedConfig>,
     events: broadcast::Sender<Event>,
     shutdown: CancellationToken,
@@ -54,6 +56,7 @@ impl Stats {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         Counts {
             models,
+            loaded: 0,
             connections: load(&self.connections),
             requests_total: load(&self.requests_total),
             requests_in_flight: load(&self.requests_in_flight),
@@ -96,6 +99,7 @@ impl AppState {
             gpu,
             stats: Stats::default(),
             pulls: Arc::new(Pulls::default()),
+            engine: Engine::default(),
             config: RwLock::new(LoadedConfig {
                 config: Arc::new(config),
                 source,

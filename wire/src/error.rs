@@ -43,6 +43,12 @@ pub enum ErrorKind {
     Io,
     /// The Hub answered something unexpected.
     HubError,
+    /// The model is registered but not loaded.
+    NotLoaded,
+    /// The model's files could not be loaded (format, architecture, weights).
+    LoadFailed,
+    /// Inference failed while running.
+    InferenceFailed,
     Internal,
 }
 
@@ -70,6 +76,9 @@ impl ErrorKind {
             ErrorKind::Corrupt => -32027,
             ErrorKind::Io => -32028,
             ErrorKind::HubError => -32029,
+            ErrorKind::NotLoaded => -32030,
+            ErrorKind::LoadFailed => -32031,
+            ErrorKind::InferenceFailed => -32032,
         }
     }
 
@@ -95,6 +104,9 @@ impl ErrorKind {
             ErrorKind::Corrupt => "corrupt",
             ErrorKind::Io => "io",
             ErrorKind::HubError => "hub_error",
+            ErrorKind::NotLoaded => "not_loaded",
+            ErrorKind::LoadFailed => "load_failed",
+            ErrorKind::InferenceFailed => "inference_failed",
             ErrorKind::Internal => "internal",
         }
     }

@@ -22,3 +22,11 @@ pub const MODELS_PULL_NOTIFICATION: &str = "models.pull.progress";
 pub const EVENTS_SUBSCRIBE: &str = "events.subscribe";
 pub const EVENTS_UNSUBSCRIBE: &str = "events.unsubscribe";
 pub const EVENTS_NOTIFICATION: &str = "events";
+
+pub const LOAD: &str = "load";
+pub const UNLOAD: &str = "unload";
+/// A subscription: notifications [`GENERATE_NOTIFICATION`] carry
+/// `GenerateEvent`s, the last with `done: true`.
+pub const GENERATE: &str = "generate";
+pub const GENERATE_UNSUBSCRIBE: &str = "generate.unsubscribe";
+pub const GENERATE_NOTIFICATION: &str = "generate.token";

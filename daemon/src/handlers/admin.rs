@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use modeld_wire::types::{ConfigStatus, ReloadReply, ShutdownReply, StatusReply};
+use modeld_wire::types::{ConfigStatus, Counts, ReloadReply, ShutdownReply, StatusReply};
 
 use crate::rpc::{ApiError, NoParams};
 use crate::state::AppState;
@@ -22,7 +22,10 @@ pub async fn status(state: Arc<AppState>, _: NoParams) -> Result<StatusReply, Ap
             reloads: config.reloads,
             last_error: config.last_error,
         },
-        counts: state.stats.snapshot(state.registry.count() as u64),
+        counts: Counts {
+            loaded: state.engine.list().len() as u64,
+            ..state.stats.snapshot(state.registry.count() as u64)
+        },
     })
 }
 

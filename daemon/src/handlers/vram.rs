@@ -9,7 +9,10 @@ use crate::state::AppState;
 
 pub async fn vram(state: Arc<AppState>, _: NoParams) -> Result<VramReply, ApiError> {
     // NVML calls can take milliseconds per device; keep them off the reactor.
-    tokio::task::spawn_blocking(move || state.gpu.snapshot())
+    let models = state.engine.list();
+    let mut reply = tokio::task::spawn_blocking(move || state.gpu.snapshot())
         .await
-        .map_err(|err| ApiError::Internal(format!("GPU probe failed: {err}")))
+        .map_err(|err| ApiError::Internal(format!("GPU probe failed: {err}")))?;
+    reply.models = models;
+    Ok(reply)
 }

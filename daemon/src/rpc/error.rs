@@ -6,6 +6,7 @@ use modeld_wire::ErrorKind;
 use serde_json::{json, Map, Value};
 
 use crate::config::ConfigError;
+use crate::engine::EngineError;
 use crate::hub::HubError;
 use crate::registry::RegistryError;
 use crate::sources::NoSecondaryCache;
@@ -24,6 +25,11 @@ pub enum ApiError {
     #[error(transparent)]
     Hub(#[from] HubError),
     #[error(transparent)]
+    Engine(#[from] EngineError),
+    /// An error already in wire form, relayed from another stream.
+    #[error("{}", .0.message)]
+    Relayed(RpcErrorObject),
+    #[error(transparent)]
     NoSecondaryCache(#[from] NoSecondaryCache),
     #[error("modeld is shutting down and accepts no new work")]
     ShuttingDown,
@@ -40,6 +46,19 @@ impl ApiError {
             ApiError::Registry(_) => ErrorKind::Storage,
             ApiError::Config(_) => ErrorKind::InvalidParams,
             ApiError::NoSecondaryCache(_) => ErrorKind::InvalidParams,
+            ApiError::Engine(err) => match err {
+                EngineError::NotLoaded(_) => ErrorKind::NotLoaded,
+                EngineError::ContextOverflow { .. }
+                | EngineError::NoChatTemplate
+                | EngineError::EmptyPrompt
+                | EngineError::Device(_) => ErrorKind::InvalidParams,
+                EngineError::Files(_)
+                | EngineError::Unsupported(_)
+                | EngineError::Tokenizer(_)
+                | EngineError::Template(_) => ErrorKind::LoadFailed,
+                EngineError::Candle(_) => ErrorKind::InferenceFailed,
+            },
+            ApiError::Relayed(_) => ErrorKind::Internal,
             ApiError::Hub(err) => match err {
                 HubError::RepoNotFound { .. } => ErrorKind::RepoNotFound,
                 HubError::RevisionNotFound { .. } => ErrorKind::RevisionNotFound,
@@ -74,6 +93,21 @@ impl ApiError {
             ApiError::NoSecondaryCache(_) => {
                 data.insert("field".into(), json!("cache"));
             }
+            ApiError::Engine(EngineError::ContextOverflow {
+                prompt, context, ..
+            }) => {
+                data.insert("field".into(), json!("max_tokens"));
+                data.insert("limit".into(), json!(context.saturating_sub(*prompt)));
+            }
+            ApiError::Engine(EngineError::NoChatTemplate) => {
+                data.insert("field".into(), json!("messages"));
+            }
+            ApiError::Engine(EngineError::EmptyPrompt) => {
+                data.insert("field".into(), json!("prompt"));
+            }
+            ApiError::Engine(EngineError::Device(_)) => {
+                data.insert("field".into(), json!("device"));
+            }
             ApiError::Hub(HubError::InsufficientSpace {
                 root,
                 needed,
@@ -94,12 +128,18 @@ impl ApiError {
 
 impl From<ApiError> for ErrorObjectOwned {
     fn from(err: ApiError) -> Self {
+        if let ApiError::Relayed(object) = err {
+            return ErrorObjectOwned::owned(object.code, object.message, object.data);
+        }
         wire_error(err.kind(), err.to_string(), err.details())
     }
 }
 
 /// The error as it travels, for embedding in stream events.
 pub fn wire_object(err: &ApiError) -> RpcErrorObject {
+    if let ApiError::Relayed(object) = err {
+        return object.clone();
+    }
     let mut data = err.details();
     data.insert("kind".into(), json!(err.kind().as_str()));
     RpcErrorObject {

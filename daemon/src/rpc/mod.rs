@@ -41,6 +41,18 @@ pub fn build_module(state: Arc<AppState>) -> Module {
         handlers::models::remove,
     );
     route(&mut module, methods::MODELS_SOURCE, handlers::pull::source);
+    route(&mut module, methods::LOAD, handlers::engine::load);
+    route(&mut module, methods::UNLOAD, handlers::engine::unload);
+    module
+        .register_subscription(
+            methods::GENERATE,
+            methods::GENERATE_NOTIFICATION,
+            methods::GENERATE_UNSUBSCRIBE,
+            |params, pending, state, _| async move {
+                handlers::engine::generate(params, pending, (*state).clone()).await
+            },
+        )
+        .expect("method names are unique");
     module
         .register_subscription(
             methods::MODELS_PULL,

@@ -1,0 +1,119 @@
+//! Chat templates: the Jinja template a model ships in
+//! `tokenizer_config.json`, rendered with minijinja the way transformers'
+//! `apply_chat_template(..., add_generation_prompt=True)` does.
+
+use std::path::Path;
+
+use minijinja::{context, Environment, Error, ErrorKind};
+use modeld_wire::types::ChatMessage;
+use serde_json::Value;
+
+use super::EngineError;
+
+pub struct ChatTemplate {
+    env: Environment<'static>,
+    bos_token: String,
+    eos_token: String,
+}
+
+/// A special token is written either as a string or as `{"content": ...}`.
+fn token_text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Object(map) => map
+            .get("content")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string(),
+        _ => String::new(),
+    }
+}
+
+impl ChatTemplate {
+    /// The model's template, if `tokenizer_config.json` has one.
+    pub fn read(dir: &Path) -> Result<Option<Self>, EngineError> {
+        let Ok(text) = std::fs::read_to_string(dir.join("tokenizer_config.json")) else {
+            return Ok(None);
+        };
+        let config: Value = serde_json::from_str(&text)
+            .map_err(|e| EngineError::Files(format!("tokenizer_config.json: {e}")))?;
+        let source = match &config["chat_template"] {
+            Value::String(template) => template.clone(),
+            // A list of named templates: the one called "default".
+            Value::Array(items) => items
+                .iter()
+                .find(|item| item["name"] == "default")
+                .and_then(|item| item["template"].as_str())
+                .map(str::to_string)
+                .unwrap_or_default(),
+            _ => return Ok(None),
+        };
+        if source.is_empty() {
+            return Ok(None);
+        }
+        let mut env = Environment::new();
+        minijinja_contrib::add_to_environment(&mut env);
+        env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
+        env.add_function(
+            "raise_exception",
+            |message: String| -> Result<String, Error> {
+                Err(Error::new(ErrorKind::InvalidOperation, message))
+            },
+        );
+        env.add_template_owned("chat", source)
+            .map_err(|e| EngineError::Files(format!("chat template: {e}")))?;
+        Ok(Some(ChatTemplate {
+            env,
+            bos_token: token_text(&config["bos_token"]),
+            eos_token: token_text(&config["eos_token"]),
+        }))
+    }
+
+    pub fn render(&self, messages: &[ChatMessage]) -> Result<String, EngineError> {
+        let template = self
+            .env
+            .get_template("chat")
+            .map_err(|e| EngineError::Template(e.to_string()))?;
+        template
+            .render(context! {
+                messages => messages,
+                add_generation_prompt => true,
+                bos_token => self.bos_token,
+                eos_token => self.eos_token,
+            })
+            .map_err(|e| EngineError::Template(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_a_chatml_template() {
+        let dir = tempfile::tempdir().unwrap();
+        let template = "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content | trim }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}";
+        let config =
+            serde_json::json!({"chat_template": template, "eos_token": {"content": "<|im_end|>"}});
+        std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+        let chat = ChatTemplate::read(dir.path()).unwrap().unwrap();
+        let text = chat
+            .render(&[ChatMessage {
+                role: "user".into(),
+                content: " hi ".into(),
+            }])
+            .unwrap();
+        assert_eq!(
+            text,
+            "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+        );
+        assert_eq!(chat.eos_token, "<|im_end|>");
+    }
+
+    #[test]
+    fn no_template_is_none() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tokenizer_config.json"), "{}").unwrap();
+        assert!(ChatTemplate::read(dir.path()).unwrap().is_none());
+    }
+}

@@ -1,0 +1,291 @@
+//! The inference engine: which models are resident, loading and unloading
+//! them, and handing generation jobs to the worker that owns each model.
+
+pub mod chat;
+pub mod model;
+pub mod sampling;
+mod worker;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{mpsc, Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use modeld_wire::types::{GenerateEvent, LoadedModel};
+use tokenizers::Tokenizer;
+use tokio_util::sync::CancellationToken;
+
+use self::chat::ChatTemplate;
+use self::model::{weight_files, ModelSpec, TextModel};
+use self::sampling::ValidGenerate;
+use self::worker::{Job, Worker};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("model files: {0}")]
+    Files(String),
+    #[error("unsupported model: {0}")]
+    Unsupported(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("this model has no chat template; send a prompt instead of messages")]
+    NoChatTemplate,
+    #[error("the prompt encodes to no tokens")]
+    EmptyPrompt,
+    #[error("prompt of {prompt} tokens plus max_tokens {max_tokens} exceeds the context length of {context}")]
+    ContextOverflow {
+        prompt: usize,
+        max_tokens: usize,
+        context: usize,
+    },
+    #[error("{0}")]
+    Device(String),
+    #[error("model {0:?} is not loaded")]
+    NotLoaded(String),
+    #[error("inference failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Where and in what precision a model runs.
+#[derive(Debug, Clone)]
+pub struct Placement {
+    pub device: Device,
+    pub device_name: String,
+    pub dtype: DType,
+}
+
+impl Placement {
+    /// Parses `cpu` / `cuda` / `cuda:N` and `f32` / `f16` / `bf16`. Without
+    /// a choice: the first GPU when built with CUDA and one is present.
+    pub fn choose(device: Option<&str>, dtype: Option<&str>) -> Result<Self, EngineError> {
+        let wanted = device.unwrap_or(
+            if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() {
+                "cuda:0"
+            } else {
+                "cpu"
+            },
+        );
+        let (device, device_name) = match wanted {
+            "cpu" => (Device::Cpu, "cpu".to_string()),
+            other => {
+                let index = match other.strip_prefix("cuda") {
+                    Some("") => 0,
+                    Some(rest) => rest
+                        .strip_prefix(':')
+                        .and_then(|n| n.parse::<usize>().ok())
+                        .ok_or_else(|| {
+                            EngineError::Device(format!(
+                                "device {other:?}: expected cpu, cuda or cuda:N"
+                            ))
+                        })?,
+                    None => {
+                        return Err(EngineError::Device(format!(
+                            "device {other:?}: expected cpu, cuda or cuda:N"
+                        )))
+                    }
+                };
+                if !cfg!(feature = "cuda") {
+                    return Err(EngineError::Device(
+                        "this modeld was built without CUDA (cargo build --features cuda)".into(),
+                    ));
+                }
+                (Device::new_cuda(index)?, format!("cuda:{index}"))
+            }
+        };
+        let dtype = match dtype {
+            None if device.is_cpu() => DType::F32,
+            None => DType::BF16,
+            Some("f32") => DType::F32,
+            Some("f16") => DType::F16,
+            Some("bf16") => DType::BF16,
+            Some(other) => {
+                return Err(EngineError::Device(format!(
+                    "dtype {other:?}: expected f32, f16 or bf16"
+                )))
+            }
+        };
+        Ok(Placement {
+            device,
+            device_name,
+            dtype,
+        })
+    }
+}
+
+/// A model in memory and the channel to its worker.
+pub struct Resident {
+    pub info: LoadedModel,
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Resident {
+    /// Queues a generation; events arrive on `events`, the last with `done`.
+    pub fn submit(
+        &self,
+        request: ValidGenerate,
+        events: tokio::sync::mpsc::Sender<GenerateEvent>,
+        cancel: CancellationToken,
+    ) -> Result<(), EngineError> {
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        let sender = jobs
+            .as_ref()
+            .ok_or_else(|| EngineError::NotLoaded(self.info.name.clone()))?;
+        sender
+            .send(Job {
+                request,
+                events,
+                cancel,
+            })
+            .map_err(|_| EngineError::NotLoaded(self.info.name.clone()))
+    }
+}
+
+#[derive(Default)]
+pub struct Engine {
+    resident: Mutex<HashMap<String, Arc<Resident>>>,
+    /// Loads run one at a time: two loads of one model must not both load it,
+    /// and memory measurements must not overlap.
+    loading: tokio::sync::Mutex<()>,
+}
+
+impl Engine {
+    pub fn get(&self, name: &str) -> Option<Arc<Resident>> {
+        self.resident
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(name)
+            .cloned()
+    }
+
+    pub fn list(&self) -> Vec<LoadedModel> {
+        let resident = self.resident.lock().unwrap_or_else(|e| e.into_inner());
+        let mut models: Vec<LoadedModel> = resident.values().map(|r| r.info.clone()).collect();
+        models.sort_by(|a, b| a.name.cmp(&b.name));
+        models
+    }
+
+    /// Loads the model in `dir` under `name` unless it is resident already;
+    /// returns its description and whether it was already there.
+    pub async fn load(
+        &self,
+        name: &str,
+        dir: PathBuf,
+        placement: Placement,
+    ) -> Result<(LoadedModel, bool), EngineError> {
+        let _one_at_a_time = self.loading.lock().await;
+        if let Some(resident) = self.get(name) {
+            return Ok((resident.info.clone(), true));
+        }
+        let name = name.to_string();
+        let resident = tokio::task::spawn_blocking(move || start_worker(name, &dir, placement))
+            .await
+            .map_err(|e| EngineError::Files(format!("load task failed: {e}")))??;
+        let info = resident.info.clone();
+        self.resident
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(info.name.clone(), Arc::new(resident));
+        Ok((info, false))
+    }
+
+    /// Drops the model once its queued jobs finish; returns the resident
+    /// memory released.
+    pub async fn unload(&self, name: &str) -> Result<u64, EngineError> {
+        let _one_at_a_time = self.loading.lock().await;
+        let resident = self
+            .resident
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(name)
+            .ok_or_else(|| EngineError::NotLoaded(name.to_string()))?;
+        let before = rss_bytes();
+        // Closing the channel ends the worker after the jobs already queued.
+        resident
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let thread = resident
+            .thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(thread) = thread {
+            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
+        }
+        Ok(before.saturating_sub(rss_bytes()))
+    }
+}
+
+fn start_worker(name: String, dir: &Path, placement: Placement) -> Result<Resident, EngineError> {
+    let started = Instant::now();
+    let before = rss_bytes();
+    let spec = ModelSpec::read(dir)?;
+    let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| {
+        EngineError::Tokenizer(format!("{}: {e}", dir.join("tokenizer.json").display()))
+    })?;
+    let chat_template = ChatTemplate::read(dir)?;
+    let files = weight_files(dir)?;
+    let file_bytes: u64 = files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len())
+        .sum();
+    let model = TextModel::load(&spec, &files, placement.dtype, &placement.device)?;
+    let info = LoadedModel {
+        name: name.clone(),
+        arch: spec.arch.to_string(),
+        device: placement.device_name.clone(),
+        dtype: format!("{:?}", placement.dtype).to_lowercase(),
+        path: dir.to_path_buf(),
+        estimated_bytes: file_bytes + file_bytes / 5,
+        measured_bytes: rss_bytes().saturating_sub(before),
+        load_ms: started.elapsed().as_millis() as u64,
+        loaded_at: crate::registry::unix_now(),
+        context_length: spec.context_length,
+    };
+    let worker = Worker {
+        model,
+        tokenizer,
+        device: placement.device,
+        dtype: placement.dtype,
+        eos_ids: spec.eos_ids,
+        context_length: spec.context_length,
+        chat_template,
+    };
+    let (jobs, queue) = mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name(format!("model-{name}"))
+        .spawn(move || worker.run(queue))
+        .map_err(|e| EngineError::Files(format!("cannot start the model thread: {e}")))?;
+    tracing::info!(model = %name, arch = %info.arch, ms = info.load_ms, "model loaded");
+    Ok(Resident {
+        info,
+        jobs: Mutex::new(Some(jobs)),
+        thread: Mutex::new(Some(thread)),
+    })
+}
+
+/// The process's resident memory, from `/proc/self/status`.
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|line| line.strip_prefix("VmRSS:"))
+                .and_then(|rest| {
+                    rest.trim()
+                        .trim_end_matches("kB")
+                        .trim()
+                        .parse::<u64>()
+                        .ok()
+                })
+        })
+        .map_or(0, |kib| kib * 1024)
+}

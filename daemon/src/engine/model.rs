@@ -1,0 +1,220 @@
+//! Text models: architecture detection from `config.json`, loading
+//! safetensors weights through mmap, and one forward step that returns the
+//! logits of the last position.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::{llama, mistral, qwen2, qwen3};
+use serde_json::Value;
+
+use super::EngineError;
+
+/// A loaded model of one of the supported architectures, with its KV cache.
+pub enum TextModel {
+    Llama {
+        model: llama::Llama,
+        cache: llama::Cache,
+        config: llama::Config,
+    },
+    Qwen2(qwen2::ModelForCausalLM),
+    Qwen3(qwen3::ModelForCausalLM),
+    Mistral(mistral::Model),
+}
+
+/// What `config.json` says about a model, beyond the weights.
+pub struct ModelSpec {
+    pub arch: &'static str,
+    pub config: Value,
+    pub context_length: usize,
+    pub eos_ids: Vec<u32>,
+}
+
+impl ModelSpec {
+    /// Reads `config.json` (and `generation_config.json` for extra end-of-
+    /// sequence ids) and picks the architecture from `model_type`.
+    pub fn read(dir: &Path) -> Result<Self, EngineError> {
+        let config = read_json(&dir.join("config.json"))?;
+        let model_type = config["model_type"].as_str().unwrap_or_default();
+        let arch = match model_type {
+            "llama" => "llama",
+            "qwen2" => "qwen2",
+            "qwen3" => "qwen3",
+            "mistral" => "mistral",
+            other => {
+                return Err(EngineError::Unsupported(format!(
+                    "model_type {other:?} (supported: llama, qwen2, qwen3, mistral)"
+                )))
+            }
+        };
+        let mut eos_ids = token_ids(&config["eos_token_id"]);
+        if let Ok(generation) = read_json(&dir.join("generation_config.json")) {
+            eos_ids.extend(token_ids(&generation["eos_token_id"]));
+        }
+        eos_ids.sort_unstable();
+        eos_ids.dedup();
+        let context_length = config["max_position_embeddings"].as_u64().unwrap_or(2048) as usize;
+        Ok(ModelSpec {
+            arch,
+            config: normalize(config),
+            context_length,
+            eos_ids,
+        })
+    }
+}
+
+fn read_json(path: &Path) -> Result<Value, EngineError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| EngineError::Files(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| EngineError::Files(format!("{}: {e}", path.display())))
+}
+
+fn token_ids(value: &Value) -> Vec<u32> {
+    match value {
+        Value::Number(n) => n.as_u64().map(|id| vec![id as u32]).unwrap_or_default(),
+        Value::Array(items) => items
+            .iter()
+            .filter_map(|v| v.as_u64())
+            .map(|id| id as u32)
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Brings newer `config.json` spellings to the fields candle reads:
+/// transformers 5 nests `rope_theta` under `rope_parameters`, and a null
+/// `sliding_window` means no window.
+fn normalize(mut config: Value) -> Value {
+    let nested_theta = config["rope_parameters"]["rope_theta"].clone();
+    if config.get("rope_theta").is_none() && !nested_theta.is_null() {
+        config["rope_theta"] = nested_theta;
+    }
+    if config.get("rope_theta").is_none() {
+        config["rope_theta"] = Value::from(10_000.0);
+    }
+    if config["sliding_window"].is_null() {
+        config["sliding_window"] = config["max_position_embeddings"].clone();
+    }
+    for (key, default) in [
+        ("max_window_layers", Value::from(0)),
+        ("use_sliding_window", Value::from(false)),
+    ] {
+        if config.get(key).is_none() {
+            config[key] = default;
+        }
+    }
+    if config.get("tie_word_embeddings").is_none() {
+        config["tie_word_embeddings"] = Value::from(false);
+    }
+    config
+}
+
+fn parse<T: serde::de::DeserializeOwned>(config: &Value) -> Result<T, EngineError> {
+    serde_json::from_value(config.clone())
+        .map_err(|e| EngineError::Files(format!("config.json: {e}")))
+}
+
+/// The safetensors weight files of a model directory, in name order.
+pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(|e| EngineError::Files(format!("{}: {e}", dir.display())))?
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "safetensors"))
+        .collect();
+    files.sort();
+    if files.is_empty() {
+        return Err(EngineError::Files(format!(
+            "no .safetensors files in {}",
+            dir.display()
+        )));
+    }
+    Ok(files)
+}
+
+impl TextModel {
+    pub fn load(
+        spec: &ModelSpec,
+        files: &[PathBuf],
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self, EngineError> {
+        // Safety: the weight files are mmapped read-only; modeld never
+        // writes to files under a loaded model, and the cache only replaces
+        // blobs by rename, which leaves an existing mapping intact.
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device)? };
+        let config = &spec.config;
+        let model = match spec.arch {
+            "llama" => {
+                let config = parse::<llama::LlamaConfig>(config)?.into_config(false);
+                let cache = llama::Cache::new(true, dtype, &config, device)?;
+                let model = llama::Llama::load(vb, &config)?;
+                TextModel::Llama {
+                    model,
+                    cache,
+                    config,
+                }
+            }
+            "qwen2" => TextModel::Qwen2(qwen2::ModelForCausalLM::new(&parse(config)?, vb)?),
+            "qwen3" => TextModel::Qwen3(qwen3::ModelForCausalLM::new(&parse(config)?, vb)?),
+            "mistral" => TextModel::Mistral(mistral::Model::new(&parse(config)?, vb)?),
+            other => return Err(EngineError::Unsupported(other.to_string())),
+        };
+        Ok(model)
+    }
+
+    /// Runs `tokens` starting at position `offset`; returns the last
+    /// position's logits as f32.
+    pub fn forward(
+        &mut self,
+        tokens: &[u32],
+        offset: usize,
+        device: &Device,
+    ) -> Result<Vec<f32>, EngineError> {
+        let input = Tensor::new(tokens, device)?.unsqueeze(0)?;
+        let logits = match self {
+            TextModel::Llama { model, cache, .. } => model.forward(&input, offset, cache)?,
+            TextModel::Qwen2(model) => model.forward(&input, offset)?,
+            TextModel::Qwen3(model) => model.forward(&input, offset)?,
+            TextModel::Mistral(model) => model.forward(&input, offset)?,
+        };
+        Ok(logits
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?)
+    }
+
+    /// Forgets the previous request's keys and values.
+    pub fn reset(&mut self, dtype: DType, device: &Device) -> Result<(), EngineError> {
+        match self {
+            TextModel::Llama { cache, config, .. } => {
+                *cache = llama::Cache::new(true, dtype, config, device)?;
+            }
+            TextModel::Qwen2(model) => model.clear_kv_cache(),
+            TextModel::Qwen3(model) => model.clear_kv_cache(),
+            TextModel::Mistral(model) => model.clear_kv_cache(),
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn transformers_5_config_is_normalized() {
+        let config = normalize(json!({
+            "rope_parameters": {"rope_theta": 1e6},
+            "sliding_window": null,
+            "max_position_embeddings": 512
+        }));
+        assert_eq!(config["rope_theta"], 1e6);
+        assert_eq!(config["sliding_window"], 512);
+        assert_eq!(config["use_sliding_window"], false);
+        assert_eq!(token_ids(&json!([1, 2])), [1, 2]);
+        assert_eq!(token_ids(&json!(7)), [7]);
+    }
+}

@@ -1,0 +1,174 @@
+//! The task that owns one loaded model: a dedicated thread, fed generation
+//! jobs through a channel, so the model and its KV cache are never shared
+//! and blocking compute never stalls the async runtime.
+
+use std::sync::mpsc;
+use std::time::Instant;
+
+use candle_core::{DType, Device};
+use modeld_wire::types::{FinishReason, GenerateEvent};
+use tokenizers::Tokenizer;
+use tokio_util::sync::CancellationToken;
+
+use super::model::TextModel;
+use super::sampling::{Input, Sampler, ValidGenerate};
+use super::EngineError;
+
+/// One generation: the request, where its events go, and a way to stop it.
+pub struct Job {
+    pub request: ValidGenerate,
+    pub events: tokio::sync::mpsc::Sender<GenerateEvent>,
+    pub cancel: CancellationToken,
+}
+
+pub struct Worker {
+    pub model: TextModel,
+    pub tokenizer: Tokenizer,
+    pub device: Device,
+    pub dtype: DType,
+    pub eos_ids: Vec<u32>,
+    pub context_length: usize,
+    pub chat_template: Option<super::chat::ChatTemplate>,
+}
+
+impl Worker {
+    /// Runs jobs in order until every sender is gone; the model is dropped,
+    /// and its memory freed, when this returns.
+    pub fn run(mut self, jobs: mpsc::Receiver<Job>) {
+        for job in jobs {
+            let events = job.events.clone();
+            let outcome = self.generate(&job);
+            let last = match outcome {
+                Ok(done) => done,
+                Err(err) => GenerateEvent::Error {
+                    done: true,
+                    error: crate::rpc::error::wire_object(&crate::rpc::ApiError::from(err)),
+                },
+            };
+            let _ = events.blocking_send(last);
+        }
+    }
+
+    fn prompt_ids(&self, input: &Input) -> Result<Vec<u32>, EngineError> {
+        let text = match input {
+            Input::Prompt(prompt) => prompt.clone(),
+            Input::Messages(messages) => self
+                .chat_template
+                .as_ref()
+                .ok_or(EngineError::NoChatTemplate)?
+                .render(messages)?,
+        };
+        let encoding = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| EngineError::Tokenizer(e.to_string()))?;
+        let ids = encoding.get_ids().to_vec();
+        if ids.is_empty() {
+            return Err(EngineError::EmptyPrompt);
+        }
+        Ok(ids)
+    }
+
+    fn generate(&mut self, job: &Job) -> Result<GenerateEvent, EngineError> {
+        let request = &job.request;
+        let prompt = self.prompt_ids(&request.input)?;
+        if prompt.len() + request.max_tokens > self.context_length {
+            return Err(EngineError::ContextOverflow {
+                prompt: prompt.len(),
+                max_tokens: request.max_tokens,
+                context: self.context_length,
+            });
+        }
+        self.model.reset(self.dtype, &self.device)?;
+        let mut sampler = Sampler::new(request);
+        let mut decoder = self.tokenizer.decode_stream(true);
+        let mut history = prompt.clone();
+        let mut generated: Vec<u32> = Vec::new();
+        let mut text = String::new();
+
+        let started = Instant::now();
+        let mut logits = self.model.forward(&prompt, 0, &self.device)?;
+        let prefill = started.elapsed().as_secs_f64();
+        let decode_started = Instant::now();
+        let mut finish = FinishReason::Length;
+        for index in 0..request.max_tokens {
+            if job.cancel.is_cancelled() {
+                finish = FinishReason::Cancelled;
+                break;
+            }
+            let next = sampler.next(logits, &history)?;
+            if self.eos_ids.contains(&next) {
+                finish = FinishReason::Eos;
+                break;
+            }
+            history.push(next);
+            generated.push(next);
+            let piece = decoder
+                .step(next)
+                .map_err(|e| EngineError::Tokenizer(e.to_string()))?
+                .unwrap_or_default();
+            text.push_str(&piece);
+            let event = GenerateEvent::Token {
+                index,
+                id: next,
+                text: piece,
+            };
+            if job.events.blocking_send(event).is_err() {
+                finish = FinishReason::Cancelled;
+                break;
+            }
+            if let Some(cut) = stop_position(&text, &request.stop) {
+                text.truncate(cut);
+                finish = FinishReason::Stop;
+                break;
+            }
+            if index + 1 == request.max_tokens {
+                break;
+            }
+            logits = self
+                .model
+                .forward(&[next], history.len() - 1, &self.device)?;
+        }
+        let decode = decode_started.elapsed().as_secs_f64();
+        Ok(GenerateEvent::Done {
+            done: true,
+            model: request.model.clone(),
+            seed: request.seed,
+            text,
+            prompt_tokens: prompt.len(),
+            completion_tokens: generated.len(),
+            token_ids: generated,
+            prefill_tokens_per_s: rate(prompt.len(), prefill),
+            decode_tokens_per_s: rate(history.len() - prompt.len(), decode),
+            finish_reason: finish,
+        })
+    }
+}
+
+fn rate(tokens: usize, seconds: f64) -> f64 {
+    if seconds > 0.0 {
+        tokens as f64 / seconds
+    } else {
+        0.0
+    }
+}
+
+/// Where the earliest stop string starts in `text`, if any appears.
+fn stop_position(text: &str, stops: &[String]) -> Option<usize> {
+    stops
+        .iter()
+        .filter_map(|stop| text.find(stop.as_str()))
+        .min()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::stop_position;
+
+    #[test]
+    fn earliest_stop_string_wins() {
+        let stops = vec!["END".to_string(), "\n\n".to_string()];
+        assert_eq!(stop_position("a\n\nb END", &stops), Some(1));
+        assert_eq!(stop_position("no stop here", &stops), None);
+    }
+}

@@ -1,0 +1,215 @@
+//! Text generation through the daemon, checked against token ids computed
+//! by Hugging Face transformers (`../shared/fixtures/*/expected.json`).
+
+use std::path::PathBuf;
+
+use modeld_e2e::{fixtures_dir, kind, Daemon};
+use serde_json::{json, Value};
+
+/// Copies a fixture model into the daemon's temp dir and registers it.
+fn register_fixture(daemon: &Daemon, fixture: &str) -> PathBuf {
+    let dir = daemon.dir.path().join(fixture);
+    std::fs::create_dir_all(&dir).unwrap();
+    for entry in std::fs::read_dir(fixtures_dir().join(fixture)).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
+    }
+    daemon
+        .call(
+            "models.register",
+            json!({"name": fixture, "local_path": dir}),
+        )
+        .unwrap();
+    dir
+}
+
+fn expected(fixture: &str) -> Value {
+    let text = std::fs::read_to_string(fixtures_dir().join(fixture).join("expected.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Runs `generate` and returns every event.
+fn generate(daemon: &Daemon, params: Value) -> Vec<Value> {
+    let mut client = daemon.client();
+    client
+        .subscribe("generate", params)
+        .expect("generate accepted")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("generate stream")
+}
+
+fn check_greedy(fixture: &str) {
+    let daemon = Daemon::start();
+    register_fixture(&daemon, fixture);
+    let loaded = daemon.call("load", json!({"name": fixture})).unwrap();
+    assert_eq!(loaded["already_loaded"], false);
+    assert_eq!(loaded["model"]["device"], "cpu");
+    let expected = expected(fixture);
+    let max_tokens = expected["max_new_tokens"].as_u64().unwrap();
+    for case in expected["cases"].as_array().unwrap() {
+        let events = generate(
+            &daemon,
+            json!({"model": fixture, "prompt": case["prompt"], "max_tokens": max_tokens, "temperature": 0}),
+        );
+        let done = events.last().unwrap();
+        assert_eq!(done["event"], "done", "{done}");
+        assert_eq!(
+            done["prompt_tokens"],
+            case["input_ids"].as_array().unwrap().len(),
+            "prompt {:?} tokenized differently",
+            case["prompt"]
+        );
+        assert_eq!(
+            done["token_ids"], case["greedy_ids"],
+            "prompt {:?}",
+            case["prompt"]
+        );
+        // The streamed pieces add up to the final text.
+        let streamed: String = events[..events.len() - 1]
+            .iter()
+            .map(|e| e["text"].as_str().unwrap())
+            .collect();
+        assert_eq!(streamed, done["text"].as_str().unwrap());
+        assert_eq!(done["text"], case["greedy_text"]);
+    }
+}
+
+#[test]
+fn tiny_llama_matches_transformers_greedy() {
+    check_greedy("tiny-llama");
+}
+
+#[test]
+fn tiny_qwen2_matches_transformers_greedy() {
+    check_greedy("tiny-qwen2");
+}
+
+#[test]
+fn generate_loads_on_demand_and_reports_stats() {
+    let daemon = Daemon::start();
+    register_fixture(&daemon, "tiny-qwen2");
+    let events = generate(
+        &daemon,
+        json!({"model": "tiny-qwen2", "prompt": "The application uses a", "max_tokens": 8,
+               "temperature": 0.8, "top_p": 0.9, "top_k": 20, "seed": 42, "repeat_penalty": 1.1}),
+    );
+    let done = events.last().unwrap();
+    assert_eq!(done["seed"], 42);
+    assert_eq!(done["completion_tokens"], 8);
+    assert_eq!(done["finish_reason"], "length");
+    assert!(done["decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    // The same seed gives the same tokens.
+    let again = generate(
+        &daemon,
+        json!({"model": "tiny-qwen2", "prompt": "The application uses a", "max_tokens": 8,
+               "temperature": 0.8, "top_p": 0.9, "top_k": 20, "seed": 42, "repeat_penalty": 1.1}),
+    );
+    assert_eq!(again.last().unwrap()["token_ids"], done["token_ids"]);
+
+    let vram = daemon.call("vram", json!({})).unwrap();
+    let model = &vram["models"][0];
+    assert_eq!(model["name"], "tiny-qwen2");
+    let size = std::fs::metadata(fixtures_dir().join("tiny-qwen2/model.safetensors"))
+        .unwrap()
+        .len();
+    assert_eq!(model["estimated_bytes"], size + size / 5);
+}
+
+#[test]
+fn stop_strings_end_generation() {
+    let daemon = Daemon::start();
+    register_fixture(&daemon, "tiny-llama");
+    // The greedy text of this prompt is " - Local File ha.safetensors...".
+    let events = generate(
+        &daemon,
+        json!({"model": "tiny-llama", "prompt": "Model Loading Strategy", "max_tokens": 40, "stop": ["File"]}),
+    );
+    let done = events.last().unwrap();
+    assert_eq!(done["finish_reason"], "stop");
+    assert_eq!(done["text"], " - Local ");
+}
+
+#[test]
+fn bad_requests_name_the_field() {
+    let daemon = Daemon::start();
+    register_fixture(&daemon, "tiny-llama");
+    let mut client = daemon.client();
+    let cases = [
+        (
+            json!({"model": "tiny-llama", "prompt": "x", "max_tokens": 0}),
+            "max_tokens",
+        ),
+        (
+            json!({"model": "tiny-llama", "prompt": "x", "temperature": -1}),
+            "temperature",
+        ),
+        (
+            json!({"model": "tiny-llama", "prompt": "x", "top_p": 2}),
+            "top_p",
+        ),
+        (json!({"model": "tiny-llama"}), "prompt"),
+        (
+            json!({"model": "tiny-llama", "prompt": "x", "max_tokens": 10000}),
+            "max_tokens",
+        ),
+        (
+            json!({"model": "tiny-llama", "messages": [{"role": "user", "content": "hi"}]}),
+            "messages",
+        ),
+    ];
+    for (params, field) in cases {
+        let err = client
+            .subscribe("generate", params.clone())
+            .err()
+            .expect("refused");
+        assert_eq!(kind(&err), "invalid_params", "{params}: {err}");
+        let modeld_wire::ClientError::Rpc(obj) = &err else {
+            panic!()
+        };
+        assert_eq!(
+            obj.data.as_ref().unwrap()["field"],
+            field,
+            "{params}: {err}"
+        );
+    }
+    let err = client
+        .subscribe("generate", json!({"model": "nobody", "prompt": "x"}))
+        .err()
+        .unwrap();
+    assert_eq!(kind(&err), "not_found");
+    // The daemon still generates after all that.
+    let events = generate(
+        &daemon,
+        json!({"model": "tiny-llama", "prompt": "Model", "max_tokens": 2}),
+    );
+    assert_eq!(events.last().unwrap()["completion_tokens"], 2);
+}
+
+#[test]
+fn unload_frees_the_model() {
+    let daemon = Daemon::start();
+    register_fixture(&daemon, "tiny-llama");
+    daemon.call("load", json!({"name": "tiny-llama"})).unwrap();
+    let again = daemon.call("load", json!({"name": "tiny-llama"})).unwrap();
+    assert_eq!(again["already_loaded"], true);
+    assert_eq!(
+        daemon.call("status", json!({})).unwrap()["counts"]["loaded"],
+        1
+    );
+    let reply = daemon
+        .call("unload", json!({"name": "tiny-llama"}))
+        .unwrap();
+    assert!(reply["freed_bytes"].is_u64());
+    assert_eq!(
+        daemon.call("status", json!({})).unwrap()["counts"]["loaded"],
+        0
+    );
+    let err = daemon
+        .call("unload", json!({"name": "tiny-llama"}))
+        .unwrap_err();
+    assert_eq!(kind(&err), "not_loaded");
+    let err = daemon
+        .call("load", json!({"name": "tiny-llama", "device": "tpu"}))
+        .unwrap_err();
+    assert_eq!(kind(&err), "invalid_params");
+}
