@@ -51,7 +51,15 @@ class ClientTest(unittest.TestCase):
         self.assertEqual(events[0]["event"], "start")
         self.assertEqual(events[-1]["event"], "done")
         self.assertTrue(events[-1]["done"])
-        self.assertGreater(events[-1]["downloaded_bytes"], 0)
+        self.assertEqual(events[-1]["source"], "hub")
+        self.assertGreater(events[0]["total_bytes"], 0)
+
+    @unittest.skipUnless(os.environ.get("MODELD_PULL_MODEL"), "needs a registered model and a hub")
+    def test_stream_generate(self):
+        events = list(modeld_client.stream("generate", {
+            "model": os.environ["MODELD_PULL_MODEL"], "prompt": "The application uses a", "max_tokens": 5}))
+        self.assertEqual([e["event"] for e in events], ["token"] * 5 + ["done"])
+        self.assertEqual(events[-1]["text"], "".join(e["text"] for e in events[:-1]))
 
     def test_not_running_is_a_clear_error(self):
         with self.assertRaises(ConnectionError) as caught:

@@ -1,6 +1,7 @@
 //! `modelctl`: the command-line client of modeld. Each subcommand is one
 //! RPC call; output is a human table, or the raw reply with `--json`.
 
+mod generate;
 mod models;
 mod output;
 mod pull;
@@ -47,6 +48,21 @@ enum Command {
         #[arg(long)]
         verify: bool,
     },
+    /// Load a model into memory (pulling its files first if needed)
+    Load {
+        name: String,
+        /// cpu, cuda or cuda:N
+        #[arg(long)]
+        device: Option<String>,
+        /// f32, f16 or bf16
+        #[arg(long)]
+        dtype: Option<String>,
+    },
+    /// Free a loaded model's memory
+    Unload { name: String },
+    /// Generate text, streamed to the terminal
+    #[command(alias = "run")]
+    Generate(generate::GenerateArgs),
     /// Remove a model from the registry (its files stay where they are)
     #[command(alias = "remove")]
     Rm { name: String },
@@ -106,6 +122,13 @@ fn run(cli: &Cli, socket: &std::path::Path) -> Outcome {
         Command::List => models::list(&mut client, json),
         Command::Show { name } => models::show(&mut client, name, json),
         Command::Rm { name } => models::remove(&mut client, name, json),
+        Command::Load {
+            name,
+            device,
+            dtype,
+        } => generate::load(&mut client, name, device, dtype, json),
+        Command::Unload { name } => generate::unload(&mut client, name, json),
+        Command::Generate(args) => generate::generate(&mut client, args, json),
         Command::Source { name } => pull::source(&mut client, name, json),
         Command::Pull { name, verify } => pull::pull(&mut client, name, *verify, json),
     }

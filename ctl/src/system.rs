@@ -75,6 +75,20 @@ pub fn vram(client: &mut Client, json: bool) -> Outcome {
         }
         println!("{gpus}");
     }
+    if !reply.models.is_empty() {
+        let mut models = table(&["model", "arch", "device", "dtype", "estimated", "measured"]);
+        for model in &reply.models {
+            models.add_row(vec![
+                model.name.clone(),
+                model.arch.clone(),
+                model.device.clone(),
+                model.dtype.clone(),
+                format_bytes(model.estimated_bytes),
+                format_bytes(model.measured_bytes),
+            ]);
+        }
+        println!("{models}");
+    }
     println!(
         "system RAM: {} available of {}",
         format_bytes(reply.system.available_bytes),

@@ -213,3 +213,43 @@ fn unload_frees_the_model() {
         .unwrap_err();
     assert_eq!(kind(&err), "invalid_params");
 }
+
+#[test]
+fn modelctl_load_generate_unload() {
+    let daemon = Daemon::start();
+    register_fixture(&daemon, "tiny-llama");
+    let out = daemon.ctl(&["load", "tiny-llama"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("loaded tiny-llama (llama, cpu f32)"));
+    let out = daemon.ctl(&[
+        "generate",
+        "tiny-llama",
+        "Model Loading Strategy",
+        "--max-tokens",
+        "40",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        text.trim_end_matches('\n'),
+        expected("tiny-llama")["cases"][0]["greedy_text"]
+            .as_str()
+            .unwrap()
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("40 generated tokens"));
+    let out = daemon.ctl(&["vram"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("tiny-llama"));
+    let out = daemon.ctl(&["generate", "tiny-llama", "hi", "--chat"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("chat template"));
+    let out = daemon.ctl(&["unload", "tiny-llama"]);
+    assert!(out.status.success());
+}

@@ -36,7 +36,7 @@ fn python_client_suite_passes() {
         "python client tests failed:\n{log}"
     );
     assert!(
-        log.contains("Ran 6 tests") && !log.contains("skipped"),
+        log.contains("Ran 7 tests") && !log.contains("skipped"),
         "{log}"
     );
 }

@@ -1,0 +1,144 @@
+//! Engine commands: load, unload and generate (text streamed as it comes).
+
+use std::io::Write;
+
+use clap::Args;
+use modeld_wire::methods;
+use modeld_wire::types::{
+    format_bytes, ChatMessage, GenerateEvent, GenerateParams, LoadParams, LoadReply, NameParams,
+    UnloadReply,
+};
+use modeld_wire::Client;
+
+use crate::output::print_json;
+use crate::{Failure, Outcome};
+
+#[derive(Debug, Args)]
+pub struct GenerateArgs {
+    /// Registered model name
+    model: String,
+    /// The prompt text
+    prompt: String,
+    /// Send the prompt as a user chat message through the model's template
+    #[arg(long)]
+    chat: bool,
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// 0 is greedy
+    #[arg(long)]
+    temperature: Option<f64>,
+    #[arg(long)]
+    top_p: Option<f64>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    #[arg(long)]
+    repeat_penalty: Option<f32>,
+    /// Stop when this text appears; repeat for several
+    #[arg(long)]
+    stop: Vec<String>,
+}
+
+pub fn load(
+    client: &mut Client,
+    name: &str,
+    device: &Option<String>,
+    dtype: &Option<String>,
+    json: bool,
+) -> Outcome {
+    let params = LoadParams {
+        name: name.into(),
+        device: device.clone(),
+        dtype: dtype.clone(),
+    };
+    let reply: LoadReply = client.call(methods::LOAD, &params)?;
+    if json {
+        print_json(&reply);
+    } else if reply.already_loaded {
+        println!("{name} is already loaded on {}", reply.model.device);
+    } else {
+        let model = &reply.model;
+        println!(
+            "loaded {name} ({}, {} {}) in {} ms, {} resident (estimated {})",
+            model.arch,
+            model.device,
+            model.dtype,
+            model.load_ms,
+            format_bytes(model.measured_bytes),
+            format_bytes(model.estimated_bytes)
+        );
+    }
+    Ok(())
+}
+
+pub fn unload(client: &mut Client, name: &str, json: bool) -> Outcome {
+    let reply: UnloadReply = client.call(methods::UNLOAD, NameParams { name: name.into() })?;
+    if json {
+        print_json(&reply);
+    } else {
+        println!("unloaded {name}, {} freed", format_bytes(reply.freed_bytes));
+    }
+    Ok(())
+}
+
+pub fn generate(client: &mut Client, args: &GenerateArgs, json: bool) -> Outcome {
+    let (prompt, messages) = if args.chat {
+        let message = ChatMessage {
+            role: "user".into(),
+            content: args.prompt.clone(),
+        };
+        (None, Some(vec![message]))
+    } else {
+        (Some(args.prompt.clone()), None)
+    };
+    let params = GenerateParams {
+        model: args.model.clone(),
+        prompt,
+        messages,
+        max_tokens: args.max_tokens,
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        seed: args.seed,
+        repeat_penalty: args.repeat_penalty,
+        repeat_last_n: None,
+        stop: (!args.stop.is_empty()).then(|| args.stop.clone()),
+    };
+    let mut stdout = std::io::stdout();
+    for item in client.subscribe(methods::GENERATE, &params)? {
+        let value = item?;
+        if json {
+            println!("{value}");
+        }
+        let event: GenerateEvent = serde_json::from_value(value)
+            .map_err(|err| Failure::Error(format!("unexpected generate event: {err}")))?;
+        match event {
+            GenerateEvent::Token { text, .. } if !json => {
+                let _ = stdout.write_all(text.as_bytes());
+                let _ = stdout.flush();
+            }
+            GenerateEvent::Token { .. } => {}
+            GenerateEvent::Done {
+                completion_tokens,
+                prompt_tokens,
+                decode_tokens_per_s,
+                finish_reason,
+                seed,
+                ..
+            } => {
+                if !json {
+                    println!();
+                    eprintln!(
+                        "[{prompt_tokens} prompt + {completion_tokens} generated tokens, {decode_tokens_per_s:.1} tok/s, {finish_reason:?}, seed {seed}]"
+                    );
+                }
+                return Ok(());
+            }
+            GenerateEvent::Error { error, .. } => return Err(Failure::Error(error.to_string())),
+        }
+    }
+    Err(Failure::Error(
+        "modeld closed the stream before it finished".into(),
+    ))
+}
