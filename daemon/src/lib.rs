@@ -48,6 +48,7 @@ pub enum StartError {
 
 /// Runs the daemon until it is told to stop.
 pub async fn run(paths: Paths) -> Result<(), StartError> {
+    let signals = lifecycle::install_signals().map_err(StartError::Signals)?;
     let (config, source) = Config::load(&paths)?;
     // The lock comes before the store: sled must never be opened twice.
     let _lock = StateLock::acquire(&paths.state_dir)?;
@@ -59,12 +60,7 @@ pub async fn run(paths: Paths) -> Result<(), StartError> {
         config.server.socket_group.as_deref(),
     )?;
     let state = Arc::new(AppState::new(paths, config, source, registry, gpu));
-    let signals = lifecycle::handle_signals(state.clone());
-    let signals = tokio::spawn(async move {
-        if let Err(err) = signals.await {
-            tracing::error!("signal handling failed: {err}");
-        }
-    });
+    let signals = tokio::spawn(lifecycle::handle_signals(signals, state.clone()));
     let dispatcher = Arc::new(Dispatcher::new(
         rpc::build_module(state.clone()),
         state.clone(),

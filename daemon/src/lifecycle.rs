@@ -92,10 +92,15 @@ pub fn reload(state: &AppState) -> Result<ReloadReply, ConfigError> {
     result
 }
 
+/// Installs the handlers. This must happen before the socket accepts
+/// anyone: until then SIGHUP's default action would kill the daemon.
+pub fn install_signals() -> std::io::Result<signal_hook_tokio::Signals> {
+    signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])
+}
+
 /// Handles signals until the daemon stops. A second SIGTERM or SIGINT
 /// during shutdown exits at once, for an operator who will not wait.
-pub async fn handle_signals(state: Arc<AppState>) -> std::io::Result<()> {
-    let mut signals = signal_hook_tokio::Signals::new([SIGTERM, SIGINT, SIGHUP])?;
+pub async fn handle_signals(mut signals: signal_hook_tokio::Signals, state: Arc<AppState>) {
     while let Some(signal) = signals.next().await {
         match signal {
             SIGHUP => {
@@ -108,5 +113,4 @@ pub async fn handle_signals(state: Arc<AppState>) -> std::io::Result<()> {
             _ => state.request_shutdown(),
         }
     }
-    Ok(())
 }
