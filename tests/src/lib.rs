@@ -3,6 +3,7 @@
 //! them through the socket, the CLI and signals.
 
 pub mod fakehub;
+pub mod gguf;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};

@@ -253,3 +253,48 @@ fn modelctl_load_generate_unload() {
     let out = daemon.ctl(&["unload", "tiny-llama"]);
     assert!(out.status.success());
 }
+
+/// GGUF written from tiny-llama: every case for f32, and the cases whose
+/// top-2 logit margin leaves room for rounding for f16 and Q8_0.
+#[test]
+fn gguf_from_tiny_llama_gives_the_same_tokens() {
+    use modeld_e2e::gguf::{write_llama_gguf, GgufType};
+    let daemon = Daemon::start();
+    let source = register_fixture(&daemon, "tiny-llama");
+    let expected = expected("tiny-llama");
+    for (kind, min_margin) in [
+        (GgufType::F32, 0.0),
+        (GgufType::F16, 0.05),
+        (GgufType::Q8_0, 0.2),
+    ] {
+        let dir = daemon.dir.path().join(format!("gguf-{kind:?}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(source.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+        let file = dir.join("tiny-llama.gguf");
+        write_llama_gguf(&source, &file, kind).unwrap();
+        let name = format!("gguf-{kind:?}").to_lowercase().replace('_', "-");
+        daemon
+            .call("models.register", json!({"name": name, "local_path": file}))
+            .unwrap();
+        let loaded = daemon.call("load", json!({"name": name})).unwrap();
+        assert_eq!(loaded["model"]["dtype"], "gguf");
+        let mut checked = 0;
+        for case in expected["cases"].as_array().unwrap() {
+            if case["min_top2_margin"].as_f64().unwrap() < min_margin {
+                continue;
+            }
+            let events = generate(
+                &daemon,
+                json!({"model": name, "prompt": case["prompt"], "max_tokens": 40}),
+            );
+            let done = events.last().unwrap();
+            assert_eq!(
+                done["token_ids"], case["greedy_ids"],
+                "{kind:?}: {:?}",
+                case["prompt"]
+            );
+            checked += 1;
+        }
+        assert!(checked >= 3, "{kind:?} checked only {checked} cases");
+    }
+}

@@ -18,7 +18,7 @@ use tokenizers::Tokenizer;
 use tokio_util::sync::CancellationToken;
 
 use self::chat::ChatTemplate;
-use self::model::{weight_files, ModelSpec, TextModel};
+use self::model::{read_gguf_header, ModelSpec, TextModel, Weights};
 use self::sampling::ValidGenerate;
 use self::worker::{Job, Worker};
 
@@ -222,40 +222,83 @@ impl Engine {
     }
 }
 
-fn start_worker(name: String, dir: &Path, placement: Placement) -> Result<Resident, EngineError> {
+/// A model built from its files, with what generation needs to know.
+struct Built {
+    model: TextModel,
+    arch: &'static str,
+    dtype: String,
+    context_length: usize,
+    eos_ids: Vec<u32>,
+}
+
+fn build(weights: &Weights, dir: &Path, placement: &Placement) -> Result<Built, EngineError> {
+    match weights {
+        Weights::Safetensors(files) => {
+            let spec = ModelSpec::read(dir)?;
+            let model = TextModel::load(&spec, files, placement.dtype, &placement.device)?;
+            Ok(Built {
+                model,
+                arch: spec.arch,
+                dtype: format!("{:?}", placement.dtype).to_lowercase(),
+                context_length: spec.context_length,
+                eos_ids: spec.eos_ids,
+            })
+        }
+        Weights::Gguf(file) => {
+            let (content, header) = read_gguf_header(file)?;
+            let model = TextModel::load_gguf(file, content, header.arch, &placement.device)?;
+            // A config.json beside the file may name more end-of-sequence ids.
+            let mut eos_ids: Vec<u32> = header.eos_id.into_iter().collect();
+            if let Ok(spec) = ModelSpec::read(dir) {
+                eos_ids.extend(spec.eos_ids);
+            }
+            Ok(Built {
+                model,
+                arch: header.arch,
+                dtype: "gguf".to_string(),
+                context_length: header.context_length.unwrap_or(4096),
+                eos_ids,
+            })
+        }
+    }
+}
+
+/// Loads the model at `path` (a directory, or a `.gguf` file with its
+/// tokenizer beside it) and starts the thread that will own it.
+fn start_worker(name: String, path: &Path, placement: Placement) -> Result<Resident, EngineError> {
     let started = Instant::now();
     let before = rss_bytes();
-    let spec = ModelSpec::read(dir)?;
-    let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json")).map_err(|e| {
-        EngineError::Tokenizer(format!("{}: {e}", dir.join("tokenizer.json").display()))
-    })?;
+    let weights = Weights::find(path)?;
+    let dir = if path.is_file() {
+        path.parent().unwrap_or(Path::new("/"))
+    } else {
+        path
+    };
+    let tokenizer_path = dir.join("tokenizer.json");
+    let tokenizer = Tokenizer::from_file(&tokenizer_path)
+        .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", tokenizer_path.display())))?;
     let chat_template = ChatTemplate::read(dir)?;
-    let files = weight_files(dir)?;
-    let file_bytes: u64 = files
-        .iter()
-        .filter_map(|f| std::fs::metadata(f).ok())
-        .map(|m| m.len())
-        .sum();
-    let model = TextModel::load(&spec, &files, placement.dtype, &placement.device)?;
+    let file_bytes = weights.bytes();
+    let built = build(&weights, dir, &placement)?;
     let info = LoadedModel {
         name: name.clone(),
-        arch: spec.arch.to_string(),
+        arch: built.arch.to_string(),
         device: placement.device_name.clone(),
-        dtype: format!("{:?}", placement.dtype).to_lowercase(),
-        path: dir.to_path_buf(),
+        dtype: built.dtype,
+        path: path.to_path_buf(),
         estimated_bytes: file_bytes + file_bytes / 5,
         measured_bytes: rss_bytes().saturating_sub(before),
         load_ms: started.elapsed().as_millis() as u64,
         loaded_at: crate::registry::unix_now(),
-        context_length: spec.context_length,
+        context_length: built.context_length,
     };
     let worker = Worker {
-        model,
+        model: built.model,
         tokenizer,
         device: placement.device,
         dtype: placement.dtype,
-        eos_ids: spec.eos_ids,
-        context_length: spec.context_length,
+        eos_ids: built.eos_ids,
+        context_length: built.context_length,
         chat_template,
     };
     let (jobs, queue) = mpsc::channel();

@@ -4,9 +4,12 @@
 
 use std::path::{Path, PathBuf};
 
+use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::{llama, mistral, qwen2, qwen3};
+use candle_transformers::models::{
+    llama, mistral, quantized_llama, quantized_qwen2, quantized_qwen3, qwen2, qwen3,
+};
 use serde_json::Value;
 
 use super::EngineError;
@@ -21,6 +24,109 @@ pub enum TextModel {
     Qwen2(qwen2::ModelForCausalLM),
     Qwen3(qwen3::ModelForCausalLM),
     Mistral(mistral::Model),
+    /// Quantized (or f32/f16) GGUF weights.
+    GgufLlama(quantized_llama::ModelWeights),
+    GgufQwen2(quantized_qwen2::ModelWeights),
+    GgufQwen3(quantized_qwen3::ModelWeights),
+}
+
+/// Where a model's weights are: safetensors in a directory, or one GGUF file.
+#[derive(Debug, Clone)]
+pub enum Weights {
+    Safetensors(Vec<PathBuf>),
+    Gguf(PathBuf),
+}
+
+impl Weights {
+    /// Finds the weights at `path`: a `.gguf` file, or a directory holding
+    /// safetensors files or exactly one `.gguf` file.
+    pub fn find(path: &Path) -> Result<Self, EngineError> {
+        if path.is_file() {
+            return match path.extension().and_then(|e| e.to_str()) {
+                Some("gguf") => Ok(Weights::Gguf(path.to_path_buf())),
+                _ => Err(EngineError::Unsupported(format!(
+                    "{}: expected a .gguf file or a model directory",
+                    path.display()
+                ))),
+            };
+        }
+        let listing = |ext: &str| -> Result<Vec<PathBuf>, EngineError> {
+            let mut files: Vec<PathBuf> = std::fs::read_dir(path)
+                .map_err(|e| EngineError::Files(format!("{}: {e}", path.display())))?
+                .flatten()
+                .map(|entry| entry.path())
+                .filter(|p| p.extension().is_some_and(|e| e == ext))
+                .collect();
+            files.sort();
+            Ok(files)
+        };
+        let safetensors = listing("safetensors")?;
+        if !safetensors.is_empty() {
+            return Ok(Weights::Safetensors(safetensors));
+        }
+        let mut ggufs = listing("gguf")?;
+        match ggufs.len() {
+            1 => Ok(Weights::Gguf(ggufs.remove(0))),
+            0 => Err(EngineError::Files(format!(
+                "no .safetensors or .gguf weights in {}",
+                path.display()
+            ))),
+            _ => Err(EngineError::Files(format!(
+                "{} holds {} .gguf files; register local_path as the one to use",
+                path.display(),
+                ggufs.len()
+            ))),
+        }
+    }
+
+    pub fn bytes(&self) -> u64 {
+        let files: &[PathBuf] = match self {
+            Weights::Safetensors(files) => files,
+            Weights::Gguf(file) => std::slice::from_ref(file),
+        };
+        files
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+}
+
+/// A GGUF file's header: architecture, context length and end-of-sequence id.
+pub struct GgufHeader {
+    pub arch: &'static str,
+    pub context_length: Option<usize>,
+    pub eos_id: Option<u32>,
+}
+
+pub fn read_gguf_header(path: &Path) -> Result<(gguf_file::Content, GgufHeader), EngineError> {
+    let mut file = std::fs::File::open(path)
+        .map_err(|e| EngineError::Files(format!("{}: {e}", path.display())))?;
+    let content = gguf_file::Content::read(&mut file)
+        .map_err(|e| EngineError::Files(format!("{}: {e}", path.display())))?;
+    let arch_name = content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
+    let arch = match arch_name.as_str() {
+        "llama" => "llama",
+        "qwen2" => "qwen2",
+        "qwen3" => "qwen3",
+        other => {
+            return Err(EngineError::Unsupported(format!(
+                "GGUF architecture {other:?} (supported: llama, qwen2, qwen3)"
+            )))
+        }
+    };
+    let number = |key: &str| content.metadata.get(key).and_then(|v| v.to_u32().ok());
+    let header = GgufHeader {
+        arch,
+        context_length: number(&format!("{arch_name}.context_length")).map(|n| n as usize),
+        eos_id: number("tokenizer.ggml.eos_token_id"),
+    };
+    Ok((content, header))
 }
 
 /// What `config.json` says about a model, beyond the weights.
@@ -115,25 +221,34 @@ fn parse<T: serde::de::DeserializeOwned>(config: &Value) -> Result<T, EngineErro
         .map_err(|e| EngineError::Files(format!("config.json: {e}")))
 }
 
-/// The safetensors weight files of a model directory, in name order.
-pub fn weight_files(dir: &Path) -> Result<Vec<PathBuf>, EngineError> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| EngineError::Files(format!("{}: {e}", dir.display())))?
-        .flatten()
-        .map(|entry| entry.path())
-        .filter(|path| path.extension().is_some_and(|ext| ext == "safetensors"))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        return Err(EngineError::Files(format!(
-            "no .safetensors files in {}",
-            dir.display()
-        )));
-    }
-    Ok(files)
-}
-
 impl TextModel {
+    /// Loads GGUF weights; quantized tensors stay quantized in memory.
+    pub fn load_gguf(
+        path: &Path,
+        content: gguf_file::Content,
+        arch: &str,
+        device: &Device,
+    ) -> Result<Self, EngineError> {
+        let mut file = std::fs::File::open(path)
+            .map_err(|e| EngineError::Files(format!("{}: {e}", path.display())))?;
+        Ok(match arch {
+            "llama" => TextModel::GgufLlama(quantized_llama::ModelWeights::from_gguf(
+                content, &mut file, device,
+            )?),
+            "qwen2" => TextModel::GgufQwen2(quantized_qwen2::ModelWeights::from_gguf(
+                content, &mut file, device,
+            )?),
+            "qwen3" => TextModel::GgufQwen3(quantized_qwen3::ModelWeights::from_gguf(
+                content, &mut file, device,
+            )?),
+            other => {
+                return Err(EngineError::Unsupported(format!(
+                    "GGUF architecture {other:?}"
+                )))
+            }
+        })
+    }
+
     pub fn load(
         spec: &ModelSpec,
         files: &[PathBuf],
@@ -178,6 +293,9 @@ impl TextModel {
             TextModel::Qwen2(model) => model.forward(&input, offset)?,
             TextModel::Qwen3(model) => model.forward(&input, offset)?,
             TextModel::Mistral(model) => model.forward(&input, offset)?,
+            TextModel::GgufLlama(model) => model.forward(&input, offset)?,
+            TextModel::GgufQwen2(model) => model.forward(&input, offset)?,
+            TextModel::GgufQwen3(model) => model.forward(&input, offset)?,
         };
         Ok(logits
             .flatten_all()?
@@ -194,6 +312,9 @@ impl TextModel {
             TextModel::Qwen2(model) => model.clear_kv_cache(),
             TextModel::Qwen3(model) => model.clear_kv_cache(),
             TextModel::Mistral(model) => model.clear_kv_cache(),
+            TextModel::GgufLlama(model) => model.clear_kv_cache(),
+            TextModel::GgufQwen2(model) => model.clear_kv_cache(),
+            TextModel::GgufQwen3(model) => model.clear_kv_cache(),
         }
         Ok(())
     }

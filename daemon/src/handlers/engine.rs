@@ -48,7 +48,8 @@ pub async fn unload(state: Arc<AppState>, params: NameParams) -> Result<UnloadRe
     Ok(UnloadReply { name, freed_bytes })
 }
 
-/// The directory holding a model's files: on disk already, or pulled now.
+/// Where a model's files are (a directory, or a `.gguf` file): on disk
+/// already, or pulled now.
 async fn model_dir(state: &Arc<AppState>, model: &ModelRecord) -> Result<PathBuf, ApiError> {
     let roots = state.cache_roots();
     let found = {
@@ -58,14 +59,7 @@ async fn model_dir(state: &Arc<AppState>, model: &ModelRecord) -> Result<PathBuf
             .map_err(|e| ApiError::Internal(e.to_string()))?
     };
     match found {
-        Some(OnDisk::Local { path, .. }) if path.is_dir() => return Ok(path),
-        Some(OnDisk::Local { path, .. }) => {
-            return Err(EngineError::Unsupported(format!(
-                "{} is a single file; point local_path at a model directory",
-                path.display()
-            ))
-            .into())
-        }
+        Some(OnDisk::Local { path, .. }) => return Ok(path),
         Some(OnDisk::Cache { dir, .. }) => return Ok(dir),
         None => {}
     }
