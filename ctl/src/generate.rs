@@ -15,10 +15,13 @@ use crate::{Failure, Outcome};
 
 #[derive(Debug, Args)]
 pub struct GenerateArgs {
-    /// Registered model name
-    model: String,
+    /// Registered model name, or a mode name with --mode
+    target: String,
     /// The prompt text
     prompt: String,
+    /// TARGET names a mode: its model and defaults, switching to it first
+    #[arg(long)]
+    mode: bool,
     /// Send the prompt as a user chat message through the model's template
     #[arg(long)]
     chat: bool,
@@ -92,8 +95,14 @@ pub fn generate(client: &mut Client, args: &GenerateArgs, json: bool) -> Outcome
     } else {
         (Some(args.prompt.clone()), None)
     };
+    let (model, mode) = if args.mode {
+        (String::new(), Some(args.target.clone()))
+    } else {
+        (args.target.clone(), None)
+    };
     let params = GenerateParams {
-        model: args.model.clone(),
+        model,
+        mode,
         prompt,
         messages,
         max_tokens: args.max_tokens,

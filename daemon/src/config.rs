@@ -41,6 +41,34 @@ pub struct Config {
     pub server: ServerConfig,
     pub cache: CacheConfig,
     pub hub: HubConfig,
+    pub modes: ModesConfig,
+    pub scheduler: SchedulerConfig,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ModesConfig {
+    /// `modes.toml`; by default the one beside this config file, if any.
+    pub file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SchedulerConfig {
+    /// Jobs (generations, mode switches, unloads) that may wait at once.
+    pub queue_size: usize,
+    /// Memory resident models may use: `"auto"` (80% of RAM, or of the first
+    /// GPU's memory when there is one) or a size such as `"12G"`.
+    pub memory_budget: String,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig {
+            queue_size: 64,
+            memory_budget: "auto".to_string(),
+        }
+    }
 }
 
 /// Cache roots, all in the Hugging Face layout. The standard HF cache
@@ -204,6 +232,28 @@ impl Config {
                 "hub.retries",
                 self.hub.retries.to_string(),
                 "1 to 20",
+            ));
+        }
+        if !(1..=100_000).contains(&self.scheduler.queue_size) {
+            return Err(out_of_range(
+                "scheduler.queue_size",
+                self.scheduler.queue_size.to_string(),
+                "1 to 100000",
+            ));
+        }
+        let budget = &self.scheduler.memory_budget;
+        if budget != "auto" && modeld_wire::types::parse_bytes(budget).is_err() {
+            return Err(out_of_range(
+                "scheduler.memory_budget",
+                format!("{budget:?}"),
+                "\"auto\" or a size such as \"12G\"",
+            ));
+        }
+        if self.modes.file.as_ref().is_some_and(|p| !p.is_absolute()) {
+            return Err(out_of_range(
+                "modes.file",
+                format!("{:?}", self.modes.file),
+                "an absolute path",
             ));
         }
         if server.shutdown_grace_s > 3600 {

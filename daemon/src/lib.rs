@@ -11,9 +11,12 @@ pub mod gpu;
 pub mod handlers;
 pub mod hub;
 pub mod lifecycle;
+pub mod loader;
+pub mod modes;
 pub mod pull;
 pub mod registry;
 pub mod rpc;
+pub mod scheduler;
 pub mod server;
 pub mod sources;
 pub mod state;
@@ -65,6 +68,18 @@ pub async fn run(paths: Paths) -> Result<(), StartError> {
         rpc::build_module(state.clone()),
         state.clone(),
     ));
+    // A bad modes file is reported (log, status) but does not stop the
+    // daemon: fix it and reload.
+    let _ = state.reload_modes();
+    let _watcher = modes::watch(state.clone());
+    let scheduler = tokio::spawn(state.scheduler.clone().run(state.clone()));
+    tokio::spawn(scheduler::expire_idle_models(state.clone()));
+    if let Some(default) = state.loaded_modes().modes.default_mode.clone() {
+        let capacity = state.config().scheduler.queue_size;
+        if let Err(err) = state.scheduler.submit_switch(default, capacity) {
+            tracing::warn!("cannot queue the default mode: {err}");
+        }
+    }
 
     tracing::info!(
         socket = %socket.path().display(),
@@ -75,6 +90,7 @@ pub async fn run(paths: Paths) -> Result<(), StartError> {
     );
     lifecycle::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
     server::serve(socket, state.clone(), dispatcher).await;
+    let _ = scheduler.await;
     lifecycle::notify(&[NotifyState::Stopping]);
     signals.abort();
     state.registry.flush().await?;

@@ -14,8 +14,11 @@ use crate::config::{Config, ConfigError, Paths};
 use crate::engine::Engine;
 use crate::gpu::GpuProbe;
 use crate::hub::api::HubSettings;
+use crate::modes::{Mode, Modes};
 use crate::pull::Pulls;
 use crate::registry::{unix_now, Registry};
+use crate::rpc::ApiError;
+use crate::scheduler::Scheduler;
 use crate::sources::CacheRoots;
 
 pub struct AppState {
@@ -27,6 +30,8 @@ pub struct AppState {
     pub stats: Stats,
     pub pulls: Arc<Pulls>,
     pub engine: Engine,
+    pub scheduler: Arc<Scheduler>,
+    modes: RwLock<LoadedModes>,
     config: RwLock<LoadedConfig>,
     events: broadcast::Sender<Event>,
     shutdown: CancellationToken,
@@ -37,6 +42,16 @@ pub struct AppState {
 pub struct LoadedConfig {
     pub config: Arc<Config>,
     pub source: Option<PathBuf>,
+    pub loaded_at: u64,
+    pub reloads: u64,
+    pub last_error: Option<String>,
+}
+
+/// The modes in force and the history of reloads.
+#[derive(Clone, Default)]
+pub struct LoadedModes {
+    pub modes: Arc<Modes>,
+    pub file: Option<PathBuf>,
     pub loaded_at: u64,
     pub reloads: u64,
     pub last_error: Option<String>,
@@ -100,6 +115,8 @@ impl AppState {
             stats: Stats::default(),
             pulls: Arc::new(Pulls::default()),
             engine: Engine::default(),
+            scheduler: Arc::new(Scheduler::default()),
+            modes: RwLock::new(LoadedModes::default()),
             config: RwLock::new(LoadedConfig {
                 config: Arc::new(config),
                 source,
@@ -124,6 +141,86 @@ impl AppState {
     pub fn hub_settings(&self) -> HubSettings {
         let config = self.config();
         HubSettings::from_env(config.hub.endpoint.as_deref(), config.hub.retries)
+    }
+
+    /// Memory the resident models may use, per `scheduler.memory_budget`.
+    pub fn memory_budget(&self) -> u64 {
+        let config = self.config();
+        if let Ok(bytes) = modeld_wire::types::parse_bytes(&config.scheduler.memory_budget) {
+            return bytes;
+        }
+        let gpu_total = if cfg!(feature = "cuda") {
+            self.gpu.snapshot().gpus.first().map(|g| g.total_bytes)
+        } else {
+            None
+        };
+        match gpu_total {
+            Some(total) => total / 10 * 9,
+            None => crate::gpu::system_memory().total_bytes / 10 * 8,
+        }
+    }
+
+    /// The modes file: `modes.file` from the config, else `modes.toml`
+    /// beside the config file.
+    pub fn modes_file(&self) -> PathBuf {
+        match &self.config().modes.file {
+            Some(file) => file.clone(),
+            None => self
+                .paths
+                .config_file
+                .parent()
+                .unwrap_or(std::path::Path::new("/"))
+                .join("modes.toml"),
+        }
+    }
+
+    pub fn loaded_modes(&self) -> LoadedModes {
+        self.modes.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn mode(&self, name: &str) -> Result<Mode, ApiError> {
+        self.loaded_modes()
+            .modes
+            .modes
+            .get(name)
+            .cloned()
+            .ok_or_else(|| ApiError::UnknownMode(name.to_string()))
+    }
+
+    /// Re-reads the modes file. A missing file means no modes (unless the
+    /// config names it explicitly); an invalid one changes nothing and the
+    /// error is kept for `status`. Jobs already running are not touched.
+    pub fn reload_modes(&self) -> Result<usize, crate::modes::ModesError> {
+        let path = self.modes_file();
+        let explicit = self.config().modes.file.is_some();
+        let result = if !path.exists() && !explicit {
+            Ok(Modes::default())
+        } else {
+            Modes::load(&path, &|name| self.registry.get(name).is_ok())
+        };
+        let mut loaded = self.modes.write().unwrap_or_else(|e| e.into_inner());
+        match result {
+            Ok(modes) => {
+                let count = modes.modes.len();
+                loaded.modes = Arc::new(modes);
+                loaded.file = path.exists().then(|| path.clone());
+                loaded.loaded_at = unix_now();
+                loaded.reloads += 1;
+                loaded.last_error = None;
+                tracing::info!(path = %path.display(), modes = count, "modes loaded");
+                self.emit(Event::ModesReloaded { path, modes: count });
+                Ok(count)
+            }
+            Err(err) => {
+                tracing::warn!("modes reload refused, keeping the previous modes: {err}");
+                loaded.last_error = Some(err.to_string());
+                self.emit(Event::ModesRejected {
+                    path,
+                    error: err.to_string(),
+                });
+                Err(err)
+            }
+        }
     }
 
     pub fn loaded_config(&self) -> LoadedConfig {

@@ -49,6 +49,12 @@ pub enum ErrorKind {
     LoadFailed,
     /// Inference failed while running.
     InferenceFailed,
+    /// The job queue is full; `data.limit` is its capacity.
+    QueueFull,
+    /// The job was cancelled before it ran.
+    Cancelled,
+    /// The model does not fit beside the models in use.
+    InsufficientMemory,
     Internal,
 }
 
@@ -79,6 +85,9 @@ impl ErrorKind {
             ErrorKind::NotLoaded => -32030,
             ErrorKind::LoadFailed => -32031,
             ErrorKind::InferenceFailed => -32032,
+            ErrorKind::QueueFull => -32040,
+            ErrorKind::Cancelled => -32041,
+            ErrorKind::InsufficientMemory => -32042,
         }
     }
 
@@ -107,6 +116,9 @@ impl ErrorKind {
             ErrorKind::NotLoaded => "not_loaded",
             ErrorKind::LoadFailed => "load_failed",
             ErrorKind::InferenceFailed => "inference_failed",
+            ErrorKind::QueueFull => "queue_full",
+            ErrorKind::Cancelled => "cancelled",
+            ErrorKind::InsufficientMemory => "insufficient_memory",
             ErrorKind::Internal => "internal",
         }
     }

@@ -23,6 +23,11 @@ pub const EVENTS_SUBSCRIBE: &str = "events.subscribe";
 pub const EVENTS_UNSUBSCRIBE: &str = "events.unsubscribe";
 pub const EVENTS_NOTIFICATION: &str = "events";
 
+pub const MODES_LIST: &str = "modes.list";
+pub const MODES_RELOAD: &str = "modes.reload";
+pub const SWITCH_MODE: &str = "switch_mode";
+pub const JOBS_CANCEL: &str = "jobs.cancel";
+
 pub const LOAD: &str = "load";
 pub const UNLOAD: &str = "unload";
 /// A subscription: notifications [`GENERATE_NOTIFICATION`] carry

@@ -130,6 +130,8 @@ pub struct RemoveReply {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StatusReply {
     pub version: String,
+    pub queue: QueueStatus,
+    pub modes: ModesStatus,
     pub pid: u32,
     pub uptime_s: u64,
     /// Seconds since the Unix epoch.
@@ -138,6 +140,14 @@ pub struct StatusReply {
     pub state_dir: PathBuf,
     pub config: ConfigStatus,
     pub counts: Counts,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModesStatus {
+    pub file: Option<PathBuf>,
+    pub count: usize,
+    pub reloads: u64,
+    pub last_error: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -361,7 +371,13 @@ pub struct ChatMessage {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GenerateParams {
+    /// A registered model; or leave it out and name a `mode`.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub model: String,
+    /// Run in this mode: its model and default parameters, switching to it
+    /// first if another mode is current.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt: Option<String>,
     /// Chat messages, rendered with the model's chat template.
@@ -415,6 +431,8 @@ pub enum GenerateEvent {
     Done {
         done: bool,
         model: String,
+        /// The mode the request ran in, if it named one.
+        mode: Option<String>,
         seed: u64,
         text: String,
         token_ids: Vec<u32>,
@@ -430,6 +448,108 @@ pub enum GenerateEvent {
     },
 }
 
+/// A LoRA adapter applied to a mode's model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoraInfo {
+    pub path: PathBuf,
+    pub strength: f32,
+    pub adapter_name: String,
+}
+
+/// Generation defaults of a mode; explicit request values win.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationDefaults {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_k: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeat_penalty: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repeat_last_n: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop: Option<Vec<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModeInfo {
+    pub name: String,
+    /// A registered model name, or a directory under `model_root`.
+    pub model: String,
+    pub loras: Vec<LoraInfo>,
+    pub defaults: GenerationDefaults,
+    /// Unload the model after this long unused; `None` keeps it loaded.
+    pub keep_alive_s: Option<u64>,
+    pub description: Option<String>,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `modes.list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ModesReply {
+    pub file: Option<PathBuf>,
+    pub default_mode: Option<String>,
+    pub current: Option<String>,
+    pub modes: Vec<ModeInfo>,
+    pub loaded_at: u64,
+    pub reloads: u64,
+    /// Why the last reload was refused; the previous modes stay in force.
+    pub last_error: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchParams {
+    pub mode: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SwitchReply {
+    pub queued: bool,
+    pub job: u64,
+    /// The mode in force when the switch runs (after earlier queued switches).
+    pub from: Option<String>,
+    pub to: String,
+    /// Jobs that run before this one.
+    pub ahead: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobParams {
+    pub job: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CancelReply {
+    pub job: u64,
+    pub cancelled: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobInfo {
+    pub id: u64,
+    /// `generate`, `switch` or `unload`.
+    pub kind: String,
+    pub mode: Option<String>,
+    pub model: Option<String>,
+    pub running: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueStatus {
+    pub capacity: usize,
+    pub current_mode: Option<String>,
+    pub jobs: Vec<JobInfo>,
+}
+
 /// What `events.subscribe` streams.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
@@ -443,6 +563,18 @@ pub enum Event {
     },
     ConfigReloaded {
         path: Option<PathBuf>,
+    },
+    ModesReloaded {
+        path: PathBuf,
+        modes: usize,
+    },
+    ModesRejected {
+        path: PathBuf,
+        error: String,
+    },
+    ModeSwitched {
+        from: Option<String>,
+        to: String,
     },
     ConfigRejected {
         path: Option<PathBuf>,

@@ -2,6 +2,7 @@
 //! them, and handing generation jobs to the worker that owns each model.
 
 pub mod chat;
+pub mod lora;
 pub mod model;
 pub mod sampling;
 mod worker;
@@ -13,7 +14,7 @@ use std::thread::JoinHandle;
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use modeld_wire::types::{GenerateEvent, LoadedModel};
+use modeld_wire::types::{GenerateEvent, LoadedModel, LoraInfo};
 use tokenizers::Tokenizer;
 use tokio_util::sync::CancellationToken;
 
@@ -46,6 +47,12 @@ pub enum EngineError {
     Device(String),
     #[error("model {0:?} is not loaded")]
     NotLoaded(String),
+    #[error("the model needs about {needed} bytes; {in_use} of the {budget}-byte memory budget are held by models in use")]
+    InsufficientMemory {
+        needed: u64,
+        budget: u64,
+        in_use: u64,
+    },
     #[error("inference failed: {0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -116,14 +123,64 @@ impl Placement {
     }
 }
 
+/// What to load and how.
+pub struct LoadRequest {
+    pub name: String,
+    /// A model directory or a `.gguf` file.
+    pub path: PathBuf,
+    pub loras: Vec<LoraInfo>,
+    pub placement: Placement,
+    /// Unload after this long unused.
+    pub keep_alive: Option<std::time::Duration>,
+}
+
+pub struct Loaded {
+    pub model: LoadedModel,
+    pub already_loaded: bool,
+    pub evicted: Vec<String>,
+}
+
 /// A model in memory and the channel to its worker.
 pub struct Resident {
     pub info: LoadedModel,
+    keep_alive: Option<std::time::Duration>,
+    last_used: Mutex<Instant>,
+    busy: std::sync::atomic::AtomicUsize,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
+/// Marks a resident model busy while it lives, so it is never evicted or
+/// expired mid-job, and records the use when dropped.
+pub struct BusyGuard(Arc<Resident>);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0
+            .busy
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
 impl Resident {
+    pub fn busy(self: &Arc<Self>) -> BusyGuard {
+        self.busy.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        BusyGuard(self.clone())
+    }
+
+    fn is_busy(&self) -> bool {
+        self.busy.load(std::sync::atomic::Ordering::SeqCst) > 0
+    }
+
+    fn touch(&self) {
+        *self.last_used.lock().unwrap_or_else(|e| e.into_inner()) = Instant::now();
+    }
+
+    fn last_used(&self) -> Instant {
+        *self.last_used.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     /// Queues a generation; events arrive on `events`, the last with `done`.
     pub fn submit(
         &self,
@@ -169,34 +226,111 @@ impl Engine {
         models
     }
 
-    /// Loads the model in `dir` under `name` unless it is resident already;
-    /// returns its description and whether it was already there.
+    /// Loads a model unless it is resident already, first unloading idle
+    /// models (least recently used first) when `budget` would be exceeded.
+    /// Returns its description, whether it was already there, and what was
+    /// evicted.
     pub async fn load(
         &self,
-        name: &str,
-        dir: PathBuf,
-        placement: Placement,
-    ) -> Result<(LoadedModel, bool), EngineError> {
+        request: LoadRequest,
+        budget: Option<u64>,
+    ) -> Result<Loaded, EngineError> {
         let _one_at_a_time = self.loading.lock().await;
-        if let Some(resident) = self.get(name) {
-            return Ok((resident.info.clone(), true));
+        if let Some(resident) = self.get(&request.name) {
+            resident.touch();
+            return Ok(Loaded {
+                model: resident.info.clone(),
+                already_loaded: true,
+                evicted: Vec::new(),
+            });
         }
-        let name = name.to_string();
-        let resident = tokio::task::spawn_blocking(move || start_worker(name, &dir, placement))
+        let path = request.path.clone();
+        let weights = tokio::task::spawn_blocking(move || Weights::find(&path))
             .await
             .map_err(|e| EngineError::Files(format!("load task failed: {e}")))??;
+        let estimate = weights.bytes() + weights.bytes() / 5;
+        let evicted = match budget {
+            Some(budget) => self.make_room(estimate, budget).await?,
+            None => Vec::new(),
+        };
+        let keep_alive = request.keep_alive;
+        let resident = tokio::task::spawn_blocking(move || {
+            start_worker(
+                request.name,
+                &request.path,
+                &request.loras,
+                request.placement,
+            )
+        })
+        .await
+        .map_err(|e| EngineError::Files(format!("load task failed: {e}")))??;
+        let mut resident = resident;
+        resident.keep_alive = keep_alive;
         let info = resident.info.clone();
         self.resident
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(info.name.clone(), Arc::new(resident));
-        Ok((info, false))
+        Ok(Loaded {
+            model: info,
+            already_loaded: false,
+            evicted,
+        })
+    }
+
+    /// Unloads idle models, least recently used first, until `needed` more
+    /// bytes fit in `budget`; refuses when even that is not enough.
+    async fn make_room(&self, needed: u64, budget: u64) -> Result<Vec<String>, EngineError> {
+        let mut evicted = Vec::new();
+        loop {
+            let (in_use, victim) = {
+                let resident = self.resident.lock().unwrap_or_else(|e| e.into_inner());
+                let in_use: u64 = resident.values().map(|r| r.info.estimated_bytes).sum();
+                let victim = resident
+                    .values()
+                    .filter(|r| !r.is_busy())
+                    .min_by_key(|r| r.last_used())
+                    .map(|r| r.info.name.clone());
+                (in_use, victim)
+            };
+            if in_use + needed <= budget {
+                return Ok(evicted);
+            }
+            let Some(victim) = victim else {
+                return Err(EngineError::InsufficientMemory {
+                    needed,
+                    budget,
+                    in_use,
+                });
+            };
+            tracing::info!(model = %victim, "evicting the least recently used idle model");
+            self.unload_resident(&victim).await?;
+            evicted.push(victim);
+        }
+    }
+
+    /// Idle models whose keep-alive has run out.
+    pub fn expired(&self) -> Vec<String> {
+        let resident = self.resident.lock().unwrap_or_else(|e| e.into_inner());
+        resident
+            .values()
+            .filter(|r| !r.is_busy())
+            .filter(|r| {
+                r.keep_alive
+                    .is_some_and(|ttl| r.last_used().elapsed() >= ttl)
+            })
+            .map(|r| r.info.name.clone())
+            .collect()
     }
 
     /// Drops the model once its queued jobs finish; returns the resident
     /// memory released.
     pub async fn unload(&self, name: &str) -> Result<u64, EngineError> {
         let _one_at_a_time = self.loading.lock().await;
+        self.unload_resident(name).await
+    }
+
+    async fn unload_resident(&self, name: &str) -> Result<u64, EngineError> {
         let resident = self
             .resident
             .lock()
@@ -231,11 +365,16 @@ struct Built {
     eos_ids: Vec<u32>,
 }
 
-fn build(weights: &Weights, dir: &Path, placement: &Placement) -> Result<Built, EngineError> {
+fn build(
+    weights: &Weights,
+    dir: &Path,
+    loras: &[LoraInfo],
+    placement: &Placement,
+) -> Result<Built, EngineError> {
     match weights {
         Weights::Safetensors(files) => {
             let spec = ModelSpec::read(dir)?;
-            let model = TextModel::load(&spec, files, placement.dtype, &placement.device)?;
+            let model = TextModel::load(&spec, files, loras, placement.dtype, &placement.device)?;
             Ok(Built {
                 model,
                 arch: spec.arch,
@@ -244,6 +383,9 @@ fn build(weights: &Weights, dir: &Path, placement: &Placement) -> Result<Built, 
                 eos_ids: spec.eos_ids,
             })
         }
+        Weights::Gguf(_) if !loras.is_empty() => Err(EngineError::Unsupported(
+            "LoRA adapters apply to safetensors models, not GGUF".into(),
+        )),
         Weights::Gguf(file) => {
             let (content, header) = read_gguf_header(file)?;
             let model = TextModel::load_gguf(file, content, header.arch, &placement.device)?;
@@ -265,7 +407,12 @@ fn build(weights: &Weights, dir: &Path, placement: &Placement) -> Result<Built, 
 
 /// Loads the model at `path` (a directory, or a `.gguf` file with its
 /// tokenizer beside it) and starts the thread that will own it.
-fn start_worker(name: String, path: &Path, placement: Placement) -> Result<Resident, EngineError> {
+fn start_worker(
+    name: String,
+    path: &Path,
+    loras: &[LoraInfo],
+    placement: Placement,
+) -> Result<Resident, EngineError> {
     let started = Instant::now();
     let before = rss_bytes();
     let weights = Weights::find(path)?;
@@ -279,7 +426,7 @@ fn start_worker(name: String, path: &Path, placement: Placement) -> Result<Resid
         .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", tokenizer_path.display())))?;
     let chat_template = ChatTemplate::read(dir)?;
     let file_bytes = weights.bytes();
-    let built = build(&weights, dir, &placement)?;
+    let built = build(&weights, dir, loras, &placement)?;
     let info = LoadedModel {
         name: name.clone(),
         arch: built.arch.to_string(),
@@ -309,6 +456,9 @@ fn start_worker(name: String, path: &Path, placement: Placement) -> Result<Resid
     tracing::info!(model = %name, arch = %info.arch, ms = info.load_ms, "model loaded");
     Ok(Resident {
         info,
+        keep_alive: None,
+        last_used: Mutex::new(Instant::now()),
+        busy: std::sync::atomic::AtomicUsize::new(0),
         jobs: Mutex::new(Some(jobs)),
         thread: Mutex::new(Some(thread)),
     })

@@ -252,13 +252,26 @@ impl TextModel {
     pub fn load(
         spec: &ModelSpec,
         files: &[PathBuf],
+        loras: &[modeld_wire::types::LoraInfo],
         dtype: DType,
         device: &Device,
     ) -> Result<Self, EngineError> {
-        // Safety: the weight files are mmapped read-only; modeld never
-        // writes to files under a loaded model, and the cache only replaces
-        // blobs by rename, which leaves an existing mapping intact.
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device)? };
+        let vb = if loras.is_empty() {
+            // Safety: the weight files are mmapped read-only; modeld never
+            // writes to files under a loaded model, and the cache only
+            // replaces blobs by rename, which leaves a mapping intact.
+            unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device)? }
+        } else {
+            // Adapters change the weights, so they are read and merged first.
+            let mut tensors = std::collections::HashMap::new();
+            for file in files {
+                tensors.extend(candle_core::safetensors::load(file, &Device::Cpu)?);
+            }
+            for lora in loras {
+                super::lora::apply(&mut tensors, lora)?;
+            }
+            VarBuilder::from_tensors(tensors, dtype, device)
+        };
         let config = &spec.config;
         let model = match spec.arch {
             "llama" => {

@@ -133,6 +133,7 @@ impl Worker {
         Ok(GenerateEvent::Done {
             done: true,
             model: request.model.clone(),
+            mode: None,
             seed: request.seed,
             text,
             prompt_tokens: prompt.len(),

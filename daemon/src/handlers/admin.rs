@@ -2,15 +2,25 @@
 
 use std::sync::Arc;
 
-use modeld_wire::types::{ConfigStatus, Counts, ReloadReply, ShutdownReply, StatusReply};
+use modeld_wire::types::{
+    ConfigStatus, Counts, ModesStatus, ReloadReply, ShutdownReply, StatusReply,
+};
 
 use crate::rpc::{ApiError, NoParams};
 use crate::state::AppState;
 
 pub async fn status(state: Arc<AppState>, _: NoParams) -> Result<StatusReply, ApiError> {
     let config = state.loaded_config();
+    let modes = state.loaded_modes();
     Ok(StatusReply {
         version: env!("CARGO_PKG_VERSION").to_string(),
+        queue: state.scheduler.status(state.config().scheduler.queue_size),
+        modes: ModesStatus {
+            file: modes.file.clone(),
+            count: modes.modes.modes.len(),
+            reloads: modes.reloads,
+            last_error: modes.last_error.clone(),
+        },
         pid: std::process::id(),
         uptime_s: state.started.elapsed().as_secs(),
         started_at: state.started_at,

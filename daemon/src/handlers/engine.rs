@@ -1,113 +1,42 @@
 //! `load`, `unload` and `generate`: the engine's methods. A model that is
 //! not resident is loaded on first use, and its files pulled if need be.
 
-use std::path::PathBuf;
 use std::sync::Arc;
 
 use jsonrpsee::types::Params;
 use jsonrpsee::PendingSubscriptionSink;
 use modeld_wire::types::{
-    GenerateEvent, GenerateParams, LoadParams, LoadReply, ModelRecord, NameParams, PullEvent,
-    UnloadReply,
+    GenerateEvent, GenerateParams, LoadParams, LoadReply, NameParams, UnloadReply,
 };
-use tokio_util::sync::CancellationToken;
 
 use crate::engine::sampling::ValidGenerate;
-use crate::engine::{EngineError, Placement, Resident};
-use crate::pull::PullJob;
+use crate::engine::Placement;
+use crate::loader;
+use crate::modes::apply_defaults;
 use crate::rpc::{decode_params, ApiError};
-use crate::sources::{find_on_disk, OnDisk};
 use crate::state::AppState;
-use crate::validate::valid_name;
-
-/// Generation events a slow client may leave unread before the model waits.
-const EVENT_BUFFER: usize = 256;
+use crate::validate::{valid_name, ValidationError};
 
 pub async fn load(state: Arc<AppState>, params: LoadParams) -> Result<LoadReply, ApiError> {
     let name = valid_name(&params.name)?;
     let placement = Placement::choose(params.device.as_deref(), params.dtype.as_deref())?;
-    if let Some(resident) = state.engine.get(&name) {
-        return Ok(LoadReply {
-            model: resident.info.clone(),
-            already_loaded: true,
-        });
-    }
-    let model = state.registry.get(&name)?;
-    let dir = model_dir(&state, &model).await?;
-    let (model, already_loaded) = state.engine.load(&name, dir, placement).await?;
+    let loaded = loader::ensure_loaded(&state, &name, None, Some(placement)).await?;
     Ok(LoadReply {
-        model,
-        already_loaded,
+        model: loaded.model,
+        already_loaded: loaded.already_loaded,
     })
 }
 
+/// Queued like any job, so it waits for generations ahead of it.
 pub async fn unload(state: Arc<AppState>, params: NameParams) -> Result<UnloadReply, ApiError> {
     let name = valid_name(&params.name)?;
-    let freed_bytes = state.engine.unload(&name).await?;
+    let capacity = state.config().scheduler.queue_size;
+    let reply = state.scheduler.submit_unload(name.clone(), capacity)?;
+    let freed_bytes = reply
+        .await
+        .map_err(|_| ApiError::Internal("the unload job was dropped".into()))??;
     tracing::info!(model = %name, freed_bytes, "model unloaded");
     Ok(UnloadReply { name, freed_bytes })
-}
-
-/// Where a model's files are (a directory, or a `.gguf` file): on disk
-/// already, or pulled now.
-async fn model_dir(state: &Arc<AppState>, model: &ModelRecord) -> Result<PathBuf, ApiError> {
-    let roots = state.cache_roots();
-    let found = {
-        let (model, roots) = (model.clone(), roots.clone());
-        tokio::task::spawn_blocking(move || find_on_disk(&model, &roots))
-            .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
-    };
-    match found {
-        Some(OnDisk::Local { path, .. }) => return Ok(path),
-        Some(OnDisk::Cache { dir, .. }) => return Ok(dir),
-        None => {}
-    }
-    let mut watch = state.pulls.attach_or_start(PullJob {
-        model: model.clone(),
-        roots,
-        hub: state.hub_settings(),
-        verify: false,
-    })?;
-    let mut pending = std::collections::VecDeque::from(std::mem::take(&mut watch.replay));
-    loop {
-        let event = match pending.pop_front() {
-            Some(event) => event,
-            None => match watch.events.recv().await {
-                Ok(event) => event,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                    return Err(ApiError::Internal(
-                        "the pull ended without an outcome".into(),
-                    ))
-                }
-            },
-        };
-        match event {
-            PullEvent::Done { path, .. } => return Ok(path),
-            PullEvent::Error { error, .. } => return Err(ApiError::Relayed(error)),
-            _ => {}
-        }
-    }
-}
-
-/// The resident model, loading it first if it is registered but not loaded.
-async fn resident(state: &Arc<AppState>, name: &str) -> Result<Arc<Resident>, ApiError> {
-    if let Some(resident) = state.engine.get(name) {
-        return Ok(resident);
-    }
-    load(
-        state.clone(),
-        LoadParams {
-            name: name.to_string(),
-            ..Default::default()
-        },
-    )
-    .await?;
-    state
-        .engine
-        .get(name)
-        .ok_or_else(|| EngineError::NotLoaded(name.to_string()).into())
 }
 
 pub async fn generate(
@@ -115,24 +44,18 @@ pub async fn generate(
     pending: PendingSubscriptionSink,
     state: Arc<AppState>,
 ) {
-    let request = match validate(&params, &state) {
-        Ok(request) => request,
+    let (request, mode) = match validate(&params, &state) {
+        Ok(valid) => valid,
         Err(err) => return pending.reject(err).await,
     };
-    let resident = match resident(&state, &request.model).await {
-        Ok(resident) => resident,
+    let capacity = state.config().scheduler.queue_size;
+    let (_job, mut receiver) = match state.scheduler.submit_generate(request, mode, capacity) {
+        Ok(queued) => queued,
         Err(err) => return pending.reject(err).await,
     };
-    let (events, mut receiver) = tokio::sync::mpsc::channel(EVENT_BUFFER);
-    let cancel = CancellationToken::new();
-    // Stops the generation when the client goes away or unsubscribes.
-    let _cancel_on_drop = cancel.clone().drop_guard();
-    if let Err(err) = resident.submit(request, events, cancel) {
-        return pending.reject(ApiError::from(err)).await;
-    }
-    // The first event comes after tokenizing and prefill: a request the
-    // model cannot take (too long, no chat template) is refused outright
-    // instead of accepted and then failed.
+    // The first event comes after the job's turn, tokenizing and prefill: a
+    // request that cannot run (too long, no chat template, cancelled while
+    // queued) is refused outright instead of accepted and then failed.
     let first = receiver.recv().await;
     if let Some(GenerateEvent::Error { error, .. }) = first {
         return pending.reject(ApiError::Relayed(error)).await;
@@ -151,6 +74,7 @@ pub async fn generate(
             return;
         };
         if sink.send(message).await.is_err() || last {
+            // Dropping the receiver tells the scheduler the client is gone.
             return;
         }
         next = tokio::select! {
@@ -160,13 +84,44 @@ pub async fn generate(
     }
 }
 
-fn validate(params: &Params<'static>, state: &AppState) -> Result<ValidGenerate, ApiError> {
-    let params: GenerateParams = decode_params(params)?;
+/// Checks the request; a `mode` supplies the model and default parameters.
+fn validate(
+    params: &Params<'static>,
+    state: &AppState,
+) -> Result<(ValidGenerate, Option<String>), ApiError> {
+    let mut params: GenerateParams = decode_params(params)?;
+    let mode = match params.mode.take() {
+        Some(name) => {
+            let mode = state.mode(&name)?;
+            let key = mode.model_key();
+            if !params.model.is_empty() && params.model != key && params.model != mode.model_text {
+                return Err(ValidationError::new(
+                    "model",
+                    format!(
+                        "mode {name:?} runs {:?}; leave model out or name that one",
+                        mode.model_text
+                    ),
+                )
+                .into());
+            }
+            params = apply_defaults(params, &mode.defaults);
+            params.model = key;
+            Some(name)
+        }
+        None => {
+            // Unknown models are refused before anything is queued.
+            state
+                .registry
+                .get(&valid_name(&params.model).map_err(|mut e| {
+                    e.field = "model".into();
+                    e
+                })?)?;
+            None
+        }
+    };
     let request = ValidGenerate::try_from(params)?;
     if state.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
     }
-    // Unknown models are refused before anything is loaded.
-    state.registry.get(&request.model)?;
-    Ok(request)
+    Ok((request, mode))
 }

@@ -5,5 +5,6 @@ pub mod admin;
 pub mod engine;
 pub mod events;
 pub mod models;
+pub mod modes;
 pub mod pull;
 pub mod vram;

@@ -26,6 +26,10 @@ pub enum ApiError {
     Hub(#[from] HubError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error("no mode named {0:?}")]
+    UnknownMode(String),
+    #[error(transparent)]
+    Modes(#[from] crate::modes::ModesError),
     /// An error already in wire form, relayed from another stream.
     #[error("{}", .0.message)]
     Relayed(RpcErrorObject),
@@ -48,6 +52,7 @@ impl ApiError {
             ApiError::NoSecondaryCache(_) => ErrorKind::InvalidParams,
             ApiError::Engine(err) => match err {
                 EngineError::NotLoaded(_) => ErrorKind::NotLoaded,
+                EngineError::InsufficientMemory { .. } => ErrorKind::InsufficientMemory,
                 EngineError::ContextOverflow { .. }
                 | EngineError::NoChatTemplate
                 | EngineError::EmptyPrompt
@@ -59,6 +64,8 @@ impl ApiError {
                 EngineError::Candle(_) => ErrorKind::InferenceFailed,
             },
             ApiError::Relayed(_) => ErrorKind::Internal,
+            ApiError::UnknownMode(_) => ErrorKind::NotFound,
+            ApiError::Modes(_) => ErrorKind::InvalidParams,
             ApiError::Hub(err) => match err {
                 HubError::RepoNotFound { .. } => ErrorKind::RepoNotFound,
                 HubError::RevisionNotFound { .. } => ErrorKind::RevisionNotFound,
@@ -93,11 +100,24 @@ impl ApiError {
             ApiError::NoSecondaryCache(_) => {
                 data.insert("field".into(), json!("cache"));
             }
+            ApiError::UnknownMode(name) => {
+                data.insert("field".into(), json!("mode"));
+                data.insert("name".into(), json!(name));
+            }
             ApiError::Engine(EngineError::ContextOverflow {
                 prompt, context, ..
             }) => {
                 data.insert("field".into(), json!("max_tokens"));
                 data.insert("limit".into(), json!(context.saturating_sub(*prompt)));
+            }
+            ApiError::Engine(EngineError::InsufficientMemory {
+                needed,
+                budget,
+                in_use,
+            }) => {
+                data.insert("needed_bytes".into(), json!(needed));
+                data.insert("budget_bytes".into(), json!(budget));
+                data.insert("in_use_bytes".into(), json!(in_use));
             }
             ApiError::Engine(EngineError::NoChatTemplate) => {
                 data.insert("field".into(), json!("messages"));

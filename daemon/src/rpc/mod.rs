@@ -42,6 +42,10 @@ pub fn build_module(state: Arc<AppState>) -> Module {
     );
     route(&mut module, methods::MODELS_SOURCE, handlers::pull::source);
     route(&mut module, methods::LOAD, handlers::engine::load);
+    route(&mut module, methods::MODES_LIST, handlers::modes::list);
+    route(&mut module, methods::MODES_RELOAD, handlers::modes::reload);
+    route(&mut module, methods::SWITCH_MODE, handlers::modes::switch);
+    route(&mut module, methods::JOBS_CANCEL, handlers::modes::cancel);
     route(&mut module, methods::UNLOAD, handlers::engine::unload);
     module
         .register_subscription(

@@ -1,0 +1,470 @@
+//! `modes.toml`: named set-ups of a model, LoRA adapters and default
+//! generation parameters. A file is validated as a whole, every problem
+//! reported at once with its mode and field; a file with any problem
+//! changes nothing.
+
+use std::collections::BTreeMap;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use modeld_wire::types::{GenerateParams, GenerationDefaults, LoraInfo, ModeInfo};
+use serde::Deserialize;
+
+use crate::engine::sampling::ValidGenerate;
+use crate::validate::valid_name;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModesError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("invalid {}:\n  {}", path.display(), errors.join("\n  "))]
+    Invalid { path: PathBuf, errors: Vec<String> },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModesFile {
+    model_root: Option<PathBuf>,
+    lora_root: Option<PathBuf>,
+    default_mode: Option<String>,
+    #[serde(default)]
+    modes: BTreeMap<String, ModeEntry>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ModeEntry {
+    model: String,
+    #[serde(default)]
+    loras: Vec<LoraEntry>,
+    #[serde(default)]
+    defaults: GenerationDefaults,
+    keep_alive: Option<KeepAlive>,
+    description: Option<String>,
+    #[serde(default)]
+    metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+/// `"style.safetensors"`, or `{ path, strength, adapter_name }`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum LoraEntry {
+    Path(String),
+    Full {
+        path: String,
+        #[serde(default = "one")]
+        strength: f32,
+        adapter_name: Option<String>,
+    },
+}
+
+fn one() -> f32 {
+    1.0
+}
+
+/// `"10m"`, `"90s"`, `"forever"`, or seconds as a number.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum KeepAlive {
+    Seconds(u64),
+    Text(String),
+}
+
+/// What a mode runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelRef {
+    Registered(String),
+    /// A model directory (or `.gguf` file) under `model_root`.
+    Path(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct Mode {
+    pub name: String,
+    pub model: ModelRef,
+    pub model_text: String,
+    pub loras: Vec<LoraInfo>,
+    pub defaults: GenerationDefaults,
+    pub keep_alive: Option<Duration>,
+    pub description: Option<String>,
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Mode {
+    /// The engine's name for this mode's model: the registry name, or a
+    /// name derived from the path and adapters, so two modes that differ
+    /// only in LoRAs are two resident models.
+    pub fn model_key(&self) -> String {
+        let base = match &self.model {
+            ModelRef::Registered(name) => name.clone(),
+            ModelRef::Path(_) => format!("{}-model", self.name),
+        };
+        if self.loras.is_empty() {
+            base
+        } else {
+            format!("{base}+{}", self.name)
+        }
+    }
+
+    pub fn info(&self) -> ModeInfo {
+        ModeInfo {
+            name: self.name.clone(),
+            model: self.model_text.clone(),
+            loras: self.loras.clone(),
+            defaults: self.defaults.clone(),
+            keep_alive_s: self.keep_alive.map(|d| d.as_secs()),
+            description: self.description.clone(),
+            metadata: self.metadata.clone(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Modes {
+    pub model_root: Option<PathBuf>,
+    pub lora_root: Option<PathBuf>,
+    pub default_mode: Option<String>,
+    pub modes: BTreeMap<String, Mode>,
+}
+
+impl Modes {
+    /// Reads and validates `path`; `is_registered` says whether a model name
+    /// is in the registry.
+    pub fn load(path: &Path, is_registered: &dyn Fn(&str) -> bool) -> Result<Modes, ModesError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ModesError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Modes::parse(path, &text, is_registered)
+    }
+
+    pub fn parse(
+        path: &Path,
+        text: &str,
+        is_registered: &dyn Fn(&str) -> bool,
+    ) -> Result<Modes, ModesError> {
+        let invalid = |errors| ModesError::Invalid {
+            path: path.to_path_buf(),
+            errors,
+        };
+        let file: ModesFile = toml::from_str(text).map_err(|e| invalid(vec![e.to_string()]))?;
+        let mut errors = Vec::new();
+        for (field, root) in [
+            ("model_root", &file.model_root),
+            ("lora_root", &file.lora_root),
+        ] {
+            if let Some(root) = root {
+                if !root.is_absolute() {
+                    errors.push(format!(
+                        "{field}: {} must be an absolute path",
+                        root.display()
+                    ));
+                } else if !root.is_dir() {
+                    errors.push(format!("{field}: {} is not a directory", root.display()));
+                }
+            }
+        }
+        if let Some(default) = &file.default_mode {
+            if !file.modes.contains_key(default) {
+                errors.push(format!("default_mode: no mode named {default:?}"));
+            }
+        }
+        let mut modes = BTreeMap::new();
+        for (name, entry) in file.modes {
+            if let Some(mode) = validate_mode(
+                &name,
+                entry,
+                &file.model_root,
+                &file.lora_root,
+                is_registered,
+                &mut errors,
+            ) {
+                modes.insert(name, mode);
+            }
+        }
+        if !errors.is_empty() {
+            return Err(invalid(errors));
+        }
+        Ok(Modes {
+            model_root: file.model_root,
+            lora_root: file.lora_root,
+            default_mode: file.default_mode,
+            modes,
+        })
+    }
+}
+
+fn validate_mode(
+    name: &str,
+    entry: ModeEntry,
+    model_root: &Option<PathBuf>,
+    lora_root: &Option<PathBuf>,
+    is_registered: &dyn Fn(&str) -> bool,
+    errors: &mut Vec<String>,
+) -> Option<Mode> {
+    let before = errors.len();
+    let at = |field: &str| format!("modes.{name}.{field}");
+    if valid_name(name).is_err() {
+        errors.push(format!(
+            "modes.{name}: mode names use letters, digits and . _ - :"
+        ));
+    }
+    let model = if is_registered(&entry.model) {
+        Some(ModelRef::Registered(entry.model.clone()))
+    } else {
+        match inside_root(model_root, &entry.model) {
+            Ok(path) => Some(ModelRef::Path(path)),
+            Err(why) => {
+                errors.push(format!(
+                    "{}: {:?} is not a registered model, and {why}",
+                    at("model"),
+                    entry.model
+                ));
+                None
+            }
+        }
+    };
+    let mut loras = Vec::new();
+    for (index, lora) in entry.loras.into_iter().enumerate() {
+        let field = at(&format!("loras[{index}]"));
+        let (path, strength, adapter) = match lora {
+            LoraEntry::Path(path) => (path, 1.0, None),
+            LoraEntry::Full {
+                path,
+                strength,
+                adapter_name,
+            } => (path, strength, adapter_name),
+        };
+        let resolved = match inside_root(lora_root, &path) {
+            Ok(resolved) => resolved,
+            Err(why) => {
+                errors.push(format!("{field}.path: {why}"));
+                continue;
+            }
+        };
+        if !(strength.is_finite() && (-4.0..=4.0).contains(&strength)) {
+            errors.push(format!(
+                "{field}.strength: {strength} is out of range (-4 to 4)"
+            ));
+        }
+        let adapter_name = adapter.unwrap_or_else(|| {
+            resolved
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        });
+        if loras
+            .iter()
+            .any(|l: &LoraInfo| l.adapter_name == adapter_name)
+        {
+            errors.push(format!(
+                "{field}.adapter_name: {adapter_name:?} is used twice"
+            ));
+        }
+        loras.push(LoraInfo {
+            path: resolved,
+            strength,
+            adapter_name,
+        });
+    }
+    check_defaults(&entry.defaults, &at("defaults"), errors);
+    let keep_alive = match entry.keep_alive {
+        None => None,
+        Some(KeepAlive::Seconds(secs)) => Some(Duration::from_secs(secs)),
+        Some(KeepAlive::Text(text)) if text == "forever" => None,
+        Some(KeepAlive::Text(text)) => match humantime::parse_duration(&text) {
+            Ok(duration) => Some(duration),
+            Err(err) => {
+                errors.push(format!(
+                    "{}: {text:?} is not a duration like \"10m\" or \"forever\": {err}",
+                    at("keep_alive")
+                ));
+                None
+            }
+        },
+    };
+    (errors.len() == before).then(|| Mode {
+        name: name.to_string(),
+        model: model.expect("no error means a model"),
+        model_text: entry.model,
+        loras,
+        defaults: entry.defaults,
+        keep_alive,
+        description: entry.description,
+        metadata: entry.metadata,
+    })
+}
+
+/// `relative` resolved under `root`, refusing anything that would leave it.
+fn inside_root(root: &Option<PathBuf>, relative: &str) -> Result<PathBuf, String> {
+    let Some(root) = root else {
+        return Err("no root is set for paths (model_root / lora_root)".to_string());
+    };
+    let path = Path::new(relative);
+    if path.is_absolute()
+        || path
+            .components()
+            .any(|c| !matches!(c, Component::Normal(_)))
+    {
+        return Err(format!(
+            "{relative:?} must be a relative path inside {}",
+            root.display()
+        ));
+    }
+    let joined = root.join(path);
+    let real = joined
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", joined.display()))?;
+    let real_root = root
+        .canonicalize()
+        .map_err(|e| format!("{}: {e}", root.display()))?;
+    if !real.starts_with(&real_root) {
+        return Err(format!(
+            "{relative:?} leads outside {} through a symlink",
+            root.display()
+        ));
+    }
+    Ok(real)
+}
+
+/// Runs the defaults through the same checks a request gets.
+fn check_defaults(defaults: &GenerationDefaults, at: &str, errors: &mut Vec<String>) {
+    let params = GenerateParams {
+        model: "probe".into(),
+        prompt: Some(String::new()),
+        ..Default::default()
+    };
+    if let Err(err) = ValidGenerate::try_from(apply_defaults(params, defaults)) {
+        errors.push(format!("{at}.{}: {}", err.field, err.message));
+    }
+}
+
+/// Fills the request's unset fields from the mode's defaults.
+pub fn apply_defaults(mut params: GenerateParams, defaults: &GenerationDefaults) -> GenerateParams {
+    params.max_tokens = params.max_tokens.or(defaults.max_tokens);
+    params.temperature = params.temperature.or(defaults.temperature);
+    params.top_p = params.top_p.or(defaults.top_p);
+    params.top_k = params.top_k.or(defaults.top_k);
+    params.seed = params.seed.or(defaults.seed);
+    params.repeat_penalty = params.repeat_penalty.or(defaults.repeat_penalty);
+    params.repeat_last_n = params.repeat_last_n.or(defaults.repeat_last_n);
+    params.stop = params.stop.or_else(|| defaults.stop.clone());
+    params
+}
+
+/// Reloads the modes whenever the file changes (debounced: editors write
+/// in several steps). Watching the directory catches saves that replace
+/// the file by rename. Keep the returned watcher alive.
+pub fn watch(
+    state: std::sync::Arc<crate::state::AppState>,
+) -> Option<notify_debouncer_mini::Debouncer<notify_debouncer_mini::notify::RecommendedWatcher>> {
+    use notify_debouncer_mini::notify::RecursiveMode;
+    let file = state.modes_file();
+    let dir = file.parent()?.to_path_buf();
+    let name = file.file_name()?.to_os_string();
+    if !dir.is_dir() {
+        tracing::info!(dir = %dir.display(), "not watching for modes changes: no such directory");
+        return None;
+    }
+    let on_change = move |result: notify_debouncer_mini::DebounceEventResult| {
+        let touched = result
+            .map(|events| {
+                events
+                    .iter()
+                    .any(|e| e.path.file_name() == Some(name.as_os_str()))
+            })
+            .unwrap_or(false);
+        if touched {
+            let _ = state.reload_modes();
+        }
+    };
+    let mut debouncer = notify_debouncer_mini::new_debouncer(Duration::from_millis(250), on_change)
+        .map_err(|e| tracing::warn!("cannot watch {}: {e}", dir.display()))
+        .ok()?;
+    debouncer
+        .watcher()
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .map_err(|e| tracing::warn!("cannot watch {}: {e}", dir.display()))
+        .ok()?;
+    Some(debouncer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Modes, ModesError> {
+        Modes::parse(Path::new("modes.toml"), text, &|name| name == "llama")
+    }
+
+    #[test]
+    fn simple_and_full_lora_forms() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::write(root.path().join("style.safetensors"), b"").unwrap();
+        std::fs::write(root.path().join("other.safetensors"), b"").unwrap();
+        let text = format!(
+            r#"lora_root = "{}"
+default_mode = "chat"
+[modes.chat]
+model = "llama"
+loras = ["style.safetensors", {{ path = "other.safetensors", strength = 0.5, adapter_name = "o" }}]
+keep_alive = "10m"
+[modes.chat.defaults]
+temperature = 0.7
+"#,
+            root.path().display()
+        );
+        let modes = parse(&text).unwrap();
+        let chat = &modes.modes["chat"];
+        assert_eq!(chat.model, ModelRef::Registered("llama".into()));
+        assert_eq!(chat.loras[0].adapter_name, "style");
+        assert_eq!(chat.loras[1].strength, 0.5);
+        assert_eq!(chat.keep_alive, Some(Duration::from_secs(600)));
+        assert_eq!(chat.model_key(), "llama+chat");
+    }
+
+    #[test]
+    fn every_error_is_reported_with_mode_and_field() {
+        let text = r#"
+default_mode = "missing"
+[modes.a]
+model = "unknown"
+[modes.b]
+model = "llama"
+keep_alive = "soon"
+[modes.b.defaults]
+temperature = -1.0
+[modes.c]
+model = "llama"
+loras = ["../x.safetensors"]
+"#;
+        let err = parse(text).unwrap_err().to_string();
+        for needle in [
+            "default_mode",
+            "modes.a.model",
+            "modes.b.keep_alive",
+            "modes.b.defaults.temperature",
+            "modes.c.loras[0].path",
+        ] {
+            assert!(err.contains(needle), "{needle} missing from:\n{err}");
+        }
+    }
+
+    #[test]
+    fn paths_stay_inside_model_root() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("m")).unwrap();
+        let text = format!(
+            "model_root = \"{}\"\n[modes.x]\nmodel = \"m\"\n[modes.y]\nmodel = \"../etc\"\n",
+            root.path().display()
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("modes.y.model") && !err.contains("modes.x"),
+            "{err}"
+        );
+    }
+}

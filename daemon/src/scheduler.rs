@@ -1,0 +1,429 @@
+//! The job queue: generations, mode switches and unloads run one at a time
+//! in arrival order. A generation naming a mode other than the one that
+//! will be current when it runs gets a switch queued before it. The queue is
+//! bounded; a full queue refuses new work with `queue_full`. A job, once
+//! accepted, runs exactly once unless it is cancelled.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use modeld_wire::types::{Event, GenerateEvent, JobInfo, QueueStatus, SwitchReply};
+use modeld_wire::ErrorKind;
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot, Notify};
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::sampling::ValidGenerate;
+use crate::loader;
+use crate::rpc::ApiError;
+use crate::state::AppState;
+
+/// Events a client may leave unread before generation waits for it.
+const EVENT_BUFFER: usize = 256;
+
+pub enum Work {
+    Generate {
+        request: ValidGenerate,
+        mode: Option<String>,
+        events: mpsc::Sender<GenerateEvent>,
+    },
+    Switch {
+        to: String,
+    },
+    Unload {
+        name: String,
+        reply: oneshot::Sender<Result<u64, ApiError>>,
+    },
+    /// Unloads a model whose keep-alive ran out, if it still has.
+    Expire {
+        name: String,
+    },
+}
+
+/// Every second, queues the unload of models idle past their keep-alive.
+/// Through the queue, so it never races a generation.
+pub async fn expire_idle_models(state: Arc<AppState>) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+    loop {
+        tick.tick().await;
+        if state.is_shutting_down() {
+            return;
+        }
+        for name in state.engine.expired() {
+            state.scheduler.submit_expire(name);
+        }
+    }
+}
+
+struct Queued {
+    info: JobInfo,
+    work: Work,
+}
+
+struct QueueState {
+    jobs: VecDeque<Queued>,
+    running: Option<(JobInfo, CancellationToken)>,
+    current_mode: Option<String>,
+}
+
+pub struct Scheduler {
+    queue: Mutex<QueueState>,
+    wake: Notify,
+    next_id: AtomicU64,
+}
+
+impl Default for Scheduler {
+    fn default() -> Self {
+        Scheduler {
+            queue: Mutex::new(QueueState {
+                jobs: VecDeque::new(),
+                running: None,
+                current_mode: None,
+            }),
+            wake: Notify::new(),
+            next_id: AtomicU64::new(1),
+        }
+    }
+}
+
+fn queue_full(capacity: usize) -> ApiError {
+    ApiError::Relayed(modeld_wire::RpcErrorObject {
+        code: ErrorKind::QueueFull.code(),
+        message: format!("the job queue is full ({capacity} jobs); try again later"),
+        data: Some(json!({"kind": "queue_full", "limit": capacity})),
+    })
+}
+
+fn cancelled_event(job: u64) -> GenerateEvent {
+    GenerateEvent::Error {
+        done: true,
+        error: modeld_wire::RpcErrorObject {
+            code: ErrorKind::Cancelled.code(),
+            message: format!("job {job} was cancelled"),
+            data: Some(json!({"kind": "cancelled", "job": job})),
+        },
+    }
+}
+
+impl QueueState {
+    /// The mode in force once every queued switch has run.
+    fn effective_mode(&self) -> Option<String> {
+        self.jobs
+            .iter()
+            .rev()
+            .find_map(|job| match &job.work {
+                Work::Switch { to } => Some(to.clone()),
+                _ => None,
+            })
+            .or_else(|| self.current_mode.clone())
+    }
+
+    fn ahead(&self) -> usize {
+        self.jobs.len() + usize::from(self.running.is_some())
+    }
+}
+
+impl Scheduler {
+    fn id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, QueueState> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Queues a generation (and the switch it needs); returns its job id and
+    /// the receiver of its events.
+    pub fn submit_generate(
+        &self,
+        request: ValidGenerate,
+        mode: Option<String>,
+        capacity: usize,
+    ) -> Result<(u64, mpsc::Receiver<GenerateEvent>), ApiError> {
+        let (events, receiver) = mpsc::channel(EVENT_BUFFER);
+        let mut queue = self.lock();
+        let switch_to = mode
+            .clone()
+            .filter(|m| queue.effective_mode().as_ref() != Some(m));
+        let needed = 1 + usize::from(switch_to.is_some());
+        if queue.jobs.len() + needed > capacity {
+            return Err(queue_full(capacity));
+        }
+        if let Some(to) = switch_to {
+            let info = JobInfo {
+                id: self.id(),
+                kind: "switch".into(),
+                mode: Some(to.clone()),
+                model: None,
+                running: false,
+            };
+            queue.jobs.push_back(Queued {
+                info,
+                work: Work::Switch { to },
+            });
+        }
+        let id = self.id();
+        let info = JobInfo {
+            id,
+            kind: "generate".into(),
+            mode: mode.clone(),
+            model: Some(request.model.clone()),
+            running: false,
+        };
+        queue.jobs.push_back(Queued {
+            info,
+            work: Work::Generate {
+                request,
+                mode,
+                events,
+            },
+        });
+        drop(queue);
+        self.wake.notify_one();
+        Ok((id, receiver))
+    }
+
+    pub fn submit_switch(&self, to: String, capacity: usize) -> Result<SwitchReply, ApiError> {
+        let mut queue = self.lock();
+        if queue.jobs.len() >= capacity {
+            return Err(queue_full(capacity));
+        }
+        let reply = SwitchReply {
+            queued: true,
+            job: self.id(),
+            from: queue.effective_mode(),
+            to: to.clone(),
+            ahead: queue.ahead(),
+        };
+        let info = JobInfo {
+            id: reply.job,
+            kind: "switch".into(),
+            mode: Some(to.clone()),
+            model: None,
+            running: false,
+        };
+        queue.jobs.push_back(Queued {
+            info,
+            work: Work::Switch { to },
+        });
+        drop(queue);
+        self.wake.notify_one();
+        Ok(reply)
+    }
+
+    pub fn submit_unload(
+        &self,
+        name: String,
+        capacity: usize,
+    ) -> Result<oneshot::Receiver<Result<u64, ApiError>>, ApiError> {
+        let (reply, receiver) = oneshot::channel();
+        let mut queue = self.lock();
+        if queue.jobs.len() >= capacity {
+            return Err(queue_full(capacity));
+        }
+        let info = JobInfo {
+            id: self.id(),
+            kind: "unload".into(),
+            mode: None,
+            model: Some(name.clone()),
+            running: false,
+        };
+        queue.jobs.push_back(Queued {
+            info,
+            work: Work::Unload { name, reply },
+        });
+        drop(queue);
+        self.wake.notify_one();
+        Ok(receiver)
+    }
+
+    /// Queues an expiry unless one for the same model is already waiting.
+    /// Expiries do not count against the capacity: they only free memory.
+    pub fn submit_expire(&self, name: String) {
+        let mut queue = self.lock();
+        let waiting = queue
+            .jobs
+            .iter()
+            .any(|job| matches!(&job.work, Work::Expire { name: n } if *n == name));
+        if waiting {
+            return;
+        }
+        let info = JobInfo {
+            id: self.id(),
+            kind: "unload".into(),
+            mode: None,
+            model: Some(name.clone()),
+            running: false,
+        };
+        queue.jobs.push_back(Queued {
+            info,
+            work: Work::Expire { name },
+        });
+        drop(queue);
+        self.wake.notify_one();
+    }
+
+    /// Cancels a queued job, or stops a running generation. False when no
+    /// such job is waiting or running.
+    pub fn cancel(&self, id: u64) -> bool {
+        let mut queue = self.lock();
+        if let Some(index) = queue.jobs.iter().position(|job| job.info.id == id) {
+            let job = queue.jobs.remove(index).expect("index is in range");
+            drop(queue);
+            match job.work {
+                Work::Generate { events, .. } => {
+                    let _ = events.try_send(cancelled_event(id));
+                }
+                Work::Unload { reply, .. } => {
+                    let _ = reply.send(Err(ApiError::Internal(format!("job {id} was cancelled"))));
+                }
+                Work::Switch { .. } | Work::Expire { .. } => {}
+            }
+            return true;
+        }
+        match &queue.running {
+            Some((info, cancel)) if info.id == id && info.kind == "generate" => {
+                cancel.cancel();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn status(&self, capacity: usize) -> QueueStatus {
+        let queue = self.lock();
+        let running = queue.running.as_ref().map(|(info, _)| JobInfo {
+            running: true,
+            ..info.clone()
+        });
+        QueueStatus {
+            capacity,
+            current_mode: queue.current_mode.clone(),
+            jobs: running
+                .into_iter()
+                .chain(queue.jobs.iter().map(|job| job.info.clone()))
+                .collect(),
+        }
+    }
+
+    pub fn current_mode(&self) -> Option<String> {
+        self.lock().current_mode.clone()
+    }
+
+    /// Takes the next job, marking it running.
+    fn next(&self) -> Option<(Queued, CancellationToken)> {
+        let mut queue = self.lock();
+        let job = queue.jobs.pop_front()?;
+        let cancel = CancellationToken::new();
+        queue.running = Some((job.info.clone(), cancel.clone()));
+        Some((job, cancel))
+    }
+
+    fn finished(&self) {
+        self.lock().running = None;
+    }
+
+    /// Runs jobs until shutdown; queued jobs are finished first.
+    pub async fn run(self: Arc<Self>, state: Arc<AppState>) {
+        let shutdown = state.shutdown_token();
+        loop {
+            let Some((job, cancel)) = self.next() else {
+                if shutdown.is_cancelled() {
+                    return;
+                }
+                tokio::select! {
+                    _ = self.wake.notified() => {}
+                    _ = shutdown.cancelled() => {}
+                }
+                continue;
+            };
+            self.execute(&state, job.work, cancel).await;
+            self.finished();
+        }
+    }
+
+    async fn execute(&self, state: &Arc<AppState>, work: Work, cancel: CancellationToken) {
+        match work {
+            Work::Switch { to } => {
+                if let Err(err) = self.switch(state, &to).await {
+                    tracing::warn!(mode = %to, "mode switch failed: {err}");
+                }
+            }
+            Work::Unload { name, reply } => {
+                let result = state.engine.unload(&name).await.map_err(ApiError::from);
+                let _ = reply.send(result);
+            }
+            Work::Expire { name } => {
+                if state.engine.expired().contains(&name) {
+                    tracing::info!(model = %name, "keep-alive ran out; unloading");
+                    let _ = state.engine.unload(&name).await;
+                }
+            }
+            Work::Generate {
+                request,
+                mode,
+                events,
+            } => {
+                if let Err(err) = self.generate(state, request, mode, &events, cancel).await {
+                    let error = crate::rpc::error::wire_object(&err);
+                    let _ = events
+                        .send(GenerateEvent::Error { done: true, error })
+                        .await;
+                }
+            }
+        }
+    }
+
+    async fn switch(&self, state: &Arc<AppState>, to: &str) -> Result<(), ApiError> {
+        let mode = state.mode(to)?;
+        loader::ensure_loaded(state, &mode.model_key(), Some(&mode), None).await?;
+        let from = {
+            let mut queue = self.lock();
+            std::mem::replace(&mut queue.current_mode, Some(to.to_string()))
+        };
+        tracing::info!(?from, to, "mode switched");
+        state.emit(Event::ModeSwitched {
+            from,
+            to: to.to_string(),
+        });
+        Ok(())
+    }
+
+    async fn generate(
+        &self,
+        state: &Arc<AppState>,
+        request: ValidGenerate,
+        mode: Option<String>,
+        events: &mpsc::Sender<GenerateEvent>,
+        cancel: CancellationToken,
+    ) -> Result<(), ApiError> {
+        let mode_config = match &mode {
+            Some(name) => {
+                // The switch queued before this job normally did this already.
+                if self.current_mode().as_deref() != Some(name) {
+                    self.switch(state, name).await?;
+                }
+                Some(state.mode(name)?)
+            }
+            None => None,
+        };
+        let resident = loader::resident(state, &request.model, mode_config.as_ref()).await?;
+        let _busy = resident.busy();
+        let (sender, mut receiver) = mpsc::channel(EVENT_BUFFER);
+        resident.submit(request, sender, cancel.clone())?;
+        // The worker drops its sender after the last event.
+        while let Some(mut event) = receiver.recv().await {
+            if let GenerateEvent::Done {
+                mode: done_mode, ..
+            } = &mut event
+            {
+                *done_mode = mode.clone();
+            }
+            if events.send(event).await.is_err() {
+                cancel.cancel();
+            }
+        }
+        Ok(())
+    }
+}
