@@ -380,7 +380,7 @@ impl Scheduler {
         loader::ensure_loaded(state, &mode.model_key(), Some(&mode), None).await?;
         let from = {
             let mut queue = self.lock();
-            std::mem::replace(&mut queue.current_mode, Some(to.to_string()))
+            queue.current_mode.replace(to.to_string())
         };
         tracing::info!(?from, to, "mode switched");
         state.emit(Event::ModeSwitched {
