@@ -66,7 +66,13 @@ enum Command {
     /// Remove a model from the registry (its files stay where they are)
     #[command(alias = "remove")]
     Rm { name: String },
-    /// Re-read the daemon's config file (as `systemctl reload modeld` does)
+    /// List the modes, the current one first
+    Modes,
+    /// Queue a switch to another mode
+    Switch { mode: String },
+    /// Cancel a queued job (or stop a running generation) by its id from `status`
+    Cancel { job: u64 },
+    /// Re-read the daemon's config and modes files (as `systemctl reload modeld` does)
     Reload,
     /// Stop the daemon after in-flight requests finish
     Shutdown,
@@ -117,6 +123,9 @@ fn run(cli: &Cli, socket: &std::path::Path) -> Outcome {
         Command::Status => system::status(&mut client, json),
         Command::Vram => system::vram(&mut client, json),
         Command::Reload => system::reload(&mut client, json),
+        Command::Modes => system::modes(&mut client, json),
+        Command::Switch { mode } => system::switch(&mut client, mode, json),
+        Command::Cancel { job } => system::cancel(&mut client, *job, json),
         Command::Shutdown => system::shutdown(&mut client, json),
         Command::Register(args) => models::register(&mut client, args, json),
         Command::List => models::list(&mut client, json),

@@ -1,7 +1,10 @@
 //! Daemon-wide commands: status, vram, reload, shutdown.
 
 use modeld_wire::methods;
-use modeld_wire::types::{format_bytes, ReloadReply, ShutdownReply, StatusReply, VramReply};
+use modeld_wire::types::{
+    format_bytes, CancelReply, JobParams, ModesReply, ReloadReply, ShutdownReply, StatusReply,
+    SwitchParams, SwitchReply, VramReply,
+};
 use modeld_wire::Client;
 use serde_json::json;
 
@@ -27,7 +30,26 @@ pub fn status(client: &mut Client, json: bool) -> Outcome {
         ("socket", reply.socket.display().to_string()),
         ("state dir", reply.state_dir.display().to_string()),
         ("config", config),
-        ("models", counts.models.to_string()),
+        (
+            "models",
+            format!("{} registered, {} loaded", counts.models, counts.loaded),
+        ),
+        ("mode", or_dash(reply.queue.current_mode.clone())),
+        (
+            "queue",
+            format!(
+                "{} of {} jobs",
+                reply.queue.jobs.len(),
+                reply.queue.capacity
+            ),
+        ),
+        (
+            "modes",
+            match &reply.modes.last_error {
+                Some(err) => format!("{} (last reload refused: {err})", reply.modes.count),
+                None => reply.modes.count.to_string(),
+            },
+        ),
         ("connections", counts.connections.to_string()),
         (
             "requests",
@@ -106,6 +128,79 @@ pub fn reload(client: &mut Client, json: bool) -> Outcome {
             Some(path) => println!("reloaded {}", path.display()),
             None => println!("reloaded: no config file, embedded defaults in force"),
         }
+    }
+    Ok(())
+}
+
+pub fn modes(client: &mut Client, json: bool) -> Outcome {
+    let reply: ModesReply = client.call(methods::MODES_LIST, json!({}))?;
+    if json {
+        print_json(&reply);
+        return Ok(());
+    }
+    if let Some(err) = &reply.last_error {
+        eprintln!("warning: the last reload was refused: {err}");
+    }
+    if reply.modes.is_empty() {
+        println!("no modes; see modes.toml.example");
+        return Ok(());
+    }
+    let mut modes = table(&["mode", "model", "loras", "keep alive", "description"]);
+    for mode in &reply.modes {
+        let marker = if reply.current.as_deref() == Some(mode.name.as_str()) {
+            "*"
+        } else {
+            ""
+        };
+        let loras: Vec<String> = mode
+            .loras
+            .iter()
+            .map(|l| format!("{}@{}", l.adapter_name, l.strength))
+            .collect();
+        modes.add_row(vec![
+            format!("{}{marker}", mode.name),
+            mode.model.clone(),
+            if loras.is_empty() {
+                "-".into()
+            } else {
+                loras.join(", ")
+            },
+            mode.keep_alive_s
+                .map_or("forever".into(), |s| format!("{s}s")),
+            or_dash(mode.description.clone()),
+        ]);
+    }
+    println!("{modes}");
+    Ok(())
+}
+
+pub fn switch(client: &mut Client, mode: &str, json: bool) -> Outcome {
+    let reply: SwitchReply =
+        client.call(methods::SWITCH_MODE, SwitchParams { mode: mode.into() })?;
+    if json {
+        print_json(&reply);
+    } else {
+        println!(
+            "queued switch {} -> {} as job {} ({} ahead)",
+            reply.from.as_deref().unwrap_or("-"),
+            reply.to,
+            reply.job,
+            reply.ahead
+        );
+    }
+    Ok(())
+}
+
+pub fn cancel(client: &mut Client, job: u64, json: bool) -> Outcome {
+    let reply: CancelReply = client.call(methods::JOBS_CANCEL, JobParams { job })?;
+    if json {
+        print_json(&reply);
+    } else if reply.cancelled {
+        println!("cancelled job {job}");
+    } else {
+        return Err(crate::Failure::Error(format!(
+            "no queued or running job {job}"
+        )));
     }
     Ok(())
 }

@@ -100,7 +100,7 @@ impl Mode {
     pub fn model_key(&self) -> String {
         let base = match &self.model {
             ModelRef::Registered(name) => name.clone(),
-            ModelRef::Path(_) => format!("{}-model", self.name),
+            ModelRef::Path(_) => format!("{}+path", self.name),
         };
         if self.loras.is_empty() {
             base
@@ -451,6 +451,17 @@ loras = ["../x.safetensors"]
         ] {
             assert!(err.contains(needle), "{needle} missing from:\n{err}");
         }
+    }
+
+    #[test]
+    fn the_documented_example_uses_only_real_fields() {
+        let text = include_str!("../../modes.toml.example");
+        let file: ModesFile = toml::from_str(text).expect("modes.toml.example parses");
+        assert_eq!(file.modes.len(), 3);
+        assert!(matches!(
+            file.modes["poet"].loras[1],
+            LoraEntry::Full { .. }
+        ));
     }
 
     #[test]

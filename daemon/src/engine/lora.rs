@@ -61,6 +61,14 @@ pub fn apply(tensors: &mut HashMap<String, Tensor>, lora: &LoraInfo) -> Result<(
             ))
         })?;
         let delta = (b.matmul(a)? * factor)?.to_dtype(base.dtype())?;
+        if delta.dims() != base.dims() {
+            return Err(EngineError::Files(format!(
+                "adapter {:?}: {stem} gives {:?}, but {target} is {:?}",
+                lora.adapter_name,
+                delta.dims(),
+                base.dims()
+            )));
+        }
         let updated = (base + delta)?;
         tensors.insert(target, updated);
         merged += 1;

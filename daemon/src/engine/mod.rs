@@ -54,7 +54,16 @@ pub enum EngineError {
         in_use: u64,
     },
     #[error("inference failed: {0}")]
-    Candle(#[from] candle_core::Error),
+    Candle(String),
+}
+
+impl From<candle_core::Error> for EngineError {
+    /// Keeps the message and drops the backtrace candle may attach: it
+    /// belongs in a debugger, not in a client's error reply.
+    fn from(err: candle_core::Error) -> Self {
+        let text = err.to_string();
+        EngineError::Candle(text.lines().next().unwrap_or_default().to_string())
+    }
 }
 
 /// Where and in what precision a model runs.

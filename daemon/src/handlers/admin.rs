@@ -39,9 +39,12 @@ pub async fn status(state: Arc<AppState>, _: NoParams) -> Result<StatusReply, Ap
     })
 }
 
-/// The same reload that SIGHUP triggers, with its outcome as the reply.
+/// The same reload that SIGHUP triggers (config, then modes), with its
+/// outcome as the reply.
 pub async fn reload(state: Arc<AppState>, _: NoParams) -> Result<ReloadReply, ApiError> {
-    Ok(crate::lifecycle::reload(&state)?)
+    let reply = crate::lifecycle::reload(&state)?;
+    state.reload_modes()?;
+    Ok(reply)
 }
 
 /// Acknowledges first; the daemon then stops as on SIGTERM, finishing the

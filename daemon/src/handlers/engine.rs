@@ -105,8 +105,10 @@ fn validate(
                 .into());
             }
             params = apply_defaults(params, &mode.defaults);
-            params.model = key;
-            Some(name)
+            // Validated under the mode's name; the engine key (which uses
+            // '+' so it can never clash with a registered name) is set after.
+            params.model = name.clone();
+            Some((name, key))
         }
         None => {
             // Unknown models are refused before anything is queued.
@@ -119,9 +121,13 @@ fn validate(
             None
         }
     };
-    let request = ValidGenerate::try_from(params)?;
+    let mut request = ValidGenerate::try_from(params)?;
     if state.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
     }
+    let mode = mode.map(|(name, key)| {
+        request.model = key;
+        name
+    });
     Ok((request, mode))
 }
