@@ -494,3 +494,62 @@ fn modelctl_modes_switch_cancel() {
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// Reloads (good and bad files, by RPC and by file change) racing with
+/// generations and switches: every generation finishes in its mode, and
+/// the last switch queued is the mode in force at the end.
+#[test]
+fn reloads_race_generations_and_switches_keep_order() {
+    let daemon = Daemon::start();
+    register_fixture(&daemon, "tiny-llama");
+    register_fixture(&daemon, "tiny-qwen2");
+    std::fs::write(modes_file(&daemon), MODES).unwrap();
+    daemon.call("modes.reload", json!({})).unwrap();
+
+    let socket = daemon.socket.clone();
+    let generations: Vec<_> = (0..6)
+        .map(|i| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let mode = if i % 2 == 0 { "chat" } else { "qwen" };
+                let mut client = modeld_wire::Client::connect(&socket).unwrap();
+                let events: Vec<Value> = client
+                    .subscribe(
+                        "generate",
+                        json!({"mode": mode, "prompt": "Model", "max_tokens": 3}),
+                    )
+                    .unwrap()
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+                (mode, events.last().unwrap().clone())
+            })
+        })
+        .collect();
+    for round in 0..10 {
+        let text = if round % 3 == 2 {
+            "[[[broken".to_string()
+        } else {
+            MODES.to_string()
+        };
+        std::fs::write(modes_file(&daemon), text).unwrap();
+        let _ = daemon.call("modes.reload", json!({}));
+    }
+    std::fs::write(modes_file(&daemon), MODES).unwrap();
+    daemon.call("modes.reload", json!({})).unwrap();
+    for generation in generations {
+        let (mode, done) = generation.join().unwrap();
+        assert_eq!(done["event"], "done", "{done}");
+        assert_eq!(done["mode"], mode);
+        assert_eq!(done["completion_tokens"], 3);
+    }
+    for mode in ["qwen", "chat", "qwen", "chat"] {
+        daemon.call("switch_mode", json!({"mode": mode})).unwrap();
+    }
+    wait_until("the queue to drain", || {
+        status(&daemon)["queue"]["jobs"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    });
+    assert_eq!(status(&daemon)["queue"]["current_mode"], "chat");
+}
