@@ -1,6 +1,7 @@
 //! `modelctl`: the command-line client of modeld. Each subcommand is one
 //! RPC call; output is a human table, or the raw reply with `--json`.
 
+mod cache;
 mod generate;
 mod models;
 mod output;
@@ -66,6 +67,9 @@ enum Command {
     /// Remove a model from the registry (its files stay where they are)
     #[command(alias = "remove")]
     Rm { name: String },
+    /// Inspect and tidy the model caches
+    #[command(subcommand)]
+    Cache(cache::CacheCommand),
     /// List the modes, the current one first
     Modes,
     /// Queue a switch to another mode
@@ -124,6 +128,7 @@ fn run(cli: &Cli, socket: &std::path::Path) -> Outcome {
         Command::Vram => system::vram(&mut client, json),
         Command::Reload => system::reload(&mut client, json),
         Command::Modes => system::modes(&mut client, json),
+        Command::Cache(command) => cache::run(&mut client, command, json),
         Command::Switch { mode } => system::switch(&mut client, mode, json),
         Command::Cancel { job } => system::cancel(&mut client, *job, json),
         Command::Shutdown => system::shutdown(&mut client, json),

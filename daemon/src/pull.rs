@@ -51,6 +51,19 @@ pub struct PullJob {
 }
 
 impl Pulls {
+    /// The cache directories of repos with a download running.
+    pub fn active_repo_dirs(&self) -> Vec<PathBuf> {
+        let active = self.active.lock().unwrap_or_else(|e| e.into_inner());
+        active
+            .keys()
+            .filter_map(|key| {
+                let mut parts = key.split('\0');
+                let (root, repo) = (parts.next()?, parts.next()?);
+                Some(RepoCache::new(std::path::Path::new(root), repo).dir)
+            })
+            .collect()
+    }
+
     /// Joins the pull of the same files if one runs, else starts one.
     pub fn attach_or_start(self: &Arc<Self>, job: PullJob) -> Result<PullWatch, ApiError> {
         let target = job.roots.target(&job.model.cache)?;

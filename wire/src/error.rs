@@ -55,6 +55,8 @@ pub enum ErrorKind {
     Cancelled,
     /// The model does not fit beside the models in use.
     InsufficientMemory,
+    /// The files belong to a loaded model or a running download.
+    InUse,
     Internal,
 }
 
@@ -88,6 +90,7 @@ impl ErrorKind {
             ErrorKind::QueueFull => -32040,
             ErrorKind::Cancelled => -32041,
             ErrorKind::InsufficientMemory => -32042,
+            ErrorKind::InUse => -32043,
         }
     }
 
@@ -119,6 +122,7 @@ impl ErrorKind {
             ErrorKind::QueueFull => "queue_full",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::InsufficientMemory => "insufficient_memory",
+            ErrorKind::InUse => "in_use",
             ErrorKind::Internal => "internal",
         }
     }

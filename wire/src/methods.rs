@@ -28,6 +28,12 @@ pub const MODES_RELOAD: &str = "modes.reload";
 pub const SWITCH_MODE: &str = "switch_mode";
 pub const JOBS_CANCEL: &str = "jobs.cancel";
 
+pub const CACHE_SCAN: &str = "cache.scan";
+pub const CACHE_DUPLICATES: &str = "cache.duplicates";
+pub const CACHE_CONSOLIDATE: &str = "cache.consolidate";
+pub const CACHE_CLEAN: &str = "cache.clean";
+pub const CACHE_RM: &str = "cache.rm";
+
 pub const LOAD: &str = "load";
 pub const UNLOAD: &str = "unload";
 /// A subscription: notifications [`GENERATE_NOTIFICATION`] carry

@@ -2,6 +2,7 @@
 //! function from typed parameters to a typed reply; `rpc` does the rest.
 
 pub mod admin;
+pub mod cache;
 pub mod engine;
 pub mod events;
 pub mod models;

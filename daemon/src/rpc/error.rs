@@ -26,6 +26,8 @@ pub enum ApiError {
     Hub(#[from] HubError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    Cache(crate::caches::CacheError),
     #[error("no mode named {0:?}")]
     UnknownMode(String),
     #[error(transparent)]
@@ -65,6 +67,11 @@ impl ApiError {
             },
             ApiError::Relayed(_) => ErrorKind::Internal,
             ApiError::UnknownMode(_) => ErrorKind::NotFound,
+            ApiError::Cache(err) => match err {
+                crate::caches::CacheError::InUse(_) => ErrorKind::InUse,
+                crate::caches::CacheError::NotFound(_) => ErrorKind::NotFound,
+                crate::caches::CacheError::Io { .. } => ErrorKind::Io,
+            },
             ApiError::Modes(_) => ErrorKind::InvalidParams,
             ApiError::Hub(err) => match err {
                 HubError::RepoNotFound { .. } => ErrorKind::RepoNotFound,

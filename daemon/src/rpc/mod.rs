@@ -42,6 +42,19 @@ pub fn build_module(state: Arc<AppState>) -> Module {
     );
     route(&mut module, methods::MODELS_SOURCE, handlers::pull::source);
     route(&mut module, methods::LOAD, handlers::engine::load);
+    route(&mut module, methods::CACHE_SCAN, handlers::cache::scan);
+    route(
+        &mut module,
+        methods::CACHE_DUPLICATES,
+        handlers::cache::duplicates,
+    );
+    route(
+        &mut module,
+        methods::CACHE_CONSOLIDATE,
+        handlers::cache::consolidate,
+    );
+    route(&mut module, methods::CACHE_CLEAN, handlers::cache::clean);
+    route(&mut module, methods::CACHE_RM, handlers::cache::remove);
     route(&mut module, methods::MODES_LIST, handlers::modes::list);
     route(&mut module, methods::MODES_RELOAD, handlers::modes::reload);
     route(&mut module, methods::SWITCH_MODE, handlers::modes::switch);

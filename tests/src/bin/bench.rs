@@ -14,6 +14,11 @@
 //! load time of a synthetic 8-layer llama (random weights, the tiny-llama
 //! tokenizer) against a raw read of its weight file, and CPU greedy decode
 //! speed as the engine reports it and as a streaming client sees it.
+//!
+//! `cargo run --release -p modeld-e2e --bin bench -- cache [--repos N] [--mib N]`:
+//! `cache.scan` of a synthetic HF cache of N repos against huggingface_hub's
+//! `scan_cache_dir` on the same cache (when installed), and the hashing of
+//! `cache.duplicates` over two N-MiB copies against `sha256sum`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -34,8 +39,12 @@ fn main() {
         Some("echo-server") => echo_server(Path::new(&args[1])),
         Some("download") => download(flag(&args, "--mib").unwrap_or(256)),
         Some("generate") => generate(flag(&args, "--tokens").unwrap_or(128)),
+        Some("cache") => cache(
+            flag(&args, "--repos").unwrap_or(1000),
+            flag(&args, "--mib").unwrap_or(256),
+        ),
         _ => {
-            eprintln!("usage: bench rpc [--calls N] | download [--mib N] | generate [--tokens N]");
+            eprintln!("usage: bench rpc [--calls N] | download [--mib N] | generate [--tokens N] | cache [--repos N] [--mib N]");
             std::process::exit(2);
         }
     }
@@ -389,5 +398,131 @@ fn generate(tokens: usize) {
     println!(
         "| decode (streaming client) | {client_best:.1} tok/s | {:.2}x |",
         client_best / engine_best
+    );
+}
+
+/// Best wall time of `runs` calls of `f`, in seconds.
+fn best_of(runs: usize, mut f: impl FnMut()) -> f64 {
+    (0..runs)
+        .map(|_| {
+            let start = Instant::now();
+            f();
+            start.elapsed().as_secs_f64()
+        })
+        .fold(f64::MAX, f64::min)
+}
+
+fn synthetic_cache(root: &Path, repos: usize) {
+    for i in 0..repos {
+        let repo = root.join(format!("models--org--model-{i:04}"));
+        for (rev, commit) in [(0u8, "a"), (1u8, "b")] {
+            let commit = commit.repeat(40);
+            let snapshot = repo.join("snapshots").join(&commit);
+            std::fs::create_dir_all(&snapshot).expect("snapshot");
+            std::fs::create_dir_all(repo.join("blobs")).expect("blobs");
+            for (name, size) in [
+                ("config.json", 600usize),
+                ("model.safetensors", 4096),
+                ("tokenizer.json", 2048),
+            ] {
+                let blob = format!("{i:08x}{rev:02x}{:054x}", name.len());
+                std::fs::write(repo.join("blobs").join(&blob), vec![rev; size]).expect("blob");
+                std::os::unix::fs::symlink(format!("../../blobs/{blob}"), snapshot.join(name))
+                    .expect("link");
+            }
+            std::fs::create_dir_all(repo.join("refs")).expect("refs");
+            std::fs::write(
+                repo.join("refs").join(if rev == 0 { "main" } else { "v2" }),
+                &commit,
+            )
+            .expect("ref");
+        }
+    }
+}
+
+fn cache(repos: usize, mib: usize) {
+    let daemon = Daemon::start();
+    let hub = daemon.hf_cache();
+    synthetic_cache(&hub, repos);
+    println!("cache.scan of {repos} repos (2 revisions, 3 files each) vs huggingface_hub.scan_cache_dir; best of {ROUNDS}\n");
+    println!("| what | seconds | ratio |");
+    println!("|---|---|---|");
+    let ours = best_of(ROUNDS, || {
+        daemon
+            .call("cache.scan", serde_json::json!({}))
+            .expect("scan");
+    });
+    println!("| modeld cache.scan (RPC) | {ours:.3} | 1.00x |");
+    let script =
+        "import sys; from huggingface_hub import scan_cache_dir; scan_cache_dir(sys.argv[1])";
+    let available = std::process::Command::new("python3")
+        .args(["-c", "import huggingface_hub"])
+        .status()
+        .is_ok_and(|s| s.success());
+    if available {
+        let theirs = best_of(ROUNDS, || {
+            let status = std::process::Command::new("python3")
+                .args(["-c", script])
+                .arg(&hub)
+                .status()
+                .expect("python3");
+            assert!(status.success());
+        });
+        println!(
+            "| huggingface_hub scan_cache_dir (incl. interpreter start) | {theirs:.3} | {:.2}x |",
+            theirs / ours
+        );
+    }
+
+    // Two copies of the same bytes: size matches, so both are hashed.
+    let dir = daemon.dir.path().join("models");
+    std::fs::create_dir_all(&dir).expect("model root");
+    let mut state = 0x9e3779b97f4a7c15u64;
+    let bytes: Vec<u8> = (0..mib << 20)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    std::fs::write(dir.join("a.safetensors"), &bytes).expect("copy a");
+    std::fs::write(dir.join("b.safetensors"), &bytes).expect("copy b");
+    drop(bytes);
+    std::fs::write(
+        daemon.dir.path().join("modes.toml"),
+        format!("model_root = \"{}\"\n", dir.display()),
+    )
+    .expect("modes");
+    daemon
+        .call("modes.reload", serde_json::json!({}))
+        .expect("reload");
+    println!("\nHashing two {mib} MiB copies (page cache warm)\n");
+    println!("| what | seconds | MiB/s | ratio |");
+    println!("|---|---|---|---|");
+    let sha256sum = best_of(ROUNDS, || {
+        let status = std::process::Command::new("sha256sum")
+            .arg(dir.join("a.safetensors"))
+            .arg(dir.join("b.safetensors"))
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("sha256sum");
+        assert!(status.success());
+    });
+    let ours = best_of(ROUNDS, || {
+        let reply = daemon
+            .call("cache.duplicates", serde_json::json!({}))
+            .expect("duplicates");
+        assert_eq!(reply["groups"].as_array().map(Vec::len), Some(1));
+    });
+    let total = (2 * mib) as f64;
+    println!(
+        "| sha256sum (one process, sequential) | {sha256sum:.3} | {:.0} | 1.00x |",
+        total / sha256sum
+    );
+    println!(
+        "| modeld cache.duplicates (parallel) | {ours:.3} | {:.0} | {:.2}x |",
+        total / ours,
+        ours / sha256sum
     );
 }

@@ -1,0 +1,253 @@
+//! `cache.scan`: repos, revisions, refs and sizes of every root, with
+//! huggingface_hub's own accounting (hf-hub's scanner), plus which models
+//! are registered and what kind of model each repo holds.
+
+use std::path::Path;
+
+use hf_hub::HFClient;
+use modeld_wire::types::{CacheRootScan, CacheScanReply, CachedRepo, CachedRevision, ModelRecord};
+use serde_json::Value;
+
+use super::{epoch_secs, Root};
+
+pub async fn scan(roots: &[Root], models: &[ModelRecord]) -> CacheScanReply {
+    let mut scanned = Vec::with_capacity(roots.len());
+    for root in roots {
+        let scan = if root.is_hf_cache() {
+            scan_hf_cache(root, models).await
+        } else {
+            let root = root.clone();
+            tokio::task::spawn_blocking(move || scan_model_root(&root))
+                .await
+                .unwrap_or_else(|e| {
+                    empty(
+                        &Root {
+                            path: Default::default(),
+                            role: "model_root",
+                        },
+                        vec![e.to_string()],
+                    )
+                })
+        };
+        scanned.push(scan);
+    }
+    let total_bytes = scanned.iter().map(|r| r.size_bytes).sum();
+    CacheScanReply {
+        roots: scanned,
+        total_bytes,
+    }
+}
+
+fn empty(root: &Root, warnings: Vec<String>) -> CacheRootScan {
+    CacheRootScan {
+        path: root.path.clone(),
+        role: root.role.to_string(),
+        exists: root.path.is_dir(),
+        size_bytes: 0,
+        repos: Vec::new(),
+        warnings,
+    }
+}
+
+async fn scan_hf_cache(root: &Root, models: &[ModelRecord]) -> CacheRootScan {
+    let client = match HFClient::builder().cache_dir(root.path.clone()).build() {
+        Ok(client) => client,
+        Err(err) => return empty(root, vec![err.to_string()]),
+    };
+    let info = match client.scan_cache().send().await {
+        Ok(info) => info,
+        Err(err) => return empty(root, vec![err.to_string()]),
+    };
+    let repos = info
+        .repos
+        .into_iter()
+        .map(|repo| {
+            let newest = repo.revisions.iter().max_by_key(|r| r.last_modified);
+            let (family, architecture) = match newest {
+                Some(revision) => classify(&revision.snapshot_path, &repo.repo_id),
+                None => ("unknown".to_string(), None),
+            };
+            let registered_as = models
+                .iter()
+                .filter(|m| m.repo.as_deref() == Some(repo.repo_id.as_str()))
+                .map(|m| m.name.clone())
+                .collect();
+            CachedRepo {
+                registered_as,
+                family,
+                architecture,
+                repo_type: repo.repo_type.to_string(),
+                path: repo.repo_path.clone(),
+                size_bytes: repo.size_on_disk,
+                files: repo.nb_files,
+                last_accessed: epoch_secs(repo.last_accessed),
+                last_modified: epoch_secs(repo.last_modified),
+                revisions: repo
+                    .revisions
+                    .into_iter()
+                    .map(|r| CachedRevision {
+                        files: r.files.len(),
+                        commit: r.commit_hash,
+                        refs: r.refs,
+                        size_bytes: r.size_on_disk,
+                        snapshot_path: r.snapshot_path,
+                    })
+                    .collect(),
+                repo_id: repo.repo_id,
+            }
+        })
+        .collect();
+    CacheRootScan {
+        path: root.path.clone(),
+        role: root.role.to_string(),
+        exists: root.path.is_dir(),
+        size_bytes: info.size_on_disk,
+        repos,
+        warnings: info.warnings,
+    }
+}
+
+/// A model root holds one model per directory (or single `.gguf` files).
+fn scan_model_root(root: &Root) -> CacheRootScan {
+    let mut scan = empty(root, Vec::new());
+    let Ok(entries) = std::fs::read_dir(&root.path) else {
+        return scan;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let (size, files, accessed, modified) = tree_stats(&path);
+        if files == 0 {
+            continue;
+        }
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let (family, architecture) = classify(&path, &name);
+        scan.size_bytes += size;
+        scan.repos.push(CachedRepo {
+            repo_id: name,
+            repo_type: "local".into(),
+            path,
+            size_bytes: size,
+            files,
+            last_accessed: accessed,
+            last_modified: modified,
+            revisions: Vec::new(),
+            registered_as: Vec::new(),
+            family,
+            architecture,
+        });
+    }
+    scan.repos.sort_by(|a, b| a.repo_id.cmp(&b.repo_id));
+    scan
+}
+
+/// Total size, file count, and newest access and change times under `path`.
+fn tree_stats(path: &Path) -> (u64, usize, u64, u64) {
+    let Ok(meta) = std::fs::metadata(path) else {
+        return (0, 0, 0, 0);
+    };
+    if meta.is_file() {
+        let time = |t: std::io::Result<std::time::SystemTime>| t.map_or(0, epoch_secs);
+        return (meta.len(), 1, time(meta.accessed()), time(meta.modified()));
+    }
+    let mut total = (0, 0, 0, 0);
+    for entry in std::fs::read_dir(path).into_iter().flatten().flatten() {
+        let (size, files, accessed, modified) = tree_stats(&entry.path());
+        total = (
+            total.0 + size,
+            total.1 + files,
+            total.2.max(accessed),
+            total.3.max(modified),
+        );
+    }
+    total
+}
+
+/// Guesses what a model is from its config files, file names and name.
+pub fn classify(dir: &Path, name: &str) -> (String, Option<String>) {
+    let read = |file: &str| -> Option<Value> {
+        serde_json::from_str(&std::fs::read_to_string(dir.join(file)).ok()?).ok()
+    };
+    let lower = name.to_ascii_lowercase();
+    if dir.join("adapter_config.json").exists() || lower.contains("lora") {
+        return ("lora".into(), None);
+    }
+    if let Some(index) = read("model_index.json") {
+        let class = index["_class_name"].as_str().map(str::to_string);
+        return ("diffusion".into(), class);
+    }
+    if let Some(config) = read("config.json") {
+        let class = config["_class_name"].as_str().unwrap_or_default();
+        if class.starts_with("Autoencoder") {
+            return ("vae".into(), Some(class.to_string()));
+        }
+        let arch = config["architectures"][0].as_str().map(str::to_string);
+        let family = match arch.as_deref() {
+            Some(a) if a.ends_with("ForCausalLM") || a.ends_with("LMHeadModel") => "llm",
+            Some(a) if a.ends_with("Model") || a.contains("Embedding") => "embedding",
+            _ if config["model_type"].is_string() => "llm",
+            _ => "unknown",
+        };
+        return (
+            family.into(),
+            arch.or_else(|| config["model_type"].as_str().map(str::to_string)),
+        );
+    }
+    let has_ext = |ext: &str| {
+        std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.path().extension().is_some_and(|x| x == ext))
+    };
+    if has_ext("gguf") || dir.extension().is_some_and(|x| x == "gguf") {
+        return ("llm".into(), None);
+    }
+    if ["stable-diffusion", "sdxl", "flux"]
+        .iter()
+        .any(|hint| lower.contains(hint))
+    {
+        return ("diffusion".into(), None);
+    }
+    if lower.contains("vae") {
+        return ("vae".into(), None);
+    }
+    ("unknown".into(), None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_by_config_and_name() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"architectures":["LlamaForCausalLM"]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            classify(dir.path(), "x"),
+            ("llm".into(), Some("LlamaForCausalLM".into()))
+        );
+        std::fs::write(
+            dir.path().join("config.json"),
+            r#"{"_class_name":"AutoencoderKL"}"#,
+        )
+        .unwrap();
+        assert_eq!(classify(dir.path(), "x").0, "vae");
+        std::fs::write(
+            dir.path().join("model_index.json"),
+            r#"{"_class_name":"StableDiffusionPipeline"}"#,
+        )
+        .unwrap();
+        assert_eq!(classify(dir.path(), "x").0, "diffusion");
+        let empty = tempfile::tempdir().unwrap();
+        assert_eq!(classify(empty.path(), "my-lora-style").0, "lora");
+        assert_eq!(
+            classify(empty.path(), "stabilityai/sdxl-turbo").0,
+            "diffusion"
+        );
+        assert_eq!(classify(empty.path(), "mystery").0, "unknown");
+    }
+}

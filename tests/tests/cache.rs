@@ -1,0 +1,472 @@
+//! Cache management on caches built by hand in temp dirs, in the layout
+//! huggingface_hub writes: scan, duplicates, consolidate, clean, rm.
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use modeld_e2e::{fixtures_dir, kind, Daemon};
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+
+/// Writes one revision of `repo` into the HF cache at `root`, files stored
+/// as blobs named by sha256 and linked from the snapshot; returns the repo dir.
+fn write_revision(
+    root: &Path,
+    repo: &str,
+    commit: &str,
+    refs: &[&str],
+    files: &[(&str, &[u8])],
+) -> PathBuf {
+    let dir = root.join(format!("models--{}", repo.replace('/', "--")));
+    std::fs::create_dir_all(dir.join("blobs")).unwrap();
+    for (name, bytes) in files {
+        let sha = hex::encode(Sha256::digest(bytes));
+        std::fs::write(dir.join("blobs").join(&sha), bytes).unwrap();
+        let link = dir.join("snapshots").join(commit).join(name);
+        std::fs::create_dir_all(link.parent().unwrap()).unwrap();
+        let depth = Path::new(name).components().count() + 1;
+        let target = PathBuf::from("../".repeat(depth)).join("blobs").join(&sha);
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(target, &link).unwrap();
+    }
+    for name in refs {
+        let path = dir.join("refs").join(name);
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        std::fs::write(path, commit).unwrap();
+    }
+    dir
+}
+
+fn c(n: u8) -> String {
+    format!("{n:x}").repeat(40)[..40].to_string()
+}
+
+const CONFIG: &[u8] = br#"{"architectures":["LlamaForCausalLM"],"model_type":"llama"}"#;
+
+#[test]
+fn scan_counts_shared_blobs_once_and_marks_discovered_repos() {
+    let daemon = Daemon::start();
+    let hub = daemon.hf_cache();
+    let weights = vec![7u8; 10_000];
+    write_revision(
+        &hub,
+        "org/llm",
+        &c(1),
+        &["main"],
+        &[("config.json", CONFIG), ("model.safetensors", &weights)],
+    );
+    // A second revision shares the weights and changes the config.
+    write_revision(
+        &hub,
+        "org/llm",
+        &c(2),
+        &["v2"],
+        &[
+            ("config.json", b"{\"model_type\":\"llama\"}"),
+            ("model.safetensors", &weights),
+        ],
+    );
+    write_revision(
+        &hub,
+        "other/lora-x",
+        &c(3),
+        &["main"],
+        &[
+            ("adapter_config.json", b"{}"),
+            ("adapter_model.safetensors", b"abc"),
+        ],
+    );
+    daemon
+        .call(
+            "models.register",
+            json!({"name": "mine", "repo": "org/llm"}),
+        )
+        .unwrap();
+
+    let scan = daemon.call("cache.scan", json!({})).unwrap();
+    let root = scan["roots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["role"] == "primary")
+        .unwrap();
+    let repos = root["repos"].as_array().unwrap();
+    let llm = repos.iter().find(|r| r["repo_id"] == "org/llm").unwrap();
+    let shared = 10_000 + CONFIG.len() as u64 + 22;
+    assert_eq!(llm["size_bytes"], shared, "the weights blob counts once");
+    assert_eq!(llm["revisions"].as_array().unwrap().len(), 2);
+    assert_eq!(llm["registered_as"], json!(["mine"]));
+    assert_eq!(llm["family"], "llm");
+    let lora = repos
+        .iter()
+        .find(|r| r["repo_id"] == "other/lora-x")
+        .unwrap();
+    assert_eq!(lora["registered_as"], json!([]));
+    assert_eq!(lora["family"], "lora");
+    assert_eq!(root["size_bytes"], shared + 2 + 3);
+
+    let out = daemon.ctl(&["cache", "scan"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("(discovered)") && text.contains("org/llm"),
+        "{text}"
+    );
+}
+
+#[test]
+fn scan_agrees_with_huggingface_hub() {
+    let probe = std::process::Command::new("python3")
+        .args(["-c", "import huggingface_hub"])
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!("huggingface_hub is not installed; .ci/run installs it");
+        return;
+    }
+    let daemon = Daemon::start();
+    let hub = daemon.hf_cache();
+    let weights = vec![3u8; 4096];
+    write_revision(
+        &hub,
+        "org/a",
+        &c(1),
+        &["main"],
+        &[("config.json", CONFIG), ("w.safetensors", &weights)],
+    );
+    write_revision(
+        &hub,
+        "org/a",
+        &c(2),
+        &[],
+        &[("w.safetensors", &weights), ("sub/extra.json", b"[1]")],
+    );
+    write_revision(
+        &hub,
+        "b",
+        &c(3),
+        &["main", "refs/pr/1"],
+        &[("x.bin", b"12345")],
+    );
+    let script = "import json,sys; from huggingface_hub import scan_cache_dir; \
+        info = scan_cache_dir(sys.argv[1]); \
+        print(json.dumps({r.repo_id: [r.size_on_disk, r.nb_files, sorted((v.commit_hash, v.size_on_disk) for v in r.revisions)] for r in info.repos}))";
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(&hub)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let theirs: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let scan = daemon.call("cache.scan", json!({})).unwrap();
+    let root = scan["roots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["role"] == "primary")
+        .unwrap()
+        .clone();
+    for repo in root["repos"].as_array().unwrap() {
+        let id = repo["repo_id"].as_str().unwrap();
+        let mut revisions: Vec<(String, u64)> = repo["revisions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                (
+                    r["commit"].as_str().unwrap().to_string(),
+                    r["size_bytes"].as_u64().unwrap(),
+                )
+            })
+            .collect();
+        revisions.sort();
+        assert_eq!(theirs[id][0], repo["size_bytes"], "{id} size");
+        assert_eq!(theirs[id][1], repo["files"], "{id} files");
+        assert_eq!(theirs[id][2], json!(revisions), "{id} revisions");
+    }
+}
+
+#[test]
+fn duplicates_found_then_consolidated_into_hard_links() {
+    let extra = tempfile::tempdir().unwrap();
+    let config = format!("[cache]\nextra = [\"{}\"]\n", extra.path().display());
+    let daemon = Daemon::start_configured(&config, &[]);
+    let weights: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
+    write_revision(
+        &daemon.hf_cache(),
+        "org/m",
+        &c(1),
+        &["main"],
+        &[("model.safetensors", &weights)],
+    );
+    write_revision(
+        extra.path(),
+        "mirror/m",
+        &c(2),
+        &["main"],
+        &[("model.safetensors", &weights)],
+    );
+    // A copy in the model root, and a hard link to it that is not a second copy.
+    let model_root = daemon.dir.path().join("models");
+    std::fs::create_dir_all(model_root.join("m")).unwrap();
+    std::fs::write(model_root.join("m/model.safetensors"), &weights).unwrap();
+    std::fs::hard_link(
+        model_root.join("m/model.safetensors"),
+        model_root.join("m/alias.safetensors"),
+    )
+    .unwrap();
+    std::fs::write(
+        daemon.dir.path().join("modes.toml"),
+        format!("model_root = \"{}\"\n", model_root.display()),
+    )
+    .unwrap();
+    daemon.call("modes.reload", json!({})).unwrap();
+
+    let found = daemon.call("cache.duplicates", json!({})).unwrap();
+    let groups = found["groups"].as_array().unwrap();
+    assert_eq!(groups.len(), 1, "{found}");
+    // The mirror blob, and both names of the model-root copy.
+    assert_eq!(groups[0]["copies"].as_array().unwrap().len(), 3);
+    assert!(
+        groups[0]["keep"].as_str().unwrap().contains("/blobs/"),
+        "a cache blob is kept"
+    );
+    assert_eq!(found["reclaimable_bytes"], 2 * 50_000);
+
+    let dry = daemon.call("cache.consolidate", json!({})).unwrap();
+    assert_eq!(dry["applied"], false);
+    assert_eq!(dry["freed_bytes"], 100_000);
+    let keep = PathBuf::from(groups[0]["keep"].as_str().unwrap());
+    let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    assert_ne!(
+        ino(&keep),
+        ino(&model_root.join("m/model.safetensors")),
+        "a dry run changes nothing"
+    );
+
+    let done = daemon
+        .call("cache.consolidate", json!({"apply": true}))
+        .unwrap();
+    assert_eq!(done["applied"], true);
+    assert_eq!(ino(&keep), ino(&model_root.join("m/model.safetensors")));
+    assert_eq!(ino(&keep), ino(&model_root.join("m/alias.safetensors")));
+    assert_eq!(
+        std::fs::read(model_root.join("m/model.safetensors")).unwrap(),
+        weights
+    );
+    let mirror = std::fs::read(
+        extra
+            .path()
+            .join("models--mirror--m/snapshots")
+            .join(c(2))
+            .join("model.safetensors"),
+    )
+    .unwrap();
+    assert_eq!(mirror, weights);
+    let again = daemon.call("cache.duplicates", json!({})).unwrap();
+    assert_eq!(again["reclaimable_bytes"], 0);
+}
+
+#[test]
+fn consolidate_never_touches_a_loaded_model() {
+    let daemon = Daemon::start();
+    let fixture = fixtures_dir().join("tiny-llama");
+    let files: Vec<(String, Vec<u8>)> = ["config.json", "model.safetensors", "tokenizer.json"]
+        .iter()
+        .map(|n| (n.to_string(), std::fs::read(fixture.join(n)).unwrap()))
+        .collect();
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_slice()))
+        .collect();
+    write_revision(&daemon.hf_cache(), "org/tiny", &c(1), &["main"], &refs);
+    let copy = daemon.dir.path().join("copy");
+    std::fs::create_dir_all(&copy).unwrap();
+    for (name, bytes) in &files {
+        std::fs::write(copy.join(name), bytes).unwrap();
+    }
+    // The loaded model is the plain copy; its files must stay as they are.
+    daemon
+        .call(
+            "models.register",
+            json!({"name": "copy", "local_path": copy}),
+        )
+        .unwrap();
+    daemon.call("load", json!({"name": "copy"})).unwrap();
+    std::fs::write(
+        daemon.dir.path().join("modes.toml"),
+        format!("model_root = \"{}\"\n", daemon.dir.path().display()),
+    )
+    .unwrap();
+    daemon.call("modes.reload", json!({})).unwrap();
+    let before = std::fs::metadata(copy.join("model.safetensors"))
+        .unwrap()
+        .ino();
+    let plan = daemon
+        .call("cache.consolidate", json!({"apply": true}))
+        .unwrap();
+    assert!(
+        plan["skipped"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s.as_str().unwrap().contains("loaded model")),
+        "{plan}"
+    );
+    assert_eq!(
+        std::fs::metadata(copy.join("model.safetensors"))
+            .unwrap()
+            .ino(),
+        before
+    );
+}
+
+#[test]
+fn clean_is_a_dry_run_until_applied() {
+    let daemon = Daemon::start();
+    let hub = daemon.hf_cache();
+    let repo = write_revision(
+        &hub,
+        "org/m",
+        &c(1),
+        &["main"],
+        &[("a.json", b"{}"), ("b.bin", b"0123456789")],
+    );
+    write_revision(&hub, "org/m", &c(2), &[], &[("old.bin", b"detached!")]);
+    std::fs::write(repo.join("blobs/deadbeef.incomplete"), vec![0u8; 100]).unwrap();
+    std::fs::write(repo.join("blobs/0000orphan"), b"orphan").unwrap();
+    std::os::unix::fs::symlink(
+        "../../blobs/missing",
+        repo.join("snapshots").join(c(1)).join("gone.json"),
+    )
+    .unwrap();
+    std::fs::create_dir_all(hub.join("models--org--empty/refs")).unwrap();
+
+    let dry = daemon.call("cache.clean", json!({})).unwrap();
+    let actions: Vec<&str> = dry["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a["action"].as_str().unwrap())
+        .collect();
+    for expected in [
+        "remove_incomplete",
+        "remove_orphan_blob",
+        "remove_dangling_link",
+        "remove_empty_repo",
+    ] {
+        assert!(actions.contains(&expected), "{expected} missing: {dry}");
+    }
+    assert!(
+        !actions.contains(&"remove_revision"),
+        "detached revisions are opt-in"
+    );
+    assert_eq!(dry["freed_bytes"], 106);
+    assert!(repo.join("blobs/deadbeef.incomplete").exists(), "dry run");
+
+    let done = daemon
+        .call("cache.clean", json!({"apply": true, "detached": true}))
+        .unwrap();
+    assert_eq!(done["applied"], true);
+    assert!(!repo.join("blobs/deadbeef.incomplete").exists());
+    assert!(!repo.join("blobs/0000orphan").exists());
+    assert!(
+        !repo.join("snapshots").join(c(2)).exists(),
+        "detached revision removed"
+    );
+    assert!(
+        std::fs::symlink_metadata(repo.join("snapshots").join(c(1)).join("gone.json")).is_err()
+    );
+    assert!(!hub.join("models--org--empty").exists());
+    // What is in use stays.
+    assert_eq!(
+        std::fs::read(repo.join("snapshots").join(c(1)).join("b.bin")).unwrap(),
+        b"0123456789"
+    );
+    let again = daemon
+        .call("cache.clean", json!({"detached": true}))
+        .unwrap();
+    assert_eq!(again["actions"].as_array().unwrap().len(), 0, "{again}");
+}
+
+#[test]
+fn rm_revision_keeps_shared_blobs_and_is_refused_while_loaded() {
+    let daemon = Daemon::start();
+    let hub = daemon.hf_cache();
+    let shared = vec![5u8; 1000];
+    let repo = write_revision(
+        &hub,
+        "org/m",
+        &c(1),
+        &["main"],
+        &[("w.bin", &shared), ("one.json", b"1")],
+    );
+    write_revision(
+        &hub,
+        "org/m",
+        &c(2),
+        &["v2"],
+        &[("w.bin", &shared), ("two.json", b"22")],
+    );
+
+    let plan = daemon
+        .call("cache.rm", json!({"repo": "org/m", "revision": "v2"}))
+        .unwrap();
+    assert_eq!(plan["applied"], false);
+    assert_eq!(
+        plan["freed_bytes"], 2,
+        "only the blob no other revision uses"
+    );
+    daemon
+        .call(
+            "cache.rm",
+            json!({"repo": "org/m", "revision": "v2", "apply": true}),
+        )
+        .unwrap();
+    assert!(!repo.join("snapshots").join(c(2)).exists());
+    assert!(!repo.join("refs/v2").exists());
+    assert_eq!(
+        std::fs::read(repo.join("snapshots").join(c(1)).join("w.bin")).unwrap(),
+        shared
+    );
+
+    let err = daemon
+        .call("cache.rm", json!({"repo": "org/nothing"}))
+        .unwrap_err();
+    assert_eq!(kind(&err), "not_found");
+    let err = daemon
+        .call("cache.rm", json!({"repo": "../etc"}))
+        .unwrap_err();
+    assert_eq!(kind(&err), "invalid_params");
+
+    // A loaded model's repo cannot be removed.
+    let fixture = fixtures_dir().join("tiny-qwen2");
+    let files: Vec<(String, Vec<u8>)> = ["config.json", "model.safetensors", "tokenizer.json"]
+        .iter()
+        .map(|n| (n.to_string(), std::fs::read(fixture.join(n)).unwrap()))
+        .collect();
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_slice()))
+        .collect();
+    write_revision(&hub, "org/qwen", &c(3), &["main"], &refs);
+    daemon
+        .call(
+            "models.register",
+            json!({"name": "qwen", "repo": "org/qwen"}),
+        )
+        .unwrap();
+    daemon.call("load", json!({"name": "qwen"})).unwrap();
+    let err = daemon
+        .call("cache.rm", json!({"repo": "org/qwen", "apply": true}))
+        .unwrap_err();
+    assert_eq!(kind(&err), "in_use");
+    daemon.call("unload", json!({"name": "qwen"})).unwrap();
+    let done = daemon
+        .call("cache.rm", json!({"repo": "org/qwen", "apply": true}))
+        .unwrap();
+    assert!(done["freed_bytes"].as_u64().unwrap() > 400_000);
+    assert!(!hub.join("models--org--qwen").exists());
+}
