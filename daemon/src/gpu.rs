@@ -108,22 +108,24 @@ pub fn system_memory() -> SystemMemory {
 }
 
 fn parse_meminfo(text: &str) -> SystemMemory {
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
-            .and_then(|rest| {
-                rest.trim()
-                    .trim_end_matches("kB")
-                    .trim()
-                    .parse::<u64>()
-                    .ok()
-            })
-            .map_or(0, |kib| kib * 1024)
-    };
     SystemMemory {
-        total_bytes: field("MemTotal"),
-        available_bytes: field("MemAvailable"),
+        total_bytes: proc_kib_field(text, "MemTotal"),
+        available_bytes: proc_kib_field(text, "MemAvailable"),
     }
+}
+
+/// A `Name:   1234 kB` line of a /proc file, in bytes; 0 when absent.
+pub fn proc_kib_field(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(':'))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kib| kib * 1024)
 }
 
 #[cfg(test)]

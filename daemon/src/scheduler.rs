@@ -106,7 +106,34 @@ fn cancelled_event(job: u64) -> GenerateEvent {
     }
 }
 
+impl Work {
+    /// How the job shows in `status`.
+    fn describe(&self, id: u64) -> JobInfo {
+        let (kind, mode, model) = match self {
+            Work::Generate { request, mode, .. } => {
+                ("generate", mode.clone(), Some(request.model.clone()))
+            }
+            Work::Switch { to } => ("switch", Some(to.clone()), None),
+            Work::Unload { name, .. } | Work::Expire { name } => {
+                ("unload", None, Some(name.clone()))
+            }
+        };
+        JobInfo {
+            id,
+            kind: kind.into(),
+            mode,
+            model,
+            running: false,
+        }
+    }
+}
+
 impl QueueState {
+    fn push(&mut self, id: u64, work: Work) {
+        let info = work.describe(id);
+        self.jobs.push_back(Queued { info, work });
+    }
+
     /// The mode in force once every queued switch has run.
     fn effective_mode(&self) -> Option<String> {
         self.jobs
@@ -151,34 +178,17 @@ impl Scheduler {
             return Err(queue_full(capacity));
         }
         if let Some(to) = switch_to {
-            let info = JobInfo {
-                id: self.id(),
-                kind: "switch".into(),
-                mode: Some(to.clone()),
-                model: None,
-                running: false,
-            };
-            queue.jobs.push_back(Queued {
-                info,
-                work: Work::Switch { to },
-            });
+            queue.push(self.id(), Work::Switch { to });
         }
         let id = self.id();
-        let info = JobInfo {
+        queue.push(
             id,
-            kind: "generate".into(),
-            mode: mode.clone(),
-            model: Some(request.model.clone()),
-            running: false,
-        };
-        queue.jobs.push_back(Queued {
-            info,
-            work: Work::Generate {
+            Work::Generate {
                 request,
                 mode,
                 events,
             },
-        });
+        );
         drop(queue);
         self.wake.notify_one();
         Ok((id, receiver))
@@ -196,17 +206,7 @@ impl Scheduler {
             to: to.clone(),
             ahead: queue.ahead(),
         };
-        let info = JobInfo {
-            id: reply.job,
-            kind: "switch".into(),
-            mode: Some(to.clone()),
-            model: None,
-            running: false,
-        };
-        queue.jobs.push_back(Queued {
-            info,
-            work: Work::Switch { to },
-        });
+        queue.push(reply.job, Work::Switch { to });
         drop(queue);
         self.wake.notify_one();
         Ok(reply)
@@ -222,17 +222,7 @@ impl Scheduler {
         if queue.jobs.len() >= capacity {
             return Err(queue_full(capacity));
         }
-        let info = JobInfo {
-            id: self.id(),
-            kind: "unload".into(),
-            mode: None,
-            model: Some(name.clone()),
-            running: false,
-        };
-        queue.jobs.push_back(Queued {
-            info,
-            work: Work::Unload { name, reply },
-        });
+        queue.push(self.id(), Work::Unload { name, reply });
         drop(queue);
         self.wake.notify_one();
         Ok(receiver)
@@ -249,17 +239,7 @@ impl Scheduler {
         if waiting {
             return;
         }
-        let info = JobInfo {
-            id: self.id(),
-            kind: "unload".into(),
-            mode: None,
-            model: Some(name.clone()),
-            running: false,
-        };
-        queue.jobs.push_back(Queued {
-            info,
-            work: Work::Expire { name },
-        });
+        queue.push(self.id(), Work::Expire { name });
         drop(queue);
         self.wake.notify_one();
     }

@@ -8,7 +8,7 @@ use modeld_wire::types::{CacheLocation, ModelRecord, SourceKind, SourceReply};
 
 use crate::config::Config;
 use crate::hub::api::{hf_home, HubSettings};
-use crate::hub::cache::RepoCache;
+use crate::hub::cache::{matching_files, RepoCache};
 
 /// The cache roots in force, resolved from config and environment.
 #[derive(Debug, Clone)]
@@ -114,38 +114,12 @@ fn find_local(path: &Path, globs: &GlobSet) -> Option<OnDisk> {
     let files = if meta.is_file() {
         vec![path.file_name()?.to_string_lossy().into_owned()]
     } else {
-        let mut files = Vec::new();
-        list_matching(path, path, globs, &mut files);
-        files.sort();
-        files
+        matching_files(path, globs)
     };
     (!files.is_empty()).then(|| OnDisk::Local {
         path: path.to_path_buf(),
         files,
     })
-}
-
-fn list_matching(base: &Path, dir: &Path, globs: &GlobSet, out: &mut Vec<String>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        match std::fs::metadata(&path) {
-            Ok(meta) if meta.is_dir() => list_matching(base, &path, globs, out),
-            Ok(_) => {
-                let relative = path
-                    .strip_prefix(base)
-                    .unwrap_or(&path)
-                    .to_string_lossy()
-                    .into_owned();
-                if globs.is_match(&relative) {
-                    out.push(relative);
-                }
-            }
-            Err(_) => {}
-        }
-    }
 }
 
 fn find_cached(root: &Path, repo: &str, revision: &str, globs: &GlobSet) -> Option<OnDisk> {

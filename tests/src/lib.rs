@@ -188,6 +188,24 @@ impl Daemon {
         self.client().call_value(method, params)
     }
 
+    /// Copies a fixture model into the daemon's temp dir (fixtures stay
+    /// read-only) and registers it under the fixture's name.
+    pub fn register_fixture(&self, fixture: &str) -> PathBuf {
+        let dir = self.dir.path().join(fixture);
+        std::fs::create_dir_all(&dir).expect("fixture copy dir");
+        for entry in std::fs::read_dir(fixtures_dir().join(fixture)).expect("fixture dir") {
+            let path = entry.expect("fixture entry").path();
+            std::fs::copy(&path, dir.join(path.file_name().expect("file name")))
+                .expect("copy fixture");
+        }
+        self.call(
+            "models.register",
+            json!({"name": fixture, "local_path": dir}),
+        )
+        .expect("register fixture");
+        dir
+    }
+
     /// Runs `modelctl` against this daemon.
     pub fn ctl(&self, args: &[&str]) -> Output {
         Command::new(modelctl_bin())

@@ -41,6 +41,14 @@ fn c(n: u8) -> String {
     format!("{n:x}").repeat(40)[..40].to_string()
 }
 
+/// The files a fixture model needs, with their bytes.
+fn fixture_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    ["config.json", "model.safetensors", "tokenizer.json"]
+        .iter()
+        .map(|n| (n.to_string(), std::fs::read(dir.join(n)).unwrap()))
+        .collect()
+}
+
 const CONFIG: &[u8] = br#"{"architectures":["LlamaForCausalLM"],"model_type":"llama"}"#;
 
 #[test]
@@ -273,10 +281,7 @@ fn duplicates_found_then_consolidated_into_hard_links() {
 fn consolidate_never_touches_a_loaded_model() {
     let daemon = Daemon::start();
     let fixture = fixtures_dir().join("tiny-llama");
-    let files: Vec<(String, Vec<u8>)> = ["config.json", "model.safetensors", "tokenizer.json"]
-        .iter()
-        .map(|n| (n.to_string(), std::fs::read(fixture.join(n)).unwrap()))
-        .collect();
+    let files = fixture_files(&fixture);
     let refs: Vec<(&str, &[u8])> = files
         .iter()
         .map(|(n, b)| (n.as_str(), b.as_slice()))
@@ -443,10 +448,7 @@ fn rm_revision_keeps_shared_blobs_and_is_refused_while_loaded() {
 
     // A loaded model's repo cannot be removed.
     let fixture = fixtures_dir().join("tiny-qwen2");
-    let files: Vec<(String, Vec<u8>)> = ["config.json", "model.safetensors", "tokenizer.json"]
-        .iter()
-        .map(|n| (n.to_string(), std::fs::read(fixture.join(n)).unwrap()))
-        .collect();
+    let files = fixture_files(&fixture);
     let refs: Vec<(&str, &[u8])> = files
         .iter()
         .map(|(n, b)| (n.as_str(), b.as_slice()))

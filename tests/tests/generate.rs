@@ -1,27 +1,8 @@
 //! Text generation through the daemon, checked against token ids computed
 //! by Hugging Face transformers (`../shared/fixtures/*/expected.json`).
 
-use std::path::PathBuf;
-
 use modeld_e2e::{fixtures_dir, kind, Daemon};
 use serde_json::{json, Value};
-
-/// Copies a fixture model into the daemon's temp dir and registers it.
-fn register_fixture(daemon: &Daemon, fixture: &str) -> PathBuf {
-    let dir = daemon.dir.path().join(fixture);
-    std::fs::create_dir_all(&dir).unwrap();
-    for entry in std::fs::read_dir(fixtures_dir().join(fixture)).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
-    }
-    daemon
-        .call(
-            "models.register",
-            json!({"name": fixture, "local_path": dir}),
-        )
-        .unwrap();
-    dir
-}
 
 fn expected(fixture: &str) -> Value {
     let text = std::fs::read_to_string(fixtures_dir().join(fixture).join("expected.json")).unwrap();
@@ -40,7 +21,7 @@ fn generate(daemon: &Daemon, params: Value) -> Vec<Value> {
 
 fn check_greedy(fixture: &str) {
     let daemon = Daemon::start();
-    register_fixture(&daemon, fixture);
+    daemon.register_fixture(fixture);
     let loaded = daemon.call("load", json!({"name": fixture})).unwrap();
     assert_eq!(loaded["already_loaded"], false);
     assert_eq!(loaded["model"]["device"], "cpu");
@@ -87,7 +68,7 @@ fn tiny_qwen2_matches_transformers_greedy() {
 #[test]
 fn generate_loads_on_demand_and_reports_stats() {
     let daemon = Daemon::start();
-    register_fixture(&daemon, "tiny-qwen2");
+    daemon.register_fixture("tiny-qwen2");
     let events = generate(
         &daemon,
         json!({"model": "tiny-qwen2", "prompt": "The application uses a", "max_tokens": 8,
@@ -118,7 +99,7 @@ fn generate_loads_on_demand_and_reports_stats() {
 #[test]
 fn stop_strings_end_generation() {
     let daemon = Daemon::start();
-    register_fixture(&daemon, "tiny-llama");
+    daemon.register_fixture("tiny-llama");
     // The greedy text of this prompt is " - Local File ha.safetensors...".
     let events = generate(
         &daemon,
@@ -132,7 +113,7 @@ fn stop_strings_end_generation() {
 #[test]
 fn bad_requests_name_the_field() {
     let daemon = Daemon::start();
-    register_fixture(&daemon, "tiny-llama");
+    daemon.register_fixture("tiny-llama");
     let mut client = daemon.client();
     let cases = [
         (
@@ -188,7 +169,7 @@ fn bad_requests_name_the_field() {
 #[test]
 fn unload_frees_the_model() {
     let daemon = Daemon::start();
-    register_fixture(&daemon, "tiny-llama");
+    daemon.register_fixture("tiny-llama");
     daemon.call("load", json!({"name": "tiny-llama"})).unwrap();
     let again = daemon.call("load", json!({"name": "tiny-llama"})).unwrap();
     assert_eq!(again["already_loaded"], true);
@@ -217,7 +198,7 @@ fn unload_frees_the_model() {
 #[test]
 fn modelctl_load_generate_unload() {
     let daemon = Daemon::start();
-    register_fixture(&daemon, "tiny-llama");
+    daemon.register_fixture("tiny-llama");
     let out = daemon.ctl(&["load", "tiny-llama"]);
     assert!(
         out.status.success(),
@@ -260,7 +241,7 @@ fn modelctl_load_generate_unload() {
 fn gguf_from_tiny_llama_gives_the_same_tokens() {
     use modeld_e2e::gguf::{write_llama_gguf, GgufType};
     let daemon = Daemon::start();
-    let source = register_fixture(&daemon, "tiny-llama");
+    let source = daemon.register_fixture("tiny-llama");
     let expected = expected("tiny-llama");
     for (kind, min_margin) in [
         (GgufType::F32, 0.0),

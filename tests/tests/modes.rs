@@ -8,23 +8,6 @@ use modeld_e2e::fakehub::FakeHub;
 use modeld_e2e::{fixtures_dir, kind, Daemon};
 use serde_json::{json, Value};
 
-/// Copies a fixture model into `dir` and registers it under its own name.
-fn register_fixture(daemon: &Daemon, fixture: &str) -> PathBuf {
-    let dir = daemon.dir.path().join(fixture);
-    std::fs::create_dir_all(&dir).unwrap();
-    for entry in std::fs::read_dir(fixtures_dir().join(fixture)).unwrap() {
-        let path = entry.unwrap().path();
-        std::fs::copy(&path, dir.join(path.file_name().unwrap())).unwrap();
-    }
-    daemon
-        .call(
-            "models.register",
-            json!({"name": fixture, "local_path": dir}),
-        )
-        .unwrap();
-    dir
-}
-
 fn modes_file(daemon: &Daemon) -> PathBuf {
     daemon.dir.path().join("modes.toml")
 }
@@ -66,8 +49,8 @@ fn status(daemon: &Daemon) -> Value {
 #[test]
 fn generate_in_a_mode_switches_and_applies_defaults() {
     let daemon = Daemon::start();
-    register_fixture(&daemon, "tiny-llama");
-    register_fixture(&daemon, "tiny-qwen2");
+    daemon.register_fixture("tiny-llama");
+    daemon.register_fixture("tiny-qwen2");
     std::fs::write(modes_file(&daemon), MODES).unwrap();
     let modes = daemon.call("modes.reload", json!({})).unwrap();
     assert_eq!(modes["modes"].as_array().unwrap().len(), 2);
@@ -125,8 +108,8 @@ fn generate_in_a_mode_switches_and_applies_defaults() {
 #[test]
 fn bad_modes_file_reports_every_error_and_keeps_the_old_modes() {
     let mut daemon = Daemon::start();
-    register_fixture(&daemon, "tiny-llama");
-    register_fixture(&daemon, "tiny-qwen2");
+    daemon.register_fixture("tiny-llama");
+    daemon.register_fixture("tiny-qwen2");
     std::fs::write(modes_file(&daemon), MODES).unwrap();
     daemon.call("modes.reload", json!({})).unwrap();
 
@@ -191,8 +174,8 @@ top_p = 7.0
 #[test]
 fn file_changes_reload_without_a_signal() {
     let daemon = Daemon::start();
-    register_fixture(&daemon, "tiny-llama");
-    register_fixture(&daemon, "tiny-qwen2");
+    daemon.register_fixture("tiny-llama");
+    daemon.register_fixture("tiny-qwen2");
     std::fs::write(modes_file(&daemon), MODES).unwrap();
     wait_until("the watcher to load modes", || {
         daemon.call("modes.list", json!({})).unwrap()["modes"]
@@ -250,7 +233,7 @@ fn queue_overflow_cancel_and_order() {
             json!({"name": "remote", "repo": "org/tiny-llama"}),
         )
         .unwrap();
-    register_fixture(&daemon, "tiny-qwen2");
+    daemon.register_fixture("tiny-qwen2");
     std::fs::write(
         modes_file(&daemon),
         "[modes.slow]\nmodel = \"remote\"\n[modes.fast]\nmodel = \"tiny-qwen2\"\n",
@@ -341,8 +324,8 @@ fn queue_overflow_cancel_and_order() {
 #[test]
 fn memory_budget_evicts_idle_models_and_refuses_what_cannot_fit() {
     let daemon = Daemon::start_configured("[scheduler]\nmemory_budget = \"1M\"\n", &[]);
-    register_fixture(&daemon, "tiny-llama");
-    register_fixture(&daemon, "tiny-qwen2");
+    daemon.register_fixture("tiny-llama");
+    daemon.register_fixture("tiny-qwen2");
     daemon.call("load", json!({"name": "tiny-llama"})).unwrap();
     // Both do not fit in 1 MiB: the idle llama goes.
     let events = generate(
@@ -356,7 +339,7 @@ fn memory_budget_evicts_idle_models_and_refuses_what_cannot_fit() {
     assert_eq!(vram["models"][0]["name"], "tiny-qwen2");
 
     let small = Daemon::start_configured("[scheduler]\nmemory_budget = \"100K\"\n", &[]);
-    register_fixture(&small, "tiny-llama");
+    small.register_fixture("tiny-llama");
     let err = small
         .call("load", json!({"name": "tiny-llama"}))
         .unwrap_err();
@@ -370,7 +353,7 @@ fn memory_budget_evicts_idle_models_and_refuses_what_cannot_fit() {
 #[test]
 fn keep_alive_unloads_idle_models() {
     let daemon = Daemon::start();
-    register_fixture(&daemon, "tiny-llama");
+    daemon.register_fixture("tiny-llama");
     std::fs::write(
         modes_file(&daemon),
         "[modes.brief]\nmodel = \"tiny-llama\"\nkeep_alive = \"1s\"\n",
@@ -414,7 +397,7 @@ fn write_lora(dir: &Path, scale: f32) {
 #[test]
 fn lora_adapters_are_merged_at_load() {
     let daemon = Daemon::start();
-    register_fixture(&daemon, "tiny-llama");
+    daemon.register_fixture("tiny-llama");
     let loras = daemon.dir.path().join("loras");
     write_lora(&loras.join("strong"), 1.0);
     let modes = format!(
@@ -457,8 +440,8 @@ loras = [{{ path = "strong", strength = 2.0, adapter_name = "style" }}]
 #[test]
 fn modelctl_modes_switch_cancel() {
     let daemon = Daemon::start();
-    register_fixture(&daemon, "tiny-llama");
-    register_fixture(&daemon, "tiny-qwen2");
+    daemon.register_fixture("tiny-llama");
+    daemon.register_fixture("tiny-qwen2");
     std::fs::write(modes_file(&daemon), MODES).unwrap();
     let out = daemon.ctl(&["reload"]);
     assert!(
@@ -501,8 +484,8 @@ fn modelctl_modes_switch_cancel() {
 #[test]
 fn reloads_race_generations_and_switches_keep_order() {
     let daemon = Daemon::start();
-    register_fixture(&daemon, "tiny-llama");
-    register_fixture(&daemon, "tiny-qwen2");
+    daemon.register_fixture("tiny-llama");
+    daemon.register_fixture("tiny-qwen2");
     std::fs::write(modes_file(&daemon), MODES).unwrap();
     daemon.call("modes.reload", json!({})).unwrap();
 

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use modeld_wire::types::{CacheAction, CachePlan};
 
-use super::{CacheError, Root};
+use super::{empty_plan, CacheError, Root};
 use crate::hub::cache::{is_commit, RepoCache};
 
 /// One repo's cache directory as found on disk.
@@ -121,12 +121,7 @@ pub fn clean(
     apply: bool,
     detached: bool,
 ) -> Result<CachePlan, CacheError> {
-    let mut plan = CachePlan {
-        applied: apply,
-        actions: Vec::new(),
-        freed_bytes: 0,
-        skipped: Vec::new(),
-    };
+    let mut plan = empty_plan(apply);
     for root in roots.iter().filter(|r| r.is_hf_cache()) {
         for dir in repo_dirs(root) {
             if busy.contains(&dir) {
@@ -215,12 +210,7 @@ pub fn remove(
     revision: Option<&str>,
     apply: bool,
 ) -> Result<CachePlan, CacheError> {
-    let mut plan = CachePlan {
-        applied: apply,
-        actions: Vec::new(),
-        freed_bytes: 0,
-        skipped: Vec::new(),
-    };
+    let mut plan = empty_plan(apply);
     for root in roots.iter().filter(|r| r.is_hf_cache()) {
         let cache = RepoCache::new(&root.path, repo_id);
         if !cache.dir.is_dir() {

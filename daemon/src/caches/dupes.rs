@@ -163,12 +163,7 @@ pub fn consolidate(
     protected: &HashSet<PathBuf>,
     apply: bool,
 ) -> CachePlan {
-    let mut plan = CachePlan {
-        applied: apply,
-        actions: Vec::new(),
-        freed_bytes: 0,
-        skipped: Vec::new(),
-    };
+    let mut plan = super::empty_plan(apply);
     let mut freed_inodes = HashSet::new();
     for group in &found.groups {
         let Ok(keep_meta) = std::fs::metadata(&group.keep) else {

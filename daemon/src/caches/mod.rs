@@ -108,6 +108,16 @@ fn collect_real_files(path: &Path, out: &mut HashSet<PathBuf>) {
     }
 }
 
+/// A plan with nothing in it yet.
+pub fn empty_plan(apply: bool) -> modeld_wire::types::CachePlan {
+    modeld_wire::types::CachePlan {
+        applied: apply,
+        actions: Vec::new(),
+        freed_bytes: 0,
+        skipped: Vec::new(),
+    }
+}
+
 /// Seconds since the Unix epoch of a system time.
 pub fn epoch_secs(time: std::time::SystemTime) -> u64 {
     time.duration_since(std::time::UNIX_EPOCH)

@@ -475,19 +475,6 @@ fn start_worker(
 
 /// The process's resident memory, from `/proc/self/status`.
 pub fn rss_bytes() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
-        .ok()
-        .and_then(|status| {
-            status
-                .lines()
-                .find_map(|line| line.strip_prefix("VmRSS:"))
-                .and_then(|rest| {
-                    rest.trim()
-                        .trim_end_matches("kB")
-                        .trim()
-                        .parse::<u64>()
-                        .ok()
-                })
-        })
-        .map_or(0, |kib| kib * 1024)
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    crate::gpu::proc_kib_field(&status, "VmRSS")
 }

@@ -108,11 +108,17 @@ impl RepoCache {
         if !dir.is_dir() {
             return None;
         }
-        let mut files = Vec::new();
-        collect_files(&dir, &dir, patterns, &mut files);
-        files.sort();
-        Some(files)
+        Some(matching_files(&dir, patterns))
     }
+}
+
+/// Files under `dir` (following links; dangling ones are not files) whose
+/// path relative to `dir` matches `patterns`, sorted.
+pub fn matching_files(dir: &Path, patterns: &GlobSet) -> Vec<String> {
+    let mut files = Vec::new();
+    collect_files(dir, dir, patterns, &mut files);
+    files.sort();
+    files
 }
 
 fn collect_files(base: &Path, dir: &Path, patterns: &GlobSet, out: &mut Vec<String>) {

@@ -210,15 +210,7 @@ fn echo_server(path: &Path) {
 fn download(mib: usize) {
     let hub = FakeHub::start();
     // Incompressible, deterministic content.
-    let mut state = 0x2545f4914f6cdd1du64;
-    let bytes: Vec<u8> = (0..mib << 20)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
+    let bytes = pseudo_random(mib << 20, 0x2545f4914f6cdd1du64);
     hub.add_repo("bench/big", vec![("model.safetensors".into(), bytes)]);
     let sha = hub.sha256_of("bench/big", "model.safetensors");
     let endpoint = hub.endpoint();
@@ -479,15 +471,7 @@ fn cache(repos: usize, mib: usize) {
     let daemon = Daemon::start();
     let dir = daemon.dir.path().join("models");
     std::fs::create_dir_all(&dir).expect("model root");
-    let mut state = 0x9e3779b97f4a7c15u64;
-    let bytes: Vec<u8> = (0..mib << 20)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
+    let bytes = pseudo_random(mib << 20, 0x9e3779b97f4a7c15u64);
     std::fs::write(dir.join("a.safetensors"), &bytes).expect("copy a");
     std::fs::write(dir.join("b.safetensors"), &bytes).expect("copy b");
     drop(bytes);
@@ -527,4 +511,16 @@ fn cache(repos: usize, mib: usize) {
         total / ours,
         ours / sha256sum
     );
+}
+
+/// Incompressible, deterministic bytes (xorshift).
+fn pseudo_random(len: usize, mut state: u64) -> Vec<u8> {
+    (0..len)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect()
 }
