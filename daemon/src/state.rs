@@ -207,7 +207,11 @@ impl AppState {
                 loaded.loaded_at = unix_now();
                 loaded.reloads += 1;
                 loaded.last_error = None;
-                tracing::info!(path = %path.display(), modes = count, "modes loaded");
+                if path.exists() {
+                    tracing::info!(path = %path.display(), modes = count, "modes loaded");
+                } else {
+                    tracing::debug!(path = %path.display(), "no modes file");
+                }
                 self.emit(Event::ModesReloaded { path, modes: count });
                 Ok(count)
             }
