@@ -53,6 +53,16 @@ fn malformed_input_gets_errors_and_the_connection_survives() {
             "invalid_request",
         ),
         (
+            r#"{"jsonrpc":"2.0","id":1e999,"method":"status"}"#,
+            -32600,
+            "invalid_request",
+        ),
+        (
+            r#"{"jsonrpc":"2.0","id":-1,"method":"status"}"#,
+            -32600,
+            "invalid_request",
+        ),
+        (
             r#"{"jsonrpc":"2.0","id":1,"method":"status","params":7}"#,
             -32600,
             "invalid_request",
@@ -91,6 +101,25 @@ fn malformed_input_gets_errors_and_the_connection_survives() {
             reply["error"]["data"]["kind"], *error_kind,
             "{line}: {reply}"
         );
+        assert_alive(&daemon, &mut client);
+    }
+}
+
+#[test]
+fn deeply_nested_input_is_refused_and_the_daemon_survives() {
+    let daemon = Daemon::start();
+    let mut client = daemon.client();
+    for line in [
+        format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)),
+        format!("{}1{}", r#"{"a":"#.repeat(100_000), "}".repeat(100_000)),
+    ] {
+        let reply = exchange(&mut client, &line);
+        let reply = if reply.is_array() {
+            reply[0].clone()
+        } else {
+            reply
+        };
+        assert!(reply["error"]["code"].is_i64(), "{reply}");
         assert_alive(&daemon, &mut client);
     }
 }

@@ -132,7 +132,9 @@ impl Dispatcher {
         {
             Ok(result) => result,
             Err(err) => {
-                let err = wire_error(ErrorKind::Internal, err.to_string(), Map::new());
+                // The envelope passed our checks but jsonrpsee could not
+                // read it: still the request's fault, not the daemon's.
+                let err = wire_error(ErrorKind::InvalidRequest, err.to_string(), Map::new());
                 return id.map(|id| error_response(Some(id), &err));
             }
         };
@@ -172,21 +174,24 @@ impl CheckedRequest<'_> {
 }
 
 fn check_envelope(raw: &RawValue) -> Result<CheckedRequest<'_>, String> {
-    let envelope: Envelope = serde_json::from_str(raw.get()).map_err(|_| {
+    let not_an_object = || {
         invalid_request(
             None,
             "a request must be a JSON object with jsonrpc, method, and optional id and params",
         )
-    })?;
+    };
+    // Arrays would decode into the envelope by position: only objects count.
+    if !raw.get().starts_with('{') {
+        return Err(not_an_object());
+    }
+    let envelope: Envelope = serde_json::from_str(raw.get()).map_err(|_| not_an_object())?;
     let id = envelope.id.map(RawValue::get);
     if let Some(id_text) = id {
-        if !(id_text.starts_with('"')
-            || id_text == "null"
-            || id_text.starts_with(['-', '0', '1', '2', '3', '4', '5', '6', '7', '8', '9']))
-        {
+        let valid = id_text.starts_with('"') || id_text == "null" || id_text.parse::<u64>().is_ok();
+        if !valid {
             return Err(invalid_request(
                 None,
-                "id must be a string, a number or null",
+                "id must be a string, an unsigned integer or null",
             ));
         }
     }
