@@ -70,7 +70,7 @@ enum Command {
     /// Inspect and tidy the model caches
     #[command(subcommand)]
     Cache(cache::CacheCommand),
-    /// List the modes, the current one first
+    /// List the modes (* marks the current one)
     Modes,
     /// Queue a switch to another mode
     Switch { mode: String },

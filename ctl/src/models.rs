@@ -123,6 +123,12 @@ pub fn remove(client: &mut Client, name: &str, json: bool) -> Outcome {
     Ok(())
 }
 
+/// Seconds since the epoch as an RFC 3339 UTC time.
+fn timestamp(secs: u64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
 fn print_record(model: &ModelRecord) {
     print_fields(&[
         ("name", model.name.clone()),
@@ -138,7 +144,7 @@ fn print_record(model: &ModelRecord) {
             "estimated size",
             or_dash(model.estimated_size.map(format_bytes)),
         ),
-        ("registered at", model.registered_at.to_string()),
-        ("updated at", model.updated_at.to_string()),
+        ("registered at", timestamp(model.registered_at)),
+        ("updated at", timestamp(model.updated_at)),
     ]);
 }

@@ -59,6 +59,15 @@ pub fn status(client: &mut Client, json: bool) -> Outcome {
             ),
         ),
     ]);
+    for job in &reply.queue.jobs {
+        let state = if job.running { "running" } else { "queued" };
+        let what = job
+            .mode
+            .clone()
+            .or_else(|| job.model.clone())
+            .unwrap_or_default();
+        println!("  job {:<6} {state:<8} {:<9} {what}", job.id, job.kind);
+    }
     Ok(())
 }
 
