@@ -23,10 +23,13 @@ use crate::sources::{find_on_disk, patterns, CacheRoots, OnDisk};
 /// Progress notifications per second, at most, per pull.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 
+/// What makes two pulls the same: target root, repo, revision.
+type PullKey = (PathBuf, String, String);
+
 /// The pulls in progress.
 #[derive(Default)]
 pub struct Pulls {
-    active: Mutex<HashMap<String, Arc<PullHandle>>>,
+    active: Mutex<HashMap<PullKey, Arc<PullHandle>>>,
 }
 
 struct PullHandle {
@@ -56,22 +59,17 @@ impl Pulls {
         let active = self.active.lock().unwrap_or_else(|e| e.into_inner());
         active
             .keys()
-            .filter_map(|key| {
-                let mut parts = key.split('\0');
-                let (root, repo) = (parts.next()?, parts.next()?);
-                Some(RepoCache::new(std::path::Path::new(root), repo).dir)
-            })
+            .map(|(root, repo, _)| RepoCache::new(root, repo).dir)
             .collect()
     }
 
     /// Joins the pull of the same files if one runs, else starts one.
     pub fn attach_or_start(self: &Arc<Self>, job: PullJob) -> Result<PullWatch, ApiError> {
         let target = job.roots.target(&job.model.cache)?;
-        let key = format!(
-            "{}\0{}\0{}",
-            target.display(),
-            job.model.repo.as_deref().unwrap_or(""),
-            job.model.revision
+        let key: PullKey = (
+            target.clone(),
+            job.model.repo.clone().unwrap_or_default(),
+            job.model.revision.clone(),
         );
         let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(handle) = active.get(&key) {

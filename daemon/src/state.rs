@@ -67,11 +67,11 @@ pub struct Stats {
 }
 
 impl Stats {
-    pub fn snapshot(&self, models: u64) -> Counts {
+    pub fn snapshot(&self, models: u64, loaded: u64) -> Counts {
         let load = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         Counts {
             models,
-            loaded: 0,
+            loaded,
             connections: load(&self.connections),
             requests_total: load(&self.requests_total),
             requests_in_flight: load(&self.requests_in_flight),

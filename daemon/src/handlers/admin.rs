@@ -2,9 +2,7 @@
 
 use std::sync::Arc;
 
-use modeld_wire::types::{
-    ConfigStatus, Counts, ModesStatus, ReloadReply, ShutdownReply, StatusReply,
-};
+use modeld_wire::types::{ConfigStatus, ModesStatus, ReloadReply, ShutdownReply, StatusReply};
 
 use crate::rpc::{ApiError, NoParams};
 use crate::state::AppState;
@@ -32,10 +30,10 @@ pub async fn status(state: Arc<AppState>, _: NoParams) -> Result<StatusReply, Ap
             reloads: config.reloads,
             last_error: config.last_error,
         },
-        counts: Counts {
-            loaded: state.engine.list().len() as u64,
-            ..state.stats.snapshot(state.registry.count() as u64)
-        },
+        counts: state.stats.snapshot(
+            state.registry.count() as u64,
+            state.engine.list().len() as u64,
+        ),
     })
 }
 

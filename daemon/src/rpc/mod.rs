@@ -60,37 +60,56 @@ pub fn build_module(state: Arc<AppState>) -> Module {
     route(&mut module, methods::SWITCH_MODE, handlers::modes::switch);
     route(&mut module, methods::JOBS_CANCEL, handlers::modes::cancel);
     route(&mut module, methods::UNLOAD, handlers::engine::unload);
-    module
-        .register_subscription(
+    stream(
+        &mut module,
+        [
             methods::GENERATE,
             methods::GENERATE_NOTIFICATION,
             methods::GENERATE_UNSUBSCRIBE,
-            |params, pending, state, _| async move {
-                handlers::engine::generate(params, pending, (*state).clone()).await
-            },
-        )
-        .expect("method names are unique");
-    module
-        .register_subscription(
+        ],
+        handlers::engine::generate,
+    );
+    stream(
+        &mut module,
+        [
             methods::MODELS_PULL,
             methods::MODELS_PULL_NOTIFICATION,
             methods::MODELS_PULL_UNSUBSCRIBE,
-            |params, pending, state, _| async move {
-                handlers::pull::pull(params, pending, (*state).clone()).await
-            },
-        )
-        .expect("method names are unique");
-    module
-        .register_subscription(
+        ],
+        handlers::pull::pull,
+    );
+    stream(
+        &mut module,
+        [
             methods::EVENTS_SUBSCRIBE,
             methods::EVENTS_NOTIFICATION,
             methods::EVENTS_UNSUBSCRIBE,
-            |params, pending, state, _| async move {
-                handlers::events::subscribe(params, pending, (*state).clone()).await
-            },
+        ],
+        handlers::events::subscribe,
+    );
+    module
+}
+
+/// Registers a streaming method: `[subscribe, notification, unsubscribe]`
+/// names, and a handler that accepts or rejects the pending subscription.
+fn stream<F, Fut>(module: &mut Module, names: [&'static str; 3], handler: F)
+where
+    F: Fn(Params<'static>, jsonrpsee::PendingSubscriptionSink, Arc<AppState>) -> Fut
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let [subscribe, notification, unsubscribe] = names;
+    module
+        .register_subscription(
+            subscribe,
+            notification,
+            unsubscribe,
+            move |params, pending, state, _| handler(params, pending, (*state).clone()),
         )
         .expect("method names are unique");
-    module
 }
 
 /// Registers `handler` under `name`: decodes its parameters into `P`,
