@@ -4,6 +4,7 @@
 
 pub mod fakehub;
 pub mod gguf;
+pub mod synthetic;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};

@@ -205,6 +205,7 @@ fn normalize(mut config: Value) -> Value {
     for (key, default) in [
         ("max_window_layers", Value::from(0)),
         ("use_sliding_window", Value::from(false)),
+        ("attention_bias", Value::from(false)),
     ] {
         if config.get(key).is_none() {
             config[key] = default;

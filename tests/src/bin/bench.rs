@@ -271,51 +271,16 @@ fn raw_copy(addr: std::net::SocketAddr, sha: &str, out: &Path) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
-/// Writes a random llama-architecture model big enough to time on a CPU.
+/// A random llama big enough to time on a CPU.
 fn synthetic_llama(dir: &Path) -> u64 {
-    use candle_core::{Device, Tensor};
-    let (hidden, inter, layers, heads, kv_heads, vocab) =
-        (512usize, 1408usize, 8usize, 8usize, 4usize, 384usize);
-    let head_dim = hidden / heads;
-    let mut tensors = std::collections::HashMap::new();
-    let mut add = |name: String, shape: &[usize]| {
-        let tensor = Tensor::randn(0f32, 0.05, shape, &Device::Cpu).expect("random tensor");
-        tensors.insert(name, tensor);
+    let shape = modeld_e2e::synthetic::Shape {
+        hidden: 512,
+        intermediate: 1408,
+        layers: 8,
+        heads: 8,
+        kv_heads: 4,
     };
-    add("model.embed_tokens.weight".into(), &[vocab, hidden]);
-    add("lm_head.weight".into(), &[vocab, hidden]);
-    add("model.norm.weight".into(), &[hidden]);
-    for i in 0..layers {
-        let p = format!("model.layers.{i}");
-        add(format!("{p}.self_attn.q_proj.weight"), &[hidden, hidden]);
-        add(
-            format!("{p}.self_attn.k_proj.weight"),
-            &[kv_heads * head_dim, hidden],
-        );
-        add(
-            format!("{p}.self_attn.v_proj.weight"),
-            &[kv_heads * head_dim, hidden],
-        );
-        add(format!("{p}.self_attn.o_proj.weight"), &[hidden, hidden]);
-        add(format!("{p}.mlp.gate_proj.weight"), &[inter, hidden]);
-        add(format!("{p}.mlp.up_proj.weight"), &[inter, hidden]);
-        add(format!("{p}.mlp.down_proj.weight"), &[hidden, inter]);
-        add(format!("{p}.input_layernorm.weight"), &[hidden]);
-        add(format!("{p}.post_attention_layernorm.weight"), &[hidden]);
-    }
-    std::fs::create_dir_all(dir).expect("model dir");
-    let weights = dir.join("model.safetensors");
-    candle_core::safetensors::save(&tensors, &weights).expect("write safetensors");
-    let config = serde_json::json!({
-        "model_type": "llama", "hidden_size": hidden, "intermediate_size": inter,
-        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-        "vocab_size": vocab, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
-        "rope_theta": 10000.0, "bos_token_id": 0, "eos_token_id": 0, "tie_word_embeddings": false
-    });
-    std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
-    let tokenizer = modeld_e2e::fixtures_dir().join("tiny-llama/tokenizer.json");
-    std::fs::copy(tokenizer, dir.join("tokenizer.json")).expect("tokenizer");
-    std::fs::metadata(&weights).expect("weights").len()
+    modeld_e2e::synthetic::write_model(dir, "llama", shape)
 }
 
 fn generate(tokens: usize) {

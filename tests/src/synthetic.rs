@@ -1,0 +1,87 @@
+//! Random-weight models in Hugging Face layout, for architectures the
+//! fixtures do not cover and for benchmarks that need bigger models. The
+//! tokenizer is tiny-llama's (vocabulary 384).
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{Device, Tensor};
+use serde_json::json;
+
+/// Sizes of a synthetic decoder.
+#[derive(Debug, Clone, Copy)]
+pub struct Shape {
+    pub hidden: usize,
+    pub intermediate: usize,
+    pub layers: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+}
+
+pub const VOCAB: usize = 384;
+
+/// Writes `config.json`, `model.safetensors` and `tokenizer.json` for
+/// `model_type` (`llama`, `mistral` or `qwen3`); returns the weights' size.
+pub fn write_model(dir: &Path, model_type: &str, shape: Shape) -> u64 {
+    let Shape {
+        hidden,
+        intermediate,
+        layers,
+        heads,
+        kv_heads,
+    } = shape;
+    let head_dim = hidden / heads;
+    let mut tensors = HashMap::new();
+    let mut add = |name: String, dims: &[usize]| {
+        let tensor = Tensor::randn(0f32, 0.05, dims, &Device::Cpu).expect("random tensor");
+        tensors.insert(name, tensor);
+    };
+    add("model.embed_tokens.weight".into(), &[VOCAB, hidden]);
+    add("lm_head.weight".into(), &[VOCAB, hidden]);
+    add("model.norm.weight".into(), &[hidden]);
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        add(
+            format!("{p}.self_attn.q_proj.weight"),
+            &[heads * head_dim, hidden],
+        );
+        add(
+            format!("{p}.self_attn.k_proj.weight"),
+            &[kv_heads * head_dim, hidden],
+        );
+        add(
+            format!("{p}.self_attn.v_proj.weight"),
+            &[kv_heads * head_dim, hidden],
+        );
+        add(
+            format!("{p}.self_attn.o_proj.weight"),
+            &[hidden, heads * head_dim],
+        );
+        add(format!("{p}.mlp.gate_proj.weight"), &[intermediate, hidden]);
+        add(format!("{p}.mlp.up_proj.weight"), &[intermediate, hidden]);
+        add(format!("{p}.mlp.down_proj.weight"), &[hidden, intermediate]);
+        add(format!("{p}.input_layernorm.weight"), &[hidden]);
+        add(format!("{p}.post_attention_layernorm.weight"), &[hidden]);
+        if model_type == "qwen3" {
+            add(format!("{p}.self_attn.q_norm.weight"), &[head_dim]);
+            add(format!("{p}.self_attn.k_norm.weight"), &[head_dim]);
+        }
+    }
+    std::fs::create_dir_all(dir).expect("model dir");
+    let weights = dir.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &weights).expect("write safetensors");
+    // Written the way transformers writes them: qwen3 and mistral configs
+    // carry head_dim, and sliding_window may be null.
+    let config = json!({
+        "model_type": model_type, "hidden_size": hidden, "intermediate_size": intermediate,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
+        "head_dim": head_dim, "vocab_size": VOCAB, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+        "max_position_embeddings": 4096, "rope_parameters": {"rope_theta": 10000.0},
+        "sliding_window": null, "attention_bias": false,
+        "bos_token_id": 0, "eos_token_id": 0, "tie_word_embeddings": false
+    });
+    std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
+    let tokenizer = crate::fixtures_dir().join("tiny-llama/tokenizer.json");
+    std::fs::copy(tokenizer, dir.join("tokenizer.json")).expect("tokenizer");
+    std::fs::metadata(&weights).expect("weights").len()
+}
