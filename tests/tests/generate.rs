@@ -108,6 +108,25 @@ fn stop_strings_end_generation() {
     let done = events.last().unwrap();
     assert_eq!(done["finish_reason"], "stop");
     assert_eq!(done["text"], " - Local ");
+    // The stop string is never streamed, and the pieces add up to the text.
+    let streamed: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed, " - Local ");
+    // A stop string that never completes holds nothing back at the end.
+    let events = generate(
+        &daemon,
+        json!({"model": "tiny-llama", "prompt": "Model Loading Strategy", "max_tokens": 40, "stop": ["re-x"]}),
+    );
+    let done = events.last().unwrap();
+    assert_eq!(done["finish_reason"], "length");
+    let streamed: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| e["text"].as_str().unwrap())
+        .collect();
+    assert_eq!(streamed, done["text"].as_str().unwrap());
+    assert!(streamed.ends_with("re-"), "{streamed:?}");
 }
 
 #[test]
