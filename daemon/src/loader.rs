@@ -98,24 +98,14 @@ pub async fn model_path(state: &Arc<AppState>, model: &ModelRecord) -> Result<Pa
         hub: state.hub_settings(),
         verify: false,
     })?;
-    let mut pending = std::collections::VecDeque::from(std::mem::take(&mut watch.replay));
-    loop {
-        let event = match pending.pop_front() {
-            Some(event) => event,
-            None => match watch.events.recv().await {
-                Ok(event) => event,
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => {
-                    return Err(ApiError::Internal(
-                        "the pull ended without an outcome".into(),
-                    ))
-                }
-            },
-        };
+    while let Some(event) = watch.next().await {
         match event {
             PullEvent::Done { path, .. } => return Ok(path),
             PullEvent::Error { error, .. } => return Err(ApiError::Relayed(error)),
             _ => {}
         }
     }
+    Err(ApiError::Internal(
+        "the pull ended without an outcome".into(),
+    ))
 }

@@ -41,8 +41,26 @@ struct PullHandle {
 
 /// A view of one pull: events already past that matter, then the live ones.
 pub struct PullWatch {
-    pub replay: Vec<PullEvent>,
-    pub events: broadcast::Receiver<PullEvent>,
+    replay: std::collections::VecDeque<PullEvent>,
+    events: broadcast::Receiver<PullEvent>,
+}
+
+impl PullWatch {
+    /// The next event: replayed ones first, then live ones. A slow reader
+    /// skips progress it missed, never the outcome, since a lagging
+    /// receiver keeps the newest events. `None` once the pull is gone.
+    pub async fn next(&mut self) -> Option<PullEvent> {
+        if let Some(event) = self.replay.pop_front() {
+            return Some(event);
+        }
+        loop {
+            match self.events.recv().await {
+                Ok(event) => return Some(event),
+                Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                Err(broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    }
 }
 
 /// Everything a pull needs, taken from the state when it was asked for.
@@ -74,7 +92,7 @@ impl Pulls {
         let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(handle) = active.get(&key) {
             let events = handle.events.subscribe();
-            let replay = [&handle.start, &handle.last]
+            let replay: std::collections::VecDeque<PullEvent> = [&handle.start, &handle.last]
                 .iter()
                 .filter_map(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()).clone())
                 .collect();
@@ -109,7 +127,7 @@ impl Pulls {
             active.remove(&key);
         });
         Ok(PullWatch {
-            replay: Vec::new(),
+            replay: std::collections::VecDeque::new(),
             events,
         })
     }

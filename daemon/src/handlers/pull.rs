@@ -6,7 +6,6 @@ use std::sync::Arc;
 use jsonrpsee::types::Params;
 use jsonrpsee::PendingSubscriptionSink;
 use modeld_wire::types::{NameParams, PullEvent, PullParams, SourceReply};
-use tokio::sync::broadcast::error::RecvError;
 
 use crate::pull::PullJob;
 use crate::rpc::{decode_params, ApiError};
@@ -25,7 +24,7 @@ pub async fn source(state: Arc<AppState>, params: NameParams) -> Result<SourceRe
 }
 
 pub async fn pull(params: Params<'static>, pending: PendingSubscriptionSink, state: Arc<AppState>) {
-    let watch = match start(&params, &state) {
+    let mut watch = match start(&params, &state) {
         Ok(watch) => watch,
         Err(err) => {
             pending.reject(err).await;
@@ -35,29 +34,15 @@ pub async fn pull(params: Params<'static>, pending: PendingSubscriptionSink, sta
     let Ok(sink) = pending.accept().await else {
         return;
     };
-    let mut events = watch.events;
-    for event in watch.replay {
+    loop {
+        let event = tokio::select! {
+            event = watch.next() => event,
+            _ = sink.closed() => return,
+        };
+        let Some(event) = event else { return };
         let last = is_last(&event);
         if send(&sink, &event).await.is_err() || last {
             return;
-        }
-    }
-    loop {
-        let event = tokio::select! {
-            event = events.recv() => event,
-            _ = sink.closed() => return,
-        };
-        match event {
-            Ok(event) => {
-                let last = is_last(&event);
-                if send(&sink, &event).await.is_err() || last {
-                    return;
-                }
-            }
-            // Progress is lossy for a slow reader; the outcome is never dropped
-            // because a lagging receiver keeps the newest events.
-            Err(RecvError::Lagged(_)) => continue,
-            Err(RecvError::Closed) => return,
         }
     }
 }
