@@ -95,14 +95,12 @@ fn queue_full(capacity: usize) -> ApiError {
     })
 }
 
-fn cancelled_event(job: u64) -> GenerateEvent {
-    GenerateEvent::Error {
-        done: true,
-        error: modeld_wire::RpcErrorObject {
-            code: ErrorKind::Cancelled.code(),
-            message: format!("job {job} was cancelled"),
-            data: Some(json!({"kind": "cancelled", "job": job})),
-        },
+/// What a cancelled job's client is told, whatever the job was.
+fn cancelled(job: u64) -> modeld_wire::RpcErrorObject {
+    modeld_wire::RpcErrorObject {
+        code: ErrorKind::Cancelled.code(),
+        message: format!("job {job} was cancelled"),
+        data: Some(json!({"kind": "cancelled", "job": job})),
     }
 }
 
@@ -253,10 +251,13 @@ impl Scheduler {
             drop(queue);
             match job.work {
                 Work::Generate { events, .. } => {
-                    let _ = events.try_send(cancelled_event(id));
+                    let _ = events.try_send(GenerateEvent::Error {
+                        done: true,
+                        error: cancelled(id),
+                    });
                 }
                 Work::Unload { reply, .. } => {
-                    let _ = reply.send(Err(ApiError::Internal(format!("job {id} was cancelled"))));
+                    let _ = reply.send(Err(ApiError::Relayed(cancelled(id))));
                 }
                 Work::Switch { .. } | Work::Expire { .. } => {}
             }
