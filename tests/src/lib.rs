@@ -280,7 +280,8 @@ pub fn kind(err: &ClientError) -> &str {
     err.kind().unwrap_or("<none>")
 }
 
-/// Path to the shared fixtures beside the checkout.
+/// Path to the fixture models kept in the repository (`tests/fixtures`),
+/// so a fresh clone tests with nothing beside it.
 pub fn fixtures_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/fixtures")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }

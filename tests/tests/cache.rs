@@ -127,6 +127,12 @@ fn scan_agrees_with_huggingface_hub() {
         .args(["-c", "import huggingface_hub"])
         .status();
     if !probe.is_ok_and(|s| s.success()) {
+        // CI installs huggingface_hub (`.ci/run` sets MODELD_REQUIRE_HF_HUB),
+        // so there a missing module is a failure, not a silent pass.
+        assert!(
+            std::env::var_os("MODELD_REQUIRE_HF_HUB").is_none(),
+            "huggingface_hub is required (MODELD_REQUIRE_HF_HUB is set) but cannot be imported"
+        );
         eprintln!("huggingface_hub is not installed; .ci/run installs it");
         return;
     }
