@@ -183,6 +183,13 @@ async fn run(
         )));
     }
     let cache = RepoCache::new(&target, repo);
+    if let Some(link) = crate::hub::cache::planted_link(&cache.dir) {
+        let why = std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "a folder of the repo is a symlink; refusing to download through it",
+        );
+        return Err(HubError::io(link, why));
+    }
     let space = check_space(&cache, &files, job.verify)?;
     let total: u64 = files.iter().map(|f| f.size).sum();
     let start = PullEvent::Start {

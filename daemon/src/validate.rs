@@ -83,7 +83,7 @@ impl TryFrom<RegisterParams> for ValidModel {
         }
         let cache = params.cache.unwrap_or_default();
         if let CacheLocation::Custom(path) = &cache {
-            valid_absolute_path("cache", path)?;
+            valid_cache_root("cache", path)?;
         }
         if let Some(size) = params.estimated_size {
             if size > MAX_ESTIMATED_SIZE {
@@ -251,9 +251,65 @@ pub fn valid_absolute_path(field: &str, path: &Path) -> Result<(), ValidationErr
     Ok(())
 }
 
+/// System trees that are never cache roots: the daemon would scan,
+/// link and delete in them.
+const SYSTEM_TREES: [&str; 14] = [
+    "/proc", "/sys", "/dev", "/etc", "/boot", "/bin", "/sbin", "/lib", "/lib32", "/lib64",
+    "/libx32", "/usr", "/run", "/var/lib",
+];
+
+/// A folder the daemon may treat as a cache root: absolute, at least two
+/// levels deep, and outside the system trees, both as written and after
+/// resolving symlinks (when it exists).
+pub fn valid_cache_root(field: &str, path: &Path) -> Result<(), ValidationError> {
+    valid_absolute_path(field, path)?;
+    let refuse = |shown: &Path| {
+        ValidationError::new(
+            field,
+            format!(
+                "{} is a system folder or a top-level folder; a cache root must be a dedicated folder such as /srv/models/hub",
+                shown.display()
+            ),
+        )
+        .with_limit(json!(SYSTEM_TREES))
+    };
+    let is_system = |p: &Path| {
+        p.components()
+            .filter(|c| matches!(c, Component::Normal(_)))
+            .count()
+            < 2
+            || SYSTEM_TREES.iter().any(|tree| p.starts_with(tree))
+    };
+    if is_system(path) {
+        return Err(refuse(path));
+    }
+    if let Ok(real) = path.canonicalize() {
+        if is_system(&real) {
+            return Err(refuse(&real));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn system_folders_are_no_cache_roots() {
+        for bad in [
+            "/",
+            "/proc",
+            "/proc/self",
+            "/etc/x",
+            "/home",
+            "/usr/share/hub",
+        ] {
+            assert!(valid_cache_root("cache", Path::new(bad)).is_err(), "{bad}");
+        }
+        valid_cache_root("cache", Path::new("/srv/models/hub")).unwrap();
+        valid_cache_root("cache", Path::new("/home/me/hub")).unwrap();
+    }
 
     fn params(name: &str, repo: &str) -> RegisterParams {
         RegisterParams {

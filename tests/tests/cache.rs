@@ -478,3 +478,142 @@ fn rm_revision_keeps_shared_blobs_and_is_refused_while_loaded() {
     assert!(done["freed_bytes"].as_u64().unwrap() > 400_000);
     assert!(!hub.join("models--org--qwen").exists());
 }
+
+/// Every file below `dir`, with its bytes, not following links.
+fn files_below(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let kind = entry.file_type().unwrap();
+        if kind.is_dir() {
+            out.extend(files_below(&entry.path()));
+        } else if kind.is_file() {
+            out.push((entry.path(), std::fs::read(entry.path()).unwrap()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// A folder outside every root that looks like repo parts: orphan-looking
+/// blobs, a partial download, a detached snapshot and a ref.
+fn victim(dir: &Path) {
+    std::fs::create_dir_all(dir.join(c(9))).unwrap();
+    std::fs::write(dir.join("deadbeef"), b"precious").unwrap();
+    std::fs::write(dir.join("x.incomplete"), b"partial").unwrap();
+    std::fs::write(dir.join(c(9)).join("config.json"), b"{}").unwrap();
+    std::fs::write(dir.join("main"), c(9)).unwrap();
+}
+
+#[test]
+fn clean_and_rm_never_follow_planted_symlinks_out_of_the_root() {
+    let daemon = Daemon::start();
+    let hub = daemon.hf_cache();
+    let outside = daemon.dir.path().join("outside");
+    // A real repo with an orphan blob, so the clean has work to do.
+    let ok = write_revision(&hub, "org/ok", &c(1), &["main"], &[("a.json", b"1")]);
+    std::fs::write(ok.join("blobs/orphan"), b"orphan").unwrap();
+    let mut planted = Vec::new();
+    for (repo, part) in [("b", "blobs"), ("s", "snapshots"), ("r", "refs"), ("x", "")] {
+        victim(&outside.join(repo));
+        let repo_dir = hub.join(format!("models--org--{repo}"));
+        let link = if part.is_empty() {
+            repo_dir
+        } else {
+            std::fs::create_dir_all(&repo_dir).unwrap();
+            repo_dir.join(part)
+        };
+        std::os::unix::fs::symlink(outside.join(repo), &link).unwrap();
+        planted.push(link);
+    }
+    let before = files_below(&outside);
+
+    let dry = daemon
+        .call("cache.clean", json!({"detached": true}))
+        .unwrap();
+    for action in dry["actions"].as_array().unwrap() {
+        let path = PathBuf::from(action["path"].as_str().unwrap());
+        assert!(
+            !planted.iter().any(|link| path.starts_with(link)),
+            "the plan goes through a planted link: {action}"
+        );
+    }
+    assert_eq!(dry["skipped"].as_array().unwrap().len(), 4, "{dry}");
+    daemon
+        .call("cache.clean", json!({"detached": true, "apply": true}))
+        .unwrap();
+    assert!(!ok.join("blobs/orphan").exists(), "real orphans still go");
+    for repo in ["org/x", "org/b", "org/s"] {
+        let _ = daemon.call("cache.rm", json!({"repo": repo, "apply": true}));
+    }
+    assert_eq!(
+        files_below(&outside),
+        before,
+        "nothing outside the root changed"
+    );
+}
+
+#[test]
+fn consolidate_never_merges_files_of_different_owners() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root to give a file to another uid");
+        return;
+    }
+    let daemon = Daemon::start();
+    let weights = vec![7u8; 30_000];
+    let shared = write_revision(
+        &daemon.hf_cache(),
+        "org/shared",
+        &c(1),
+        &["main"],
+        &[("model.safetensors", &weights)],
+    );
+    // The other user's cache sorts before the shared one, so a keep chosen
+    // by path alone would be theirs.
+    let theirs_root = daemon.dir.path().join("a-theirs");
+    let theirs = write_revision(
+        &theirs_root,
+        "org/copy",
+        &c(2),
+        &["main"],
+        &[("model.safetensors", &weights)],
+    );
+    let sha = hex::encode(Sha256::digest(&weights));
+    std::os::unix::fs::chown(theirs.join("blobs").join(&sha), Some(65534), Some(65534)).unwrap();
+    daemon
+        .call(
+            "models.register",
+            json!({"name": "theirs", "repo": "org/copy",
+                   "cache": format!("custom:{}", theirs_root.display())}),
+        )
+        .unwrap();
+    let blob = shared.join("blobs").join(&sha);
+    let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    let (shared_ino, their_ino) = (ino(&blob), ino(&theirs.join("blobs").join(&sha)));
+
+    let plan = daemon
+        .call("cache.consolidate", json!({"apply": true}))
+        .unwrap();
+    assert_eq!(plan["actions"].as_array().unwrap().len(), 0, "{plan}");
+    assert!(plan["skipped"].to_string().contains("owned by"), "{plan}");
+    assert_eq!(ino(&blob), shared_ino);
+    assert_eq!(ino(&theirs.join("blobs").join(&sha)), their_ino);
+    assert_eq!(std::fs::metadata(&blob).unwrap().uid(), 0);
+}
+
+#[test]
+fn system_folders_are_refused_as_cache_roots() {
+    let daemon = Daemon::start();
+    for root in ["/", "/proc", "/etc/modeld", "/sys/x"] {
+        let err = daemon
+            .call(
+                "models.register",
+                json!({"name": "m", "repo": "org/m", "cache": format!("custom:{root}")}),
+            )
+            .unwrap_err();
+        assert_eq!(kind(&err), "invalid_params", "{root}: {err:?}");
+        let modeld_wire::ClientError::Rpc(rpc) = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(rpc.data.as_ref().unwrap()["field"], "cache", "{root}");
+    }
+}

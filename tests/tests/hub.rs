@@ -447,3 +447,33 @@ fn modelctl_source_and_pull() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("repo_not_found"), "{err}");
 }
+
+#[test]
+fn a_pull_never_writes_through_a_planted_symlink() {
+    let (_hub, daemon, _commit) = setup("", &[]);
+    let outside = daemon.dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let repo_dir = daemon.hf_cache().join("models--org--tiny-llama");
+    std::fs::create_dir_all(&repo_dir).unwrap();
+    std::os::unix::fs::symlink(&outside, repo_dir.join("blobs")).unwrap();
+    let mut client = daemon.client();
+    let events: Vec<Value> = client
+        .subscribe("models.pull", json!({"name": "tiny"}))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let end = last(&events);
+    assert_eq!(end["event"], "error", "{events:?}");
+    assert!(
+        end["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("symlink"),
+        "{end}"
+    );
+    assert_eq!(
+        std::fs::read_dir(&outside).unwrap().count(),
+        0,
+        "nothing written outside"
+    );
+}

@@ -7,8 +7,9 @@ use std::path::{Path, PathBuf};
 
 use modeld_wire::types::{CacheAction, CachePlan};
 
+use super::confined::RootHandles;
 use super::{empty_plan, CacheError, Root};
-use crate::hub::cache::{is_commit, RepoCache};
+use crate::hub::cache::{is_commit, planted_link, RepoCache};
 
 /// One repo's cache directory as found on disk.
 struct RepoDir {
@@ -21,6 +22,12 @@ struct RepoDir {
     /// blob name -> size; `.incomplete` files separately
     blobs: HashMap<String, u64>,
     incomplete: Vec<(PathBuf, u64)>,
+}
+
+/// Why a repo folder cannot be planned on, if it holds a symlink where a
+/// folder belongs.
+fn linked_part(dir: &Path) -> Option<String> {
+    planted_link(dir).map(|path| format!("{}: is a symlink; left alone", path.display()))
 }
 
 fn read_repo(dir: &Path) -> RepoDir {
@@ -62,8 +69,13 @@ fn read_repo(dir: &Path) -> RepoDir {
 fn read_refs(dir: &Path, prefix: &str, out: &mut HashMap<String, String>) {
     for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
         let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
-        if entry.path().is_dir() {
+        let Ok(kind) = entry.file_type() else {
+            continue;
+        };
+        if kind.is_dir() {
             read_refs(&entry.path(), &format!("{name}/"), out);
+        } else if kind.is_symlink() {
+            continue;
         } else if let Ok(commit) = std::fs::read_to_string(entry.path()) {
             out.insert(name, commit.trim().to_string());
         }
@@ -98,6 +110,7 @@ fn repo_dirs(root: &Root) -> Vec<PathBuf> {
         .flatten()
         .flatten()
         .filter(|e| e.file_name().to_string_lossy().starts_with("models--"))
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir() || t.is_symlink()))
         .map(|e| e.path())
         .collect();
     dirs.sort();
@@ -131,11 +144,15 @@ pub fn clean(
                 ));
                 continue;
             }
+            if let Some(why) = linked_part(&dir) {
+                plan.skipped.push(why);
+                continue;
+            }
             plan_repo(&read_repo(&dir), detached, &mut plan);
         }
     }
     if apply {
-        perform(&plan)?;
+        perform(&plan, roots)?;
     }
     Ok(plan)
 }
@@ -183,15 +200,21 @@ fn plan_repo(repo: &RepoDir, detached: bool, plan: &mut CachePlan) {
     }
 }
 
-fn perform(plan: &CachePlan) -> Result<(), CacheError> {
+/// Carries out a plan. Each path is removed through its root's
+/// [`Confined`] handle, so a symlink planted since the plan was made
+/// cannot redirect a removal outside the roots.
+pub fn perform(plan: &CachePlan, roots: &[Root]) -> Result<(), CacheError> {
+    let mut handles = RootHandles::new(roots.iter().map(|r| r.path.as_path()));
     for action in &plan.actions {
         let path = &action.path;
-        let result = match action.action.as_str() {
-            "remove_revision" | "remove_empty_repo" | "remove_repo" => {
-                std::fs::remove_dir_all(path)
-            }
-            _ => std::fs::remove_file(path),
-        };
+        let result = handles
+            .for_path(path)
+            .and_then(|confined| match action.action.as_str() {
+                "remove_revision" | "remove_empty_repo" | "remove_repo" => {
+                    confined.remove_tree(path)
+                }
+                _ => confined.remove_file(path),
+            });
         match result {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -216,6 +239,10 @@ pub fn remove(
         if !cache.dir.is_dir() {
             continue;
         }
+        if let Some(why) = linked_part(&cache.dir) {
+            plan.skipped.push(why);
+            continue;
+        }
         if busy.contains(&cache.dir) {
             return Err(CacheError::InUse(format!(
                 "{repo_id} in {} is used by a loaded model or a download; unload it or wait",
@@ -232,14 +259,14 @@ pub fn remove(
             Some(revision) => plan_revision(&repo, revision, &mut plan),
         }
     }
-    if plan.actions.is_empty() {
+    if plan.actions.is_empty() && plan.skipped.is_empty() {
         let what = revision.map_or_else(|| repo_id.to_string(), |r| format!("{repo_id}@{r}"));
         return Err(CacheError::NotFound(format!(
             "{what} is not in any cache root"
         )));
     }
     if apply {
-        perform(&plan)?;
+        perform(&plan, roots)?;
     }
     Ok(plan)
 }

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use modeld_wire::types::{CacheAction, CachePlan, DuplicateGroup, DuplicatesReply};
 use sha2::{Digest, Sha256};
 
+use super::confined::RootHandles;
 use super::{CacheError, Root};
 
 #[derive(Debug, Clone)]
@@ -21,7 +22,18 @@ struct Candidate {
     aliases: Vec<PathBuf>,
     size: u64,
     inode: (u64, u64),
+    /// Owner (uid, gid): the kept copy is preferably one of root's or the
+    /// daemon's own, which no other user can rewrite.
+    owner: (u32, u32),
     is_blob: bool,
+}
+
+impl Candidate {
+    /// Files of root or of the daemon's own user are the ones to keep:
+    /// their bytes cannot be changed by another local user.
+    fn trusted(&self) -> bool {
+        self.owner.0 == 0 || self.owner.0 == nix::unistd::geteuid().as_raw()
+    }
 }
 
 /// Regular files under the roots: blobs of HF caches, and every file of
@@ -59,6 +71,7 @@ fn walk(dir: &Path, hf_cache: bool, out: &mut Vec<Candidate>) {
             aliases: Vec::new(),
             size: meta.len(),
             inode: (meta.dev(), meta.ino()),
+            owner: (meta.uid(), meta.gid()),
             is_blob: hf_cache,
         });
     }
@@ -131,8 +144,13 @@ pub fn duplicates(roots: &[Root]) -> DuplicatesReply {
         if files.len() < 2 {
             continue;
         }
-        // A cache blob is the copy to keep: other tools find it there.
-        files.sort_by(|a, b| b.is_blob.cmp(&a.is_blob).then(a.path.cmp(&b.path)));
+        // A trusted copy is the one to keep, then a cache blob (other tools
+        // find it there).
+        files.sort_by(|a, b| {
+            (b.trusted(), b.is_blob)
+                .cmp(&(a.trusted(), a.is_blob))
+                .then(a.path.cmp(&b.path))
+        });
         let keep = files.remove(0);
         reclaimable_bytes += keep.size * files.len() as u64;
         let copies = files
@@ -157,44 +175,35 @@ pub fn duplicates(roots: &[Root]) -> DuplicatesReply {
 
 /// Replaces each duplicate with a hard link to the kept copy. A dry run
 /// only reports; applying re-hashes both files first and skips any that
-/// changed, that a loaded model uses, or that live on another file system.
+/// changed, that a loaded model uses, that live on another file system, or
+/// whose owner or permissions differ from the kept copy's. Links are made
+/// through [`RootHandles`], so no symlink can move them outside the roots.
 pub fn consolidate(
     found: &DuplicatesReply,
+    roots: &[Root],
     protected: &HashSet<PathBuf>,
     apply: bool,
 ) -> CachePlan {
     let mut plan = super::empty_plan(apply);
+    let mut handles = RootHandles::new(roots.iter().map(|r| r.path.as_path()));
     let mut freed_inodes = HashSet::new();
     for group in &found.groups {
-        let Ok(keep_meta) = std::fs::metadata(&group.keep) else {
+        let Ok(keep_meta) = std::fs::symlink_metadata(&group.keep) else {
             plan.skipped
                 .push(format!("{}: gone since the scan", group.keep.display()));
             continue;
         };
         for copy in &group.copies {
-            let in_use = copy
-                .canonicalize()
-                .is_ok_and(|real| protected.contains(&real));
-            if in_use {
-                plan.skipped
-                    .push(format!("{}: used by a loaded model", copy.display()));
-                continue;
-            }
-            let Ok(copy_meta) = std::fs::metadata(copy) else {
-                plan.skipped
-                    .push(format!("{}: gone since the scan", copy.display()));
-                continue;
+            let copy_meta = match linkable(copy, &keep_meta, protected) {
+                Ok(meta) => meta,
+                Err(why) => {
+                    plan.skipped.push(format!("{}: {why}", copy.display()));
+                    continue;
+                }
             };
-            if copy_meta.dev() != keep_meta.dev() {
-                plan.skipped.push(format!(
-                    "{}: on another file system than {}",
-                    copy.display(),
-                    group.keep.display()
-                ));
-                continue;
-            }
             if apply {
-                if let Err(why) = link_verified(&group.keep, copy, &group.sha256) {
+                let linked = link_verified(&mut handles, &group.keep, copy, &group.sha256);
+                if let Err(why) = linked {
                     plan.skipped.push(format!("{}: {why}", copy.display()));
                     continue;
                 }
@@ -217,23 +226,60 @@ pub fn consolidate(
     plan
 }
 
+/// Whether `copy` may become a link to the kept file; if not, why.
+fn linkable(
+    copy: &Path,
+    keep: &std::fs::Metadata,
+    protected: &HashSet<PathBuf>,
+) -> Result<std::fs::Metadata, String> {
+    if copy
+        .canonicalize()
+        .is_ok_and(|real| protected.contains(&real))
+    {
+        return Err("used by a loaded model".into());
+    }
+    let meta = std::fs::symlink_metadata(copy).map_err(|_| "gone since the scan".to_string())?;
+    if !meta.is_file() || !keep.is_file() {
+        return Err("not a regular file any more".into());
+    }
+    if meta.dev() != keep.dev() {
+        return Err("on another file system than the kept copy".into());
+    }
+    if (meta.uid(), meta.gid()) != (keep.uid(), keep.gid()) {
+        return Err(format!(
+            "owned by {}:{}, the kept copy by {}:{}; files of different owners are never merged",
+            meta.uid(),
+            meta.gid(),
+            keep.uid(),
+            keep.gid()
+        ));
+    }
+    if meta.mode() & 0o7777 != keep.mode() & 0o7777 {
+        return Err(format!(
+            "mode {:o} differs from the kept copy's {:o}",
+            meta.mode() & 0o7777,
+            keep.mode() & 0o7777
+        ));
+    }
+    Ok(meta)
+}
+
 /// Links `copy` to `keep` after checking both still hash to `sha256`; the
 /// swap is a rename, so `copy` is never missing.
-fn link_verified(keep: &Path, copy: &Path, sha256: &str) -> Result<(), String> {
+fn link_verified(
+    handles: &mut RootHandles,
+    keep: &Path,
+    copy: &Path,
+    sha256: &str,
+) -> Result<(), String> {
     for path in [keep, copy] {
         let hash = sha256_file(path).map_err(|e| e.to_string())?;
         if hash != sha256 {
             return Err("changed since the scan".into());
         }
     }
-    let tmp = copy.with_file_name(format!(
-        ".{}.modeld-link",
-        copy.file_name().unwrap_or_default().to_string_lossy()
-    ));
-    let _ = std::fs::remove_file(&tmp);
-    std::fs::hard_link(keep, &tmp).map_err(|e| e.to_string())?;
-    std::fs::rename(&tmp, copy).map_err(|e| {
-        let _ = std::fs::remove_file(&tmp);
-        e.to_string()
-    })
+    let (keep_root, copy_root) = handles.pair(keep, copy).map_err(|e| e.to_string())?;
+    copy_root
+        .replace_with_link(keep_root, keep, copy)
+        .map_err(|e| e.to_string())
 }

@@ -4,6 +4,7 @@
 //! never touches the files of a loaded model or a running download.
 
 pub mod clean;
+pub mod confined;
 pub mod dupes;
 pub mod scan;
 
@@ -72,8 +73,12 @@ pub fn roots(state: &AppState) -> Vec<Root> {
         add(extra, "extra");
     }
     for model in state.registry.list().unwrap_or_default() {
+        // Registrations from before system folders were refused as roots
+        // are still never scanned, linked or cleaned.
         if let CacheLocation::Custom(path) = &model.cache {
-            add(path, "custom");
+            if crate::validate::valid_cache_root("cache", path).is_ok() {
+                add(path, "custom");
+            }
         }
     }
     if let Some(model_root) = &state.loaded_modes().modes.model_root {

@@ -54,7 +54,7 @@ pub async fn consolidate(state: Arc<AppState>, params: ApplyParams) -> Result<Ca
     let protected = caches::protected_files(&state);
     blocking(move || {
         let found = dupes::duplicates(&roots);
-        dupes::consolidate(&found, &protected, params.apply)
+        dupes::consolidate(&found, &roots, &protected, params.apply)
     })
     .await
 }

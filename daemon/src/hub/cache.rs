@@ -74,6 +74,7 @@ impl RepoCache {
         }
         let path = self.dir.join("refs").join(revision);
         if let Some(parent) = path.parent() {
+            refuse_links_between(&self.dir, parent)?;
             std::fs::create_dir_all(parent)?;
         }
         let tmp = path.with_extension(format!("tmp{}", std::process::id()));
@@ -86,6 +87,7 @@ impl RepoCache {
     pub fn link_snapshot(&self, commit: &str, file: &str, etag: &str) -> io::Result<PathBuf> {
         let link = self.snapshot_dir(commit).join(file);
         let parent = link.parent().expect("snapshot files have a parent");
+        refuse_links_between(&self.dir, parent)?;
         std::fs::create_dir_all(parent)?;
         let depth = Path::new(file).components().count() + 1;
         let mut target = PathBuf::new();
@@ -114,6 +116,38 @@ impl RepoCache {
 
 /// Files under `dir` (following links; dangling ones are not files) whose
 /// path relative to `dir` matches `patterns`, sorted.
+/// The first folder of a repo (the repo folder itself, `blobs`,
+/// `snapshots`, `refs`) that is a symlink: another user may have planted
+/// it to send writes or deletions outside the root.
+pub fn planted_link(repo_dir: &Path) -> Option<PathBuf> {
+    std::iter::once(repo_dir.to_path_buf())
+        .chain(["blobs", "snapshots", "refs"].map(|part| repo_dir.join(part)))
+        .find(|path| is_symlink(path))
+}
+
+fn is_symlink(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink())
+}
+
+/// Fails if any existing folder from `base` down to `path` (both included)
+/// is a symlink, so a write below `base` cannot land elsewhere.
+pub fn refuse_links_between(base: &Path, path: &Path) -> io::Result<()> {
+    let planted = path
+        .ancestors()
+        .take_while(|p| p.starts_with(base))
+        .find(|p| is_symlink(p));
+    match planted {
+        Some(link) => Err(io::Error::new(
+            io::ErrorKind::PermissionDenied,
+            format!(
+                "{} is a symlink; refusing to write through it",
+                link.display()
+            ),
+        )),
+        None => Ok(()),
+    }
+}
+
 pub fn matching_files(dir: &Path, patterns: &GlobSet) -> Vec<String> {
     let mut files = Vec::new();
     collect_files(dir, dir, patterns, &mut files);
