@@ -30,7 +30,7 @@ pub enum ConfigError {
         path: PathBuf,
         field: &'static str,
         value: String,
-        limit: &'static str,
+        limit: String,
     },
 }
 
@@ -115,6 +115,23 @@ pub struct ServerConfig {
     pub max_in_flight_per_connection: usize,
     /// How long a stop waits for in-flight requests before it gives up on them.
     pub shutdown_grace_s: u64,
+    /// Members of this group may call every method, like root and the
+    /// daemon's own user; others may only read (and generate, below).
+    pub admin_group: Option<String>,
+    /// Whether users outside the admin group may call `generate`.
+    pub users_may_generate: bool,
+    /// Requests one JSON-RPC batch may hold.
+    pub max_batch: usize,
+    /// Largest reply line; a bigger reply is replaced by an error.
+    pub max_reply_bytes: usize,
+    /// Seconds a started request line may take to arrive in full.
+    pub read_timeout_s: u64,
+    /// Seconds a connection with no request, stream or partial line in
+    /// progress stays open; 0 keeps it open forever.
+    pub idle_timeout_s: u64,
+    /// Connections one uid may hold at once, so no single user can take
+    /// every slot; 0 means `max_connections` minus a quarter for others.
+    pub max_connections_per_uid: usize,
 }
 
 impl Default for ServerConfig {
@@ -126,11 +143,27 @@ impl Default for ServerConfig {
             max_connections: 1024,
             max_in_flight_per_connection: 64,
             shutdown_grace_s: 30,
+            admin_group: None,
+            users_may_generate: true,
+            max_batch: 64,
+            max_reply_bytes: 64 << 20,
+            read_timeout_s: 10,
+            idle_timeout_s: 600,
+            max_connections_per_uid: 0,
         }
     }
 }
 
 impl ServerConfig {
+    /// The per-uid connection cap in force: configured, or three quarters
+    /// of all slots (at least one), so other users always find some free.
+    pub fn per_uid_limit(&self) -> usize {
+        match self.max_connections_per_uid {
+            0 => (self.max_connections - self.max_connections / 4).max(1),
+            n => n.min(self.max_connections),
+        }
+    }
+
     /// The socket mode as bits; `validate` has already checked it parses.
     pub fn socket_mode_bits(&self) -> u32 {
         u32::from_str_radix(&self.socket_mode, 8).unwrap_or(0o660)
@@ -165,11 +198,11 @@ impl Config {
 
     fn validate(&self, path: &Path) -> Result<(), ConfigError> {
         let server = &self.server;
-        let out_of_range = |field, value: String, limit| ConfigError::OutOfRange {
+        let out_of_range = |field, value: String, limit: &str| ConfigError::OutOfRange {
             path: path.to_path_buf(),
             field,
             value,
-            limit,
+            limit: limit.to_string(),
         };
         match u32::from_str_radix(&server.socket_mode, 8) {
             Ok(mode) if mode <= 0o777 && mode & 0o600 == 0o600 => {}
@@ -201,6 +234,34 @@ impl Config {
                 server.max_in_flight_per_connection.to_string(),
                 "1 to 4096",
             ));
+        }
+        let ranges: [(&'static str, u64, u64, u64); 5] = [
+            ("server.max_batch", server.max_batch as u64, 1, 10_000),
+            (
+                "server.max_reply_bytes",
+                server.max_reply_bytes as u64,
+                1 << 16,
+                1 << 32,
+            ),
+            ("server.read_timeout_s", server.read_timeout_s, 1, 3600),
+            (
+                "server.idle_timeout_s",
+                server.idle_timeout_s,
+                0,
+                86_400 * 7,
+            ),
+            (
+                "server.max_connections_per_uid",
+                server.max_connections_per_uid as u64,
+                0,
+                65_536,
+            ),
+        ];
+        for (field, value, low, high) in ranges {
+            if !(low..=high).contains(&value) {
+                let limit = format!("{low} to {high}");
+                return Err(out_of_range(field, value.to_string(), &limit));
+            }
         }
         let roots = [
             ("cache.primary", &self.cache.primary),

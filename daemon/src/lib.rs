@@ -4,6 +4,7 @@
 //! `main.rs` only parses flags; [`run`] wires the pieces together. See
 //! ARCHITECTURE.md for the code map.
 
+pub mod auth;
 pub mod caches;
 pub mod cli;
 pub mod config;

@@ -3,6 +3,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -39,13 +40,16 @@ impl StateLock {
             dir: dir.to_path_buf(),
             source,
         };
-        std::fs::create_dir_all(dir).map_err(io_err)?;
+        private_dir(dir).map_err(io_err)?;
         let file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(dir.join("modeld.lock"))
+            .map_err(io_err)?;
+        file.set_permissions(std::fs::Permissions::from_mode(0o600))
             .map_err(io_err)?;
         let mut lock = match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => lock,
@@ -68,6 +72,32 @@ impl StateLock {
         writeln!(lock, "{}", std::process::id()).map_err(io_err)?;
         Ok(StateLock { _lock: lock })
     }
+}
+
+/// Creates `dir` if needed and makes it 0700: the state dir holds the
+/// registry, which lists every model path, and is nobody else's business.
+pub fn private_dir(dir: &Path) -> std::io::Result<()> {
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+/// Makes `dir` and every folder below it 0700 and every file 0600 (the
+/// store's files are created with the process umask).
+pub fn make_private(dir: &Path) -> std::io::Result<()> {
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let kind = entry.file_type()?;
+        if kind.is_dir() {
+            make_private(&entry.path())?;
+        } else if kind.is_file() {
+            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o600))?;
+        }
+    }
+    Ok(())
 }
 
 /// Tells systemd (when it is watching) about a state change.

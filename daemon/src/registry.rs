@@ -51,6 +51,7 @@ impl Registry {
             .open()
             .map_err(open_err)?;
         let models = db.open_tree(MODELS_TREE).map_err(open_err)?;
+        crate::lifecycle::make_private(&path).map_err(|e| open_err(e.into()))?;
         Ok(Registry { db, models })
     }
 

@@ -62,6 +62,8 @@ struct Queued {
 }
 
 struct QueueState {
+    /// Set at shutdown: new jobs are refused from then on.
+    closed: bool,
     jobs: VecDeque<Queued>,
     running: Option<(JobInfo, CancellationToken)>,
     current_mode: Option<String>,
@@ -77,6 +79,7 @@ impl Default for Scheduler {
     fn default() -> Self {
         Scheduler {
             queue: Mutex::new(QueueState {
+                closed: false,
                 jobs: VecDeque::new(),
                 running: None,
                 current_mode: None,
@@ -168,6 +171,9 @@ impl Scheduler {
     ) -> Result<(u64, mpsc::Receiver<GenerateEvent>), ApiError> {
         let (events, receiver) = mpsc::channel(EVENT_BUFFER);
         let mut queue = self.lock();
+        if queue.closed {
+            return Err(ApiError::ShuttingDown);
+        }
         let switch_to = mode
             .clone()
             .filter(|m| queue.effective_mode().as_ref() != Some(m));
@@ -194,6 +200,9 @@ impl Scheduler {
 
     pub fn submit_switch(&self, to: String, capacity: usize) -> Result<SwitchReply, ApiError> {
         let mut queue = self.lock();
+        if queue.closed {
+            return Err(ApiError::ShuttingDown);
+        }
         if queue.jobs.len() >= capacity {
             return Err(queue_full(capacity));
         }
@@ -217,6 +226,9 @@ impl Scheduler {
     ) -> Result<oneshot::Receiver<Result<u64, ApiError>>, ApiError> {
         let (reply, receiver) = oneshot::channel();
         let mut queue = self.lock();
+        if queue.closed {
+            return Err(ApiError::ShuttingDown);
+        }
         if queue.jobs.len() >= capacity {
             return Err(queue_full(capacity));
         }
@@ -272,6 +284,37 @@ impl Scheduler {
         }
     }
 
+    /// Shutdown: closes the queue to new jobs and refuses every queued one
+    /// with `shutting_down`; the running job goes on.
+    pub fn refuse_queued(&self) {
+        let jobs = {
+            let mut queue = self.lock();
+            queue.closed = true;
+            std::mem::take(&mut queue.jobs)
+        };
+        for job in jobs {
+            match job.work {
+                Work::Generate { events, .. } => {
+                    let error = crate::rpc::error::wire_object(&ApiError::ShuttingDown);
+                    let _ = events.try_send(GenerateEvent::Error { done: true, error });
+                }
+                Work::Unload { reply, .. } => {
+                    let _ = reply.send(Err(ApiError::ShuttingDown));
+                }
+                Work::Switch { .. } | Work::Expire { .. } => {}
+            }
+        }
+        self.wake.notify_one();
+    }
+
+    /// Shutdown after the grace period: stops the running job, whose
+    /// client sees `finish_reason: cancelled`.
+    pub fn cancel_running(&self) {
+        if let Some((_, cancel)) = &self.lock().running {
+            cancel.cancel();
+        }
+    }
+
     pub fn status(&self, capacity: usize) -> QueueStatus {
         let queue = self.lock();
         let running = queue.running.as_ref().map(|(info, _)| JobInfo {
@@ -305,14 +348,16 @@ impl Scheduler {
         self.lock().running = None;
     }
 
-    /// Runs jobs until shutdown; queued jobs are finished first.
+    /// Runs jobs until shutdown; at shutdown, jobs still queued are
+    /// refused (see [`Scheduler::refuse_queued`]).
     pub async fn run(self: Arc<Self>, state: Arc<AppState>) {
         let shutdown = state.shutdown_token();
         loop {
+            if shutdown.is_cancelled() {
+                self.refuse_queued();
+                return;
+            }
             let Some((job, cancel)) = self.next() else {
-                if shutdown.is_cancelled() {
-                    return;
-                }
                 tokio::select! {
                     _ = self.wake.notified() => {}
                     _ = shutdown.cancelled() => {}

@@ -25,6 +25,10 @@ pub enum ErrorKind {
     ShuttingDown,
     /// Too many connections; try again once others have closed.
     Overloaded,
+    /// The caller's uid may not call this method (see `server.admin_group`).
+    Forbidden,
+    /// A request line did not arrive in full within `server.read_timeout_s`.
+    Timeout,
     RepoNotFound,
     RevisionNotFound,
     /// Gated or private repo without a token that grants access (401/403).
@@ -74,6 +78,8 @@ impl ErrorKind {
             ErrorKind::Storage => -32010,
             ErrorKind::ShuttingDown => -32011,
             ErrorKind::Overloaded => -32012,
+            ErrorKind::Forbidden => -32013,
+            ErrorKind::Timeout => -32014,
             ErrorKind::RepoNotFound => -32020,
             ErrorKind::RevisionNotFound => -32021,
             ErrorKind::Unauthorized => -32022,
@@ -106,6 +112,8 @@ impl ErrorKind {
             ErrorKind::Storage => "storage",
             ErrorKind::ShuttingDown => "shutting_down",
             ErrorKind::Overloaded => "overloaded",
+            ErrorKind::Forbidden => "forbidden",
+            ErrorKind::Timeout => "timeout",
             ErrorKind::RepoNotFound => "repo_not_found",
             ErrorKind::RevisionNotFound => "revision_not_found",
             ErrorKind::Unauthorized => "unauthorized",

@@ -17,10 +17,37 @@ pub async fn source(state: Arc<AppState>, params: NameParams) -> Result<SourceRe
     let model = state.registry.get(&valid_name(&params.name)?)?;
     let roots = state.cache_roots();
     let hub = state.hub_settings();
+    let caller = crate::auth::current();
     // Directory walks can be slow on network file systems.
-    tokio::task::spawn_blocking(move || describe(&model, &roots, &hub))
-        .await
-        .map_err(|err| ApiError::Internal(err.to_string()))
+    tokio::task::spawn_blocking(move || {
+        let mut reply = describe(&model, &roots, &hub);
+        if let Some(caller) = caller {
+            hide_unlistable(&mut reply, &caller);
+        }
+        reply
+    })
+    .await
+    .map_err(|err| ApiError::Internal(err.to_string()))
+}
+
+/// A caller who could not list the model's folder themselves does not
+/// learn its file names from the daemon either.
+fn hide_unlistable(reply: &mut SourceReply, caller: &crate::auth::Caller) {
+    let Some(path) = &reply.path else { return };
+    let dir = if path.is_dir() {
+        path.as_path()
+    } else {
+        path.parent().unwrap_or(path)
+    };
+    if caller.admin || caller.may_list(dir) {
+        return;
+    }
+    reply.files.clear();
+    reply.reason = Some(format!(
+        "file names hidden: uid {} cannot list {}",
+        caller.uid,
+        dir.display()
+    ));
 }
 
 pub async fn pull(params: Params<'static>, pending: PendingSubscriptionSink, state: Arc<AppState>) {

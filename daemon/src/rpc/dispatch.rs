@@ -12,7 +12,9 @@ use serde_json::{json, Map};
 use tokio::sync::mpsc;
 
 use super::error::wire_error;
-use super::Module;
+use super::{ApiError, Module};
+use crate::auth::{authorize, Caller};
+use crate::config::ServerConfig;
 use crate::state::{AppState, GaugeGuard};
 
 /// Notifications a subscription may queue before its producer waits.
@@ -60,8 +62,8 @@ impl Dispatcher {
         Dispatcher { module, state }
     }
 
-    /// Handles one line: a single request or a batch.
-    pub async fn handle(&self, line: &[u8]) -> Handled {
+    /// Handles one line from `caller`: a single request or a batch.
+    pub async fn handle(&self, line: &[u8], caller: &Caller) -> Handled {
         let mut handled = Handled::default();
         let Ok(text) = std::str::from_utf8(line) else {
             handled.reply = Some(parse_error("request is not valid UTF-8"));
@@ -78,26 +80,42 @@ impl Dispatcher {
                 return handled;
             }
         };
+        let limits = Limits::from(&self.state.config().server);
         if text.starts_with('[') {
-            handled.reply = self.batch(raw, &mut handled.streams).await;
+            handled.reply = self.batch(raw, caller, &limits, &mut handled.streams).await;
         } else {
-            handled.reply = self.single(raw, &mut handled.streams).await;
+            handled.reply = self
+                .single(raw, caller, &limits, &mut handled.streams)
+                .await;
         }
         handled
     }
 
-    async fn batch(&self, raw: &RawValue, streams: &mut Vec<Stream>) -> Option<String> {
-        let items: Vec<&RawValue> =
-            serde_json::from_str(raw.get()).expect("a JSON array decodes as raw items");
-        if items.is_empty() {
-            return Some(invalid_request(
-                None,
-                "a batch must hold at least one request",
-            ));
-        }
+    async fn batch(
+        &self,
+        raw: &RawValue,
+        caller: &Caller,
+        limits: &Limits,
+        streams: &mut Vec<Stream>,
+    ) -> Option<String> {
+        let items = match batch_items(raw, limits.batch) {
+            Ok(items) if items.is_empty() => {
+                return Some(invalid_request(
+                    None,
+                    "a batch must hold at least one request",
+                ))
+            }
+            Ok(items) => items,
+            Err(_) => return Some(batch_too_large(limits.batch)),
+        };
         let mut replies = Vec::with_capacity(items.len());
+        let mut reply_bytes = 0;
         for item in items {
-            if let Some(reply) = self.single(item, streams).await {
+            if let Some(reply) = self.single(item, caller, limits, streams).await {
+                reply_bytes += reply.len() + 1;
+                if reply_bytes > limits.reply_bytes {
+                    return Some(reply_too_large(None, reply_bytes, limits.reply_bytes));
+                }
                 replies.push(reply);
             }
         }
@@ -105,7 +123,13 @@ impl Dispatcher {
         (!replies.is_empty()).then(|| format!("[{}]", replies.join(",")))
     }
 
-    async fn single(&self, raw: &RawValue, streams: &mut Vec<Stream>) -> Option<String> {
+    async fn single(
+        &self,
+        raw: &RawValue,
+        caller: &Caller,
+        limits: &Limits,
+        streams: &mut Vec<Stream>,
+    ) -> Option<String> {
         let request = match check_envelope(raw) {
             Ok(request) => request,
             Err(reply) => return Some(reply),
@@ -122,6 +146,12 @@ impl Dispatcher {
                 format!("unknown method {:?}", request.method),
                 Map::from_iter([("method".to_string(), json!(request.method))]),
             );
+            return id.map(|id| error_response(Some(id), &err));
+        }
+        let server = self.state.config().server.clone();
+        if let Err(forbidden) = authorize(caller, &request.method, request.params, &server) {
+            tracing::info!(uid = caller.uid, method = %request.method, "refused: not allowed");
+            let err = ErrorObjectOwned::from(ApiError::from(forbidden));
             return id.map(|id| error_response(Some(id), &err));
         }
         let call = request.to_call();
@@ -142,8 +172,54 @@ impl Dispatcher {
         if !(stream.is_closed() && stream.is_empty()) {
             streams.push(stream);
         }
-        id.map(|_| reply.get().to_string())
+        let reply = reply.get();
+        id.map(|id| match reply.len() > limits.reply_bytes {
+            true => reply_too_large(Some(id), reply.len(), limits.reply_bytes),
+            false => reply.to_string(),
+        })
     }
+}
+
+/// The size limits in force for one line.
+struct Limits {
+    batch: usize,
+    reply_bytes: usize,
+}
+
+impl From<&ServerConfig> for Limits {
+    fn from(server: &ServerConfig) -> Self {
+        Limits {
+            batch: server.max_batch,
+            reply_bytes: server.max_reply_bytes,
+        }
+    }
+}
+
+/// The items of a batch, read lazily so an oversized batch costs no more
+/// than `max + 1` items of memory; `Err` when it holds more than `max`.
+fn batch_items(raw: &RawValue, max: usize) -> Result<Vec<&RawValue>, serde_json::Error> {
+    struct Bounded(usize);
+    impl<'de> serde::de::Visitor<'de> for Bounded {
+        type Value = Vec<&'de RawValue>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "an array of at most {} requests", self.0)
+        }
+        fn visit_seq<A: serde::de::SeqAccess<'de>>(
+            self,
+            mut seq: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut items = Vec::new();
+            while let Some(item) = seq.next_element::<&RawValue>()? {
+                if items.len() == self.0 {
+                    return Err(serde::de::Error::custom("batch too long"));
+                }
+                items.push(item);
+            }
+            Ok(items)
+        }
+    }
+    let mut deserializer = serde_json::Deserializer::from_str(raw.get());
+    serde::Deserializer::deserialize_seq(&mut deserializer, Bounded(max))
 }
 
 /// A request that passed the envelope checks.
@@ -238,6 +314,55 @@ fn invalid_request(id: Option<&str>, message: &str) -> String {
         id,
         &wire_error(ErrorKind::InvalidRequest, message, Map::new()),
     )
+}
+
+fn batch_too_large(limit: usize) -> String {
+    let err = wire_error(
+        ErrorKind::RequestTooLarge,
+        format!("a batch may hold at most {limit} requests (server.max_batch)"),
+        Map::from_iter([
+            ("field".to_string(), json!("server.max_batch")),
+            ("limit".to_string(), json!(limit)),
+        ]),
+    );
+    error_response(None, &err)
+}
+
+fn reply_too_large(id: Option<&str>, size: usize, limit: usize) -> String {
+    let err = wire_error(
+        ErrorKind::RequestTooLarge,
+        format!("the reply would be {size} bytes, over server.max_reply_bytes ({limit})"),
+        Map::from_iter([
+            ("field".to_string(), json!("server.max_reply_bytes")),
+            ("limit".to_string(), json!(limit)),
+        ]),
+    );
+    error_response(id, &err)
+}
+
+/// The reply to a request that arrives while the daemon stops: the
+/// documented `shutting_down` error with the request's id, if it had one
+/// (a notification gets nothing).
+pub fn shutting_down_response(line: &[u8]) -> Option<String> {
+    let err = ErrorObjectOwned::from(ApiError::ShuttingDown);
+    let Ok(envelope) = serde_json::from_slice::<Envelope>(line) else {
+        return Some(error_response(None, &err));
+    };
+    let id = envelope.id?.get();
+    Some(error_response(Some(id), &err))
+}
+
+/// The reply to a request line that did not arrive in full in time.
+pub fn timeout_response(limit_s: u64) -> String {
+    let err = wire_error(
+        ErrorKind::Timeout,
+        format!("the request line did not arrive in full within {limit_s} s (server.read_timeout_s); closing"),
+        Map::from_iter([
+            ("field".to_string(), json!("server.read_timeout_s")),
+            ("limit".to_string(), json!(limit_s)),
+        ]),
+    );
+    error_response(None, &err)
 }
 
 /// The reply to a line longer than the limit; its id was never read.

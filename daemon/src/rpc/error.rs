@@ -39,6 +39,8 @@ pub enum ApiError {
     NoSecondaryCache(#[from] NoSecondaryCache),
     #[error("modeld is shutting down and accepts no new work")]
     ShuttingDown,
+    #[error(transparent)]
+    Forbidden(#[from] crate::auth::Forbidden),
     #[error("internal error: {0}")]
     Internal(String),
 }
@@ -86,6 +88,7 @@ impl ApiError {
                 HubError::Protocol(_) => ErrorKind::HubError,
             },
             ApiError::ShuttingDown => ErrorKind::ShuttingDown,
+            ApiError::Forbidden(_) => ErrorKind::Forbidden,
             ApiError::Internal(_) => ErrorKind::Internal,
         }
     }
@@ -106,6 +109,10 @@ impl ApiError {
             }
             ApiError::NoSecondaryCache(_) => {
                 data.insert("field".into(), json!("cache"));
+            }
+            ApiError::Forbidden(err) => {
+                data.insert("method".into(), json!(err.method));
+                data.insert("uid".into(), json!(err.uid));
             }
             ApiError::UnknownMode(name) => {
                 data.insert("field".into(), json!("mode"));

@@ -2,7 +2,7 @@
 //! a stale file, set mode and group, and remove the file again on exit.
 
 use std::io;
-use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
+use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use tokio::net::UnixListener;
@@ -32,21 +32,15 @@ impl BoundSocket {
             path: path.to_path_buf(),
             source,
         };
+        let gid = group.map(group_id).transpose()?;
         if let Some(parent) = path.parent() {
-            std::fs::create_dir_all(parent).map_err(io_err)?;
+            create_socket_dir(parent, mode, gid).map_err(io_err)?;
         }
         remove_stale(path)?;
         let listener = UnixListener::bind(path).map_err(io_err)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(io_err)?;
-        if let Some(group) = group {
-            let gid = nix::unistd::Group::from_name(group)
-                .ok()
-                .flatten()
-                .ok_or_else(|| SocketError::UnknownGroup {
-                    group: group.to_string(),
-                })?
-                .gid;
-            std::os::unix::fs::chown(path, None, Some(gid.as_raw())).map_err(io_err)?;
+        if let Some(gid) = gid {
+            std::os::unix::fs::chown(path, None, Some(gid)).map_err(io_err)?;
         }
         let inode = std::fs::metadata(path).map_err(io_err)?.ino();
         Ok(BoundSocket {
@@ -59,6 +53,42 @@ impl BoundSocket {
     pub fn path(&self) -> &Path {
         &self.path
     }
+}
+
+fn group_id(group: &str) -> Result<u32, SocketError> {
+    nix::unistd::Group::from_name(group)
+        .ok()
+        .flatten()
+        .map(|g| g.gid.as_raw())
+        .ok_or_else(|| SocketError::UnknownGroup {
+            group: group.to_string(),
+        })
+}
+
+/// Creates the socket's folder when it is missing: 0700, plus search
+/// permission for the group (when the socket has one) and for others
+/// exactly where the socket's own mode lets them connect. A folder that
+/// already exists (`/run/modeld` from systemd, `/tmp`) is left as it is.
+fn create_socket_dir(dir: &Path, socket_mode: u32, gid: Option<u32>) -> io::Result<()> {
+    if dir.exists() {
+        return Ok(());
+    }
+    let mut mode = 0o700;
+    if gid.is_some() && socket_mode & 0o020 != 0 {
+        mode |= 0o010;
+    }
+    if socket_mode & 0o002 != 0 {
+        mode |= 0o001;
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode))?;
+    if let Some(gid) = gid {
+        std::os::unix::fs::chown(dir, None, Some(gid))?;
+    }
+    Ok(())
 }
 
 /// A socket file nobody answers on is left over from a crash: remove it.
