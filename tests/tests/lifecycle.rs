@@ -216,3 +216,85 @@ fn systemd_notifications_follow_the_lifecycle() {
     daemon.stop();
     read_until(&mut messages, "STOPPING=1");
 }
+
+/// A synthetic model big enough that a long generation takes seconds; its
+/// end-of-sequence id is out of the vocabulary, so only `max_tokens` ends it.
+fn slow_model(daemon: &Daemon) {
+    use modeld_e2e::synthetic::{write_model, Shape};
+    let dir = daemon.dir.path().join("slow");
+    let shape = Shape {
+        hidden: 256,
+        intermediate: 512,
+        layers: 4,
+        heads: 4,
+        kv_heads: 4,
+    };
+    write_model(&dir, "llama", shape);
+    let config = dir.join("config.json");
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    value["eos_token_id"] = json!(100_000);
+    std::fs::write(&config, value.to_string()).unwrap();
+    daemon
+        .call(
+            "models.register",
+            json!({"name": "slow", "local_path": dir}),
+        )
+        .unwrap();
+    daemon.call("load", json!({"name": "slow"})).unwrap();
+}
+
+fn long_generation() -> serde_json::Value {
+    json!({"model": "slow", "prompt": "a b c", "max_tokens": 4000, "temperature": 0})
+}
+
+#[test]
+fn shutdown_grace_is_enforced_and_late_requests_are_answered() {
+    let mut daemon = Daemon::start_configured("[server]\nshutdown_grace_s = 1\n", &[]);
+    slow_model(&daemon);
+    let running = {
+        let mut client = daemon.client();
+        std::thread::spawn(move || -> Vec<serde_json::Value> {
+            let events = client.subscribe("generate", long_generation()).unwrap();
+            events.map(|e| e.unwrap()).collect()
+        })
+    };
+    let queued: Vec<_> = (0..3)
+        .map(|_| {
+            let mut client = daemon.client();
+            std::thread::spawn(move || {
+                client
+                    .subscribe("generate", long_generation())
+                    .err()
+                    .map(|e| kind(&e).to_string())
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = daemon.call("status", json!({})).unwrap();
+        if status["queue"]["jobs"].as_array().map_or(0, Vec::len) == 4 {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut open = daemon.client();
+    let stopping = std::time::Instant::now();
+    daemon.signal(Signal::SIGTERM);
+    std::thread::sleep(Duration::from_millis(200));
+    let late = open.call_value("status", json!({})).unwrap_err();
+    assert_eq!(kind(&late), "shutting_down", "{late:?}");
+    for job in queued {
+        assert_eq!(job.join().unwrap().as_deref(), Some("shutting_down"));
+    }
+    assert!(daemon.wait_exit(Duration::from_secs(15)).success());
+    let waited = stopping.elapsed();
+    assert!(
+        waited < Duration::from_secs(6),
+        "took {waited:?} with a 1 s grace"
+    );
+    let events = running.join().unwrap();
+    let last = events.last().unwrap();
+    assert_eq!(last["finish_reason"], "cancelled", "{last}");
+}

@@ -334,3 +334,101 @@ fn events_stream_registry_changes() {
         .unwrap_err();
     assert_eq!(kind(&err), "invalid_params");
 }
+
+#[test]
+fn batches_are_bounded_in_length_and_reply_size() {
+    let daemon =
+        Daemon::start_configured("[server]\nmax_batch = 4\nmax_reply_bytes = 65536\n", &[]);
+    let mut client = daemon.client();
+    let status = r#"{"jsonrpc":"2.0","id":1,"method":"status"}"#;
+    let four = format!("[{}]", [status; 4].join(","));
+    let reply = exchange(&mut client, &four);
+    assert_eq!(reply.as_array().unwrap().len(), 4);
+    let five = format!("[{}]", [status; 5].join(","));
+    let reply = exchange(&mut client, &five);
+    assert_eq!(
+        reply["error"]["data"]["kind"], "request_too_large",
+        "{reply}"
+    );
+    assert_eq!(reply["error"]["data"]["limit"], 4);
+    // Half a million tiny items: one short error, not a reply per item.
+    let huge = format!("[{}1]", "1,".repeat(500_000));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut client_reader(&daemon, &huge), &mut line).unwrap();
+    assert!(line.len() < 1024, "{} bytes", line.len());
+    assert!(line.contains("request_too_large"), "{line}");
+    assert_alive(&daemon, &mut client);
+}
+
+/// Sends `line` on a fresh raw connection and returns a reader on it.
+fn client_reader(daemon: &Daemon, line: &str) -> std::io::BufReader<UnixStream> {
+    let mut stream = UnixStream::connect(&daemon.socket).unwrap();
+    stream.write_all(line.as_bytes()).unwrap();
+    stream.write_all(b"\n").unwrap();
+    std::io::BufReader::new(stream)
+}
+
+#[test]
+fn replies_over_the_reply_limit_are_refused() {
+    let daemon =
+        Daemon::start_configured("[server]\nmax_batch = 1000\nmax_reply_bytes = 65536\n", &[]);
+    let mut client = daemon.client();
+    let status = r#"{"jsonrpc":"2.0","id":1,"method":"status"}"#;
+    let many = format!("[{}]", [status; 600].join(","));
+    let reply = exchange(&mut client, &many);
+    assert_eq!(
+        reply["error"]["data"]["kind"], "request_too_large",
+        "{reply}"
+    );
+    assert_eq!(reply["error"]["data"]["field"], "server.max_reply_bytes");
+    assert_alive(&daemon, &mut client);
+}
+
+#[test]
+fn slow_and_idle_clients_are_timed_out() {
+    let daemon =
+        Daemon::start_configured("[server]\nread_timeout_s = 1\nidle_timeout_s = 2\n", &[]);
+    // A request that never finishes arriving.
+    let mut slow = UnixStream::connect(&daemon.socket).unwrap();
+    slow.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    slow.write_all(br#"{"jsonrpc":"2.0","#).unwrap();
+    let mut reply = String::new();
+    slow.read_to_string(&mut reply).unwrap();
+    assert!(reply.contains("\"timeout\""), "{reply}");
+    // A connection that says nothing at all.
+    let mut idle = UnixStream::connect(&daemon.socket).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut rest = Vec::new();
+    idle.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    assert!(started.elapsed() >= Duration::from_secs(2));
+    // A busy connection is not idle: a stream outlives the idle timeout.
+    let mut client = daemon.client();
+    let mut events = client.subscribe("events.subscribe", json!({})).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    daemon.call("models.register", model("late")).unwrap();
+    let event = events.next().unwrap().unwrap();
+    assert_eq!(event["event"], "model_registered");
+}
+
+#[test]
+fn one_uid_cannot_take_every_connection() {
+    let daemon = Daemon::start_configured(
+        "[server]\nmax_connections = 8\nmax_connections_per_uid = 3\n",
+        &[],
+    );
+    let held: Vec<Client> = (0..3).map(|_| daemon.client()).collect();
+    let mut refused = UnixStream::connect(&daemon.socket).unwrap();
+    let mut line = String::new();
+    refused.read_to_string(&mut line).unwrap();
+    assert!(line.contains("overloaded"), "{line}");
+    assert!(line.contains("server.max_connections_per_uid"), "{line}");
+    drop(held);
+    std::thread::sleep(Duration::from_millis(200));
+    daemon
+        .call("status", json!({}))
+        .expect("a slot is free again");
+}
