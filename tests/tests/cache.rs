@@ -617,3 +617,43 @@ fn system_folders_are_refused_as_cache_roots() {
         assert_eq!(rpc.data.as_ref().unwrap()["field"], "cache", "{root}");
     }
 }
+
+#[test]
+fn duplicates_cover_registered_local_paths() {
+    let daemon = Daemon::start();
+    let weights = vec![9u8; 20_000];
+    let gguf = vec![4u8; 10_000];
+    let cached = write_revision(
+        &daemon.hf_cache(),
+        "org/m",
+        &c(1),
+        &["main"],
+        &[("model.safetensors", &weights), ("m.gguf", &gguf)],
+    );
+    let local = daemon.dir.path().join("my-models/m");
+    std::fs::create_dir_all(&local).unwrap();
+    std::fs::write(local.join("model.safetensors"), &weights).unwrap();
+    let single = daemon.dir.path().join("my-models/single.gguf");
+    std::fs::write(&single, &gguf).unwrap();
+    for (name, path) in [("local", &local), ("single", &single)] {
+        daemon
+            .call("models.register", json!({"name": name, "local_path": path}))
+            .unwrap();
+    }
+    let found = daemon.call("cache.duplicates", json!({})).unwrap();
+    let copies = found.to_string();
+    assert!(copies.contains("my-models/m/model.safetensors"), "{found}");
+    assert!(copies.contains("single.gguf"), "{found}");
+    let plan = daemon
+        .call("cache.consolidate", json!({"apply": true}))
+        .unwrap();
+    assert_eq!(plan["actions"].as_array().unwrap().len(), 2, "{plan}");
+    let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    let blob = |bytes: &[u8]| {
+        cached
+            .join("blobs")
+            .join(hex::encode(Sha256::digest(bytes)))
+    };
+    assert_eq!(ino(&local.join("model.safetensors")), ino(&blob(&weights)));
+    assert_eq!(ino(&single), ino(&blob(&gguf)));
+}

@@ -159,10 +159,15 @@ impl RootHandles {
             .filter(|root| path.starts_with(root))
             .max_by_key(|root| root.as_os_str().len())
             .ok_or_else(|| outside(path, Path::new("any cache root")))?;
-        if let Some(index) = self.opened.iter().position(|c| c.root_path == *root) {
+        // A root may be a single registered file: its folder is the base.
+        let base = match root.is_dir() {
+            true => root.as_path(),
+            false => root.parent().unwrap_or(root),
+        };
+        if let Some(index) = self.opened.iter().position(|c| c.root_path == base) {
             return Ok(index);
         }
-        self.opened.push(Confined::open(root)?);
+        self.opened.push(Confined::open(base)?);
         Ok(self.opened.len() - 1)
     }
 }

@@ -41,7 +41,12 @@ impl Candidate {
 fn candidates(roots: &[Root]) -> Vec<Candidate> {
     let mut out = Vec::new();
     for root in roots {
-        walk(&root.path, root.is_hf_cache(), &mut out);
+        if root.path.is_file() {
+            // A registered single-file model (`local_path` to a .gguf).
+            consider(root.path.clone(), false, &mut out);
+        } else {
+            walk(&root.path, root.is_hf_cache(), &mut out);
+        }
     }
     out
 }
@@ -60,21 +65,32 @@ fn walk(dir: &Path, hf_cache: bool, out: &mut Vec<Candidate>) {
             continue;
         }
         let in_blobs = path.parent().is_some_and(|p| p.ends_with("blobs"));
-        let partial = path
-            .extension()
-            .is_some_and(|e| e == "incomplete" || e == "lock");
-        if !meta.is_file() || meta.len() == 0 || partial || (hf_cache && !in_blobs) {
+        if hf_cache && !in_blobs {
             continue;
         }
-        out.push(Candidate {
-            path,
-            aliases: Vec::new(),
-            size: meta.len(),
-            inode: (meta.dev(), meta.ino()),
-            owner: (meta.uid(), meta.gid()),
-            is_blob: hf_cache,
-        });
+        consider(path, hf_cache, out);
     }
+}
+
+/// Adds `path` if it is a complete, non-empty regular file (not a link).
+fn consider(path: PathBuf, is_blob: bool, out: &mut Vec<Candidate>) {
+    let Ok(meta) = std::fs::symlink_metadata(&path) else {
+        return;
+    };
+    let partial = path
+        .extension()
+        .is_some_and(|e| e == "incomplete" || e == "lock");
+    if !meta.is_file() || meta.len() == 0 || partial {
+        return;
+    }
+    out.push(Candidate {
+        path,
+        aliases: Vec::new(),
+        size: meta.len(),
+        inode: (meta.dev(), meta.ino()),
+        owner: (meta.uid(), meta.gid()),
+        is_blob,
+    });
 }
 
 pub fn sha256_file(path: &Path) -> Result<String, CacheError> {

@@ -47,7 +47,7 @@ pub struct Root {
 
 impl Root {
     pub fn is_hf_cache(&self) -> bool {
-        self.role != "model_root"
+        !matches!(self.role, "model_root" | "local")
     }
 }
 
@@ -83,6 +83,26 @@ pub fn roots(state: &AppState) -> Vec<Root> {
     }
     if let Some(model_root) = &state.loaded_modes().modes.model_root {
         add(model_root, "model_root");
+    }
+    roots
+}
+
+/// The roots duplicates are searched in: every root, plus the folders
+/// (or single files) registered models point at with `local_path`, which
+/// often hold a second copy of a cached model.
+pub fn duplicate_roots(state: &AppState) -> Vec<Root> {
+    let mut roots = roots(state);
+    for model in state.registry.list().unwrap_or_default() {
+        let Some(path) = model.local_path else {
+            continue;
+        };
+        let covered = roots.iter().any(|r| path.starts_with(&r.path));
+        if !covered && crate::validate::valid_cache_root("local_path", &path).is_ok() {
+            roots.push(Root {
+                path,
+                role: "local",
+            });
+        }
     }
     roots
 }

@@ -45,12 +45,12 @@ pub async fn scan(state: Arc<AppState>, _: NoParams) -> Result<CacheScanReply, A
 }
 
 pub async fn duplicates(state: Arc<AppState>, _: NoParams) -> Result<DuplicatesReply, ApiError> {
-    let roots = caches::roots(&state);
+    let roots = caches::duplicate_roots(&state);
     blocking(move || dupes::duplicates(&roots)).await
 }
 
 pub async fn consolidate(state: Arc<AppState>, params: ApplyParams) -> Result<CachePlan, ApiError> {
-    let roots = caches::roots(&state);
+    let roots = caches::duplicate_roots(&state);
     let protected = caches::protected_files(&state);
     blocking(move || {
         let found = dupes::duplicates(&roots);
