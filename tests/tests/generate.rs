@@ -329,3 +329,81 @@ fn mistral_and_qwen3_load_and_generate() {
         assert_eq!(done["token_ids"], second.last().unwrap()["token_ids"]);
     }
 }
+
+/// Greedy ids of tiny-llama's weights under a rewritten RoPE section.
+fn greedy_with_rope(daemon: &Daemon, name: &str, rope: Value) -> Vec<Value> {
+    let dir = daemon.dir.path().join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let fixture = fixtures_dir().join("tiny-llama");
+    for file in [
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ] {
+        std::fs::copy(fixture.join(file), dir.join(file)).unwrap();
+    }
+    let mut config: Value =
+        serde_json::from_slice(&std::fs::read(fixture.join("config.json")).unwrap()).unwrap();
+    let object = config.as_object_mut().unwrap();
+    object.remove("rope_parameters");
+    object.extend(rope.as_object().unwrap().clone());
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    daemon
+        .call("models.register", json!({"name": name, "local_path": dir}))
+        .unwrap();
+    let cases = expected("tiny-llama")["cases"].as_array().unwrap().clone();
+    cases
+        .iter()
+        .take(3)
+        .map(|case| {
+            let events = generate(
+                daemon,
+                json!({"model": name, "prompt": case["prompt"], "max_tokens": 24, "temperature": 0}),
+            );
+            events.last().unwrap()["token_ids"].clone()
+        })
+        .collect()
+}
+
+#[test]
+fn llama3_rope_scaling_reads_the_same_in_every_spelling() {
+    let daemon = Daemon::start();
+    let scaling = json!({"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 32});
+    let mut v4 = scaling.clone();
+    v4["rope_type"] = json!("llama3");
+    let transformers_4 = greedy_with_rope(
+        &daemon,
+        "v4",
+        json!({"rope_theta": 10000.0, "rope_scaling": v4}),
+    );
+    let mut v5 = scaling.clone();
+    v5["rope_type"] = json!("llama3");
+    v5["rope_theta"] = json!(10000.0);
+    let transformers_5 = greedy_with_rope(&daemon, "v5", json!({"rope_parameters": v5}));
+    assert_eq!(transformers_4, transformers_5);
+    let plain = greedy_with_rope(
+        &daemon,
+        "plain",
+        json!({"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}),
+    );
+    assert_ne!(plain, transformers_5, "the scaling must change the output");
+    let yarn = daemon.dir.path().join("yarn");
+    std::fs::create_dir_all(&yarn).unwrap();
+    for file in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(daemon.dir.path().join("v5").join(file), yarn.join(file)).unwrap();
+    }
+    let config = std::fs::read_to_string(daemon.dir.path().join("v5/config.json"))
+        .unwrap()
+        .replace("llama3", "yarn");
+    std::fs::write(yarn.join("config.json"), config).unwrap();
+    daemon
+        .call(
+            "models.register",
+            json!({"name": "yarn", "local_path": yarn}),
+        )
+        .unwrap();
+    let err = daemon.call("load", json!({"name": "yarn"})).unwrap_err();
+    assert_eq!(kind(&err), "load_failed", "{err:?}");
+    assert!(err.to_string().contains("yarn"), "{err}");
+}

@@ -163,7 +163,7 @@ impl ModelSpec {
         let context_length = config["max_position_embeddings"].as_u64().unwrap_or(2048) as usize;
         Ok(ModelSpec {
             arch,
-            config: normalize(config),
+            config: normalize(config)?,
             context_length,
             eos_ids,
         })
@@ -188,17 +188,13 @@ fn token_ids(value: &Value) -> Vec<u32> {
     }
 }
 
-/// Brings newer `config.json` spellings to the fields candle reads:
-/// transformers 5 nests `rope_theta` under `rope_parameters`, and a null
-/// `sliding_window` means no window.
-fn normalize(mut config: Value) -> Value {
-    let nested_theta = config["rope_parameters"]["rope_theta"].clone();
-    if config.get("rope_theta").is_none() && !nested_theta.is_null() {
-        config["rope_theta"] = nested_theta;
-    }
-    if config.get("rope_theta").is_none() {
-        config["rope_theta"] = Value::from(10_000.0);
-    }
+/// Brings every `config.json` spelling to the fields candle reads:
+/// transformers 5 nests RoPE settings (`rope_theta`, `rope_type` and the
+/// scaling factors) under `rope_parameters`, transformers 4 spells them
+/// `rope_theta` plus `rope_scaling` (whose kind older files call `type`),
+/// and a null `sliding_window` means no window.
+fn normalize(mut config: Value) -> Result<Value, EngineError> {
+    normalize_rope(&mut config)?;
     if config["sliding_window"].is_null() {
         config["sliding_window"] = config["max_position_embeddings"].clone();
     }
@@ -214,7 +210,57 @@ fn normalize(mut config: Value) -> Value {
     if config.get("tie_word_embeddings").is_none() {
         config["tie_word_embeddings"] = Value::from(false);
     }
-    config
+    Ok(config)
+}
+
+/// Sets `rope_theta` and `rope_scaling` (null, or candle's llama3 form)
+/// from whichever spelling the file uses. A scaling candle cannot apply
+/// is refused rather than silently run as plain RoPE.
+fn normalize_rope(config: &mut Value) -> Result<(), EngineError> {
+    let nested = config["rope_parameters"].clone();
+    let scaling = match &config["rope_scaling"] {
+        Value::Object(_) => config["rope_scaling"].clone(),
+        _ => nested.clone(),
+    };
+    if config.get("rope_theta").is_none_or(Value::is_null) {
+        let theta = match (&nested["rope_theta"], &scaling["rope_theta"]) {
+            (Value::Number(theta), _) | (_, Value::Number(theta)) => Value::Number(theta.clone()),
+            _ => Value::from(10_000.0),
+        };
+        config["rope_theta"] = theta;
+    }
+    let kind = scaling["rope_type"]
+        .as_str()
+        .or_else(|| scaling["type"].as_str())
+        .unwrap_or("default");
+    config["rope_scaling"] = match kind {
+        // Dynamic NTK only changes positions past max_position_embeddings,
+        // which is the context limit modeld enforces anyway.
+        "default" | "dynamic" => Value::Null,
+        "llama3" => {
+            let field = |name: &str| -> Result<Value, EngineError> {
+                match &scaling[name] {
+                    Value::Number(n) => Ok(Value::Number(n.clone())),
+                    _ => Err(EngineError::Files(format!(
+                        "config.json: llama3 RoPE scaling needs a number for {name}"
+                    ))),
+                }
+            };
+            serde_json::json!({
+                "rope_type": "llama3",
+                "factor": field("factor")?,
+                "low_freq_factor": field("low_freq_factor")?,
+                "high_freq_factor": field("high_freq_factor")?,
+                "original_max_position_embeddings": field("original_max_position_embeddings")?,
+            })
+        }
+        other => {
+            return Err(EngineError::Unsupported(format!(
+                "RoPE scaling {other:?} (supported: default, llama3)"
+            )))
+        }
+    };
+    Ok(())
 }
 
 fn parse<T: serde::de::DeserializeOwned>(config: &Value) -> Result<T, EngineError> {
@@ -340,12 +386,43 @@ mod tests {
     use serde_json::json;
 
     #[test]
+    fn both_llama3_rope_spellings_read_the_same() {
+        let old = normalize(json!({
+            "rope_theta": 5e5,
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+        }))
+        .unwrap();
+        let new = normalize(json!({
+            "rope_parameters": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192,
+                                "rope_theta": 5e5}
+        }))
+        .unwrap();
+        assert_eq!(old["rope_theta"], new["rope_theta"]);
+        assert_eq!(old["rope_scaling"], new["rope_scaling"]);
+        assert_eq!(new["rope_scaling"]["factor"], 8.0);
+        let plain =
+            normalize(json!({"rope_parameters": {"rope_type": "default", "rope_theta": 1e4}}))
+                .unwrap();
+        assert!(plain["rope_scaling"].is_null());
+        let older = normalize(json!({"rope_scaling": {"type": "llama3", "factor": 2.0,
+            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}))
+        .unwrap();
+        assert_eq!(older["rope_scaling"]["rope_type"], "llama3");
+        assert_eq!(older["rope_theta"], 10_000.0);
+        let err = normalize(json!({"rope_scaling": {"type": "yarn", "factor": 4.0}})).unwrap_err();
+        assert!(err.to_string().contains("yarn"), "{err}");
+    }
+
+    #[test]
     fn transformers_5_config_is_normalized() {
         let config = normalize(json!({
             "rope_parameters": {"rope_theta": 1e6},
             "sliding_window": null,
             "max_position_embeddings": 512
-        }));
+        }))
+        .unwrap();
         assert_eq!(config["rope_theta"], 1e6);
         assert_eq!(config["sliding_window"], 512);
         assert_eq!(config["use_sliding_window"], false);
