@@ -69,6 +69,16 @@ pub struct PullJob {
     pub roots: CacheRoots,
     pub hub: HubSettings,
     pub verify: bool,
+    /// A repo file found damaged at load: re-hashed like `verify` does for
+    /// every file, and fetched again if it differs from the Hub's.
+    pub repair: Option<String>,
+}
+
+impl PullJob {
+    /// Whether `file`'s cached blob is re-hashed before it is trusted.
+    fn verifies(&self, file: &RemoteFile) -> bool {
+        self.verify || self.repair.as_deref() == Some(file.path.as_str())
+    }
 }
 
 impl Pulls {
@@ -183,7 +193,7 @@ async fn run(
         )));
     }
     let cache = RepoCache::new(&target, repo);
-    let space = check_space(&cache, &files, job.verify)?;
+    let space = check_space(&cache, &files, job)?;
     let total: u64 = files.iter().map(|f| f.size).sum();
     let start = PullEvent::Start {
         repo: repo.to_string(),
@@ -199,7 +209,7 @@ async fn run(
 
     let mut progress = Progress::new(total);
     for file in &files {
-        if job.verify {
+        if job.verifies(file) {
             blob_is_complete(&cache, file, true)?;
         }
         let mut on_bytes = |file_bytes: u64| {
@@ -247,11 +257,11 @@ fn done_on_disk(found: OnDisk, started: Instant) -> PullEvent {
 fn check_space(
     cache: &RepoCache,
     files: &[RemoteFile],
-    verify: bool,
+    job: &PullJob,
 ) -> Result<SpaceCheck, HubError> {
     let mut needed = 0;
     for file in files {
-        if !verify && blob_is_complete(cache, file, false)? {
+        if !job.verifies(file) && blob_is_complete(cache, file, false)? {
             continue;
         }
         let partial = std::fs::metadata(cache.incomplete(&file.etag)).map_or(0, |m| m.len());

@@ -447,3 +447,87 @@ fn modelctl_source_and_pull() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("repo_not_found"), "{err}");
 }
+
+/// The `data` of an error reply.
+fn error_data(err: &modeld_wire::ClientError) -> Value {
+    match err {
+        modeld_wire::ClientError::Rpc(obj) => obj.data.clone().unwrap_or_default(),
+        other => panic!("not an error reply: {other}"),
+    }
+}
+
+#[test]
+fn damaged_cached_file_is_fetched_again_at_load() {
+    let (hub, daemon, commit) = setup("", &[]);
+    daemon.pull(json!({"name": "tiny"}));
+    let sha = hub.sha256_of(REPO, "model.safetensors");
+    let blob = daemon
+        .hf_cache()
+        .join("models--org--tiny-llama/blobs")
+        .join(&sha);
+    let good = std::fs::read(&blob).unwrap();
+
+    // Truncated: a generation loads the model, which fails on the file;
+    // the file is fetched again and the generation runs.
+    std::fs::write(&blob, &good[..good.len() / 2]).unwrap();
+    let before = safetensors_gets(&hub).len();
+    let events: Vec<Value> = daemon
+        .client()
+        .subscribe(
+            "generate",
+            json!({"model": "tiny", "prompt": "Model", "max_tokens": 2}),
+        )
+        .expect("generate accepted after the repair")
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(last(&events)["completion_tokens"], 2, "{events:?}");
+    assert_eq!(safetensors_gets(&hub).len(), before + 1);
+    assert_same_as_fixture(&snapshot(&daemon, &commit));
+
+    // Same size, damaged header: only the hash tells, and it is checked.
+    daemon.call("unload", json!({"name": "tiny"})).unwrap();
+    let mut damaged = good.clone();
+    damaged[..8].copy_from_slice(&[0xff; 8]);
+    std::fs::write(&blob, &damaged).unwrap();
+    let loaded = daemon.call("load", json!({"name": "tiny"})).unwrap();
+    assert_eq!(loaded["model"]["arch"], "llama");
+    assert_eq!(safetensors_gets(&hub).len(), before + 2);
+    assert_same_as_fixture(&snapshot(&daemon, &commit));
+}
+
+#[test]
+fn bad_file_on_the_hub_is_load_failed_naming_the_file() {
+    let hub = FakeHub::start();
+    let fixture = fixtures_dir().join("tiny-llama");
+    let mut files = Vec::new();
+    for name in ["config.json", "tokenizer.json", "model.safetensors"] {
+        files.push((name.to_string(), std::fs::read(fixture.join(name)).unwrap()));
+    }
+    // The Hub's own copy is cut short: verified downloads reproduce it.
+    let weights = &mut files[2].1;
+    weights.truncate(weights.len() / 2);
+    let commit = hub.add_repo(REPO, files);
+    let endpoint = hub.endpoint();
+    let daemon = Daemon::start_configured("", &[("HF_ENDPOINT", &endpoint)]);
+    daemon
+        .call("models.register", json!({"name": "tiny", "repo": REPO}))
+        .unwrap();
+
+    let err = daemon.call("load", json!({"name": "tiny"})).unwrap_err();
+    assert_eq!(kind(&err), "load_failed", "{err}");
+    let file = snapshot(&daemon, &commit).join("model.safetensors");
+    assert_eq!(error_data(&err)["file"], json!(file), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("model.safetensors"), "{message}");
+    assert!(message.contains("Hub's file itself is bad"), "{message}");
+    // Downloaded once by the pull; the repair found the same bytes.
+    assert_eq!(safetensors_gets(&hub).len(), 1);
+
+    let refused = daemon
+        .client()
+        .subscribe("generate", json!({"model": "tiny", "prompt": "x"}))
+        .err()
+        .expect("refused");
+    assert_eq!(kind(&refused), "load_failed", "{refused}");
+    assert_eq!(error_data(&refused)["file"], json!(file));
+}

@@ -61,6 +61,7 @@ fn start(
         roots: state.cache_roots(),
         hub: state.hub_settings(),
         verify: params.verify,
+        repair: None,
     })
 }
 

@@ -62,7 +62,8 @@ impl ApiError {
                 EngineError::Files(_)
                 | EngineError::Unsupported(_)
                 | EngineError::Tokenizer(_)
-                | EngineError::Template(_) => ErrorKind::LoadFailed,
+                | EngineError::Template(_)
+                | EngineError::BadFile(_) => ErrorKind::LoadFailed,
                 EngineError::Candle(_) => ErrorKind::InferenceFailed,
             },
             ApiError::Relayed(_) => ErrorKind::Internal,
@@ -131,6 +132,9 @@ impl ApiError {
             }
             ApiError::Engine(EngineError::EmptyPrompt) => {
                 data.insert("field".into(), json!("prompt"));
+            }
+            ApiError::Engine(EngineError::BadFile(bad)) => {
+                data.insert("file".into(), json!(bad.path));
             }
             ApiError::Engine(EngineError::Device(_)) => {
                 data.insert("field".into(), json!("device"));
