@@ -6,7 +6,7 @@ use clap::Args;
 use modeld_wire::methods;
 use modeld_wire::types::{
     format_bytes, parse_bytes, CacheLocation, ModelList, ModelRecord, NameParams, RegisterParams,
-    RegisterReply, RemoveReply,
+    RegisterReply, RemoveReply, SpaceStatus,
 };
 use modeld_wire::Client;
 
@@ -69,6 +69,14 @@ pub fn register(client: &mut Client, args: &RegisterArgs, json: bool) -> Outcome
             "registered"
         };
         println!("{verb} {}", reply.model.name);
+        if let Some(space) = reply.space.filter(|s| s.status == SpaceStatus::Warning) {
+            eprintln!(
+                "warning: about {} needed, only {} free in {}",
+                format_bytes(space.needed_bytes),
+                format_bytes(space.available_bytes),
+                space.path.display()
+            );
+        }
     }
     Ok(())
 }

@@ -397,17 +397,50 @@ fn local_path_comes_first_and_custom_cache_is_the_target() {
     assert_eq!(last(&events)["path"], json!(expected));
     assert_same_as_fixture(&expected);
 
-    daemon
+    // No secondary cache is configured: refused when registered.
+    let err = daemon
         .call(
             "models.register",
             json!({"name": "second", "repo": REPO, "cache": "secondary"}),
         )
-        .unwrap();
-    let err = daemon
-        .call("models.pull", json!({"name": "second"}))
         .unwrap_err();
     assert_eq!(kind(&err), "invalid_params");
     assert!(err.to_string().contains("cache.secondary"), "{err}");
+}
+
+#[test]
+fn pull_checks_space_with_the_real_sizes_not_the_estimate() {
+    let (hub, daemon, _) = setup("", &[]);
+    let registered = daemon
+        .call(
+            "models.register",
+            json!({"name": "guessed", "repo": REPO, "estimated_size": 1}),
+        )
+        .unwrap();
+    assert_eq!(registered["space"]["needed_bytes"], 1);
+    let events = daemon.pull(json!({"name": "guessed"}));
+    let space = &events[0]["space"];
+    assert_eq!(space["needed_bytes"], events[0]["total_bytes"], "{space}");
+    assert!(space["needed_bytes"].as_u64().unwrap() > 100_000, "{space}");
+    assert_eq!(space["path"], json!(daemon.hf_cache()));
+    assert_eq!(space["status"], "sufficient");
+
+    // The estimate fits; the files the Hub lists do not.
+    let custom = daemon.dir.path().join("custom-cache");
+    let cache = format!("custom:{}", custom.display());
+    let registered = daemon
+        .call(
+            "models.register",
+            json!({"name": "huge", "repo": REPO, "estimated_size": 1000, "cache": cache}),
+        )
+        .unwrap();
+    assert_eq!(registered["space"]["status"], "sufficient");
+    hub.claim_size("model.safetensors", 1 << 60);
+    let events = daemon.pull(json!({"name": "huge"}));
+    let error = &last(&events)["error"];
+    assert_eq!(error["data"]["kind"], "insufficient_space", "{error}");
+    assert!(error["data"]["needed_bytes"].as_u64().unwrap() >= 1 << 60);
+    assert_eq!(error["data"]["path"], json!(custom));
 }
 
 #[test]

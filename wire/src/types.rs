@@ -120,6 +120,10 @@ pub struct RegisterReply {
     pub model: ModelRecord,
     /// True when an earlier registration of the same name was overwritten.
     pub replaced: bool,
+    /// `estimated_size` against the free space of the cache root a pull
+    /// would fill; `None` without a size or a repo.
+    #[serde(default)]
+    pub space: Option<SpaceCheck>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -279,6 +283,8 @@ pub struct SpaceCheck {
     pub status: SpaceStatus,
     pub needed_bytes: u64,
     pub available_bytes: u64,
+    /// The cache root the files go to.
+    pub path: PathBuf,
 }
 
 /// What `models.pull` streams; the last item has `done: true`.

@@ -15,6 +15,9 @@ use std::io;
 use std::path::{Component, Path, PathBuf};
 
 use globset::GlobSet;
+use modeld_wire::types::{SpaceCheck, SpaceStatus};
+
+use super::HubError;
 
 /// The cache of one repo under one cache root.
 #[derive(Debug, Clone)]
@@ -140,6 +143,30 @@ fn collect_files(base: &Path, dir: &Path, patterns: &GlobSet, out: &mut Vec<Stri
             _ => {}
         }
     }
+}
+
+/// Whether `needed` more bytes fit under `root`: refused when they cannot,
+/// a warning when they would leave less than 10% headroom.
+pub fn check_space(root: &Path, needed: u64) -> Result<SpaceCheck, HubError> {
+    let available = available_space(root).map_err(|e| HubError::io(root, e))?;
+    if needed > available {
+        return Err(HubError::InsufficientSpace {
+            root: root.to_path_buf(),
+            needed,
+            available,
+        });
+    }
+    let status = if needed + needed / 10 > available {
+        SpaceStatus::Warning
+    } else {
+        SpaceStatus::Sufficient
+    };
+    Ok(SpaceCheck {
+        status,
+        needed_bytes: needed,
+        available_bytes: available,
+        path: root.to_path_buf(),
+    })
 }
 
 /// Bytes free for an unprivileged writer at `path` (or its nearest
