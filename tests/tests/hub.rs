@@ -564,3 +564,42 @@ fn bad_file_on_the_hub_is_load_failed_naming_the_file() {
     assert_eq!(kind(&refused), "load_failed", "{refused}");
     assert_eq!(error_data(&refused)["file"], json!(file));
 }
+
+#[test]
+fn rm_purge_is_refused_while_downloading() {
+    let (hub, daemon, _) = setup("", &[]);
+    // Slow, so the download still runs when the purge is asked for.
+    hub.throttle(Some(100_000));
+    let socket = daemon.socket.clone();
+    let puller = std::thread::spawn(move || {
+        let mut client = modeld_wire::Client::connect(&socket).unwrap();
+        client
+            .subscribe("models.pull", json!({"name": "tiny"}))
+            .unwrap()
+            .count()
+    });
+    let blobs = daemon.hf_cache().join("models--org--tiny-llama/blobs");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !blobs.is_dir() {
+        assert!(Instant::now() < deadline, "download never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let err = daemon
+        .call(
+            "models.remove",
+            json!({"name": "tiny", "purge": true, "apply": true}),
+        )
+        .unwrap_err();
+    assert_eq!(kind(&err), "in_use", "{err}");
+    hub.throttle(None);
+    puller.join().unwrap();
+    daemon.call("models.get", json!({"name": "tiny"})).unwrap();
+    let reply = daemon
+        .call(
+            "models.remove",
+            json!({"name": "tiny", "purge": true, "apply": true}),
+        )
+        .unwrap();
+    assert_eq!(reply["removed"]["name"], "tiny");
+    assert!(!blobs.exists());
+}

@@ -126,9 +126,27 @@ pub struct RegisterReply {
     pub space: Option<SpaceCheck>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `models.remove` parameters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveParams {
+    pub name: String,
+    /// Also delete the model's files from the caches (never a `local_path`).
+    #[serde(default)]
+    pub purge: bool,
+    /// With `purge`: carry the plan out; without it nothing changes.
+    #[serde(default)]
+    pub apply: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RemoveReply {
-    pub removed: ModelRecord,
+    /// The registration removed; `None` after a purge dry run, which
+    /// changes nothing.
+    pub removed: Option<ModelRecord>,
+    /// With `purge`: the cache files deleted, or that would be.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<CachePlan>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

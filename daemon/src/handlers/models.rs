@@ -1,18 +1,22 @@
 //! `models.*`: register, list, get and remove entries of the registry.
-//! Registration checks the target cache and its free space first.
+//! Registration checks the target cache and its free space first; removal
+//! can purge the model's cache files too, planned like `cache.rm`.
 
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use modeld_wire::types::{
-    Event, ModelList, ModelRecord, NameParams, RegisterParams, RegisterReply, RemoveReply,
-    SpaceCheck, SpaceStatus,
+    CachePlan, Event, ModelList, ModelRecord, NameParams, RegisterParams, RegisterReply,
+    RemoveParams, RemoveReply, SpaceCheck, SpaceStatus,
 };
 
+use crate::caches::{self, clean, CacheError};
 use crate::hub::cache::check_space;
 use crate::rpc::{ApiError, NoParams};
 use crate::sources::find_on_disk;
 use crate::state::AppState;
-use crate::validate::{valid_name, ValidModel};
+use crate::validate::{valid_name, ValidModel, ValidationError};
 
 pub async fn register(
     state: Arc<AppState>,
@@ -77,10 +81,68 @@ pub async fn get(state: Arc<AppState>, params: NameParams) -> Result<ModelRecord
     Ok(state.registry.get(&name)?)
 }
 
-pub async fn remove(state: Arc<AppState>, params: NameParams) -> Result<RemoveReply, ApiError> {
+/// Removes a registration; with `purge`, also the model's cache files,
+/// planned first and deleted only with `apply`.
+pub async fn remove(state: Arc<AppState>, params: RemoveParams) -> Result<RemoveReply, ApiError> {
     let name = valid_name(&params.name)?;
+    if params.apply && !params.purge {
+        return Err(ValidationError::new("apply", "applies only with purge: true").into());
+    }
+    let plan = if params.purge {
+        Some(purge(&state, &name, params.apply).await?)
+    } else {
+        None
+    };
+    if plan.is_some() && !params.apply {
+        return Ok(RemoveReply {
+            removed: None,
+            plan,
+        });
+    }
     let removed = state.registry.remove(&name).await?;
-    tracing::info!(%name, "model removed");
+    tracing::info!(%name, purged = plan.is_some(), "model removed");
     state.emit(Event::ModelRemoved { name });
-    Ok(RemoveReply { removed })
+    Ok(RemoveReply {
+        removed: Some(removed),
+        plan,
+    })
+}
+
+/// Plans (and with `apply`, performs) the deletion of `name`'s cache files;
+/// refused while the model is loaded or its repo is being downloaded.
+async fn purge(state: &AppState, name: &str, apply: bool) -> Result<CachePlan, ApiError> {
+    let model = state.registry.get(name)?;
+    if state.engine.get(name).is_some() {
+        return Err(CacheError::InUse(format!("model {name} is loaded; unload it first")).into());
+    }
+    let others: Vec<(String, String)> = state
+        .registry
+        .list()?
+        .into_iter()
+        .filter(|m| m.name != model.name && m.repo.is_some() && m.repo == model.repo)
+        .map(|m| (m.name, m.revision))
+        .collect();
+    let roots = caches::roots(state);
+    let busy = busy_paths(state);
+    let plan = tokio::task::spawn_blocking(move || {
+        clean::remove_model(&roots, &busy, &model, &others, apply)
+    })
+    .await
+    .map_err(|e| ApiError::Internal(e.to_string()))??;
+    Ok(plan)
+}
+
+/// Repo directories with a running download, and the snapshot directories
+/// loaded models read from.
+fn busy_paths(state: &AppState) -> HashSet<PathBuf> {
+    let mut busy: HashSet<PathBuf> = state.pulls.active_repo_dirs().into_iter().collect();
+    for model in state.engine.list() {
+        let snapshot = model.path.ancestors().find(|dir| {
+            dir.parent()
+                .and_then(Path::file_name)
+                .is_some_and(|name| name == "snapshots")
+        });
+        busy.extend(snapshot.map(Path::to_path_buf));
+    }
+    busy
 }
