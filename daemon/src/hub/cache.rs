@@ -235,4 +235,22 @@ mod tests {
         assert_eq!(cache.resolve_revision("main").unwrap(), commit);
         assert!(cache.resolve_revision("other").is_none());
     }
+
+    #[test]
+    fn space_check_names_the_root_and_refuses_what_cannot_fit() {
+        let root = tempfile::tempdir().unwrap();
+        let missing = root.path().join("not/yet");
+        let check = check_space(&missing, 0).unwrap();
+        assert_eq!(check.status, SpaceStatus::Sufficient);
+        assert_eq!(check.path, missing);
+        assert!(check.available_bytes > 0);
+        let err = check_space(&missing, u64::MAX).unwrap_err();
+        assert!(matches!(
+            err,
+            HubError::InsufficientSpace {
+                needed: u64::MAX,
+                ..
+            }
+        ));
+    }
 }
