@@ -141,7 +141,8 @@ fn duplicates(client: &mut Client, json: bool) -> Outcome {
     Ok(())
 }
 
-fn plan(plan: CachePlan, json: bool) -> Outcome {
+/// Prints a plan's actions, what was skipped and the bytes freed.
+pub fn plan(plan: CachePlan, json: bool) -> Outcome {
     if json {
         print_json(&plan);
         return Ok(());

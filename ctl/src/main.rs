@@ -64,9 +64,17 @@ enum Command {
     /// Generate text, streamed to the terminal
     #[command(alias = "run")]
     Generate(generate::GenerateArgs),
-    /// Remove a model from the registry (its files stay where they are)
+    /// Remove a model from the registry (its files stay unless --purge)
     #[command(alias = "remove")]
-    Rm { name: String },
+    Rm {
+        name: String,
+        /// Also delete its cache files (never a local path); a dry run without --apply
+        #[arg(long)]
+        purge: bool,
+        /// Carry the purge out
+        #[arg(long, requires = "purge")]
+        apply: bool,
+    },
     /// Inspect and tidy the model caches
     #[command(subcommand)]
     Cache(cache::CacheCommand),
@@ -135,7 +143,9 @@ fn run(cli: &Cli, socket: &std::path::Path) -> Outcome {
         Command::Register(args) => models::register(&mut client, args, json),
         Command::List => models::list(&mut client, json),
         Command::Show { name } => models::show(&mut client, name, json),
-        Command::Rm { name } => models::remove(&mut client, name, json),
+        Command::Rm { name, purge, apply } => {
+            models::remove(&mut client, name, *purge, *apply, json)
+        }
         Command::Load {
             name,
             device,

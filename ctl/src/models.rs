@@ -6,7 +6,7 @@ use clap::Args;
 use modeld_wire::methods;
 use modeld_wire::types::{
     format_bytes, parse_bytes, CacheLocation, ModelList, ModelRecord, NameParams, RegisterParams,
-    RegisterReply, RemoveReply,
+    RegisterReply, RemoveParams, RemoveReply, SpaceStatus,
 };
 use modeld_wire::Client;
 
@@ -69,6 +69,14 @@ pub fn register(client: &mut Client, args: &RegisterArgs, json: bool) -> Outcome
             "registered"
         };
         println!("{verb} {}", reply.model.name);
+        if let Some(space) = reply.space.filter(|s| s.status == SpaceStatus::Warning) {
+            eprintln!(
+                "warning: about {} needed, only {} free in {}",
+                format_bytes(space.needed_bytes),
+                format_bytes(space.available_bytes),
+                space.path.display()
+            );
+        }
     }
     Ok(())
 }
@@ -109,16 +117,26 @@ pub fn show(client: &mut Client, name: &str, json: bool) -> Outcome {
     Ok(())
 }
 
-pub fn remove(client: &mut Client, name: &str, json: bool) -> Outcome {
-    let params = NameParams { name: name.into() };
+pub fn remove(client: &mut Client, name: &str, purge: bool, apply: bool, json: bool) -> Outcome {
+    let params = RemoveParams {
+        name: name.into(),
+        purge,
+        apply,
+    };
     let reply: RemoveReply = client.call(methods::MODELS_REMOVE, &params)?;
     if json {
         print_json(&reply);
-    } else {
-        println!(
-            "removed {} (files on disk are untouched)",
-            reply.removed.name
-        );
+        return Ok(());
+    }
+    if let Some(plan) = reply.plan {
+        crate::cache::plan(plan, false)?;
+    }
+    match (reply.removed, purge) {
+        (Some(removed), true) => println!("removed {} and its cache files", removed.name),
+        (Some(removed), false) => {
+            println!("removed {} (files on disk are untouched)", removed.name)
+        }
+        (None, _) => println!("{name} is still registered (dry run; add --apply)"),
     }
     Ok(())
 }

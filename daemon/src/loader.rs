@@ -1,17 +1,28 @@
 //! Getting a model into memory: find its files (pulling them if needed),
 //! apply its mode's adapters and keep-alive, and respect the memory budget.
+//! A file of a Hub cache snapshot that turns out truncated or corrupt at
+//! load is fetched again once, and the load retried.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use modeld_wire::types::{ModelRecord, PullEvent};
+use modeld_wire::types::{ModelRecord, PullEvent, SourceKind};
 
-use crate::engine::{EngineError, LoadRequest, Loaded, Placement, Resident};
+use crate::engine::{BadFile, EngineError, LoadRequest, Loaded, Placement, Resident};
 use crate::modes::{Mode, ModelRef};
 use crate::pull::PullJob;
 use crate::rpc::ApiError;
 use crate::sources::{find_on_disk, OnDisk};
 use crate::state::AppState;
+
+/// Where a model's files are, and whose cache snapshot they are.
+pub struct Located {
+    /// A model directory or a `.gguf` file.
+    pub path: PathBuf,
+    /// The registered model whose Hub cache snapshot `path` is; `None` for
+    /// a `local_path` or a mode's directory, whose files are never fetched.
+    pub snapshot_of: Option<ModelRecord>,
+}
 
 /// Loads `name` (a registered model) or `mode`'s model, unless resident.
 pub async fn ensure_loaded(
@@ -31,37 +42,94 @@ pub async fn ensure_loaded(
         Some(placement) => placement,
         None => Placement::choose(None, None)?,
     };
-    let (path, loras, keep_alive) = match mode {
+    let (located, loras, keep_alive) = match mode {
         Some(mode) => {
-            let path = match &mode.model {
-                ModelRef::Registered(model) => {
-                    model_path(state, &state.registry.get(model)?).await?
-                }
-                ModelRef::Path(path) => path.clone(),
+            let located = match &mode.model {
+                ModelRef::Registered(model) => locate(state, &state.registry.get(model)?).await?,
+                ModelRef::Path(path) => Located {
+                    path: path.clone(),
+                    snapshot_of: None,
+                },
             };
-            (path, mode.loras.clone(), mode.keep_alive)
+            (located, mode.loras.clone(), mode.keep_alive)
         }
         None => (
-            model_path(state, &state.registry.get(name)?).await?,
+            locate(state, &state.registry.get(name)?).await?,
             Vec::new(),
             None,
         ),
     };
     let request = LoadRequest {
         name: name.to_string(),
-        path,
+        path: located.path,
         loras,
         placement,
         keep_alive,
     };
-    let loaded = state
-        .engine
-        .load(request, Some(state.memory_budget()))
-        .await?;
+    let loaded = load_repairing(state, request, located.snapshot_of.as_ref()).await?;
     for evicted in &loaded.evicted {
         tracing::info!(model = %evicted, "unloaded to make room for {name}");
     }
     Ok(loaded)
+}
+
+/// Loads the model; when a file of `snapshot_of`'s cache snapshot is bad,
+/// fetches that file again once (re-hashed as `pull --verify` would) and
+/// retries. Whatever still fails is reported naming the file.
+async fn load_repairing(
+    state: &Arc<AppState>,
+    request: LoadRequest,
+    snapshot_of: Option<&ModelRecord>,
+) -> Result<Loaded, ApiError> {
+    let budget = Some(state.memory_budget());
+    let bad = match state.engine.load(request.clone(), budget).await {
+        Err(EngineError::BadFile(bad)) => bad,
+        other => return Ok(other?),
+    };
+    let online = !state.hub_settings().offline;
+    let repairable = snapshot_of
+        .filter(|_| online)
+        .zip(repo_file(&request.path, &bad.path));
+    let Some((model, file)) = repairable else {
+        return Err(EngineError::BadFile(bad).into());
+    };
+    tracing::warn!(model = %model.name, %file, "{bad}; fetching the file again");
+    match pull(state, model, Some(file.clone())).await {
+        Ok(done) if done.downloaded_bytes == 0 => {
+            return Err(refused(bad.noting(
+                "the cached copy matches the Hub's, so the Hub's file itself is bad",
+            )))
+        }
+        Ok(_) => {}
+        Err(err) => {
+            return Err(refused(
+                bad.noting(format!("fetching it again failed: {err}")),
+            ))
+        }
+    }
+    let path = locate(state, model).await?.path;
+    let retried = LoadRequest { path, ..request };
+    state
+        .engine
+        .load(retried, budget)
+        .await
+        .map_err(|err| match err {
+            EngineError::BadFile(again) => {
+                refused(again.noting(format!("after fetching {file} again from the Hub")))
+            }
+            other => other.into(),
+        })
+}
+
+fn refused(bad: BadFile) -> ApiError {
+    EngineError::BadFile(bad).into()
+}
+
+/// The repo path of `file` inside the snapshot `dir`, if it is one there.
+fn repo_file(dir: &Path, file: &Path) -> Option<String> {
+    let relative = file.strip_prefix(dir).ok()?;
+    let relative = relative.to_str()?;
+    (!relative.is_empty()).then(|| relative.to_string())
 }
 
 /// The resident model, loading it first when needed.
@@ -79,28 +147,62 @@ pub async fn resident(
 
 /// Where a registered model's files are (a directory, or a `.gguf` file):
 /// on disk already, or pulled now.
-pub async fn model_path(state: &Arc<AppState>, model: &ModelRecord) -> Result<PathBuf, ApiError> {
-    let roots = state.cache_roots();
+pub async fn locate(state: &Arc<AppState>, model: &ModelRecord) -> Result<Located, ApiError> {
     let found = {
-        let (model, roots) = (model.clone(), roots.clone());
+        let (model, roots) = (model.clone(), state.cache_roots());
         tokio::task::spawn_blocking(move || find_on_disk(&model, &roots))
             .await
             .map_err(|e| ApiError::Internal(e.to_string()))?
     };
-    match found {
-        Some(OnDisk::Local { path, .. }) => return Ok(path),
-        Some(OnDisk::Cache { dir, .. }) => return Ok(dir),
-        None => {}
-    }
+    let (path, cached) = match found {
+        Some(OnDisk::Local { path, .. }) => (path, false),
+        Some(OnDisk::Cache { dir, .. }) => (dir, true),
+        None => {
+            let done = pull(state, model, None).await?;
+            (done.path, done.source != SourceKind::Local)
+        }
+    };
+    Ok(Located {
+        path,
+        snapshot_of: cached.then(|| model.clone()),
+    })
+}
+
+/// What a finished pull reports.
+struct Pulled {
+    path: PathBuf,
+    source: SourceKind,
+    downloaded_bytes: u64,
+}
+
+/// Runs (or joins) a pull of `model`, re-hashing `repair` if given, and
+/// waits for its outcome.
+async fn pull(
+    state: &Arc<AppState>,
+    model: &ModelRecord,
+    repair: Option<String>,
+) -> Result<Pulled, ApiError> {
     let mut watch = state.pulls.attach_or_start(PullJob {
         model: model.clone(),
-        roots,
+        roots: state.cache_roots(),
         hub: state.hub_settings(),
         verify: false,
+        repair,
     })?;
     while let Some(event) = watch.next().await {
         match event {
-            PullEvent::Done { path, .. } => return Ok(path),
+            PullEvent::Done {
+                path,
+                source,
+                downloaded_bytes,
+                ..
+            } => {
+                return Ok(Pulled {
+                    path,
+                    source,
+                    downloaded_bytes,
+                })
+            }
             PullEvent::Error { error, .. } => return Err(ApiError::Relayed(error)),
             _ => {}
         }

@@ -10,11 +10,11 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use modeld_wire::types::{ModelRecord, PullEvent, SourceKind, SpaceCheck, SpaceStatus};
+use modeld_wire::types::{ModelRecord, PullEvent, SourceKind, SpaceCheck};
 use tokio::sync::broadcast;
 
 use crate::hub::api::HubSettings;
-use crate::hub::cache::{available_space, RepoCache};
+use crate::hub::cache::{check_space, RepoCache};
 use crate::hub::download::{blob_is_complete, fetch_blob};
 use crate::hub::{Hub, HubError, RemoteFile};
 use crate::rpc::ApiError;
@@ -69,6 +69,16 @@ pub struct PullJob {
     pub roots: CacheRoots,
     pub hub: HubSettings,
     pub verify: bool,
+    /// A repo file found damaged at load: re-hashed like `verify` does for
+    /// every file, and fetched again if it differs from the Hub's.
+    pub repair: Option<String>,
+}
+
+impl PullJob {
+    /// Whether `file`'s cached blob is re-hashed before it is trusted.
+    fn verifies(&self, file: &RemoteFile) -> bool {
+        self.verify || self.repair.as_deref() == Some(file.path.as_str())
+    }
 }
 
 impl Pulls {
@@ -190,7 +200,7 @@ async fn run(
         );
         return Err(HubError::io(link, why));
     }
-    let space = check_space(&cache, &files, job.verify)?;
+    let space = space_for(&cache, &files, job)?;
     let total: u64 = files.iter().map(|f| f.size).sum();
     let start = PullEvent::Start {
         repo: repo.to_string(),
@@ -206,7 +216,7 @@ async fn run(
 
     let mut progress = Progress::new(total);
     for file in &files {
-        if job.verify {
+        if job.verifies(file) {
             blob_is_complete(&cache, file, true)?;
         }
         let mut on_bytes = |file_bytes: u64| {
@@ -250,38 +260,22 @@ fn done_on_disk(found: OnDisk, started: Instant) -> PullEvent {
     }
 }
 
-/// Refuses a download that cannot fit; warns below 10% headroom.
-fn check_space(
+/// Refuses a download that cannot fit, judged by the files' real sizes
+/// less what the cache holds already; warns below 10% headroom.
+fn space_for(
     cache: &RepoCache,
     files: &[RemoteFile],
-    verify: bool,
+    job: &PullJob,
 ) -> Result<SpaceCheck, HubError> {
     let mut needed = 0;
     for file in files {
-        if !verify && blob_is_complete(cache, file, false)? {
+        if !job.verifies(file) && blob_is_complete(cache, file, false)? {
             continue;
         }
         let partial = std::fs::metadata(cache.incomplete(&file.etag)).map_or(0, |m| m.len());
         needed += file.size.saturating_sub(partial);
     }
-    let available = available_space(&cache.root).map_err(|e| HubError::io(&cache.root, e))?;
-    if needed > available {
-        return Err(HubError::InsufficientSpace {
-            root: cache.root.clone(),
-            needed,
-            available,
-        });
-    }
-    let status = if needed + needed / 10 > available {
-        SpaceStatus::Warning
-    } else {
-        SpaceStatus::Sufficient
-    };
-    Ok(SpaceCheck {
-        status,
-        needed_bytes: needed,
-        available_bytes: available,
-    })
+    check_space(&cache.root, needed)
 }
 
 /// Running totals of one pull, and the throttle on progress events.

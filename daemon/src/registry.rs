@@ -70,17 +70,7 @@ impl Registry {
                 return Err(RegistryError::AlreadyExists(model.name));
             }
             let now = unix_now();
-            let record = ModelRecord {
-                name: model.name.clone(),
-                repo: model.repo.clone(),
-                revision: model.revision.clone(),
-                files: model.files.clone(),
-                local_path: model.local_path.clone(),
-                cache: model.cache.clone(),
-                estimated_size: model.estimated_size,
-                registered_at: old.as_ref().map_or(now, |o| o.registered_at),
-                updated_at: now,
-            };
+            let record = model.record(old.as_ref().map_or(now, |o| o.registered_at), now);
             let swapped = self
                 .models
                 .compare_and_swap(key, previous, Some(encode(&record)))?;

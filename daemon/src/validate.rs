@@ -3,7 +3,7 @@
 
 use std::path::{Component, Path, PathBuf};
 
-use modeld_wire::types::{CacheLocation, RegisterParams};
+use modeld_wire::types::{CacheLocation, ModelRecord, RegisterParams};
 use serde_json::{json, Value};
 
 pub const MAX_NAME_LEN: usize = 64;
@@ -104,6 +104,23 @@ impl TryFrom<RegisterParams> for ValidModel {
             estimated_size: params.estimated_size,
             replace: params.replace,
         })
+    }
+}
+
+impl ValidModel {
+    /// The record stored for this registration.
+    pub fn record(&self, registered_at: u64, updated_at: u64) -> ModelRecord {
+        ModelRecord {
+            name: self.name.clone(),
+            repo: self.repo.clone(),
+            revision: self.revision.clone(),
+            files: self.files.clone(),
+            local_path: self.local_path.clone(),
+            cache: self.cache.clone(),
+            estimated_size: self.estimated_size,
+            registered_at,
+            updated_at,
+        }
     }
 }
 

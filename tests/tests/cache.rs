@@ -657,3 +657,180 @@ fn duplicates_cover_registered_local_paths() {
     assert_eq!(ino(&local.join("model.safetensors")), ino(&blob(&weights)));
     assert_eq!(ino(&single), ino(&blob(&gguf)));
 }
+
+fn actions(plan: &Value) -> Vec<(String, PathBuf)> {
+    plan["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| {
+            let path = PathBuf::from(a["path"].as_str().unwrap());
+            (a["action"].as_str().unwrap().to_string(), path)
+        })
+        .collect()
+}
+
+#[test]
+fn rm_purge_plans_then_deletes_only_the_models_own_files() {
+    let daemon = Daemon::start();
+    let hub = daemon.hf_cache();
+    let shared = vec![5u8; 1000];
+    let repo = write_revision(
+        &hub,
+        "org/m",
+        &c(1),
+        &["main"],
+        &[("w.bin", &shared), ("one.json", b"1")],
+    );
+    write_revision(
+        &hub,
+        "org/m",
+        &c(2),
+        &["v2"],
+        &[("w.bin", &shared), ("two.json", b"22")],
+    );
+    for (name, revision) in [("one", "main"), ("two", "v2"), ("twin", "v2")] {
+        daemon
+            .call(
+                "models.register",
+                json!({"name": name, "repo": "org/m", "revision": revision}),
+            )
+            .unwrap();
+    }
+    let blob = |bytes: &[u8]| repo.join("blobs").join(hex::encode(Sha256::digest(bytes)));
+
+    // A dry run: the plan, and nothing changed.
+    let reply = daemon
+        .call("models.remove", json!({"name": "one", "purge": true}))
+        .unwrap();
+    assert!(reply["removed"].is_null(), "{reply}");
+    let plan = &reply["plan"];
+    assert_eq!(plan["applied"], false);
+    assert_eq!(
+        actions(plan),
+        [
+            ("remove_revision".into(), repo.join("snapshots").join(c(1))),
+            ("remove_ref".into(), repo.join("refs/main")),
+            ("remove_blob".into(), blob(b"1")),
+        ]
+    );
+    assert_eq!(plan["freed_bytes"], 1, "the shared blob stays");
+    assert!(repo.join("snapshots").join(c(1)).exists());
+    daemon.call("models.get", json!({"name": "one"})).unwrap();
+
+    // Applied: exactly that, then the registration goes.
+    let reply = daemon
+        .call(
+            "models.remove",
+            json!({"name": "one", "purge": true, "apply": true}),
+        )
+        .unwrap();
+    assert_eq!(reply["removed"]["name"], "one");
+    assert_eq!(reply["plan"]["applied"], true);
+    assert!(!repo.join("snapshots").join(c(1)).exists());
+    assert!(!repo.join("refs/main").exists() && !blob(b"1").exists());
+    assert_eq!(
+        std::fs::read(repo.join("snapshots").join(c(2)).join("w.bin")).unwrap(),
+        shared
+    );
+    let err = daemon
+        .call("models.get", json!({"name": "one"}))
+        .unwrap_err();
+    assert_eq!(kind(&err), "not_found");
+
+    // Another registered model uses the same revision: its files stay.
+    let reply = daemon
+        .call(
+            "models.remove",
+            json!({"name": "two", "purge": true, "apply": true}),
+        )
+        .unwrap();
+    assert!(actions(&reply["plan"]).is_empty(), "{reply}");
+    let skipped = reply["plan"]["skipped"][0].as_str().unwrap();
+    assert!(skipped.contains("twin"), "{skipped}");
+    assert!(repo.join("snapshots").join(c(2)).exists());
+
+    // The last model of the repo takes the whole repo directory with it,
+    // through modelctl: a dry run first.
+    let out = daemon.ctl(&["rm", "twin", "--purge"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("remove_repo") && text.contains("dry run"),
+        "{text}"
+    );
+    assert!(repo.exists());
+    let out = daemon.ctl(&["rm", "twin", "--purge", "--apply"]);
+    assert!(out.status.success());
+    assert!(!repo.exists());
+    assert!(daemon.call("models.get", json!({"name": "twin"})).is_err());
+
+    // apply means nothing without purge.
+    daemon
+        .call("models.register", json!({"name": "x", "repo": "org/x"}))
+        .unwrap();
+    let err = daemon
+        .call("models.remove", json!({"name": "x", "apply": true}))
+        .unwrap_err();
+    assert_eq!(kind(&err), "invalid_params");
+    let modeld_wire::ClientError::Rpc(obj) = &err else {
+        panic!()
+    };
+    assert_eq!(obj.data.as_ref().unwrap()["field"], "apply");
+}
+
+#[test]
+fn rm_purge_never_deletes_a_local_path_and_waits_for_unload() {
+    let daemon = Daemon::start();
+    let local = daemon.register_fixture("tiny-llama");
+    let reply = daemon
+        .call(
+            "models.remove",
+            json!({"name": "tiny-llama", "purge": true, "apply": true}),
+        )
+        .unwrap();
+    assert!(actions(&reply["plan"]).is_empty(), "{reply}");
+    let skipped = reply["plan"]["skipped"][0].as_str().unwrap();
+    assert!(
+        skipped.contains(&local.display().to_string()) && skipped.contains("local_path"),
+        "{skipped}"
+    );
+    assert!(local.join("model.safetensors").exists());
+    assert!(daemon
+        .call("models.get", json!({"name": "tiny-llama"}))
+        .is_err());
+
+    // Loaded from the cache: refused until unloaded.
+    let hub = daemon.hf_cache();
+    let files = fixture_files(&fixtures_dir().join("tiny-qwen2"));
+    let refs: Vec<(&str, &[u8])> = files
+        .iter()
+        .map(|(n, b)| (n.as_str(), b.as_slice()))
+        .collect();
+    let repo = write_revision(&hub, "org/qwen", &c(3), &["main"], &refs);
+    daemon
+        .call(
+            "models.register",
+            json!({"name": "qwen", "repo": "org/qwen"}),
+        )
+        .unwrap();
+    daemon.call("load", json!({"name": "qwen"})).unwrap();
+    let err = daemon
+        .call(
+            "models.remove",
+            json!({"name": "qwen", "purge": true, "apply": true}),
+        )
+        .unwrap_err();
+    assert_eq!(kind(&err), "in_use", "{err}");
+    assert!(repo.exists());
+    daemon.call("models.get", json!({"name": "qwen"})).unwrap();
+    daemon.call("unload", json!({"name": "qwen"})).unwrap();
+    let reply = daemon
+        .call(
+            "models.remove",
+            json!({"name": "qwen", "purge": true, "apply": true}),
+        )
+        .unwrap();
+    assert!(reply["plan"]["freed_bytes"].as_u64().unwrap() > 400_000);
+    assert!(!repo.exists());
+}

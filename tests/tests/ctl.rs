@@ -13,14 +13,16 @@ fn stderr(output: &std::process::Output) -> String {
 
 #[test]
 fn register_list_show_rm() {
-    let daemon = Daemon::start();
+    let secondary = tempfile::tempdir().unwrap();
+    let config = format!("[cache]\nsecondary = {:?}\n", secondary.path());
+    let daemon = Daemon::start_configured(&config, &[]);
     let out = daemon.ctl(&[
         "register",
         "llama",
         "--repo",
         "meta-llama/Llama-3.2-1B",
         "--size",
-        "2.5G",
+        "2.5M",
         "--file",
         "*.safetensors",
         "--file",
@@ -34,14 +36,14 @@ fn register_list_show_rm() {
     let out = daemon.ctl(&["list"]);
     let table = stdout(&out);
     assert!(
-        table.contains("NAME") && table.contains("llama") && table.contains("2.5 GiB"),
+        table.contains("NAME") && table.contains("llama") && table.contains("2.5 MiB"),
         "{table}"
     );
     assert!(table.contains("secondary"), "{table}");
 
     let out = daemon.ctl(&["--json", "show", "llama"]);
     let model: Value = serde_json::from_str(&stdout(&out)).unwrap();
-    assert_eq!(model["estimated_size"], 5u64 << 29);
+    assert_eq!(model["estimated_size"], 5u64 << 19);
     assert_eq!(
         model["files"],
         serde_json::json!(["*.safetensors", "*.json"])

@@ -407,3 +407,41 @@ fn llama3_rope_scaling_reads_the_same_in_every_spelling() {
     assert_eq!(kind(&err), "load_failed", "{err:?}");
     assert!(err.to_string().contains("yarn"), "{err}");
 }
+
+#[test]
+fn corrupt_local_files_are_load_failed_and_nothing_is_fetched() {
+    let hub = modeld_e2e::fakehub::FakeHub::start();
+    let endpoint = hub.endpoint();
+    let daemon = Daemon::start_with(&[("HF_ENDPOINT", &endpoint)]);
+    let dir = daemon.register_fixture("tiny-llama");
+    // Also a repo: the local path still wins, and its files are not ours to
+    // fetch again.
+    daemon
+        .call(
+            "models.register",
+            json!({"name": "tiny-llama", "repo": "org/tiny-llama", "local_path": dir, "replace": true}),
+        )
+        .unwrap();
+    let weights = dir.join("model.safetensors");
+    let good = std::fs::read(&weights).unwrap();
+    let refused_naming = |bad: &std::path::Path| {
+        let err = daemon
+            .client()
+            .subscribe("generate", json!({"model": "tiny-llama", "prompt": "x"}))
+            .err()
+            .expect("refused");
+        assert_eq!(kind(&err), "load_failed", "{err}");
+        let modeld_wire::ClientError::Rpc(obj) = &err else {
+            panic!()
+        };
+        assert_eq!(obj.data.as_ref().unwrap()["file"], json!(bad), "{err}");
+        assert!(err.to_string().contains(&bad.display().to_string()));
+    };
+    std::fs::write(&weights, &good[..good.len() / 3]).unwrap();
+    refused_naming(&weights);
+    std::fs::write(&weights, &good).unwrap();
+    let tokenizer = dir.join("tokenizer.json");
+    std::fs::write(&tokenizer, b"{\"not\": \"a tokenizer\"").unwrap();
+    refused_naming(&tokenizer);
+    assert!(hub.requests().is_empty(), "{:?}", hub.requests());
+}

@@ -397,17 +397,50 @@ fn local_path_comes_first_and_custom_cache_is_the_target() {
     assert_eq!(last(&events)["path"], json!(expected));
     assert_same_as_fixture(&expected);
 
-    daemon
+    // No secondary cache is configured: refused when registered.
+    let err = daemon
         .call(
             "models.register",
             json!({"name": "second", "repo": REPO, "cache": "secondary"}),
         )
-        .unwrap();
-    let err = daemon
-        .call("models.pull", json!({"name": "second"}))
         .unwrap_err();
     assert_eq!(kind(&err), "invalid_params");
     assert!(err.to_string().contains("cache.secondary"), "{err}");
+}
+
+#[test]
+fn pull_checks_space_with_the_real_sizes_not_the_estimate() {
+    let (hub, daemon, _) = setup("", &[]);
+    let registered = daemon
+        .call(
+            "models.register",
+            json!({"name": "guessed", "repo": REPO, "estimated_size": 1}),
+        )
+        .unwrap();
+    assert_eq!(registered["space"]["needed_bytes"], 1);
+    let events = daemon.pull(json!({"name": "guessed"}));
+    let space = &events[0]["space"];
+    assert_eq!(space["needed_bytes"], events[0]["total_bytes"], "{space}");
+    assert!(space["needed_bytes"].as_u64().unwrap() > 100_000, "{space}");
+    assert_eq!(space["path"], json!(daemon.hf_cache()));
+    assert_eq!(space["status"], "sufficient");
+
+    // The estimate fits; the files the Hub lists do not.
+    let custom = daemon.dir.path().join("custom-cache");
+    let cache = format!("custom:{}", custom.display());
+    let registered = daemon
+        .call(
+            "models.register",
+            json!({"name": "huge", "repo": REPO, "estimated_size": 1000, "cache": cache}),
+        )
+        .unwrap();
+    assert_eq!(registered["space"]["status"], "sufficient");
+    hub.claim_size("model.safetensors", 1 << 60);
+    let events = daemon.pull(json!({"name": "huge"}));
+    let error = &last(&events)["error"];
+    assert_eq!(error["data"]["kind"], "insufficient_space", "{error}");
+    assert!(error["data"]["needed_bytes"].as_u64().unwrap() >= 1 << 60);
+    assert_eq!(error["data"]["path"], json!(custom));
 }
 
 #[test]
@@ -476,4 +509,127 @@ fn a_pull_never_writes_through_a_planted_symlink() {
         0,
         "nothing written outside"
     );
+}
+
+/// The `data` of an error reply.
+fn error_data(err: &modeld_wire::ClientError) -> Value {
+    match err {
+        modeld_wire::ClientError::Rpc(obj) => obj.data.clone().unwrap_or_default(),
+        other => panic!("not an error reply: {other}"),
+    }
+}
+
+#[test]
+fn damaged_cached_file_is_fetched_again_at_load() {
+    let (hub, daemon, commit) = setup("", &[]);
+    daemon.pull(json!({"name": "tiny"}));
+    let sha = hub.sha256_of(REPO, "model.safetensors");
+    let blob = daemon
+        .hf_cache()
+        .join("models--org--tiny-llama/blobs")
+        .join(&sha);
+    let good = std::fs::read(&blob).unwrap();
+
+    // Truncated: a generation loads the model, which fails on the file;
+    // the file is fetched again and the generation runs.
+    std::fs::write(&blob, &good[..good.len() / 2]).unwrap();
+    let before = safetensors_gets(&hub).len();
+    let events: Vec<Value> = daemon
+        .client()
+        .subscribe(
+            "generate",
+            json!({"model": "tiny", "prompt": "Model", "max_tokens": 2}),
+        )
+        .expect("generate accepted after the repair")
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(last(&events)["completion_tokens"], 2, "{events:?}");
+    assert_eq!(safetensors_gets(&hub).len(), before + 1);
+    assert_same_as_fixture(&snapshot(&daemon, &commit));
+
+    // Same size, damaged header: only the hash tells, and it is checked.
+    daemon.call("unload", json!({"name": "tiny"})).unwrap();
+    let mut damaged = good.clone();
+    damaged[..8].copy_from_slice(&[0xff; 8]);
+    std::fs::write(&blob, &damaged).unwrap();
+    let loaded = daemon.call("load", json!({"name": "tiny"})).unwrap();
+    assert_eq!(loaded["model"]["arch"], "llama");
+    assert_eq!(safetensors_gets(&hub).len(), before + 2);
+    assert_same_as_fixture(&snapshot(&daemon, &commit));
+}
+
+#[test]
+fn bad_file_on_the_hub_is_load_failed_naming_the_file() {
+    let hub = FakeHub::start();
+    let fixture = fixtures_dir().join("tiny-llama");
+    let mut files = Vec::new();
+    for name in ["config.json", "tokenizer.json", "model.safetensors"] {
+        files.push((name.to_string(), std::fs::read(fixture.join(name)).unwrap()));
+    }
+    // The Hub's own copy is cut short: verified downloads reproduce it.
+    let weights = &mut files[2].1;
+    weights.truncate(weights.len() / 2);
+    let commit = hub.add_repo(REPO, files);
+    let endpoint = hub.endpoint();
+    let daemon = Daemon::start_configured("", &[("HF_ENDPOINT", &endpoint)]);
+    daemon
+        .call("models.register", json!({"name": "tiny", "repo": REPO}))
+        .unwrap();
+
+    let err = daemon.call("load", json!({"name": "tiny"})).unwrap_err();
+    assert_eq!(kind(&err), "load_failed", "{err}");
+    let file = snapshot(&daemon, &commit).join("model.safetensors");
+    assert_eq!(error_data(&err)["file"], json!(file), "{err}");
+    let message = err.to_string();
+    assert!(message.contains("model.safetensors"), "{message}");
+    assert!(message.contains("Hub's file itself is bad"), "{message}");
+    // Downloaded once by the pull; the repair found the same bytes.
+    assert_eq!(safetensors_gets(&hub).len(), 1);
+
+    let refused = daemon
+        .client()
+        .subscribe("generate", json!({"model": "tiny", "prompt": "x"}))
+        .err()
+        .expect("refused");
+    assert_eq!(kind(&refused), "load_failed", "{refused}");
+    assert_eq!(error_data(&refused)["file"], json!(file));
+}
+
+#[test]
+fn rm_purge_is_refused_while_downloading() {
+    let (hub, daemon, _) = setup("", &[]);
+    // Slow, so the download still runs when the purge is asked for.
+    hub.throttle(Some(100_000));
+    let socket = daemon.socket.clone();
+    let puller = std::thread::spawn(move || {
+        let mut client = modeld_wire::Client::connect(&socket).unwrap();
+        client
+            .subscribe("models.pull", json!({"name": "tiny"}))
+            .unwrap()
+            .count()
+    });
+    let blobs = daemon.hf_cache().join("models--org--tiny-llama/blobs");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !blobs.is_dir() {
+        assert!(Instant::now() < deadline, "download never started");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let err = daemon
+        .call(
+            "models.remove",
+            json!({"name": "tiny", "purge": true, "apply": true}),
+        )
+        .unwrap_err();
+    assert_eq!(kind(&err), "in_use", "{err}");
+    hub.throttle(None);
+    puller.join().unwrap();
+    daemon.call("models.get", json!({"name": "tiny"})).unwrap();
+    let reply = daemon
+        .call(
+            "models.remove",
+            json!({"name": "tiny", "purge": true, "apply": true}),
+        )
+        .unwrap();
+    assert_eq!(reply["removed"]["name"], "tiny");
+    assert!(!blobs.exists());
 }

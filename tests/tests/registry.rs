@@ -179,3 +179,108 @@ fn local_only_model_is_accepted() {
     assert_eq!(reply["model"]["repo"], json!(null));
     assert_eq!(reply["model"]["local_path"], "/models/mine");
 }
+
+#[test]
+fn registration_checks_the_target_cache_and_its_space() {
+    let daemon = Daemon::start();
+    let err = daemon
+        .call(
+            "models.register",
+            json!({"name": "slow", "repo": "org/m", "cache": "secondary"}),
+        )
+        .unwrap_err();
+    assert_eq!(kind(&err), "invalid_params");
+    let modeld_wire::ClientError::Rpc(obj) = &err else {
+        panic!()
+    };
+    assert_eq!(obj.data.as_ref().unwrap()["field"], "cache", "{err}");
+    assert!(err.to_string().contains("cache.secondary"), "{err}");
+    assert_eq!(
+        kind(
+            &daemon
+                .call("models.get", json!({"name": "slow"}))
+                .unwrap_err()
+        ),
+        "not_found"
+    );
+
+    let reply = daemon
+        .call(
+            "models.register",
+            json!({"name": "small", "repo": "org/m", "estimated_size": 1000}),
+        )
+        .unwrap();
+    let space = &reply["space"];
+    assert_eq!(space["status"], "sufficient", "{reply}");
+    assert_eq!(space["needed_bytes"], 1000);
+    assert_eq!(space["path"], json!(daemon.hf_cache()));
+    let available = space["available_bytes"].as_u64().unwrap();
+    assert!(available > 1000);
+
+    // Fits, but would leave less than 10% free.
+    let tight = available / 100 * 95;
+    let reply = daemon
+        .call(
+            "models.register",
+            json!({"name": "tight", "repo": "org/m", "estimated_size": tight}),
+        )
+        .unwrap();
+    assert_eq!(reply["space"]["status"], "warning", "{reply}");
+    let out = daemon.ctl(&[
+        "register",
+        "tight2",
+        "--repo",
+        "org/m",
+        "--size",
+        &tight.to_string(),
+    ]);
+    assert!(out.status.success());
+    let warning = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        warning.contains("warning") && warning.contains("free"),
+        "{warning}"
+    );
+
+    // Cannot fit at all: refused with the numbers, nothing registered.
+    let huge = 1u64 << 49;
+    let err = daemon
+        .call(
+            "models.register",
+            json!({"name": "huge", "repo": "org/m", "estimated_size": huge}),
+        )
+        .unwrap_err();
+    assert_eq!(kind(&err), "insufficient_space", "{err}");
+    let modeld_wire::ClientError::Rpc(obj) = &err else {
+        panic!()
+    };
+    let data = obj.data.as_ref().unwrap();
+    assert_eq!(data["needed_bytes"], huge);
+    assert!(data["available_bytes"].is_u64());
+    assert_eq!(data["path"], json!(daemon.hf_cache()));
+    assert_eq!(
+        kind(
+            &daemon
+                .call("models.get", json!({"name": "huge"}))
+                .unwrap_err()
+        ),
+        "not_found"
+    );
+
+    // Files already on disk need no space; a local-only model gets no check.
+    let local = daemon.register_fixture("tiny-llama");
+    let reply = daemon
+        .call(
+            "models.register",
+            json!({"name": "present", "repo": "org/m", "local_path": local, "estimated_size": huge}),
+        )
+        .unwrap();
+    assert_eq!(reply["space"]["needed_bytes"], 0, "{reply}");
+    assert_eq!(reply["space"]["status"], "sufficient");
+    let reply = daemon
+        .call(
+            "models.register",
+            json!({"name": "mine", "local_path": local, "estimated_size": 1000}),
+        )
+        .unwrap();
+    assert!(reply["space"].is_null(), "{reply}");
+}

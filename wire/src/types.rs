@@ -120,11 +120,33 @@ pub struct RegisterReply {
     pub model: ModelRecord,
     /// True when an earlier registration of the same name was overwritten.
     pub replaced: bool,
+    /// `estimated_size` against the free space of the cache root a pull
+    /// would fill; `None` without a size or a repo.
+    #[serde(default)]
+    pub space: Option<SpaceCheck>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// `models.remove` parameters.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RemoveParams {
+    pub name: String,
+    /// Also delete the model's files from the caches (never a `local_path`).
+    #[serde(default)]
+    pub purge: bool,
+    /// With `purge`: carry the plan out; without it nothing changes.
+    #[serde(default)]
+    pub apply: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RemoveReply {
-    pub removed: ModelRecord,
+    /// The registration removed; `None` after a purge dry run, which
+    /// changes nothing.
+    pub removed: Option<ModelRecord>,
+    /// With `purge`: the cache files deleted, or that would be.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<CachePlan>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -279,6 +301,8 @@ pub struct SpaceCheck {
     pub status: SpaceStatus,
     pub needed_bytes: u64,
     pub available_bytes: u64,
+    /// The cache root the files go to.
+    pub path: PathBuf,
 }
 
 /// What `models.pull` streams; the last item has `done: true`.

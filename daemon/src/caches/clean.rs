@@ -5,7 +5,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 
-use modeld_wire::types::{CacheAction, CachePlan};
+use modeld_wire::types::{CacheAction, CachePlan, ModelRecord};
 
 use super::confined::RootHandles;
 use super::{empty_plan, CacheError, Root};
@@ -305,5 +305,98 @@ fn plan_revision(repo: &RepoDir, revision: &str, plan: &mut CachePlan) {
     for blob in only_here {
         let size = repo.blobs.get(blob).copied().unwrap_or(0);
         act(plan, "remove_blob", repo.dir.join("blobs").join(blob), size);
+    }
+}
+
+/// Plans (and with `apply`, performs) the removal of one registered
+/// model's files from every HF cache root: the snapshot its revision names
+/// there, the refs to it and the blobs no other snapshot links to, or the
+/// whole repo directory when that snapshot is its only one. A snapshot that
+/// a revision of `others` (other registered models of the same repo, as
+/// name and revision) also names is skipped, and so is a `local_path`.
+/// `busy` holds repo directories with a running download and snapshot
+/// directories of loaded models.
+pub fn remove_model(
+    roots: &[Root],
+    busy: &HashSet<PathBuf>,
+    model: &ModelRecord,
+    others: &[(String, String)],
+    apply: bool,
+) -> Result<CachePlan, CacheError> {
+    let mut plan = empty_plan(apply);
+    if let Some(path) = &model.local_path {
+        plan.skipped.push(format!(
+            "{}: the local_path of {}; files it points at are never deleted",
+            path.display(),
+            model.name
+        ));
+    }
+    if let Some(repo_id) = &model.repo {
+        for root in roots.iter().filter(|r| r.is_hf_cache()) {
+            let cache = RepoCache::new(&root.path, repo_id);
+            plan_model(&cache, busy, &model.revision, others, &mut plan)?;
+        }
+    }
+    if apply {
+        perform(&plan, roots)?;
+    }
+    Ok(plan)
+}
+
+fn plan_model(
+    cache: &RepoCache,
+    busy: &HashSet<PathBuf>,
+    revision: &str,
+    others: &[(String, String)],
+    plan: &mut CachePlan,
+) -> Result<(), CacheError> {
+    if busy.contains(&cache.dir) {
+        return Err(CacheError::InUse(format!(
+            "{} is being downloaded into; wait for the pull to finish",
+            cache.dir.display()
+        )));
+    }
+    if !cache.dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(why) = linked_part(&cache.dir) {
+        plan.skipped.push(why);
+        return Ok(());
+    }
+    let repo = read_repo(&cache.dir);
+    let Some(commit) = commit_of(&repo, revision).filter(|c| repo.snapshots.contains_key(c)) else {
+        return Ok(());
+    };
+    let snapshot = cache.snapshot_dir(&commit);
+    if busy.contains(&snapshot) {
+        return Err(CacheError::InUse(format!(
+            "{} is used by a loaded model; unload it first",
+            snapshot.display()
+        )));
+    }
+    let sharer = others
+        .iter()
+        .find(|(_, other)| commit_of(&repo, other).as_ref() == Some(&commit));
+    if let Some((name, _)) = sharer {
+        plan.skipped.push(format!(
+            "{}: also the files of model {name}",
+            snapshot.display()
+        ));
+    } else if repo.snapshots.len() == 1 {
+        let bytes =
+            repo.blobs.values().sum::<u64>() + repo.incomplete.iter().map(|(_, s)| s).sum::<u64>();
+        act(plan, "remove_repo", repo.dir.clone(), bytes);
+    } else {
+        plan_revision(&repo, &commit, plan);
+    }
+    Ok(())
+}
+
+/// The commit a revision names in this repo directory, if known.
+fn commit_of(repo: &RepoDir, revision: &str) -> Option<String> {
+    if is_commit(revision) {
+        Some(revision.to_string())
+    } else {
+        repo.refs.get(revision).cloned()
     }
 }

@@ -32,11 +32,12 @@ fn token_text(value: &Value) -> String {
 impl ChatTemplate {
     /// The model's template, if `tokenizer_config.json` has one.
     pub fn read(dir: &Path) -> Result<Option<Self>, EngineError> {
-        let Ok(text) = std::fs::read_to_string(dir.join("tokenizer_config.json")) else {
+        let path = dir.join("tokenizer_config.json");
+        let Ok(text) = std::fs::read_to_string(&path) else {
             return Ok(None);
         };
-        let config: Value = serde_json::from_str(&text)
-            .map_err(|e| EngineError::Files(format!("tokenizer_config.json: {e}")))?;
+        let config: Value =
+            serde_json::from_str(&text).map_err(|e| super::BadFile::new(&path, e))?;
         let source = match &config["chat_template"] {
             Value::String(template) => template.clone(),
             // A list of named templates: the one called "default".

@@ -53,16 +53,76 @@ pub enum EngineError {
         budget: u64,
         in_use: u64,
     },
+    #[error(transparent)]
+    BadFile(#[from] BadFile),
     #[error("inference failed: {0}")]
     Candle(String),
+}
+
+/// A model file that cannot be read as what it claims to be: truncated,
+/// corrupt, or not matching the model's config.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{}: {message}{}", path.display(), repair_note(repair))]
+pub struct BadFile {
+    pub path: PathBuf,
+    pub message: String,
+    /// What was tried to repair it, when something was.
+    pub repair: Option<String>,
+}
+
+fn repair_note(repair: &Option<String>) -> String {
+    repair
+        .as_deref()
+        .map(|note| format!(" ({note})"))
+        .unwrap_or_default()
+}
+
+impl BadFile {
+    pub fn new(path: &Path, message: impl ToString) -> Self {
+        BadFile {
+            path: path.to_path_buf(),
+            message: message.to_string(),
+            repair: None,
+        }
+    }
+
+    /// The same failure, saying what was tried to repair it.
+    pub fn noting(mut self, repair: impl Into<String>) -> Self {
+        self.repair = Some(repair.into());
+        self
+    }
+
+    /// A candle error met while reading `fallback`: the file candle names,
+    /// if it names one, is the bad one.
+    pub fn from_candle(err: candle_core::Error, fallback: &Path) -> Self {
+        let (path, inner) = match err {
+            candle_core::Error::WithPath { inner, path } => (path, *inner),
+            other => (fallback.to_path_buf(), other),
+        };
+        BadFile::new(&path, first_line(&inner.to_string()))
+    }
 }
 
 impl From<candle_core::Error> for EngineError {
     /// Keeps the message and drops the backtrace candle may attach: it
     /// belongs in a debugger, not in a client's error reply.
     fn from(err: candle_core::Error) -> Self {
-        let text = err.to_string();
-        EngineError::Candle(text.lines().next().unwrap_or_default().to_string())
+        EngineError::Candle(first_line(&err.to_string()))
+    }
+}
+
+fn first_line(text: &str) -> String {
+    text.lines().next().unwrap_or_default().to_string()
+}
+
+impl EngineError {
+    /// A candle failure while building a model from `file` is a bad file,
+    /// not a failed inference; other errors pass unchanged.
+    pub fn in_file(self, file: &Path) -> Self {
+        match self {
+            EngineError::Candle(message) => EngineError::BadFile(BadFile::new(file, message)),
+            other => other,
+        }
     }
 }
 
@@ -133,6 +193,7 @@ impl Placement {
 }
 
 /// What to load and how.
+#[derive(Clone)]
 pub struct LoadRequest {
     pub name: String,
     /// A model directory or a `.gguf` file.
@@ -383,7 +444,8 @@ fn build(
     match weights {
         Weights::Safetensors(files) => {
             let spec = ModelSpec::read(dir)?;
-            let model = TextModel::load(&spec, files, loras, placement.dtype, &placement.device)?;
+            let model = TextModel::load(&spec, files, loras, placement.dtype, &placement.device)
+                .map_err(|e| e.in_file(&weights.path()))?;
             Ok(Built {
                 model,
                 arch: spec.arch,
@@ -397,7 +459,8 @@ fn build(
         )),
         Weights::Gguf(file) => {
             let (content, header) = read_gguf_header(file)?;
-            let model = TextModel::load_gguf(file, content, header.arch, &placement.device)?;
+            let model = TextModel::load_gguf(file, content, header.arch, &placement.device)
+                .map_err(|e| e.in_file(file))?;
             // A config.json beside the file may name more end-of-sequence ids.
             let mut eos_ids: Vec<u32> = header.eos_id.into_iter().collect();
             if let Ok(spec) = ModelSpec::read(dir) {
@@ -431,8 +494,8 @@ fn start_worker(
         path
     };
     let tokenizer_path = dir.join("tokenizer.json");
-    let tokenizer = Tokenizer::from_file(&tokenizer_path)
-        .map_err(|e| EngineError::Tokenizer(format!("{}: {e}", tokenizer_path.display())))?;
+    let tokenizer =
+        Tokenizer::from_file(&tokenizer_path).map_err(|e| BadFile::new(&tokenizer_path, e))?;
     let chat_template = ChatTemplate::read(dir)?;
     let file_bytes = weights.bytes();
     let built = build(&weights, dir, loras, &placement)?;

@@ -12,7 +12,7 @@ use candle_transformers::models::{
 };
 use serde_json::Value;
 
-use super::EngineError;
+use super::{BadFile, EngineError};
 
 /// A loaded model of one of the supported architectures, with its KV cache.
 pub enum TextModel {
@@ -79,6 +79,20 @@ impl Weights {
         }
     }
 
+    /// The weights file, or the directory of several shards: where a
+    /// failure that names no single file is reported.
+    pub fn path(&self) -> PathBuf {
+        match self {
+            Weights::Safetensors(files) if files.len() == 1 => files[0].clone(),
+            Weights::Safetensors(files) => files
+                .first()
+                .and_then(|f| f.parent())
+                .map(Path::to_path_buf)
+                .unwrap_or_default(),
+            Weights::Gguf(file) => file.clone(),
+        }
+    }
+
     pub fn bytes(&self) -> u64 {
         let files: &[PathBuf] = match self {
             Weights::Safetensors(files) => files,
@@ -100,10 +114,8 @@ pub struct GgufHeader {
 }
 
 pub fn read_gguf_header(path: &Path) -> Result<(gguf_file::Content, GgufHeader), EngineError> {
-    let mut file = std::fs::File::open(path)
-        .map_err(|e| EngineError::Files(format!("{}: {e}", path.display())))?;
-    let content = gguf_file::Content::read(&mut file)
-        .map_err(|e| EngineError::Files(format!("{}: {e}", path.display())))?;
+    let mut file = std::fs::File::open(path).map_err(|e| BadFile::new(path, e))?;
+    let content = gguf_file::Content::read(&mut file).map_err(|e| BadFile::from_candle(e, path))?;
     let arch_name = content
         .metadata
         .get("general.architecture")
@@ -171,9 +183,8 @@ impl ModelSpec {
 }
 
 fn read_json(path: &Path) -> Result<Value, EngineError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| EngineError::Files(format!("{}: {e}", path.display())))?;
-    serde_json::from_str(&text).map_err(|e| EngineError::Files(format!("{}: {e}", path.display())))
+    let text = std::fs::read_to_string(path).map_err(|e| BadFile::new(path, e))?;
+    Ok(serde_json::from_str(&text).map_err(|e| BadFile::new(path, e))?)
 }
 
 fn token_ids(value: &Value) -> Vec<u32> {
@@ -276,8 +287,7 @@ impl TextModel {
         arch: &str,
         device: &Device,
     ) -> Result<Self, EngineError> {
-        let mut file = std::fs::File::open(path)
-            .map_err(|e| EngineError::Files(format!("{}: {e}", path.display())))?;
+        let mut file = std::fs::File::open(path).map_err(|e| BadFile::new(path, e))?;
         Ok(match arch {
             "llama" => TextModel::GgufLlama(quantized_llama::ModelWeights::from_gguf(
                 content, &mut file, device,
@@ -307,15 +317,19 @@ impl TextModel {
             // Safety: the weight files are mmapped read-only; modeld never
             // writes to files under a loaded model, and the cache only
             // replaces blobs by rename, which leaves a mapping intact.
-            unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device)? }
+            // Truncated or corrupt files fail here, naming themselves.
+            unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
+                .map_err(|e| BadFile::from_candle(e, &files[0]))?
         } else {
             // Adapters change the weights, so they are read and merged first.
             let mut tensors = std::collections::HashMap::new();
             for file in files {
-                tensors.extend(candle_core::safetensors::load(file, &Device::Cpu)?);
+                let loaded = candle_core::safetensors::load(file, &Device::Cpu)
+                    .map_err(|e| BadFile::from_candle(e, file))?;
+                tensors.extend(loaded);
             }
             for lora in loras {
-                super::lora::apply(&mut tensors, lora)?;
+                super::lora::apply(&mut tensors, lora).map_err(|e| e.in_file(&lora.path))?;
             }
             VarBuilder::from_tensors(tensors, dtype, device)
         };

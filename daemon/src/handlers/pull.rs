@@ -88,6 +88,7 @@ fn start(
         roots: state.cache_roots(),
         hub: state.hub_settings(),
         verify: params.verify,
+        repair: None,
     })
 }
 

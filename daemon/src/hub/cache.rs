@@ -15,6 +15,9 @@ use std::io;
 use std::path::{Component, Path, PathBuf};
 
 use globset::GlobSet;
+use modeld_wire::types::{SpaceCheck, SpaceStatus};
+
+use super::HubError;
 
 /// The cache of one repo under one cache root.
 #[derive(Debug, Clone)]
@@ -176,6 +179,30 @@ fn collect_files(base: &Path, dir: &Path, patterns: &GlobSet, out: &mut Vec<Stri
     }
 }
 
+/// Whether `needed` more bytes fit under `root`: refused when they cannot,
+/// a warning when they would leave less than 10% headroom.
+pub fn check_space(root: &Path, needed: u64) -> Result<SpaceCheck, HubError> {
+    let available = available_space(root).map_err(|e| HubError::io(root, e))?;
+    if needed > available {
+        return Err(HubError::InsufficientSpace {
+            root: root.to_path_buf(),
+            needed,
+            available,
+        });
+    }
+    let status = if needed + needed / 10 > available {
+        SpaceStatus::Warning
+    } else {
+        SpaceStatus::Sufficient
+    };
+    Ok(SpaceCheck {
+        status,
+        needed_bytes: needed,
+        available_bytes: available,
+        path: root.to_path_buf(),
+    })
+}
+
 /// Bytes free for an unprivileged writer at `path` (or its nearest
 /// existing ancestor, since the cache may not exist yet).
 pub fn available_space(path: &Path) -> io::Result<u64> {
@@ -241,5 +268,23 @@ mod tests {
         cache.write_ref("main", &commit).unwrap();
         assert_eq!(cache.resolve_revision("main").unwrap(), commit);
         assert!(cache.resolve_revision("other").is_none());
+    }
+
+    #[test]
+    fn space_check_names_the_root_and_refuses_what_cannot_fit() {
+        let root = tempfile::tempdir().unwrap();
+        let missing = root.path().join("not/yet");
+        let check = check_space(&missing, 0).unwrap();
+        assert_eq!(check.status, SpaceStatus::Sufficient);
+        assert_eq!(check.path, missing);
+        assert!(check.available_bytes > 0);
+        let err = check_space(&missing, u64::MAX).unwrap_err();
+        assert!(matches!(
+            err,
+            HubError::InsufficientSpace {
+                needed: u64::MAX,
+                ..
+            }
+        ));
     }
 }

@@ -64,7 +64,8 @@ impl ApiError {
                 EngineError::Files(_)
                 | EngineError::Unsupported(_)
                 | EngineError::Tokenizer(_)
-                | EngineError::Template(_) => ErrorKind::LoadFailed,
+                | EngineError::Template(_)
+                | EngineError::BadFile(_) => ErrorKind::LoadFailed,
                 EngineError::Candle(_) => ErrorKind::InferenceFailed,
             },
             ApiError::Relayed(_) => ErrorKind::Internal,
@@ -138,6 +139,9 @@ impl ApiError {
             }
             ApiError::Engine(EngineError::EmptyPrompt) => {
                 data.insert("field".into(), json!("prompt"));
+            }
+            ApiError::Engine(EngineError::BadFile(bad)) => {
+                data.insert("file".into(), json!(bad.path));
             }
             ApiError::Engine(EngineError::Device(_)) => {
                 data.insert("field".into(), json!("device"));
