@@ -74,6 +74,14 @@ pub async fn run(paths: Paths) -> Result<(), StartError> {
     // daemon: fix it and reload.
     let _ = state.reload_modes();
     let _watcher = modes::watch(state.clone());
+    // CUDA start-up takes seconds: pay it now, not on the first request.
+    let warm = state.clone();
+    tokio::task::spawn_blocking(move || {
+        let gpus = warm.engine.devices.warm_up();
+        if gpus > 0 {
+            tracing::info!(gpus, "CUDA devices ready");
+        }
+    });
     let scheduler = tokio::spawn(state.scheduler.clone().run(state.clone()));
     tokio::spawn(scheduler::expire_idle_models(state.clone()));
     if let Some(default) = state.loaded_modes().modes.default_mode.clone() {

@@ -40,7 +40,7 @@ pub async fn ensure_loaded(
     }
     let placement = match placement {
         Some(placement) => placement,
-        None => Placement::choose(None, None)?,
+        None => Placement::choose(&state.engine.devices, None, None)?,
     };
     let (located, loras, keep_alive) = match mode {
         Some(mode) => {
@@ -81,7 +81,7 @@ async fn load_repairing(
     request: LoadRequest,
     snapshot_of: Option<&ModelRecord>,
 ) -> Result<Loaded, ApiError> {
-    let budget = Some(state.memory_budget());
+    let budget = state.memory_budget();
     let bad = match state.engine.load(request.clone(), budget).await {
         Err(EngineError::BadFile(bad)) => bad,
         other => return Ok(other?),

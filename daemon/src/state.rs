@@ -143,20 +143,13 @@ impl AppState {
         HubSettings::from_env(config.hub.endpoint.as_deref(), config.hub.retries)
     }
 
-    /// Memory the resident models may use, per `scheduler.memory_budget`.
-    pub fn memory_budget(&self) -> u64 {
+    /// Memory resident models may use on each device, per
+    /// `scheduler.memory_budget`: a fixed size, or live free memory.
+    pub fn memory_budget(&self) -> crate::engine::Budget {
         let config = self.config();
-        if let Ok(bytes) = modeld_wire::types::parse_bytes(&config.scheduler.memory_budget) {
-            return bytes;
-        }
-        let gpu_total = if cfg!(feature = "cuda") {
-            self.gpu.snapshot().gpus.first().map(|g| g.total_bytes)
-        } else {
-            None
-        };
-        match gpu_total {
-            Some(total) => total / 10 * 9,
-            None => crate::gpu::system_memory().total_bytes / 10 * 8,
+        match modeld_wire::types::parse_bytes(&config.scheduler.memory_budget) {
+            Ok(bytes) => crate::engine::Budget::Fixed(bytes),
+            Err(_) => crate::engine::Budget::Live,
         }
     }
 

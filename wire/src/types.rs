@@ -362,9 +362,15 @@ pub struct LoadedModel {
     pub device: String,
     pub dtype: String,
     pub path: PathBuf,
-    /// Weight files' size × 1.2, the rule of thumb used before loading.
+    /// Expected memory, known before loading: the weights at their dtype
+    /// (GGUF: as stored, plus f32 token embeddings) and the KV cache.
     pub estimated_bytes: u64,
-    /// Resident memory the load added (process RSS on CPU).
+    /// The KV-cache part of `estimated_bytes`: every layer's keys and values
+    /// for the context, up to 4096 positions.
+    #[serde(default)]
+    pub kv_cache_bytes: u64,
+    /// Memory the load took on its device: VRAM from the driver on a GPU,
+    /// anonymous resident memory on the CPU. The KV cache grows later.
     pub measured_bytes: u64,
     pub load_ms: u64,
     pub loaded_at: u64,

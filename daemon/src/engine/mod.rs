@@ -2,6 +2,8 @@
 //! them, and handing generation jobs to the worker that owns each model.
 
 pub mod chat;
+pub mod devices;
+pub mod estimate;
 pub mod lora;
 pub mod model;
 pub mod sampling;
@@ -19,6 +21,7 @@ use tokenizers::Tokenizer;
 use tokio_util::sync::CancellationToken;
 
 use self::chat::ChatTemplate;
+pub use self::devices::Devices;
 use self::model::{read_gguf_header, ModelSpec, TextModel, Weights};
 use self::sampling::ValidGenerate;
 use self::worker::{Job, Worker};
@@ -47,10 +50,11 @@ pub enum EngineError {
     Device(String),
     #[error("model {0:?} is not loaded")]
     NotLoaded(String),
-    #[error("the model needs about {needed} bytes; {in_use} of the {budget}-byte memory budget are held by models in use")]
+    #[error("the model needs about {needed} bytes on {device}, which has {available} free for it ({in_use} held by models in use)")]
     InsufficientMemory {
+        device: String,
         needed: u64,
-        budget: u64,
+        available: u64,
         in_use: u64,
     },
     #[error(transparent)]
@@ -137,14 +141,16 @@ pub struct Placement {
 impl Placement {
     /// Parses `cpu` / `cuda` / `cuda:N` and `f32` / `f16` / `bf16`. Without
     /// a choice: the first GPU when built with CUDA and one is present.
-    pub fn choose(device: Option<&str>, dtype: Option<&str>) -> Result<Self, EngineError> {
-        let wanted = device.unwrap_or(
-            if cfg!(feature = "cuda") && candle_core::utils::cuda_is_available() {
-                "cuda:0"
-            } else {
-                "cpu"
-            },
-        );
+    pub fn choose(
+        devices: &Devices,
+        device: Option<&str>,
+        dtype: Option<&str>,
+    ) -> Result<Self, EngineError> {
+        let wanted = device.unwrap_or(if devices::gpu_count() > 0 {
+            "cuda:0"
+        } else {
+            "cpu"
+        });
         let (device, device_name) = match wanted {
             "cpu" => (Device::Cpu, "cpu".to_string()),
             other => {
@@ -169,7 +175,7 @@ impl Placement {
                         "this modeld was built without CUDA (cargo build --features cuda)".into(),
                     ));
                 }
-                (Device::new_cuda(index)?, format!("cuda:{index}"))
+                (devices.cuda(index)?, format!("cuda:{index}"))
             }
         };
         let dtype = match dtype {
@@ -210,9 +216,23 @@ pub struct Loaded {
     pub evicted: Vec<String>,
 }
 
+/// How much memory models may take on a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// A fixed size per device (`scheduler.memory_budget = "12G"`).
+    Fixed(u64),
+    /// What the device has free right now, less a reserve (`"auto"`).
+    Live,
+}
+
+/// Memory kept free under a live budget: CUDA's workspaces, the daemon's
+/// own heap, the rest of the system.
+const LIVE_RESERVE: u64 = 512 << 20;
+
 /// A model in memory and the channel to its worker.
 pub struct Resident {
     pub info: LoadedModel,
+    device: Device,
     keep_alive: Option<std::time::Duration>,
     last_used: Mutex<Instant>,
     busy: std::sync::atomic::AtomicUsize,
@@ -274,6 +294,7 @@ impl Resident {
 
 #[derive(Default)]
 pub struct Engine {
+    pub devices: Devices,
     resident: Mutex<HashMap<String, Arc<Resident>>>,
     /// Loads run one at a time: two loads of one model must not both load it,
     /// and memory measurements must not overlap.
@@ -300,11 +321,7 @@ impl Engine {
     /// models (least recently used first) when `budget` would be exceeded.
     /// Returns its description, whether it was already there, and what was
     /// evicted.
-    pub async fn load(
-        &self,
-        request: LoadRequest,
-        budget: Option<u64>,
-    ) -> Result<Loaded, EngineError> {
+    pub async fn load(&self, request: LoadRequest, budget: Budget) -> Result<Loaded, EngineError> {
         let _one_at_a_time = self.loading.lock().await;
         if let Some(resident) = self.get(&request.name) {
             resident.touch();
@@ -315,19 +332,24 @@ impl Engine {
             });
         }
         let path = request.path.clone();
-        let weights = tokio::task::spawn_blocking(move || Weights::find(&path))
-            .await
-            .map_err(|e| EngineError::Files(format!("load task failed: {e}")))??;
-        let estimate = weights.bytes() + weights.bytes() / 5;
-        let evicted = match budget {
-            Some(budget) => self.make_room(estimate, budget).await?,
-            None => Vec::new(),
-        };
+        let dtype = request.placement.dtype;
+        let (weights, estimate) = tokio::task::spawn_blocking(move || {
+            let weights = Weights::find(&path)?;
+            let estimate = estimate::estimate(&weights, model_dir(&path), dtype)?;
+            Ok::<_, EngineError>((weights, estimate))
+        })
+        .await
+        .map_err(|e| EngineError::Files(format!("load task failed: {e}")))??;
+        let evicted = self
+            .make_room(&request.placement, estimate.total(), budget)
+            .await?;
         let keep_alive = request.keep_alive;
         let resident = tokio::task::spawn_blocking(move || {
             start_worker(
                 request.name,
                 &request.path,
+                weights,
+                estimate,
                 &request.loras,
                 request.placement,
             )
@@ -348,28 +370,43 @@ impl Engine {
         })
     }
 
-    /// Unloads idle models, least recently used first, until `needed` more
-    /// bytes fit in `budget`; refuses when even that is not enough.
-    async fn make_room(&self, needed: u64, budget: u64) -> Result<Vec<String>, EngineError> {
+    /// Unloads idle models on the placement's device, least recently used
+    /// first, until `needed` more bytes fit there; refuses, naming the
+    /// device, when even that is not enough.
+    async fn make_room(
+        &self,
+        placement: &Placement,
+        needed: u64,
+        budget: Budget,
+    ) -> Result<Vec<String>, EngineError> {
         let mut evicted = Vec::new();
         loop {
             let (in_use, victim) = {
                 let resident = self.resident.lock().unwrap_or_else(|e| e.into_inner());
-                let in_use: u64 = resident.values().map(|r| r.info.estimated_bytes).sum();
-                let victim = resident
+                let here: Vec<&Arc<Resident>> = resident
                     .values()
+                    .filter(|r| r.info.device == placement.device_name)
+                    .collect();
+                let in_use: u64 = here.iter().map(|r| r.info.estimated_bytes).sum();
+                let victim = here
+                    .iter()
                     .filter(|r| !r.is_busy())
                     .min_by_key(|r| r.last_used())
                     .map(|r| r.info.name.clone());
                 (in_use, victim)
             };
-            if in_use + needed <= budget {
+            let available = match budget {
+                Budget::Fixed(size) => size.saturating_sub(in_use),
+                Budget::Live => devices::free_bytes(&placement.device).saturating_sub(LIVE_RESERVE),
+            };
+            if needed <= available {
                 return Ok(evicted);
             }
             let Some(victim) = victim else {
                 return Err(EngineError::InsufficientMemory {
+                    device: placement.device_name.clone(),
                     needed,
-                    budget,
+                    available,
                     in_use,
                 });
             };
@@ -407,7 +444,7 @@ impl Engine {
             .unwrap_or_else(|e| e.into_inner())
             .remove(name)
             .ok_or_else(|| EngineError::NotLoaded(name.to_string()))?;
-        let before = rss_bytes();
+        let device = resident.device.clone();
         // Closing the channel ends the worker after the jobs already queued.
         resident
             .jobs
@@ -419,10 +456,29 @@ impl Engine {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        if let Some(thread) = thread {
-            let _ = tokio::task::spawn_blocking(move || thread.join()).await;
-        }
-        Ok(before.saturating_sub(rss_bytes()))
+        let measure = device.clone();
+        let before = tokio::task::spawn_blocking(move || devices::used_bytes(&measure))
+            .await
+            .unwrap_or(0);
+        tokio::task::spawn_blocking(move || {
+            if let Some(thread) = thread {
+                let _ = thread.join();
+            }
+            // The worker dropped the weights and caches; hand them back.
+            devices::release(&device);
+            before.saturating_sub(devices::used_bytes(&device))
+        })
+        .await
+        .map_err(|e| EngineError::Files(format!("unload task failed: {e}")))
+    }
+}
+
+/// The directory holding a model's config and tokenizer.
+fn model_dir(path: &Path) -> &Path {
+    if path.is_file() {
+        path.parent().unwrap_or(Path::new("/"))
+    } else {
+        path
     }
 }
 
@@ -478,35 +534,51 @@ fn build(
 }
 
 /// Loads the model at `path` (a directory, or a `.gguf` file with its
-/// tokenizer beside it) and starts the thread that will own it.
+/// tokenizer beside it) and starts the thread that will own it. A panic
+/// inside candle (it unwraps some CUDA errors) is caught here: out of memory
+/// becomes `InsufficientMemory`, anything else a load failure, and what the
+/// attempt allocated is handed back either way.
 fn start_worker(
     name: String,
     path: &Path,
+    weights: Weights,
+    estimate: estimate::Estimate,
     loras: &[LoraInfo],
     placement: Placement,
 ) -> Result<Resident, EngineError> {
     let started = Instant::now();
-    let before = rss_bytes();
-    let weights = Weights::find(path)?;
-    let dir = if path.is_file() {
-        path.parent().unwrap_or(Path::new("/"))
-    } else {
-        path
-    };
+    let dir = model_dir(path);
     let tokenizer_path = dir.join("tokenizer.json");
     let tokenizer =
         Tokenizer::from_file(&tokenizer_path).map_err(|e| BadFile::new(&tokenizer_path, e))?;
     let chat_template = ChatTemplate::read(dir)?;
-    let file_bytes = weights.bytes();
-    let built = build(&weights, dir, loras, &placement)?;
+    let before = devices::used_bytes(&placement.device);
+    let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        build(&weights, dir, loras, &placement)
+    }));
+    let built = match attempt {
+        Ok(Ok(built)) => built,
+        Ok(Err(err)) => {
+            devices::release(&placement.device);
+            return Err(out_of_memory(err, &placement, estimate.total()));
+        }
+        Err(panic) => {
+            devices::release(&placement.device);
+            let message = panic_message(panic.as_ref());
+            let err = EngineError::Files(format!("loading failed inside candle: {message}"));
+            return Err(out_of_memory(err, &placement, estimate.total()));
+        }
+    };
+    let measured_bytes = devices::used_bytes(&placement.device).saturating_sub(before);
     let info = LoadedModel {
         name: name.clone(),
         arch: built.arch.to_string(),
         device: placement.device_name.clone(),
         dtype: built.dtype,
         path: path.to_path_buf(),
-        estimated_bytes: file_bytes + file_bytes / 5,
-        measured_bytes: rss_bytes().saturating_sub(before),
+        estimated_bytes: estimate.total(),
+        kv_cache_bytes: estimate.kv_cache,
+        measured_bytes,
         load_ms: started.elapsed().as_millis() as u64,
         loaded_at: crate::registry::unix_now(),
         context_length: built.context_length,
@@ -514,7 +586,7 @@ fn start_worker(
     let worker = Worker {
         model: built.model,
         tokenizer,
-        device: placement.device,
+        device: placement.device.clone(),
         dtype: placement.dtype,
         eos_ids: built.eos_ids,
         context_length: built.context_length,
@@ -528,6 +600,7 @@ fn start_worker(
     tracing::info!(model = %name, arch = %info.arch, ms = info.load_ms, "model loaded");
     Ok(Resident {
         info,
+        device: placement.device,
         keep_alive: None,
         last_used: Mutex::new(Instant::now()),
         busy: std::sync::atomic::AtomicUsize::new(0),
@@ -536,8 +609,27 @@ fn start_worker(
     })
 }
 
-/// The process's resident memory, from `/proc/self/status`.
-pub fn rss_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    crate::gpu::proc_kib_field(&status, "VmRSS")
+/// An error whose text says the device ran out of memory becomes
+/// `InsufficientMemory` with the device's figures; others pass unchanged.
+fn out_of_memory(err: EngineError, placement: &Placement, needed: u64) -> EngineError {
+    let text = err.to_string().to_lowercase();
+    if text.contains("out_of_memory") || text.contains("out of memory") {
+        return EngineError::InsufficientMemory {
+            device: placement.device_name.clone(),
+            needed,
+            available: devices::free_bytes(&placement.device),
+            in_use: 0,
+        };
+    }
+    err
+}
+
+/// The text of a caught panic, first line only.
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<String>()
+        .map(String::as_str)
+        .or_else(|| panic.downcast_ref::<&str>().copied())
+        .unwrap_or("a panic without a message");
+    first_line(text)
 }

@@ -19,7 +19,11 @@ use crate::validate::{valid_name, ValidationError};
 
 pub async fn load(state: Arc<AppState>, params: LoadParams) -> Result<LoadReply, ApiError> {
     let name = valid_name(&params.name)?;
-    let placement = Placement::choose(params.device.as_deref(), params.dtype.as_deref())?;
+    let placement = Placement::choose(
+        &state.engine.devices,
+        params.device.as_deref(),
+        params.dtype.as_deref(),
+    )?;
     let loaded = loader::ensure_loaded(&state, &name, None, Some(placement)).await?;
     Ok(LoadReply {
         model: loaded.model,

@@ -126,12 +126,14 @@ impl ApiError {
                 data.insert("limit".into(), json!(context.saturating_sub(*prompt)));
             }
             ApiError::Engine(EngineError::InsufficientMemory {
+                device,
                 needed,
-                budget,
+                available,
                 in_use,
             }) => {
+                data.insert("device".into(), json!(device));
                 data.insert("needed_bytes".into(), json!(needed));
-                data.insert("budget_bytes".into(), json!(budget));
+                data.insert("available_bytes".into(), json!(available));
                 data.insert("in_use_bytes".into(), json!(in_use));
             }
             ApiError::Engine(EngineError::NoChatTemplate) => {

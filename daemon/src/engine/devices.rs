@@ -1,0 +1,174 @@
+//! Compute devices and their memory. There is one candle `Device` per GPU,
+//! created once (CUDA start-up takes seconds) and shared by every model
+//! placed on it. Memory is read per device: for a GPU, what the driver says
+//! is in use; for the CPU, this process's anonymous resident memory, read
+//! after handing freed heap back to the system so allocator caches cannot
+//! skew it. After an unload the device is synchronized and its memory pool
+//! trimmed, so the memory really is free again.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use candle_core::Device;
+
+use super::EngineError;
+
+/// The devices in use, by name (`cpu`, `cuda:N`).
+#[derive(Default)]
+pub struct Devices {
+    cuda: Mutex<HashMap<usize, Device>>,
+}
+
+impl Devices {
+    /// The device for `cuda:index`, created on first use and then shared.
+    pub fn cuda(&self, index: usize) -> Result<Device, EngineError> {
+        let mut devices = self.cuda.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(device) = devices.get(&index) {
+            return Ok(device.clone());
+        }
+        let device = Device::new_cuda(index)
+            .map_err(|e| EngineError::Device(format!("cuda:{index}: {}", first_line(&e))))?;
+        devices.insert(index, device.clone());
+        Ok(device)
+    }
+
+    /// Creates a device for every GPU present, so the first request does
+    /// not pay for CUDA start-up. Returns how many there are.
+    pub fn warm_up(&self) -> usize {
+        let count = gpu_count();
+        for index in 0..count {
+            if let Err(err) = self.cuda(index) {
+                tracing::warn!("cannot start cuda:{index}: {err}");
+            }
+        }
+        count
+    }
+}
+
+fn first_line(err: &candle_core::Error) -> String {
+    err.to_string()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// GPUs the CUDA driver can see; 0 without CUDA support or a driver.
+pub fn gpu_count() -> usize {
+    #[cfg(feature = "cuda")]
+    {
+        use candle_core::cuda_backend::cudarc::driver::CudaContext;
+        CudaContext::device_count().map_or(0, |n| n.max(0) as usize)
+    }
+    #[cfg(not(feature = "cuda"))]
+    0
+}
+
+/// Memory on `device` that this process holds, in bytes.
+pub fn used_bytes(device: &Device) -> u64 {
+    match device {
+        Device::Cpu => {
+            trim_heap();
+            anonymous_rss()
+        }
+        other => cuda_memory(other).map_or(0, |(free, total)| total.saturating_sub(free)),
+    }
+}
+
+/// Memory `device` has free right now, in bytes: the driver's figure for a
+/// GPU, `MemAvailable` for the CPU.
+pub fn free_bytes(device: &Device) -> u64 {
+    match device {
+        Device::Cpu => crate::gpu::system_memory().available_bytes,
+        other => cuda_memory(other).map_or(0, |(free, _)| free),
+    }
+}
+
+/// Hands memory freed by an unload back: the CUDA pool is synchronized
+/// and trimmed, the CPU heap returned to the system.
+pub fn release(device: &Device) {
+    match device {
+        Device::Cpu => trim_heap(),
+        other => {
+            if let Err(err) = trim_cuda_pool(other) {
+                tracing::warn!("cannot trim the CUDA memory pool: {err}");
+            }
+        }
+    }
+}
+
+/// Returns free heap pages to the system (glibc keeps them otherwise).
+fn trim_heap() {
+    // Safety: malloc_trim only walks the allocator's own free lists.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        nix::libc::malloc_trim(0);
+    }
+}
+
+/// `RssAnon` of `/proc/self/status`: heap and anonymous mappings, not the
+/// page cache of mmapped weight files, which the kernel may drop at will.
+pub fn anonymous_rss() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    crate::gpu::proc_kib_field(&status, "RssAnon")
+}
+
+/// `(free, total)` device memory from the driver.
+#[cfg(feature = "cuda")]
+fn cuda_memory(device: &Device) -> Option<(u64, u64)> {
+    let cuda = device.as_cuda_device().ok()?;
+    let (free, total) = cuda.cuda_stream().context().mem_get_info().ok()?;
+    Some((free as u64, total as u64))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn cuda_memory(_device: &Device) -> Option<(u64, u64)> {
+    None
+}
+
+/// Waits for the device's queued work, then shrinks its default memory
+/// pool to what is still allocated: freed blocks go back to the driver.
+#[cfg(feature = "cuda")]
+fn trim_cuda_pool(device: &Device) -> Result<(), String> {
+    use candle_core::backend::BackendDevice;
+    use candle_core::cuda_backend::cudarc::driver::sys;
+    let cuda = device.as_cuda_device().map_err(|e| e.to_string())?;
+    cuda.synchronize().map_err(|e| e.to_string())?;
+    let stream = cuda.cuda_stream();
+    let context = stream.context();
+    context.bind_to_thread().map_err(|e| e.to_string())?;
+    // Safety: the pool handle comes from the driver for this context's
+    // device and is only used for the trim call.
+    unsafe {
+        let mut pool = std::ptr::null_mut();
+        sys::cuDeviceGetDefaultMemPool(&mut pool, context.cu_device())
+            .result()
+            .map_err(|e| e.to_string())?;
+        sys::cuMemPoolTrimTo(pool, 0)
+            .result()
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn trim_cuda_pool(_device: &Device) -> Result<(), String> {
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn freed_cpu_memory_is_seen_as_freed() {
+        let before = used_bytes(&Device::Cpu);
+        let block = vec![1u8; 64 << 20];
+        let held = used_bytes(&Device::Cpu);
+        drop(std::hint::black_box(block));
+        release(&Device::Cpu);
+        let after = used_bytes(&Device::Cpu);
+        assert!(held >= before + (60 << 20), "{before} -> {held}");
+        assert!(after < held - (60 << 20), "{held} -> {after}");
+    }
+}

@@ -1,0 +1,182 @@
+//! What a model will take in memory, known before loading it, from its
+//! files' headers: safetensors tensors at the dtype they are converted to,
+//! GGUF tensors as stored plus the f32 copy of the token embeddings that
+//! candle's quantized models make, and the KV cache for the context.
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use candle_core::quantized::gguf_file;
+use candle_core::DType;
+use serde_json::Value;
+
+use super::model::{ModelSpec, Weights};
+use super::EngineError;
+
+/// Tokens of KV cache counted per model: candle's models keep at most this
+/// many positions, and longer contexts are rarely filled in practice.
+pub const KV_ESTIMATE_TOKENS: usize = 4096;
+
+/// A model's expected memory, in bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Estimate {
+    /// Weights as they sit in memory after loading.
+    pub weights: u64,
+    /// Keys and values for `KV_ESTIMATE_TOKENS` positions (or the context,
+    /// if shorter).
+    pub kv_cache: u64,
+}
+
+impl Estimate {
+    pub fn total(&self) -> u64 {
+        self.weights + self.kv_cache
+    }
+}
+
+/// Estimates a model from its weight files; `dir` holds its config.json.
+pub fn estimate(weights: &Weights, dir: &Path, dtype: DType) -> Result<Estimate, EngineError> {
+    match weights {
+        Weights::Safetensors(files) => {
+            let spec = ModelSpec::read(dir)?;
+            let mut bytes = 0;
+            for file in files {
+                bytes += safetensors_elements(file)? * dtype.size_in_bytes() as u64;
+            }
+            let kv = kv_bytes(
+                &spec.config,
+                dtype.size_in_bytes() as u64,
+                spec.context_length,
+            );
+            Ok(Estimate {
+                weights: bytes,
+                kv_cache: kv,
+            })
+        }
+        Weights::Gguf(file) => {
+            let content = read_gguf(file)?;
+            Ok(gguf_estimate(&content))
+        }
+    }
+}
+
+/// Elements of every tensor in a safetensors file, from its JSON header.
+fn safetensors_elements(path: &Path) -> Result<u64, EngineError> {
+    let bad = |message: String| super::BadFile::new(path, message);
+    let mut file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).map_err(|e| bad(e.to_string()))?;
+    let len = u64::from_le_bytes(len);
+    if len > 100 << 20 {
+        return Err(bad(format!("header of {len} bytes is not a safetensors header")).into());
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header)
+        .map_err(|e| bad(e.to_string()))?;
+    let tensors: HashMap<String, Value> =
+        serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
+    Ok(tensors
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .map(|(_, info)| {
+            info["shape"]
+                .as_array()
+                .map_or(0, |dims| dims.iter().filter_map(Value::as_u64).product())
+        })
+        .sum())
+}
+
+/// Keys and values of every layer for the context (capped), per config.
+fn kv_bytes(config: &Value, dtype_bytes: u64, context: usize) -> u64 {
+    let number = |key: &str| config[key].as_u64();
+    let (Some(layers), Some(heads), Some(hidden)) = (
+        number("num_hidden_layers"),
+        number("num_attention_heads"),
+        number("hidden_size"),
+    ) else {
+        return 0;
+    };
+    let kv_heads = number("num_key_value_heads").unwrap_or(heads);
+    let head_dim = number("head_dim").unwrap_or(hidden / heads.max(1));
+    let tokens = context.min(KV_ESTIMATE_TOKENS) as u64;
+    layers * 2 * kv_heads * head_dim * tokens * dtype_bytes
+}
+
+fn read_gguf(path: &PathBuf) -> Result<gguf_file::Content, EngineError> {
+    let mut file =
+        std::fs::File::open(path).map_err(|e| super::BadFile::new(path, e.to_string()))?;
+    gguf_file::Content::read(&mut file).map_err(|e| super::BadFile::new(path, e.to_string()).into())
+}
+
+/// GGUF weights stay as stored, except the token embeddings, which candle
+/// expands to f32 (and drops the stored copy unless it doubles as the
+/// output layer); the KV cache is f32.
+fn gguf_estimate(content: &gguf_file::Content) -> Estimate {
+    let stored = |info: &gguf_file::TensorInfo| {
+        let dtype = info.ggml_dtype;
+        (info.shape.elem_count() / dtype.block_size() * dtype.type_size()) as u64
+    };
+    let mut weights: u64 = content.tensor_infos.values().map(stored).sum();
+    if let Some(embeddings) = content.tensor_infos.get("token_embd.weight") {
+        weights += embeddings.shape.elem_count() as u64 * 4;
+        if content.tensor_infos.contains_key("output.weight") {
+            weights -= stored(embeddings);
+        }
+    }
+    let arch = content
+        .metadata
+        .get("general.architecture")
+        .and_then(|v| v.to_string().ok())
+        .cloned()
+        .unwrap_or_default();
+    let number = |key: &str| {
+        content
+            .metadata
+            .get(&format!("{arch}.{key}"))
+            .and_then(|v| v.to_u32().ok())
+            .map(u64::from)
+    };
+    let kv_cache = match (
+        number("block_count"),
+        number("attention.head_count"),
+        number("embedding_length"),
+    ) {
+        (Some(layers), Some(heads), Some(hidden)) => {
+            let kv_heads = number("attention.head_count_kv").unwrap_or(heads);
+            let head_dim = number("attention.key_length").unwrap_or(hidden / heads.max(1));
+            let context = number("context_length").unwrap_or(4096) as usize;
+            let tokens = context.min(KV_ESTIMATE_TOKENS) as u64;
+            layers * 2 * kv_heads * head_dim * tokens * 4
+        }
+        _ => 0,
+    };
+    Estimate { weights, kv_cache }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn kv_cache_counts_layers_heads_and_positions() {
+        let config = json!({"num_hidden_layers": 2, "num_attention_heads": 4,
+                            "num_key_value_heads": 2, "hidden_size": 64});
+        // 2 layers x (k, v) x 2 heads x 16 dims x 512 positions x 2 bytes.
+        assert_eq!(kv_bytes(&config, 2, 512), 2 * 2 * 2 * 16 * 512 * 2);
+        assert_eq!(
+            kv_bytes(&config, 2, 1 << 20),
+            kv_bytes(&config, 2, KV_ESTIMATE_TOKENS)
+        );
+    }
+
+    #[test]
+    fn safetensors_elements_come_from_the_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let a = candle_core::Tensor::zeros((3, 5), DType::F32, &candle_core::Device::Cpu).unwrap();
+        let b = candle_core::Tensor::zeros(7, DType::BF16, &candle_core::Device::Cpu).unwrap();
+        candle_core::safetensors::save(&HashMap::from([("a", a), ("b", b)]), &path).unwrap();
+        assert_eq!(safetensors_elements(&path).unwrap(), 22);
+    }
+}
