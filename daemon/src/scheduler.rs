@@ -8,12 +8,12 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use modeld_wire::types::{Event, GenerateEvent, JobInfo, QueueStatus, SwitchReply};
+use modeld_wire::types::{Event, FinishReason, GenerateEvent, JobInfo, QueueStatus, SwitchReply};
 use modeld_wire::ErrorKind;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, Notify};
-use tokio_util::sync::CancellationToken;
 
+use crate::engine::cancel::Cancellation;
 use crate::engine::sampling::ValidGenerate;
 use crate::loader;
 use crate::rpc::ApiError;
@@ -56,6 +56,14 @@ pub async fn expire_idle_models(state: Arc<AppState>) {
     }
 }
 
+/// A running generation: where its events go and how it is cancelled.
+struct GenerateJob {
+    id: u64,
+    mode: Option<String>,
+    events: mpsc::Sender<GenerateEvent>,
+    cancel: Cancellation,
+}
+
 struct Queued {
     info: JobInfo,
     work: Work,
@@ -63,7 +71,7 @@ struct Queued {
 
 struct QueueState {
     jobs: VecDeque<Queued>,
-    running: Option<(JobInfo, CancellationToken)>,
+    running: Option<(JobInfo, Cancellation)>,
     current_mode: Option<String>,
 }
 
@@ -95,13 +103,42 @@ fn queue_full(capacity: usize) -> ApiError {
     })
 }
 
-/// What a cancelled job's client is told, whatever the job was.
-fn cancelled(job: u64) -> modeld_wire::RpcErrorObject {
-    modeld_wire::RpcErrorObject {
-        code: ErrorKind::Cancelled.code(),
-        message: format!("job {job} was cancelled"),
-        data: Some(json!({"kind": "cancelled", "job": job})),
+/// What a cancelled generation's client is told, as its stream's last event.
+fn cancelled_event(job: u64) -> GenerateEvent {
+    GenerateEvent::Error {
+        done: true,
+        error: crate::rpc::error::wire_object(&ApiError::Cancelled { job }),
     }
+}
+
+/// A generation's event as its client gets it: the final one names the
+/// mode, and settles the job, so a cancel acknowledged before that turns
+/// the ending into `cancelled`.
+fn as_sent(
+    job: u64,
+    mut event: GenerateEvent,
+    mode: &Option<String>,
+    cancel: &Cancellation,
+) -> GenerateEvent {
+    match &mut event {
+        GenerateEvent::Token { .. } => {}
+        GenerateEvent::Done {
+            mode: done_mode,
+            finish_reason,
+            ..
+        } => {
+            *done_mode = mode.clone();
+            if !cancel.settle() {
+                *finish_reason = FinishReason::Cancelled;
+            }
+        }
+        GenerateEvent::Error { .. } => {
+            if !cancel.settle() {
+                return cancelled_event(job);
+            }
+        }
+    }
+    event
 }
 
 impl Work {
@@ -242,8 +279,9 @@ impl Scheduler {
         self.wake.notify_one();
     }
 
-    /// Cancels a queued job, or stops a running generation. False when no
-    /// such job is waiting or running.
+    /// Cancels a queued job, or stops a running generation. True only when
+    /// the job's client will be told `cancelled`: false when no such job
+    /// is waiting or running, or a running one has already ended.
     pub fn cancel(&self, id: u64) -> bool {
         let mut queue = self.lock();
         if let Some(index) = queue.jobs.iter().position(|job| job.info.id == id) {
@@ -251,23 +289,17 @@ impl Scheduler {
             drop(queue);
             match job.work {
                 Work::Generate { events, .. } => {
-                    let _ = events.try_send(GenerateEvent::Error {
-                        done: true,
-                        error: cancelled(id),
-                    });
+                    let _ = events.try_send(cancelled_event(id));
                 }
                 Work::Unload { reply, .. } => {
-                    let _ = reply.send(Err(ApiError::Relayed(cancelled(id))));
+                    let _ = reply.send(Err(ApiError::Cancelled { job: id }));
                 }
                 Work::Switch { .. } | Work::Expire { .. } => {}
             }
             return true;
         }
         match &queue.running {
-            Some((info, cancel)) if info.id == id && info.kind == "generate" => {
-                cancel.cancel();
-                true
-            }
+            Some((info, cancel)) if info.id == id && info.kind == "generate" => cancel.request(),
             _ => false,
         }
     }
@@ -293,10 +325,10 @@ impl Scheduler {
     }
 
     /// Takes the next job, marking it running.
-    fn next(&self) -> Option<(Queued, CancellationToken)> {
+    fn next(&self) -> Option<(Queued, Cancellation)> {
         let mut queue = self.lock();
         let job = queue.jobs.pop_front()?;
-        let cancel = CancellationToken::new();
+        let cancel = Cancellation::new();
         queue.running = Some((job.info.clone(), cancel.clone()));
         Some((job, cancel))
     }
@@ -319,12 +351,12 @@ impl Scheduler {
                 }
                 continue;
             };
-            self.execute(&state, job.work, cancel).await;
+            self.execute(&state, job.info.id, job.work, cancel).await;
             self.finished();
         }
     }
 
-    async fn execute(&self, state: &Arc<AppState>, work: Work, cancel: CancellationToken) {
+    async fn execute(&self, state: &Arc<AppState>, id: u64, work: Work, cancel: Cancellation) {
         match work {
             Work::Switch { to } => {
                 if let Err(err) = self.switch(state, &to).await {
@@ -346,11 +378,21 @@ impl Scheduler {
                 mode,
                 events,
             } => {
-                if let Err(err) = self.generate(state, request, mode, &events, cancel).await {
+                let job = GenerateJob {
+                    id,
+                    mode,
+                    events,
+                    cancel,
+                };
+                if let Err(err) = self.generate(state, request, &job).await {
                     let error = crate::rpc::error::wire_object(&err);
-                    let _ = events
-                        .send(GenerateEvent::Error { done: true, error })
-                        .await;
+                    let event = as_sent(
+                        id,
+                        GenerateEvent::Error { done: true, error },
+                        &None,
+                        &job.cancel,
+                    );
+                    let _ = job.events.send(event).await;
                 }
             }
         }
@@ -375,11 +417,9 @@ impl Scheduler {
         &self,
         state: &Arc<AppState>,
         request: ValidGenerate,
-        mode: Option<String>,
-        events: &mpsc::Sender<GenerateEvent>,
-        cancel: CancellationToken,
+        job: &GenerateJob,
     ) -> Result<(), ApiError> {
-        let mode_config = match &mode {
+        let mode_config = match &job.mode {
             Some(name) => {
                 // The switch queued before this job normally did this already.
                 if self.current_mode().as_deref() != Some(name) {
@@ -391,18 +431,17 @@ impl Scheduler {
         };
         let resident = loader::resident(state, &request.model, mode_config.as_ref()).await?;
         let _busy = resident.busy();
+        if job.cancel.is_requested() {
+            return Err(ApiError::Cancelled { job: job.id });
+        }
         let (sender, mut receiver) = mpsc::channel(EVENT_BUFFER);
-        resident.submit(request, sender, cancel.clone())?;
+        resident.submit(request, sender, job.cancel.clone())?;
         // The worker drops its sender after the last event.
-        while let Some(mut event) = receiver.recv().await {
-            if let GenerateEvent::Done {
-                mode: done_mode, ..
-            } = &mut event
-            {
-                *done_mode = mode.clone();
-            }
-            if events.send(event).await.is_err() {
-                cancel.cancel();
+        while let Some(event) = receiver.recv().await {
+            let event = as_sent(job.id, event, &job.mode, &job.cancel);
+            if job.events.send(event).await.is_err() {
+                // The client is gone: stop generating for nobody.
+                job.cancel.request();
             }
         }
         Ok(())

@@ -1,6 +1,7 @@
 //! The inference engine: which models are resident, loading and unloading
 //! them, and handing generation jobs to the worker that owns each model.
 
+pub mod cancel;
 pub mod chat;
 pub mod lora;
 pub mod model;
@@ -16,8 +17,8 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use modeld_wire::types::{GenerateEvent, LoadedModel, LoraInfo};
 use tokenizers::Tokenizer;
-use tokio_util::sync::CancellationToken;
 
+use self::cancel::Cancellation;
 use self::chat::ChatTemplate;
 use self::model::{read_gguf_header, ModelSpec, TextModel, Weights};
 use self::sampling::ValidGenerate;
@@ -195,7 +196,7 @@ impl Resident {
         &self,
         request: ValidGenerate,
         events: tokio::sync::mpsc::Sender<GenerateEvent>,
-        cancel: CancellationToken,
+        cancel: Cancellation,
     ) -> Result<(), EngineError> {
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         let sender = jobs

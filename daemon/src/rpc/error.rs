@@ -37,6 +37,8 @@ pub enum ApiError {
     Relayed(RpcErrorObject),
     #[error(transparent)]
     NoSecondaryCache(#[from] NoSecondaryCache),
+    #[error("job {job} was cancelled")]
+    Cancelled { job: u64 },
     #[error("modeld is shutting down and accepts no new work")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -85,6 +87,7 @@ impl ApiError {
                 HubError::Io { .. } => ErrorKind::Io,
                 HubError::Protocol(_) => ErrorKind::HubError,
             },
+            ApiError::Cancelled { .. } => ErrorKind::Cancelled,
             ApiError::ShuttingDown => ErrorKind::ShuttingDown,
             ApiError::Internal(_) => ErrorKind::Internal,
         }
@@ -110,6 +113,9 @@ impl ApiError {
             ApiError::UnknownMode(name) => {
                 data.insert("field".into(), json!("mode"));
                 data.insert("name".into(), json!(name));
+            }
+            ApiError::Cancelled { job } => {
+                data.insert("job".into(), json!(job));
             }
             ApiError::Engine(EngineError::ContextOverflow {
                 prompt, context, ..
