@@ -2,8 +2,11 @@
 
 use std::sync::Arc;
 
-use modeld_wire::types::{ConfigStatus, ModesStatus, ReloadReply, ShutdownReply, StatusReply};
+use modeld_wire::types::{
+    ConfigStatus, ModesStatus, QueueStatus, ReloadReply, ShutdownReply, StatusReply, SwitchError,
+};
 
+use crate::rpc::error::wire_object;
 use crate::rpc::{ApiError, NoParams};
 use crate::state::AppState;
 
@@ -12,7 +15,7 @@ pub async fn status(state: Arc<AppState>, _: NoParams) -> Result<StatusReply, Ap
     let modes = state.loaded_modes();
     Ok(StatusReply {
         version: env!("CARGO_PKG_VERSION").to_string(),
-        queue: state.scheduler.status(state.config().scheduler.queue_size),
+        queue: queue_status(&state),
         modes: ModesStatus {
             file: modes.file.clone(),
             count: modes.modes.modes.len(),
@@ -35,6 +38,21 @@ pub async fn status(state: Arc<AppState>, _: NoParams) -> Result<StatusReply, Ap
             state.engine.list().len() as u64,
         ),
     })
+}
+
+/// The queue, with the last failed switch's error in wire form.
+fn queue_status(state: &AppState) -> QueueStatus {
+    let mut queue = state.scheduler.status(state.config().scheduler.queue_size);
+    queue.last_switch_error = state
+        .scheduler
+        .last_switch_failure()
+        .map(|failure| SwitchError {
+            job: failure.job,
+            mode: failure.mode,
+            error: wire_object(&failure.error),
+            at: failure.at,
+        });
+    queue
 }
 
 /// The same reload that SIGHUP triggers (config, then modes), with its

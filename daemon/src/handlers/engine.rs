@@ -34,7 +34,8 @@ pub async fn unload(state: Arc<AppState>, params: NameParams) -> Result<UnloadRe
     let reply = state.scheduler.submit_unload(name.clone(), capacity)?;
     let freed_bytes = reply
         .await
-        .map_err(|_| ApiError::Internal("the unload job was dropped".into()))??;
+        .map_err(|_| ApiError::Internal("the unload job was dropped".into()))?
+        .map_err(ApiError::Job)?;
     tracing::info!(model = %name, freed_bytes, "model unloaded");
     Ok(UnloadReply { name, freed_bytes })
 }

@@ -39,6 +39,11 @@ pub enum ApiError {
     NoSecondaryCache(#[from] NoSecondaryCache),
     #[error("job {job} was cancelled")]
     Cancelled { job: u64 },
+    #[error("no job {0}: it is not queued or running, nor among the last finished jobs")]
+    UnknownJob(u64),
+    /// A job's error, shared by its history and whoever waits for the job.
+    #[error("{0}")]
+    Job(std::sync::Arc<ApiError>),
     #[error("modeld is shutting down and accepts no new work")]
     ShuttingDown,
     #[error("internal error: {0}")]
@@ -88,6 +93,8 @@ impl ApiError {
                 HubError::Protocol(_) => ErrorKind::HubError,
             },
             ApiError::Cancelled { .. } => ErrorKind::Cancelled,
+            ApiError::UnknownJob(_) => ErrorKind::NotFound,
+            ApiError::Job(inner) => inner.kind(),
             ApiError::ShuttingDown => ErrorKind::ShuttingDown,
             ApiError::Internal(_) => ErrorKind::Internal,
         }
@@ -117,6 +124,11 @@ impl ApiError {
             ApiError::Cancelled { job } => {
                 data.insert("job".into(), json!(job));
             }
+            ApiError::UnknownJob(job) => {
+                data.insert("field".into(), json!("job"));
+                data.insert("job".into(), json!(job));
+            }
+            ApiError::Job(inner) => return inner.details(),
             ApiError::Engine(EngineError::ContextOverflow {
                 prompt, context, ..
             }) => {
@@ -161,17 +173,17 @@ impl ApiError {
 
 impl From<ApiError> for ErrorObjectOwned {
     fn from(err: ApiError) -> Self {
-        if let ApiError::Relayed(object) = err {
-            return ErrorObjectOwned::owned(object.code, object.message, object.data);
-        }
-        wire_error(err.kind(), err.to_string(), err.details())
+        let object = wire_object(&err);
+        ErrorObjectOwned::owned(object.code, object.message, object.data)
     }
 }
 
-/// The error as it travels, for embedding in stream events.
+/// The error as it travels, for embedding in stream events and replies.
 pub fn wire_object(err: &ApiError) -> RpcErrorObject {
-    if let ApiError::Relayed(object) = err {
-        return object.clone();
+    match err {
+        ApiError::Relayed(object) => return object.clone(),
+        ApiError::Job(inner) => return wire_object(inner),
+        _ => {}
     }
     let mut data = err.details();
     data.insert("kind".into(), json!(err.kind().as_str()));

@@ -2,7 +2,10 @@
 //! in arrival order. A generation naming a mode other than the one that
 //! will be current when it runs gets a switch queued before it. The queue is
 //! bounded; a full queue refuses new work with `queue_full`. A job, once
-//! accepted, runs exactly once unless it is cancelled.
+//! accepted, runs exactly once unless it is cancelled; how it ended is
+//! kept in [`history`].
+
+pub mod history;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,6 +21,8 @@ use crate::engine::sampling::ValidGenerate;
 use crate::loader;
 use crate::rpc::ApiError;
 use crate::state::AppState;
+use history::History;
+pub use history::{JobOutcome, JobStage, SwitchFailure};
 
 /// Events a client may leave unread before generation waits for it.
 const EVENT_BUFFER: usize = 256;
@@ -33,7 +38,7 @@ pub enum Work {
     },
     Unload {
         name: String,
-        reply: oneshot::Sender<Result<u64, ApiError>>,
+        reply: oneshot::Sender<Result<u64, Arc<ApiError>>>,
     },
     /// Unloads a model whose keep-alive ran out, if it still has.
     Expire {
@@ -64,6 +69,22 @@ struct GenerateJob {
     cancel: Cancellation,
 }
 
+impl GenerateJob {
+    /// Tells the client why the generation could not run, unless a cancel
+    /// came first: then it is told `cancelled`.
+    async fn fail(&self, err: ApiError) -> JobOutcome {
+        let (event, outcome) = if self.cancel.settle() {
+            let error = crate::rpc::error::wire_object(&err);
+            let event = GenerateEvent::Error { done: true, error };
+            (event, JobOutcome::Failed(Arc::new(err)))
+        } else {
+            (cancelled_event(self.id), JobOutcome::Cancelled)
+        };
+        let _ = self.events.send(event).await;
+        outcome
+    }
+}
+
 struct Queued {
     info: JobInfo,
     work: Work,
@@ -73,11 +94,14 @@ struct QueueState {
     jobs: VecDeque<Queued>,
     running: Option<(JobInfo, Cancellation)>,
     current_mode: Option<String>,
+    history: History,
 }
 
 pub struct Scheduler {
     queue: Mutex<QueueState>,
     wake: Notify,
+    /// Woken whenever a job finishes, for those waiting on one.
+    job_ended: Notify,
     next_id: AtomicU64,
 }
 
@@ -88,8 +112,10 @@ impl Default for Scheduler {
                 jobs: VecDeque::new(),
                 running: None,
                 current_mode: None,
+                history: History::default(),
             }),
             wake: Notify::new(),
+            job_ended: Notify::new(),
             next_id: AtomicU64::new(1),
         }
     }
@@ -184,6 +210,20 @@ impl QueueState {
     fn ahead(&self) -> usize {
         self.jobs.len() + usize::from(self.running.is_some())
     }
+
+    fn job(&self, id: u64) -> Option<(JobInfo, JobStage)> {
+        if let Some((info, _)) = self.running.as_ref().filter(|(info, _)| info.id == id) {
+            let info = JobInfo {
+                running: true,
+                ..info.clone()
+            };
+            return Some((info, JobStage::Running));
+        }
+        if let Some(job) = self.jobs.iter().find(|job| job.info.id == id) {
+            return Some((job.info.clone(), JobStage::Queued));
+        }
+        self.history.get(id)
+    }
 }
 
 impl Scheduler {
@@ -240,6 +280,7 @@ impl Scheduler {
             from: queue.effective_mode(),
             to: to.clone(),
             ahead: queue.ahead(),
+            state: modeld_wire::types::JobState::Queued,
         };
         queue.push(reply.job, Work::Switch { to });
         drop(queue);
@@ -251,7 +292,7 @@ impl Scheduler {
         &self,
         name: String,
         capacity: usize,
-    ) -> Result<oneshot::Receiver<Result<u64, ApiError>>, ApiError> {
+    ) -> Result<oneshot::Receiver<Result<u64, Arc<ApiError>>>, ApiError> {
         let (reply, receiver) = oneshot::channel();
         let mut queue = self.lock();
         if queue.jobs.len() >= capacity {
@@ -286,13 +327,15 @@ impl Scheduler {
         let mut queue = self.lock();
         if let Some(index) = queue.jobs.iter().position(|job| job.info.id == id) {
             let job = queue.jobs.remove(index).expect("index is in range");
+            queue.history.record(job.info, JobOutcome::Cancelled);
             drop(queue);
+            self.job_ended.notify_waiters();
             match job.work {
                 Work::Generate { events, .. } => {
                     let _ = events.try_send(cancelled_event(id));
                 }
                 Work::Unload { reply, .. } => {
-                    let _ = reply.send(Err(ApiError::Cancelled { job: id }));
+                    let _ = reply.send(Err(Arc::new(ApiError::Cancelled { job: id })));
                 }
                 Work::Switch { .. } | Work::Expire { .. } => {}
             }
@@ -317,6 +360,30 @@ impl Scheduler {
                 .into_iter()
                 .chain(queue.jobs.iter().map(|job| job.info.clone()))
                 .collect(),
+            last_switch_error: None,
+        }
+    }
+
+    /// The last mode switch that failed, for `status`.
+    pub fn last_switch_failure(&self) -> Option<SwitchFailure> {
+        self.lock().history.last_switch_failure()
+    }
+
+    /// A job queued, running, or among the last finished ones.
+    pub fn job(&self, id: u64) -> Option<(JobInfo, JobStage)> {
+        self.lock().job(id)
+    }
+
+    /// Waits until job `id` has finished and returns how it ended; `None`
+    /// when no such job is known.
+    pub async fn wait(&self, id: u64) -> Option<JobOutcome> {
+        loop {
+            // Registered before looking, so an ending in between still wakes us.
+            let ended = self.job_ended.notified();
+            match self.job(id)? {
+                (_, JobStage::Finished { outcome, .. }) => return Some(outcome),
+                (_, JobStage::Queued | JobStage::Running) => ended.await,
+            }
         }
     }
 
@@ -333,8 +400,15 @@ impl Scheduler {
         Some((job, cancel))
     }
 
-    fn finished(&self) {
-        self.lock().running = None;
+    /// The running job is over: it leaves `running` and enters the history
+    /// at once, so it is never missing from both.
+    fn finished(&self, outcome: JobOutcome) {
+        let mut queue = self.lock();
+        if let Some((info, _)) = queue.running.take() {
+            queue.history.record(info, outcome);
+        }
+        drop(queue);
+        self.job_ended.notify_waiters();
     }
 
     /// Runs jobs until shutdown; queued jobs are finished first.
@@ -351,27 +425,45 @@ impl Scheduler {
                 }
                 continue;
             };
-            self.execute(&state, job.info.id, job.work, cancel).await;
-            self.finished();
+            let outcome = self.execute(&state, job.info.id, job.work, cancel).await;
+            self.finished(outcome);
         }
     }
 
-    async fn execute(&self, state: &Arc<AppState>, id: u64, work: Work, cancel: Cancellation) {
+    async fn execute(
+        &self,
+        state: &Arc<AppState>,
+        id: u64,
+        work: Work,
+        cancel: Cancellation,
+    ) -> JobOutcome {
         match work {
-            Work::Switch { to } => {
-                if let Err(err) = self.switch(state, &to).await {
+            Work::Switch { to } => match self.switch(state, &to).await {
+                Ok(()) => JobOutcome::Done,
+                Err(err) => {
                     tracing::warn!(mode = %to, "mode switch failed: {err}");
+                    JobOutcome::Failed(Arc::new(err))
                 }
-            }
+            },
             Work::Unload { name, reply } => {
-                let result = state.engine.unload(&name).await.map_err(ApiError::from);
+                let result = state
+                    .engine
+                    .unload(&name)
+                    .await
+                    .map_err(|err| Arc::new(ApiError::from(err)));
+                let outcome = match &result {
+                    Ok(_) => JobOutcome::Done,
+                    Err(err) => JobOutcome::Failed(err.clone()),
+                };
                 let _ = reply.send(result);
+                outcome
             }
             Work::Expire { name } => {
                 if state.engine.expired().contains(&name) {
                     tracing::info!(model = %name, "keep-alive ran out; unloading");
                     let _ = state.engine.unload(&name).await;
                 }
+                JobOutcome::Done
             }
             Work::Generate {
                 request,
@@ -384,15 +476,9 @@ impl Scheduler {
                     events,
                     cancel,
                 };
-                if let Err(err) = self.generate(state, request, &job).await {
-                    let error = crate::rpc::error::wire_object(&err);
-                    let event = as_sent(
-                        id,
-                        GenerateEvent::Error { done: true, error },
-                        &None,
-                        &job.cancel,
-                    );
-                    let _ = job.events.send(event).await;
+                match self.generate(state, request, &job).await {
+                    Ok(outcome) => outcome,
+                    Err(err) => job.fail(err).await,
                 }
             }
         }
@@ -418,7 +504,7 @@ impl Scheduler {
         state: &Arc<AppState>,
         request: ValidGenerate,
         job: &GenerateJob,
-    ) -> Result<(), ApiError> {
+    ) -> Result<JobOutcome, ApiError> {
         let mode_config = match &job.mode {
             Some(name) => {
                 // The switch queued before this job normally did this already.
@@ -436,14 +522,18 @@ impl Scheduler {
         }
         let (sender, mut receiver) = mpsc::channel(EVENT_BUFFER);
         resident.submit(request, sender, job.cancel.clone())?;
+        let mut outcome = JobOutcome::Failed(Arc::new(ApiError::Internal(
+            "the model's worker stopped without a final event".into(),
+        )));
         // The worker drops its sender after the last event.
         while let Some(event) = receiver.recv().await {
             let event = as_sent(job.id, event, &job.mode, &job.cancel);
+            outcome = JobOutcome::of_event(&event).unwrap_or(outcome);
             if job.events.send(event).await.is_err() {
                 // The client is gone: stop generating for nobody.
                 job.cancel.request();
             }
         }
-        Ok(())
+        Ok(outcome)
     }
 }
