@@ -536,3 +536,39 @@ fn reloads_race_generations_and_switches_keep_order() {
     });
     assert_eq!(status(&daemon)["queue"]["current_mode"], "chat");
 }
+
+/// A prompt alone runs in the mode current when its turn comes, after the
+/// switches queued before it; with no mode at all, `model` is missing.
+#[test]
+fn a_prompt_alone_runs_in_the_current_mode() {
+    let daemon = Daemon::start();
+    daemon.register_fixture("tiny-llama");
+    daemon.register_fixture("tiny-qwen2");
+    let refused = |daemon: &Daemon| {
+        let err = generate(daemon, json!({"prompt": "x"})).unwrap_err();
+        assert_eq!(kind(&err), "invalid_params");
+        let modeld_wire::ClientError::Rpc(object) = &err else {
+            panic!("{err}")
+        };
+        assert_eq!(object.data.as_ref().unwrap()["field"], "model");
+    };
+    refused(&daemon);
+    std::fs::write(modes_file(&daemon), MODES).unwrap();
+    daemon.call("modes.reload", json!({})).unwrap();
+    refused(&daemon);
+
+    // Queued, not yet run: the prompt still goes to qwen.
+    daemon.call("switch_mode", json!({"mode": "qwen"})).unwrap();
+    let events = generate(&daemon, json!({"prompt": "The application"})).unwrap();
+    let done = events.last().unwrap();
+    assert_eq!(done["mode"], "qwen", "{done}");
+    assert_eq!(done["completion_tokens"], 4, "qwen's default max_tokens");
+
+    daemon
+        .call("switch_mode", json!({"mode": "chat", "wait": true}))
+        .unwrap();
+    let events = generate(&daemon, json!({"prompt": "Model", "max_tokens": 2})).unwrap();
+    let done = events.last().unwrap();
+    assert_eq!(done["mode"], "chat");
+    assert_eq!(done["completion_tokens"], 2);
+}

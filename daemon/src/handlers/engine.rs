@@ -8,6 +8,7 @@ use jsonrpsee::PendingSubscriptionSink;
 use modeld_wire::types::{
     GenerateEvent, GenerateParams, LoadParams, LoadReply, NameParams, UnloadReply,
 };
+use tokio::sync::mpsc;
 
 use crate::engine::sampling::ValidGenerate;
 use crate::engine::Placement;
@@ -45,12 +46,7 @@ pub async fn generate(
     pending: PendingSubscriptionSink,
     state: Arc<AppState>,
 ) {
-    let (request, mode) = match validate(&params, &state) {
-        Ok(valid) => valid,
-        Err(err) => return pending.reject(err).await,
-    };
-    let capacity = state.config().scheduler.queue_size;
-    let (_job, mut receiver) = match state.scheduler.submit_generate(request, mode, capacity) {
+    let (_job, mut receiver) = match submit(&params, &state) {
         Ok(queued) => queued,
         Err(err) => return pending.reject(err).await,
     };
@@ -85,12 +81,40 @@ pub async fn generate(
     }
 }
 
-/// Checks the request; a `mode` supplies the model and default parameters.
-fn validate(
+/// Validates and queues the request. With neither `model` nor `mode` it
+/// runs in the mode that will be current when its turn comes.
+fn submit(
     params: &Params<'static>,
     state: &AppState,
+) -> Result<(u64, mpsc::Receiver<GenerateEvent>), ApiError> {
+    let params: GenerateParams = decode_params(params)?;
+    let capacity = state.config().scheduler.queue_size;
+    if params.model.is_empty() && params.mode.is_none() {
+        return state.scheduler.submit_generate_with(capacity, |effective| {
+            let mode = effective.ok_or_else(|| {
+                ValidationError::new(
+                    "model",
+                    "give a model or a mode: no mode is current or queued to run in",
+                )
+            })?;
+            validate(
+                GenerateParams {
+                    mode: Some(mode),
+                    ..params
+                },
+                state,
+            )
+        });
+    }
+    let (request, mode) = validate(params, state)?;
+    state.scheduler.submit_generate(request, mode, capacity)
+}
+
+/// Checks the request; a `mode` supplies the model and default parameters.
+fn validate(
+    mut params: GenerateParams,
+    state: &AppState,
 ) -> Result<(ValidGenerate, Option<String>), ApiError> {
-    let mut params: GenerateParams = decode_params(params)?;
     let mode = match params.mode.take() {
         Some(name) => {
             let mode = state.mode(&name)?;

@@ -195,8 +195,14 @@ impl QueueState {
         self.jobs.push_back(Queued { info, work });
     }
 
-    /// The mode in force once every queued switch has run.
+    /// The mode in force once every queued switch, and the one running,
+    /// has run.
     fn effective_mode(&self) -> Option<String> {
+        let running_switch = self
+            .running
+            .as_ref()
+            .filter(|(info, _)| info.kind == "switch")
+            .and_then(|(info, _)| info.mode.clone());
         self.jobs
             .iter()
             .rev()
@@ -204,6 +210,7 @@ impl QueueState {
                 Work::Switch { to } => Some(to.clone()),
                 _ => None,
             })
+            .or(running_switch)
             .or_else(|| self.current_mode.clone())
     }
 
@@ -243,11 +250,22 @@ impl Scheduler {
         mode: Option<String>,
         capacity: usize,
     ) -> Result<(u64, mpsc::Receiver<GenerateEvent>), ApiError> {
+        self.submit_generate_with(capacity, |_| Ok((request, mode)))
+    }
+
+    /// Queues the generation `plan` makes from the mode that will be current
+    /// when it runs (after the switches already queued). `plan` runs under
+    /// the queue's lock, so no switch can slip in between.
+    pub fn submit_generate_with(
+        &self,
+        capacity: usize,
+        plan: impl FnOnce(Option<String>) -> Result<(ValidGenerate, Option<String>), ApiError>,
+    ) -> Result<(u64, mpsc::Receiver<GenerateEvent>), ApiError> {
         let (events, receiver) = mpsc::channel(EVENT_BUFFER);
         let mut queue = self.lock();
-        let switch_to = mode
-            .clone()
-            .filter(|m| queue.effective_mode().as_ref() != Some(m));
+        let effective = queue.effective_mode();
+        let (request, mode) = plan(effective.clone())?;
+        let switch_to = mode.clone().filter(|m| effective.as_ref() != Some(m));
         let needed = 1 + usize::from(switch_to.is_some());
         if queue.jobs.len() + needed > capacity {
             return Err(queue_full(capacity));
