@@ -77,7 +77,8 @@ enum KeepAlive {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelRef {
     Registered(String),
-    /// A model directory (or `.gguf` file) under `model_root`.
+    /// A model directory, or one `.safetensors` or `.gguf` file, under
+    /// `model_root`.
     Path(PathBuf),
 }
 
@@ -172,13 +173,16 @@ impl Modes {
                 errors.push(format!("default_mode: no mode named {default:?}"));
             }
         }
+        // Adapters usually sit beside the models: without a lora_root,
+        // LoRA paths are taken under model_root.
+        let lora_root = file.lora_root.or_else(|| file.model_root.clone());
         let mut modes = BTreeMap::new();
         for (name, entry) in file.modes {
             if let Some(mode) = validate_mode(
                 &name,
                 entry,
                 &file.model_root,
-                &file.lora_root,
+                &lora_root,
                 is_registered,
                 &mut errors,
             ) {
@@ -190,7 +194,7 @@ impl Modes {
         }
         Ok(Modes {
             model_root: file.model_root,
-            lora_root: file.lora_root,
+            lora_root,
             default_mode: file.default_mode,
             modes,
         })
@@ -215,7 +219,7 @@ fn validate_mode(
     let model = if is_registered(&entry.model) {
         Some(ModelRef::Registered(entry.model.clone()))
     } else {
-        match inside_root(model_root, &entry.model) {
+        match inside_root(model_root, &entry.model).and_then(model_file_kind) {
             Ok(path) => Some(ModelRef::Path(path)),
             Err(why) => {
                 errors.push(format!(
@@ -328,6 +332,19 @@ fn inside_root(root: &Option<PathBuf>, relative: &str) -> Result<PathBuf, String
         ));
     }
     Ok(real)
+}
+
+/// A model under `model_root` is a directory, or one `.safetensors` or
+/// `.gguf` file.
+fn model_file_kind(path: PathBuf) -> Result<PathBuf, String> {
+    let extension = path.extension().and_then(|e| e.to_str());
+    if path.is_dir() || matches!(extension, Some("safetensors" | "gguf")) {
+        return Ok(path);
+    }
+    Err(format!(
+        "{} is neither a model directory nor a .safetensors or .gguf file",
+        path.display()
+    ))
 }
 
 /// Runs the defaults through the same checks a request gets.
@@ -468,14 +485,36 @@ loras = ["../x.safetensors"]
     fn paths_stay_inside_model_root() {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir(root.path().join("m")).unwrap();
+        std::fs::write(root.path().join("m/one.safetensors"), b"").unwrap();
+        std::fs::write(root.path().join("m/notes.txt"), b"").unwrap();
         let text = format!(
-            "model_root = \"{}\"\n[modes.x]\nmodel = \"m\"\n[modes.y]\nmodel = \"../etc\"\n",
+            "model_root = \"{}\"\n[modes.x]\nmodel = \"m\"\n[modes.y]\nmodel = \"../etc\"\n\
+             [modes.z]\nmodel = \"m/one.safetensors\"\n[modes.w]\nmodel = \"m/notes.txt\"\n",
             root.path().display()
         );
         let err = parse(&text).unwrap_err().to_string();
         assert!(
-            err.contains("modes.y.model") && !err.contains("modes.x"),
+            err.contains("modes.y.model")
+                && err.contains("modes.w.model")
+                && !err.contains("modes.x")
+                && !err.contains("modes.z"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn lora_paths_default_to_model_root() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("m")).unwrap();
+        std::fs::write(root.path().join("style.safetensors"), b"").unwrap();
+        let text = format!(
+            "model_root = \"{}\"\n[modes.x]\nmodel = \"m\"\nloras = [\"style.safetensors\"]\n",
+            root.path().display()
+        );
+        let modes = parse(&text).unwrap();
+        assert_eq!(modes.lora_root, modes.model_root);
+        assert!(modes.modes["x"].loras[0]
+            .path
+            .ends_with("style.safetensors"));
     }
 }

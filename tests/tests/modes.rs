@@ -572,3 +572,69 @@ fn a_prompt_alone_runs_in_the_current_mode() {
     assert_eq!(done["mode"], "chat");
     assert_eq!(done["completion_tokens"], 2);
 }
+
+/// The original design's form: a mode's model is one `.safetensors` file
+/// under `model_root`, and LoRA paths without a `lora_root` are taken
+/// under `model_root`. A file without its config and tokenizer beside it
+/// fails to load with an error that says so.
+#[test]
+fn a_mode_model_may_be_one_safetensors_file_beside_its_config() {
+    let daemon = Daemon::start();
+    let root = daemon.dir.path().join("models");
+    let llm = root.join("llm");
+    std::fs::create_dir_all(&llm).unwrap();
+    for file in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::copy(fixtures_dir().join("tiny-llama").join(file), llm.join(file)).unwrap();
+    }
+    std::fs::create_dir_all(root.join("sdxl")).unwrap();
+    std::fs::copy(
+        llm.join("model.safetensors"),
+        root.join("sdxl/sdxl-base-1.0.safetensors"),
+    )
+    .unwrap();
+    write_lora(&root.join("loras/strong"), 1.0);
+    let modes = format!(
+        r#"model_root = "{}"
+[modes.file]
+model = "llm/model.safetensors"
+[modes.styled]
+model = "llm/model.safetensors"
+loras = [{{ path = "loras/strong", strength = 2.0 }}]
+[modes.image]
+model = "sdxl/sdxl-base-1.0.safetensors"
+"#,
+        root.display()
+    );
+    std::fs::write(modes_file(&daemon), modes).unwrap();
+    let listed = daemon.call("modes.reload", json!({})).unwrap();
+    assert_eq!(listed["modes"].as_array().unwrap().len(), 3, "{listed}");
+
+    let run = |mode: &str| {
+        let events = generate(
+            &daemon,
+            json!({"mode": mode, "prompt": "Model Loading Strategy", "max_tokens": 5}),
+        )
+        .unwrap();
+        events.last().unwrap()["token_ids"].clone()
+    };
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures_dir().join("tiny-llama/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let plain = run("file");
+    assert_eq!(
+        plain.as_array().unwrap()[..],
+        expected["cases"][0]["greedy_ids"].as_array().unwrap()[..5]
+    );
+    assert_ne!(run("styled"), plain, "the adapter under model_root applies");
+
+    let err = daemon
+        .call("switch_mode", json!({"mode": "image", "wait": true}))
+        .unwrap_err();
+    assert_eq!(kind(&err), "load_failed");
+    let message = err.to_string();
+    assert!(
+        message.contains("config.json") && message.contains("tokenizer.json"),
+        "{message}"
+    );
+}

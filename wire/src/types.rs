@@ -481,7 +481,7 @@ pub struct GenerationDefaults {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModeInfo {
     pub name: String,
-    /// A registered model name, or a directory under `model_root`.
+    /// A registered model name, or a directory or file under `model_root`.
     pub model: String,
     pub loras: Vec<LoraInfo>,
     pub defaults: GenerationDefaults,
