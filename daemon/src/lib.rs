@@ -71,8 +71,8 @@ pub async fn run(paths: Paths) -> Result<(), StartError> {
     ));
     // A bad modes file is reported (log, status) but does not stop the
     // daemon: fix it and reload.
-    let _ = state.reload_modes();
-    let _watcher = modes::watch(state.clone());
+    let _ = state.reload_modes(state::ReloadCause::Request);
+    let _watcher = modes::watch::watch(state.clone());
     let scheduler = tokio::spawn(state.scheduler.clone().run(state.clone()));
     tokio::spawn(scheduler::expire_idle_models(state.clone()));
     if let Some(default) = state.loaded_modes().modes.default_mode.clone() {

@@ -638,3 +638,84 @@ model = "sdxl/sdxl-base-1.0.safetensors"
         "{message}"
     );
 }
+
+/// The `events` notifications that arrive within `window`.
+fn events_within(subscription: &mut modeld_wire::Subscription<'_>, window: Duration) -> Vec<Value> {
+    let deadline = Instant::now() + window;
+    let mut events = Vec::new();
+    while Instant::now() < deadline {
+        // A read timeout only means nothing came yet.
+        if let Ok(Some(event)) = subscription.next_result() {
+            events.push(event);
+        }
+    }
+    events
+}
+
+fn count(events: &[Value], kind: &str) -> usize {
+    events.iter().filter(|e| e["event"] == kind).count()
+}
+
+/// Reading the file, or a reload of unchanged content, starts no further
+/// reloads; a file emptied (as a half-written save would be) keeps the
+/// modes in force; a save by rename with new content reloads once.
+#[test]
+fn the_watcher_reloads_changed_content_only_and_never_to_nothing() {
+    let daemon = Daemon::start();
+    daemon.register_fixture("tiny-llama");
+    daemon.register_fixture("tiny-qwen2");
+    std::fs::write(modes_file(&daemon), MODES).unwrap();
+    daemon.call("modes.reload", json!({})).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    let mut subscriber = daemon.client();
+    subscriber
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut events = subscriber.subscribe("events.subscribe", json!({})).unwrap();
+
+    for _ in 0..5 {
+        std::fs::read_to_string(modes_file(&daemon)).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    daemon.call("modes.reload", json!({})).unwrap();
+    let seen = events_within(&mut events, Duration::from_secs(3));
+    assert_eq!(
+        count(&seen, "modes_reloaded"),
+        1,
+        "only the explicit reload: {seen:?}"
+    );
+
+    std::fs::write(modes_file(&daemon), "").unwrap();
+    let seen = events_within(&mut events, Duration::from_millis(1500));
+    assert_eq!(count(&seen, "modes_reloaded"), 0, "{seen:?}");
+    assert_eq!(count(&seen, "modes_rejected"), 1, "{seen:?}");
+    let modes = daemon.call("modes.list", json!({})).unwrap();
+    assert_eq!(
+        modes["modes"].as_array().unwrap().len(),
+        2,
+        "old modes kept"
+    );
+    assert!(status(&daemon)["modes"]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("holds no modes"));
+
+    let tmp = daemon.dir.path().join(".modes.toml.new");
+    std::fs::write(
+        &tmp,
+        MODES
+            .replace("[modes.qwen]", "[modes.qwen2]")
+            .replace("modes.qwen.defaults", "modes.qwen2.defaults"),
+    )
+    .unwrap();
+    std::fs::rename(&tmp, modes_file(&daemon)).unwrap();
+    let seen = events_within(&mut events, Duration::from_secs(2));
+    assert_eq!(count(&seen, "modes_reloaded"), 1, "{seen:?}");
+    let modes = daemon.call("modes.list", json!({})).unwrap();
+    assert!(modes["modes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["name"] == "qwen2"));
+    assert!(status(&daemon)["modes"]["last_error"].is_null());
+}

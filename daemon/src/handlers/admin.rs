@@ -8,7 +8,7 @@ use modeld_wire::types::{
 
 use crate::rpc::error::wire_object;
 use crate::rpc::{ApiError, NoParams};
-use crate::state::AppState;
+use crate::state::{AppState, ReloadCause};
 
 pub async fn status(state: Arc<AppState>, _: NoParams) -> Result<StatusReply, ApiError> {
     let config = state.loaded_config();
@@ -59,7 +59,7 @@ fn queue_status(state: &AppState) -> QueueStatus {
 /// outcome as the reply.
 pub async fn reload(state: Arc<AppState>, _: NoParams) -> Result<ReloadReply, ApiError> {
     let reply = crate::lifecycle::reload(&state)?;
-    state.reload_modes()?;
+    state.reload_modes(ReloadCause::Request)?;
     Ok(reply)
 }
 

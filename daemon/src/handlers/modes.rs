@@ -10,7 +10,7 @@ use modeld_wire::types::{
 use crate::rpc::error::wire_object;
 use crate::rpc::{ApiError, NoParams};
 use crate::scheduler::{JobOutcome, JobStage};
-use crate::state::AppState;
+use crate::state::{AppState, ReloadCause};
 
 pub async fn list(state: Arc<AppState>, _: NoParams) -> Result<ModesReply, ApiError> {
     let loaded = state.loaded_modes();
@@ -32,7 +32,7 @@ pub async fn list(state: Arc<AppState>, _: NoParams) -> Result<ModesReply, ApiEr
 
 /// The same reload a change of the file or SIGHUP triggers.
 pub async fn reload(state: Arc<AppState>, _: NoParams) -> Result<ModesReply, ApiError> {
-    state.reload_modes()?;
+    state.reload_modes(ReloadCause::Request)?;
     list(state, NoParams {}).await
 }
 

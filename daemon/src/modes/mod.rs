@@ -1,7 +1,9 @@
 //! `modes.toml`: named set-ups of a model, LoRA adapters and default
 //! generation parameters. A file is validated as a whole, every problem
 //! reported at once with its mode and field; a file with any problem
-//! changes nothing.
+//! changes nothing. [`watch`] reloads it when its content changes.
+
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -132,14 +134,18 @@ pub struct Modes {
 }
 
 impl Modes {
-    /// Reads and validates `path`; `is_registered` says whether a model name
-    /// is in the registry.
-    pub fn load(path: &Path, is_registered: &dyn Fn(&str) -> bool) -> Result<Modes, ModesError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModesError::Read {
+    /// Validates the bytes read from `path`; `is_registered` says whether a
+    /// model name is in the registry.
+    pub fn from_bytes(
+        path: &Path,
+        bytes: &[u8],
+        is_registered: &dyn Fn(&str) -> bool,
+    ) -> Result<Modes, ModesError> {
+        let text = std::str::from_utf8(bytes).map_err(|e| ModesError::Invalid {
             path: path.to_path_buf(),
-            source,
+            errors: vec![format!("not UTF-8: {e}")],
         })?;
-        Modes::parse(path, &text, is_registered)
+        Modes::parse(path, text, is_registered)
     }
 
     pub fn parse(
@@ -372,43 +378,6 @@ pub fn apply_defaults(mut params: GenerateParams, defaults: &GenerationDefaults)
     params
 }
 
-/// Reloads the modes whenever the file changes (debounced: editors write
-/// in several steps). Watching the directory catches saves that replace
-/// the file by rename. Keep the returned watcher alive.
-pub fn watch(
-    state: std::sync::Arc<crate::state::AppState>,
-) -> Option<notify_debouncer_mini::Debouncer<notify_debouncer_mini::notify::RecommendedWatcher>> {
-    use notify_debouncer_mini::notify::RecursiveMode;
-    let file = state.modes_file();
-    let dir = file.parent()?.to_path_buf();
-    let name = file.file_name()?.to_os_string();
-    if !dir.is_dir() {
-        tracing::info!(dir = %dir.display(), "not watching for modes changes: no such directory");
-        return None;
-    }
-    let on_change = move |result: notify_debouncer_mini::DebounceEventResult| {
-        let touched = result
-            .map(|events| {
-                events
-                    .iter()
-                    .any(|e| e.path.file_name() == Some(name.as_os_str()))
-            })
-            .unwrap_or(false);
-        if touched {
-            let _ = state.reload_modes();
-        }
-    };
-    let mut debouncer = notify_debouncer_mini::new_debouncer(Duration::from_millis(250), on_change)
-        .map_err(|e| tracing::warn!("cannot watch {}: {e}", dir.display()))
-        .ok()?;
-    debouncer
-        .watcher()
-        .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(|e| tracing::warn!("cannot watch {}: {e}", dir.display()))
-        .ok()?;
-    Some(debouncer)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -472,7 +441,7 @@ loras = ["../x.safetensors"]
 
     #[test]
     fn the_documented_example_uses_only_real_fields() {
-        let text = include_str!("../../modes.toml.example");
+        let text = include_str!("../../../modes.toml.example");
         let file: ModesFile = toml::from_str(text).expect("modes.toml.example parses");
         assert_eq!(file.modes.len(), 3);
         assert!(matches!(
