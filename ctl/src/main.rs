@@ -80,8 +80,15 @@ enum Command {
     Cache(cache::CacheCommand),
     /// List the modes (* marks the current one)
     Modes,
-    /// Queue a switch to another mode
-    Switch { mode: String },
+    /// Switch to another mode: waits for the switch and prints its outcome
+    Switch {
+        mode: String,
+        /// Only queue the switch and print its job id
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Show a job: queued, running, done, failed (with its error) or cancelled
+    Job { job: u64 },
     /// Cancel a queued job (or stop a running generation) by its id from `status`
     Cancel { job: u64 },
     /// Re-read the daemon's config and modes files (as `systemctl reload modeld` does)
@@ -137,7 +144,8 @@ fn run(cli: &Cli, socket: &std::path::Path) -> Outcome {
         Command::Reload => system::reload(&mut client, json),
         Command::Modes => system::modes(&mut client, json),
         Command::Cache(command) => cache::run(&mut client, command, json),
-        Command::Switch { mode } => system::switch(&mut client, mode, json),
+        Command::Switch { mode, no_wait } => system::switch(&mut client, mode, *no_wait, json),
+        Command::Job { job } => system::job(&mut client, *job, json),
         Command::Cancel { job } => system::cancel(&mut client, *job, json),
         Command::Shutdown => system::shutdown(&mut client, json),
         Command::Register(args) => models::register(&mut client, args, json),

@@ -10,7 +10,7 @@ use modeld_wire::types::{
 };
 use modeld_wire::Client;
 
-use crate::output::{or_dash, print_fields, print_json, table};
+use crate::output::{or_dash, print_fields, print_json, table, timestamp};
 use crate::{Failure, Outcome};
 
 #[derive(Debug, Args)]
@@ -139,12 +139,6 @@ pub fn remove(client: &mut Client, name: &str, purge: bool, apply: bool, json: b
         (None, _) => println!("{name} is still registered (dry run; add --apply)"),
     }
     Ok(())
-}
-
-/// Seconds since the epoch as an RFC 3339 UTC time.
-fn timestamp(secs: u64) -> String {
-    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
-    humantime::format_rfc3339_seconds(time).to_string()
 }
 
 fn print_record(model: &ModelRecord) {

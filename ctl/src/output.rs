@@ -27,6 +27,12 @@ pub fn print_fields(fields: &[(&str, String)]) {
     }
 }
 
+/// Seconds since the epoch as an RFC 3339 UTC time.
+pub fn timestamp(secs: u64) -> String {
+    let time = std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs);
+    humantime::format_rfc3339_seconds(time).to_string()
+}
+
 pub fn or_dash(value: Option<String>) -> String {
     value.unwrap_or_else(|| "-".to_string())
 }

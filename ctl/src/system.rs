@@ -2,14 +2,14 @@
 
 use modeld_wire::methods;
 use modeld_wire::types::{
-    format_bytes, CancelReply, JobParams, ModesReply, ReloadReply, ShutdownReply, StatusReply,
-    SwitchParams, SwitchReply, VramReply,
+    format_bytes, CancelReply, JobParams, JobReply, JobState, ModesReply, ReloadReply,
+    ShutdownReply, StatusReply, SwitchParams, SwitchReply, VramReply,
 };
-use modeld_wire::Client;
+use modeld_wire::{Client, ClientError};
 use serde_json::json;
 
-use crate::output::{format_duration, or_dash, print_fields, print_json, table};
-use crate::Outcome;
+use crate::output::{format_duration, or_dash, print_fields, print_json, table, timestamp};
+use crate::{Failure, Outcome};
 
 pub fn status(client: &mut Client, json: bool) -> Outcome {
     let reply: StatusReply = client.call(methods::STATUS, json!({}))?;
@@ -67,6 +67,15 @@ pub fn status(client: &mut Client, json: bool) -> Outcome {
             .or_else(|| job.model.clone())
             .unwrap_or_default();
         println!("  job {:<6} {state:<8} {:<9} {what}", job.id, job.kind);
+    }
+    if let Some(failure) = &reply.queue.last_switch_error {
+        println!(
+            "last switch error: to {} (job {}) at {}: {}",
+            failure.mode,
+            failure.job,
+            timestamp(failure.at),
+            failure.error
+        );
     }
     Ok(())
 }
@@ -183,20 +192,59 @@ pub fn modes(client: &mut Client, json: bool) -> Outcome {
     Ok(())
 }
 
-pub fn switch(client: &mut Client, mode: &str, json: bool) -> Outcome {
+/// Queues a switch and, unless `no_wait`, waits for it to run: a failed
+/// switch is an error (exit 1).
+pub fn switch(client: &mut Client, mode: &str, no_wait: bool, json: bool) -> Outcome {
+    let params = SwitchParams {
+        mode: mode.into(),
+        wait: !no_wait,
+    };
     let reply: SwitchReply =
-        client.call(methods::SWITCH_MODE, SwitchParams { mode: mode.into() })?;
+        client
+            .call(methods::SWITCH_MODE, params)
+            .map_err(|err| match err {
+                ClientError::Rpc(error) => {
+                    Failure::Error(format!("switch to {mode} failed: {error}"))
+                }
+                other => other.into(),
+            })?;
+    let from = reply.from.as_deref().unwrap_or("-");
     if json {
         print_json(&reply);
+    } else if reply.state == JobState::Done {
+        println!("switched {from} -> {} (job {})", reply.to, reply.job);
     } else {
         println!(
-            "queued switch {} -> {} as job {} ({} ahead)",
-            reply.from.as_deref().unwrap_or("-"),
-            reply.to,
-            reply.job,
-            reply.ahead
+            "queued switch {from} -> {} as job {} ({} ahead)",
+            reply.to, reply.job, reply.ahead
         );
     }
+    Ok(())
+}
+
+/// Where a job is, or how it ended; a failed job prints its error.
+pub fn job(client: &mut Client, job: u64, json: bool) -> Outcome {
+    let reply: JobReply = client.call(methods::JOBS_GET, JobParams { job })?;
+    if json {
+        print_json(&reply);
+        return Ok(());
+    }
+    let state = serde_json::to_value(reply.state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    print_fields(&[
+        ("job", reply.id.to_string()),
+        ("kind", reply.kind.clone()),
+        ("state", state),
+        ("mode", or_dash(reply.mode.clone())),
+        ("model", or_dash(reply.model.clone())),
+        ("finished", or_dash(reply.finished_at.map(timestamp))),
+        (
+            "error",
+            or_dash(reply.error.as_ref().map(|e| e.to_string())),
+        ),
+    ]);
     Ok(())
 }
 

@@ -135,7 +135,7 @@ pub async fn handle_signals(mut signals: signal_hook_tokio::Signals, state: Arc<
         match signal {
             SIGHUP => {
                 let _ = reload(&state);
-                let _ = state.reload_modes();
+                let _ = state.reload_modes(crate::state::ReloadCause::Request);
             }
             _ if state.is_shutting_down() => {
                 tracing::warn!("second stop signal; exiting without waiting");

@@ -1,12 +1,13 @@
 //! Shared daemon state handed to every handler: the registry, the config in
 //! force, counters, the event bus and the shutdown signal.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
 use modeld_wire::types::{Counts, Event, ReloadReply};
+use sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
@@ -14,7 +15,7 @@ use crate::config::{Config, ConfigError, Paths};
 use crate::engine::Engine;
 use crate::gpu::GpuProbe;
 use crate::hub::api::HubSettings;
-use crate::modes::{Mode, Modes};
+use crate::modes::{Mode, Modes, ModesError};
 use crate::pull::Pulls;
 use crate::registry::{unix_now, Registry};
 use crate::rpc::ApiError;
@@ -54,7 +55,21 @@ pub struct LoadedModes {
     pub file: Option<PathBuf>,
     pub loaded_at: u64,
     pub reloads: u64,
+    /// Why the last reload changed nothing (refused, or a file without modes).
     pub last_error: Option<String>,
+    /// sha256 of the bytes last read, loaded or not: the watcher skips
+    /// reloads that would read the same again.
+    read_hash: Option<[u8; 32]>,
+}
+
+/// Why the modes are re-read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReloadCause {
+    /// `modes.reload`, `reload`, SIGHUP or start-up: always re-validated,
+    /// since registered models may have changed.
+    Request,
+    /// The watcher saw the file change; unchanged bytes are skipped.
+    FileChanged,
 }
 
 /// Live counters, read by `status`.
@@ -180,19 +195,37 @@ impl AppState {
             .ok_or_else(|| ApiError::UnknownMode(name.to_string()))
     }
 
-    /// Re-reads the modes file. A missing file means no modes (unless the
-    /// config names it explicitly); an invalid one changes nothing and the
-    /// error is kept for `status`. Jobs already running are not touched.
-    pub fn reload_modes(&self) -> Result<usize, crate::modes::ModesError> {
+    /// Re-reads the modes file and returns how many modes are in force. A
+    /// missing file (unless the config names it) or one without modes never
+    /// replaces modes in force: a half-written file must not lose them. An
+    /// invalid file changes nothing either; the reason is kept for `status`.
+    /// Jobs already running are not touched.
+    pub fn reload_modes(&self, cause: ReloadCause) -> Result<usize, ModesError> {
         let path = self.modes_file();
-        let explicit = self.config().modes.file.is_some();
-        let result = if !path.exists() && !explicit {
-            Ok(Modes::default())
-        } else {
-            Modes::load(&path, &|name| self.registry.get(name).is_ok())
-        };
+        let bytes = self.read_modes_file(&path)?;
+        let hash: [u8; 32] = Sha256::digest(&bytes).into();
         let mut loaded = self.modes.write().unwrap_or_else(|e| e.into_inner());
+        if cause == ReloadCause::FileChanged && loaded.read_hash == Some(hash) {
+            tracing::debug!(path = %path.display(), "modes file unchanged");
+            return Ok(loaded.modes.modes.len());
+        }
+        loaded.read_hash = Some(hash);
+        let result = Modes::from_bytes(&path, &bytes, &|name| self.registry.get(name).is_ok());
         match result {
+            Ok(modes) if modes.modes.is_empty() && !loaded.modes.modes.is_empty() => {
+                let kept = loaded.modes.modes.len();
+                let warning = format!(
+                    "{} holds no modes; keeping the {kept} modes in force",
+                    path.display()
+                );
+                tracing::warn!("{warning}");
+                loaded.last_error = Some(warning.clone());
+                self.emit(Event::ModesRejected {
+                    path,
+                    error: warning,
+                });
+                Ok(kept)
+            }
             Ok(modes) => {
                 let count = modes.modes.len();
                 loaded.modes = Arc::new(modes);
@@ -217,6 +250,23 @@ impl AppState {
                 });
                 Err(err)
             }
+        }
+    }
+
+    /// The modes file's bytes; a missing file reads as empty unless the
+    /// config names it.
+    fn read_modes_file(&self, path: &Path) -> Result<Vec<u8>, ModesError> {
+        match std::fs::read(path) {
+            Err(err)
+                if err.kind() == std::io::ErrorKind::NotFound
+                    && self.config().modes.file.is_none() =>
+            {
+                Ok(Vec::new())
+            }
+            result => result.map_err(|source| ModesError::Read {
+                path: path.to_path_buf(),
+                source,
+            }),
         }
     }
 

@@ -539,3 +539,186 @@ fn reloads_race_generations_and_switches_keep_order() {
     });
     assert_eq!(status(&daemon)["queue"]["current_mode"], "chat");
 }
+
+/// A prompt alone runs in the mode current when its turn comes, after the
+/// switches queued before it; with no mode at all, `model` is missing.
+#[test]
+fn a_prompt_alone_runs_in_the_current_mode() {
+    let daemon = Daemon::start();
+    daemon.register_fixture("tiny-llama");
+    daemon.register_fixture("tiny-qwen2");
+    let refused = |daemon: &Daemon| {
+        let err = generate(daemon, json!({"prompt": "x"})).unwrap_err();
+        assert_eq!(kind(&err), "invalid_params");
+        let modeld_wire::ClientError::Rpc(object) = &err else {
+            panic!("{err}")
+        };
+        assert_eq!(object.data.as_ref().unwrap()["field"], "model");
+    };
+    refused(&daemon);
+    std::fs::write(modes_file(&daemon), MODES).unwrap();
+    daemon.call("modes.reload", json!({})).unwrap();
+    refused(&daemon);
+
+    // Queued, not yet run: the prompt still goes to qwen.
+    daemon.call("switch_mode", json!({"mode": "qwen"})).unwrap();
+    let events = generate(&daemon, json!({"prompt": "The application"})).unwrap();
+    let done = events.last().unwrap();
+    assert_eq!(done["mode"], "qwen", "{done}");
+    assert_eq!(done["completion_tokens"], 4, "qwen's default max_tokens");
+
+    daemon
+        .call("switch_mode", json!({"mode": "chat", "wait": true}))
+        .unwrap();
+    let events = generate(&daemon, json!({"prompt": "Model", "max_tokens": 2})).unwrap();
+    let done = events.last().unwrap();
+    assert_eq!(done["mode"], "chat");
+    assert_eq!(done["completion_tokens"], 2);
+}
+
+/// The original design's form: a mode's model is one `.safetensors` file
+/// under `model_root`, and LoRA paths without a `lora_root` are taken
+/// under `model_root`. A file without its config and tokenizer beside it
+/// fails to load with an error that says so.
+#[test]
+fn a_mode_model_may_be_one_safetensors_file_beside_its_config() {
+    let daemon = Daemon::start();
+    let root = daemon.dir.path().join("models");
+    let llm = root.join("llm");
+    std::fs::create_dir_all(&llm).unwrap();
+    for file in ["config.json", "tokenizer.json", "model.safetensors"] {
+        std::fs::copy(fixtures_dir().join("tiny-llama").join(file), llm.join(file)).unwrap();
+    }
+    std::fs::create_dir_all(root.join("sdxl")).unwrap();
+    std::fs::copy(
+        llm.join("model.safetensors"),
+        root.join("sdxl/sdxl-base-1.0.safetensors"),
+    )
+    .unwrap();
+    write_lora(&root.join("loras/strong"), 1.0);
+    let modes = format!(
+        r#"model_root = "{}"
+[modes.file]
+model = "llm/model.safetensors"
+[modes.styled]
+model = "llm/model.safetensors"
+loras = [{{ path = "loras/strong", strength = 2.0 }}]
+[modes.image]
+model = "sdxl/sdxl-base-1.0.safetensors"
+"#,
+        root.display()
+    );
+    std::fs::write(modes_file(&daemon), modes).unwrap();
+    let listed = daemon.call("modes.reload", json!({})).unwrap();
+    assert_eq!(listed["modes"].as_array().unwrap().len(), 3, "{listed}");
+
+    let run = |mode: &str| {
+        let events = generate(
+            &daemon,
+            json!({"mode": mode, "prompt": "Model Loading Strategy", "max_tokens": 5}),
+        )
+        .unwrap();
+        events.last().unwrap()["token_ids"].clone()
+    };
+    let expected: Value = serde_json::from_str(
+        &std::fs::read_to_string(fixtures_dir().join("tiny-llama/expected.json")).unwrap(),
+    )
+    .unwrap();
+    let plain = run("file");
+    assert_eq!(
+        plain.as_array().unwrap()[..],
+        expected["cases"][0]["greedy_ids"].as_array().unwrap()[..5]
+    );
+    assert_ne!(run("styled"), plain, "the adapter under model_root applies");
+
+    let err = daemon
+        .call("switch_mode", json!({"mode": "image", "wait": true}))
+        .unwrap_err();
+    assert_eq!(kind(&err), "load_failed");
+    let message = err.to_string();
+    assert!(
+        message.contains("config.json") && message.contains("tokenizer.json"),
+        "{message}"
+    );
+}
+
+/// The `events` notifications that arrive within `window`.
+fn events_within(subscription: &mut modeld_wire::Subscription<'_>, window: Duration) -> Vec<Value> {
+    let deadline = Instant::now() + window;
+    let mut events = Vec::new();
+    while Instant::now() < deadline {
+        // A read timeout only means nothing came yet.
+        if let Ok(Some(event)) = subscription.next_result() {
+            events.push(event);
+        }
+    }
+    events
+}
+
+fn count(events: &[Value], kind: &str) -> usize {
+    events.iter().filter(|e| e["event"] == kind).count()
+}
+
+/// Reading the file, or a reload of unchanged content, starts no further
+/// reloads; a file emptied (as a half-written save would be) keeps the
+/// modes in force; a save by rename with new content reloads once.
+#[test]
+fn the_watcher_reloads_changed_content_only_and_never_to_nothing() {
+    let daemon = Daemon::start();
+    daemon.register_fixture("tiny-llama");
+    daemon.register_fixture("tiny-qwen2");
+    std::fs::write(modes_file(&daemon), MODES).unwrap();
+    daemon.call("modes.reload", json!({})).unwrap();
+    std::thread::sleep(Duration::from_millis(600));
+    let mut subscriber = daemon.client();
+    subscriber
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let mut events = subscriber.subscribe("events.subscribe", json!({})).unwrap();
+
+    for _ in 0..5 {
+        std::fs::read_to_string(modes_file(&daemon)).unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    daemon.call("modes.reload", json!({})).unwrap();
+    let seen = events_within(&mut events, Duration::from_secs(3));
+    assert_eq!(
+        count(&seen, "modes_reloaded"),
+        1,
+        "only the explicit reload: {seen:?}"
+    );
+
+    std::fs::write(modes_file(&daemon), "").unwrap();
+    let seen = events_within(&mut events, Duration::from_millis(1500));
+    assert_eq!(count(&seen, "modes_reloaded"), 0, "{seen:?}");
+    assert_eq!(count(&seen, "modes_rejected"), 1, "{seen:?}");
+    let modes = daemon.call("modes.list", json!({})).unwrap();
+    assert_eq!(
+        modes["modes"].as_array().unwrap().len(),
+        2,
+        "old modes kept"
+    );
+    assert!(status(&daemon)["modes"]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("holds no modes"));
+
+    let tmp = daemon.dir.path().join(".modes.toml.new");
+    std::fs::write(
+        &tmp,
+        MODES
+            .replace("[modes.qwen]", "[modes.qwen2]")
+            .replace("modes.qwen.defaults", "modes.qwen2.defaults"),
+    )
+    .unwrap();
+    std::fs::rename(&tmp, modes_file(&daemon)).unwrap();
+    let seen = events_within(&mut events, Duration::from_secs(2));
+    assert_eq!(count(&seen, "modes_reloaded"), 1, "{seen:?}");
+    let modes = daemon.call("modes.list", json!({})).unwrap();
+    assert!(modes["modes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["name"] == "qwen2"));
+    assert!(status(&daemon)["modes"]["last_error"].is_null());
+}

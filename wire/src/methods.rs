@@ -27,6 +27,7 @@ pub const MODES_LIST: &str = "modes.list";
 pub const MODES_RELOAD: &str = "modes.reload";
 pub const SWITCH_MODE: &str = "switch_mode";
 pub const JOBS_CANCEL: &str = "jobs.cancel";
+pub const JOBS_GET: &str = "jobs.get";
 
 pub const CACHE_SCAN: &str = "cache.scan";
 pub const CACHE_DUPLICATES: &str = "cache.duplicates";

@@ -149,7 +149,7 @@ pub struct RemoveReply {
     pub plan: Option<CachePlan>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StatusReply {
     pub version: String,
     pub queue: QueueStatus,
@@ -511,7 +511,7 @@ pub struct GenerationDefaults {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ModeInfo {
     pub name: String,
-    /// A registered model name, or a directory under `model_root`.
+    /// A registered model name, or a directory or file under `model_root`.
     pub model: String,
     pub loras: Vec<LoraInfo>,
     pub defaults: GenerationDefaults,
@@ -538,6 +538,9 @@ pub struct ModesReply {
 #[serde(deny_unknown_fields)]
 pub struct SwitchParams {
     pub mode: String,
+    /// Answer only once the switch has run: `state: done`, or its error.
+    #[serde(default)]
+    pub wait: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -549,6 +552,44 @@ pub struct SwitchReply {
     pub to: String,
     /// Jobs that run before this one.
     pub ahead: usize,
+    /// `queued`, or `done` when the request waited.
+    pub state: JobState,
+}
+
+/// Where a job is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobState {
+    Queued,
+    Running,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+/// `jobs.get`: a job queued, running, or among the last finished ones.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobReply {
+    pub id: u64,
+    /// `generate`, `switch` or `unload`.
+    pub kind: String,
+    pub mode: Option<String>,
+    pub model: Option<String>,
+    pub state: JobState,
+    /// Why a `failed` job failed.
+    pub error: Option<crate::error::RpcErrorObject>,
+    /// Seconds since the Unix epoch, once finished.
+    pub finished_at: Option<u64>,
+}
+
+/// A mode switch that failed; `status` shows the last one.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SwitchError {
+    pub job: u64,
+    pub mode: String,
+    pub error: crate::error::RpcErrorObject,
+    /// Seconds since the Unix epoch.
+    pub at: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -573,11 +614,14 @@ pub struct JobInfo {
     pub running: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct QueueStatus {
     pub capacity: usize,
     pub current_mode: Option<String>,
     pub jobs: Vec<JobInfo>,
+    /// The last mode switch that failed, kept after later successes.
+    #[serde(default)]
+    pub last_switch_error: Option<SwitchError>,
 }
 
 /// `cache.scan`: every cache root and the model root.

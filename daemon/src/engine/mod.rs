@@ -1,6 +1,7 @@
 //! The inference engine: which models are resident, loading and unloading
 //! them, and handing generation jobs to the worker that owns each model.
 
+pub mod cancel;
 pub mod chat;
 pub mod devices;
 pub mod estimate;
@@ -18,8 +19,8 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use modeld_wire::types::{GenerateEvent, LoadedModel, LoraInfo};
 use tokenizers::Tokenizer;
-use tokio_util::sync::CancellationToken;
 
+use self::cancel::Cancellation;
 use self::chat::ChatTemplate;
 pub use self::devices::Devices;
 use self::model::{read_gguf_header, ModelSpec, TextModel, Weights};
@@ -276,7 +277,7 @@ impl Resident {
         &self,
         request: ValidGenerate,
         events: tokio::sync::mpsc::Sender<GenerateEvent>,
-        cancel: CancellationToken,
+        cancel: Cancellation,
     ) -> Result<(), EngineError> {
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         let sender = jobs
@@ -445,6 +446,12 @@ impl Engine {
             .remove(name)
             .ok_or_else(|| EngineError::NotLoaded(name.to_string()))?;
         let device = resident.device.clone();
+        // Measured while the worker still holds the model: closing its
+        // channel below lets it end and drop the weights at any moment.
+        let measure = device.clone();
+        let before = tokio::task::spawn_blocking(move || devices::used_bytes(&measure))
+            .await
+            .unwrap_or(0);
         // Closing the channel ends the worker after the jobs already queued.
         resident
             .jobs
@@ -456,10 +463,6 @@ impl Engine {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
-        let measure = device.clone();
-        let before = tokio::task::spawn_blocking(move || devices::used_bytes(&measure))
-            .await
-            .unwrap_or(0);
         tokio::task::spawn_blocking(move || {
             if let Some(thread) = thread {
                 let _ = thread.join();

@@ -38,14 +38,15 @@ pub enum Weights {
 }
 
 impl Weights {
-    /// Finds the weights at `path`: a `.gguf` file, or a directory holding
-    /// safetensors files or exactly one `.gguf` file.
+    /// Finds the weights at `path`: a `.gguf` or `.safetensors` file, or a
+    /// directory holding safetensors files or exactly one `.gguf` file.
     pub fn find(path: &Path) -> Result<Self, EngineError> {
         if path.is_file() {
             return match path.extension().and_then(|e| e.to_str()) {
                 Some("gguf") => Ok(Weights::Gguf(path.to_path_buf())),
+                Some("safetensors") => single_safetensors(path),
                 _ => Err(EngineError::Unsupported(format!(
-                    "{}: expected a .gguf file or a model directory",
+                    "{}: expected a .gguf or .safetensors file or a model directory",
                     path.display()
                 ))),
             };
@@ -104,6 +105,26 @@ impl Weights {
             .map(|m| m.len())
             .sum()
     }
+}
+
+/// One `.safetensors` file as a whole model: its config and tokenizer must
+/// sit beside it, as they would in a model directory.
+fn single_safetensors(path: &Path) -> Result<Weights, EngineError> {
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let missing: Vec<&str> = ["config.json", "tokenizer.json"]
+        .into_iter()
+        .filter(|name| !dir.join(name).is_file())
+        .collect();
+    if !missing.is_empty() {
+        return Err(EngineError::Files(format!(
+            "{}: a text model given as one .safetensors file needs config.json and \
+             tokenizer.json beside it in {}; missing: {}",
+            path.display(),
+            dir.display(),
+            missing.join(", ")
+        )));
+    }
+    Ok(Weights::Safetensors(vec![path.to_path_buf()]))
 }
 
 /// A GGUF file's header: architecture, context length and end-of-sequence id.

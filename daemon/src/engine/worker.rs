@@ -8,8 +8,8 @@ use std::time::Instant;
 use candle_core::{DType, Device};
 use modeld_wire::types::{FinishReason, GenerateEvent};
 use tokenizers::Tokenizer;
-use tokio_util::sync::CancellationToken;
 
+use super::cancel::Cancellation;
 use super::model::TextModel;
 use super::sampling::{Input, Sampler, ValidGenerate};
 use super::EngineError;
@@ -18,7 +18,7 @@ use super::EngineError;
 pub struct Job {
     pub request: ValidGenerate,
     pub events: tokio::sync::mpsc::Sender<GenerateEvent>,
-    pub cancel: CancellationToken,
+    pub cancel: Cancellation,
 }
 
 pub struct Worker {
@@ -93,7 +93,7 @@ impl Worker {
         let mut streamer = Streamer::new(&request.stop);
         let mut finish = FinishReason::Length;
         for index in 0..request.max_tokens {
-            if job.cancel.is_cancelled() {
+            if job.cancel.is_requested() {
                 finish = FinishReason::Cancelled;
                 break;
             }

@@ -2,17 +2,20 @@
 
 use std::sync::Arc;
 
-use modeld_wire::types::{ConfigStatus, ModesStatus, ReloadReply, ShutdownReply, StatusReply};
+use modeld_wire::types::{
+    ConfigStatus, ModesStatus, QueueStatus, ReloadReply, ShutdownReply, StatusReply, SwitchError,
+};
 
+use crate::rpc::error::wire_object;
 use crate::rpc::{ApiError, NoParams};
-use crate::state::AppState;
+use crate::state::{AppState, ReloadCause};
 
 pub async fn status(state: Arc<AppState>, _: NoParams) -> Result<StatusReply, ApiError> {
     let config = state.loaded_config();
     let modes = state.loaded_modes();
     Ok(StatusReply {
         version: env!("CARGO_PKG_VERSION").to_string(),
-        queue: state.scheduler.status(state.config().scheduler.queue_size),
+        queue: queue_status(&state),
         modes: ModesStatus {
             file: modes.file.clone(),
             count: modes.modes.modes.len(),
@@ -37,11 +40,26 @@ pub async fn status(state: Arc<AppState>, _: NoParams) -> Result<StatusReply, Ap
     })
 }
 
+/// The queue, with the last failed switch's error in wire form.
+fn queue_status(state: &AppState) -> QueueStatus {
+    let mut queue = state.scheduler.status(state.config().scheduler.queue_size);
+    queue.last_switch_error = state
+        .scheduler
+        .last_switch_failure()
+        .map(|failure| SwitchError {
+            job: failure.job,
+            mode: failure.mode,
+            error: wire_object(&failure.error),
+            at: failure.at,
+        });
+    queue
+}
+
 /// The same reload that SIGHUP triggers (config, then modes), with its
 /// outcome as the reply.
 pub async fn reload(state: Arc<AppState>, _: NoParams) -> Result<ReloadReply, ApiError> {
     let reply = crate::lifecycle::reload(&state)?;
-    state.reload_modes()?;
+    state.reload_modes(ReloadCause::Request)?;
     Ok(reply)
 }
 

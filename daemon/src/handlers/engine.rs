@@ -8,6 +8,7 @@ use jsonrpsee::PendingSubscriptionSink;
 use modeld_wire::types::{
     GenerateEvent, GenerateParams, LoadParams, LoadReply, NameParams, UnloadReply,
 };
+use tokio::sync::mpsc;
 
 use crate::engine::sampling::ValidGenerate;
 use crate::engine::Placement;
@@ -38,7 +39,8 @@ pub async fn unload(state: Arc<AppState>, params: NameParams) -> Result<UnloadRe
     let reply = state.scheduler.submit_unload(name.clone(), capacity)?;
     let freed_bytes = reply
         .await
-        .map_err(|_| ApiError::Internal("the unload job was dropped".into()))??;
+        .map_err(|_| ApiError::Internal("the unload job was dropped".into()))?
+        .map_err(ApiError::Job)?;
     tracing::info!(model = %name, freed_bytes, "model unloaded");
     Ok(UnloadReply { name, freed_bytes })
 }
@@ -48,12 +50,7 @@ pub async fn generate(
     pending: PendingSubscriptionSink,
     state: Arc<AppState>,
 ) {
-    let (request, mode) = match validate(&params, &state) {
-        Ok(valid) => valid,
-        Err(err) => return pending.reject(err).await,
-    };
-    let capacity = state.config().scheduler.queue_size;
-    let (_job, mut receiver) = match state.scheduler.submit_generate(request, mode, capacity) {
+    let (_job, mut receiver) = match submit(&params, &state) {
         Ok(queued) => queued,
         Err(err) => return pending.reject(err).await,
     };
@@ -88,12 +85,40 @@ pub async fn generate(
     }
 }
 
-/// Checks the request; a `mode` supplies the model and default parameters.
-fn validate(
+/// Validates and queues the request. With neither `model` nor `mode` it
+/// runs in the mode that will be current when its turn comes.
+fn submit(
     params: &Params<'static>,
     state: &AppState,
+) -> Result<(u64, mpsc::Receiver<GenerateEvent>), ApiError> {
+    let params: GenerateParams = decode_params(params)?;
+    let capacity = state.config().scheduler.queue_size;
+    if params.model.is_empty() && params.mode.is_none() {
+        return state.scheduler.submit_generate_with(capacity, |effective| {
+            let mode = effective.ok_or_else(|| {
+                ValidationError::new(
+                    "model",
+                    "give a model or a mode: no mode is current or queued to run in",
+                )
+            })?;
+            validate(
+                GenerateParams {
+                    mode: Some(mode),
+                    ..params
+                },
+                state,
+            )
+        });
+    }
+    let (request, mode) = validate(params, state)?;
+    state.scheduler.submit_generate(request, mode, capacity)
+}
+
+/// Checks the request; a `mode` supplies the model and default parameters.
+fn validate(
+    mut params: GenerateParams,
+    state: &AppState,
 ) -> Result<(ValidGenerate, Option<String>), ApiError> {
-    let mut params: GenerateParams = decode_params(params)?;
     let mode = match params.mode.take() {
         Some(name) => {
             let mode = state.mode(&name)?;

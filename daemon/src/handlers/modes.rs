@@ -1,12 +1,16 @@
 //! Modes and the job queue: `modes.list`, `modes.reload`, `switch_mode`,
-//! `jobs.cancel`.
+//! `jobs.cancel`, `jobs.get`.
 
 use std::sync::Arc;
 
-use modeld_wire::types::{CancelReply, JobParams, ModesReply, SwitchParams, SwitchReply};
+use modeld_wire::types::{
+    CancelReply, JobParams, JobReply, JobState, ModesReply, SwitchParams, SwitchReply,
+};
 
+use crate::rpc::error::wire_object;
 use crate::rpc::{ApiError, NoParams};
-use crate::state::AppState;
+use crate::scheduler::{JobOutcome, JobStage};
+use crate::state::{AppState, ReloadCause};
 
 pub async fn list(state: Arc<AppState>, _: NoParams) -> Result<ModesReply, ApiError> {
     let loaded = state.loaded_modes();
@@ -28,18 +32,55 @@ pub async fn list(state: Arc<AppState>, _: NoParams) -> Result<ModesReply, ApiEr
 
 /// The same reload a change of the file or SIGHUP triggers.
 pub async fn reload(state: Arc<AppState>, _: NoParams) -> Result<ModesReply, ApiError> {
-    state.reload_modes()?;
+    state.reload_modes(ReloadCause::Request)?;
     list(state, NoParams {}).await
 }
 
-/// Queues a switch; answers at once with its place in the queue.
+/// Queues a switch; answers at once with its place in the queue, or with
+/// `wait` once it has run (its error if it failed).
 pub async fn switch(state: Arc<AppState>, params: SwitchParams) -> Result<SwitchReply, ApiError> {
     state.mode(&params.mode)?;
     if state.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
     }
     let capacity = state.config().scheduler.queue_size;
-    state.scheduler.submit_switch(params.mode, capacity)
+    let mut reply = state.scheduler.submit_switch(params.mode, capacity)?;
+    if params.wait {
+        let job = reply.job;
+        match state.scheduler.wait(job).await {
+            Some(JobOutcome::Done) => reply.state = JobState::Done,
+            Some(JobOutcome::Failed(err)) => return Err(ApiError::Job(err)),
+            Some(JobOutcome::Cancelled) => return Err(ApiError::Cancelled { job }),
+            None => return Err(ApiError::UnknownJob(job)),
+        }
+    }
+    Ok(reply)
+}
+
+/// Where a job is, or how it ended.
+pub async fn get_job(state: Arc<AppState>, params: JobParams) -> Result<JobReply, ApiError> {
+    let (info, stage) = state
+        .scheduler
+        .job(params.job)
+        .ok_or(ApiError::UnknownJob(params.job))?;
+    let (state, error, finished_at) = match stage {
+        JobStage::Queued => (JobState::Queued, None, None),
+        JobStage::Running => (JobState::Running, None, None),
+        JobStage::Finished { outcome, at } => match outcome {
+            JobOutcome::Done => (JobState::Done, None, Some(at)),
+            JobOutcome::Cancelled => (JobState::Cancelled, None, Some(at)),
+            JobOutcome::Failed(err) => (JobState::Failed, Some(wire_object(&err)), Some(at)),
+        },
+    };
+    Ok(JobReply {
+        id: info.id,
+        kind: info.kind,
+        mode: info.mode,
+        model: info.model,
+        state,
+        error,
+        finished_at,
+    })
 }
 
 pub async fn cancel(state: Arc<AppState>, params: JobParams) -> Result<CancelReply, ApiError> {

@@ -37,6 +37,13 @@ pub enum ApiError {
     Relayed(RpcErrorObject),
     #[error(transparent)]
     NoSecondaryCache(#[from] NoSecondaryCache),
+    #[error("job {job} was cancelled")]
+    Cancelled { job: u64 },
+    #[error("no job {0}: it is not queued or running, nor among the last finished jobs")]
+    UnknownJob(u64),
+    /// A job's error, shared by its history and whoever waits for the job.
+    #[error("{0}")]
+    Job(std::sync::Arc<ApiError>),
     #[error("modeld is shutting down and accepts no new work")]
     ShuttingDown,
     #[error(transparent)]
@@ -88,6 +95,9 @@ impl ApiError {
                 HubError::Io { .. } => ErrorKind::Io,
                 HubError::Protocol(_) => ErrorKind::HubError,
             },
+            ApiError::Cancelled { .. } => ErrorKind::Cancelled,
+            ApiError::UnknownJob(_) => ErrorKind::NotFound,
+            ApiError::Job(inner) => inner.kind(),
             ApiError::ShuttingDown => ErrorKind::ShuttingDown,
             ApiError::Forbidden(_) => ErrorKind::Forbidden,
             ApiError::Internal(_) => ErrorKind::Internal,
@@ -119,6 +129,14 @@ impl ApiError {
                 data.insert("field".into(), json!("mode"));
                 data.insert("name".into(), json!(name));
             }
+            ApiError::Cancelled { job } => {
+                data.insert("job".into(), json!(job));
+            }
+            ApiError::UnknownJob(job) => {
+                data.insert("field".into(), json!("job"));
+                data.insert("job".into(), json!(job));
+            }
+            ApiError::Job(inner) => return inner.details(),
             ApiError::Engine(EngineError::ContextOverflow {
                 prompt, context, ..
             }) => {
@@ -168,17 +186,17 @@ impl ApiError {
 
 impl From<ApiError> for ErrorObjectOwned {
     fn from(err: ApiError) -> Self {
-        if let ApiError::Relayed(object) = err {
-            return ErrorObjectOwned::owned(object.code, object.message, object.data);
-        }
-        wire_error(err.kind(), err.to_string(), err.details())
+        let object = wire_object(&err);
+        ErrorObjectOwned::owned(object.code, object.message, object.data)
     }
 }
 
-/// The error as it travels, for embedding in stream events.
+/// The error as it travels, for embedding in stream events and replies.
 pub fn wire_object(err: &ApiError) -> RpcErrorObject {
-    if let ApiError::Relayed(object) = err {
-        return object.clone();
+    match err {
+        ApiError::Relayed(object) => return object.clone(),
+        ApiError::Job(inner) => return wire_object(inner),
+        _ => {}
     }
     let mut data = err.details();
     data.insert("kind".into(), json!(err.kind().as_str()));

@@ -59,6 +59,7 @@ pub fn build_module(state: Arc<AppState>) -> Module {
     route(&mut module, methods::MODES_RELOAD, handlers::modes::reload);
     route(&mut module, methods::SWITCH_MODE, handlers::modes::switch);
     route(&mut module, methods::JOBS_CANCEL, handlers::modes::cancel);
+    route(&mut module, methods::JOBS_GET, handlers::modes::get_job);
     route(&mut module, methods::UNLOAD, handlers::engine::unload);
     stream(
         &mut module,

@@ -1,7 +1,9 @@
 //! `modes.toml`: named set-ups of a model, LoRA adapters and default
 //! generation parameters. A file is validated as a whole, every problem
 //! reported at once with its mode and field; a file with any problem
-//! changes nothing.
+//! changes nothing. [`watch`] reloads it when its content changes.
+
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
@@ -77,7 +79,8 @@ enum KeepAlive {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ModelRef {
     Registered(String),
-    /// A model directory (or `.gguf` file) under `model_root`.
+    /// A model directory, or one `.safetensors` or `.gguf` file, under
+    /// `model_root`.
     Path(PathBuf),
 }
 
@@ -131,14 +134,18 @@ pub struct Modes {
 }
 
 impl Modes {
-    /// Reads and validates `path`; `is_registered` says whether a model name
-    /// is in the registry.
-    pub fn load(path: &Path, is_registered: &dyn Fn(&str) -> bool) -> Result<Modes, ModesError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModesError::Read {
+    /// Validates the bytes read from `path`; `is_registered` says whether a
+    /// model name is in the registry.
+    pub fn from_bytes(
+        path: &Path,
+        bytes: &[u8],
+        is_registered: &dyn Fn(&str) -> bool,
+    ) -> Result<Modes, ModesError> {
+        let text = std::str::from_utf8(bytes).map_err(|e| ModesError::Invalid {
             path: path.to_path_buf(),
-            source,
+            errors: vec![format!("not UTF-8: {e}")],
         })?;
-        Modes::parse(path, &text, is_registered)
+        Modes::parse(path, text, is_registered)
     }
 
     pub fn parse(
@@ -172,13 +179,16 @@ impl Modes {
                 errors.push(format!("default_mode: no mode named {default:?}"));
             }
         }
+        // Adapters usually sit beside the models: without a lora_root,
+        // LoRA paths are taken under model_root.
+        let lora_root = file.lora_root.or_else(|| file.model_root.clone());
         let mut modes = BTreeMap::new();
         for (name, entry) in file.modes {
             if let Some(mode) = validate_mode(
                 &name,
                 entry,
                 &file.model_root,
-                &file.lora_root,
+                &lora_root,
                 is_registered,
                 &mut errors,
             ) {
@@ -190,7 +200,7 @@ impl Modes {
         }
         Ok(Modes {
             model_root: file.model_root,
-            lora_root: file.lora_root,
+            lora_root,
             default_mode: file.default_mode,
             modes,
         })
@@ -215,7 +225,7 @@ fn validate_mode(
     let model = if is_registered(&entry.model) {
         Some(ModelRef::Registered(entry.model.clone()))
     } else {
-        match inside_root(model_root, &entry.model) {
+        match inside_root(model_root, &entry.model).and_then(model_file_kind) {
             Ok(path) => Some(ModelRef::Path(path)),
             Err(why) => {
                 errors.push(format!(
@@ -330,6 +340,19 @@ fn inside_root(root: &Option<PathBuf>, relative: &str) -> Result<PathBuf, String
     Ok(real)
 }
 
+/// A model under `model_root` is a directory, or one `.safetensors` or
+/// `.gguf` file.
+fn model_file_kind(path: PathBuf) -> Result<PathBuf, String> {
+    let extension = path.extension().and_then(|e| e.to_str());
+    if path.is_dir() || matches!(extension, Some("safetensors" | "gguf")) {
+        return Ok(path);
+    }
+    Err(format!(
+        "{} is neither a model directory nor a .safetensors or .gguf file",
+        path.display()
+    ))
+}
+
 /// Runs the defaults through the same checks a request gets.
 fn check_defaults(defaults: &GenerationDefaults, at: &str, errors: &mut Vec<String>) {
     let params = GenerateParams {
@@ -353,43 +376,6 @@ pub fn apply_defaults(mut params: GenerateParams, defaults: &GenerationDefaults)
     params.repeat_last_n = params.repeat_last_n.or(defaults.repeat_last_n);
     params.stop = params.stop.or_else(|| defaults.stop.clone());
     params
-}
-
-/// Reloads the modes whenever the file changes (debounced: editors write
-/// in several steps). Watching the directory catches saves that replace
-/// the file by rename. Keep the returned watcher alive.
-pub fn watch(
-    state: std::sync::Arc<crate::state::AppState>,
-) -> Option<notify_debouncer_mini::Debouncer<notify_debouncer_mini::notify::RecommendedWatcher>> {
-    use notify_debouncer_mini::notify::RecursiveMode;
-    let file = state.modes_file();
-    let dir = file.parent()?.to_path_buf();
-    let name = file.file_name()?.to_os_string();
-    if !dir.is_dir() {
-        tracing::info!(dir = %dir.display(), "not watching for modes changes: no such directory");
-        return None;
-    }
-    let on_change = move |result: notify_debouncer_mini::DebounceEventResult| {
-        let touched = result
-            .map(|events| {
-                events
-                    .iter()
-                    .any(|e| e.path.file_name() == Some(name.as_os_str()))
-            })
-            .unwrap_or(false);
-        if touched {
-            let _ = state.reload_modes();
-        }
-    };
-    let mut debouncer = notify_debouncer_mini::new_debouncer(Duration::from_millis(250), on_change)
-        .map_err(|e| tracing::warn!("cannot watch {}: {e}", dir.display()))
-        .ok()?;
-    debouncer
-        .watcher()
-        .watch(&dir, RecursiveMode::NonRecursive)
-        .map_err(|e| tracing::warn!("cannot watch {}: {e}", dir.display()))
-        .ok()?;
-    Some(debouncer)
 }
 
 #[cfg(test)]
@@ -455,7 +441,7 @@ loras = ["../x.safetensors"]
 
     #[test]
     fn the_documented_example_uses_only_real_fields() {
-        let text = include_str!("../../modes.toml.example");
+        let text = include_str!("../../../modes.toml.example");
         let file: ModesFile = toml::from_str(text).expect("modes.toml.example parses");
         assert_eq!(file.modes.len(), 3);
         assert!(matches!(
@@ -468,14 +454,36 @@ loras = ["../x.safetensors"]
     fn paths_stay_inside_model_root() {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir(root.path().join("m")).unwrap();
+        std::fs::write(root.path().join("m/one.safetensors"), b"").unwrap();
+        std::fs::write(root.path().join("m/notes.txt"), b"").unwrap();
         let text = format!(
-            "model_root = \"{}\"\n[modes.x]\nmodel = \"m\"\n[modes.y]\nmodel = \"../etc\"\n",
+            "model_root = \"{}\"\n[modes.x]\nmodel = \"m\"\n[modes.y]\nmodel = \"../etc\"\n\
+             [modes.z]\nmodel = \"m/one.safetensors\"\n[modes.w]\nmodel = \"m/notes.txt\"\n",
             root.path().display()
         );
         let err = parse(&text).unwrap_err().to_string();
         assert!(
-            err.contains("modes.y.model") && !err.contains("modes.x"),
+            err.contains("modes.y.model")
+                && err.contains("modes.w.model")
+                && !err.contains("modes.x")
+                && !err.contains("modes.z"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn lora_paths_default_to_model_root() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir(root.path().join("m")).unwrap();
+        std::fs::write(root.path().join("style.safetensors"), b"").unwrap();
+        let text = format!(
+            "model_root = \"{}\"\n[modes.x]\nmodel = \"m\"\nloras = [\"style.safetensors\"]\n",
+            root.path().display()
+        );
+        let modes = parse(&text).unwrap();
+        assert_eq!(modes.lora_root, modes.model_root);
+        assert!(modes.modes["x"].loras[0]
+            .path
+            .ends_with("style.safetensors"));
     }
 }

@@ -2,22 +2,27 @@
 //! in arrival order. A generation naming a mode other than the one that
 //! will be current when it runs gets a switch queued before it. The queue is
 //! bounded; a full queue refuses new work with `queue_full`. A job, once
-//! accepted, runs exactly once unless it is cancelled.
+//! accepted, runs exactly once unless it is cancelled; how it ended is
+//! kept in [`history`].
+
+pub mod history;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use modeld_wire::types::{Event, GenerateEvent, JobInfo, QueueStatus, SwitchReply};
+use modeld_wire::types::{Event, FinishReason, GenerateEvent, JobInfo, QueueStatus, SwitchReply};
 use modeld_wire::ErrorKind;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot, Notify};
-use tokio_util::sync::CancellationToken;
 
+use crate::engine::cancel::Cancellation;
 use crate::engine::sampling::ValidGenerate;
 use crate::loader;
 use crate::rpc::ApiError;
 use crate::state::AppState;
+use history::History;
+pub use history::{JobOutcome, JobStage, SwitchFailure};
 
 /// Events a client may leave unread before generation waits for it.
 const EVENT_BUFFER: usize = 256;
@@ -33,7 +38,7 @@ pub enum Work {
     },
     Unload {
         name: String,
-        reply: oneshot::Sender<Result<u64, ApiError>>,
+        reply: oneshot::Sender<Result<u64, Arc<ApiError>>>,
     },
     /// Unloads a model whose keep-alive ran out, if it still has.
     Expire {
@@ -56,6 +61,30 @@ pub async fn expire_idle_models(state: Arc<AppState>) {
     }
 }
 
+/// A running generation: where its events go and how it is cancelled.
+struct GenerateJob {
+    id: u64,
+    mode: Option<String>,
+    events: mpsc::Sender<GenerateEvent>,
+    cancel: Cancellation,
+}
+
+impl GenerateJob {
+    /// Tells the client why the generation could not run, unless a cancel
+    /// came first: then it is told `cancelled`.
+    async fn fail(&self, err: ApiError) -> JobOutcome {
+        let (event, outcome) = if self.cancel.settle() {
+            let error = crate::rpc::error::wire_object(&err);
+            let event = GenerateEvent::Error { done: true, error };
+            (event, JobOutcome::Failed(Arc::new(err)))
+        } else {
+            (cancelled_event(self.id), JobOutcome::Cancelled)
+        };
+        let _ = self.events.send(event).await;
+        outcome
+    }
+}
+
 struct Queued {
     info: JobInfo,
     work: Work,
@@ -65,13 +94,16 @@ struct QueueState {
     /// Set at shutdown: new jobs are refused from then on.
     closed: bool,
     jobs: VecDeque<Queued>,
-    running: Option<(JobInfo, CancellationToken)>,
+    running: Option<(JobInfo, Cancellation)>,
     current_mode: Option<String>,
+    history: History,
 }
 
 pub struct Scheduler {
     queue: Mutex<QueueState>,
     wake: Notify,
+    /// Woken whenever a job finishes, for those waiting on one.
+    job_ended: Notify,
     next_id: AtomicU64,
 }
 
@@ -83,8 +115,10 @@ impl Default for Scheduler {
                 jobs: VecDeque::new(),
                 running: None,
                 current_mode: None,
+                history: History::default(),
             }),
             wake: Notify::new(),
+            job_ended: Notify::new(),
             next_id: AtomicU64::new(1),
         }
     }
@@ -98,13 +132,42 @@ fn queue_full(capacity: usize) -> ApiError {
     })
 }
 
-/// What a cancelled job's client is told, whatever the job was.
-fn cancelled(job: u64) -> modeld_wire::RpcErrorObject {
-    modeld_wire::RpcErrorObject {
-        code: ErrorKind::Cancelled.code(),
-        message: format!("job {job} was cancelled"),
-        data: Some(json!({"kind": "cancelled", "job": job})),
+/// What a cancelled generation's client is told, as its stream's last event.
+fn cancelled_event(job: u64) -> GenerateEvent {
+    GenerateEvent::Error {
+        done: true,
+        error: crate::rpc::error::wire_object(&ApiError::Cancelled { job }),
     }
+}
+
+/// A generation's event as its client gets it: the final one names the
+/// mode, and settles the job, so a cancel acknowledged before that turns
+/// the ending into `cancelled`.
+fn as_sent(
+    job: u64,
+    mut event: GenerateEvent,
+    mode: &Option<String>,
+    cancel: &Cancellation,
+) -> GenerateEvent {
+    match &mut event {
+        GenerateEvent::Token { .. } => {}
+        GenerateEvent::Done {
+            mode: done_mode,
+            finish_reason,
+            ..
+        } => {
+            *done_mode = mode.clone();
+            if !cancel.settle() {
+                *finish_reason = FinishReason::Cancelled;
+            }
+        }
+        GenerateEvent::Error { .. } => {
+            if !cancel.settle() {
+                return cancelled_event(job);
+            }
+        }
+    }
+    event
 }
 
 impl Work {
@@ -135,8 +198,14 @@ impl QueueState {
         self.jobs.push_back(Queued { info, work });
     }
 
-    /// The mode in force once every queued switch has run.
+    /// The mode in force once every queued switch, and the one running,
+    /// has run.
     fn effective_mode(&self) -> Option<String> {
+        let running_switch = self
+            .running
+            .as_ref()
+            .filter(|(info, _)| info.kind == "switch")
+            .and_then(|(info, _)| info.mode.clone());
         self.jobs
             .iter()
             .rev()
@@ -144,11 +213,26 @@ impl QueueState {
                 Work::Switch { to } => Some(to.clone()),
                 _ => None,
             })
+            .or(running_switch)
             .or_else(|| self.current_mode.clone())
     }
 
     fn ahead(&self) -> usize {
         self.jobs.len() + usize::from(self.running.is_some())
+    }
+
+    fn job(&self, id: u64) -> Option<(JobInfo, JobStage)> {
+        if let Some((info, _)) = self.running.as_ref().filter(|(info, _)| info.id == id) {
+            let info = JobInfo {
+                running: true,
+                ..info.clone()
+            };
+            return Some((info, JobStage::Running));
+        }
+        if let Some(job) = self.jobs.iter().find(|job| job.info.id == id) {
+            return Some((job.info.clone(), JobStage::Queued));
+        }
+        self.history.get(id)
     }
 }
 
@@ -169,14 +253,25 @@ impl Scheduler {
         mode: Option<String>,
         capacity: usize,
     ) -> Result<(u64, mpsc::Receiver<GenerateEvent>), ApiError> {
+        self.submit_generate_with(capacity, |_| Ok((request, mode)))
+    }
+
+    /// Queues the generation `plan` makes from the mode that will be current
+    /// when it runs (after the switches already queued). `plan` runs under
+    /// the queue's lock, so no switch can slip in between.
+    pub fn submit_generate_with(
+        &self,
+        capacity: usize,
+        plan: impl FnOnce(Option<String>) -> Result<(ValidGenerate, Option<String>), ApiError>,
+    ) -> Result<(u64, mpsc::Receiver<GenerateEvent>), ApiError> {
         let (events, receiver) = mpsc::channel(EVENT_BUFFER);
         let mut queue = self.lock();
         if queue.closed {
             return Err(ApiError::ShuttingDown);
         }
-        let switch_to = mode
-            .clone()
-            .filter(|m| queue.effective_mode().as_ref() != Some(m));
+        let effective = queue.effective_mode();
+        let (request, mode) = plan(effective.clone())?;
+        let switch_to = mode.clone().filter(|m| effective.as_ref() != Some(m));
         let needed = 1 + usize::from(switch_to.is_some());
         if queue.jobs.len() + needed > capacity {
             return Err(queue_full(capacity));
@@ -212,6 +307,7 @@ impl Scheduler {
             from: queue.effective_mode(),
             to: to.clone(),
             ahead: queue.ahead(),
+            state: modeld_wire::types::JobState::Queued,
         };
         queue.push(reply.job, Work::Switch { to });
         drop(queue);
@@ -223,7 +319,7 @@ impl Scheduler {
         &self,
         name: String,
         capacity: usize,
-    ) -> Result<oneshot::Receiver<Result<u64, ApiError>>, ApiError> {
+    ) -> Result<oneshot::Receiver<Result<u64, Arc<ApiError>>>, ApiError> {
         let (reply, receiver) = oneshot::channel();
         let mut queue = self.lock();
         if queue.closed {
@@ -254,32 +350,29 @@ impl Scheduler {
         self.wake.notify_one();
     }
 
-    /// Cancels a queued job, or stops a running generation. False when no
-    /// such job is waiting or running.
+    /// Cancels a queued job, or stops a running generation. True only when
+    /// the job's client will be told `cancelled`: false when no such job
+    /// is waiting or running, or a running one has already ended.
     pub fn cancel(&self, id: u64) -> bool {
         let mut queue = self.lock();
         if let Some(index) = queue.jobs.iter().position(|job| job.info.id == id) {
             let job = queue.jobs.remove(index).expect("index is in range");
+            queue.history.record(job.info, JobOutcome::Cancelled);
             drop(queue);
+            self.job_ended.notify_waiters();
             match job.work {
                 Work::Generate { events, .. } => {
-                    let _ = events.try_send(GenerateEvent::Error {
-                        done: true,
-                        error: cancelled(id),
-                    });
+                    let _ = events.try_send(cancelled_event(id));
                 }
                 Work::Unload { reply, .. } => {
-                    let _ = reply.send(Err(ApiError::Relayed(cancelled(id))));
+                    let _ = reply.send(Err(Arc::new(ApiError::Cancelled { job: id })));
                 }
                 Work::Switch { .. } | Work::Expire { .. } => {}
             }
             return true;
         }
         match &queue.running {
-            Some((info, cancel)) if info.id == id && info.kind == "generate" => {
-                cancel.cancel();
-                true
-            }
+            Some((info, cancel)) if info.id == id && info.kind == "generate" => cancel.request(),
             _ => false,
         }
     }
@@ -287,19 +380,26 @@ impl Scheduler {
     /// Shutdown: closes the queue to new jobs and refuses every queued one
     /// with `shutting_down`; the running job goes on.
     pub fn refuse_queued(&self) {
+        let refused = Arc::new(ApiError::ShuttingDown);
         let jobs = {
             let mut queue = self.lock();
             queue.closed = true;
-            std::mem::take(&mut queue.jobs)
+            let jobs = std::mem::take(&mut queue.jobs);
+            for job in &jobs {
+                let outcome = JobOutcome::Failed(refused.clone());
+                queue.history.record(job.info.clone(), outcome);
+            }
+            jobs
         };
+        self.job_ended.notify_waiters();
         for job in jobs {
             match job.work {
                 Work::Generate { events, .. } => {
-                    let error = crate::rpc::error::wire_object(&ApiError::ShuttingDown);
+                    let error = crate::rpc::error::wire_object(&refused);
                     let _ = events.try_send(GenerateEvent::Error { done: true, error });
                 }
                 Work::Unload { reply, .. } => {
-                    let _ = reply.send(Err(ApiError::ShuttingDown));
+                    let _ = reply.send(Err(refused.clone()));
                 }
                 Work::Switch { .. } | Work::Expire { .. } => {}
             }
@@ -311,7 +411,7 @@ impl Scheduler {
     /// client sees `finish_reason: cancelled`.
     pub fn cancel_running(&self) {
         if let Some((_, cancel)) = &self.lock().running {
-            cancel.cancel();
+            cancel.request();
         }
     }
 
@@ -328,6 +428,30 @@ impl Scheduler {
                 .into_iter()
                 .chain(queue.jobs.iter().map(|job| job.info.clone()))
                 .collect(),
+            last_switch_error: None,
+        }
+    }
+
+    /// The last mode switch that failed, for `status`.
+    pub fn last_switch_failure(&self) -> Option<SwitchFailure> {
+        self.lock().history.last_switch_failure()
+    }
+
+    /// A job queued, running, or among the last finished ones.
+    pub fn job(&self, id: u64) -> Option<(JobInfo, JobStage)> {
+        self.lock().job(id)
+    }
+
+    /// Waits until job `id` has finished and returns how it ended; `None`
+    /// when no such job is known.
+    pub async fn wait(&self, id: u64) -> Option<JobOutcome> {
+        loop {
+            // Registered before looking, so an ending in between still wakes us.
+            let ended = self.job_ended.notified();
+            match self.job(id)? {
+                (_, JobStage::Finished { outcome, .. }) => return Some(outcome),
+                (_, JobStage::Queued | JobStage::Running) => ended.await,
+            }
         }
     }
 
@@ -336,16 +460,23 @@ impl Scheduler {
     }
 
     /// Takes the next job, marking it running.
-    fn next(&self) -> Option<(Queued, CancellationToken)> {
+    fn next(&self) -> Option<(Queued, Cancellation)> {
         let mut queue = self.lock();
         let job = queue.jobs.pop_front()?;
-        let cancel = CancellationToken::new();
+        let cancel = Cancellation::new();
         queue.running = Some((job.info.clone(), cancel.clone()));
         Some((job, cancel))
     }
 
-    fn finished(&self) {
-        self.lock().running = None;
+    /// The running job is over: it leaves `running` and enters the history
+    /// at once, so it is never missing from both.
+    fn finished(&self, outcome: JobOutcome) {
+        let mut queue = self.lock();
+        if let Some((info, _)) = queue.running.take() {
+            queue.history.record(info, outcome);
+        }
+        drop(queue);
+        self.job_ended.notify_waiters();
     }
 
     /// Runs jobs until shutdown; at shutdown, jobs still queued are
@@ -364,38 +495,60 @@ impl Scheduler {
                 }
                 continue;
             };
-            self.execute(&state, job.work, cancel).await;
-            self.finished();
+            let outcome = self.execute(&state, job.info.id, job.work, cancel).await;
+            self.finished(outcome);
         }
     }
 
-    async fn execute(&self, state: &Arc<AppState>, work: Work, cancel: CancellationToken) {
+    async fn execute(
+        &self,
+        state: &Arc<AppState>,
+        id: u64,
+        work: Work,
+        cancel: Cancellation,
+    ) -> JobOutcome {
         match work {
-            Work::Switch { to } => {
-                if let Err(err) = self.switch(state, &to).await {
+            Work::Switch { to } => match self.switch(state, &to).await {
+                Ok(()) => JobOutcome::Done,
+                Err(err) => {
                     tracing::warn!(mode = %to, "mode switch failed: {err}");
+                    JobOutcome::Failed(Arc::new(err))
                 }
-            }
+            },
             Work::Unload { name, reply } => {
-                let result = state.engine.unload(&name).await.map_err(ApiError::from);
+                let result = state
+                    .engine
+                    .unload(&name)
+                    .await
+                    .map_err(|err| Arc::new(ApiError::from(err)));
+                let outcome = match &result {
+                    Ok(_) => JobOutcome::Done,
+                    Err(err) => JobOutcome::Failed(err.clone()),
+                };
                 let _ = reply.send(result);
+                outcome
             }
             Work::Expire { name } => {
                 if state.engine.expired().contains(&name) {
                     tracing::info!(model = %name, "keep-alive ran out; unloading");
                     let _ = state.engine.unload(&name).await;
                 }
+                JobOutcome::Done
             }
             Work::Generate {
                 request,
                 mode,
                 events,
             } => {
-                if let Err(err) = self.generate(state, request, mode, &events, cancel).await {
-                    let error = crate::rpc::error::wire_object(&err);
-                    let _ = events
-                        .send(GenerateEvent::Error { done: true, error })
-                        .await;
+                let job = GenerateJob {
+                    id,
+                    mode,
+                    events,
+                    cancel,
+                };
+                match self.generate(state, request, &job).await {
+                    Ok(outcome) => outcome,
+                    Err(err) => job.fail(err).await,
                 }
             }
         }
@@ -420,11 +573,9 @@ impl Scheduler {
         &self,
         state: &Arc<AppState>,
         request: ValidGenerate,
-        mode: Option<String>,
-        events: &mpsc::Sender<GenerateEvent>,
-        cancel: CancellationToken,
-    ) -> Result<(), ApiError> {
-        let mode_config = match &mode {
+        job: &GenerateJob,
+    ) -> Result<JobOutcome, ApiError> {
+        let mode_config = match &job.mode {
             Some(name) => {
                 // The switch queued before this job normally did this already.
                 if self.current_mode().as_deref() != Some(name) {
@@ -436,20 +587,23 @@ impl Scheduler {
         };
         let resident = loader::resident(state, &request.model, mode_config.as_ref()).await?;
         let _busy = resident.busy();
+        if job.cancel.is_requested() {
+            return Err(ApiError::Cancelled { job: job.id });
+        }
         let (sender, mut receiver) = mpsc::channel(EVENT_BUFFER);
-        resident.submit(request, sender, cancel.clone())?;
+        resident.submit(request, sender, job.cancel.clone())?;
+        let mut outcome = JobOutcome::Failed(Arc::new(ApiError::Internal(
+            "the model's worker stopped without a final event".into(),
+        )));
         // The worker drops its sender after the last event.
-        while let Some(mut event) = receiver.recv().await {
-            if let GenerateEvent::Done {
-                mode: done_mode, ..
-            } = &mut event
-            {
-                *done_mode = mode.clone();
-            }
-            if events.send(event).await.is_err() {
-                cancel.cancel();
+        while let Some(event) = receiver.recv().await {
+            let event = as_sent(job.id, event, &job.mode, &job.cancel);
+            outcome = JobOutcome::of_event(&event).unwrap_or(outcome);
+            if job.events.send(event).await.is_err() {
+                // The client is gone: stop generating for nobody.
+                job.cancel.request();
             }
         }
-        Ok(())
+        Ok(outcome)
     }
 }
