@@ -124,10 +124,11 @@ pub enum Access {
     Admin,
 }
 
-/// Methods that only read. Everything not listed here (and not
-/// `generate`) needs an administrator, so a new method is closed until
-/// it is listed.
-const READ_ONLY: [&str; 14] = [
+/// Methods every user may call: those that only read, and `jobs.cancel`,
+/// whose handler lets users cancel only their own jobs. Everything not
+/// listed here (and not `generate`) needs an administrator, so a new
+/// method is closed until it is listed.
+const OPEN_TO_ALL: [&str; 15] = [
     "status",
     "vram",
     "models.list",
@@ -135,6 +136,8 @@ const READ_ONLY: [&str; 14] = [
     "models.source",
     "modes.list",
     "jobs.get",
+    // Checked per job by its handler: users may cancel their own jobs.
+    "jobs.cancel",
     "cache.scan",
     "cache.duplicates",
     "events.subscribe",
@@ -149,7 +152,7 @@ const DRY_RUN_FIRST: [&str; 3] = ["cache.consolidate", "cache.clean", "cache.rm"
 
 /// What calling `method` with `params` (raw JSON, if any) needs.
 pub fn required(method: &str, params: Option<&str>) -> Access {
-    if READ_ONLY.contains(&method) {
+    if OPEN_TO_ALL.contains(&method) {
         return Access::Anyone;
     }
     if method == "generate" {

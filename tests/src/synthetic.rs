@@ -85,3 +85,29 @@ pub fn write_model(dir: &Path, model_type: &str, shape: Shape) -> u64 {
     std::fs::copy(tokenizer, dir.join("tokenizer.json")).expect("tokenizer");
     std::fs::metadata(&weights).expect("weights").len()
 }
+
+/// Registers and loads `name`: a synthetic llama big enough that a long
+/// generation takes seconds. Its end-of-sequence id is out of the
+/// vocabulary, so only `max_tokens` (or a cancel) ends a generation.
+pub fn register_slow_model(daemon: &crate::Daemon, name: &str) {
+    let dir = daemon.dir.path().join(name);
+    // About 20M parameters: a few milliseconds a token, so 4000 tokens
+    // take seconds even on a fast machine.
+    let shape = Shape {
+        hidden: 512,
+        intermediate: 1024,
+        layers: 8,
+        heads: 8,
+        kv_heads: 8,
+    };
+    write_model(&dir, "llama", shape);
+    let config = dir.join("config.json");
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).expect("config")).expect("json");
+    value["eos_token_id"] = json!(100_000);
+    std::fs::write(&config, value.to_string()).expect("config");
+    daemon
+        .call("models.register", json!({"name": name, "local_path": dir}))
+        .expect("register");
+    daemon.call("load", json!({"name": name})).expect("load");
+}

@@ -217,33 +217,6 @@ fn systemd_notifications_follow_the_lifecycle() {
     read_until(&mut messages, "STOPPING=1");
 }
 
-/// A synthetic model big enough that a long generation takes seconds; its
-/// end-of-sequence id is out of the vocabulary, so only `max_tokens` ends it.
-fn slow_model(daemon: &Daemon) {
-    use modeld_e2e::synthetic::{write_model, Shape};
-    let dir = daemon.dir.path().join("slow");
-    let shape = Shape {
-        hidden: 256,
-        intermediate: 512,
-        layers: 4,
-        heads: 4,
-        kv_heads: 4,
-    };
-    write_model(&dir, "llama", shape);
-    let config = dir.join("config.json");
-    let mut value: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
-    value["eos_token_id"] = json!(100_000);
-    std::fs::write(&config, value.to_string()).unwrap();
-    daemon
-        .call(
-            "models.register",
-            json!({"name": "slow", "local_path": dir}),
-        )
-        .unwrap();
-    daemon.call("load", json!({"name": "slow"})).unwrap();
-}
-
 fn long_generation() -> serde_json::Value {
     json!({"model": "slow", "prompt": "a b c", "max_tokens": 4000, "temperature": 0})
 }
@@ -251,14 +224,22 @@ fn long_generation() -> serde_json::Value {
 #[test]
 fn shutdown_grace_is_enforced_and_late_requests_are_answered() {
     let mut daemon = Daemon::start_configured("[server]\nshutdown_grace_s = 1\n", &[]);
-    slow_model(&daemon);
+    modeld_e2e::synthetic::register_slow_model(&daemon, "slow");
+    // The running generation streams before the others are queued, so
+    // they are certain to wait behind it.
+    let (started, first_token) = std::sync::mpsc::channel();
     let running = {
         let mut client = daemon.client();
         std::thread::spawn(move || -> Vec<serde_json::Value> {
-            let events = client.subscribe("generate", long_generation()).unwrap();
-            events.map(|e| e.unwrap()).collect()
+            let mut events = client.subscribe("generate", long_generation()).unwrap();
+            let first = events.next().unwrap().unwrap();
+            started.send(()).unwrap();
+            std::iter::once(first)
+                .chain(events.map(|e| e.unwrap()))
+                .collect()
         })
     };
+    first_token.recv_timeout(Duration::from_secs(30)).unwrap();
     let queued: Vec<_> = (0..3)
         .map(|_| {
             let mut client = daemon.client();
@@ -279,7 +260,10 @@ fn shutdown_grace_is_enforced_and_late_requests_are_answered() {
         assert!(std::time::Instant::now() < deadline, "{status}");
         std::thread::sleep(Duration::from_millis(20));
     }
+    // Accepted before the signal (a connection still in the listen
+    // backlog is reset when the socket closes).
     let mut open = daemon.client();
+    open.call_value("status", json!({})).unwrap();
     let stopping = std::time::Instant::now();
     daemon.signal(Signal::SIGTERM);
     std::thread::sleep(Duration::from_millis(200));

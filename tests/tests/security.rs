@@ -84,7 +84,6 @@ fn other_users_may_read_and_generate_but_not_change_anything() {
         ("cache.rm", json!({"repo": "org/x", "apply": true})),
         ("reload", json!({})),
         ("modes.reload", json!({})),
-        ("jobs.cancel", json!({"job": 1})),
         ("shutdown", json!({})),
     ] {
         let reply = call_as(&daemon, NOBODY, method, params);
@@ -208,4 +207,71 @@ fn state_and_socket_folders_are_private() {
     let _ = child.kill();
     let _ = child.wait();
     assert_eq!(folder_mode, 0o700);
+}
+
+#[test]
+fn users_cancel_only_their_own_jobs() {
+    let Some(daemon) = shared_daemon("") else {
+        return;
+    };
+    modeld_e2e::synthetic::register_slow_model(&daemon, "slow");
+    let long = json!({"model": "slow", "prompt": "a", "max_tokens": 4000});
+    // Root's generation runs; nobody's waits behind it.
+    let root_job = {
+        let mut client = daemon.client();
+        let params = long.clone();
+        std::thread::spawn(move || client.subscribe("generate", params).unwrap().count())
+    };
+    let running = wait_for_job(&daemon, None);
+    let script = r#"
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+s.sendall((json.dumps({"jsonrpc": "2.0", "id": 1, "method": "generate", "params": json.loads(sys.argv[2])}) + "\n").encode())
+print(s.makefile().readline())
+"#;
+    let (socket, params) = (daemon.socket.clone(), long.to_string());
+    let theirs = std::thread::spawn(move || {
+        Command::new("python3")
+            .args(["-c", script])
+            .arg(socket)
+            .arg(params)
+            .uid(NOBODY)
+            .gid(NOBODY)
+            .output()
+    });
+    let queued = wait_for_job(&daemon, Some(NOBODY));
+
+    let reply = call_as(&daemon, NOBODY, "jobs.cancel", json!({"job": running}));
+    assert_eq!(error_kind(&reply), Some("forbidden"), "{reply}");
+    let reply = call_as(&daemon, NOBODY, "jobs.cancel", json!({"job": queued}));
+    assert_eq!(reply["result"]["cancelled"], true, "{reply}");
+    let out = theirs.join().unwrap().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("cancelled"));
+    assert_eq!(
+        daemon.call("jobs.cancel", json!({"job": running})).unwrap()["cancelled"],
+        true,
+        "administrators cancel anyone's job"
+    );
+    root_job.join().unwrap();
+}
+/// The id of the first job in the queue whose uid is `uid` (any, if none).
+fn wait_for_job(daemon: &Daemon, uid: Option<u32>) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let status = daemon.call("status", json!({})).unwrap();
+        let jobs = status["queue"]["jobs"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let found = jobs
+            .iter()
+            .find(|job| uid.is_none_or(|uid| job["uid"] == uid))
+            .and_then(|job| job["id"].as_u64());
+        if let Some(id) = found {
+            return id;
+        }
+        assert!(Instant::now() < deadline, "no job: {status}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
 }

@@ -612,6 +612,10 @@ pub struct JobInfo {
     pub mode: Option<String>,
     pub model: Option<String>,
     pub running: bool,
+    /// The uid that submitted the job (none for the daemon's own jobs):
+    /// besides administrators, only it may cancel the job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

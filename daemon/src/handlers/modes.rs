@@ -83,7 +83,22 @@ pub async fn get_job(state: Arc<AppState>, params: JobParams) -> Result<JobReply
     })
 }
 
+/// Administrators may cancel any job, other users only their own.
 pub async fn cancel(state: Arc<AppState>, params: JobParams) -> Result<CancelReply, ApiError> {
+    if let Some(caller) = crate::auth::current().filter(|c| !c.admin) {
+        let owner = state
+            .scheduler
+            .job(params.job)
+            .and_then(|(info, _)| info.uid);
+        if owner.is_some_and(|uid| uid != caller.uid) {
+            return Err(crate::auth::Forbidden {
+                method: "jobs.cancel".into(),
+                uid: caller.uid,
+                why: "the job belongs to another user",
+            }
+            .into());
+        }
+    }
     Ok(CancelReply {
         job: params.job,
         cancelled: state.scheduler.cancel(params.job),

@@ -108,7 +108,18 @@ where
             subscribe,
             notification,
             unsubscribe,
-            move |params, pending, state, _| handler(params, pending, (*state).clone()),
+            move |params, pending, state, _| {
+                // jsonrpsee runs the handler on a task of its own: carry the
+                // caller over, as `route` handlers see it.
+                let caller = crate::auth::current();
+                let work = handler(params, pending, (*state).clone());
+                async move {
+                    match caller {
+                        Some(caller) => crate::auth::scope(caller, work).await,
+                        None => work.await,
+                    }
+                }
+            },
         )
         .expect("method names are unique");
 }

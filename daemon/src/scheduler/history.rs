@@ -117,6 +117,7 @@ mod tests {
             mode: Some("chat".into()),
             model: None,
             running: true,
+            uid: None,
         }
     }
 

@@ -188,6 +188,9 @@ impl Work {
             mode,
             model,
             running: false,
+            // Jobs are submitted from a request's task; background work
+            // (keep-alive expiry, the default mode) has no caller.
+            uid: crate::auth::current().map(|caller| caller.uid),
         }
     }
 }

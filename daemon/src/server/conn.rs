@@ -36,6 +36,9 @@ pub struct ConnContext {
     pub dispatcher: Arc<Dispatcher>,
     pub caller: Caller,
     pub work: TaskTracker,
+    /// Cancelled at the very end of a shutdown, once work is done: the
+    /// connection then writes out what is queued for it and closes.
+    pub closing: CancellationToken,
 }
 
 pub async fn serve_connection(stream: UnixStream, context: ConnContext) {
@@ -44,6 +47,7 @@ pub async fn serve_connection(stream: UnixStream, context: ConnContext) {
         dispatcher,
         caller,
         work,
+        closing,
     } = context;
     let _gauge = GaugeGuard::new(&state.stats.connections);
     let server = state.config().server.clone();
@@ -60,6 +64,7 @@ pub async fn serve_connection(stream: UnixStream, context: ConnContext) {
     loop {
         let frame = tokio::select! {
             biased;
+            _ = closing.cancelled() => break,
             frame = frames.next() => frame,
             _ = tokio::time::sleep(WATCHDOG_TICK) => {
                 let partial = !frames.read_buffer().is_empty();

@@ -16,6 +16,7 @@ use serde_json::{json, Map};
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
 use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::auth::Caller;
@@ -28,7 +29,9 @@ pub async fn serve(socket: BoundSocket, state: Arc<AppState>, dispatcher: Arc<Di
     let server = state.config().server.clone();
     let slots = Arc::new(Semaphore::new(server.max_connections));
     let per_uid = PerUid::default();
+    let connections = TaskTracker::new();
     let work = TaskTracker::new();
+    let closing = CancellationToken::new();
     let shutdown = state.shutdown_token();
     loop {
         let accepted = tokio::select! {
@@ -74,14 +77,28 @@ pub async fn serve(socket: BoundSocket, state: Arc<AppState>, dispatcher: Arc<Di
             dispatcher: dispatcher.clone(),
             caller,
             work: work.clone(),
+            closing: closing.clone(),
         };
-        tokio::spawn(async move {
+        connections.spawn(async move {
             conn::serve_connection(stream, context).await;
             drop((slot, uid_slot));
         });
     }
     drop(socket);
     finish_work(&state, &work, Duration::from_secs(server.shutdown_grace_s)).await;
+    // Replies and final events may still sit in connections' queues: let
+    // every connection write them out before the process exits.
+    closing.cancel();
+    connections.close();
+    if tokio::time::timeout(FINAL_EVENTS, connections.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "{} connections did not drain; exiting anyway",
+            connections.len()
+        );
+    }
 }
 
 /// Shutdown: queued jobs are refused at once; running work gets the grace
@@ -107,8 +124,10 @@ async fn finish_work(state: &AppState, work: &TaskTracker, grace: Duration) {
     }
 }
 
-/// How long cancelled work may take to deliver its final events.
-const FINAL_EVENTS: Duration = Duration::from_secs(3);
+/// How long cancelled work may take to deliver its final events: a
+/// worker notices a cancel between tokens, so this bounds one forward
+/// pass (a long prefill on a busy CPU), not a generation.
+const FINAL_EVENTS: Duration = Duration::from_secs(10);
 
 /// Connections per uid, so one user cannot take every slot.
 #[derive(Default, Clone)]
