@@ -1,0 +1,259 @@
+#!/usr/bin/env python3
+"""GPU acceptance for modeld, run on a machine with an NVIDIA GPU.
+
+It needs only the CUDA build of modeld (`.ci/cuda-build`, carried over as
+`target/cuda/cuda/modeld`), the CUDA 13 libraries (pip's NVIDIA wheels are
+found on sys.path), Python 3 and `nvidia-smi`. Larger models are llamas of
+zeros written as sparse files, so they take no disk. It checks, on `cuda:0`:
+
+1. greedy output of the tiny fixtures matches transformers (expected.json);
+2. `measured_bytes` is VRAM the driver saw the load take, and `unload` gives
+   it back (NVML's per-process figure returns to its pre-load value);
+3. repeated load/unload cycles of two models of different sizes keep no VRAM;
+4. a model that cannot fit is refused with `insufficient_memory` naming the
+   device, the daemon survives, and a model that fits loads afterwards.
+
+Prints one JSON line per figure and exits non-zero on the first failure.
+Usage: tests/gpu/acceptance.py [--modeld PATH] [--big-layers N]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(os.path.dirname(HERE))
+sys.path.insert(0, os.path.join(REPO, "clients", "python"))
+from modeld_client import Client, ModeldError  # noqa: E402
+
+GIB = 1 << 30
+
+
+def report(**fields):
+    print(json.dumps(fields), flush=True)
+
+
+def fail(message):
+    report(result="fail", reason=message)
+    sys.exit(1)
+
+
+def process_vram(pid):
+    """This process's VRAM in bytes, from nvidia-smi (NVML)."""
+    out = subprocess.run(
+        ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    for line in out.splitlines():
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) == 2 and fields[0] == str(pid):
+            return int(fields[1]) << 20
+    return 0
+
+
+def cuda_library_path():
+    """Directories of pip's NVIDIA wheels, for the CUDA libraries."""
+    paths = []
+    for entry in sys.path:
+        candidate = os.path.join(entry, "nvidia")
+        if os.path.isdir(candidate):
+            for root, dirs, _ in os.walk(candidate):
+                if os.path.basename(root) == "lib":
+                    paths.append(root)
+    return ":".join(paths)
+
+
+class Daemon:
+    def __init__(self, modeld, workdir, config=""):
+        os.makedirs(workdir, exist_ok=True)
+        self.socket = os.path.join(workdir, "modeld.sock")
+        with open(os.path.join(workdir, "modeld.toml"), "w") as f:
+            f.write(config)
+        env = dict(os.environ, HF_HOME=os.path.join(workdir, "hf"), MODELD_LOG="info")
+        extra = cuda_library_path()
+        if extra:
+            env["LD_LIBRARY_PATH"] = extra + ":" + env.get("LD_LIBRARY_PATH", "")
+        self.log = open(os.path.join(workdir, "modeld.log"), "w")
+        self.process = subprocess.Popen(
+            [modeld, "--socket", self.socket, "--state-dir", os.path.join(workdir, "state"),
+             "--config", os.path.join(workdir, "modeld.toml")],
+            env=env, stderr=self.log,
+        )
+        deadline = time.time() + 60
+        while True:
+            try:
+                self.call("status")
+                return
+            except (OSError, ConnectionError):
+                if self.process.poll() is not None or time.time() > deadline:
+                    fail("modeld did not start; see %s" % self.log.name)
+                time.sleep(0.1)
+
+    def call(self, method, params=None):
+        with Client(self.socket) as client:
+            return client.call(method, params)
+
+    def generate(self, params):
+        with Client(self.socket) as client:
+            return list(client.stream("generate", params))[-1]
+
+    def stop(self):
+        self.process.terminate()
+        self.process.wait(timeout=60)
+
+
+def check_fixtures(daemon, workdir):
+    for fixture in ["tiny-llama", "tiny-qwen2"]:
+        source = os.path.join(REPO, "tests", "fixtures", fixture)
+        copy = os.path.join(workdir, fixture)
+        shutil.copytree(source, copy)
+        daemon.call("models.register", {"name": fixture, "local_path": copy})
+        loaded = daemon.call("load", {"name": fixture, "device": "cuda:0", "dtype": "f32"})
+        expected = json.load(open(os.path.join(source, "expected.json")))
+        matches = 0
+        for case in expected["cases"]:
+            done = daemon.generate({"model": fixture, "prompt": case["prompt"], "temperature": 0,
+                                    "max_tokens": expected["max_new_tokens"]})
+            matches += done["token_ids"] == case["greedy_ids"]
+        report(check="greedy", model=fixture, device=loaded["model"]["device"],
+               matches=matches, cases=len(expected["cases"]))
+        if matches != len(expected["cases"]):
+            fail("%s: greedy output differs from transformers on cuda:0" % fixture)
+        daemon.call("unload", {"name": fixture})
+
+
+def write_sparse_llama(path, layers, hidden, intermediate):
+    """A llama of zeros in bf16 safetensors, written as a sparse file: the
+    size is real for the loader and the GPU, but takes no disk space."""
+    os.makedirs(path, exist_ok=True)
+    vocab, heads = 32000, hidden // 128
+    shapes = {"model.embed_tokens.weight": [vocab, hidden], "lm_head.weight": [vocab, hidden],
+              "model.norm.weight": [hidden]}
+    for i in range(layers):
+        p = "model.layers.%d." % i
+        for name, shape in [("self_attn.q_proj", [hidden, hidden]), ("self_attn.k_proj", [hidden, hidden]),
+                            ("self_attn.v_proj", [hidden, hidden]), ("self_attn.o_proj", [hidden, hidden]),
+                            ("mlp.gate_proj", [intermediate, hidden]), ("mlp.up_proj", [intermediate, hidden]),
+                            ("mlp.down_proj", [hidden, intermediate])]:
+            shapes[p + name + ".weight"] = shape
+        shapes[p + "input_layernorm.weight"] = [hidden]
+        shapes[p + "post_attention_layernorm.weight"] = [hidden]
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = 2
+        for dim in shape:
+            size *= dim
+        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(os.path.join(path, "model.safetensors"), "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        f.truncate(8 + len(text) + offset)
+    config = {"model_type": "llama", "hidden_size": hidden, "intermediate_size": intermediate,
+              "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads,
+              "vocab_size": vocab, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
+              "rope_theta": 10000.0, "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
+    json.dump(config, open(os.path.join(path, "config.json"), "w"))
+    shutil.copy(os.path.join(REPO, "tests", "fixtures", "tiny-llama", "tokenizer.json"), path)
+    return offset
+
+
+def check_vram_cycles(daemon, workdir, big_layers):
+    models = {"small": (22, 2048, 5632), "big": (big_layers, 4096, 11008)}
+    for name, (layers, hidden, intermediate) in models.items():
+        path = os.path.join(workdir, name)
+        write_sparse_llama(path, layers, hidden, intermediate)
+        daemon.call("models.register", {"name": name, "local_path": path})
+    pid = daemon.process.pid
+    baseline = process_vram(pid)
+    for cycle, name in enumerate(["big", "small", "big", "small", "big"]):
+        started = time.time()
+        loaded = daemon.call("load", {"name": name, "device": "cuda:0", "dtype": "bf16"})["model"]
+        load_s = time.time() - started
+        held = process_vram(pid)
+        freed = daemon.call("unload", {"name": name})["freed_bytes"]
+        time.sleep(1)
+        after = process_vram(pid)
+        report(check="vram_cycle", cycle=cycle, model=name, load_s=round(load_s, 3),
+               estimated=loaded["estimated_bytes"], measured=loaded["measured_bytes"],
+               nvml_held=held - baseline, freed=freed, nvml_after_unload=after - baseline)
+        if after - baseline > 256 << 20:
+            fail("%s: %d MiB still held after unload" % (name, (after - baseline) >> 20))
+        weights = loaded["estimated_bytes"] - loaded["kv_cache_bytes"]
+        if not 0.8 <= loaded["measured_bytes"] / weights <= 1.2:
+            fail("%s: measured %d vs estimated weights %d" % (name, loaded["measured_bytes"], weights))
+
+
+def too_big(workdir, name, free):
+    """A sparse model larger than `free` bytes of VRAM."""
+    hidden, intermediate = 8192, 28672
+    per_layer = 2 * (4 * hidden * hidden + 3 * hidden * intermediate)
+    path = os.path.join(workdir, name)
+    write_sparse_llama(path, free // per_layer + 2, hidden, intermediate)
+    return path
+
+
+def check_out_of_memory(modeld, workdir):
+    # Refused by the estimate, before anything is allocated.
+    daemon = Daemon(modeld, os.path.join(workdir, "budget"))
+    free = daemon.call("vram")["gpus"][0]["free_bytes"]
+    daemon.call("models.register", {"name": "huge", "local_path": too_big(workdir, "huge", free)})
+    expect_insufficient(daemon, "huge", "estimate")
+    daemon.stop()
+    # With the budget check disabled, the real CUDA out-of-memory inside
+    # candle must come back as the same answer, memory handed back.
+    daemon = Daemon(modeld, os.path.join(workdir, "nobudget"), '[scheduler]\nmemory_budget = "100000G"\n')
+    daemon.call("models.register", {"name": "huge", "local_path": os.path.join(workdir, "huge")})
+    baseline = process_vram(daemon.process.pid)
+    expect_insufficient(daemon, "huge", "cuda")
+    report(check="vram_after_oom", held=process_vram(daemon.process.pid) - baseline)
+    small = os.path.join(workdir, "small")
+    daemon.call("models.register", {"name": "small", "local_path": small})
+    loaded = daemon.call("load", {"name": "small", "device": "cuda:0"})
+    report(check="load_after_oom", model=loaded["model"]["name"])
+    daemon.stop()
+
+
+def expect_insufficient(daemon, name, how):
+    try:
+        daemon.call("load", {"name": name, "device": "cuda:0", "dtype": "bf16"})
+        fail("a model larger than the free VRAM was loaded (%s)" % how)
+    except ModeldError as err:
+        report(check="out_of_memory", how=how, kind=err.kind, message=err.message[:200], data=err.data)
+        if err.kind != "insufficient_memory" or err.data.get("device") != "cuda:0":
+            fail("expected insufficient_memory on cuda:0, got %s" % err)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--modeld", default=os.path.join(REPO, "target", "cuda", "cuda", "modeld"))
+    parser.add_argument("--big-layers", type=int, default=32)
+    args = parser.parse_args()
+    workdir = tempfile.mkdtemp(prefix="modeld-gpu-")
+    daemon = Daemon(args.modeld, workdir)
+    try:
+        status = daemon.call("vram")
+        report(check="vram", gpus=[(g["name"], g["total_bytes"]) for g in status["gpus"]],
+               nvml=status["nvml"])
+        if not status["gpus"]:
+            fail("no GPU visible to modeld: %s" % status["nvml"])
+        check_fixtures(daemon, workdir)
+        check_vram_cycles(daemon, workdir, args.big_layers)
+    finally:
+        daemon.stop()
+    try:
+        check_out_of_memory(args.modeld, workdir)
+        report(result="pass")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
