@@ -11,7 +11,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::DType;
 use serde_json::Value;
 
-use super::model::{ModelSpec, Weights};
+use super::text::model::{ModelSpec, Weights};
 use super::EngineError;
 
 /// Tokens of KV cache counted per model: candle's models keep at most this

@@ -2,13 +2,9 @@
 //! them, and handing generation jobs to the worker that owns each model.
 
 pub mod cancel;
-pub mod chat;
 pub mod devices;
 pub mod estimate;
-pub mod lora;
-pub mod model;
-pub mod sampling;
-mod worker;
+pub mod text;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -21,11 +17,11 @@ use modeld_wire::types::{GenerateEvent, LoadedModel, LoraInfo};
 use tokenizers::Tokenizer;
 
 use self::cancel::Cancellation;
-use self::chat::ChatTemplate;
 pub use self::devices::Devices;
-use self::model::{read_gguf_header, ModelSpec, TextModel, Weights};
-use self::sampling::ValidGenerate;
-use self::worker::{Job, Worker};
+use self::text::chat::ChatTemplate;
+use self::text::model::{read_gguf_header, ModelSpec, TextModel, Weights};
+use self::text::sampling::ValidGenerate;
+use self::text::worker::{Job, Worker};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

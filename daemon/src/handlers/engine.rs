@@ -10,7 +10,7 @@ use modeld_wire::types::{
 };
 use tokio::sync::mpsc;
 
-use crate::engine::sampling::ValidGenerate;
+use crate::engine::text::sampling::ValidGenerate;
 use crate::engine::Placement;
 use crate::loader;
 use crate::modes::apply_defaults;

@@ -12,7 +12,7 @@ use std::time::Duration;
 use modeld_wire::types::{GenerateParams, GenerationDefaults, LoraInfo, ModeInfo};
 use serde::Deserialize;
 
-use crate::engine::sampling::ValidGenerate;
+use crate::engine::text::sampling::ValidGenerate;
 use crate::validate::valid_name;
 
 #[derive(Debug, thiserror::Error)]

@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::engine::cancel::Cancellation;
-use crate::engine::sampling::ValidGenerate;
+use crate::engine::text::sampling::ValidGenerate;
 use crate::loader;
 use crate::rpc::ApiError;
 use crate::state::AppState;
