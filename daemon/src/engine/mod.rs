@@ -5,6 +5,7 @@ pub mod cancel;
 pub mod chat;
 pub mod devices;
 pub mod estimate;
+pub mod image;
 pub mod lora;
 pub mod model;
 pub mod sampling;

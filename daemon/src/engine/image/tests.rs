@@ -1,0 +1,286 @@
+//! The pipeline against diffusers' reference numbers for the tiny-sd
+//! fixture: tokens, text embeddings, the first UNet call, every DDIM step's
+//! latents and the final picture, for each reference case.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use serde_json::Value;
+
+use super::*;
+
+const TOLERANCE: f32 = 1e-4;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/tiny-sd"
+    ))
+}
+
+fn expected_json() -> Value {
+    let text = std::fs::read_to_string(fixture().join("expected.json")).expect("expected.json");
+    serde_json::from_str(&text).expect("expected.json parses")
+}
+
+fn expected_tensors() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture().join("expected.safetensors"), &Device::Cpu)
+        .expect("expected.safetensors")
+}
+
+fn cpu_f32() -> ImageLoad {
+    ImageLoad {
+        device: Device::Cpu,
+        dtype: DType::F32,
+    }
+}
+
+fn load(root: &Path) -> ImagePipeline {
+    ImagePipeline::load(root, &cpu_f32()).expect("pipeline loads")
+}
+
+fn case<'a>(json: &'a Value, name: &str) -> &'a Value {
+    json["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no case {name}"))
+}
+
+/// The request a reference case's pipeline call makes.
+fn request_of(case: &Value) -> ValidImageRequest {
+    let negative = case["negative_prompt"].as_str().map(str::to_owned);
+    ValidImageRequest::try_from(ImageRequest {
+        prompt: case["prompt"].as_str().expect("prompt").into(),
+        negative_prompt: negative,
+        width: case["width"].as_u64().expect("width") as u32,
+        height: case["height"].as_u64().expect("height") as u32,
+        steps: case["num_inference_steps"].as_u64().expect("steps") as u32,
+        guidance: case["guidance_scale"].as_f64().expect("guidance"),
+        seed: 0,
+        count: 1,
+    })
+    .expect("reference request is valid")
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("difference")
+}
+
+fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) {
+    let diff = max_abs_diff(ours, reference);
+    assert!(
+        diff <= TOLERANCE,
+        "{what}: max abs difference {diff} > {TOLERANCE}"
+    );
+}
+
+/// The step latents and the picture of `pipeline` on the case's latents.
+fn run(
+    pipeline: &ImagePipeline,
+    request: &ValidImageRequest,
+    latents: &Tensor,
+) -> (Vec<Tensor>, Tensor) {
+    let mut steps = Vec::new();
+    let image = pipeline
+        .render(request, latents.clone(), &mut |_, _, l| {
+            steps.push(l.clone());
+            ControlFlow::Continue(())
+        })
+        .expect("render");
+    (steps, image)
+}
+
+#[test]
+fn tokenizer_ids_match_the_reference() {
+    let json = expected_json();
+    let pipeline = load(&fixture());
+    let checks = json["tokenizer"]["check_texts"]
+        .as_object()
+        .expect("check_texts");
+    assert!(!checks.is_empty());
+    for (text, check) in checks {
+        let expected: Vec<u32> = serde_json::from_value(check["padded_ids"].clone()).expect("ids");
+        assert_eq!(
+            pipeline.tokenizer.ids(text).expect("ids"),
+            expected,
+            "{text:?}"
+        );
+    }
+}
+
+#[test]
+fn text_encoder_matches_the_reference_for_every_text() {
+    let (json, tensors) = (expected_json(), expected_tensors());
+    let pipeline = load(&fixture());
+    for (label, entry) in json["text_encoder"].as_object().expect("text_encoder") {
+        let ours = pipeline
+            .encode_text(entry["text"].as_str().expect("text"))
+            .expect("encode");
+        let reference = &tensors[entry["tensor"].as_str().expect("tensor")];
+        assert_close(&format!("text encoder {label}"), &ours, reference);
+    }
+}
+
+fn check_case(name: &str) {
+    let (json, tensors) = (expected_json(), expected_tensors());
+    let (case, pipeline) = (case(&json, name), load(&fixture()));
+    let request = request_of(case);
+    let t = |suffix: &str| &tensors[&format!("{name}.{suffix}")];
+    let embeddings = pipeline.text_embeddings(&request).expect("embeddings");
+    assert_close(
+        &format!("{name} text embeddings"),
+        &embeddings,
+        t("text_embeddings"),
+    );
+    let first_t = case["first_unet_call"]["timestep"]
+        .as_u64()
+        .expect("timestep") as usize;
+    let noise = pipeline
+        .unet_output(t("first_unet_input"), first_t, t("text_embeddings"))
+        .expect("unet");
+    assert_close(
+        &format!("{name} first noise prediction"),
+        &noise,
+        t("first_noise_pred"),
+    );
+    let (steps, image) = run(&pipeline, &request, t("latents"));
+    assert_eq!(steps.len(), request.steps);
+    for (i, latents) in steps.iter().enumerate() {
+        let reference = t("step_latents")
+            .i(i)
+            .expect("row")
+            .unsqueeze(0)
+            .expect("batch");
+        assert_close(
+            &format!("{name} latents after step {}", i + 1),
+            latents,
+            &reference,
+        );
+    }
+    assert_close(
+        &format!("{name} image"),
+        &image.i(0).expect("image"),
+        t("image"),
+    );
+}
+
+#[test]
+fn case_cfg_matches_the_reference() {
+    check_case("cfg");
+}
+
+#[test]
+fn case_nocfg_matches_the_reference() {
+    check_case("nocfg");
+}
+
+#[test]
+fn case_cfg_noneg_matches_the_reference() {
+    check_case("cfg_noneg");
+}
+
+#[test]
+fn timesteps_follow_the_scheduler_config() {
+    let json = expected_json();
+    let pipeline = load(&fixture());
+    for name in ["cfg", "nocfg", "cfg_noneg"] {
+        let case = case(&json, name);
+        let expected: Vec<usize> =
+            serde_json::from_value(case["timesteps"].clone()).expect("timesteps");
+        let steps = case["num_inference_steps"].as_u64().expect("steps") as usize;
+        assert_eq!(
+            pipeline.scheduler.timesteps(steps).expect("timesteps"),
+            expected
+        );
+    }
+}
+
+#[test]
+fn rgb_output_is_the_reference_picture_rounded() {
+    let (json, tensors) = (expected_json(), expected_tensors());
+    let request = request_of(case(&json, "cfg"));
+    let pipeline = load(&fixture());
+    let image = pipeline
+        .render(&request, tensors["cfg.latents"].clone(), &mut |_, _, _| {
+            ControlFlow::Continue(())
+        })
+        .expect("render");
+    let pictures = to_rgb8(&image).expect("rgb");
+    assert_eq!((pictures[0].width, pictures[0].height), (64, 64));
+    let reference = (&tensors["cfg.image"] * 255.0)
+        .and_then(|t| t.round())
+        .expect("round");
+    let reference = reference
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("values");
+    assert_eq!(pictures[0].rgb.len(), reference.len());
+    for (ours, theirs) in pictures[0].rgb.iter().zip(&reference) {
+        // Values within 1e-4 of a rounding boundary may land either side.
+        assert!((*ours as f32 - theirs).abs() <= 1.0, "{ours} vs {theirs}");
+    }
+}
+
+#[test]
+fn generate_reports_every_step_and_is_reproducible_per_seed() {
+    let pipeline = load(&fixture());
+    let mut request = request_of(case(&expected_json(), "cfg"));
+    request.count = 2;
+    request.seed = 99;
+    let mut seen = Vec::new();
+    let pictures = pipeline
+        .generate(&request, &mut |step, steps| {
+            seen.push((step, steps));
+            ControlFlow::Continue(())
+        })
+        .expect("generate");
+    assert_eq!(seen, vec![(1, 4), (2, 4), (3, 4), (4, 4)]);
+    assert_eq!(pictures.len(), 2);
+    assert_ne!(pictures[0], pictures[1]);
+    request.count = 1;
+    request.seed = 100;
+    let alone = pipeline
+        .generate(&request, &mut |_, _| ControlFlow::Continue(()))
+        .expect("generate");
+    let diff = pictures[1]
+        .rgb
+        .iter()
+        .zip(&alone[0].rgb)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max();
+    assert!(
+        diff <= Some(1),
+        "the second picture of seed 99 is the picture of seed 100"
+    );
+}
+
+#[test]
+fn a_progress_callback_can_stop_the_run() {
+    let pipeline = load(&fixture());
+    let request = request_of(case(&expected_json(), "nocfg"));
+    let mut calls = 0;
+    let result = pipeline.generate(&request, &mut |step, _| {
+        calls += 1;
+        if step == 2 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
+    assert!(
+        matches!(result, Err(ImageError::Cancelled)),
+        "{:?}",
+        result.err()
+    );
+    assert_eq!(calls, 2);
+}
