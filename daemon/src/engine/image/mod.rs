@@ -5,6 +5,7 @@
 
 pub mod clip;
 pub mod config;
+pub mod lora;
 pub mod noise;
 pub mod prompt;
 pub mod request;
@@ -22,6 +23,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
+use modeld_wire::types::LoraInfo;
 
 use self::clip::ClipTextModel;
 use self::config::{read_json, ClipJson, UnetJson, VaeJson};
@@ -39,17 +41,29 @@ pub enum ImageError {
     Unsupported(String),
     #[error("tokenizer: {0}")]
     Tokenizer(String),
+    #[error("LoRA {}: none of its keys match this pipeline's UNet or text encoder", file.display())]
+    LoraNoMatch { file: PathBuf },
+    #[error("LoRA {}: {tensor} has shape {got:?}, which does not fit {target} {expected:?} (a LoRA for another base model?)", file.display())]
+    LoraShape {
+        file: PathBuf,
+        tensor: String,
+        got: Vec<usize>,
+        target: String,
+        expected: Vec<usize>,
+    },
     #[error("generation cancelled")]
     Cancelled,
     #[error("inference failed: {0}")]
     Candle(#[from] candle_core::Error),
 }
 
-/// Where and at which precision the pipeline runs.
+/// Where and at which precision the pipeline runs, and the LoRAs merged
+/// into it.
 #[derive(Debug, Clone)]
 pub struct ImageLoad {
     pub device: Device,
     pub dtype: DType,
+    pub loras: Vec<LoraInfo>,
 }
 
 /// One generated picture: `width × height` RGB pixels, row by row.
@@ -130,7 +144,10 @@ impl ImagePipeline {
         Self::build(Components::from_folder(root)?, options)
     }
 
-    fn build(parts: Components, options: &ImageLoad) -> Result<Self, ImageError> {
+    fn build(mut parts: Components, options: &ImageLoad) -> Result<Self, ImageError> {
+        for adapter in &options.loras {
+            lora::apply(&mut parts.unet, &mut parts.text_encoder, adapter)?;
+        }
         let unet_config = parts.unet_json.to_candle()?;
         let vae_config = parts.vae_json.to_candle()?;
         let clip_config = parts.clip_json.to_config()?;

@@ -9,6 +9,8 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use serde_json::Value;
 
+use modeld_wire::types::LoraInfo;
+
 use super::*;
 
 const TOLERANCE: f32 = 1e-4;
@@ -34,6 +36,7 @@ fn cpu_f32() -> ImageLoad {
     ImageLoad {
         device: Device::Cpu,
         dtype: DType::F32,
+        loras: Vec::new(),
     }
 }
 
@@ -283,4 +286,124 @@ fn a_progress_callback_can_stop_the_run() {
         result.err()
     );
     assert_eq!(calls, 2);
+}
+
+fn with_lora(file: &Path, strength: f32) -> ImageLoad {
+    ImageLoad {
+        loras: vec![LoraInfo {
+            path: file.to_path_buf(),
+            strength,
+            adapter_name: "detail".into(),
+        }],
+        ..cpu_f32()
+    }
+}
+
+fn check_lora(file: &str) {
+    let (json, tensors) = (expected_json(), expected_tensors());
+    let strength = json["lora"]["strength"].as_f64().expect("strength") as f32;
+    let pipeline = ImagePipeline::load(&fixture(), &with_lora(&fixture().join(file), strength))
+        .expect("load with LoRA");
+    let request = request_of(case(&json, "cfg"));
+    let embeddings = pipeline.text_embeddings(&request).expect("embeddings");
+    assert_close(
+        &format!("{file} text embeddings"),
+        &embeddings,
+        &tensors["lora.text_embeddings"],
+    );
+    let noise = pipeline
+        .unet_output(
+            &tensors["cfg.first_unet_input"],
+            751,
+            &tensors["lora.text_embeddings"],
+        )
+        .expect("unet");
+    assert_close(
+        &format!("{file} first noise prediction"),
+        &noise,
+        &tensors["lora.first_noise_pred"],
+    );
+    let (steps, image) = run(&pipeline, &request, &tensors["cfg.latents"]);
+    for (i, latents) in steps.iter().enumerate() {
+        let reference = tensors["lora.step_latents"]
+            .i(i)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("row");
+        assert_close(
+            &format!("{file} latents after step {}", i + 1),
+            latents,
+            &reference,
+        );
+    }
+    assert_close(
+        &format!("{file} image"),
+        &image.i(0).expect("image"),
+        &tensors["lora.image"],
+    );
+    let unchanged = max_abs_diff(&image.i(0).expect("image"), &tensors["cfg.image"]);
+    assert!(
+        unchanged > 1e-2,
+        "{file}: the LoRA changed nothing ({unchanged})"
+    );
+}
+
+#[test]
+fn peft_lora_matches_the_reference() {
+    check_lora("lora/pytorch_lora_weights.safetensors");
+}
+
+#[test]
+fn kohya_lora_matches_the_reference() {
+    check_lora("lora/kohya_lora.safetensors");
+}
+
+fn load_error(adapter: HashMap<String, Tensor>) -> (PathBuf, ImageError) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("adapter.safetensors");
+    candle_core::safetensors::save(&adapter, &file).expect("save adapter");
+    match ImagePipeline::load(&fixture(), &with_lora(&file, 1.0)) {
+        Ok(_) => panic!("a bad LoRA was merged"),
+        Err(e) => (file, e),
+    }
+}
+
+fn zeros(shape: &[usize]) -> Tensor {
+    Tensor::zeros(shape, DType::F32, &Device::Cpu).expect("zeros")
+}
+
+#[test]
+fn a_lora_matching_nothing_is_refused_naming_the_file() {
+    let (file, error) = load_error(HashMap::from([
+        (
+            "model.layers.0.self_attn.q_proj.lora_A.weight".to_owned(),
+            zeros(&[4, 32]),
+        ),
+        (
+            "model.layers.0.self_attn.q_proj.lora_B.weight".to_owned(),
+            zeros(&[32, 4]),
+        ),
+    ]));
+    assert!(
+        matches!(&error, ImageError::LoraNoMatch { file: f } if *f == file),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains(&file.display().to_string()),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_lora_for_another_base_is_refused_naming_the_tensor() {
+    let module = "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q";
+    let (_, error) = load_error(HashMap::from([
+        (format!("{module}.lora_A.weight"), zeros(&[4, 320])),
+        (format!("{module}.lora_B.weight"), zeros(&[320, 4])),
+    ]));
+    let message = error.to_string();
+    assert!(matches!(error, ImageError::LoraShape { .. }), "{message}");
+    assert!(
+        message.contains(&format!("{module}.lora_A.weight")),
+        "{message}"
+    );
 }
