@@ -10,6 +10,7 @@ pub mod noise;
 pub mod prompt;
 pub mod request;
 pub mod scheduler;
+pub mod single_file;
 pub mod transformer;
 pub mod unet;
 pub mod weights;
@@ -106,6 +107,31 @@ impl Components {
     }
 }
 
+impl Components {
+    /// The components of single-file checkpoint `checkpoint`, with its LDM
+    /// `yaml` when there is one; `config_dir` is a diffusers-layout folder
+    /// supplying what the checkpoint lacks: `tokenizer/`, and optionally
+    /// `scheduler/` and `text_encoder/config.json`.
+    fn from_single_file(
+        checkpoint: &Path,
+        yaml: Option<&Path>,
+        config_dir: &Path,
+    ) -> Result<Self, ImageError> {
+        let yaml = yaml.map(single_file::LdmYaml::read).transpose()?;
+        let renamed = single_file::rename(checkpoint)?;
+        Ok(Components {
+            unet_json: single_file::unet_json(&renamed.unet, yaml.as_ref())?,
+            vae_json: single_file::vae_json(&renamed.vae, yaml.as_ref())?,
+            clip_json: single_file::clip_json(&renamed.text_encoder, config_dir)?,
+            scheduler_json: single_file::scheduler_json(config_dir, yaml.as_ref())?,
+            tokenizer_dir: config_dir.join("tokenizer"),
+            unet: renamed.unet,
+            vae: renamed.vae,
+            text_encoder: renamed.text_encoder,
+        })
+    }
+}
+
 /// Refuses pipelines other than single-text-encoder Stable Diffusion.
 fn check_model_index(root: &Path) -> Result<(), ImageError> {
     let index: serde_json::Value = read_json(&root.join("model_index.json"))?;
@@ -142,6 +168,19 @@ impl ImagePipeline {
     /// Loads the diffusers pipeline folder `root`.
     pub fn load(root: &Path, options: &ImageLoad) -> Result<Self, ImageError> {
         Self::build(Components::from_folder(root)?, options)
+    }
+
+    /// Loads a single-file checkpoint (see `Components::from_single_file`).
+    pub fn load_single_file(
+        checkpoint: &Path,
+        yaml: Option<&Path>,
+        config_dir: &Path,
+        options: &ImageLoad,
+    ) -> Result<Self, ImageError> {
+        Self::build(
+            Components::from_single_file(checkpoint, yaml, config_dir)?,
+            options,
+        )
     }
 
     fn build(mut parts: Components, options: &ImageLoad) -> Result<Self, ImageError> {

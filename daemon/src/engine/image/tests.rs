@@ -407,3 +407,64 @@ fn a_lora_for_another_base_is_refused_naming_the_tensor() {
         "{message}"
     );
 }
+
+#[test]
+fn single_file_checkpoint_matches_the_reference() {
+    let (json, tensors) = (expected_json(), expected_tensors());
+    let dir = fixture().join("single_file");
+    let pipeline = ImagePipeline::load_single_file(
+        &dir.join("tiny-sd.safetensors"),
+        Some(&dir.join("tiny-sd.yaml")),
+        &fixture(),
+        &cpu_f32(),
+    )
+    .expect("single file loads");
+    let request = request_of(case(&json, "cfg"));
+    // The text encoder runs on the checkpoint's float16-rounded weights too.
+    let embeddings = pipeline.text_embeddings(&request).expect("embeddings");
+    let noise = pipeline
+        .unet_output(&tensors["cfg.first_unet_input"], 751, &embeddings)
+        .expect("unet");
+    assert_close(
+        "single-file first noise prediction",
+        &noise,
+        &tensors["single_file.first_noise_pred"],
+    );
+    let (_, image) = run(&pipeline, &request, &tensors["cfg.latents"]);
+    assert_close(
+        "single-file image",
+        &image.i(0).expect("image"),
+        &tensors["single_file.image"],
+    );
+}
+
+#[test]
+fn single_file_shapes_are_inferred_without_yaml_or_configs() {
+    let renamed =
+        single_file::rename(&fixture().join("single_file/tiny-sd.safetensors")).expect("rename");
+    let from_folder: config::UnetJson =
+        config::read_json(&fixture().join("unet/config.json")).expect("config");
+    let unet = single_file::unet_json(&renamed.unet, None).expect("unet config");
+    assert_eq!(
+        format!("{:?}", unet.to_candle().expect("candle")),
+        format!("{:?}", from_folder.to_candle().expect("candle"))
+    );
+    let vae = single_file::vae_json(&renamed.vae, None).expect("vae config");
+    assert_eq!(vae.block_out_channels, vec![32, 64]);
+    assert_eq!((vae.layers_per_block, vae.latent_channels), (1, 4));
+    for (component, file, renamed) in [
+        ("unet", "diffusion_pytorch_model", &renamed.unet),
+        ("vae", "diffusion_pytorch_model", &renamed.vae),
+        ("text_encoder", "model", &renamed.text_encoder),
+    ] {
+        let path = fixture().join(format!("{component}/{file}.safetensors"));
+        let folder = weights::load_tensors(&[path]).expect("weights");
+        assert_eq!(renamed.len(), folder.len(), "{component} tensor count");
+        for (name, tensor) in &folder {
+            let ours = renamed
+                .get(name)
+                .unwrap_or_else(|| panic!("single file lacks {component} {name}"));
+            assert_eq!(ours.dims(), tensor.dims(), "{component} {name}");
+        }
+    }
+}
