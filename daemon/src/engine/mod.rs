@@ -4,6 +4,7 @@
 pub mod cancel;
 pub mod devices;
 pub mod estimate;
+pub mod image;
 pub mod text;
 
 use std::collections::HashMap;

@@ -1,0 +1,461 @@
+//! The components' `config.json` files of a diffusers pipeline, read into
+//! the shapes the networks are built with. Nothing here assumes SD 1.5
+//! sizes: every width, depth and head count comes from the files, and
+//! features the networks do not implement are refused by name.
+
+use std::path::Path;
+
+use candle_transformers::models::stable_diffusion::{
+    unet_2d::{BlockConfig, UNet2DConditionModelConfig},
+    vae::AutoEncoderKLConfig,
+};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+
+use super::clip::{Activation, ClipConfig};
+use super::ImageError;
+
+/// Reads and parses one JSON config file.
+pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, ImageError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| ImageError::Files(format!("{}: {e}", path.display())))?;
+    serde_json::from_str(&text).map_err(|e| ImageError::Files(format!("{}: {e}", path.display())))
+}
+
+/// A value diffusers allows either once for all blocks or once per block.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum PerBlock<T> {
+    One(T),
+    Each(Vec<T>),
+}
+
+impl<T: Copy> PerBlock<T> {
+    /// The value for each of `blocks` blocks, or why the list does not fit.
+    fn expand(&self, blocks: usize, field: &str) -> Result<Vec<T>, ImageError> {
+        match self {
+            PerBlock::One(value) => Ok(vec![*value; blocks]),
+            PerBlock::Each(values) if values.len() == blocks => Ok(values.clone()),
+            PerBlock::Each(values) => Err(unsupported(
+                "unet",
+                format!("{field} has {} entries for {blocks} blocks", values.len()),
+            )),
+        }
+    }
+}
+
+fn unsupported(component: &str, what: impl std::fmt::Display) -> ImageError {
+    ImageError::Unsupported(format!("{component}/config.json: {what}"))
+}
+
+/// `unet/config.json` (diffusers `UNet2DConditionModel`), with diffusers'
+/// defaults for absent keys.
+#[derive(Debug, Clone, Deserialize)]
+pub struct UnetJson {
+    #[serde(default = "four")]
+    pub in_channels: usize,
+    #[serde(default = "four")]
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub down_block_types: Vec<String>,
+    pub up_block_types: Vec<String>,
+    #[serde(default)]
+    pub mid_block_type: Option<String>,
+    #[serde(default = "per_block_two")]
+    pub layers_per_block: PerBlock<usize>,
+    #[serde(default = "per_block_eight")]
+    pub attention_head_dim: PerBlock<usize>,
+    #[serde(default)]
+    pub num_attention_heads: Option<PerBlock<usize>>,
+    #[serde(default = "per_block_1280")]
+    pub cross_attention_dim: PerBlock<usize>,
+    #[serde(default = "per_block_one")]
+    pub transformer_layers_per_block: PerBlock<usize>,
+    #[serde(default)]
+    pub use_linear_projection: bool,
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: usize,
+    #[serde(default = "eps_1e5")]
+    pub norm_eps: f64,
+    #[serde(default = "yes")]
+    pub flip_sin_to_cos: bool,
+    #[serde(default)]
+    pub freq_shift: f64,
+    #[serde(default = "one")]
+    pub downsample_padding: usize,
+    #[serde(default = "one_f64")]
+    pub mid_block_scale_factor: f64,
+    #[serde(default)]
+    pub center_input_sample: bool,
+    #[serde(flatten)]
+    pub unsupported: UnetUnsupported,
+}
+
+/// Keys of `UNet2DConditionModel` that select features the candle UNet
+/// does not implement (SDXL additions, class embeddings, other kernels).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct UnetUnsupported {
+    addition_embed_type: Option<String>,
+    class_embed_type: Option<String>,
+    time_cond_proj_dim: Option<usize>,
+    encoder_hid_dim: Option<usize>,
+    time_embedding_dim: Option<usize>,
+    time_embedding_type: Option<String>,
+    resnet_time_scale_shift: Option<String>,
+    conv_in_kernel: Option<usize>,
+    conv_out_kernel: Option<usize>,
+    act_fn: Option<String>,
+    #[serde(default)]
+    dual_cross_attention: bool,
+    #[serde(default)]
+    only_cross_attention: serde_json::Value,
+}
+
+impl UnetUnsupported {
+    /// The first key set to something other than what the UNet implements.
+    fn check(&self) -> Result<(), ImageError> {
+        let set = |name: &str, value: &Option<String>| match value {
+            Some(v) => Err(unsupported(
+                "unet",
+                format!("{name} {v:?} is not supported"),
+            )),
+            None => Ok(()),
+        };
+        set("addition_embed_type", &self.addition_embed_type)?;
+        set("class_embed_type", &self.class_embed_type)?;
+        let numbers = [
+            ("time_cond_proj_dim", self.time_cond_proj_dim),
+            ("encoder_hid_dim", self.encoder_hid_dim),
+            ("time_embedding_dim", self.time_embedding_dim),
+        ];
+        if let Some((name, Some(v))) = numbers.iter().find(|(_, v)| v.is_some()) {
+            return Err(unsupported("unet", format!("{name} {v} is not supported")));
+        }
+        let expected = [
+            (
+                "time_embedding_type",
+                &self.time_embedding_type,
+                "positional",
+            ),
+            (
+                "resnet_time_scale_shift",
+                &self.resnet_time_scale_shift,
+                "default",
+            ),
+            ("act_fn", &self.act_fn, "silu"),
+        ];
+        for (name, value, only) in expected {
+            if value.as_deref().is_some_and(|v| v != only) {
+                return Err(unsupported(
+                    "unet",
+                    format!("{name} {value:?} (only {only:?})"),
+                ));
+            }
+        }
+        for (name, kernel) in [
+            ("conv_in_kernel", self.conv_in_kernel),
+            ("conv_out_kernel", self.conv_out_kernel),
+        ] {
+            if kernel.is_some_and(|k| k != 3) {
+                return Err(unsupported("unet", format!("{name} {kernel:?} (only 3)")));
+            }
+        }
+        let only_cross = matches!(&self.only_cross_attention, serde_json::Value::Bool(true))
+            || self
+                .only_cross_attention
+                .as_array()
+                .is_some_and(|a| a.iter().any(|v| v == true));
+        if self.dual_cross_attention || only_cross {
+            return Err(unsupported(
+                "unet",
+                "dual or only cross-attention is not supported",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl UnetJson {
+    /// The candle UNet configuration these keys describe.
+    pub fn to_candle(&self) -> Result<UNet2DConditionModelConfig, ImageError> {
+        self.unsupported.check()?;
+        let blocks = self.block_out_channels.len();
+        if blocks == 0
+            || self.down_block_types.len() != blocks
+            || self.up_block_types.len() != blocks
+        {
+            return Err(unsupported("unet", "block_out_channels, down_block_types and up_block_types must have the same non-zero length"));
+        }
+        if let Some(mid) = self
+            .mid_block_type
+            .as_deref()
+            .filter(|m| *m != "UNetMidBlock2DCrossAttn")
+        {
+            return Err(unsupported(
+                "unet",
+                format!("mid_block_type {mid:?} is not supported"),
+            ));
+        }
+        // diffusers' `attention_head_dim` historically holds the number of
+        // heads; `num_attention_heads`, when set, is the same thing.
+        let heads = self
+            .num_attention_heads
+            .as_ref()
+            .unwrap_or(&self.attention_head_dim);
+        let heads = heads.expand(blocks, "attention_head_dim")?;
+        let depth = self
+            .transformer_layers_per_block
+            .expand(blocks, "transformer_layers_per_block")?;
+        let layers = self.layers_per_block.expand(blocks, "layers_per_block")?;
+        if layers.iter().any(|l| *l != layers[0]) {
+            return Err(unsupported(
+                "unet",
+                "layers_per_block must be the same for every block",
+            ));
+        }
+        let cross = self
+            .cross_attention_dim
+            .expand(blocks, "cross_attention_dim")?;
+        if cross.iter().any(|c| *c != cross[0]) {
+            return Err(unsupported(
+                "unet",
+                "cross_attention_dim must be the same for every block",
+            ));
+        }
+        let mut configs = Vec::with_capacity(blocks);
+        for i in 0..blocks {
+            let use_cross_attn = self.block_attention(i)?.then_some(depth[i]);
+            if heads[i] == 0 || !self.block_out_channels[i].is_multiple_of(heads[i]) {
+                return Err(unsupported(
+                    "unet",
+                    format!(
+                        "block {i}: {} channels do not split into {} heads",
+                        self.block_out_channels[i], heads[i]
+                    ),
+                ));
+            }
+            configs.push(BlockConfig {
+                out_channels: self.block_out_channels[i],
+                use_cross_attn,
+                attention_head_dim: heads[i],
+            });
+        }
+        Ok(UNet2DConditionModelConfig {
+            center_input_sample: self.center_input_sample,
+            flip_sin_to_cos: self.flip_sin_to_cos,
+            freq_shift: self.freq_shift,
+            blocks: configs,
+            layers_per_block: layers[0],
+            downsample_padding: self.downsample_padding,
+            mid_block_scale_factor: self.mid_block_scale_factor,
+            norm_num_groups: self.norm_num_groups,
+            norm_eps: self.norm_eps,
+            cross_attention_dim: cross[0],
+            sliced_attention_size: None,
+            use_linear_projection: self.use_linear_projection,
+        })
+    }
+
+    /// Whether down block `i` (and its mirror up block) has cross-attention;
+    /// the candle UNet builds the up path as the mirror of the down path.
+    fn block_attention(&self, i: usize) -> Result<bool, ImageError> {
+        let mirror = &self.up_block_types[self.up_block_types.len() - 1 - i];
+        let down = match self.down_block_types[i].as_str() {
+            "CrossAttnDownBlock2D" => true,
+            "DownBlock2D" => false,
+            other => {
+                return Err(unsupported(
+                    "unet",
+                    format!("down block type {other:?} is not supported"),
+                ))
+            }
+        };
+        let up = match mirror.as_str() {
+            "CrossAttnUpBlock2D" => true,
+            "UpBlock2D" => false,
+            other => {
+                return Err(unsupported(
+                    "unet",
+                    format!("up block type {other:?} is not supported"),
+                ))
+            }
+        };
+        if down != up {
+            return Err(unsupported(
+                "unet",
+                format!(
+                    "up block {mirror:?} does not mirror down block {:?}",
+                    self.down_block_types[i]
+                ),
+            ));
+        }
+        Ok(down)
+    }
+}
+
+/// `vae/config.json` (diffusers `AutoencoderKL`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeJson {
+    #[serde(default = "three")]
+    pub in_channels: usize,
+    #[serde(default = "three")]
+    pub out_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    #[serde(default = "one")]
+    pub layers_per_block: usize,
+    #[serde(default = "four")]
+    pub latent_channels: usize,
+    #[serde(default = "thirty_two")]
+    pub norm_num_groups: usize,
+    #[serde(default = "sd_scaling_factor")]
+    pub scaling_factor: f64,
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    #[serde(default = "yes")]
+    pub use_quant_conv: bool,
+    #[serde(default = "yes")]
+    pub use_post_quant_conv: bool,
+    #[serde(default = "yes")]
+    pub mid_block_add_attention: bool,
+    #[serde(default = "yes")]
+    pub force_upcast: bool,
+    #[serde(default)]
+    pub down_block_types: Vec<String>,
+    #[serde(default)]
+    pub up_block_types: Vec<String>,
+}
+
+impl VaeJson {
+    /// The candle autoencoder configuration these keys describe.
+    pub fn to_candle(&self) -> Result<AutoEncoderKLConfig, ImageError> {
+        if self.block_out_channels.is_empty() {
+            return Err(unsupported("vae", "block_out_channels is empty"));
+        }
+        if !self.mid_block_add_attention {
+            return Err(unsupported(
+                "vae",
+                "mid_block_add_attention false is not supported",
+            ));
+        }
+        let plain = |types: &[String], only: &str| types.iter().all(|t| t == only);
+        if !plain(&self.down_block_types, "DownEncoderBlock2D")
+            || !plain(&self.up_block_types, "UpDecoderBlock2D")
+        {
+            return Err(unsupported(
+                "vae",
+                "only DownEncoderBlock2D / UpDecoderBlock2D blocks are supported",
+            ));
+        }
+        Ok(AutoEncoderKLConfig {
+            block_out_channels: self.block_out_channels.clone(),
+            layers_per_block: self.layers_per_block,
+            latent_channels: self.latent_channels,
+            norm_num_groups: self.norm_num_groups,
+            use_quant_conv: self.use_quant_conv,
+            use_post_quant_conv: self.use_post_quant_conv,
+        })
+    }
+
+    /// Image pixels per latent pixel along each side.
+    pub fn scale_factor(&self) -> usize {
+        1 << (self.block_out_channels.len() - 1)
+    }
+}
+
+/// `text_encoder/config.json` (transformers `CLIPTextModel`).
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipJson {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    #[serde(default = "seventy_seven")]
+    pub max_position_embeddings: usize,
+    #[serde(default = "quick_gelu")]
+    pub hidden_act: String,
+    #[serde(default = "eps_1e5")]
+    pub layer_norm_eps: f64,
+}
+
+impl ClipJson {
+    /// The text encoder configuration these keys describe.
+    pub fn to_config(&self) -> Result<ClipConfig, ImageError> {
+        let activation = match self.hidden_act.as_str() {
+            "quick_gelu" => Activation::QuickGelu,
+            // transformers' "gelu" is the exact (erf) GELU.
+            "gelu" => Activation::GeluErf,
+            "gelu_new" | "gelu_pytorch_tanh" => Activation::GeluTanh,
+            other => {
+                return Err(unsupported(
+                    "text_encoder",
+                    format!("hidden_act {other:?} is not supported"),
+                ))
+            }
+        };
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
+            return Err(unsupported(
+                "text_encoder",
+                format!(
+                    "hidden_size {} does not split into {} heads",
+                    self.hidden_size, self.num_attention_heads
+                ),
+            ));
+        }
+        Ok(ClipConfig {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            max_position_embeddings: self.max_position_embeddings,
+            activation,
+            layer_norm_eps: self.layer_norm_eps,
+        })
+    }
+}
+
+fn one() -> usize {
+    1
+}
+fn three() -> usize {
+    3
+}
+fn four() -> usize {
+    4
+}
+fn thirty_two() -> usize {
+    32
+}
+fn seventy_seven() -> usize {
+    77
+}
+fn one_f64() -> f64 {
+    1.0
+}
+fn eps_1e5() -> f64 {
+    1e-5
+}
+fn yes() -> bool {
+    true
+}
+fn sd_scaling_factor() -> f64 {
+    0.18215
+}
+fn quick_gelu() -> String {
+    "quick_gelu".into()
+}
+fn per_block_one() -> PerBlock<usize> {
+    PerBlock::One(1)
+}
+fn per_block_two() -> PerBlock<usize> {
+    PerBlock::One(2)
+}
+fn per_block_eight() -> PerBlock<usize> {
+    PerBlock::One(8)
+}
+fn per_block_1280() -> PerBlock<usize> {
+    PerBlock::One(1280)
+}

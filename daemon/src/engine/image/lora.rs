@@ -1,0 +1,204 @@
+//! LoRAs for image pipelines, merged into the UNet and text-encoder
+//! weights at load: `W += strength × (alpha / rank) × up · down`.
+//!
+//! Two namings are understood: diffusers/PEFT (`unet.<module>.lora_A.weight`,
+//! `text_encoder.<module>.lora_B.weight`, optional `<module>.alpha`; no
+//! alpha means alpha = rank) and kohya (`lora_unet_<module with _>.lora_down.weight`,
+//! `.lora_up.weight`, `.alpha`; `lora_te_` for the text encoder). kohya
+//! names lose the dots, so they are matched against the base weights' names.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use modeld_wire::types::LoraInfo;
+
+use super::weights::TensorMap;
+use super::ImageError;
+
+/// Which network a LoRA module adapts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+enum Target {
+    Unet,
+    TextEncoder,
+}
+
+/// The down (A) and up (B) matrices and alpha of one adapted module.
+#[derive(Default)]
+struct Module {
+    down: Option<(String, Tensor)>,
+    up: Option<(String, Tensor)>,
+    alpha: Option<f64>,
+}
+
+/// The part of a module a key holds.
+enum Part {
+    Down,
+    Up,
+    Alpha,
+}
+
+/// `(target, module name as written, part)` of one adapter key.
+fn parse_key(key: &str) -> Option<(Target, &str, Part)> {
+    let (target, rest) = if let Some(rest) = key.strip_prefix("unet.") {
+        (Target::Unet, rest)
+    } else if let Some(rest) = key.strip_prefix("text_encoder.") {
+        (Target::TextEncoder, rest)
+    } else if let Some(rest) = key.strip_prefix("lora_unet_") {
+        (Target::Unet, rest)
+    } else if let Some(rest) = key
+        .strip_prefix("lora_te_")
+        .or_else(|| key.strip_prefix("lora_te1_"))
+    {
+        (Target::TextEncoder, rest)
+    } else {
+        return None;
+    };
+    let suffixes = [
+        (".lora_A.weight", Part::Down),
+        (".lora_down.weight", Part::Down),
+        (".lora_B.weight", Part::Up),
+        (".lora_up.weight", Part::Up),
+        (".alpha", Part::Alpha),
+    ];
+    suffixes.into_iter().find_map(|(suffix, part)| {
+        rest.strip_suffix(suffix)
+            .map(|module| (target, module, part))
+    })
+}
+
+/// The adapter's modules, by target and module name.
+fn modules(
+    file: &Path,
+    tensors: HashMap<String, Tensor>,
+) -> Result<HashMap<(Target, String), Module>, ImageError> {
+    let mut modules: HashMap<(Target, String), Module> = HashMap::new();
+    for (key, tensor) in tensors {
+        let Some((target, name, part)) = parse_key(&key) else {
+            continue;
+        };
+        let module = modules.entry((target, name.to_owned())).or_default();
+        match part {
+            Part::Down => module.down = Some((key, tensor)),
+            Part::Up => module.up = Some((key, tensor)),
+            Part::Alpha => {
+                let value = tensor
+                    .to_dtype(DType::F64)?
+                    .flatten_all()?
+                    .to_vec1::<f64>()?;
+                let alpha = value.first().copied().ok_or_else(|| {
+                    ImageError::Files(format!("{}: {key} is empty", file.display()))
+                })?;
+                module.alpha = Some(alpha);
+            }
+        }
+    }
+    Ok(modules)
+}
+
+/// The base weight a module adapts: `<module>.weight` as written, or the
+/// weight whose name with `.` → `_` is the kohya module name.
+fn base_key(base: &TensorMap, kohya: &HashMap<String, String>, module: &str) -> Option<String> {
+    let direct = format!("{module}.weight");
+    if base.contains_key(&direct) {
+        return Some(direct);
+    }
+    kohya.get(module).cloned()
+}
+
+/// kohya module name → base weight name, for every `*.weight` of `base`.
+fn kohya_names(base: &TensorMap) -> HashMap<String, String> {
+    base.keys()
+        .filter_map(|key| {
+            key.strip_suffix(".weight")
+                .map(|stem| (stem.replace('.', "_"), key.clone()))
+        })
+        .collect()
+}
+
+/// Merges `lora` into the UNet and text-encoder weights.
+pub fn apply(
+    unet: &mut TensorMap,
+    text_encoder: &mut TensorMap,
+    lora: &LoraInfo,
+) -> Result<(), ImageError> {
+    let file = lora.path.as_path();
+    let tensors = candle_core::safetensors::load(file, &Device::Cpu)
+        .map_err(|e| ImageError::Files(format!("LoRA {}: {e}", file.display())))?;
+    let (kohya_unet, kohya_text) = (kohya_names(unet), kohya_names(text_encoder));
+    let (mut merged, mut unmatched) = (0, 0);
+    for ((target, name), module) in modules(file, tensors)? {
+        let (base, names) = match target {
+            Target::Unet => (&mut *unet, &kohya_unet),
+            Target::TextEncoder => (&mut *text_encoder, &kohya_text),
+        };
+        let Some(key) = base_key(base, names, &name) else {
+            unmatched += 1;
+            continue;
+        };
+        let updated = merge(
+            file,
+            &name,
+            &module,
+            &base[&key],
+            &key,
+            lora.strength as f64,
+        )?;
+        base.insert(key, updated);
+        merged += 1;
+    }
+    if merged == 0 {
+        return Err(ImageError::LoraNoMatch {
+            file: file.to_path_buf(),
+        });
+    }
+    if unmatched > 0 {
+        tracing::warn!(lora = %file.display(), unmatched, "LoRA modules with no matching weight were skipped");
+    }
+    tracing::info!(adapter = %lora.adapter_name, modules = merged, "image LoRA merged");
+    Ok(())
+}
+
+/// `weight + strength × (alpha / rank) × up · down`, in f32, after
+/// checking that the module's shapes fit the weight.
+fn merge(
+    file: &Path,
+    name: &str,
+    module: &Module,
+    weight: &Tensor,
+    target: &str,
+    strength: f64,
+) -> Result<Tensor, ImageError> {
+    let missing = |part: &str| {
+        ImageError::Files(format!(
+            "LoRA {}: {name} has no {part} matrix",
+            file.display()
+        ))
+    };
+    let (down_key, down) = module
+        .down
+        .as_ref()
+        .ok_or_else(|| missing("down (lora_A)"))?;
+    let (up_key, up) = module.up.as_ref().ok_or_else(|| missing("up (lora_B)"))?;
+    let out = weight.dim(0)?;
+    let inputs = weight.elem_count() / out.max(1);
+    let rank = down.dim(0)?;
+    let shape_error = |key: &str, tensor: &Tensor| ImageError::LoraShape {
+        file: file.to_path_buf(),
+        tensor: key.to_owned(),
+        got: tensor.dims().to_vec(),
+        target: target.to_owned(),
+        expected: weight.dims().to_vec(),
+    };
+    if down.elem_count() != rank * inputs {
+        return Err(shape_error(down_key, down));
+    }
+    if up.dim(0)? != out || up.elem_count() != out * rank {
+        return Err(shape_error(up_key, up));
+    }
+    let scale = strength * module.alpha.map_or(1.0, |alpha| alpha / rank as f64);
+    let down = down.to_dtype(DType::F32)?.reshape((rank, inputs))?;
+    let up = up.to_dtype(DType::F32)?.reshape((out, rank))?;
+    let delta = (up.matmul(&down)? * scale)?.reshape(weight.dims())?;
+    Ok((weight.to_dtype(DType::F32)? + delta)?)
+}

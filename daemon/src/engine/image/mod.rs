@@ -1,0 +1,395 @@
+//! Stable Diffusion 1.x/2.x text-to-image: a pipeline loaded from a
+//! diffusers folder, with every shape read from the components' configs,
+//! CLIP text encoding with classifier-free guidance, DDIM denoising on
+//! candle's UNet and VAE decoding to RGB.
+
+pub mod clip;
+pub mod config;
+pub mod lora;
+pub mod noise;
+pub mod prompt;
+pub mod request;
+pub mod scheduler;
+pub mod single_file;
+pub mod transformer;
+pub mod unet;
+pub mod weights;
+
+#[cfg(test)]
+mod tests;
+
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
+use modeld_wire::types::LoraInfo;
+
+use self::clip::ClipTextModel;
+use self::config::{read_json, ClipJson, UnetJson, VaeJson};
+use self::prompt::PromptTokenizer;
+pub use self::request::{ImageRequest, ValidImageRequest};
+use self::scheduler::{Ddim, SchedulerJson};
+use self::unet::Unet;
+use self::weights::{component_files, load_tensors, TensorMap};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error("model files: {0}")]
+    Files(String),
+    #[error("unsupported image model: {0}")]
+    Unsupported(String),
+    #[error("tokenizer: {0}")]
+    Tokenizer(String),
+    #[error("LoRA {}: none of its keys match this pipeline's UNet or text encoder", file.display())]
+    LoraNoMatch { file: PathBuf },
+    #[error("LoRA {}: {tensor} has shape {got:?}, which does not fit {target} {expected:?} (a LoRA for another base model?)", file.display())]
+    LoraShape {
+        file: PathBuf,
+        tensor: String,
+        got: Vec<usize>,
+        target: String,
+        expected: Vec<usize>,
+    },
+    #[error("generation cancelled")]
+    Cancelled,
+    #[error("inference failed: {0}")]
+    Candle(#[from] candle_core::Error),
+}
+
+/// Where and at which precision the pipeline runs, and the LoRAs merged
+/// into it.
+#[derive(Debug, Clone)]
+pub struct ImageLoad {
+    pub device: Device,
+    pub dtype: DType,
+    pub loras: Vec<LoraInfo>,
+}
+
+/// One generated picture: `width × height` RGB pixels, row by row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GeneratedImage {
+    pub width: usize,
+    pub height: usize,
+    pub rgb: Vec<u8>,
+}
+
+/// Everything a pipeline is built from, whatever the files' layout.
+struct Components {
+    unet_json: UnetJson,
+    vae_json: VaeJson,
+    clip_json: ClipJson,
+    scheduler_json: SchedulerJson,
+    tokenizer_dir: PathBuf,
+    unet: TensorMap,
+    vae: TensorMap,
+    text_encoder: TensorMap,
+}
+
+impl Components {
+    /// The components of a diffusers pipeline folder.
+    fn from_folder(root: &Path) -> Result<Self, ImageError> {
+        check_model_index(root)?;
+        let component = |name: &str, stem: &str| -> Result<TensorMap, ImageError> {
+            load_tensors(&component_files(&root.join(name), stem)?)
+        };
+        Ok(Components {
+            unet_json: read_json(&root.join("unet/config.json"))?,
+            vae_json: read_json(&root.join("vae/config.json"))?,
+            clip_json: read_json(&root.join("text_encoder/config.json"))?,
+            scheduler_json: read_json(&root.join("scheduler/scheduler_config.json"))?,
+            tokenizer_dir: root.join("tokenizer"),
+            unet: component("unet", "diffusion_pytorch_model")?,
+            vae: component("vae", "diffusion_pytorch_model")?,
+            text_encoder: component("text_encoder", "model")?,
+        })
+    }
+}
+
+impl Components {
+    /// The components of single-file checkpoint `checkpoint`, with its LDM
+    /// `yaml` when there is one; `config_dir` is a diffusers-layout folder
+    /// supplying what the checkpoint lacks: `tokenizer/`, and optionally
+    /// `scheduler/` and `text_encoder/config.json`.
+    fn from_single_file(
+        checkpoint: &Path,
+        yaml: Option<&Path>,
+        config_dir: &Path,
+    ) -> Result<Self, ImageError> {
+        let yaml = yaml.map(single_file::LdmYaml::read).transpose()?;
+        let renamed = single_file::rename(checkpoint)?;
+        Ok(Components {
+            unet_json: single_file::unet_json(&renamed.unet, yaml.as_ref())?,
+            vae_json: single_file::vae_json(&renamed.vae, yaml.as_ref())?,
+            clip_json: single_file::clip_json(&renamed.text_encoder, config_dir)?,
+            scheduler_json: single_file::scheduler_json(config_dir, yaml.as_ref())?,
+            tokenizer_dir: config_dir.join("tokenizer"),
+            unet: renamed.unet,
+            vae: renamed.vae,
+            text_encoder: renamed.text_encoder,
+        })
+    }
+}
+
+/// Refuses pipelines other than single-text-encoder Stable Diffusion.
+fn check_model_index(root: &Path) -> Result<(), ImageError> {
+    let index: serde_json::Value = read_json(&root.join("model_index.json"))?;
+    let class = index["_class_name"].as_str().unwrap_or_default();
+    let second_encoder = index["text_encoder_2"]
+        .as_array()
+        .is_some_and(|a| !a[0].is_null());
+    if second_encoder || class.contains("XL") {
+        return Err(ImageError::Unsupported(format!(
+            "{}: {class} (two text encoders) is not supported; only Stable Diffusion 1.x/2.x",
+            root.display()
+        )));
+    }
+    Ok(())
+}
+
+/// A loaded Stable Diffusion pipeline.
+pub struct ImagePipeline {
+    tokenizer: PromptTokenizer,
+    text_encoder: ClipTextModel,
+    unet: Unet,
+    vae: AutoEncoderKL,
+    scheduler: Ddim,
+    vae_scaling: f64,
+    vae_shift: f64,
+    vae_scale_factor: usize,
+    latent_channels: usize,
+    device: Device,
+    dtype: DType,
+    vae_dtype: DType,
+}
+
+impl ImagePipeline {
+    /// Loads the diffusers pipeline folder `root`.
+    pub fn load(root: &Path, options: &ImageLoad) -> Result<Self, ImageError> {
+        Self::build(Components::from_folder(root)?, options)
+    }
+
+    /// Loads a single-file checkpoint (see `Components::from_single_file`).
+    pub fn load_single_file(
+        checkpoint: &Path,
+        yaml: Option<&Path>,
+        config_dir: &Path,
+        options: &ImageLoad,
+    ) -> Result<Self, ImageError> {
+        Self::build(
+            Components::from_single_file(checkpoint, yaml, config_dir)?,
+            options,
+        )
+    }
+
+    fn build(mut parts: Components, options: &ImageLoad) -> Result<Self, ImageError> {
+        for adapter in &options.loras {
+            lora::apply(&mut parts.unet, &mut parts.text_encoder, adapter)?;
+        }
+        let unet_config = parts.unet_json.to_candle()?;
+        let vae_config = parts.vae_json.to_candle()?;
+        let clip_config = parts.clip_json.to_config()?;
+        if parts.unet_json.in_channels != vae_config.latent_channels {
+            return Err(ImageError::Unsupported(format!(
+                "the UNet takes {} channels but the VAE has {} latent channels (inpainting and other conditioned UNets are not text-to-image)",
+                parts.unet_json.in_channels, vae_config.latent_channels
+            )));
+        }
+        let (device, dtype) = (&options.device, options.dtype);
+        // The SD VAE overflows in f16; diffusers marks it `force_upcast`.
+        let vae_dtype = if parts.vae_json.force_upcast {
+            DType::F32
+        } else {
+            dtype
+        };
+        let text_vb = VarBuilder::from_tensors(parts.text_encoder, dtype, device);
+        let unet_vb = VarBuilder::from_tensors(parts.unet, dtype, device);
+        let vae_vb = VarBuilder::from_tensors(parts.vae, vae_dtype, device);
+        let unet = Unet::new(
+            unet_vb,
+            &unet_config,
+            parts.unet_json.in_channels,
+            parts.unet_json.out_channels,
+        )?;
+        let vae = AutoEncoderKL::new(
+            vae_vb,
+            parts.vae_json.in_channels,
+            parts.vae_json.out_channels,
+            vae_config,
+        )?;
+        Ok(ImagePipeline {
+            tokenizer: PromptTokenizer::load(
+                &parts.tokenizer_dir,
+                clip_config.max_position_embeddings,
+            )?,
+            text_encoder: ClipTextModel::new(text_vb, &clip_config)?,
+            unet,
+            vae,
+            scheduler: Ddim::new(&parts.scheduler_json)?,
+            vae_scaling: parts.vae_json.scaling_factor,
+            vae_shift: parts.vae_json.shift_factor.unwrap_or(0.0),
+            vae_scale_factor: parts.vae_json.scale_factor(),
+            latent_channels: parts.vae_json.latent_channels,
+            device: device.clone(),
+            dtype,
+            vae_dtype,
+        })
+    }
+
+    /// Generates `request.count` pictures; `progress` hears of every
+    /// denoising step as `(step, steps)` and may stop the run.
+    pub fn generate(
+        &self,
+        request: &ValidImageRequest,
+        progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<Vec<GeneratedImage>, ImageError> {
+        let latents = self.seeded_latents(request)?;
+        let images = self.render(request, latents, &mut |step, steps, _| {
+            progress(step, steps)
+        })?;
+        to_rgb8(&images)
+    }
+
+    /// `(count, channels, h, w)` noise; image `i` uses seed `seed + i`, so
+    /// each picture of a batch can be reproduced on its own.
+    fn seeded_latents(&self, request: &ValidImageRequest) -> Result<Tensor, ImageError> {
+        let (h, w) = self.latent_size(request);
+        let per_image = self.latent_channels * h * w;
+        let noise: Vec<f32> = (0..request.count as u64)
+            .flat_map(|i| noise::standard_normal(request.seed.wrapping_add(i), per_image))
+            .collect();
+        let shape = (request.count, self.latent_channels, h, w);
+        Ok(Tensor::from_vec(noise, shape, &Device::Cpu)?.to_device(&self.device)?)
+    }
+
+    fn latent_size(&self, request: &ValidImageRequest) -> (usize, usize) {
+        (
+            request.height / self.vae_scale_factor,
+            request.width / self.vae_scale_factor,
+        )
+    }
+
+    /// The pictures as `(count, height, width, 3)` f32 in [0, 1], starting
+    /// from `latents`; `on_step` sees the latents after every step.
+    pub(crate) fn render(
+        &self,
+        request: &ValidImageRequest,
+        latents: Tensor,
+        on_step: &mut dyn FnMut(usize, usize, &Tensor) -> ControlFlow<()>,
+    ) -> Result<Tensor, ImageError> {
+        let embeddings = self.text_embeddings(request)?;
+        let latents = self.denoise(request, latents, &embeddings, on_step)?;
+        self.decode(&latents)
+    }
+
+    /// The embeddings the UNet attends to: `[uncond; count] ++ [prompt; count]`
+    /// with guidance, `[prompt; count]` without.
+    pub(crate) fn text_embeddings(
+        &self,
+        request: &ValidImageRequest,
+    ) -> Result<Tensor, ImageError> {
+        let prompt = self.encode_text(&request.prompt)?;
+        let prompt = prompt.repeat((request.count, 1, 1))?;
+        if !request.classifier_free_guidance() {
+            return Ok(prompt);
+        }
+        let uncond = self.encode_text(request.negative_prompt.as_deref().unwrap_or(""))?;
+        let uncond = uncond.repeat((request.count, 1, 1))?;
+        Ok(Tensor::cat(&[uncond, prompt], 0)?)
+    }
+
+    /// CLIP `last_hidden_state` of one text, `(1, length, hidden)`.
+    pub(crate) fn encode_text(&self, text: &str) -> Result<Tensor, ImageError> {
+        let ids = self.tokenizer.ids(text)?;
+        let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        Ok(self.text_encoder.forward(&ids)?.to_dtype(DType::F32)?)
+    }
+
+    fn denoise(
+        &self,
+        request: &ValidImageRequest,
+        mut latents: Tensor,
+        embeddings: &Tensor,
+        on_step: &mut dyn FnMut(usize, usize, &Tensor) -> ControlFlow<()>,
+    ) -> Result<Tensor, ImageError> {
+        let timesteps = self.scheduler.timesteps(request.steps)?;
+        let embeddings = embeddings.to_dtype(self.dtype)?;
+        for (index, &timestep) in timesteps.iter().enumerate() {
+            let noise = self.guided_noise(&latents, timestep, &embeddings, request.guidance)?;
+            latents = self
+                .scheduler
+                .step(&noise, timestep, request.steps, &latents)?;
+            if on_step(index + 1, timesteps.len(), &latents).is_break() {
+                return Err(ImageError::Cancelled);
+            }
+        }
+        Ok(latents)
+    }
+
+    /// The raw UNet output (f32) for `latents` at `timestep`, batched with
+    /// `embeddings` as they come (the whole [uncond, prompt] batch).
+    pub(crate) fn unet_output(
+        &self,
+        latents: &Tensor,
+        timestep: usize,
+        embeddings: &Tensor,
+    ) -> Result<Tensor, ImageError> {
+        let input = latents.to_dtype(self.dtype)?;
+        let output =
+            self.unet
+                .forward(&input, timestep as f64, &embeddings.to_dtype(self.dtype)?)?;
+        Ok(output.to_dtype(DType::F32)?)
+    }
+
+    /// The noise estimate for `latents`: with guidance g > 1,
+    /// `uncond + g · (prompt − uncond)` from one UNet pass on both halves.
+    fn guided_noise(
+        &self,
+        latents: &Tensor,
+        timestep: usize,
+        embeddings: &Tensor,
+        guidance: f64,
+    ) -> Result<Tensor, ImageError> {
+        if guidance <= 1.0 {
+            return self.unet_output(latents, timestep, embeddings);
+        }
+        let doubled = Tensor::cat(&[latents, latents], 0)?;
+        let output = self.unet_output(&doubled, timestep, embeddings)?;
+        let halves = output.chunk(2, 0)?;
+        let (uncond, prompt) = (&halves[0], &halves[1]);
+        Ok((uncond + ((prompt - uncond)? * guidance)?)?)
+    }
+
+    /// Latents → `(count, height, width, 3)` f32 pixels in [0, 1].
+    pub(crate) fn decode(&self, latents: &Tensor) -> Result<Tensor, ImageError> {
+        let scaled = ((latents / self.vae_scaling)? + self.vae_shift)?.to_dtype(self.vae_dtype)?;
+        // One picture at a time: candle's VAE attention feeds a transposed
+        // (non-contiguous) batch to `Linear`, which mixes up the pictures of
+        // a batch larger than one.
+        let decoded = (0..scaled.dim(0)?)
+            .map(|i| self.vae.decode(&scaled.narrow(0, i, 1)?))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let decoded = Tensor::cat(&decoded, 0)?.to_dtype(DType::F32)?;
+        let pixels = ((decoded / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+        Ok(pixels.permute((0, 2, 3, 1))?.contiguous()?)
+    }
+}
+
+/// `(count, h, w, 3)` pixels in [0, 1] → 8-bit RGB pictures, rounded like
+/// diffusers' `numpy_to_pil`.
+fn to_rgb8(images: &Tensor) -> Result<Vec<GeneratedImage>, ImageError> {
+    let (count, height, width, _) = images.dims4()?;
+    let bytes = (images.to_device(&Device::Cpu)? * 255.0)?
+        .round()?
+        .to_dtype(DType::U8)?;
+    (0..count)
+        .map(|i| {
+            Ok(GeneratedImage {
+                width,
+                height,
+                rgb: bytes.get(i)?.flatten_all()?.to_vec1::<u8>()?,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,470 @@
+//! The pipeline against diffusers' reference numbers for the tiny-sd
+//! fixture: tokens, text embeddings, the first UNet call, every DDIM step's
+//! latents and the final picture, for each reference case.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, IndexOp, Tensor};
+use serde_json::Value;
+
+use modeld_wire::types::LoraInfo;
+
+use super::*;
+
+const TOLERANCE: f32 = 1e-4;
+
+fn fixture() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/tiny-sd"
+    ))
+}
+
+fn expected_json() -> Value {
+    let text = std::fs::read_to_string(fixture().join("expected.json")).expect("expected.json");
+    serde_json::from_str(&text).expect("expected.json parses")
+}
+
+fn expected_tensors() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture().join("expected.safetensors"), &Device::Cpu)
+        .expect("expected.safetensors")
+}
+
+fn cpu_f32() -> ImageLoad {
+    ImageLoad {
+        device: Device::Cpu,
+        dtype: DType::F32,
+        loras: Vec::new(),
+    }
+}
+
+fn load(root: &Path) -> ImagePipeline {
+    ImagePipeline::load(root, &cpu_f32()).expect("pipeline loads")
+}
+
+fn case<'a>(json: &'a Value, name: &str) -> &'a Value {
+    json["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no case {name}"))
+}
+
+/// The request a reference case's pipeline call makes.
+fn request_of(case: &Value) -> ValidImageRequest {
+    let negative = case["negative_prompt"].as_str().map(str::to_owned);
+    ValidImageRequest::try_from(ImageRequest {
+        prompt: case["prompt"].as_str().expect("prompt").into(),
+        negative_prompt: negative,
+        width: case["width"].as_u64().expect("width") as u32,
+        height: case["height"].as_u64().expect("height") as u32,
+        steps: case["num_inference_steps"].as_u64().expect("steps") as u32,
+        guidance: case["guidance_scale"].as_f64().expect("guidance"),
+        seed: 0,
+        count: 1,
+    })
+    .expect("reference request is valid")
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("difference")
+}
+
+fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) {
+    let diff = max_abs_diff(ours, reference);
+    assert!(
+        diff <= TOLERANCE,
+        "{what}: max abs difference {diff} > {TOLERANCE}"
+    );
+}
+
+/// The step latents and the picture of `pipeline` on the case's latents.
+fn run(
+    pipeline: &ImagePipeline,
+    request: &ValidImageRequest,
+    latents: &Tensor,
+) -> (Vec<Tensor>, Tensor) {
+    let mut steps = Vec::new();
+    let image = pipeline
+        .render(request, latents.clone(), &mut |_, _, l| {
+            steps.push(l.clone());
+            ControlFlow::Continue(())
+        })
+        .expect("render");
+    (steps, image)
+}
+
+#[test]
+fn tokenizer_ids_match_the_reference() {
+    let json = expected_json();
+    let pipeline = load(&fixture());
+    let checks = json["tokenizer"]["check_texts"]
+        .as_object()
+        .expect("check_texts");
+    assert!(!checks.is_empty());
+    for (text, check) in checks {
+        let expected: Vec<u32> = serde_json::from_value(check["padded_ids"].clone()).expect("ids");
+        assert_eq!(
+            pipeline.tokenizer.ids(text).expect("ids"),
+            expected,
+            "{text:?}"
+        );
+    }
+}
+
+#[test]
+fn text_encoder_matches_the_reference_for_every_text() {
+    let (json, tensors) = (expected_json(), expected_tensors());
+    let pipeline = load(&fixture());
+    for (label, entry) in json["text_encoder"].as_object().expect("text_encoder") {
+        let ours = pipeline
+            .encode_text(entry["text"].as_str().expect("text"))
+            .expect("encode");
+        let reference = &tensors[entry["tensor"].as_str().expect("tensor")];
+        assert_close(&format!("text encoder {label}"), &ours, reference);
+    }
+}
+
+fn check_case(name: &str) {
+    let (json, tensors) = (expected_json(), expected_tensors());
+    let (case, pipeline) = (case(&json, name), load(&fixture()));
+    let request = request_of(case);
+    let t = |suffix: &str| &tensors[&format!("{name}.{suffix}")];
+    let embeddings = pipeline.text_embeddings(&request).expect("embeddings");
+    assert_close(
+        &format!("{name} text embeddings"),
+        &embeddings,
+        t("text_embeddings"),
+    );
+    let first_t = case["first_unet_call"]["timestep"]
+        .as_u64()
+        .expect("timestep") as usize;
+    let noise = pipeline
+        .unet_output(t("first_unet_input"), first_t, t("text_embeddings"))
+        .expect("unet");
+    assert_close(
+        &format!("{name} first noise prediction"),
+        &noise,
+        t("first_noise_pred"),
+    );
+    let (steps, image) = run(&pipeline, &request, t("latents"));
+    assert_eq!(steps.len(), request.steps);
+    for (i, latents) in steps.iter().enumerate() {
+        let reference = t("step_latents")
+            .i(i)
+            .expect("row")
+            .unsqueeze(0)
+            .expect("batch");
+        assert_close(
+            &format!("{name} latents after step {}", i + 1),
+            latents,
+            &reference,
+        );
+    }
+    assert_close(
+        &format!("{name} image"),
+        &image.i(0).expect("image"),
+        t("image"),
+    );
+}
+
+#[test]
+fn case_cfg_matches_the_reference() {
+    check_case("cfg");
+}
+
+#[test]
+fn case_nocfg_matches_the_reference() {
+    check_case("nocfg");
+}
+
+#[test]
+fn case_cfg_noneg_matches_the_reference() {
+    check_case("cfg_noneg");
+}
+
+#[test]
+fn timesteps_follow_the_scheduler_config() {
+    let json = expected_json();
+    let pipeline = load(&fixture());
+    for name in ["cfg", "nocfg", "cfg_noneg"] {
+        let case = case(&json, name);
+        let expected: Vec<usize> =
+            serde_json::from_value(case["timesteps"].clone()).expect("timesteps");
+        let steps = case["num_inference_steps"].as_u64().expect("steps") as usize;
+        assert_eq!(
+            pipeline.scheduler.timesteps(steps).expect("timesteps"),
+            expected
+        );
+    }
+}
+
+#[test]
+fn rgb_output_is_the_reference_picture_rounded() {
+    let (json, tensors) = (expected_json(), expected_tensors());
+    let request = request_of(case(&json, "cfg"));
+    let pipeline = load(&fixture());
+    let image = pipeline
+        .render(&request, tensors["cfg.latents"].clone(), &mut |_, _, _| {
+            ControlFlow::Continue(())
+        })
+        .expect("render");
+    let pictures = to_rgb8(&image).expect("rgb");
+    assert_eq!((pictures[0].width, pictures[0].height), (64, 64));
+    let reference = (&tensors["cfg.image"] * 255.0)
+        .and_then(|t| t.round())
+        .expect("round");
+    let reference = reference
+        .flatten_all()
+        .and_then(|t| t.to_vec1::<f32>())
+        .expect("values");
+    assert_eq!(pictures[0].rgb.len(), reference.len());
+    for (ours, theirs) in pictures[0].rgb.iter().zip(&reference) {
+        // Values within 1e-4 of a rounding boundary may land either side.
+        assert!((*ours as f32 - theirs).abs() <= 1.0, "{ours} vs {theirs}");
+    }
+}
+
+#[test]
+fn generate_reports_every_step_and_is_reproducible_per_seed() {
+    let pipeline = load(&fixture());
+    let mut request = request_of(case(&expected_json(), "cfg"));
+    request.count = 2;
+    request.seed = 99;
+    let mut seen = Vec::new();
+    let pictures = pipeline
+        .generate(&request, &mut |step, steps| {
+            seen.push((step, steps));
+            ControlFlow::Continue(())
+        })
+        .expect("generate");
+    assert_eq!(seen, vec![(1, 4), (2, 4), (3, 4), (4, 4)]);
+    assert_eq!(pictures.len(), 2);
+    assert_ne!(pictures[0], pictures[1]);
+    request.count = 1;
+    request.seed = 100;
+    let alone = pipeline
+        .generate(&request, &mut |_, _| ControlFlow::Continue(()))
+        .expect("generate");
+    let diff = pictures[1]
+        .rgb
+        .iter()
+        .zip(&alone[0].rgb)
+        .map(|(a, b)| a.abs_diff(*b))
+        .max();
+    assert!(
+        diff <= Some(1),
+        "the second picture of seed 99 is the picture of seed 100"
+    );
+}
+
+#[test]
+fn a_progress_callback_can_stop_the_run() {
+    let pipeline = load(&fixture());
+    let request = request_of(case(&expected_json(), "nocfg"));
+    let mut calls = 0;
+    let result = pipeline.generate(&request, &mut |step, _| {
+        calls += 1;
+        if step == 2 {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(())
+        }
+    });
+    assert!(
+        matches!(result, Err(ImageError::Cancelled)),
+        "{:?}",
+        result.err()
+    );
+    assert_eq!(calls, 2);
+}
+
+fn with_lora(file: &Path, strength: f32) -> ImageLoad {
+    ImageLoad {
+        loras: vec![LoraInfo {
+            path: file.to_path_buf(),
+            strength,
+            adapter_name: "detail".into(),
+        }],
+        ..cpu_f32()
+    }
+}
+
+fn check_lora(file: &str) {
+    let (json, tensors) = (expected_json(), expected_tensors());
+    let strength = json["lora"]["strength"].as_f64().expect("strength") as f32;
+    let pipeline = ImagePipeline::load(&fixture(), &with_lora(&fixture().join(file), strength))
+        .expect("load with LoRA");
+    let request = request_of(case(&json, "cfg"));
+    let embeddings = pipeline.text_embeddings(&request).expect("embeddings");
+    assert_close(
+        &format!("{file} text embeddings"),
+        &embeddings,
+        &tensors["lora.text_embeddings"],
+    );
+    let noise = pipeline
+        .unet_output(
+            &tensors["cfg.first_unet_input"],
+            751,
+            &tensors["lora.text_embeddings"],
+        )
+        .expect("unet");
+    assert_close(
+        &format!("{file} first noise prediction"),
+        &noise,
+        &tensors["lora.first_noise_pred"],
+    );
+    let (steps, image) = run(&pipeline, &request, &tensors["cfg.latents"]);
+    for (i, latents) in steps.iter().enumerate() {
+        let reference = tensors["lora.step_latents"]
+            .i(i)
+            .and_then(|t| t.unsqueeze(0))
+            .expect("row");
+        assert_close(
+            &format!("{file} latents after step {}", i + 1),
+            latents,
+            &reference,
+        );
+    }
+    assert_close(
+        &format!("{file} image"),
+        &image.i(0).expect("image"),
+        &tensors["lora.image"],
+    );
+    let unchanged = max_abs_diff(&image.i(0).expect("image"), &tensors["cfg.image"]);
+    assert!(
+        unchanged > 1e-2,
+        "{file}: the LoRA changed nothing ({unchanged})"
+    );
+}
+
+#[test]
+fn peft_lora_matches_the_reference() {
+    check_lora("lora/pytorch_lora_weights.safetensors");
+}
+
+#[test]
+fn kohya_lora_matches_the_reference() {
+    check_lora("lora/kohya_lora.safetensors");
+}
+
+fn load_error(adapter: HashMap<String, Tensor>) -> (PathBuf, ImageError) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("adapter.safetensors");
+    candle_core::safetensors::save(&adapter, &file).expect("save adapter");
+    match ImagePipeline::load(&fixture(), &with_lora(&file, 1.0)) {
+        Ok(_) => panic!("a bad LoRA was merged"),
+        Err(e) => (file, e),
+    }
+}
+
+fn zeros(shape: &[usize]) -> Tensor {
+    Tensor::zeros(shape, DType::F32, &Device::Cpu).expect("zeros")
+}
+
+#[test]
+fn a_lora_matching_nothing_is_refused_naming_the_file() {
+    let (file, error) = load_error(HashMap::from([
+        (
+            "model.layers.0.self_attn.q_proj.lora_A.weight".to_owned(),
+            zeros(&[4, 32]),
+        ),
+        (
+            "model.layers.0.self_attn.q_proj.lora_B.weight".to_owned(),
+            zeros(&[32, 4]),
+        ),
+    ]));
+    assert!(
+        matches!(&error, ImageError::LoraNoMatch { file: f } if *f == file),
+        "{error}"
+    );
+    assert!(
+        error.to_string().contains(&file.display().to_string()),
+        "{error}"
+    );
+}
+
+#[test]
+fn a_lora_for_another_base_is_refused_naming_the_tensor() {
+    let module = "unet.mid_block.attentions.0.transformer_blocks.0.attn1.to_q";
+    let (_, error) = load_error(HashMap::from([
+        (format!("{module}.lora_A.weight"), zeros(&[4, 320])),
+        (format!("{module}.lora_B.weight"), zeros(&[320, 4])),
+    ]));
+    let message = error.to_string();
+    assert!(matches!(error, ImageError::LoraShape { .. }), "{message}");
+    assert!(
+        message.contains(&format!("{module}.lora_A.weight")),
+        "{message}"
+    );
+}
+
+#[test]
+fn single_file_checkpoint_matches_the_reference() {
+    let (json, tensors) = (expected_json(), expected_tensors());
+    let dir = fixture().join("single_file");
+    let pipeline = ImagePipeline::load_single_file(
+        &dir.join("tiny-sd.safetensors"),
+        Some(&dir.join("tiny-sd.yaml")),
+        &fixture(),
+        &cpu_f32(),
+    )
+    .expect("single file loads");
+    let request = request_of(case(&json, "cfg"));
+    // The text encoder runs on the checkpoint's float16-rounded weights too.
+    let embeddings = pipeline.text_embeddings(&request).expect("embeddings");
+    let noise = pipeline
+        .unet_output(&tensors["cfg.first_unet_input"], 751, &embeddings)
+        .expect("unet");
+    assert_close(
+        "single-file first noise prediction",
+        &noise,
+        &tensors["single_file.first_noise_pred"],
+    );
+    let (_, image) = run(&pipeline, &request, &tensors["cfg.latents"]);
+    assert_close(
+        "single-file image",
+        &image.i(0).expect("image"),
+        &tensors["single_file.image"],
+    );
+}
+
+#[test]
+fn single_file_shapes_are_inferred_without_yaml_or_configs() {
+    let renamed =
+        single_file::rename(&fixture().join("single_file/tiny-sd.safetensors")).expect("rename");
+    let from_folder: config::UnetJson =
+        config::read_json(&fixture().join("unet/config.json")).expect("config");
+    let unet = single_file::unet_json(&renamed.unet, None).expect("unet config");
+    assert_eq!(
+        format!("{:?}", unet.to_candle().expect("candle")),
+        format!("{:?}", from_folder.to_candle().expect("candle"))
+    );
+    let vae = single_file::vae_json(&renamed.vae, None).expect("vae config");
+    assert_eq!(vae.block_out_channels, vec![32, 64]);
+    assert_eq!((vae.layers_per_block, vae.latent_channels), (1, 4));
+    for (component, file, renamed) in [
+        ("unet", "diffusion_pytorch_model", &renamed.unet),
+        ("vae", "diffusion_pytorch_model", &renamed.vae),
+        ("text_encoder", "model", &renamed.text_encoder),
+    ] {
+        let path = fixture().join(format!("{component}/{file}.safetensors"));
+        let folder = weights::load_tensors(&[path]).expect("weights");
+        assert_eq!(renamed.len(), folder.len(), "{component} tensor count");
+        for (name, tensor) in &folder {
+            let ours = renamed
+                .get(name)
+                .unwrap_or_else(|| panic!("single file lacks {component} {name}"));
+            assert_eq!(ours.dims(), tensor.dims(), "{component} {name}");
+        }
+    }
+}

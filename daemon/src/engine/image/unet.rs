@@ -1,0 +1,347 @@
+//! The denoising UNet (diffusers `UNet2DConditionModel`, SD 1.x/2.x).
+//!
+//! Assembled here from candle's public resnet and timestep-embedding
+//! pieces rather than taken whole from candle, because candle's UNet uses
+//! its tanh-GELU attention blocks (see `transformer.rs`) and builds the
+//! resnets of plain down/up blocks with a fixed 32 groups instead of the
+//! config's `norm_num_groups`.
+
+use candle_core::{Module, Result, Tensor};
+use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_transformers::models::stable_diffusion::{
+    embeddings::{TimestepEmbedding, Timesteps},
+    resnet::{ResnetBlock2D, ResnetBlock2DConfig},
+    unet_2d::UNet2DConditionModelConfig,
+};
+
+use super::transformer::{SpatialTransformer, TransformerShape};
+
+fn conv3x3(
+    vb: VarBuilder,
+    from: usize,
+    to: usize,
+    stride: usize,
+    padding: usize,
+) -> Result<Conv2d> {
+    let config = Conv2dConfig {
+        stride,
+        padding,
+        ..Default::default()
+    };
+    conv2d(from, to, 3, config, vb)
+}
+
+/// What every block takes from the model's config.
+struct Shared<'a> {
+    config: &'a UNet2DConditionModelConfig,
+    time_dim: usize,
+}
+
+impl Shared<'_> {
+    fn resnet(&self, vb: VarBuilder, from: usize, to: usize, scale: f64) -> Result<ResnetBlock2D> {
+        let config = ResnetBlock2DConfig {
+            out_channels: Some(to),
+            temb_channels: Some(self.time_dim),
+            groups: self.config.norm_num_groups,
+            groups_out: None,
+            eps: self.config.norm_eps,
+            use_in_shortcut: None,
+            output_scale_factor: scale,
+        };
+        ResnetBlock2D::new(vb, from, config)
+    }
+
+    fn transformer(
+        &self,
+        vb: VarBuilder,
+        channels: usize,
+        heads: usize,
+        depth: usize,
+    ) -> Result<SpatialTransformer> {
+        let shape = TransformerShape {
+            channels,
+            heads,
+            depth,
+            context_dim: self.config.cross_attention_dim,
+            groups: self.config.norm_num_groups,
+            linear_projection: self.config.use_linear_projection,
+        };
+        SpatialTransformer::new(vb, shape)
+    }
+}
+
+/// A down block: resnets, optional attention after each, optional downsampler.
+struct DownBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<SpatialTransformer>,
+    downsampler: Option<Conv2d>,
+}
+
+impl DownBlock {
+    fn new(vb: VarBuilder, shared: &Shared, index: usize) -> Result<Self> {
+        let blocks = &shared.config.blocks;
+        let block = blocks[index];
+        let from = if index == 0 {
+            blocks[0].out_channels
+        } else {
+            blocks[index - 1].out_channels
+        };
+        let to = block.out_channels;
+        let layers = shared.config.layers_per_block;
+        let resnets = (0..layers)
+            .map(|i| {
+                shared.resnet(
+                    vb.pp("resnets").pp(i),
+                    if i == 0 { from } else { to },
+                    to,
+                    1.0,
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let attentions = match block.use_cross_attn {
+            Some(depth) => (0..layers)
+                .map(|i| {
+                    shared.transformer(
+                        vb.pp("attentions").pp(i),
+                        to,
+                        block.attention_head_dim,
+                        depth,
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        let downsampler = (index + 1 < blocks.len())
+            .then(|| {
+                conv3x3(
+                    vb.pp("downsamplers.0.conv"),
+                    to,
+                    to,
+                    2,
+                    shared.config.downsample_padding,
+                )
+            })
+            .transpose()?;
+        Ok(DownBlock {
+            resnets,
+            attentions,
+            downsampler,
+        })
+    }
+
+    /// The block's output and the skip states it hands to the up path.
+    fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        skips: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            xs = resnet.forward(&xs, Some(temb))?;
+            if let Some(attention) = self.attentions.get(i) {
+                xs = attention.forward(&xs, context)?;
+            }
+            skips.push(xs.clone());
+        }
+        if let Some(downsampler) = &self.downsampler {
+            xs = downsampler.forward(&xs)?;
+            skips.push(xs.clone());
+        }
+        Ok(xs)
+    }
+}
+
+/// An up block: resnets fed with skip states, optional attention after
+/// each, optional nearest-neighbour upsampler.
+struct UpBlock {
+    resnets: Vec<ResnetBlock2D>,
+    attentions: Vec<SpatialTransformer>,
+    upsampler: Option<Conv2d>,
+}
+
+impl UpBlock {
+    fn new(vb: VarBuilder, shared: &Shared, index: usize) -> Result<Self> {
+        let channels: Vec<usize> = shared
+            .config
+            .blocks
+            .iter()
+            .rev()
+            .map(|b| b.out_channels)
+            .collect();
+        let block = shared.config.blocks[channels.len() - 1 - index];
+        let to = channels[index];
+        let previous = if index == 0 {
+            channels[0]
+        } else {
+            channels[index - 1]
+        };
+        let skip_in = channels[(index + 1).min(channels.len() - 1)];
+        let layers = shared.config.layers_per_block + 1;
+        let resnets = (0..layers)
+            .map(|i| {
+                let skip = if i + 1 == layers { skip_in } else { to };
+                let input = if i == 0 { previous } else { to };
+                shared.resnet(vb.pp("resnets").pp(i), input + skip, to, 1.0)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let attentions = match block.use_cross_attn {
+            Some(depth) => (0..layers)
+                .map(|i| {
+                    shared.transformer(
+                        vb.pp("attentions").pp(i),
+                        to,
+                        block.attention_head_dim,
+                        depth,
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?,
+            None => Vec::new(),
+        };
+        let upsampler = (index + 1 < channels.len())
+            .then(|| conv3x3(vb.pp("upsamplers.0.conv"), to, to, 1, 1))
+            .transpose()?;
+        Ok(UpBlock {
+            resnets,
+            attentions,
+            upsampler,
+        })
+    }
+
+    fn forward(
+        &self,
+        xs: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        skips: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
+        let mut xs = xs.clone();
+        for (i, resnet) in self.resnets.iter().enumerate() {
+            let skip = skips
+                .pop()
+                .ok_or_else(|| candle_core::Error::Msg("UNet skip states ran out".into()))?;
+            xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, Some(temb))?;
+            if let Some(attention) = self.attentions.get(i) {
+                xs = attention.forward(&xs, context)?;
+            }
+        }
+        let Some(upsampler) = &self.upsampler else {
+            return Ok(xs);
+        };
+        // The next skip state's size, so odd sizes come back exactly.
+        let (h, w) = match skips.last() {
+            Some(skip) => (skip.dim(2)?, skip.dim(3)?),
+            None => (xs.dim(2)? * 2, xs.dim(3)? * 2),
+        };
+        upsampler.forward(&xs.upsample_nearest2d(h, w)?)
+    }
+}
+
+/// The mid block: resnet, attention, resnet.
+struct MidBlock {
+    first: ResnetBlock2D,
+    attention: SpatialTransformer,
+    second: ResnetBlock2D,
+}
+
+impl MidBlock {
+    fn new(vb: VarBuilder, shared: &Shared) -> Result<Self> {
+        let last = *shared
+            .config
+            .blocks
+            .last()
+            .ok_or_else(|| candle_core::Error::Msg("a UNet needs at least one block".into()))?;
+        let c = last.out_channels;
+        let scale = shared.config.mid_block_scale_factor;
+        Ok(MidBlock {
+            first: shared.resnet(vb.pp("resnets.0"), c, c, scale)?,
+            attention: shared.transformer(
+                vb.pp("attentions.0"),
+                c,
+                last.attention_head_dim,
+                last.use_cross_attn.unwrap_or(1),
+            )?,
+            second: shared.resnet(vb.pp("resnets.1"), c, c, scale)?,
+        })
+    }
+
+    fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
+        let xs = self.first.forward(xs, Some(temb))?;
+        let xs = self.attention.forward(&xs, context)?;
+        self.second.forward(&xs, Some(temb))
+    }
+}
+
+pub struct Unet {
+    conv_in: Conv2d,
+    time_proj: Timesteps,
+    time_embedding: TimestepEmbedding,
+    down: Vec<DownBlock>,
+    mid: MidBlock,
+    up: Vec<UpBlock>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
+    center_input: bool,
+}
+
+impl Unet {
+    pub fn new(
+        vb: VarBuilder,
+        config: &UNet2DConditionModelConfig,
+        in_channels: usize,
+        out_channels: usize,
+    ) -> Result<Self> {
+        let c0 = config.blocks[0].out_channels;
+        let shared = Shared {
+            config,
+            time_dim: c0 * 4,
+        };
+        let blocks = config.blocks.len();
+        Ok(Unet {
+            conv_in: conv3x3(vb.pp("conv_in"), in_channels, c0, 1, 1)?,
+            time_proj: Timesteps::new(c0, config.flip_sin_to_cos, config.freq_shift),
+            time_embedding: TimestepEmbedding::new(vb.pp("time_embedding"), c0, c0 * 4)?,
+            down: (0..blocks)
+                .map(|i| DownBlock::new(vb.pp("down_blocks").pp(i), &shared, i))
+                .collect::<Result<Vec<_>>>()?,
+            mid: MidBlock::new(vb.pp("mid_block"), &shared)?,
+            up: (0..blocks)
+                .map(|i| UpBlock::new(vb.pp("up_blocks").pp(i), &shared, i))
+                .collect::<Result<Vec<_>>>()?,
+            norm_out: group_norm(
+                config.norm_num_groups,
+                c0,
+                config.norm_eps,
+                vb.pp("conv_norm_out"),
+            )?,
+            conv_out: conv3x3(vb.pp("conv_out"), c0, out_channels, 1, 1)?,
+            center_input: config.center_input_sample,
+        })
+    }
+
+    /// The model output for `xs` at `timestep`, attending to `context`.
+    pub fn forward(&self, xs: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+        let batch = xs.dim(0)?;
+        let xs = if self.center_input {
+            ((xs * 2.0)? - 1.0)?
+        } else {
+            xs.clone()
+        };
+        let times = (Tensor::ones(batch, xs.dtype(), xs.device())? * timestep)?;
+        let temb = self
+            .time_embedding
+            .forward(&self.time_proj.forward(&times)?)?;
+        let mut xs = self.conv_in.forward(&xs)?;
+        let mut skips = vec![xs.clone()];
+        for block in &self.down {
+            xs = block.forward(&xs, &temb, context, &mut skips)?;
+        }
+        xs = self.mid.forward(&xs, &temb, context)?;
+        for block in &self.up {
+            xs = block.forward(&xs, &temb, context, &mut skips)?;
+        }
+        let xs = candle_nn::ops::silu(&self.norm_out.forward(&xs)?)?;
+        self.conv_out.forward(&xs)
+    }
+}
