@@ -316,28 +316,36 @@ fn invalid_request(id: Option<&str>, message: &str) -> String {
     )
 }
 
+/// An error reply for a broken server limit, naming its config key.
+fn limit_error(
+    id: Option<&str>,
+    kind: ErrorKind,
+    message: String,
+    field: &str,
+    limit: impl serde::Serialize,
+) -> String {
+    let details = Map::from_iter([
+        ("field".to_string(), json!(field)),
+        ("limit".to_string(), json!(limit)),
+    ]);
+    error_response(id, &wire_error(kind, message, details))
+}
+
 fn batch_too_large(limit: usize) -> String {
-    let err = wire_error(
+    let message = format!("a batch may hold at most {limit} requests (server.max_batch)");
+    limit_error(
+        None,
         ErrorKind::RequestTooLarge,
-        format!("a batch may hold at most {limit} requests (server.max_batch)"),
-        Map::from_iter([
-            ("field".to_string(), json!("server.max_batch")),
-            ("limit".to_string(), json!(limit)),
-        ]),
-    );
-    error_response(None, &err)
+        message,
+        "server.max_batch",
+        limit,
+    )
 }
 
 fn reply_too_large(id: Option<&str>, size: usize, limit: usize) -> String {
-    let err = wire_error(
-        ErrorKind::RequestTooLarge,
-        format!("the reply would be {size} bytes, over server.max_reply_bytes ({limit})"),
-        Map::from_iter([
-            ("field".to_string(), json!("server.max_reply_bytes")),
-            ("limit".to_string(), json!(limit)),
-        ]),
-    );
-    error_response(id, &err)
+    let message = format!("the reply would be {size} bytes, over server.max_reply_bytes ({limit})");
+    let field = "server.max_reply_bytes";
+    limit_error(id, ErrorKind::RequestTooLarge, message, field, limit)
 }
 
 /// The reply to a request that arrives while the daemon stops: the
@@ -354,15 +362,16 @@ pub fn shutting_down_response(line: &[u8]) -> Option<String> {
 
 /// The reply to a request line that did not arrive in full in time.
 pub fn timeout_response(limit_s: u64) -> String {
-    let err = wire_error(
-        ErrorKind::Timeout,
-        format!("the request line did not arrive in full within {limit_s} s (server.read_timeout_s); closing"),
-        Map::from_iter([
-            ("field".to_string(), json!("server.read_timeout_s")),
-            ("limit".to_string(), json!(limit_s)),
-        ]),
+    let message = format!(
+        "the request line did not arrive in full within {limit_s} s (server.read_timeout_s); closing"
     );
-    error_response(None, &err)
+    limit_error(
+        None,
+        ErrorKind::Timeout,
+        message,
+        "server.read_timeout_s",
+        limit_s,
+    )
 }
 
 /// The reply to a line longer than the limit; its id was never read.
