@@ -2,8 +2,8 @@
 //! in arrival order. A generation naming a mode other than the one that
 //! will be current when it runs gets a switch queued before it. The queue is
 //! bounded; a full queue refuses new work with `queue_full`. A job, once
-//! accepted, runs exactly once unless it is cancelled; how it ended is
-//! kept in [`history`].
+//! accepted, runs exactly once unless it is cancelled (or, at shutdown,
+//! refused while still queued); how it ended is kept in [`history`].
 
 pub mod history;
 
