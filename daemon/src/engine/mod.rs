@@ -157,6 +157,16 @@ impl EngineError {
     }
 }
 
+/// The last event of a generation that failed in its worker. The one
+/// place a worker's error takes wire form (the event stream carries wire
+/// events); both kinds of worker share it.
+pub(crate) fn error_event(err: EngineError) -> GenerateEvent {
+    GenerateEvent::Error {
+        done: true,
+        error: crate::rpc::error::wire_object(&crate::rpc::ApiError::from(err)),
+    }
+}
+
 /// Where and in what precision a model runs.
 #[derive(Debug, Clone)]
 pub struct Placement {

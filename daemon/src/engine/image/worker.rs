@@ -35,10 +35,7 @@ impl ImageWorker {
         for job in jobs {
             let last = self
                 .generate(&job)
-                .unwrap_or_else(|err| GenerateEvent::Error {
-                    done: true,
-                    error: crate::rpc::error::wire_object(&crate::rpc::ApiError::from(err)),
-                });
+                .unwrap_or_else(crate::engine::error_event);
             let _ = job.events.blocking_send(last);
         }
     }
