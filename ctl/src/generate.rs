@@ -1,4 +1,5 @@
-//! Engine commands: load, unload and generate (text streamed as it comes).
+//! Engine commands: load, unload and generate (text streamed as it comes;
+//! for image models, progress per step and the paths of the pictures).
 
 use std::io::Write;
 
@@ -41,6 +42,21 @@ pub struct GenerateArgs {
     /// Stop when this text appears; repeat for several
     #[arg(long)]
     stop: Vec<String>,
+    /// Image models: what the pictures should not show
+    #[arg(long)]
+    negative_prompt: Option<String>,
+    /// Image models: WIDTHxHEIGHT, such as 512x512
+    #[arg(long)]
+    size: Option<String>,
+    /// Image models: denoising steps
+    #[arg(long)]
+    steps: Option<u32>,
+    /// Image models: classifier-free guidance scale (1 is off)
+    #[arg(long)]
+    guidance: Option<f64>,
+    /// Image models: how many pictures
+    #[arg(long)]
+    count: Option<u32>,
 }
 
 pub fn load(
@@ -113,6 +129,12 @@ pub fn generate(client: &mut Client, args: &GenerateArgs, json: bool) -> Outcome
         repeat_penalty: args.repeat_penalty,
         repeat_last_n: None,
         stop: (!args.stop.is_empty()).then(|| args.stop.clone()),
+        negative_prompt: args.negative_prompt.clone(),
+        size: args.size.clone(),
+        steps: args.steps,
+        guidance: args.guidance,
+        count: args.count,
+        inline: None,
     };
     let mut stdout = std::io::stdout();
     for item in client.subscribe(methods::GENERATE, &params)? {
@@ -128,6 +150,30 @@ pub fn generate(client: &mut Client, args: &GenerateArgs, json: bool) -> Outcome
                 let _ = stdout.flush();
             }
             GenerateEvent::Token { .. } => {}
+            GenerateEvent::Progress { step, steps, .. } if !json => {
+                eprint!("\rstep {step}/{steps}");
+                if step == steps {
+                    eprintln!();
+                }
+            }
+            GenerateEvent::Progress { .. } => {}
+            GenerateEvent::Images(done) => {
+                if !json {
+                    for image in &done.images {
+                        println!("{}", image.path.display());
+                    }
+                    eprintln!(
+                        "[{} picture(s) of {}, {} steps, {} ms, {:?}, seed {}]",
+                        done.images.len(),
+                        done.size,
+                        done.steps,
+                        done.generate_ms + done.write_ms,
+                        done.finish_reason,
+                        done.seed
+                    );
+                }
+                return Ok(());
+            }
             GenerateEvent::Done {
                 completion_tokens,
                 prompt_tokens,

@@ -43,6 +43,15 @@ pub struct Config {
     pub hub: HubConfig,
     pub modes: ModesConfig,
     pub scheduler: SchedulerConfig,
+    pub images: ImagesConfig,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ImagesConfig {
+    /// Where generated pictures are written (absolute); by default
+    /// `<state_dir>/images`.
+    pub output_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -204,6 +213,13 @@ impl Config {
             value,
             limit: limit.to_string(),
         };
+        if let Some(dir) = self.images.output_dir.as_ref().filter(|d| !d.is_absolute()) {
+            return Err(out_of_range(
+                "images.output_dir",
+                format!("{:?}", dir.display().to_string()),
+                "an absolute path",
+            ));
+        }
         match u32::from_str_radix(&server.socket_mode, 8) {
             Ok(mode) if mode <= 0o777 && mode & 0o600 == 0o600 => {}
             _ => {

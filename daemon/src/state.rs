@@ -168,6 +168,15 @@ impl AppState {
         }
     }
 
+    /// Where generated pictures go: `images.output_dir`, else
+    /// `<state_dir>/images`.
+    pub fn image_output_dir(&self) -> PathBuf {
+        match &self.config().images.output_dir {
+            Some(dir) => dir.clone(),
+            None => self.paths.state_dir.join("images"),
+        }
+    }
+
     /// The modes file: `modes.file` from the config, else `modes.toml`
     /// beside the config file.
     pub fn modes_file(&self) -> PathBuf {

@@ -193,12 +193,7 @@ impl Daemon {
     /// read-only) and registers it under the fixture's name.
     pub fn register_fixture(&self, fixture: &str) -> PathBuf {
         let dir = self.dir.path().join(fixture);
-        std::fs::create_dir_all(&dir).expect("fixture copy dir");
-        for entry in std::fs::read_dir(fixtures_dir().join(fixture)).expect("fixture dir") {
-            let path = entry.expect("fixture entry").path();
-            std::fs::copy(&path, dir.join(path.file_name().expect("file name")))
-                .expect("copy fixture");
-        }
+        copy_tree(&fixtures_dir().join(fixture), &dir);
         self.call(
             "models.register",
             json!({"name": fixture, "local_path": dir}),
@@ -282,6 +277,21 @@ pub fn kind(err: &ClientError) -> &str {
 
 /// Path to the fixture models kept in the repository (`tests/fixtures`),
 /// so a fresh clone tests with nothing beside it.
+/// Copies folder `from` to `to` with its subfolders (diffusers pipelines
+/// keep each component in one).
+pub fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("fixture copy dir");
+    for entry in std::fs::read_dir(from).expect("fixture dir") {
+        let path = entry.expect("fixture entry").path();
+        let target = to.join(path.file_name().expect("file name"));
+        if path.is_dir() {
+            copy_tree(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).expect("copy fixture");
+        }
+    }
+}
+
 pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
 }

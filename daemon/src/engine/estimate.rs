@@ -60,8 +60,35 @@ pub fn estimate(weights: &Weights, dir: &Path, dtype: DType) -> Result<Estimate,
     }
 }
 
+/// An image model's weights (UNet, VAE and text encoder, or a single-file
+/// checkpoint) at `dtype`. It needs no KV cache; the activations of a run
+/// grow with the picture size and are not counted.
+pub fn image_estimate(path: &Path, dtype: DType) -> Result<Estimate, EngineError> {
+    let mut bytes = 0;
+    for file in super::image::weight_files(path)? {
+        bytes += safetensors_elements(&file)? * dtype.size_in_bytes() as u64;
+    }
+    Ok(Estimate {
+        weights: bytes,
+        kv_cache: 0,
+    })
+}
+
 /// Elements of every tensor in a safetensors file, from its JSON header.
 fn safetensors_elements(path: &Path) -> Result<u64, EngineError> {
+    Ok(safetensors_header(path)?
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .map(|(_, info)| {
+            info["shape"]
+                .as_array()
+                .map_or(0, |dims| dims.iter().filter_map(Value::as_u64).product())
+        })
+        .sum())
+}
+
+/// A safetensors file's JSON header: tensor names to dtype, shape and offsets.
+pub fn safetensors_header(path: &Path) -> Result<HashMap<String, Value>, EngineError> {
     let bad = |message: String| super::BadFile::new(path, message);
     let mut file = std::fs::File::open(path).map_err(|e| bad(e.to_string()))?;
     let mut len = [0u8; 8];
@@ -73,17 +100,7 @@ fn safetensors_elements(path: &Path) -> Result<u64, EngineError> {
     let mut header = vec![0u8; len as usize];
     file.read_exact(&mut header)
         .map_err(|e| bad(e.to_string()))?;
-    let tensors: HashMap<String, Value> =
-        serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?;
-    Ok(tensors
-        .iter()
-        .filter(|(name, _)| *name != "__metadata__")
-        .map(|(_, info)| {
-            info["shape"]
-                .as_array()
-                .map_or(0, |dims| dims.iter().filter_map(Value::as_u64).product())
-        })
-        .sum())
+    Ok(serde_json::from_slice(&header).map_err(|e| bad(format!("header: {e}")))?)
 }
 
 /// Keys and values of every layer for the context (capped), per config.

@@ -5,6 +5,7 @@ pub mod cancel;
 pub mod devices;
 pub mod estimate;
 pub mod image;
+pub mod request;
 pub mod text;
 
 use std::collections::HashMap;
@@ -19,10 +20,13 @@ use tokenizers::Tokenizer;
 
 use self::cancel::Cancellation;
 pub use self::devices::Devices;
+use self::image::worker::{ImageJob, ImageWorker};
+use self::image::{ImageError, ImageLoad, ImagePipeline};
+use self::request::ValidRequest;
 use self::text::chat::ChatTemplate;
 use self::text::model::{read_gguf_header, ModelSpec, TextModel, Weights};
-use self::text::sampling::ValidGenerate;
 use self::text::worker::{Job, Worker};
+use crate::validate::ValidationError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -59,6 +63,31 @@ pub enum EngineError {
     BadFile(#[from] BadFile),
     #[error("inference failed: {0}")]
     Candle(String),
+    /// A request this model's kind cannot run, or bad image parameters.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error("cannot write {}: {message}", path.display())]
+    Output { path: PathBuf, message: String },
+    #[error("generation cancelled")]
+    Cancelled,
+}
+
+impl From<ImageError> for EngineError {
+    /// The image pipeline's errors in the engine's terms: the one place
+    /// they are mapped. Candle errors stay `Candle`; a load turns them into
+    /// a bad file with [`EngineError::in_file`], as for text models.
+    fn from(err: ImageError) -> Self {
+        match err {
+            ImageError::Files(message) => EngineError::Files(message),
+            ImageError::Unsupported(message) => EngineError::Unsupported(message),
+            ImageError::Tokenizer(message) => EngineError::Tokenizer(message),
+            err @ (ImageError::LoraNoMatch { .. } | ImageError::LoraShape { .. }) => {
+                EngineError::Unsupported(err.to_string())
+            }
+            ImageError::Cancelled => EngineError::Cancelled,
+            ImageError::Candle(err) => EngineError::from(err),
+        }
+    }
 }
 
 /// A model file that cannot be read as what it claims to be: truncated,
@@ -125,6 +154,16 @@ impl EngineError {
             EngineError::Candle(message) => EngineError::BadFile(BadFile::new(file, message)),
             other => other,
         }
+    }
+}
+
+/// The last event of a generation that failed in its worker. The one
+/// place a worker's error takes wire form (the event stream carries wire
+/// events); both kinds of worker share it.
+pub(crate) fn error_event(err: EngineError) -> GenerateEvent {
+    GenerateEvent::Error {
+        done: true,
+        error: crate::rpc::error::wire_object(&crate::rpc::ApiError::from(err)),
     }
 }
 
@@ -227,6 +266,12 @@ pub enum Budget {
 /// own heap, the rest of the system.
 const LIVE_RESERVE: u64 = 512 << 20;
 
+/// The channel to a resident model's worker, by the kind of model.
+enum WorkerQueue {
+    Text(mpsc::Sender<Job>),
+    Image(mpsc::Sender<ImageJob>),
+}
+
 /// A model in memory and the channel to its worker.
 pub struct Resident {
     pub info: LoadedModel,
@@ -234,7 +279,7 @@ pub struct Resident {
     keep_alive: Option<std::time::Duration>,
     last_used: Mutex<Instant>,
     busy: std::sync::atomic::AtomicUsize,
-    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    jobs: Mutex<Option<WorkerQueue>>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -269,24 +314,39 @@ impl Resident {
         *self.last_used.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a generation; events arrive on `events`, the last with `done`.
+    /// Queues a generation as this model's kind runs it; a request only
+    /// the other kind can run is refused naming its parameter. Events
+    /// arrive on `events`, the last with `done`.
     pub fn submit(
         &self,
-        request: ValidGenerate,
+        request: ValidRequest,
         events: tokio::sync::mpsc::Sender<GenerateEvent>,
         cancel: Cancellation,
     ) -> Result<(), EngineError> {
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
-        let sender = jobs
+        let queue = jobs
             .as_ref()
             .ok_or_else(|| EngineError::NotLoaded(self.info.name.clone()))?;
-        sender
-            .send(Job {
-                request,
-                events,
-                cancel,
-            })
-            .map_err(|_| EngineError::NotLoaded(self.info.name.clone()))
+        let sent = match queue {
+            WorkerQueue::Text(sender) => sender
+                .send(Job {
+                    request: request.text?,
+                    events,
+                    cancel,
+                })
+                .is_ok(),
+            WorkerQueue::Image(sender) => sender
+                .send(ImageJob {
+                    request: request.image?,
+                    events,
+                    cancel,
+                })
+                .is_ok(),
+        };
+        if !sent {
+            return Err(EngineError::NotLoaded(self.info.name.clone()));
+        }
+        Ok(())
     }
 }
 
@@ -331,13 +391,9 @@ impl Engine {
         }
         let path = request.path.clone();
         let dtype = request.placement.dtype;
-        let (weights, estimate) = tokio::task::spawn_blocking(move || {
-            let weights = Weights::find(&path)?;
-            let estimate = estimate::estimate(&weights, model_dir(&path), dtype)?;
-            Ok::<_, EngineError>((weights, estimate))
-        })
-        .await
-        .map_err(|e| EngineError::Files(format!("load task failed: {e}")))??;
+        let (files, estimate) = tokio::task::spawn_blocking(move || inspect(&path, dtype))
+            .await
+            .map_err(|e| EngineError::Files(format!("load task failed: {e}")))??;
         let evicted = self
             .make_room(&request.placement, estimate.total(), budget)
             .await?;
@@ -346,7 +402,7 @@ impl Engine {
             start_worker(
                 request.name,
                 &request.path,
-                weights,
+                files,
                 estimate,
                 &request.loras,
                 request.placement,
@@ -473,6 +529,36 @@ impl Engine {
     }
 }
 
+/// What a model's files are: a text model's weights, or an image model.
+enum ModelFiles {
+    Text(Weights),
+    Image,
+}
+
+/// Finds out what kind of model `path` holds and estimates its memory.
+fn inspect(path: &Path, dtype: DType) -> Result<(ModelFiles, estimate::Estimate), EngineError> {
+    if is_image_model(path) {
+        return Ok((ModelFiles::Image, estimate::image_estimate(path, dtype)?));
+    }
+    let weights = Weights::find(path)?;
+    let estimate = estimate::estimate(&weights, model_dir(path), dtype)?;
+    Ok((ModelFiles::Text(weights), estimate))
+}
+
+/// A diffusers folder (it has `model_index.json`), or a single-file
+/// `.safetensors` checkpoint whose tensors carry the LDM UNet prefix.
+fn is_image_model(path: &Path) -> bool {
+    if path.is_dir() {
+        return path.join("model_index.json").is_file();
+    }
+    path.extension().is_some_and(|ext| ext == "safetensors")
+        && estimate::safetensors_header(path).is_ok_and(|header| {
+            header
+                .keys()
+                .any(|name| name.starts_with(image::SINGLE_FILE_UNET_PREFIX))
+        })
+}
+
 /// The directory holding a model's config and tokenizer.
 fn model_dir(path: &Path) -> &Path {
     if path.is_file() {
@@ -533,12 +619,83 @@ fn build(
     }
 }
 
-/// Loads the model at `path` (a directory, or a `.gguf` file with its
-/// tokenizer beside it) and starts the thread that will own it. A panic
-/// inside candle (it unwraps some CUDA errors) is caught here: out of memory
-/// becomes `InsufficientMemory`, anything else a load failure, and what the
-/// attempt allocated is handed back either way.
+/// Loads the model at `path` (a text model's directory, or a `.gguf` file
+/// with its tokenizer beside it; an image model's diffusers folder or
+/// single-file checkpoint) and starts the thread that will own it.
 fn start_worker(
+    name: String,
+    path: &Path,
+    files: ModelFiles,
+    estimate: estimate::Estimate,
+    loras: &[LoraInfo],
+    placement: Placement,
+) -> Result<Resident, EngineError> {
+    match files {
+        ModelFiles::Text(weights) => {
+            start_text_worker(name, path, weights, estimate, loras, placement)
+        }
+        ModelFiles::Image => start_image_worker(name, path, estimate, loras, placement),
+    }
+}
+
+/// Runs `build` on the placement's device and measures what it took. A
+/// panic inside candle (it unwraps some CUDA errors) is caught here: out of
+/// memory becomes `InsufficientMemory`, anything else a load failure, and
+/// what the attempt allocated is handed back either way.
+fn build_measured<T>(
+    placement: &Placement,
+    estimate: &estimate::Estimate,
+    build: impl FnOnce() -> Result<T, EngineError>,
+) -> Result<(T, u64), EngineError> {
+    let before = devices::used_bytes(&placement.device);
+    let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(build));
+    let built = match attempt {
+        Ok(Ok(built)) => built,
+        Ok(Err(err)) => {
+            devices::release(&placement.device);
+            return Err(out_of_memory(err, placement, estimate.total()));
+        }
+        Err(panic) => {
+            devices::release(&placement.device);
+            let message = panic_message(panic.as_ref());
+            let err = EngineError::Files(format!("loading failed inside candle: {message}"));
+            return Err(out_of_memory(err, placement, estimate.total()));
+        }
+    };
+    let measured = devices::used_bytes(&placement.device).saturating_sub(before);
+    Ok((built, measured))
+}
+
+/// The thread that owns model `name`, running `work`.
+fn spawn_model_thread(
+    name: &str,
+    work: impl FnOnce() + Send + 'static,
+) -> Result<JoinHandle<()>, EngineError> {
+    std::thread::Builder::new()
+        .name(format!("model-{name}"))
+        .spawn(work)
+        .map_err(|e| EngineError::Files(format!("cannot start the model thread: {e}")))
+}
+
+fn resident(
+    info: LoadedModel,
+    device: Device,
+    queue: WorkerQueue,
+    thread: JoinHandle<()>,
+) -> Resident {
+    tracing::info!(model = %info.name, arch = %info.arch, ms = info.load_ms, "model loaded");
+    Resident {
+        info,
+        device,
+        keep_alive: None,
+        last_used: Mutex::new(Instant::now()),
+        busy: std::sync::atomic::AtomicUsize::new(0),
+        jobs: Mutex::new(Some(queue)),
+        thread: Mutex::new(Some(thread)),
+    }
+}
+
+fn start_text_worker(
     name: String,
     path: &Path,
     weights: Weights,
@@ -552,24 +709,9 @@ fn start_worker(
     let tokenizer =
         Tokenizer::from_file(&tokenizer_path).map_err(|e| BadFile::new(&tokenizer_path, e))?;
     let chat_template = ChatTemplate::read(dir)?;
-    let before = devices::used_bytes(&placement.device);
-    let attempt = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let (built, measured_bytes) = build_measured(&placement, &estimate, || {
         build(&weights, dir, loras, &placement)
-    }));
-    let built = match attempt {
-        Ok(Ok(built)) => built,
-        Ok(Err(err)) => {
-            devices::release(&placement.device);
-            return Err(out_of_memory(err, &placement, estimate.total()));
-        }
-        Err(panic) => {
-            devices::release(&placement.device);
-            let message = panic_message(panic.as_ref());
-            let err = EngineError::Files(format!("loading failed inside candle: {message}"));
-            return Err(out_of_memory(err, &placement, estimate.total()));
-        }
-    };
-    let measured_bytes = devices::used_bytes(&placement.device).saturating_sub(before);
+    })?;
     let info = LoadedModel {
         name: name.clone(),
         arch: built.arch.to_string(),
@@ -593,20 +735,78 @@ fn start_worker(
         chat_template,
     };
     let (jobs, queue) = mpsc::channel();
-    let thread = std::thread::Builder::new()
-        .name(format!("model-{name}"))
-        .spawn(move || worker.run(queue))
-        .map_err(|e| EngineError::Files(format!("cannot start the model thread: {e}")))?;
-    tracing::info!(model = %name, arch = %info.arch, ms = info.load_ms, "model loaded");
-    Ok(Resident {
+    let thread = spawn_model_thread(&name, move || worker.run(queue))?;
+    Ok(resident(
         info,
-        device: placement.device,
-        keep_alive: None,
-        last_used: Mutex::new(Instant::now()),
-        busy: std::sync::atomic::AtomicUsize::new(0),
-        jobs: Mutex::new(Some(jobs)),
-        thread: Mutex::new(Some(thread)),
-    })
+        placement.device,
+        WorkerQueue::Text(jobs),
+        thread,
+    ))
+}
+
+/// The architecture image models report in `load` and `models.loaded`.
+pub const IMAGE_ARCH: &str = "stable-diffusion";
+
+/// Loads a Stable Diffusion pipeline: a diffusers folder, or a single-file
+/// checkpoint with its LDM `.yaml` beside it if there is one and the
+/// checkpoint's folder supplying `tokenizer/` (and optionally `scheduler/`).
+fn build_image(
+    path: &Path,
+    loras: &[LoraInfo],
+    placement: &Placement,
+) -> Result<ImagePipeline, EngineError> {
+    let options = ImageLoad {
+        device: placement.device.clone(),
+        dtype: placement.dtype,
+        loras: loras.to_vec(),
+    };
+    let pipeline = if path.is_dir() {
+        ImagePipeline::load(path, &options)
+    } else {
+        let yaml = path.with_extension("yaml");
+        let yaml = yaml.is_file().then_some(yaml.as_path());
+        ImagePipeline::load_single_file(path, yaml, model_dir(path), &options)
+    };
+    pipeline.map_err(|err| EngineError::from(err).in_file(path))
+}
+
+fn start_image_worker(
+    name: String,
+    path: &Path,
+    estimate: estimate::Estimate,
+    loras: &[LoraInfo],
+    placement: Placement,
+) -> Result<Resident, EngineError> {
+    let started = Instant::now();
+    let (pipeline, measured_bytes) = build_measured(&placement, &estimate, || {
+        build_image(path, loras, &placement)
+    })?;
+    let info = LoadedModel {
+        name: name.clone(),
+        arch: IMAGE_ARCH.to_string(),
+        device: placement.device_name.clone(),
+        dtype: format!("{:?}", placement.dtype).to_lowercase(),
+        path: path.to_path_buf(),
+        estimated_bytes: estimate.total(),
+        kv_cache_bytes: 0,
+        measured_bytes,
+        load_ms: started.elapsed().as_millis() as u64,
+        loaded_at: crate::registry::unix_now(),
+        context_length: 0,
+    };
+    let worker = ImageWorker {
+        pipeline,
+        device: placement.device.clone(),
+        device_name: placement.device_name.clone(),
+    };
+    let (jobs, queue) = mpsc::channel();
+    let thread = spawn_model_thread(&name, move || worker.run(queue))?;
+    Ok(resident(
+        info,
+        placement.device,
+        WorkerQueue::Image(jobs),
+        thread,
+    ))
 }
 
 /// An error whose text says the device ran out of memory becomes

@@ -10,10 +10,9 @@ use modeld_wire::types::{
 };
 use tokio::sync::mpsc;
 
-use crate::engine::text::sampling::ValidGenerate;
+use crate::engine::request::ValidRequest;
 use crate::engine::Placement;
 use crate::loader;
-use crate::modes::apply_defaults;
 use crate::rpc::{decode_params, ApiError};
 use crate::state::AppState;
 use crate::validate::{valid_name, ValidationError};
@@ -69,7 +68,7 @@ pub async fn generate(
         let Some(event) = next.take() else { return };
         let last = matches!(
             event,
-            GenerateEvent::Done { .. } | GenerateEvent::Error { .. }
+            GenerateEvent::Done { .. } | GenerateEvent::Images(_) | GenerateEvent::Error { .. }
         );
         let Ok(message) = serde_json::value::to_raw_value(&event) else {
             return;
@@ -118,7 +117,7 @@ fn submit(
 fn validate(
     mut params: GenerateParams,
     state: &AppState,
-) -> Result<(ValidGenerate, Option<String>), ApiError> {
+) -> Result<(ValidRequest, Option<String>), ApiError> {
     let mode = match params.mode.take() {
         Some(name) => {
             let mode = state.mode(&name)?;
@@ -133,11 +132,10 @@ fn validate(
                 )
                 .into());
             }
-            params = apply_defaults(params, &mode.defaults);
             // Validated under the mode's name; the engine key (which uses
             // '+' so it can never clash with a registered name) is set after.
             params.model = name.clone();
-            Some((name, key))
+            Some((name, key, mode.defaults, mode.image_defaults))
         }
         None => {
             // Unknown models are refused before anything is queued.
@@ -150,12 +148,16 @@ fn validate(
             None
         }
     };
-    let mut request = ValidGenerate::try_from(params)?;
+    let mut request = match &mode {
+        Some((_, _, text, image)) => ValidRequest::new(params, text, image)?,
+        None => ValidRequest::try_from(params)?,
+    };
+    request.set_output_dir(&state.image_output_dir());
     if state.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
     }
-    let mode = mode.map(|(name, key)| {
-        request.model = key;
+    let mode = mode.map(|(name, key, _, _)| {
+        request.set_model(key);
         name
     });
     Ok((request, mode))

@@ -9,9 +9,10 @@ use std::collections::BTreeMap;
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
-use modeld_wire::types::{GenerateParams, GenerationDefaults, LoraInfo, ModeInfo};
+use modeld_wire::types::{GenerateParams, GenerationDefaults, ImageDefaults, LoraInfo, ModeInfo};
 use serde::Deserialize;
 
+use crate::engine::image::request::ValidImage;
 use crate::engine::text::sampling::ValidGenerate;
 use crate::validate::valid_name;
 
@@ -44,6 +45,9 @@ struct ModeEntry {
     loras: Vec<LoraEntry>,
     #[serde(default)]
     defaults: GenerationDefaults,
+    default_size: Option<String>,
+    default_steps: Option<u32>,
+    default_guidance: Option<f64>,
     keep_alive: Option<KeepAlive>,
     description: Option<String>,
     #[serde(default)]
@@ -91,6 +95,7 @@ pub struct Mode {
     pub model_text: String,
     pub loras: Vec<LoraInfo>,
     pub defaults: GenerationDefaults,
+    pub image_defaults: ImageDefaults,
     pub keep_alive: Option<Duration>,
     pub description: Option<String>,
     pub metadata: serde_json::Map<String, serde_json::Value>,
@@ -118,6 +123,7 @@ impl Mode {
             model: self.model_text.clone(),
             loras: self.loras.clone(),
             defaults: self.defaults.clone(),
+            image_defaults: self.image_defaults.clone(),
             keep_alive_s: self.keep_alive.map(|d| d.as_secs()),
             description: self.description.clone(),
             metadata: self.metadata.clone(),
@@ -281,6 +287,12 @@ fn validate_mode(
         });
     }
     check_defaults(&entry.defaults, &at("defaults"), errors);
+    let image_defaults = ImageDefaults {
+        default_size: entry.default_size,
+        default_steps: entry.default_steps,
+        default_guidance: entry.default_guidance,
+    };
+    check_image_defaults(&image_defaults, &at(""), errors);
     let keep_alive = match entry.keep_alive {
         None => None,
         Some(KeepAlive::Seconds(secs)) => Some(Duration::from_secs(secs)),
@@ -302,6 +314,7 @@ fn validate_mode(
         model_text: entry.model,
         loras,
         defaults: entry.defaults,
+        image_defaults,
         keep_alive,
         description: entry.description,
         metadata: entry.metadata,
@@ -363,6 +376,32 @@ fn check_defaults(defaults: &GenerationDefaults, at: &str, errors: &mut Vec<Stri
     if let Err(err) = ValidGenerate::try_from(apply_defaults(params, defaults)) {
         errors.push(format!("{at}.{}: {}", err.field, err.message));
     }
+}
+
+/// Runs the image defaults through the checks an image request gets;
+/// `at` is the mode's prefix (`modes.NAME.`).
+fn check_image_defaults(defaults: &ImageDefaults, at: &str, errors: &mut Vec<String>) {
+    let params = GenerateParams {
+        model: "probe".into(),
+        prompt: Some(String::new()),
+        ..Default::default()
+    };
+    let params = apply_image_defaults(params, defaults);
+    if let Err(err) = ValidImage::from_params(&params, "probe".into(), 0) {
+        errors.push(format!("{at}default_{}: {}", err.field, err.message));
+    }
+}
+
+/// Fills an image request's unset size, steps and guidance from the
+/// mode's image defaults.
+pub fn apply_image_defaults(
+    mut params: GenerateParams,
+    defaults: &ImageDefaults,
+) -> GenerateParams {
+    params.size = params.size.or_else(|| defaults.default_size.clone());
+    params.steps = params.steps.or(defaults.default_steps);
+    params.guidance = params.guidance.or(defaults.default_guidance);
+    params
 }
 
 /// Fills the request's unset fields from the mode's defaults.
@@ -443,7 +482,8 @@ loras = ["../x.safetensors"]
     fn the_documented_example_uses_only_real_fields() {
         let text = include_str!("../../../modes.toml.example");
         let file: ModesFile = toml::from_str(text).expect("modes.toml.example parses");
-        assert_eq!(file.modes.len(), 3);
+        assert_eq!(file.modes.len(), 4);
+        assert_eq!(file.modes["art"].default_steps, Some(20));
         assert!(matches!(
             file.modes["poet"].loras[1],
             LoraEntry::Full { .. }

@@ -74,6 +74,9 @@ impl ApiError {
                 | EngineError::Template(_)
                 | EngineError::BadFile(_) => ErrorKind::LoadFailed,
                 EngineError::Candle(_) => ErrorKind::InferenceFailed,
+                EngineError::Invalid(_) => ErrorKind::InvalidParams,
+                EngineError::Output { .. } => ErrorKind::Io,
+                EngineError::Cancelled => ErrorKind::Cancelled,
             },
             ApiError::Relayed(_) => ErrorKind::Internal,
             ApiError::UnknownMode(_) => ErrorKind::NotFound,
@@ -108,11 +111,14 @@ impl ApiError {
     fn details(&self) -> Map<String, Value> {
         let mut data = Map::new();
         match self {
-            ApiError::Invalid(err) => {
+            ApiError::Invalid(err) | ApiError::Engine(EngineError::Invalid(err)) => {
                 data.insert("field".into(), json!(err.field));
                 if let Some(limit) = &err.limit {
                     data.insert("limit".into(), limit.clone());
                 }
+            }
+            ApiError::Engine(EngineError::Output { path, .. }) => {
+                data.insert("path".into(), json!(path));
             }
             ApiError::Registry(RegistryError::NotFound(name))
             | ApiError::Registry(RegistryError::AlreadyExists(name)) => {

@@ -26,7 +26,11 @@ impl JobOutcome {
     /// The outcome a generation's final event reports; `None` for tokens.
     pub fn of_event(event: &GenerateEvent) -> Option<JobOutcome> {
         match event {
-            GenerateEvent::Token { .. } => None,
+            GenerateEvent::Token { .. } | GenerateEvent::Progress { .. } => None,
+            GenerateEvent::Images(done) if done.finish_reason == FinishReason::Cancelled => {
+                Some(JobOutcome::Cancelled)
+            }
+            GenerateEvent::Images(_) => Some(JobOutcome::Done),
             GenerateEvent::Done {
                 finish_reason: FinishReason::Cancelled,
                 ..

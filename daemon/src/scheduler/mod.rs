@@ -17,7 +17,7 @@ use serde_json::json;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::engine::cancel::Cancellation;
-use crate::engine::text::sampling::ValidGenerate;
+use crate::engine::request::ValidRequest;
 use crate::loader;
 use crate::rpc::ApiError;
 use crate::state::AppState;
@@ -29,7 +29,8 @@ const EVENT_BUFFER: usize = 256;
 
 pub enum Work {
     Generate {
-        request: ValidGenerate,
+        /// Boxed: both kinds' validated requests make it the largest job.
+        request: Box<ValidRequest>,
         mode: Option<String>,
         events: mpsc::Sender<GenerateEvent>,
     },
@@ -150,7 +151,13 @@ fn as_sent(
     cancel: &Cancellation,
 ) -> GenerateEvent {
     match &mut event {
-        GenerateEvent::Token { .. } => {}
+        GenerateEvent::Token { .. } | GenerateEvent::Progress { .. } => {}
+        GenerateEvent::Images(done) => {
+            done.mode = mode.clone();
+            if !cancel.settle() {
+                done.finish_reason = FinishReason::Cancelled;
+            }
+        }
         GenerateEvent::Done {
             mode: done_mode,
             finish_reason,
@@ -252,7 +259,7 @@ impl Scheduler {
     /// the receiver of its events.
     pub fn submit_generate(
         &self,
-        request: ValidGenerate,
+        request: ValidRequest,
         mode: Option<String>,
         capacity: usize,
     ) -> Result<(u64, mpsc::Receiver<GenerateEvent>), ApiError> {
@@ -265,7 +272,7 @@ impl Scheduler {
     pub fn submit_generate_with(
         &self,
         capacity: usize,
-        plan: impl FnOnce(Option<String>) -> Result<(ValidGenerate, Option<String>), ApiError>,
+        plan: impl FnOnce(Option<String>) -> Result<(ValidRequest, Option<String>), ApiError>,
     ) -> Result<(u64, mpsc::Receiver<GenerateEvent>), ApiError> {
         let (events, receiver) = mpsc::channel(EVENT_BUFFER);
         let mut queue = self.lock();
@@ -286,7 +293,7 @@ impl Scheduler {
         queue.push(
             id,
             Work::Generate {
-                request,
+                request: Box::new(request),
                 mode,
                 events,
             },
@@ -549,7 +556,7 @@ impl Scheduler {
                     events,
                     cancel,
                 };
-                match self.generate(state, request, &job).await {
+                match self.generate(state, *request, &job).await {
                     Ok(outcome) => outcome,
                     Err(err) => job.fail(err).await,
                 }
@@ -575,7 +582,7 @@ impl Scheduler {
     async fn generate(
         &self,
         state: &Arc<AppState>,
-        request: ValidGenerate,
+        request: ValidRequest,
         job: &GenerateJob,
     ) -> Result<JobOutcome, ApiError> {
         let mode_config = match &job.mode {

@@ -97,6 +97,59 @@ pub struct GenerateParams {
     pub repeat_last_n: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop: Option<Vec<String>>,
+    /// Image models: what the pictures should not show.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub negative_prompt: Option<String>,
+    /// Image models: `"WxH"`, default 512x512.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<String>,
+    /// Image models: denoising steps, default 4.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steps: Option<u32>,
+    /// Image models: classifier-free guidance scale, default 1.0 (off).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub guidance: Option<f64>,
+    /// Image models: pictures to make, default 1; picture `i` uses `seed + i`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u32>,
+    /// Image models: also return each picture's PNG bytes as base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inline: Option<bool>,
+}
+
+/// One picture an image generation wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImageFile {
+    /// The PNG file, under the daemon's `[images] output_dir`.
+    pub path: PathBuf,
+    /// The seed that reproduces this picture alone.
+    pub seed: u64,
+    pub width: usize,
+    pub height: usize,
+    /// The PNG bytes, base64, when the request asked for `inline`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base64: Option<String>,
+}
+
+/// The last event of an image generation (`event: "done"`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImagesDone {
+    pub done: bool,
+    pub model: String,
+    /// The mode the request ran in, if it named one.
+    pub mode: Option<String>,
+    /// The request's seed (that of its first picture).
+    pub seed: u64,
+    /// `"WxH"`.
+    pub size: String,
+    pub steps: usize,
+    /// Empty when the generation was cancelled.
+    pub images: Vec<ImageFile>,
+    /// Text encoding, denoising and decoding.
+    pub generate_ms: u64,
+    /// Encoding and writing the PNG files.
+    pub write_ms: u64,
+    pub finish_reason: FinishReason,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -112,14 +165,22 @@ pub enum FinishReason {
     Cancelled,
 }
 
-/// What `generate` streams; the last item has `done: true`.
+/// What `generate` streams; the last item has `done: true`. Text models
+/// stream `token`s, image models `progress`; both end with `done` (or
+/// `error`). The serde impls below tell the two `done` shapes apart.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "event", rename_all = "snake_case")]
+#[serde(remote = "Self", tag = "event", rename_all = "snake_case")]
 pub enum GenerateEvent {
     Token {
         index: usize,
         id: u32,
         text: String,
+    },
+    /// Image models: one denoising step done.
+    Progress {
+        step: usize,
+        steps: usize,
+        elapsed_ms: u64,
     },
     Done {
         done: bool,
@@ -135,10 +196,49 @@ pub enum GenerateEvent {
         decode_tokens_per_s: f64,
         finish_reason: FinishReason,
     },
+    /// Image models' last event, also `event: "done"`: told apart from a
+    /// text `Done` by its `images` (see the serde impls below).
+    #[serde(skip)]
+    Images(ImagesDone),
     Error {
         done: bool,
         error: crate::error::RpcErrorObject,
     },
+}
+
+/// An image `done` event as it travels: the tag beside the fields.
+#[derive(Serialize)]
+struct TaggedImagesDone<'a> {
+    event: &'static str,
+    #[serde(flatten)]
+    done: &'a ImagesDone,
+}
+
+impl Serialize for GenerateEvent {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            GenerateEvent::Images(done) => TaggedImagesDone {
+                event: "done",
+                done,
+            }
+            .serialize(serializer),
+            // The derived (remote = "Self") form, for every other event.
+            other => GenerateEvent::serialize(other, serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for GenerateEvent {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+        let value = serde_json::Value::deserialize(deserializer)?;
+        if value["event"] == "done" && value.get("images").is_some() {
+            return ImagesDone::deserialize(value)
+                .map(GenerateEvent::Images)
+                .map_err(D::Error::custom);
+        }
+        GenerateEvent::deserialize(value).map_err(D::Error::custom)
+    }
 }
 
 /// A LoRA adapter applied to a mode's model.
@@ -147,6 +247,19 @@ pub struct LoraInfo {
     pub path: PathBuf,
     pub strength: f32,
     pub adapter_name: String,
+}
+
+/// Image generation defaults of a mode (`default_size`, `default_steps`,
+/// `default_guidance` keys); explicit request values win, and without them
+/// a request gets 512x512, 4 steps and guidance 1.0.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ImageDefaults {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_size: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_steps: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_guidance: Option<f64>,
 }
 
 /// Generation defaults of a mode; explicit request values win.
@@ -169,4 +282,61 @@ pub struct GenerationDefaults {
     pub repeat_last_n: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stop: Option<Vec<String>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn round_trip(event: &GenerateEvent) -> serde_json::Value {
+        let value = serde_json::to_value(event).unwrap();
+        let back: GenerateEvent = serde_json::from_value(value.clone()).unwrap();
+        assert_eq!(&back, event);
+        value
+    }
+
+    #[test]
+    fn both_done_shapes_travel_as_done_and_come_back_as_sent() {
+        let images = GenerateEvent::Images(ImagesDone {
+            done: true,
+            model: "sd".into(),
+            mode: None,
+            seed: 42,
+            size: "64x64".into(),
+            steps: 2,
+            images: vec![ImageFile {
+                path: "/tmp/a.png".into(),
+                seed: 42,
+                width: 64,
+                height: 64,
+                base64: None,
+            }],
+            generate_ms: 5,
+            write_ms: 1,
+            finish_reason: FinishReason::Length,
+        });
+        let value = round_trip(&images);
+        assert_eq!(value["event"], "done");
+        assert_eq!(value["images"][0]["seed"], 42);
+        let text = GenerateEvent::Done {
+            done: true,
+            model: "m".into(),
+            mode: Some("chat".into()),
+            seed: 1,
+            text: "hi".into(),
+            token_ids: vec![1, 2],
+            prompt_tokens: 3,
+            completion_tokens: 2,
+            prefill_tokens_per_s: 1.0,
+            decode_tokens_per_s: 2.0,
+            finish_reason: FinishReason::Eos,
+        };
+        assert_eq!(round_trip(&text)["event"], "done");
+        let progress = GenerateEvent::Progress {
+            step: 1,
+            steps: 2,
+            elapsed_ms: 3,
+        };
+        assert_eq!(round_trip(&progress)["event"], "progress");
+    }
 }

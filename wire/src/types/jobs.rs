@@ -13,6 +13,9 @@ pub struct ModeInfo {
     pub model: String,
     pub loras: Vec<LoraInfo>,
     pub defaults: GenerationDefaults,
+    /// Defaults of image requests, beside `defaults` for text ones.
+    #[serde(flatten)]
+    pub image_defaults: ImageDefaults,
     /// Unload the model after this long unused; `None` keeps it loaded.
     pub keep_alive_s: Option<u64>,
     pub description: Option<String>,

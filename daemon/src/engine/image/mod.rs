@@ -7,6 +7,7 @@ pub mod clip;
 pub mod config;
 pub mod lora;
 pub mod noise;
+pub mod output;
 pub mod prompt;
 pub mod request;
 pub mod scheduler;
@@ -14,6 +15,7 @@ pub mod single_file;
 pub mod transformer;
 pub mod unet;
 pub mod weights;
+pub mod worker;
 
 #[cfg(test)]
 mod tests;
@@ -145,7 +147,33 @@ fn check_model_index(root: &Path) -> Result<(), ImageError> {
             root.display()
         )));
     }
+    // FLUX, SD3, PixArt and the like denoise with a transformer, not a UNet.
+    if index.get("unet").is_none_or(|unet| unet[0].is_null()) {
+        return Err(ImageError::Unsupported(format!(
+            "{}: {class} has no UNet (a transformer-based pipeline?) and is not supported; only Stable Diffusion 1.x/2.x",
+            root.display()
+        )));
+    }
     Ok(())
+}
+
+/// The key prefix of a single-file checkpoint's UNet tensors, by which
+/// such a checkpoint is told from a text model's weights.
+pub const SINGLE_FILE_UNET_PREFIX: &str = "model.diffusion_model.";
+
+/// Every weight file an image model loads: the UNet, VAE and text encoder
+/// of a diffusers folder, or the single-file checkpoint itself.
+pub fn weight_files(path: &Path) -> Result<Vec<PathBuf>, ImageError> {
+    if !path.is_dir() {
+        return Ok(vec![path.to_path_buf()]);
+    }
+    let mut files = component_files(&path.join("unet"), "diffusion_pytorch_model")?;
+    files.extend(component_files(
+        &path.join("vae"),
+        "diffusion_pytorch_model",
+    )?);
+    files.extend(component_files(&path.join("text_encoder"), "model")?);
+    Ok(files)
 }
 
 /// A loaded Stable Diffusion pipeline.
@@ -159,6 +187,8 @@ pub struct ImagePipeline {
     vae_shift: f64,
     vae_scale_factor: usize,
     latent_channels: usize,
+    /// The most attention heads of any UNet block, for `attention_bytes`.
+    max_heads: usize,
     device: Device,
     dtype: DType,
     vae_dtype: DType,
@@ -196,6 +226,12 @@ impl ImagePipeline {
                 parts.unet_json.in_channels, vae_config.latent_channels
             )));
         }
+        let max_heads = unet_config
+            .blocks
+            .iter()
+            .map(|block| block.attention_head_dim)
+            .max()
+            .unwrap_or(1);
         let (device, dtype) = (&options.device, options.dtype);
         // The SD VAE overflows in f16; diffusers marks it `force_upcast`.
         let vae_dtype = if parts.vae_json.force_upcast {
@@ -231,6 +267,7 @@ impl ImagePipeline {
             vae_shift: parts.vae_json.shift_factor.unwrap_or(0.0),
             vae_scale_factor: parts.vae_json.scale_factor(),
             latent_channels: parts.vae_json.latent_channels,
+            max_heads,
             device: device.clone(),
             dtype,
             vae_dtype,
@@ -249,6 +286,27 @@ impl ImagePipeline {
             progress(step, steps)
         })?;
         to_rgb8(&images)
+    }
+
+    /// An upper bound of the largest attention allocation of a run: the
+    /// scores and probabilities of every head over every latent position
+    /// (quadratic in the picture's area), for the whole UNet batch. The
+    /// attention is not chunked, so a size this does not fit must be
+    /// refused before it runs: a failed allocation aborts the process.
+    pub fn attention_bytes(&self, request: &ValidImageRequest) -> u64 {
+        let (h, w) = self.latent_size(request);
+        let tokens = (h * w) as u64;
+        let passes = if request.classifier_free_guidance() {
+            2
+        } else {
+            1
+        };
+        let batch = (request.count * passes * self.max_heads) as u64;
+        let bytes = self.dtype.size_in_bytes().max(DType::F32.size_in_bytes()) as u64;
+        2u64.saturating_mul(batch)
+            .saturating_mul(tokens)
+            .saturating_mul(tokens)
+            .saturating_mul(bytes)
     }
 
     /// `(count, channels, h, w)` noise; image `i` uses seed `seed + i`, so

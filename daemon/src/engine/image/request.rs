@@ -12,6 +12,10 @@ pub const MAX_STEPS: u32 = 150;
 pub const MAX_GUIDANCE: f64 = 100.0;
 pub const MAX_COUNT: u32 = 8;
 pub const MAX_PROMPT_CHARS: usize = 8192;
+/// What an image request gets when neither it nor its mode says otherwise.
+pub const DEFAULT_SIZE: &str = "512x512";
+pub const DEFAULT_STEPS: u32 = 4;
+pub const DEFAULT_GUIDANCE: f64 = 1.0;
 
 /// An image request before validation.
 #[derive(Debug, Clone, PartialEq)]
@@ -118,6 +122,70 @@ impl TryFrom<ImageRequest> for ValidImageRequest {
             prompt: request.prompt,
             negative_prompt: request.negative_prompt,
             seed: request.seed,
+        })
+    }
+}
+
+/// A generation for an image model's worker: the pipeline's request, the
+/// model it names, where its pictures go and whether they come back inline.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidImage {
+    pub model: String,
+    pub request: ValidImageRequest,
+    pub inline: bool,
+    pub output_dir: std::path::PathBuf,
+}
+
+/// `"WxH"` as `(width, height)`; anything else is refused naming `size`.
+pub fn parse_size(size: &str) -> Result<(u32, u32), ValidationError> {
+    let parsed = size
+        .split_once(['x', 'X'])
+        .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)));
+    parsed.ok_or_else(|| {
+        rejected(
+            "size",
+            format!("{size:?} is not WIDTHxHEIGHT, such as \"512x512\""),
+            json!({"min": MIN_SIDE, "max": MAX_SIDE, "multiple_of": SIDE_MULTIPLE}),
+        )
+    })
+}
+
+impl ValidImage {
+    /// Validates the image side of `generate` parameters; sizes are
+    /// refused under the name the client used, `size`. The caller sets
+    /// `output_dir`.
+    pub fn from_params(
+        params: &modeld_wire::types::GenerateParams,
+        model: String,
+        seed: u64,
+    ) -> Result<Self, ValidationError> {
+        let prompt = params
+            .prompt
+            .clone()
+            .ok_or_else(|| ValidationError::new("prompt", "an image model needs a prompt"))?;
+        let (width, height) = parse_size(params.size.as_deref().unwrap_or(DEFAULT_SIZE))?;
+        let request = ImageRequest {
+            prompt,
+            negative_prompt: params.negative_prompt.clone(),
+            width,
+            height,
+            steps: params.steps.unwrap_or(DEFAULT_STEPS),
+            guidance: params.guidance.unwrap_or(DEFAULT_GUIDANCE),
+            seed,
+            count: params.count.unwrap_or(1),
+        };
+        let request = ValidImageRequest::try_from(request).map_err(|mut err| {
+            if err.field == "width" || err.field == "height" {
+                err.message = format!("{} {}", err.field, err.message);
+                err.field = "size".into();
+            }
+            err
+        })?;
+        Ok(ValidImage {
+            model,
+            request,
+            inline: params.inline.unwrap_or(false),
+            output_dir: std::path::PathBuf::new(),
         })
     }
 }

@@ -138,7 +138,7 @@ impl TryFrom<GenerateParams> for ValidGenerate {
     }
 }
 
-fn random_seed() -> u64 {
+pub fn random_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
     hasher.write_u128(

@@ -38,13 +38,7 @@ impl Worker {
         for job in jobs {
             let events = job.events.clone();
             let outcome = self.generate(&job);
-            let last = match outcome {
-                Ok(done) => done,
-                Err(err) => GenerateEvent::Error {
-                    done: true,
-                    error: crate::rpc::error::wire_object(&crate::rpc::ApiError::from(err)),
-                },
-            };
+            let last = outcome.unwrap_or_else(crate::engine::error_event);
             let _ = events.blocking_send(last);
         }
     }

@@ -1,0 +1,212 @@
+//! A `generate` request validated for whichever kind of model runs it. The
+//! kind is known only once the model is resident, so a request is checked
+//! as text and as image generation up front; parameters of one kind make
+//! the other refuse it, naming the parameter.
+
+use modeld_wire::types::{GenerateParams, GenerationDefaults, ImageDefaults};
+
+use super::image::request::ValidImage;
+use super::text::sampling::ValidGenerate;
+use crate::modes::{apply_defaults, apply_image_defaults};
+use crate::validate::{valid_name, ValidationError};
+
+/// Parameters only text generation reads, by name.
+fn text_only(p: &GenerateParams) -> Option<&'static str> {
+    [
+        ("messages", p.messages.is_some()),
+        ("max_tokens", p.max_tokens.is_some()),
+        ("temperature", p.temperature.is_some()),
+        ("top_p", p.top_p.is_some()),
+        ("top_k", p.top_k.is_some()),
+        ("repeat_penalty", p.repeat_penalty.is_some()),
+        ("repeat_last_n", p.repeat_last_n.is_some()),
+        ("stop", p.stop.is_some()),
+    ]
+    .into_iter()
+    .find_map(|(name, set)| set.then_some(name))
+}
+
+/// Parameters only image generation reads, by name.
+fn image_only(p: &GenerateParams) -> Option<&'static str> {
+    [
+        ("negative_prompt", p.negative_prompt.is_some()),
+        ("size", p.size.is_some()),
+        ("steps", p.steps.is_some()),
+        ("guidance", p.guidance.is_some()),
+        ("count", p.count.is_some()),
+        ("inline", p.inline.is_some()),
+    ]
+    .into_iter()
+    .find_map(|(name, set)| set.then_some(name))
+}
+
+/// A generation as a text model and as an image model would run it; the
+/// side that cannot run holds the error its model will answer with.
+#[derive(Debug, Clone)]
+pub struct ValidRequest {
+    pub model: String,
+    pub text: Result<ValidGenerate, ValidationError>,
+    pub image: Result<ValidImage, ValidationError>,
+}
+
+impl ValidRequest {
+    /// Names the engine key the request runs on (a mode's model key).
+    pub fn set_model(&mut self, model: String) {
+        if let Ok(text) = &mut self.text {
+            text.model = model.clone();
+        }
+        if let Ok(image) = &mut self.image {
+            image.model = model.clone();
+        }
+        self.model = model;
+    }
+
+    /// Where an image request's pictures are written.
+    pub fn set_output_dir(&mut self, dir: &std::path::Path) {
+        if let Ok(image) = &mut self.image {
+            image.output_dir = dir.to_path_buf();
+        }
+    }
+}
+
+impl TryFrom<GenerateParams> for ValidRequest {
+    type Error = ValidationError;
+
+    /// The request without a mode's defaults.
+    fn try_from(params: GenerateParams) -> Result<Self, ValidationError> {
+        Self::new(
+            params,
+            &GenerationDefaults::default(),
+            &ImageDefaults::default(),
+        )
+    }
+}
+
+impl ValidRequest {
+    /// Validates `params`, each kind with its own defaults filled in (a
+    /// mode's text defaults never turn an image request into a text one).
+    /// Mixing both kinds' parameters, or a bad value for the kind the
+    /// parameters ask for, is refused at once; a request fitting both (a
+    /// prompt and a seed) is kept both ways.
+    pub fn new(
+        params: GenerateParams,
+        text_defaults: &GenerationDefaults,
+        image_defaults: &ImageDefaults,
+    ) -> Result<Self, ValidationError> {
+        let model = valid_name(&params.model).map_err(|mut e| {
+            e.field = "model".into();
+            e
+        })?;
+        let (text_field, image_field) = (text_only(&params), image_only(&params));
+        if let (Some(text_field), Some(image_field)) = (text_field, image_field) {
+            return Err(ValidationError::new(
+                image_field,
+                format!("{image_field} is an image parameter and {text_field} a text one; a request is one or the other"),
+            ));
+        }
+        let seed = params
+            .seed
+            .or(text_defaults.seed)
+            .unwrap_or_else(super::text::sampling::random_seed);
+        let params = GenerateParams {
+            seed: Some(seed),
+            ..params
+        };
+        let image = match text_field {
+            Some(field) => Err(ValidationError::new(
+                field,
+                format!("{field} applies to text models; this model generates images"),
+            )),
+            None => {
+                let params = apply_image_defaults(params.clone(), image_defaults);
+                ValidImage::from_params(&params, model.clone(), seed)
+            }
+        };
+        let text = match image_field {
+            Some(field) => Err(ValidationError::new(
+                field,
+                format!("{field} applies to image models; this model generates text"),
+            )),
+            None => ValidGenerate::try_from(apply_defaults(params, text_defaults)),
+        };
+        match (&text, &image) {
+            (Err(err), _) if text_field.is_some() => Err(err.clone()),
+            (_, Err(err)) if image_field.is_some() => Err(err.clone()),
+            (Err(err), Err(_)) => Err(err.clone()),
+            _ => Ok(ValidRequest { model, text, image }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn params(extra: serde_json::Value) -> GenerateParams {
+        let mut value = serde_json::json!({"model": "m", "prompt": "a cat"});
+        value
+            .as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        serde_json::from_value(value).unwrap()
+    }
+
+    #[test]
+    fn a_bare_prompt_fits_both_kinds_with_one_seed() {
+        let request = ValidRequest::try_from(params(serde_json::json!({}))).unwrap();
+        let (text, image) = (request.text.unwrap(), request.image.unwrap());
+        assert_eq!(text.seed, image.request.seed);
+        assert_eq!((image.request.width, image.request.steps), (512, 4));
+    }
+
+    #[test]
+    fn one_kinds_parameter_makes_the_other_refuse_naming_it() {
+        let text = ValidRequest::try_from(params(serde_json::json!({"max_tokens": 4}))).unwrap();
+        assert_eq!(text.image.unwrap_err().field, "max_tokens");
+        let image = ValidRequest::try_from(params(serde_json::json!({"size": "64x64"}))).unwrap();
+        assert_eq!(image.text.unwrap_err().field, "size");
+    }
+
+    #[test]
+    fn each_kind_gets_its_own_mode_defaults() {
+        let text_defaults = GenerationDefaults {
+            max_tokens: Some(9),
+            ..Default::default()
+        };
+        let image_defaults = ImageDefaults {
+            default_size: Some("64x32".into()),
+            default_steps: Some(7),
+            default_guidance: None,
+        };
+        let request = ValidRequest::new(
+            params(serde_json::json!({})),
+            &text_defaults,
+            &image_defaults,
+        )
+        .unwrap();
+        let image = request.image.unwrap().request;
+        assert_eq!((image.width, image.height, image.steps), (64, 32, 7));
+        assert_eq!(image.guidance, 1.0);
+        assert_eq!(request.text.unwrap().max_tokens, 9);
+        let explicit = params(serde_json::json!({"steps": 2}));
+        let request = ValidRequest::new(explicit, &text_defaults, &image_defaults).unwrap();
+        assert_eq!(request.image.unwrap().request.steps, 2);
+    }
+
+    #[test]
+    fn mixed_or_bad_parameters_are_refused_at_once() {
+        let mixed = params(serde_json::json!({"max_tokens": 4, "steps": 2}));
+        assert_eq!(ValidRequest::try_from(mixed).unwrap_err().field, "steps");
+        for (bad, field) in [
+            (serde_json::json!({"size": "63x64"}), "size"),
+            (serde_json::json!({"size": "big"}), "size"),
+            (serde_json::json!({"steps": 0}), "steps"),
+            (serde_json::json!({"guidance": 101.0}), "guidance"),
+            (serde_json::json!({"count": 9}), "count"),
+        ] {
+            let err = ValidRequest::try_from(params(bad.clone())).unwrap_err();
+            assert_eq!(err.field, field, "{bad}");
+            assert!(err.limit.is_some(), "{bad}: {err}");
+        }
+    }
+}

@@ -1,0 +1,370 @@
+//! Image generation through the daemon with the tiny Stable Diffusion
+//! fixture: loading, seeded PNG files, progress, inline pictures, refused
+//! parameters and cancellation.
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use base64::Engine as _;
+use modeld_e2e::{copy_tree, fixtures_dir, kind, Daemon};
+use modeld_wire::ClientError;
+use serde_json::{json, Value};
+
+/// Runs `generate` and returns every event.
+fn generate(daemon: &Daemon, params: Value) -> Vec<Value> {
+    daemon
+        .client()
+        .subscribe("generate", params)
+        .expect("generate accepted")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("generate stream")
+}
+
+/// The refusal of a `generate` that must not run.
+fn refused(daemon: &Daemon, params: Value) -> ClientError {
+    match daemon.client().subscribe("generate", params.clone()) {
+        Ok(stream) => match stream.collect::<Result<Vec<_>, _>>() {
+            Ok(events) => panic!("{params} ran: {:?}", events.last()),
+            Err(err) => err,
+        },
+        Err(err) => err,
+    }
+}
+
+fn field(err: &ClientError) -> String {
+    match err {
+        ClientError::Rpc(object) => object.data.as_ref().map_or(String::new(), |data| {
+            data["field"].as_str().unwrap_or_default().to_string()
+        }),
+        other => panic!("not an RPC error: {other}"),
+    }
+}
+
+/// Width, height and RGB pixels of a PNG file's bytes.
+fn decode_png(bytes: &[u8]) -> (u32, u32, Vec<u8>) {
+    let decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    let mut reader = decoder.read_info().expect("a PNG");
+    let mut pixels = vec![0; reader.output_buffer_size().expect("size")];
+    let info = reader.next_frame(&mut pixels).expect("PNG pixels");
+    assert_eq!(info.color_type, png::ColorType::Rgb);
+    pixels.truncate(info.buffer_size());
+    (info.width, info.height, pixels)
+}
+
+fn picture_paths(done: &Value) -> Vec<PathBuf> {
+    done["images"]
+        .as_array()
+        .expect("images")
+        .iter()
+        .map(|image| PathBuf::from(image["path"].as_str().expect("path")))
+        .collect()
+}
+
+fn image_daemon() -> Daemon {
+    let daemon = Daemon::start();
+    daemon.register_fixture("tiny-sd");
+    daemon
+}
+
+#[test]
+fn seeded_pictures_are_written_as_png_files_and_reproduce() {
+    let daemon = image_daemon();
+    let loaded = daemon.call("load", json!({"name": "tiny-sd"})).unwrap();
+    assert_eq!(loaded["model"]["arch"], "stable-diffusion");
+    assert!(loaded["model"]["estimated_bytes"].as_u64().unwrap() > 0);
+    let params = json!({"model": "tiny-sd", "prompt": "a red cube", "size": "64x48",
+                        "steps": 3, "seed": 42, "count": 2});
+    let events = generate(&daemon, params.clone());
+    let steps: Vec<&Value> = events.iter().filter(|e| e["event"] == "progress").collect();
+    assert_eq!(steps.len(), 3, "{events:?}");
+    assert_eq!(steps[2]["step"], 3);
+    assert_eq!(steps[2]["steps"], 3);
+    let done = events.last().unwrap();
+    assert_eq!(done["event"], "done", "{done}");
+    assert_eq!(done["finish_reason"], "length");
+    assert_eq!(
+        (done["seed"].clone(), done["size"].clone()),
+        (json!(42), json!("64x48"))
+    );
+    let paths = picture_paths(done);
+    assert_eq!(paths.len(), 2);
+    assert_eq!(done["images"][1]["seed"], 43);
+    let images_dir = daemon.state_dir.join("images");
+    let mut first = Vec::new();
+    for path in &paths {
+        assert_eq!(path.parent(), Some(images_dir.as_path()));
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        assert!(name.contains("-seed4"), "{name}");
+        let mode = std::fs::metadata(path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o640, "{}", path.display());
+        let bytes = std::fs::read(path).unwrap();
+        let (width, height, pixels) = decode_png(&bytes);
+        assert_eq!((width, height), (64, 48));
+        assert!(pixels.iter().any(|&p| p != pixels[0]), "a blank picture");
+        first.push(bytes);
+    }
+    assert_ne!(first[0], first[1], "seed + 1 must give another picture");
+    let again = generate(&daemon, params);
+    let again_paths = picture_paths(again.last().unwrap());
+    assert_ne!(again_paths, paths, "files are never overwritten");
+    for (path, bytes) in again_paths.iter().zip(&first) {
+        assert_eq!(
+            &std::fs::read(path).unwrap(),
+            bytes,
+            "same seed, same picture"
+        );
+    }
+}
+
+#[test]
+fn inline_pictures_match_their_files_and_output_dir_is_configurable() {
+    let out = tempfile::tempdir().unwrap();
+    let config = format!("[images]\noutput_dir = {:?}\n", out.path().join("pics"));
+    let daemon = Daemon::start_configured(&config, &[]);
+    daemon.register_fixture("tiny-sd");
+    let events = generate(
+        &daemon,
+        json!({"model": "tiny-sd", "prompt": "a cat", "size": "64x64", "steps": 2,
+               "guidance": 7.5, "negative_prompt": "blur", "inline": true}),
+    );
+    let done = events.last().unwrap();
+    let path = &picture_paths(done)[0];
+    assert_eq!(path.parent(), Some(out.path().join("pics").as_path()));
+    let inline = base64::engine::general_purpose::STANDARD
+        .decode(done["images"][0]["base64"].as_str().expect("base64"))
+        .unwrap();
+    assert_eq!(inline, std::fs::read(path).unwrap());
+    let plain = generate(
+        &daemon,
+        json!({"model": "tiny-sd", "prompt": "a cat", "size": "64x64", "steps": 1}),
+    );
+    assert!(plain.last().unwrap()["images"][0].get("base64").is_none());
+}
+
+#[test]
+fn bad_image_parameters_are_refused_naming_the_field() {
+    let daemon = image_daemon();
+    for (bad, name) in [
+        (json!({"size": "63x64"}), "size"),
+        (json!({"size": "4096x64"}), "size"),
+        (json!({"size": "large"}), "size"),
+        (json!({"steps": 0}), "steps"),
+        (json!({"steps": 151}), "steps"),
+        (json!({"guidance": -1.0}), "guidance"),
+        (json!({"count": 9}), "count"),
+    ] {
+        let mut params = json!({"model": "tiny-sd", "prompt": "a cat"});
+        params
+            .as_object_mut()
+            .unwrap()
+            .extend(bad.as_object().unwrap().clone());
+        let err = refused(&daemon, params);
+        assert_eq!(kind(&err), "invalid_params", "{bad}: {err}");
+        assert_eq!(field(&err), name, "{bad}: {err}");
+    }
+}
+
+#[test]
+fn each_kind_of_model_refuses_the_other_kinds_parameters() {
+    let daemon = image_daemon();
+    daemon.register_fixture("tiny-llama");
+    let err = refused(
+        &daemon,
+        json!({"model": "tiny-sd", "prompt": "a cat", "max_tokens": 4}),
+    );
+    assert_eq!(kind(&err), "invalid_params", "{err}");
+    assert_eq!(field(&err), "max_tokens", "{err}");
+    let err = refused(
+        &daemon,
+        json!({"model": "tiny-sd", "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert_eq!(field(&err), "messages", "{err}");
+    let err = refused(
+        &daemon,
+        json!({"model": "tiny-llama", "prompt": "Hi", "size": "64x64"}),
+    );
+    assert_eq!(kind(&err), "invalid_params", "{err}");
+    assert_eq!(field(&err), "size", "{err}");
+    // A bare prompt still runs on a text model.
+    let text = generate(&daemon, json!({"model": "tiny-llama", "prompt": "Hi"}));
+    assert!(text.last().unwrap()["text"].is_string());
+}
+
+#[test]
+fn a_cancel_stops_the_run_between_steps() {
+    let daemon = image_daemon();
+    daemon.call("load", json!({"name": "tiny-sd"})).unwrap();
+    let mut client = daemon.client();
+    let params = json!({"model": "tiny-sd", "prompt": "a cat", "size": "128x128", "steps": 150});
+    let mut stream = client.subscribe("generate", params).expect("accepted");
+    let first = stream.next().expect("an event").expect("progress");
+    assert_eq!(first["event"], "progress", "{first}");
+    let status = daemon.call("status", json!({})).unwrap();
+    let job = status["queue"]["jobs"][0]["id"]
+        .as_u64()
+        .expect("the running job");
+    let reply = daemon.call("jobs.cancel", json!({"job": job})).unwrap();
+    assert_eq!(reply["cancelled"], true);
+    let rest: Vec<Value> = stream.collect::<Result<_, _>>().expect("stream");
+    let done = rest.last().unwrap();
+    assert_eq!(done["finish_reason"], "cancelled", "{done}");
+    assert_eq!(done["images"], json!([]));
+    assert!(
+        rest.len() < 150,
+        "ran {} steps after the cancel",
+        rest.len()
+    );
+    let images = daemon.state_dir.join("images");
+    let written = std::fs::read_dir(&images).map_or(0, |dir| dir.count());
+    assert_eq!(written, 0, "a cancelled run writes no pictures");
+}
+
+/// The attention is not chunked, so its memory grows with the square of
+/// the picture's area: a size that cannot fit is refused up front instead
+/// of aborting the daemon on a failed allocation. (The fixture's VAE only
+/// halves the size, so its default 512x512 is already far too large.)
+#[test]
+fn a_picture_too_large_for_memory_is_refused_and_the_daemon_lives() {
+    let daemon = image_daemon();
+    for params in [
+        json!({"model": "tiny-sd", "prompt": "a cat", "size": "2048x2048"}),
+        json!({"model": "tiny-sd", "prompt": "a cat"}),
+    ] {
+        let err = refused(&daemon, params.clone());
+        assert_eq!(kind(&err), "insufficient_memory", "{params}: {err}");
+    }
+    let events = generate(
+        &daemon,
+        json!({"model": "tiny-sd", "prompt": "a cat", "size": "64x64", "steps": 1}),
+    );
+    assert_eq!(events.last().unwrap()["finish_reason"], "length");
+}
+
+/// A copy of the fixture with its `model_index.json` changed by `edit`.
+fn variant(daemon: &Daemon, name: &str, edit: impl FnOnce(&mut Value)) -> PathBuf {
+    let dir = daemon.state_dir.parent().unwrap().join(name);
+    copy_tree(&fixtures_dir().join("tiny-sd"), &dir);
+    let index_path = dir.join("model_index.json");
+    let mut index: Value = serde_json::from_slice(&std::fs::read(&index_path).unwrap()).unwrap();
+    edit(&mut index);
+    std::fs::write(&index_path, index.to_string()).unwrap();
+    daemon
+        .call("models.register", json!({"name": name, "local_path": dir}))
+        .unwrap();
+    dir
+}
+
+fn load_error(daemon: &Daemon, name: &str) -> ClientError {
+    daemon
+        .call("load", json!({"name": name}))
+        .expect_err("must be refused")
+}
+
+#[test]
+fn other_diffusion_architectures_are_refused_by_name() {
+    let daemon = Daemon::start();
+    variant(&daemon, "sdxl", |index| {
+        index["_class_name"] = json!("StableDiffusionXLPipeline");
+        index["text_encoder_2"] = json!(["transformers", "CLIPTextModelWithProjection"]);
+    });
+    variant(&daemon, "flux", |index| {
+        index["_class_name"] = json!("FluxPipeline");
+        index.as_object_mut().unwrap().remove("unet");
+        index["transformer"] = json!(["diffusers", "FluxTransformer2DModel"]);
+    });
+    for (name, named) in [
+        ("sdxl", "StableDiffusionXLPipeline"),
+        ("flux", "FluxPipeline"),
+    ] {
+        let err = load_error(&daemon, name);
+        assert_eq!(kind(&err), "load_failed", "{err}");
+        assert!(err.to_string().contains(named), "{err}");
+    }
+}
+
+#[test]
+fn a_single_file_checkpoint_loads_as_an_image_model() {
+    let daemon = Daemon::start();
+    let dir = daemon.state_dir.parent().unwrap().join("single");
+    copy_tree(&fixtures_dir().join("tiny-sd/single_file"), &dir);
+    copy_tree(
+        &fixtures_dir().join("tiny-sd/tokenizer"),
+        &dir.join("tokenizer"),
+    );
+    let checkpoint: &Path = &dir.join("tiny-sd.safetensors");
+    daemon
+        .call(
+            "models.register",
+            json!({"name": "single", "local_path": checkpoint}),
+        )
+        .unwrap();
+    let loaded = daemon.call("load", json!({"name": "single"})).unwrap();
+    assert_eq!(loaded["model"]["arch"], "stable-diffusion");
+    let events = generate(
+        &daemon,
+        json!({"model": "single", "prompt": "a cat", "size": "64x64", "steps": 2, "seed": 1}),
+    );
+    assert_eq!(picture_paths(events.last().unwrap()).len(), 1);
+}
+
+#[test]
+fn a_mode_supplies_image_defaults_and_refuses_bad_ones() {
+    let daemon = image_daemon();
+    let modes = daemon.dir.path().join("modes.toml");
+    std::fs::write(
+        &modes,
+        "[modes.art]\nmodel = \"tiny-sd\"\ndefault_size = \"64x48\"\ndefault_steps = 2\ndefault_guidance = 3.0\n",
+    )
+    .unwrap();
+    let listed = daemon.call("modes.reload", json!({})).unwrap();
+    assert_eq!(listed["modes"][0]["default_size"], "64x48");
+    let events = generate(&daemon, json!({"mode": "art", "prompt": "a cat"}));
+    let done = events.last().unwrap();
+    assert_eq!(
+        (done["size"].clone(), done["steps"].clone()),
+        (json!("64x48"), json!(2))
+    );
+    assert_eq!(done["mode"], "art");
+    let progress = events.iter().filter(|e| e["event"] == "progress").count();
+    assert_eq!(progress, 2);
+    // The request's own values win over the mode's.
+    let events = generate(
+        &daemon,
+        json!({"mode": "art", "prompt": "a cat", "steps": 1, "size": "64x64"}),
+    );
+    assert_eq!(events.last().unwrap()["size"], "64x64");
+    assert_eq!(
+        events.iter().filter(|e| e["event"] == "progress").count(),
+        1
+    );
+
+    std::fs::write(
+        &modes,
+        "[modes.art]\nmodel = \"tiny-sd\"\ndefault_steps = 0\n",
+    )
+    .unwrap();
+    let err = daemon.call("modes.reload", json!({})).expect_err("refused");
+    assert!(err.to_string().contains("modes.art.default_steps"), "{err}");
+}
+
+#[test]
+fn modelctl_shows_progress_and_prints_the_picture_paths() {
+    let daemon = image_daemon();
+    let output = daemon.ctl(&[
+        "generate", "tiny-sd", "a cat", "--size", "64x64", "--steps", "2", "--seed", "5",
+        "--count", "2",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("step 2/2"), "{stderr}");
+    let paths: Vec<&str> = stdout.lines().collect();
+    assert_eq!(paths.len(), 2, "{stdout}");
+    for path in paths {
+        assert!(Path::new(path).is_file(), "{path}");
+        assert!(
+            path.contains("-seed5-0") || path.contains("-seed6-1"),
+            "{path}"
+        );
+    }
+}
