@@ -23,7 +23,7 @@ pub struct RegisterArgs {
     /// Branch, tag or commit [default: main]
     #[arg(long)]
     revision: Option<String>,
-    /// Glob of repo files to use; repeat for several [default: *.json, *.safetensors, tokenizer.model]
+    /// Glob of repo files to use; repeat for several [default: *.json, *.safetensors, tokenizer.model, *merges.txt]
     #[arg(long = "file", value_name = "PATTERN")]
     files: Vec<String>,
     /// Local file or directory holding the model, tried before any cache

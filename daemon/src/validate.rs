@@ -15,8 +15,10 @@ pub const MAX_PATH_LEN: usize = 4096;
 pub const MAX_ESTIMATED_SIZE: u64 = 1 << 50;
 
 /// Files a model needs when the registration names none: weights, configs
-/// and tokenizers of a safetensors model.
-pub const DEFAULT_FILE_PATTERNS: [&str; 3] = ["*.json", "*.safetensors", "tokenizer.model"];
+/// and tokenizers of a safetensors model (`merges.txt` beside `vocab.json`
+/// is how most diffusers pipelines ship their CLIP tokenizer).
+pub const DEFAULT_FILE_PATTERNS: [&str; 4] =
+    ["*.json", "*.safetensors", "tokenizer.model", "*merges.txt"];
 
 /// A rejected value: which field, why, and the limit it broke.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]

@@ -121,6 +121,31 @@ fn tokenizer_ids_match_the_reference() {
     }
 }
 
+/// Most diffusers repos ship `vocab.json` and `merges.txt` but no
+/// `tokenizer.json`: the tokenizer built from those gives the same ids.
+#[test]
+fn tokenizer_from_vocab_and_merges_matches_the_reference() {
+    let json = expected_json();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let source = fixture().join("tokenizer");
+    for file in [
+        "vocab.json",
+        "merges.txt",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    ] {
+        std::fs::copy(source.join(file), dir.path().join(file)).expect("copy");
+    }
+    let tokenizer = super::prompt::PromptTokenizer::load(dir.path(), 77).expect("tokenizer");
+    let checks = json["tokenizer"]["check_texts"]
+        .as_object()
+        .expect("check_texts");
+    for (text, check) in checks {
+        let expected: Vec<u32> = serde_json::from_value(check["padded_ids"].clone()).expect("ids");
+        assert_eq!(tokenizer.ids(text).expect("ids"), expected, "{text:?}");
+    }
+}
+
 #[test]
 fn text_encoder_matches_the_reference_for_every_text() {
     let (json, tensors) = (expected_json(), expected_tensors());
