@@ -61,6 +61,23 @@ class ClientTest(unittest.TestCase):
         self.assertEqual([e["event"] for e in events], ["token"] * 5 + ["done"])
         self.assertEqual(events[-1]["text"], "".join(e["text"] for e in events[:-1]))
 
+    @unittest.skipUnless(os.environ.get("MODELD_IMAGE_MODEL"), "needs a registered image model")
+    def test_generate_image_saves_pngs(self):
+        import tempfile
+        from generate_image import generate_image
+
+        steps = []
+        with tempfile.TemporaryDirectory() as out:
+            paths = generate_image(
+                os.environ["MODELD_IMAGE_MODEL"], "a red cube", out, size="64x64", steps=2,
+                seed=7, count=2, progress=lambda step, total: steps.append((step, total)))
+            self.assertEqual(len(paths), 2)
+            for path in paths:
+                with open(path, "rb") as f:
+                    self.assertEqual(f.read(8), b"\x89PNG\r\n\x1a\n")
+        # The pictures of one request are denoised together: one event a step.
+        self.assertEqual(steps, [(1, 2), (2, 2)])
+
     def test_not_running_is_a_clear_error(self):
         with self.assertRaises(ConnectionError) as caught:
             modeld_client.Client("/nonexistent/modeld.sock")

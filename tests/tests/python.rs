@@ -18,6 +18,7 @@ fn python_client_suite_passes() {
             json!({"name": "qwen", "repo": "org/tiny-qwen2"}),
         )
         .unwrap();
+    daemon.register_fixture("tiny-sd");
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../clients/python");
     let output = Command::new("python3")
         .arg("-m")
@@ -28,6 +29,7 @@ fn python_client_suite_passes() {
         .env("MODELD_SOCKET", &daemon.socket)
         .env("PYTHONDONTWRITEBYTECODE", "1")
         .env("MODELD_PULL_MODEL", "qwen")
+        .env("MODELD_IMAGE_MODEL", "tiny-sd")
         .output()
         .expect("python3 must be installed");
     let log = String::from_utf8_lossy(&output.stderr);
@@ -36,7 +38,7 @@ fn python_client_suite_passes() {
         "python client tests failed:\n{log}"
     );
     assert!(
-        log.contains("Ran 7 tests") && !log.contains("skipped"),
+        log.contains("Ran 8 tests") && !log.contains("skipped"),
         "{log}"
     );
 }
