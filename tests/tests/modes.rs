@@ -438,6 +438,18 @@ loras = [{{ path = "strong", strength = 2.0, adapter_name = "style" }}]
         .unwrap()
         .clone();
     assert_eq!(on["loras"][0]["adapter_name"], "style");
+    // The resident model says which adapters are merged into it.
+    let vram = daemon.call("vram", json!({})).unwrap();
+    let merged: Vec<&Value> = vram["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|m| m["loras"].as_array().unwrap())
+        .collect();
+    assert!(
+        merged.iter().any(|l| l["adapter_name"] == "style"),
+        "{vram}"
+    );
 }
 
 #[test]

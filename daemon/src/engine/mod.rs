@@ -724,6 +724,7 @@ fn start_text_worker(
         load_ms: started.elapsed().as_millis() as u64,
         loaded_at: crate::registry::unix_now(),
         context_length: built.context_length,
+        loras: loras.to_vec(),
     };
     let worker = Worker {
         model: built.model,
@@ -793,6 +794,7 @@ fn start_image_worker(
         load_ms: started.elapsed().as_millis() as u64,
         loaded_at: crate::registry::unix_now(),
         context_length: 0,
+        loras: loras.to_vec(),
     };
     let worker = ImageWorker {
         pipeline,

@@ -62,7 +62,7 @@ pub struct ShutdownReply {
     pub stopping: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct VramReply {
     pub gpus: Vec<GpuInfo>,
     /// Models resident in this daemon.

@@ -18,7 +18,7 @@ pub struct LoadParams {
 }
 
 /// A model resident in memory.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoadedModel {
     pub name: String,
     pub arch: String,
@@ -38,9 +38,12 @@ pub struct LoadedModel {
     pub load_ms: u64,
     pub loaded_at: u64,
     pub context_length: usize,
+    /// The adapters merged into the weights (with their `adapter_name`).
+    #[serde(default)]
+    pub loras: Vec<LoraInfo>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LoadReply {
     pub model: LoadedModel,
     /// True when the model was already resident and nothing was done.
