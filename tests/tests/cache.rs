@@ -402,9 +402,10 @@ fn clean_is_a_dry_run_until_applied() {
     assert_eq!(again["actions"].as_array().unwrap().len(), 0, "{again}");
 }
 
-#[test]
-fn rm_revision_keeps_shared_blobs_and_is_refused_while_loaded() {
-    let daemon = Daemon::start();
+/// `org/m` with revisions `main` (c(1)) and `v2` (c(2)) in the daemon's
+/// HF cache, both linking one blob `w.bin`; returns the repo dir and the
+/// shared bytes.
+fn two_revisions_sharing_a_blob(daemon: &Daemon) -> (PathBuf, Vec<u8>) {
     let hub = daemon.hf_cache();
     let shared = vec![5u8; 1000];
     let repo = write_revision(
@@ -421,6 +422,14 @@ fn rm_revision_keeps_shared_blobs_and_is_refused_while_loaded() {
         &["v2"],
         &[("w.bin", &shared), ("two.json", b"22")],
     );
+    (repo, shared)
+}
+
+#[test]
+fn rm_revision_keeps_shared_blobs_and_is_refused_while_loaded() {
+    let daemon = Daemon::start();
+    let (repo, shared) = two_revisions_sharing_a_blob(&daemon);
+    let hub = daemon.hf_cache();
 
     let plan = daemon
         .call("cache.rm", json!({"repo": "org/m", "revision": "v2"}))
@@ -673,22 +682,7 @@ fn actions(plan: &Value) -> Vec<(String, PathBuf)> {
 #[test]
 fn rm_purge_plans_then_deletes_only_the_models_own_files() {
     let daemon = Daemon::start();
-    let hub = daemon.hf_cache();
-    let shared = vec![5u8; 1000];
-    let repo = write_revision(
-        &hub,
-        "org/m",
-        &c(1),
-        &["main"],
-        &[("w.bin", &shared), ("one.json", b"1")],
-    );
-    write_revision(
-        &hub,
-        "org/m",
-        &c(2),
-        &["v2"],
-        &[("w.bin", &shared), ("two.json", b"22")],
-    );
+    let (repo, shared) = two_revisions_sharing_a_blob(&daemon);
     for (name, revision) in [("one", "main"), ("two", "v2"), ("twin", "v2")] {
         daemon
             .call(
