@@ -76,11 +76,12 @@ pub fn used_bytes(device: &Device) -> u64 {
 }
 
 /// Memory `device` has free right now, in bytes: the driver's figure for a
-/// GPU, `MemAvailable` for the CPU.
-pub fn free_bytes(device: &Device) -> u64 {
+/// GPU, `MemAvailable` for the CPU; `None` when it cannot be read, which
+/// callers treat as "unknown", never as "nothing free".
+pub fn free_bytes(device: &Device) -> Option<u64> {
     match device {
-        Device::Cpu => crate::gpu::system_memory().available_bytes,
-        other => cuda_memory(other).map_or(0, |(free, _)| free),
+        Device::Cpu => Some(crate::gpu::system_memory().available_bytes).filter(|&free| free > 0),
+        other => cuda_memory(other).map(|(free, _)| free),
     }
 }
 

@@ -451,7 +451,15 @@ impl Engine {
             };
             let available = match budget {
                 Budget::Fixed(size) => size.saturating_sub(in_use),
-                Budget::Live => devices::free_bytes(&placement.device).saturating_sub(LIVE_RESERVE),
+                Budget::Live => match devices::free_bytes(&placement.device) {
+                    Some(free) => free.saturating_sub(LIVE_RESERVE),
+                    None => {
+                        // Unknown is not zero: let the load try; running
+                        // out of memory there is caught and answered.
+                        tracing::warn!(device = %placement.device_name, "free memory unknown; loading without a budget check");
+                        return Ok(evicted);
+                    }
+                },
             };
             if needed <= available {
                 return Ok(evicted);
@@ -819,7 +827,7 @@ fn out_of_memory(err: EngineError, placement: &Placement, needed: u64) -> Engine
         return EngineError::InsufficientMemory {
             device: placement.device_name.clone(),
             needed,
-            available: devices::free_bytes(&placement.device),
+            available: devices::free_bytes(&placement.device).unwrap_or(0),
             in_use: 0,
         };
     }
