@@ -5,7 +5,8 @@
 //! `config.json`), hard-codes the layer-norm epsilon, and maps `gelu` to
 //! the tanh approximation where transformers uses the exact GELU.
 
-use candle_core::{DType, Device, Module, Result, Tensor};
+use super::transformer::{attend, split_heads};
+use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 
 /// The activation between the two MLP layers.
@@ -61,27 +62,14 @@ impl SelfAttention {
 
     /// `(batch, seq, dim)` → `(batch, heads, seq, head_dim)` in f32, so the
     /// softmax is computed at full precision whatever the weights' dtype.
-    fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
-        let (batch, seq, dim) = xs.dims3()?;
-        xs.reshape((batch, seq, self.heads, dim / self.heads))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .to_dtype(DType::F32)
-    }
-
     fn forward(&self, xs: &Tensor, causal_mask: &Tensor) -> Result<Tensor> {
         let (batch, seq, dim) = xs.dims3()?;
         let scale = ((dim / self.heads) as f64).powf(-0.5);
-        let q = self.split_heads(&(self.q_proj.forward(xs)? * scale)?)?;
-        let k = self.split_heads(&self.k_proj.forward(xs)?)?;
-        let v = self.split_heads(&self.v_proj.forward(xs)?)?;
+        let q = split_heads(self.heads, &(self.q_proj.forward(xs)? * scale)?)?;
+        let k = split_heads(self.heads, &self.k_proj.forward(xs)?)?;
+        let v = split_heads(self.heads, &self.v_proj.forward(xs)?)?;
         let scores = q.matmul(&k.t()?)?.broadcast_add(causal_mask)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs
-            .matmul(&v)?
-            .to_dtype(xs.dtype())?
-            .transpose(1, 2)?
-            .reshape((batch, seq, dim))?;
+        let out = attend(&scores, &v, xs.dtype(), (batch, seq, dim))?;
         self.out_proj.forward(&out)
     }
 }

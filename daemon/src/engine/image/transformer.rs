@@ -35,27 +35,14 @@ impl Attention {
 
     /// `(batch, seq, dim)` → `(batch, heads, seq, head_dim)` in f32, so the
     /// softmax runs at full precision whatever the weights' dtype.
-    fn split_heads(&self, xs: &Tensor) -> Result<Tensor> {
-        let (batch, seq, dim) = xs.dims3()?;
-        xs.reshape((batch, seq, self.heads, dim / self.heads))?
-            .transpose(1, 2)?
-            .contiguous()?
-            .to_dtype(DType::F32)
-    }
-
     fn forward(&self, xs: &Tensor, context: &Tensor) -> Result<Tensor> {
         let (batch, seq, dim) = xs.dims3()?;
-        let q = self.split_heads(&self.to_q.forward(xs)?)?;
-        let k = self.split_heads(&self.to_k.forward(context)?)?;
-        let v = self.split_heads(&self.to_v.forward(context)?)?;
+        let q = split_heads(self.heads, &self.to_q.forward(xs)?)?;
+        let k = split_heads(self.heads, &self.to_k.forward(context)?)?;
+        let v = split_heads(self.heads, &self.to_v.forward(context)?)?;
         let scale = ((dim / self.heads) as f64).powf(-0.5);
         let scores = (q.matmul(&k.t()?)? * scale)?;
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
-        let out = probs
-            .matmul(&v)?
-            .to_dtype(xs.dtype())?
-            .transpose(1, 2)?
-            .reshape((batch, seq, dim))?;
+        let out = attend(&scores, &v, xs.dtype(), (batch, seq, dim))?;
         self.to_out.forward(&out)
     }
 }
@@ -193,4 +180,29 @@ impl SpatialTransformer {
         };
         out + xs
     }
+}
+
+/// `(batch, seq, heads × head_dim)` → `(batch, heads, seq, head_dim)` in
+/// f32, where attention is computed whatever the model's dtype.
+pub(super) fn split_heads(heads: usize, xs: &Tensor) -> Result<Tensor> {
+    let (batch, seq, dim) = xs.dims3()?;
+    xs.reshape((batch, seq, heads, dim / heads))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .to_dtype(DType::F32)
+}
+
+/// Softmax of `scores` applied to `v`, heads merged back into `shape`
+/// (batch, seq, dim) at `dtype`.
+pub(super) fn attend(
+    scores: &Tensor,
+    v: &Tensor,
+    dtype: DType,
+    shape: (usize, usize, usize),
+) -> Result<Tensor> {
+    candle_nn::ops::softmax_last_dim(scores)?
+        .matmul(v)?
+        .to_dtype(dtype)?
+        .transpose(1, 2)?
+        .reshape(shape)
 }

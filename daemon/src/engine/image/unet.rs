@@ -11,7 +11,7 @@ use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder}
 use candle_transformers::models::stable_diffusion::{
     embeddings::{TimestepEmbedding, Timesteps},
     resnet::{ResnetBlock2D, ResnetBlock2DConfig},
-    unet_2d::UNet2DConditionModelConfig,
+    unet_2d::{BlockConfig, UNet2DConditionModelConfig},
 };
 
 use super::transformer::{SpatialTransformer, TransformerShape};
@@ -68,6 +68,23 @@ impl Shared<'_> {
         };
         SpatialTransformer::new(vb, shape)
     }
+
+    /// A block's attention after each of its `layers` resnets, when the
+    /// block has cross-attention; none otherwise.
+    fn attentions(
+        &self,
+        vb: VarBuilder,
+        block: &BlockConfig,
+        layers: usize,
+        channels: usize,
+    ) -> Result<Vec<SpatialTransformer>> {
+        let Some(depth) = block.use_cross_attn else {
+            return Ok(Vec::new());
+        };
+        (0..layers)
+            .map(|i| self.transformer(vb.pp(i), channels, block.attention_head_dim, depth))
+            .collect()
+    }
 }
 
 /// A down block: resnets, optional attention after each, optional downsampler.
@@ -98,19 +115,7 @@ impl DownBlock {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        let attentions = match block.use_cross_attn {
-            Some(depth) => (0..layers)
-                .map(|i| {
-                    shared.transformer(
-                        vb.pp("attentions").pp(i),
-                        to,
-                        block.attention_head_dim,
-                        depth,
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?,
-            None => Vec::new(),
-        };
+        let attentions = shared.attentions(vb.pp("attentions"), &block, layers, to)?;
         let downsampler = (index + 1 < blocks.len())
             .then(|| {
                 conv3x3(
@@ -186,19 +191,7 @@ impl UpBlock {
                 shared.resnet(vb.pp("resnets").pp(i), input + skip, to, 1.0)
             })
             .collect::<Result<Vec<_>>>()?;
-        let attentions = match block.use_cross_attn {
-            Some(depth) => (0..layers)
-                .map(|i| {
-                    shared.transformer(
-                        vb.pp("attentions").pp(i),
-                        to,
-                        block.attention_head_dim,
-                        depth,
-                    )
-                })
-                .collect::<Result<Vec<_>>>()?,
-            None => Vec::new(),
-        };
+        let attentions = shared.attentions(vb.pp("attentions"), &block, layers, to)?;
         let upsampler = (index + 1 < channels.len())
             .then(|| conv3x3(vb.pp("upsamplers.0.conv"), to, to, 1, 1))
             .transpose()?;
