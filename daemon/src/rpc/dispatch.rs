@@ -80,13 +80,13 @@ impl Dispatcher {
                 return handled;
             }
         };
-        let limits = Limits::from(&self.state.config().server);
+        // Read once per line: every request of a batch sees the same limits.
+        let config = self.state.config();
+        let server = &config.server;
         if text.starts_with('[') {
-            handled.reply = self.batch(raw, caller, &limits, &mut handled.streams).await;
+            handled.reply = self.batch(raw, caller, server, &mut handled.streams).await;
         } else {
-            handled.reply = self
-                .single(raw, caller, &limits, &mut handled.streams)
-                .await;
+            handled.reply = self.single(raw, caller, server, &mut handled.streams).await;
         }
         handled
     }
@@ -95,10 +95,10 @@ impl Dispatcher {
         &self,
         raw: &RawValue,
         caller: &Caller,
-        limits: &Limits,
+        server: &ServerConfig,
         streams: &mut Vec<Stream>,
     ) -> Option<String> {
-        let items = match batch_items(raw, limits.batch) {
+        let items = match batch_items(raw, server.max_batch) {
             Ok(items) if items.is_empty() => {
                 return Some(invalid_request(
                     None,
@@ -106,15 +106,15 @@ impl Dispatcher {
                 ))
             }
             Ok(items) => items,
-            Err(_) => return Some(batch_too_large(limits.batch)),
+            Err(_) => return Some(batch_too_large(server.max_batch)),
         };
         let mut replies = Vec::with_capacity(items.len());
         let mut reply_bytes = 0;
         for item in items {
-            if let Some(reply) = self.single(item, caller, limits, streams).await {
+            if let Some(reply) = self.single(item, caller, server, streams).await {
                 reply_bytes += reply.len() + 1;
-                if reply_bytes > limits.reply_bytes {
-                    return Some(reply_too_large(None, reply_bytes, limits.reply_bytes));
+                if reply_bytes > server.max_reply_bytes {
+                    return Some(reply_too_large(None, reply_bytes, server.max_reply_bytes));
                 }
                 replies.push(reply);
             }
@@ -127,7 +127,7 @@ impl Dispatcher {
         &self,
         raw: &RawValue,
         caller: &Caller,
-        limits: &Limits,
+        server: &ServerConfig,
         streams: &mut Vec<Stream>,
     ) -> Option<String> {
         let request = match check_envelope(raw) {
@@ -148,8 +148,7 @@ impl Dispatcher {
             );
             return id.map(|id| error_response(Some(id), &err));
         }
-        let server = self.state.config().server.clone();
-        if let Err(forbidden) = authorize(caller, &request.method, request.params, &server) {
+        if let Err(forbidden) = authorize(caller, &request.method, request.params, server) {
             tracing::info!(uid = caller.uid, method = %request.method, "refused: not allowed");
             let err = ErrorObjectOwned::from(ApiError::from(forbidden));
             return id.map(|id| error_response(Some(id), &err));
@@ -173,25 +172,10 @@ impl Dispatcher {
             streams.push(stream);
         }
         let reply = reply.get();
-        id.map(|id| match reply.len() > limits.reply_bytes {
-            true => reply_too_large(Some(id), reply.len(), limits.reply_bytes),
+        id.map(|id| match reply.len() > server.max_reply_bytes {
+            true => reply_too_large(Some(id), reply.len(), server.max_reply_bytes),
             false => reply.to_string(),
         })
-    }
-}
-
-/// The size limits in force for one line.
-struct Limits {
-    batch: usize,
-    reply_bytes: usize,
-}
-
-impl From<&ServerConfig> for Limits {
-    fn from(server: &ServerConfig) -> Self {
-        Limits {
-            batch: server.max_batch,
-            reply_bytes: server.max_reply_bytes,
-        }
     }
 }
 
