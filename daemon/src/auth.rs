@@ -6,6 +6,7 @@
 
 use std::os::unix::fs::MetadataExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::Deserialize;
 
@@ -22,18 +23,18 @@ pub struct Caller {
 }
 
 tokio::task_local! {
-    static CALLER: Caller;
+    static CALLER: Arc<Caller>;
 }
 
 /// Runs `work` with `caller` visible to handlers through [`current`].
-pub async fn scope<F: std::future::Future>(caller: Caller, work: F) -> F::Output {
+pub async fn scope<F: std::future::Future>(caller: Arc<Caller>, work: F) -> F::Output {
     CALLER.scope(caller, work).await
 }
 
 /// The caller of the request being handled; `None` outside a request
 /// (start-up work, tests calling handlers directly).
-pub fn current() -> Option<Caller> {
-    CALLER.try_with(Caller::clone).ok()
+pub fn current() -> Option<Arc<Caller>> {
+    CALLER.try_with(Arc::clone).ok()
 }
 
 impl Caller {

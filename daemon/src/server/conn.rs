@@ -34,7 +34,7 @@ const OUTBOX: usize = 256;
 pub struct ConnContext {
     pub state: Arc<AppState>,
     pub dispatcher: Arc<Dispatcher>,
-    pub caller: Caller,
+    pub caller: Arc<Caller>,
     pub work: TaskTracker,
     /// Cancelled at the very end of a shutdown, once work is done: the
     /// connection then writes out what is queued for it and closes.
@@ -122,7 +122,7 @@ pub async fn serve_connection(stream: UnixStream, context: ConnContext) {
 /// One request line on its way through the dispatcher.
 struct Request {
     dispatcher: Arc<Dispatcher>,
-    caller: Caller,
+    caller: Arc<Caller>,
     outbox: mpsc::Sender<String>,
     work: TaskTracker,
     stop_streams: CancellationToken,

@@ -50,7 +50,7 @@ pub async fn serve(socket: BoundSocket, state: Arc<AppState>, dispatcher: Arc<Di
         // Limits in force now, so a reload applies to new connections.
         let server = state.config().server.clone();
         let caller = match Caller::of(&stream, &server) {
-            Ok(caller) => caller,
+            Ok(caller) => Arc::new(caller),
             Err(err) => {
                 tracing::warn!("cannot read the peer's credentials; closing: {err}");
                 continue;
