@@ -65,6 +65,7 @@ pub async fn ensure_loaded(
         loras,
         placement,
         keep_alive,
+        max_batch: state.config().scheduler.max_batch,
     };
     let loaded = load_repairing(state, request, located.snapshot_of.as_ref()).await?;
     for evicted in &loaded.evicted {

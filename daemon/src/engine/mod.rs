@@ -24,7 +24,8 @@ use self::image::worker::{ImageJob, ImageWorker};
 use self::image::{ImageError, ImageLoad, ImagePipeline};
 use self::request::ValidRequest;
 use self::text::chat::ChatTemplate;
-use self::text::model::{read_gguf_header, ModelSpec, TextModel, Weights};
+use self::text::decoder::Decoder;
+use self::text::model::{read_gguf_header, ModelSpec, Weights};
 use self::text::worker::{Job, Worker};
 use crate::validate::ValidationError;
 
@@ -245,6 +246,8 @@ pub struct LoadRequest {
     pub placement: Placement,
     /// Unload after this long unused.
     pub keep_alive: Option<std::time::Duration>,
+    /// Generations a text model runs together at most.
+    pub max_batch: usize,
 }
 
 pub struct Loaded {
@@ -406,6 +409,7 @@ impl Engine {
                 estimate,
                 &request.loras,
                 request.placement,
+                request.max_batch,
             )
         })
         .await
@@ -578,7 +582,7 @@ fn model_dir(path: &Path) -> &Path {
 
 /// A model built from its files, with what generation needs to know.
 struct Built {
-    model: TextModel,
+    model: Decoder,
     arch: &'static str,
     dtype: String,
     context_length: usize,
@@ -594,8 +598,14 @@ fn build(
     match weights {
         Weights::Safetensors(files) => {
             let spec = ModelSpec::read(dir)?;
-            let model = TextModel::load(&spec, files, loras, placement.dtype, &placement.device)
-                .map_err(|e| e.in_file(&weights.path()))?;
+            let model = text::build::from_safetensors(
+                &spec,
+                files,
+                loras,
+                placement.dtype,
+                &placement.device,
+            )
+            .map_err(|e| e.in_file(&weights.path()))?;
             Ok(Built {
                 model,
                 arch: spec.arch,
@@ -609,7 +619,7 @@ fn build(
         )),
         Weights::Gguf(file) => {
             let (content, header) = read_gguf_header(file)?;
-            let model = TextModel::load_gguf(file, content, header.arch, &placement.device)
+            let model = text::build::from_gguf(file, content, header.arch, &placement.device)
                 .map_err(|e| e.in_file(file))?;
             // A config.json beside the file may name more end-of-sequence ids.
             let mut eos_ids: Vec<u32> = header.eos_id.into_iter().collect();
@@ -637,10 +647,16 @@ fn start_worker(
     estimate: estimate::Estimate,
     loras: &[LoraInfo],
     placement: Placement,
+    max_batch: usize,
 ) -> Result<Resident, EngineError> {
     match files {
         ModelFiles::Text(weights) => {
-            start_text_worker(name, path, weights, estimate, loras, placement)
+            let text = TextLoad {
+                weights,
+                loras,
+                max_batch,
+            };
+            start_text_worker(name, path, text, estimate, placement)
         }
         ModelFiles::Image => start_image_worker(name, path, estimate, loras, placement),
     }
@@ -703,14 +719,25 @@ fn resident(
     }
 }
 
+/// What loading a text model takes beyond its name, path and placement.
+struct TextLoad<'a> {
+    weights: Weights,
+    loras: &'a [LoraInfo],
+    max_batch: usize,
+}
+
 fn start_text_worker(
     name: String,
     path: &Path,
-    weights: Weights,
+    load: TextLoad,
     estimate: estimate::Estimate,
-    loras: &[LoraInfo],
     placement: Placement,
 ) -> Result<Resident, EngineError> {
+    let TextLoad {
+        weights,
+        loras,
+        max_batch,
+    } = load;
     let started = Instant::now();
     let dir = model_dir(path);
     let tokenizer_path = dir.join("tokenizer.json");
@@ -734,14 +761,17 @@ fn start_text_worker(
         context_length: built.context_length,
         loras: loras.to_vec(),
     };
+    // The batch may fill the KV cache the budget counted for this model.
+    let per_token = built.model.shape.kv_bytes_per_token(built.model.dtype);
+    let kv_tokens = (estimate.kv_cache / per_token.max(1)) as usize;
     let worker = Worker {
         model: built.model,
         tokenizer,
-        device: placement.device.clone(),
-        dtype: placement.dtype,
         eos_ids: built.eos_ids,
         context_length: built.context_length,
         chat_template,
+        max_batch,
+        kv_tokens,
     };
     let (jobs, queue) = mpsc::channel();
     let thread = spawn_model_thread(&name, move || worker.run(queue))?;

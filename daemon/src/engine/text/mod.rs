@@ -1,9 +1,14 @@
-//! Text models: architectures and weights (`model`), the thread that owns a
-//! loaded model and runs generation jobs (`worker`), sampling and request
-//! validation (`sampling`), chat templates (`chat`) and LoRA merging
-//! (`lora`). Residency, devices and memory live in the parent `engine`.
+//! Text models: configs and weight files (`model`), the batched decoder
+//! (`decoder`, over `linear` layers) and how it is built from safetensors
+//! or GGUF (`build`), the thread that owns a loaded model and runs
+//! generation jobs in batches (`worker`), sampling and request validation
+//! (`sampling`), chat templates (`chat`) and LoRA merging (`lora`).
+//! Residency, devices and memory live in the parent `engine`.
 
+pub mod build;
 pub mod chat;
+pub mod decoder;
+pub mod linear;
 pub mod lora;
 pub mod model;
 pub mod sampling;

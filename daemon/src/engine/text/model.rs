@@ -1,34 +1,13 @@
-//! Text models: architecture detection from `config.json`, loading
-//! safetensors weights through mmap, and one forward step that returns the
-//! logits of the last position.
+//! Text models: architecture detection from `config.json` (every spelling
+//! transformers 4 and 5 write) or a GGUF header, and where the weights are.
+//! `build` turns them into a decoder.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file;
-use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
-use candle_transformers::models::{
-    llama, mistral, quantized_llama, quantized_qwen2, quantized_qwen3, qwen2, qwen3,
-};
 use serde_json::Value;
 
 use super::{BadFile, EngineError};
-
-/// A loaded model of one of the supported architectures, with its KV cache.
-pub enum TextModel {
-    Llama {
-        model: llama::Llama,
-        cache: llama::Cache,
-        config: llama::Config,
-    },
-    Qwen2(qwen2::ModelForCausalLM),
-    Qwen3(qwen3::ModelForCausalLM),
-    Mistral(mistral::Model),
-    /// Quantized (or f32/f16) GGUF weights.
-    GgufLlama(quantized_llama::ModelWeights),
-    GgufQwen2(quantized_qwen2::ModelWeights),
-    GgufQwen3(quantized_qwen3::ModelWeights),
-}
 
 /// Where a model's weights are: safetensors in a directory, or one GGUF file.
 #[derive(Debug, Clone)]
@@ -293,126 +272,6 @@ fn normalize_rope(config: &mut Value) -> Result<(), EngineError> {
         }
     };
     Ok(())
-}
-
-fn parse<T: serde::de::DeserializeOwned>(config: &Value) -> Result<T, EngineError> {
-    serde_json::from_value(config.clone())
-        .map_err(|e| EngineError::Files(format!("config.json: {e}")))
-}
-
-impl TextModel {
-    /// Loads GGUF weights; quantized tensors stay quantized in memory.
-    pub fn load_gguf(
-        path: &Path,
-        content: gguf_file::Content,
-        arch: &str,
-        device: &Device,
-    ) -> Result<Self, EngineError> {
-        let mut file = std::fs::File::open(path).map_err(|e| BadFile::new(path, e))?;
-        Ok(match arch {
-            "llama" => TextModel::GgufLlama(quantized_llama::ModelWeights::from_gguf(
-                content, &mut file, device,
-            )?),
-            "qwen2" => TextModel::GgufQwen2(quantized_qwen2::ModelWeights::from_gguf(
-                content, &mut file, device,
-            )?),
-            "qwen3" => TextModel::GgufQwen3(quantized_qwen3::ModelWeights::from_gguf(
-                content, &mut file, device,
-            )?),
-            other => {
-                return Err(EngineError::Unsupported(format!(
-                    "GGUF architecture {other:?}"
-                )))
-            }
-        })
-    }
-
-    pub fn load(
-        spec: &ModelSpec,
-        files: &[PathBuf],
-        loras: &[modeld_wire::types::LoraInfo],
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self, EngineError> {
-        let vb = if loras.is_empty() {
-            // Safety: the weight files are mmapped read-only; modeld never
-            // writes to files under a loaded model, and the cache only
-            // replaces blobs by rename, which leaves a mapping intact.
-            // Truncated or corrupt files fail here, naming themselves.
-            unsafe { VarBuilder::from_mmaped_safetensors(files, dtype, device) }
-                .map_err(|e| BadFile::from_candle(e, &files[0]))?
-        } else {
-            // Adapters change the weights, so they are read and merged first.
-            let mut tensors = std::collections::HashMap::new();
-            for file in files {
-                let loaded = candle_core::safetensors::load(file, &Device::Cpu)
-                    .map_err(|e| BadFile::from_candle(e, file))?;
-                tensors.extend(loaded);
-            }
-            for lora in loras {
-                super::lora::apply(&mut tensors, lora).map_err(|e| e.in_file(&lora.path))?;
-            }
-            VarBuilder::from_tensors(tensors, dtype, device)
-        };
-        let config = &spec.config;
-        let model = match spec.arch {
-            "llama" => {
-                let config = parse::<llama::LlamaConfig>(config)?.into_config(false);
-                let cache = llama::Cache::new(true, dtype, &config, device)?;
-                let model = llama::Llama::load(vb, &config)?;
-                TextModel::Llama {
-                    model,
-                    cache,
-                    config,
-                }
-            }
-            "qwen2" => TextModel::Qwen2(qwen2::ModelForCausalLM::new(&parse(config)?, vb)?),
-            "qwen3" => TextModel::Qwen3(qwen3::ModelForCausalLM::new(&parse(config)?, vb)?),
-            "mistral" => TextModel::Mistral(mistral::Model::new(&parse(config)?, vb)?),
-            other => return Err(EngineError::Unsupported(other.to_string())),
-        };
-        Ok(model)
-    }
-
-    /// Runs `tokens` starting at position `offset`; returns the last
-    /// position's logits as f32.
-    pub fn forward(
-        &mut self,
-        tokens: &[u32],
-        offset: usize,
-        device: &Device,
-    ) -> Result<Vec<f32>, EngineError> {
-        let input = Tensor::new(tokens, device)?.unsqueeze(0)?;
-        let logits = match self {
-            TextModel::Llama { model, cache, .. } => model.forward(&input, offset, cache)?,
-            TextModel::Qwen2(model) => model.forward(&input, offset)?,
-            TextModel::Qwen3(model) => model.forward(&input, offset)?,
-            TextModel::Mistral(model) => model.forward(&input, offset)?,
-            TextModel::GgufLlama(model) => model.forward(&input, offset)?,
-            TextModel::GgufQwen2(model) => model.forward(&input, offset)?,
-            TextModel::GgufQwen3(model) => model.forward(&input, offset)?,
-        };
-        Ok(logits
-            .flatten_all()?
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?)
-    }
-
-    /// Forgets the previous request's keys and values.
-    pub fn reset(&mut self, dtype: DType, device: &Device) -> Result<(), EngineError> {
-        match self {
-            TextModel::Llama { cache, config, .. } => {
-                *cache = llama::Cache::new(true, dtype, config, device)?;
-            }
-            TextModel::Qwen2(model) => model.clear_kv_cache(),
-            TextModel::Qwen3(model) => model.clear_kv_cache(),
-            TextModel::Mistral(model) => model.clear_kv_cache(),
-            TextModel::GgufLlama(model) => model.clear_kv_cache(),
-            TextModel::GgufQwen2(model) => model.clear_kv_cache(),
-            TextModel::GgufQwen3(model) => model.clear_kv_cache(),
-        }
-        Ok(())
-    }
 }
 
 #[cfg(test)]

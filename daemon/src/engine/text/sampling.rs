@@ -1,7 +1,7 @@
 //! Generation requests validated into [`ValidGenerate`], and the sampler
 //! that turns logits into the next token.
 
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use candle_transformers::generation::{LogitsProcessor, Sampling};
 use modeld_wire::types::{ChatMessage, GenerateParams};
 use serde_json::json;
@@ -152,6 +152,7 @@ pub fn random_seed() -> u64 {
 /// Picks each next token: repeat penalty, then greedy or seeded sampling.
 pub struct Sampler {
     processor: LogitsProcessor,
+    greedy: bool,
     repeat_penalty: f32,
     repeat_last_n: usize,
 }
@@ -171,14 +172,30 @@ impl Sampler {
         };
         Sampler {
             processor: LogitsProcessor::from_sampling(request.seed, sampling),
+            greedy: temperature <= 0.0,
             repeat_penalty: request.repeat_penalty,
             repeat_last_n: request.repeat_last_n,
         }
     }
 
-    pub fn next(&mut self, logits: Vec<f32>, history: &[u32]) -> candle_core::Result<u32> {
-        let logits = Tensor::new(logits, &Device::Cpu)?;
-        let logits = if self.repeat_penalty == 1.0 || self.repeat_last_n == 0 {
+    /// Greedy with no penalty: the pick needs only the largest logit, so it
+    /// can be made where the logits are, without copying them.
+    pub fn is_plain_greedy(&self) -> bool {
+        self.greedy && !self.penalizes()
+    }
+
+    fn penalizes(&self) -> bool {
+        self.repeat_penalty != 1.0 && self.repeat_last_n > 0
+    }
+
+    /// The next token from one row of logits, `[vocab]`; `history` holds
+    /// the prompt and the tokens generated so far.
+    pub fn next(&mut self, logits: &Tensor, history: &[u32]) -> candle_core::Result<u32> {
+        if self.is_plain_greedy() {
+            return logits.argmax(0)?.to_scalar::<u32>();
+        }
+        let logits = logits.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
+        let logits = if !self.penalizes() {
             logits
         } else {
             let start = history.len().saturating_sub(self.repeat_last_n);
@@ -247,10 +264,13 @@ mod tests {
     fn greedy_picks_the_largest_logit_and_penalty_applies() {
         let request = ValidGenerate::try_from(params()).unwrap();
         let mut sampler = Sampler::new(&request);
-        assert_eq!(sampler.next(vec![0.1, 3.0, 2.0], &[]).unwrap(), 1);
+        assert!(sampler.is_plain_greedy());
+        let logits = Tensor::new(&[0.1f32, 3.0, 2.0], &Device::Cpu).unwrap();
+        assert_eq!(sampler.next(&logits, &[]).unwrap(), 1);
         let mut p = params();
         p.repeat_penalty = Some(10.0);
         let mut sampler = Sampler::new(&ValidGenerate::try_from(p).unwrap());
-        assert_eq!(sampler.next(vec![0.1, 3.0, 2.0], &[1]).unwrap(), 2);
+        assert!(!sampler.is_plain_greedy());
+        assert_eq!(sampler.next(&logits, &[1]).unwrap(), 2);
     }
 }

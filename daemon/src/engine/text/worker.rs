@@ -1,16 +1,22 @@
-//! The task that owns one loaded model: a dedicated thread, fed generation
-//! jobs through a channel, so the model and its KV cache are never shared
-//! and blocking compute never stalls the async runtime.
+//! The thread that owns one loaded model, fed generation jobs through a
+//! channel, so the model and its caches are never shared and blocking
+//! compute never stalls the async runtime.
+//!
+//! Jobs run batched: between decode steps, queued jobs join the batch (their
+//! prompts prefilled one at a time) while it has room, and finished ones
+//! leave it; each decode step then runs one token of every sequence in the
+//! batch through the model together.
 
+use std::collections::VecDeque;
 use std::sync::mpsc;
 use std::time::Instant;
 
-use candle_core::{DType, Device};
+use candle_core::Tensor;
 use modeld_wire::types::{FinishReason, GenerateEvent};
 use tokenizers::Tokenizer;
 
 use super::cancel::Cancellation;
-use super::model::TextModel;
+use super::decoder::{greedy, Decoder, KvCache};
 use super::sampling::{Input, Sampler, ValidGenerate};
 use super::EngineError;
 
@@ -22,29 +28,130 @@ pub struct Job {
 }
 
 pub struct Worker {
-    pub model: TextModel,
+    pub model: Decoder,
     pub tokenizer: Tokenizer,
-    pub device: Device,
-    pub dtype: DType,
     pub eos_ids: Vec<u32>,
     pub context_length: usize,
     pub chat_template: Option<super::chat::ChatTemplate>,
+    /// Sequences decoded together at most.
+    pub max_batch: usize,
+    /// Positions of KV cache the batch may hold in all: what the memory
+    /// budget counted for this model. A sequence alone may exceed it.
+    pub kv_tokens: usize,
+}
+
+type Stream<'t> = tokenizers::DecodeStream<
+    't,
+    tokenizers::ModelWrapper,
+    tokenizers::NormalizerWrapper,
+    tokenizers::PreTokenizerWrapper,
+    tokenizers::PostProcessorWrapper,
+    tokenizers::DecoderWrapper,
+>;
+
+/// A job waiting to join the batch, its prompt already tokenized.
+struct Waiting {
+    job: Job,
+    prompt: Vec<u32>,
+}
+
+/// What a sequence does with its next token's logits.
+enum Next {
+    /// The id, already picked on the device by a batched argmax.
+    Picked(u32),
+    /// The logits row `[vocab]`, for the sampler.
+    Logits(Tensor),
+}
+
+/// A generation in the batch.
+struct Sequence<'t> {
+    job: Job,
+    cache: KvCache,
+    sampler: Sampler,
+    stream: Stream<'t>,
+    streamer: Streamer,
+    history: Vec<u32>,
+    prompt_len: usize,
+    text: String,
+    next: Next,
+    prefill_s: f64,
+    decode_started: Instant,
+}
+
+/// Why a sequence left the batch.
+enum Leave {
+    Finished(FinishReason),
+    Failed(EngineError),
 }
 
 impl Worker {
-    /// Runs jobs in order until every sender is gone; the model is dropped,
-    /// and its memory freed, when this returns.
-    pub fn run(mut self, jobs: mpsc::Receiver<Job>) {
-        for job in jobs {
-            let events = job.events.clone();
-            let outcome = self.generate(&job);
-            let last = outcome.unwrap_or_else(crate::engine::error_event);
-            let _ = events.blocking_send(last);
+    /// Runs jobs until every sender is gone and the batch is empty; the
+    /// model is dropped, and its memory freed, when this returns.
+    pub fn run(self, jobs: mpsc::Receiver<Job>) {
+        let Worker {
+            model,
+            tokenizer,
+            eos_ids,
+            context_length,
+            chat_template,
+            max_batch,
+            kv_tokens,
+        } = self;
+        let mut batch = Batch {
+            model,
+            tokenizer: &tokenizer,
+            eos_ids,
+            context_length,
+            chat_template,
+            max_batch: max_batch.max(1),
+            kv_tokens,
+            waiting: VecDeque::new(),
+            active: Vec::new(),
+        };
+        loop {
+            if batch.is_idle() {
+                match jobs.recv() {
+                    Ok(job) => batch.receive(job),
+                    Err(_) => return,
+                }
+            }
+            while let Ok(job) = jobs.try_recv() {
+                batch.receive(job);
+            }
+            batch.admit();
+            batch.step();
+        }
+    }
+}
+
+struct Batch<'t> {
+    model: Decoder,
+    tokenizer: &'t Tokenizer,
+    eos_ids: Vec<u32>,
+    context_length: usize,
+    chat_template: Option<super::chat::ChatTemplate>,
+    max_batch: usize,
+    kv_tokens: usize,
+    waiting: VecDeque<Waiting>,
+    active: Vec<Sequence<'t>>,
+}
+
+impl<'t> Batch<'t> {
+    fn is_idle(&self) -> bool {
+        self.active.is_empty() && self.waiting.is_empty()
+    }
+
+    /// Tokenizes a new job's prompt and queues it to join, or answers it
+    /// at once when its prompt cannot run.
+    fn receive(&mut self, job: Job) {
+        match self.prompt_ids(&job.request) {
+            Ok(prompt) => self.waiting.push_back(Waiting { job, prompt }),
+            Err(err) => send_last(&job, crate::engine::error_event(err)),
         }
     }
 
-    fn prompt_ids(&self, input: &Input) -> Result<Vec<u32>, EngineError> {
-        let text = match input {
+    fn prompt_ids(&self, request: &ValidGenerate) -> Result<Vec<u32>, EngineError> {
+        let text = match &request.input {
             Input::Prompt(prompt) => prompt.clone(),
             Input::Messages(messages) => self
                 .chat_template
@@ -60,89 +167,229 @@ impl Worker {
         if ids.is_empty() {
             return Err(EngineError::EmptyPrompt);
         }
-        Ok(ids)
-    }
-
-    fn generate(&mut self, job: &Job) -> Result<GenerateEvent, EngineError> {
-        let request = &job.request;
-        let prompt = self.prompt_ids(&request.input)?;
-        if prompt.len() + request.max_tokens > self.context_length {
+        if ids.len() + request.max_tokens > self.context_length {
             return Err(EngineError::ContextOverflow {
-                prompt: prompt.len(),
+                prompt: ids.len(),
                 max_tokens: request.max_tokens,
                 context: self.context_length,
             });
         }
-        self.model.reset(self.dtype, &self.device)?;
-        let mut sampler = Sampler::new(request);
-        let mut decoder = self.tokenizer.decode_stream(true);
-        let mut history = prompt.clone();
-        let mut generated: Vec<u32> = Vec::new();
-        let mut text = String::new();
+        Ok(ids)
+    }
 
+    /// Positions the sequences in the batch may fill, in all.
+    fn kv_in_use(&self) -> usize {
+        self.active
+            .iter()
+            .map(|s| s.prompt_len + s.job.request.max_tokens)
+            .sum()
+    }
+
+    /// Moves waiting jobs into the batch, in arrival order, while it has
+    /// room for their sequences and their KV cache.
+    fn admit(&mut self) {
+        while self.active.len() < self.max_batch {
+            let Some(front) = self.waiting.front() else {
+                return;
+            };
+            let needed = front.prompt.len() + front.job.request.max_tokens;
+            if !self.active.is_empty() && self.kv_in_use() + needed > self.kv_tokens {
+                return;
+            }
+            let waiting = self.waiting.pop_front().expect("front exists");
+            if waiting.job.cancel.is_requested() {
+                send_last(&waiting.job, cancelled_before_start(&waiting));
+                continue;
+            }
+            match self.prefill(waiting) {
+                Ok(sequence) => self.active.push(sequence),
+                Err((job, err)) => send_last(&job, crate::engine::error_event(err)),
+            }
+        }
+    }
+
+    fn prefill(&mut self, waiting: Waiting) -> Result<Sequence<'t>, (Job, EngineError)> {
+        let Waiting { job, prompt } = waiting;
         let started = Instant::now();
-        let mut logits = self.model.forward(&prompt, 0, &self.device)?;
-        let prefill = started.elapsed().as_secs_f64();
-        let decode_started = Instant::now();
-        let mut streamer = Streamer::new(&request.stop);
-        let mut finish = FinishReason::Length;
-        for index in 0..request.max_tokens {
-            if job.cancel.is_requested() {
-                finish = FinishReason::Cancelled;
-                break;
+        let mut cache = KvCache::new(
+            self.model.shape.layers,
+            prompt.len() + job.request.max_tokens,
+        );
+        let logits = match self.model.prefill(&prompt, &mut cache) {
+            Ok(logits) => logits,
+            Err(err) => return Err((job, err.into())),
+        };
+        let row = match logits.squeeze(0) {
+            Ok(row) => row,
+            Err(err) => return Err((job, err.into())),
+        };
+        Ok(Sequence {
+            sampler: Sampler::new(&job.request),
+            streamer: Streamer::new(job.request.stop.clone()),
+            stream: self.tokenizer.decode_stream(true),
+            history: prompt.clone(),
+            prompt_len: prompt.len(),
+            text: String::new(),
+            next: Next::Logits(row),
+            prefill_s: started.elapsed().as_secs_f64(),
+            decode_started: Instant::now(),
+            cache,
+            job,
+        })
+    }
+
+    /// Picks each sequence's next token and streams it, lets finished
+    /// sequences leave, then runs one decode step for those that remain.
+    fn step(&mut self) {
+        let mut tokens = Vec::with_capacity(self.active.len());
+        let mut staying = Vec::with_capacity(self.active.len());
+        for mut sequence in std::mem::take(&mut self.active) {
+            match sequence.advance(&self.eos_ids) {
+                Ok(token) => {
+                    tokens.push(token);
+                    staying.push(sequence);
+                }
+                Err(leave) => sequence.leave(leave),
             }
-            let next = sampler.next(logits, &history)?;
-            if self.eos_ids.contains(&next) {
-                finish = FinishReason::Eos;
-                break;
-            }
-            history.push(next);
-            generated.push(next);
-            let piece = decoder
-                .step(next)
-                .map_err(|e| EngineError::Tokenizer(e.to_string()))?
-                .unwrap_or_default();
-            text.push_str(&piece);
-            let stop_cut = stop_position(&text, &request.stop);
-            if let Some(cut) = stop_cut {
-                text.truncate(cut);
-            }
-            let events = streamer.push(&text, index, next, stop_cut.is_some());
-            if events
-                .into_iter()
-                .any(|e| job.events.blocking_send(e).is_err())
-            {
-                finish = FinishReason::Cancelled;
-                break;
-            }
-            if stop_cut.is_some() {
-                finish = FinishReason::Stop;
-                break;
-            }
-            if index + 1 == request.max_tokens {
-                break;
-            }
-            logits = self
-                .model
-                .forward(&[next], history.len() - 1, &self.device)?;
         }
-        if let Some(last) = streamer.finish(&text) {
-            let _ = job.events.blocking_send(last);
+        if staying.is_empty() {
+            return;
         }
-        let decode = decode_started.elapsed().as_secs_f64();
-        Ok(GenerateEvent::Done {
+        let mut caches: Vec<&mut KvCache> = staying.iter_mut().map(|s| &mut s.cache).collect();
+        let logits = self.model.decode(&tokens, &mut caches);
+        match logits.and_then(|logits| assign_logits(&mut staying, &logits)) {
+            Ok(()) => self.active = staying,
+            Err(err) => {
+                // A failed step leaves every cache in an unknown state.
+                let message = err.to_string();
+                for sequence in staying {
+                    let err = EngineError::from(candle_core::Error::Msg(message.clone()));
+                    sequence.leave(Leave::Failed(err));
+                }
+            }
+        }
+    }
+}
+
+/// Hands each sequence its row of `logits` (`[batch, vocab]`); greedy ones
+/// get their token picked for the whole batch at once on the device.
+fn assign_logits(batch: &mut [Sequence], logits: &Tensor) -> candle_core::Result<()> {
+    let picked = if batch.iter().any(|s| s.sampler.is_plain_greedy()) {
+        Some(greedy(logits)?)
+    } else {
+        None
+    };
+    for (i, sequence) in batch.iter_mut().enumerate() {
+        sequence.next = match &picked {
+            Some(ids) if sequence.sampler.is_plain_greedy() => Next::Picked(ids[i]),
+            _ => Next::Logits(logits.get(i)?),
+        };
+    }
+    Ok(())
+}
+
+impl Sequence<'_> {
+    fn generated(&self) -> &[u32] {
+        &self.history[self.prompt_len..]
+    }
+
+    /// Picks and streams the next token. `Ok(token)` when the sequence
+    /// goes on with it, `Err` when it leaves the batch.
+    fn advance(&mut self, eos_ids: &[u32]) -> Result<u32, Leave> {
+        if self.job.cancel.is_requested() {
+            return Err(Leave::Finished(FinishReason::Cancelled));
+        }
+        let next = match &self.next {
+            Next::Picked(id) => *id,
+            Next::Logits(row) => self
+                .sampler
+                .next(row, &self.history)
+                .map_err(|e| Leave::Failed(e.into()))?,
+        };
+        if eos_ids.contains(&next) {
+            return Err(Leave::Finished(FinishReason::Eos));
+        }
+        let index = self.generated().len();
+        self.history.push(next);
+        let piece = self
+            .stream
+            .step(next)
+            .map_err(|e| Leave::Failed(EngineError::Tokenizer(e.to_string())))?
+            .unwrap_or_default();
+        self.text.push_str(&piece);
+        let stop_cut = stop_position(&self.text, &self.job.request.stop);
+        if let Some(cut) = stop_cut {
+            self.text.truncate(cut);
+        }
+        let events = self
+            .streamer
+            .push(&self.text, index, next, stop_cut.is_some());
+        if events
+            .into_iter()
+            .any(|e| self.job.events.blocking_send(e).is_err())
+        {
+            return Err(Leave::Finished(FinishReason::Cancelled));
+        }
+        if stop_cut.is_some() {
+            return Err(Leave::Finished(FinishReason::Stop));
+        }
+        if index + 1 == self.job.request.max_tokens {
+            return Err(Leave::Finished(FinishReason::Length));
+        }
+        Ok(next)
+    }
+
+    /// Sends the sequence's last events; its cache is freed with it.
+    fn leave(mut self, leave: Leave) {
+        let finish = match leave {
+            Leave::Finished(finish) => finish,
+            Leave::Failed(err) => {
+                send_last(&self.job, crate::engine::error_event(err));
+                return;
+            }
+        };
+        if let Some(last) = self.streamer.finish(&self.text) {
+            let _ = self.job.events.blocking_send(last);
+        }
+        let decode_s = self.decode_started.elapsed().as_secs_f64();
+        let request = &self.job.request;
+        let generated = self.generated().to_vec();
+        let done = GenerateEvent::Done {
             done: true,
             model: request.model.clone(),
             mode: None,
             seed: request.seed,
-            text,
-            prompt_tokens: prompt.len(),
+            text: std::mem::take(&mut self.text),
+            prompt_tokens: self.prompt_len,
             completion_tokens: generated.len(),
+            prefill_tokens_per_s: rate(self.prompt_len, self.prefill_s),
+            decode_tokens_per_s: rate(generated.len(), decode_s),
             token_ids: generated,
-            prefill_tokens_per_s: rate(prompt.len(), prefill),
-            decode_tokens_per_s: rate(history.len() - prompt.len(), decode),
             finish_reason: finish,
-        })
+        };
+        send_last(&self.job, done);
+    }
+}
+
+fn send_last(job: &Job, event: GenerateEvent) {
+    let _ = job.events.blocking_send(event);
+}
+
+/// The answer to a job cancelled while it waited to join the batch.
+fn cancelled_before_start(waiting: &Waiting) -> GenerateEvent {
+    let request = &waiting.job.request;
+    GenerateEvent::Done {
+        done: true,
+        model: request.model.clone(),
+        mode: None,
+        seed: request.seed,
+        text: String::new(),
+        prompt_tokens: waiting.prompt.len(),
+        completion_tokens: 0,
+        token_ids: Vec::new(),
+        prefill_tokens_per_s: 0.0,
+        decode_tokens_per_s: 0.0,
+        finish_reason: FinishReason::Cancelled,
     }
 }
 
@@ -159,16 +406,16 @@ fn rate(tokens: usize, seconds: f64) -> f64 {
 /// for the next token, so a stop string is never streamed and the pieces
 /// always add up to the final text. Without stop strings, every token goes
 /// out at once.
-struct Streamer<'a> {
-    stops: &'a [String],
+struct Streamer {
+    stops: Vec<String>,
     /// Bytes of the text already sent.
     released: usize,
     /// The token whose event is waiting for the next one.
     pending: Option<(usize, u32)>,
 }
 
-impl<'a> Streamer<'a> {
-    fn new(stops: &'a [String]) -> Self {
+impl Streamer {
+    fn new(stops: Vec<String>) -> Self {
         Streamer {
             stops,
             released: 0,
@@ -193,7 +440,7 @@ impl<'a> Streamer<'a> {
         let end = if stopped {
             text.len()
         } else {
-            text.len() - held_suffix(text, self.stops)
+            text.len() - held_suffix(text, &self.stops)
         };
         if let Some((index, id)) = self.pending.take() {
             let text = self.piece(text, end);
@@ -250,7 +497,7 @@ mod tests {
     fn streamed_pieces_never_hold_a_stop_string_and_add_up() {
         let stops = vec!["END".to_string()];
         let tokens = ["a", "bE", "N", "x", "E", "ND", "tail"];
-        let mut streamer = Streamer::new(&stops);
+        let mut streamer = Streamer::new(stops.clone());
         let mut text = String::new();
         let mut streamed = String::new();
         for (index, token) in tokens.iter().enumerate() {

@@ -1,0 +1,147 @@
+//! Linear layers over dense or quantized weights, and RMS norms.
+//!
+//! The dense path exists for speed on the CPU: gemm runs a product with one
+//! row (a batch-1 decode step) on one core whatever its thread count, so a
+//! few-row product is split here by output rows across rayon's threads.
+//! Each part reads its own slice of the weights, which is what a decode step
+//! is bound by.
+
+use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
+use rayon::prelude::*;
+
+/// Products with at most this many rows are split by output rows on the
+/// CPU; larger ones are left to gemm, which parallelizes them itself.
+const SPLIT_MAX_ROWS: usize = 16;
+
+/// The fewest output rows worth a thread of their own.
+const MIN_ROWS_PER_PART: usize = 64;
+
+pub enum Weight {
+    /// `[out, in]`, in the model's dtype.
+    Dense(Tensor),
+    Quantized(QMatMul),
+}
+
+pub struct Linear {
+    weight: Weight,
+    bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
+        Linear {
+            weight: Weight::Dense(weight),
+            bias,
+        }
+    }
+
+    /// Quantized weights stay quantized; f32/f16/bf16 ones become dense in
+    /// `dtype`, so they take the split path too.
+    pub fn quantized(weight: QTensor, bias: Option<Tensor>, dtype: DType) -> Result<Self> {
+        let weight = match weight.dtype() {
+            GgmlDType::F32 | GgmlDType::F16 | GgmlDType::BF16 => {
+                let device = weight.device();
+                Weight::Dense(weight.dequantize(&device)?.to_dtype(dtype)?)
+            }
+            _ => Weight::Quantized(QMatMul::from_qtensor(weight)?),
+        };
+        Ok(Linear { weight, bias })
+    }
+
+    /// `x`: `[.., in]` → `[.., out]`.
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let y = match &self.weight {
+            Weight::Dense(w) => dense_forward(x, w)?,
+            Weight::Quantized(w) => w.forward(x)?,
+        };
+        match &self.bias {
+            Some(bias) => y.broadcast_add(bias),
+            None => Ok(y),
+        }
+    }
+}
+
+fn dense_forward(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let dims = x.dims().to_vec();
+    let (inputs, rows) = (dims[dims.len() - 1], x.elem_count() / dims[dims.len() - 1]);
+    let x2 = x.reshape((rows, inputs))?;
+    let y = if splits_by_rows(x, rows) {
+        split_matmul(&x2, w)?
+    } else {
+        x2.matmul(&w.t()?)?
+    };
+    let mut out = dims;
+    *out.last_mut().expect("x has at least one dimension") = w.dim(0)?;
+    y.reshape(out)
+}
+
+fn splits_by_rows(x: &Tensor, rows: usize) -> bool {
+    matches!(x.device(), Device::Cpu) && rows <= SPLIT_MAX_ROWS && rayon::current_num_threads() > 1
+}
+
+/// `x · wᵀ` with `w`'s rows split into one part per thread.
+fn split_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    let out = w.dim(0)?;
+    let parts = rayon::current_num_threads()
+        .min(out / MIN_ROWS_PER_PART)
+        .max(1);
+    if parts == 1 {
+        return x.matmul(&w.t()?);
+    }
+    let step = out.div_ceil(parts);
+    let pieces: Vec<Tensor> = (0..parts)
+        .into_par_iter()
+        .map(|i| {
+            let start = i * step;
+            let len = step.min(out - start);
+            x.matmul(&w.narrow(0, start, len)?.t()?)
+        })
+        .collect::<Result<_>>()?;
+    Tensor::cat(&pieces, 1)
+}
+
+/// Root-mean-square layer norm over the last dimension.
+pub struct RmsNorm {
+    weight: Tensor,
+    eps: f32,
+}
+
+impl RmsNorm {
+    pub fn new(weight: Tensor, eps: f64) -> Self {
+        RmsNorm {
+            weight,
+            eps: eps as f32,
+        }
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_product_equals_the_plain_one() {
+        let device = Device::Cpu;
+        let x = Tensor::randn(0f32, 1.0, (3, 96), &device).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (1000, 96), &device).unwrap();
+        let plain = x.matmul(&w.t().unwrap()).unwrap();
+        let split = split_matmul(&x, &w).unwrap();
+        let diff = (plain - split)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-4, "{diff}");
+        let layer = Linear::dense(w, Some(Tensor::ones(1000, DType::F32, &device).unwrap()));
+        let y = layer.forward(&x.unsqueeze(0).unwrap()).unwrap();
+        assert_eq!(y.dims(), [1, 3, 1000]);
+    }
+}
