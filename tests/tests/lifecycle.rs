@@ -223,7 +223,9 @@ fn long_generation() -> serde_json::Value {
 
 #[test]
 fn shutdown_grace_is_enforced_and_late_requests_are_answered() {
-    let mut daemon = Daemon::start_configured("[server]\nshutdown_grace_s = 1\n", &[]);
+    // One generation at a time, so the later ones stay queued.
+    let config = "[server]\nshutdown_grace_s = 1\n[scheduler]\nmax_batch = 1\n";
+    let mut daemon = Daemon::start_configured(config, &[]);
     modeld_e2e::synthetic::register_slow_model(&daemon, "slow");
     // The running generation streams before the others are queued, so
     // they are certain to wait behind it.

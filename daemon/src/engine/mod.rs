@@ -305,6 +305,12 @@ impl Resident {
         BusyGuard(self.clone())
     }
 
+    /// Whether the model is a text model, whose worker batches generations.
+    pub fn runs_text(&self) -> bool {
+        let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
+        matches!(jobs.as_ref(), Some(WorkerQueue::Text(_)))
+    }
+
     fn is_busy(&self) -> bool {
         self.busy.load(std::sync::atomic::Ordering::SeqCst) > 0
     }

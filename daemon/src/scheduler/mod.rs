@@ -1,9 +1,13 @@
-//! The job queue: generations, mode switches and unloads run one at a time
-//! in arrival order. A generation naming a mode other than the one that
-//! will be current when it runs gets a switch queued before it. The queue is
-//! bounded; a full queue refuses new work with `queue_full`. A job, once
-//! accepted, runs exactly once unless it is cancelled (or, at shutdown,
-//! refused while still queued); how it ended is kept in [`history`].
+//! The job queue: generations, mode switches and unloads start in arrival
+//! order. Generations on one loaded text model (in one mode) run together,
+//! up to `scheduler.max_batch`, and the model's worker decodes them as one
+//! batch; any other job waits until the running ones have finished, and
+//! jobs behind it wait for it. A generation naming a mode other than the
+//! one that will be current when it runs gets a switch queued before it.
+//! The queue is bounded; a full queue refuses new work with `queue_full`. A
+//! job, once accepted, runs exactly once unless it is cancelled (or, at
+//! shutdown, refused while still queued); how it ended is kept in
+//! [`history`].
 
 pub mod history;
 
@@ -26,6 +30,9 @@ pub use history::{JobOutcome, JobStage, SwitchFailure};
 
 /// Events a client may leave unread before generation waits for it.
 const EVENT_BUFFER: usize = 256;
+
+/// How often a job waiting behind running ones is looked at again.
+const RECHECK: std::time::Duration = std::time::Duration::from_millis(20);
 
 pub enum Work {
     Generate {
@@ -91,11 +98,18 @@ struct Queued {
     work: Work,
 }
 
+/// A job that has started, and how to stop it.
+struct Running {
+    info: JobInfo,
+    cancel: Cancellation,
+}
+
 struct QueueState {
     /// Set at shutdown: new jobs are refused from then on.
     closed: bool,
     jobs: VecDeque<Queued>,
-    running: Option<(JobInfo, Cancellation)>,
+    /// Several only when they are generations batched on one model.
+    running: Vec<Running>,
     current_mode: Option<String>,
     history: History,
 }
@@ -114,7 +128,7 @@ impl Default for Scheduler {
             queue: Mutex::new(QueueState {
                 closed: false,
                 jobs: VecDeque::new(),
-                running: None,
+                running: Vec::new(),
                 current_mode: None,
                 history: History::default(),
             }),
@@ -213,9 +227,9 @@ impl QueueState {
     fn effective_mode(&self) -> Option<String> {
         let running_switch = self
             .running
-            .as_ref()
-            .filter(|(info, _)| info.kind == "switch")
-            .and_then(|(info, _)| info.mode.clone());
+            .iter()
+            .find(|r| r.info.kind == "switch")
+            .and_then(|r| r.info.mode.clone());
         self.jobs
             .iter()
             .rev()
@@ -228,14 +242,14 @@ impl QueueState {
     }
 
     fn ahead(&self) -> usize {
-        self.jobs.len() + usize::from(self.running.is_some())
+        self.jobs.len() + self.running.len()
     }
 
     fn job(&self, id: u64) -> Option<(JobInfo, JobStage)> {
-        if let Some((info, _)) = self.running.as_ref().filter(|(info, _)| info.id == id) {
+        if let Some(running) = self.running.iter().find(|r| r.info.id == id) {
             let info = JobInfo {
                 running: true,
-                ..info.clone()
+                ..running.info.clone()
             };
             return Some((info, JobStage::Running));
         }
@@ -381,10 +395,11 @@ impl Scheduler {
             }
             return true;
         }
-        match &queue.running {
-            Some((info, cancel)) if info.id == id && info.kind == "generate" => cancel.request(),
-            _ => false,
-        }
+        queue
+            .running
+            .iter()
+            .find(|r| r.info.id == id && r.info.kind == "generate")
+            .is_some_and(|r| r.cancel.request())
     }
 
     /// Shutdown: closes the queue to new jobs and refuses every queued one
@@ -417,25 +432,24 @@ impl Scheduler {
         self.wake.notify_one();
     }
 
-    /// Shutdown after the grace period: stops the running job, whose
-    /// client sees `finish_reason: cancelled`.
+    /// Shutdown after the grace period: stops the running jobs, whose
+    /// clients see `finish_reason: cancelled`.
     pub fn cancel_running(&self) {
-        if let Some((_, cancel)) = &self.lock().running {
-            cancel.request();
+        for running in &self.lock().running {
+            running.cancel.request();
         }
     }
 
     pub fn status(&self, capacity: usize) -> QueueStatus {
         let queue = self.lock();
-        let running = queue.running.as_ref().map(|(info, _)| JobInfo {
+        let running = queue.running.iter().map(|r| JobInfo {
             running: true,
-            ..info.clone()
+            ..r.info.clone()
         });
         QueueStatus {
             capacity,
             current_mode: queue.current_mode.clone(),
             jobs: running
-                .into_iter()
                 .chain(queue.jobs.iter().map(|job| job.info.clone()))
                 .collect(),
             last_switch_error: None,
@@ -469,45 +483,98 @@ impl Scheduler {
         self.lock().current_mode.clone()
     }
 
-    /// Takes the next job, marking it running.
-    fn next(&self) -> Option<(Queued, Cancellation)> {
+    /// Takes the next job and marks it running, if it may start now: when
+    /// nothing runs, or when it is a text generation that joins the
+    /// generations running on the same model and mode (`batches` says
+    /// whether a model is a resident text model) and the batch has room.
+    fn next(
+        &self,
+        max_batch: usize,
+        batches: impl Fn(&str) -> bool,
+    ) -> Option<(Queued, Cancellation)> {
         let mut queue = self.lock();
-        let job = queue.jobs.pop_front()?;
+        let front = queue.jobs.front()?;
+        if !queue.running.is_empty() {
+            let joins = match &front.work {
+                Work::Generate { request, mode, .. } => {
+                    queue.running.len() < max_batch
+                        && request.text.is_ok()
+                        && queue.running.iter().all(|r| {
+                            r.info.kind == "generate"
+                                && r.info.model.as_ref() == Some(&request.model)
+                                && r.info.mode == *mode
+                        })
+                        && batches(&request.model)
+                }
+                _ => false,
+            };
+            if !joins {
+                return None;
+            }
+        }
+        let job = queue.jobs.pop_front().expect("front exists");
         let cancel = Cancellation::new();
-        queue.running = Some((job.info.clone(), cancel.clone()));
+        queue.running.push(Running {
+            info: job.info.clone(),
+            cancel: cancel.clone(),
+        });
         Some((job, cancel))
     }
 
-    /// The running job is over: it leaves `running` and enters the history
-    /// at once, so it is never missing from both.
-    fn finished(&self, outcome: JobOutcome) {
+    /// Whether a queued job waits behind running ones: it may be able to
+    /// join them once their model has loaded.
+    fn waits_behind_running(&self) -> bool {
+        let queue = self.lock();
+        !queue.running.is_empty() && !queue.jobs.is_empty()
+    }
+
+    /// Job `id` is over: it leaves `running` and enters the history at
+    /// once, so it is never missing from both.
+    fn finished(&self, id: u64, outcome: JobOutcome) {
         let mut queue = self.lock();
-        if let Some((info, _)) = queue.running.take() {
-            queue.history.record(info, outcome);
+        if let Some(index) = queue.running.iter().position(|r| r.info.id == id) {
+            let running = queue.running.swap_remove(index);
+            queue.history.record(running.info, outcome);
         }
         drop(queue);
         self.job_ended.notify_waiters();
+        self.wake.notify_one();
     }
 
-    /// Runs jobs until shutdown; at shutdown, jobs still queued are
-    /// refused (see [`Scheduler::refuse_queued`]).
+    /// Starts jobs until shutdown; at shutdown, jobs still queued are
+    /// refused (see [`Scheduler::refuse_queued`]) and the running ones are
+    /// waited for.
     pub async fn run(self: Arc<Self>, state: Arc<AppState>) {
         let shutdown = state.shutdown_token();
+        let mut running = tokio::task::JoinSet::new();
         loop {
+            while running.try_join_next().is_some() {}
             if shutdown.is_cancelled() {
                 self.refuse_queued();
-                return;
+                break;
             }
-            let Some((job, cancel)) = self.next() else {
+            let max_batch = state.config().scheduler.max_batch;
+            let batches = |model: &str| state.engine.get(model).is_some_and(|r| r.runs_text());
+            let Some((job, cancel)) = self.next(max_batch, batches) else {
+                // A job waiting behind a model still loading is looked at
+                // again shortly: the load ends without waking the queue.
+                let recheck = self.waits_behind_running();
                 tokio::select! {
                     _ = self.wake.notified() => {}
                     _ = shutdown.cancelled() => {}
+                    _ = tokio::time::sleep(RECHECK), if recheck => {}
                 }
                 continue;
             };
-            let outcome = self.execute(&state, job.info.id, job.work, cancel).await;
-            self.finished(outcome);
+            let this = self.clone();
+            let state = state.clone();
+            running.spawn(async move {
+                let id = job.info.id;
+                let outcome = this.execute(&state, id, job.work, cancel).await;
+                this.finished(id, outcome);
+            });
         }
+        while running.join_next().await.is_some() {}
     }
 
     async fn execute(

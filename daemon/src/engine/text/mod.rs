@@ -14,5 +14,8 @@ pub mod model;
 pub mod sampling;
 pub(super) mod worker;
 
+#[cfg(test)]
+mod tests;
+
 // The engine's error types, seen by the modules above as `super::...`.
 use super::{cancel, BadFile, EngineError};

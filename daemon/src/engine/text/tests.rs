@@ -1,0 +1,67 @@
+//! The batched decoder against itself: a decode step run for several
+//! sequences together gives each the logits it gets alone, within the
+//! float tolerance of a different summation order.
+
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::build;
+use super::decoder::{Decoder, KvCache};
+use super::model::{ModelSpec, Weights};
+
+/// Products over a batch may sum in another order than over one row.
+const BATCH_TOLERANCE: f32 = 1e-4;
+
+fn tiny_llama() -> Decoder {
+    let dir = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/tiny-llama"
+    ));
+    let spec = ModelSpec::read(&dir).expect("config");
+    let Weights::Safetensors(files) = Weights::find(&dir).expect("weights") else {
+        panic!("tiny-llama is safetensors")
+    };
+    build::from_safetensors(&spec, &files, &[], DType::F32, &Device::Cpu).expect("loads")
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .max_all()
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn a_batched_decode_step_gives_each_sequence_its_own_logits() {
+    let mut model = tiny_llama();
+    let prompts: [&[u32]; 3] = [&[45, 270, 221, 44], &[7, 8], &[100, 101, 102, 103, 104, 105]];
+    let next = [79u32, 12, 300];
+    let mut batched: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(2, 16)).collect();
+    for (prompt, cache) in prompts.iter().zip(batched.iter_mut()) {
+        model.prefill(prompt, cache).unwrap();
+    }
+    let mut refs: Vec<&mut KvCache> = batched.iter_mut().collect();
+    let together = model.decode(&next, &mut refs).unwrap();
+    let mut worst = 0f32;
+    for (i, prompt) in prompts.iter().enumerate() {
+        let mut alone = KvCache::new(2, 16);
+        model.prefill(prompt, &mut alone).unwrap();
+        let single = model.decode(&next[i..=i], &mut [&mut alone]).unwrap();
+        // The same step as a prefill of the whole sequence at once.
+        let mut whole = KvCache::new(2, 16);
+        let mut tokens = prompt.to_vec();
+        tokens.push(next[i]);
+        let prefilled = model.prefill(&tokens, &mut whole).unwrap();
+        let row = together.get(i).unwrap();
+        worst = worst.max(max_diff(&row, &single.get(0).unwrap()));
+        worst = worst.max(max_diff(&row, &prefilled.get(0).unwrap()));
+        assert_eq!(alone.len(), prompt.len() + 1);
+    }
+    eprintln!("batched vs alone: max abs logit difference {worst:e}");
+    assert!(worst < BATCH_TOLERANCE, "batched logits differ by {worst}");
+}

@@ -1,0 +1,158 @@
+//! Continuous batching: concurrent generations on one model run together,
+//! give the tokens each would give alone, and leave the queue's order for
+//! everything else intact.
+
+use std::time::{Duration, Instant};
+
+use modeld_e2e::{fixtures_dir, kind, Daemon};
+use serde_json::{json, Value};
+
+fn expected(fixture: &str) -> Value {
+    let text = std::fs::read_to_string(fixtures_dir().join(fixture).join("expected.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// Runs every request at once, one client each; returns each final event.
+fn concurrently(daemon: &Daemon, requests: Vec<Value>) -> Vec<Value> {
+    let threads: Vec<_> = requests
+        .into_iter()
+        .map(|params| {
+            let mut client = daemon.client();
+            std::thread::spawn(move || {
+                let events: Vec<Value> = client
+                    .subscribe("generate", params)
+                    .expect("generate accepted")
+                    .collect::<Result<_, _>>()
+                    .expect("generate stream");
+                events.last().cloned().expect("a final event")
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+/// Polls `status` until `count` generations run at once.
+fn wait_for_running(daemon: &Daemon, count: usize) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let status = daemon.call("status", json!({})).unwrap();
+        let running = status["queue"]["jobs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|job| job["running"] == true)
+            .count();
+        if running == count {
+            return status;
+        }
+        assert!(Instant::now() < deadline, "never {count} running: {status}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn concurrent_greedy_generations_match_transformers() {
+    for fixture in ["tiny-llama", "tiny-qwen2"] {
+        let daemon = Daemon::start();
+        daemon.register_fixture(fixture);
+        daemon.call("load", json!({"name": fixture})).unwrap();
+        let expected = expected(fixture);
+        let cases = expected["cases"].as_array().unwrap();
+        let max_tokens = expected["max_new_tokens"].as_u64().unwrap();
+        // Each prompt twice, with different lengths, so sequences join and
+        // leave the batch at different steps.
+        let requests: Vec<Value> = cases
+            .iter()
+            .chain(cases)
+            .enumerate()
+            .map(|(i, case)| {
+                let tokens = max_tokens - (i as u64 % 3) * 7;
+                json!({"model": fixture, "prompt": case["prompt"], "max_tokens": tokens,
+                       "temperature": 0})
+            })
+            .collect();
+        let dones = concurrently(&daemon, requests.clone());
+        for ((done, request), case) in dones.iter().zip(&requests).zip(cases.iter().cycle()) {
+            assert_eq!(done["finish_reason"], "length", "{done}");
+            let n = request["max_tokens"].as_u64().unwrap() as usize;
+            let greedy = &case["greedy_ids"].as_array().unwrap()[..n];
+            assert_eq!(
+                done["token_ids"].as_array().unwrap().as_slice(),
+                greedy,
+                "{fixture}: prompt {:?}",
+                case["prompt"]
+            );
+        }
+    }
+}
+
+#[test]
+fn a_seeded_sample_is_the_same_alone_and_in_a_batch() {
+    let daemon = Daemon::start();
+    daemon.register_fixture("tiny-qwen2");
+    let sampled = json!({"model": "tiny-qwen2", "prompt": "The application uses a",
+                         "max_tokens": 24, "temperature": 0.9, "top_k": 40, "seed": 7});
+    let alone = concurrently(&daemon, vec![sampled.clone()]);
+    let mut requests = vec![sampled];
+    for prompt in ["Model Loading", "a b c d", "The cache"] {
+        requests.push(json!({"model": "tiny-qwen2", "prompt": prompt, "max_tokens": 30,
+                             "temperature": 0}));
+    }
+    let batched = concurrently(&daemon, requests);
+    assert_eq!(batched[0]["token_ids"], alone[0]["token_ids"]);
+    assert_eq!(batched[0]["text"], alone[0]["text"]);
+}
+
+#[test]
+fn generations_batch_up_to_max_batch_and_other_jobs_wait_for_them() {
+    let daemon = Daemon::start_configured("[scheduler]\nmax_batch = 3\n", &[]);
+    modeld_e2e::synthetic::register_slow_model(&daemon, "slow");
+    let long = json!({"model": "slow", "prompt": "a b c", "max_tokens": 4000, "temperature": 0});
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let mut client = daemon.client();
+            let params = long.clone();
+            std::thread::spawn(move || -> String {
+                // A job cancelled while queued is refused at once.
+                let events = match client.subscribe("generate", params) {
+                    Ok(events) => events,
+                    Err(err) => return kind(&err).to_string(),
+                };
+                let events: Vec<Value> = events.collect::<Result<_, _>>().unwrap();
+                let last = events.last().cloned().unwrap();
+                last["finish_reason"].as_str().unwrap_or_default().to_string()
+            })
+        })
+        .collect();
+    // Three run together; the fourth waits for room in the batch.
+    let status = wait_for_running(&daemon, 3);
+    let jobs = status["queue"]["jobs"].as_array().unwrap().clone();
+    assert_eq!(jobs.len(), 4, "{status}");
+    // An unload queued now waits for every generation ahead of it.
+    let mut unloader = daemon.client();
+    let unload = std::thread::spawn(move || unloader.call_value("unload", json!({"name": "slow"})));
+    std::thread::sleep(Duration::from_millis(300));
+    let loaded = daemon.call("vram", json!({})).unwrap();
+    assert!(loaded.to_string().contains("\"slow\""), "{loaded}");
+    for job in &jobs {
+        daemon
+            .call("jobs.cancel", json!({"job": job["id"]}))
+            .unwrap();
+    }
+    // The fourth may have started as the others ended; cancel what runs.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !unload.is_finished() {
+        let status = daemon.call("status", json!({})).unwrap();
+        for job in status["queue"]["jobs"].as_array().unwrap() {
+            if job["kind"] == "generate" {
+                let _ = daemon.call("jobs.cancel", json!({"job": job["id"]}));
+            }
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    unload.join().unwrap().expect("unload after the batch");
+    for client in clients {
+        assert_eq!(client.join().unwrap(), "cancelled");
+    }
+}
