@@ -95,8 +95,10 @@ fn a_seeded_sample_is_the_same_alone_and_in_a_batch() {
     let alone = concurrently(&daemon, vec![sampled.clone()]);
     let mut requests = vec![sampled];
     for prompt in ["Model Loading", "a b c d", "The cache"] {
-        requests.push(json!({"model": "tiny-qwen2", "prompt": prompt, "max_tokens": 30,
-                             "temperature": 0}));
+        requests.push(
+            json!({"model": "tiny-qwen2", "prompt": prompt, "max_tokens": 30,
+                             "temperature": 0}),
+        );
     }
     let batched = concurrently(&daemon, requests);
     assert_eq!(batched[0]["token_ids"], alone[0]["token_ids"]);
@@ -107,24 +109,44 @@ fn a_seeded_sample_is_the_same_alone_and_in_a_batch() {
 fn generations_batch_up_to_max_batch_and_other_jobs_wait_for_them() {
     let daemon = Daemon::start_configured("[scheduler]\nmax_batch = 3\n", &[]);
     modeld_e2e::synthetic::register_slow_model(&daemon, "slow");
-    let long = json!({"model": "slow", "prompt": "a b c", "max_tokens": 4000, "temperature": 0});
+    // Three of these fit the model's KV positions (4096) together.
+    let long = json!({"model": "slow", "prompt": "a b c", "max_tokens": 1200, "temperature": 0});
+    let (progress, seen) = std::sync::mpsc::channel::<&str>();
     let clients: Vec<_> = (0..4)
         .map(|_| {
             let mut client = daemon.client();
             let params = long.clone();
+            let progress = progress.clone();
             std::thread::spawn(move || -> String {
                 // A job cancelled while queued is refused at once.
                 let events = match client.subscribe("generate", params) {
                     Ok(events) => events,
                     Err(err) => return kind(&err).to_string(),
                 };
-                let events: Vec<Value> = events.collect::<Result<_, _>>().unwrap();
-                let last = events.last().cloned().unwrap();
-                last["finish_reason"].as_str().unwrap_or_default().to_string()
+                let mut last = Value::Null;
+                for (n, event) in events.enumerate() {
+                    if n == 0 {
+                        let _ = progress.send("token");
+                    }
+                    last = event.unwrap();
+                }
+                let _ = progress.send("done");
+                last["finish_reason"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string()
             })
         })
         .collect();
-    // Three run together; the fourth waits for room in the batch.
+    // Three run together: each streams before any has finished. The
+    // fourth waits for room in the batch.
+    for _ in 0..3 {
+        let event = seen.recv_timeout(Duration::from_secs(60)).unwrap();
+        assert_eq!(
+            event, "token",
+            "a generation ended before three ran together"
+        );
+    }
     let status = wait_for_running(&daemon, 3);
     let jobs = status["queue"]["jobs"].as_array().unwrap().clone();
     assert_eq!(jobs.len(), 4, "{status}");
@@ -134,12 +156,8 @@ fn generations_batch_up_to_max_batch_and_other_jobs_wait_for_them() {
     std::thread::sleep(Duration::from_millis(300));
     let loaded = daemon.call("vram", json!({})).unwrap();
     assert!(loaded.to_string().contains("\"slow\""), "{loaded}");
-    for job in &jobs {
-        daemon
-            .call("jobs.cancel", json!({"job": job["id"]}))
-            .unwrap();
-    }
-    // The fourth may have started as the others ended; cancel what runs.
+    // Cancel everything generating until the unload has run (the fourth
+    // may start as the others end).
     let deadline = Instant::now() + Duration::from_secs(30);
     while !unload.is_finished() {
         let status = daemon.call("status", json!({})).unwrap();

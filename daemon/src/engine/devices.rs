@@ -32,17 +32,46 @@ impl Devices {
         Ok(device)
     }
 
-    /// Creates a device for every GPU present, so the first request does
-    /// not pay for CUDA start-up. Returns how many there are.
+    /// Creates a device for every GPU present and runs each kind of kernel
+    /// generation uses once on it, so the first load or request pays
+    /// neither for CUDA start-up nor for the driver compiling candle's
+    /// kernel modules (the quantized one takes seconds). Returns how many
+    /// GPUs there are.
     pub fn warm_up(&self) -> usize {
         let count = gpu_count();
         for index in 0..count {
-            if let Err(err) = self.cuda(index) {
+            let warmed = self
+                .cuda(index)
+                .and_then(|device| run_each_kernel(&device).map_err(EngineError::from));
+            if let Err(err) = warmed {
                 tracing::warn!("cannot start cuda:{index}: {err}");
             }
         }
         count
     }
+}
+
+/// One small instance of every kind of operation a decode step or a load
+/// runs: cuBLAS products in f32 and bf16, the fused norm, rotary and softmax
+/// kernels, gathers, reductions, casts, and a Q8_0 product.
+fn run_each_kernel(device: &Device) -> candle_core::Result<()> {
+    use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
+    use candle_core::{DType, Module, Tensor, D};
+    let x = Tensor::ones((4, 256), DType::F32, device)?;
+    let w = Tensor::ones((256, 256), DType::F32, device)?;
+    let y = x.matmul(&w.t()?)?;
+    let _ = x.to_dtype(DType::BF16)?.matmul(&w.to_dtype(DType::BF16)?)?;
+    let y = candle_nn::ops::rms_norm(&y, &Tensor::ones(256, DType::F32, device)?, 1e-6)?;
+    let y = candle_nn::ops::softmax_last_dim(&(candle_nn::ops::silu(&y)? * 0.5)?)?;
+    let table = Tensor::ones((8, 32), DType::F32, device)?;
+    let rows = table.index_select(&Tensor::new(&[1u32, 3], device)?, 0)?;
+    let heads = Tensor::ones((1, 2, 2, 64), DType::F32, device)?;
+    let _ = candle_nn::rotary_emb::rope(&heads, &rows, &rows)?;
+    let _ = candle_nn::rotary_emb::rope_i(&heads, &rows, &rows)?;
+    let _ = Tensor::cat(&[&y, &y], 0)?.argmax(D::Minus1)?;
+    let q8 = QMatMul::from_qtensor(QTensor::quantize(&w, GgmlDType::Q8_0)?)?;
+    let _ = q8.forward(&x)?;
+    device.synchronize()
 }
 
 fn first_line(err: &candle_core::Error) -> String {

@@ -15,6 +15,12 @@
 //! tokenizer) against a raw read of its weight file, and CPU greedy decode
 //! speed as the engine reports it and as a streaming client sees it.
 //!
+//! `cargo run --release -p modeld-e2e --bin bench -- batch [--tokens N]`:
+//! aggregate CPU decode throughput of 1, 4 and 8 concurrent clients on one
+//! synthetic ~135M-parameter llama, with continuous batching and with
+//! `max_batch = 1` (jobs one after another), plus batch-1 decode on one
+//! thread against two, in f32 and Q8_0.
+//!
 //! `cargo run --release -p modeld-e2e --bin bench -- cache [--repos N] [--mib N]`:
 //! `cache.scan` of a synthetic HF cache of N repos against huggingface_hub's
 //! `scan_cache_dir` on the same cache (when installed), and the hashing of
@@ -39,12 +45,13 @@ fn main() {
         Some("echo-server") => echo_server(Path::new(&args[1])),
         Some("download") => download(flag(&args, "--mib").unwrap_or(256)),
         Some("generate") => generate(flag(&args, "--tokens").unwrap_or(128)),
+        Some("batch") => batch(flag(&args, "--tokens").unwrap_or(48)),
         Some("cache") => cache(
             flag(&args, "--repos").unwrap_or(1000),
             flag(&args, "--mib").unwrap_or(256),
         ),
         _ => {
-            eprintln!("usage: bench rpc [--calls N] | download [--mib N] | generate [--tokens N] | cache [--repos N] [--mib N]");
+            eprintln!("usage: bench rpc [--calls N] | download [--mib N] | generate [--tokens N] | batch [--tokens N] | cache [--repos N] [--mib N]");
             std::process::exit(2);
         }
     }
@@ -356,6 +363,118 @@ fn generate(tokens: usize) {
         "| decode (streaming client) | {client_best:.1} tok/s | {:.2}x |",
         client_best / engine_best
     );
+}
+
+/// A daemon with the synthetic model `synth` loaded from `weights`.
+fn daemon_with(config: &str, env: &[(&str, &str)], weights: &Path) -> Daemon {
+    let daemon = Daemon::start_configured(config, env);
+    let params = serde_json::json!({"name": "synth", "local_path": weights});
+    daemon.call("models.register", params).expect("register");
+    daemon
+        .call("load", serde_json::json!({"name": "synth"}))
+        .expect("load");
+    daemon
+}
+
+/// Completion tokens per second of all `clients` generating `tokens`
+/// greedy tokens at once, each from its own prompt.
+fn aggregate(daemon: &Daemon, clients: usize, tokens: usize) -> f64 {
+    let start = Arc::new(Barrier::new(clients + 1));
+    let threads: Vec<_> = (0..clients)
+        .map(|i| {
+            let mut client = daemon.client();
+            let start = start.clone();
+            std::thread::spawn(move || {
+                let params = serde_json::json!({"model": "synth",
+                    "prompt": format!("client {i} asks about the cache"),
+                    "max_tokens": tokens, "temperature": 0});
+                start.wait();
+                let mut completion = 0.0;
+                for event in client.subscribe("generate", params).expect("generate") {
+                    let event = event.expect("event");
+                    if event["done"] == true {
+                        completion = event["completion_tokens"].as_f64().unwrap_or(0.0);
+                    }
+                }
+                completion
+            })
+        })
+        .collect();
+    start.wait();
+    let began = Instant::now();
+    let total: f64 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    total / began.elapsed().as_secs_f64()
+}
+
+fn batch(tokens: usize) {
+    let work = tempfile::tempdir().expect("tempdir");
+    let dir = work.path().join("synth");
+    let shape = modeld_e2e::synthetic::Shape {
+        hidden: 1024,
+        intermediate: 2816,
+        layers: 12,
+        heads: 16,
+        kv_heads: 4,
+    };
+    let size = modeld_e2e::synthetic::write_model(&dir, "llama", shape);
+    // Random weights may pick the end token early; every client should
+    // generate all its tokens.
+    let config = dir.join("config.json");
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).expect("config")).expect("json");
+    value["eos_token_id"] = serde_json::json!(100_000);
+    std::fs::write(&config, value.to_string()).expect("config");
+    let q8 = work.path().join("synth-q8/synth.gguf");
+    std::fs::create_dir_all(q8.parent().unwrap()).expect("q8 dir");
+    for file in ["tokenizer.json", "config.json"] {
+        std::fs::copy(dir.join(file), q8.parent().unwrap().join(file)).expect("copy");
+    }
+    modeld_e2e::gguf::write_llama_gguf(&dir, &q8, modeld_e2e::gguf::GgufType::Q8_0)
+        .expect("q8 gguf");
+    println!(
+        "Synthetic llama: 12 layers, hidden 1024, {:.0} MiB of f32 weights; CPU ({} threads), greedy, {tokens} tokens per client, best of {ROUNDS}\n",
+        size as f64 / (1u64 << 20) as f64,
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
+    let batched = daemon_with("", &[], &dir);
+    let serial = daemon_with("[scheduler]\nmax_batch = 1\n", &[], &dir);
+    println!("| clients | one at a time tok/s | batched tok/s | batched / one at a time | batched / 1 client |");
+    println!("|---|---|---|---|---|");
+    let mut one_client = 0.0;
+    for clients in [1, 4, 8] {
+        let mut serial_best = 0f64;
+        let mut batched_best = 0f64;
+        for _ in 0..ROUNDS {
+            serial_best = serial_best.max(aggregate(&serial, clients, tokens));
+            batched_best = batched_best.max(aggregate(&batched, clients, tokens));
+        }
+        if clients == 1 {
+            one_client = batched_best;
+        }
+        println!(
+            "| {clients} | {serial_best:.1} | {batched_best:.1} | {:.2}x | {:.2}x |",
+            batched_best / serial_best,
+            batched_best / one_client
+        );
+    }
+    drop((batched, serial));
+    println!("\n| weights | 1 thread tok/s | 2 threads tok/s | 2 / 1 | 8 clients tok/s | 8 clients / 1 |");
+    println!("|---|---|---|---|---|---|");
+    for (name, weights) in [("f32", dir.as_path()), ("Q8_0", q8.as_path())] {
+        let one_thread = daemon_with("", &[("RAYON_NUM_THREADS", "1")], weights);
+        let two_threads = daemon_with("", &[("RAYON_NUM_THREADS", "2")], weights);
+        let (mut single, mut double, mut eight) = (0f64, 0f64, 0f64);
+        for _ in 0..ROUNDS {
+            single = single.max(aggregate(&one_thread, 1, tokens));
+            double = double.max(aggregate(&two_threads, 1, tokens));
+            eight = eight.max(aggregate(&two_threads, 8, tokens));
+        }
+        println!(
+            "| {name} | {single:.1} | {double:.1} | {:.2}x | {eight:.1} | {:.2}x |",
+            double / single,
+            eight / double
+        );
+    }
 }
 
 /// Best wall time of `runs` calls of `f`, in seconds.

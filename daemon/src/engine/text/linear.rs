@@ -1,13 +1,13 @@
 //! Linear layers over dense or quantized weights, and RMS norms.
 //!
-//! The dense path exists for speed on the CPU: gemm runs a product with one
-//! row (a batch-1 decode step) on one core whatever its thread count, so a
-//! few-row product is split here by output rows across rayon's threads.
-//! Each part reads its own slice of the weights, which is what a decode step
-//! is bound by.
+//! The dense path exists for speed on the CPU, where a decode step's
+//! few-row products go to [`super::gemv`] in f32 (gemm would run one row on
+//! one core, and pack all the weights for more), or are split by output
+//! rows across rayon's threads in other dtypes. Either way each thread reads
+//! its own slice of the weights, which is what a decode step is bound by.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{DType, Device, Module, Result, Tensor};
+use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor};
 use rayon::prelude::*;
 
 /// Products with at most this many rows are split by output rows on the
@@ -67,7 +67,10 @@ fn dense_forward(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let (inputs, rows) = (dims[dims.len() - 1], x.elem_count() / dims[dims.len() - 1]);
     let x2 = x.reshape((rows, inputs))?;
     let y = if splits_by_rows(x, rows) {
-        split_matmul(&x2, w)?
+        match few_rows_f32(&x2, w)? {
+            Some(y) => y,
+            None => split_matmul(&x2, w)?,
+        }
     } else {
         x2.matmul(&w.t()?)?
     };
@@ -78,6 +81,28 @@ fn dense_forward(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 
 fn splits_by_rows(x: &Tensor, rows: usize) -> bool {
     matches!(x.device(), Device::Cpu) && rows <= SPLIT_MAX_ROWS && rayon::current_num_threads() > 1
+}
+
+/// `x · wᵀ` by [`super::gemv::few_rows`] when both are f32 in memory;
+/// `None` for other dtypes.
+fn few_rows_f32(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    let (rows, inputs) = x.dims2()?;
+    let features = w.dim(0)?;
+    let x = x.contiguous()?;
+    let (x_storage, x_layout) = x.storage_and_layout();
+    let (w_storage, w_layout) = w.storage_and_layout();
+    let (Storage::Cpu(CpuStorage::F32(xs)), Storage::Cpu(CpuStorage::F32(ws))) =
+        (&*x_storage, &*w_storage)
+    else {
+        return Ok(None);
+    };
+    let (Some((x0, x1)), Some((w0, w1))) =
+        (x_layout.contiguous_offsets(), w_layout.contiguous_offsets())
+    else {
+        return Ok(None);
+    };
+    let out = super::gemv::few_rows(&xs[x0..x1], rows, &ws[w0..w1], features, inputs);
+    Tensor::from_vec(out, (rows, features), &Device::Cpu).map(Some)
 }
 
 /// `x · wᵀ` with `w`'s rows split into one part per thread.

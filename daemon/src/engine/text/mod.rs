@@ -8,6 +8,7 @@
 pub mod build;
 pub mod chat;
 pub mod decoder;
+pub mod gemv;
 pub mod linear;
 pub mod lora;
 pub mod model;

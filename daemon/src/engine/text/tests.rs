@@ -39,7 +39,11 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
 #[test]
 fn a_batched_decode_step_gives_each_sequence_its_own_logits() {
     let mut model = tiny_llama();
-    let prompts: [&[u32]; 3] = [&[45, 270, 221, 44], &[7, 8], &[100, 101, 102, 103, 104, 105]];
+    let prompts: [&[u32]; 3] = [
+        &[45, 270, 221, 44],
+        &[7, 8],
+        &[100, 101, 102, 103, 104, 105],
+    ];
     let next = [79u32, 12, 300];
     let mut batched: Vec<KvCache> = prompts.iter().map(|_| KvCache::new(2, 16)).collect();
     for (prompt, cache) in prompts.iter().zip(batched.iter_mut()) {
@@ -64,4 +68,79 @@ fn a_batched_decode_step_gives_each_sequence_its_own_logits() {
     }
     eprintln!("batched vs alone: max abs logit difference {worst:e}");
     assert!(worst < BATCH_TOLERANCE, "batched logits differ by {worst}");
+}
+
+/// A random llama of the given width, for timing.
+fn random_llama(dir: &std::path::Path, hidden: usize, layers: usize) -> Decoder {
+    use std::collections::HashMap;
+    let (inter, heads, kv_heads, vocab) = (hidden * 11 / 4, hidden / 64, hidden / 256, 384);
+    let head_dim = 64;
+    let mut tensors = HashMap::new();
+    let mut add = |name: String, dims: &[usize]| {
+        let t = Tensor::randn(0f32, 0.05, dims, &Device::Cpu).unwrap();
+        tensors.insert(name, t);
+    };
+    add("model.embed_tokens.weight".into(), &[vocab, hidden]);
+    add("lm_head.weight".into(), &[vocab, hidden]);
+    add("model.norm.weight".into(), &[hidden]);
+    for i in 0..layers {
+        let p = format!("model.layers.{i}");
+        add(
+            format!("{p}.self_attn.q_proj.weight"),
+            &[heads * head_dim, hidden],
+        );
+        add(
+            format!("{p}.self_attn.k_proj.weight"),
+            &[kv_heads * head_dim, hidden],
+        );
+        add(
+            format!("{p}.self_attn.v_proj.weight"),
+            &[kv_heads * head_dim, hidden],
+        );
+        add(
+            format!("{p}.self_attn.o_proj.weight"),
+            &[hidden, heads * head_dim],
+        );
+        add(format!("{p}.mlp.gate_proj.weight"), &[inter, hidden]);
+        add(format!("{p}.mlp.up_proj.weight"), &[inter, hidden]);
+        add(format!("{p}.mlp.down_proj.weight"), &[hidden, inter]);
+        add(format!("{p}.input_layernorm.weight"), &[hidden]);
+        add(format!("{p}.post_attention_layernorm.weight"), &[hidden]);
+    }
+    let file = dir.join("model.safetensors");
+    candle_core::safetensors::save(&tensors, &file).unwrap();
+    let config = serde_json::json!({"model_type": "llama", "hidden_size": hidden,
+        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "vocab_size": vocab, "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 4096, "rope_theta": 10000.0});
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let spec = ModelSpec::read(dir).unwrap();
+    build::from_safetensors(&spec, &[file], &[], DType::F32, &Device::Cpu).unwrap()
+}
+
+/// Milliseconds per decode step by batch size on a ~135M-parameter llama:
+/// `cargo test --release -p modeld --lib decode_step_timing -- --ignored --nocapture`.
+#[test]
+#[ignore = "a timing probe, not a check"]
+fn decode_step_timing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut model = random_llama(dir.path(), 1024, 12);
+    for batch in [1usize, 2, 4, 8] {
+        let mut caches: Vec<KvCache> = (0..batch).map(|_| KvCache::new(12, 128)).collect();
+        for cache in caches.iter_mut() {
+            model.prefill(&[1, 2, 3, 4, 5, 6, 7, 8], cache).unwrap();
+        }
+        let tokens = vec![9u32; batch];
+        let steps = 16;
+        let started = std::time::Instant::now();
+        for _ in 0..steps {
+            let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+            model.decode(&tokens, &mut refs).unwrap();
+        }
+        let ms = started.elapsed().as_secs_f64() * 1000.0 / steps as f64;
+        eprintln!(
+            "batch {batch}: {ms:.1} ms/step, {:.1} tok/s",
+            batch as f64 * 1000.0 / ms
+        );
+    }
 }
