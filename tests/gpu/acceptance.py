@@ -11,10 +11,14 @@ zeros written as sparse files, so they take no disk. It checks, on `cuda:0`:
    it back (NVML's per-process figure returns to its pre-load value);
 3. repeated load/unload cycles of two models of different sizes keep no VRAM;
 4. a model that cannot fit is refused with `insufficient_memory` naming the
-   device, the daemon survives, and a model that fits loads afterwards.
+   device, the daemon survives, and a model that fits loads afterwards;
+5. throughput (figures, not pass/fail): batch-1 bf16 decode of a 1.1B- and
+   a 7B-shaped llama as a fraction of the GPU's memory bandwidth, and the
+   aggregate of 8 concurrent clients against one (continuous batching);
+   concurrent greedy generations of the fixtures still match transformers.
 
 Prints one JSON line per figure and exits non-zero on the first failure.
-Usage: tests/gpu/acceptance.py [--modeld PATH] [--big-layers N]
+Usage: tests/gpu/acceptance.py [--modeld PATH] [--big-layers N] [--bandwidth-gbs N]
 """
 
 import argparse
@@ -165,6 +169,73 @@ def write_sparse_llama(path, layers, hidden, intermediate):
     return offset
 
 
+# Peak memory bandwidth by GPU name, GB/s (vendor figures).
+BANDWIDTH_GBS = {"H100 80GB HBM3": 3350, "H100 PCIe": 2000, "H200": 4800, "A100-SXM4-80GB": 2039}
+
+
+def bandwidth_of(name, given):
+    if given:
+        return given
+    for key, value in BANDWIDTH_GBS.items():
+        if key in name:
+            return value
+    return None
+
+
+def aggregate_tokens_per_s(daemon, model, clients, tokens):
+    """Completion tokens per second of `clients` generating at once."""
+    import threading
+    results = [0] * clients
+    def one(i):
+        done = daemon.generate({"model": model, "prompt": "client %d" % i, "max_tokens": tokens,
+                                "temperature": 0})
+        results[i] = done["completion_tokens"]
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(clients)]
+    started = time.time()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(results) / (time.time() - started)
+
+
+def check_throughput(daemon, workdir, bandwidth_gbs):
+    gpu = daemon.call("vram")["gpus"][0]["name"]
+    bandwidth = bandwidth_of(gpu, bandwidth_gbs)
+    for name in ["small", "big"]:
+        loaded = daemon.call("load", {"name": name, "device": "cuda:0", "dtype": "bf16"})["model"]
+        weights = loaded["estimated_bytes"] - loaded["kv_cache_bytes"]
+        aggregate_tokens_per_s(daemon, name, 1, 16)
+        one = max(aggregate_tokens_per_s(daemon, name, 1, 128) for _ in range(3))
+        eight = max(aggregate_tokens_per_s(daemon, name, 8, 128) for _ in range(2))
+        limit = bandwidth * 1e9 / weights if bandwidth else None
+        report(check="throughput", model=name, gpu=gpu, weights=weights,
+               batch1_tok_s=round(one, 1), limit_tok_s=limit and round(limit, 1),
+               fraction_of_bandwidth=limit and round(one / limit, 3),
+               clients8_tok_s=round(eight, 1), clients8_over_1=round(eight / one, 2))
+        daemon.call("unload", {"name": name})
+    # Batched greedy output still matches transformers.
+    import threading
+    for fixture in ["tiny-llama", "tiny-qwen2"]:
+        expected = json.load(open(os.path.join(REPO, "tests", "fixtures", fixture, "expected.json")))
+        daemon.call("load", {"name": fixture, "device": "cuda:0", "dtype": "f32"})
+        cases = expected["cases"] * 2
+        outputs = [None] * len(cases)
+        def one(i):
+            outputs[i] = daemon.generate({"model": fixture, "prompt": cases[i]["prompt"], "temperature": 0,
+                                          "max_tokens": expected["max_new_tokens"]})["token_ids"]
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(len(cases))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        matches = sum(out == case["greedy_ids"] for out, case in zip(outputs, cases))
+        report(check="batched_greedy", model=fixture, matches=matches, cases=len(cases))
+        if matches != len(cases):
+            fail("%s: batched greedy output differs from transformers on cuda:0" % fixture)
+        daemon.call("unload", {"name": fixture})
+
+
 def check_vram_cycles(daemon, workdir, big_layers):
     models = {"small": (22, 2048, 5632), "big": (big_layers, 4096, 11008)}
     for name, (layers, hidden, intermediate) in models.items():
@@ -235,6 +306,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modeld", default=os.path.join(REPO, "target", "cuda", "cuda", "modeld"))
     parser.add_argument("--big-layers", type=int, default=32)
+    parser.add_argument("--bandwidth-gbs", type=float, default=None,
+                        help="the GPU's memory bandwidth, when its name is not known here")
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="modeld-gpu-")
     daemon = Daemon(args.modeld, workdir)
@@ -246,6 +319,7 @@ def main():
             fail("no GPU visible to modeld: %s" % status["nvml"])
         check_fixtures(daemon, workdir)
         check_vram_cycles(daemon, workdir, args.big_layers)
+        check_throughput(daemon, workdir, args.bandwidth_gbs)
     finally:
         daemon.stop()
     try:
