@@ -1,6 +1,6 @@
 //! Writes a GGUF file from a llama-architecture safetensors model, as
 //! llama.cpp's converter does (tensor names, metadata, and the q/k row
-//! permutation for its interleaved rotary layout), in f32, f16 or Q8_0.
+//! permutation for its interleaved rotary layout), in f32, f16, Q8_0 or Q4_K.
 //! Tests use it to check that GGUF loading gives the same tokens.
 
 use std::collections::HashMap;
@@ -15,6 +15,8 @@ pub enum GgufType {
     F16,
     /// Q8_0 where rows divide into 32-value blocks, f16 elsewhere.
     Q8_0,
+    /// Q4_K where rows divide into 256-value super-blocks, else as Q8_0.
+    Q4K,
 }
 
 /// llama.cpp's `permute`: rows of each head reordered from HF's
@@ -89,8 +91,9 @@ pub fn write_llama_gguf(dir: &Path, out: &Path, kind: GgufType) -> candle_core::
             _ if tensor.rank() == 1 => GgmlDType::F32,
             GgufType::F32 => GgmlDType::F32,
             GgufType::F16 => GgmlDType::F16,
-            GgufType::Q8_0 if last % 32 == 0 => GgmlDType::Q8_0,
-            GgufType::Q8_0 => GgmlDType::F16,
+            GgufType::Q4K if last % 256 == 0 => GgmlDType::Q4K,
+            GgufType::Q8_0 | GgufType::Q4K if last % 32 == 0 => GgmlDType::Q8_0,
+            GgufType::Q8_0 | GgufType::Q4K => GgmlDType::F16,
         };
         quantized.push((target, QTensor::quantize(&tensor, dtype)?));
     }

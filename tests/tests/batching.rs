@@ -106,6 +106,49 @@ fn a_seeded_sample_is_the_same_alone_and_in_a_batch() {
 }
 
 #[test]
+fn quantized_generations_are_the_same_alone_and_batched() {
+    use modeld_e2e::gguf::{write_llama_gguf, GgufType};
+    let daemon = Daemon::start();
+    let dir = daemon.dir.path().join("synthetic");
+    let shape = modeld_e2e::synthetic::Shape {
+        hidden: 256,
+        intermediate: 512,
+        layers: 2,
+        heads: 4,
+        kv_heads: 2,
+    };
+    modeld_e2e::synthetic::write_model(&dir, "llama", shape);
+    let config = dir.join("config.json");
+    let mut value: Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    value["eos_token_id"] = json!(100_000);
+    std::fs::write(&config, value.to_string()).unwrap();
+    for kind in [GgufType::Q8_0, GgufType::Q4K] {
+        let name = format!("{kind:?}").to_lowercase().replace('_', "-");
+        let out = daemon.dir.path().join(&name);
+        std::fs::create_dir_all(&out).unwrap();
+        std::fs::copy(dir.join("tokenizer.json"), out.join("tokenizer.json")).unwrap();
+        let file = out.join("model.gguf");
+        write_llama_gguf(&dir, &file, kind).unwrap();
+        daemon
+            .call("models.register", json!({"name": name, "local_path": file}))
+            .unwrap();
+        let requests: Vec<Value> = ["one prompt", "another, longer prompt here", "x"]
+            .iter()
+            .map(|p| json!({"model": name, "prompt": p, "max_tokens": 20, "temperature": 0}))
+            .collect();
+        let alone: Vec<Value> = requests
+            .iter()
+            .map(|r| concurrently(&daemon, vec![r.clone()]).remove(0))
+            .collect();
+        let batched = concurrently(&daemon, requests);
+        for (a, b) in alone.iter().zip(&batched) {
+            assert_eq!(a["completion_tokens"], 20, "{name}: {a}");
+            assert_eq!(a["token_ids"], b["token_ids"], "{name}");
+        }
+    }
+}
+
+#[test]
 fn generations_batch_up_to_max_batch_and_other_jobs_wait_for_them() {
     let daemon = Daemon::start_configured("[scheduler]\nmax_batch = 3\n", &[]);
     modeld_e2e::synthetic::register_slow_model(&daemon, "slow");
