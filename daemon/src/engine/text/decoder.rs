@@ -118,7 +118,7 @@ impl KvCache {
     }
 
     /// Positions already stored.
-    pub fn len(&self) -> usize {
+    pub fn positions(&self) -> usize {
         self.layers
             .first()
             .map_or(0, candle_nn::kv_cache::KvCache::current_seq_len)
@@ -142,7 +142,7 @@ impl Decoder {
     /// `[1, vocab]` in f32.
     pub fn prefill(&mut self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
         let device = self.embed.device().clone();
-        let offset = cache.len();
+        let offset = cache.positions();
         self.rope.ensure(offset + tokens.len())?;
         let ids = Tensor::new(tokens, &device)?;
         let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
@@ -166,7 +166,7 @@ impl Decoder {
     pub fn decode(&mut self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
         let device = self.embed.device().clone();
         let batch = tokens.len();
-        let positions: Vec<u32> = caches.iter().map(|c| c.len() as u32).collect();
+        let positions: Vec<u32> = caches.iter().map(|c| c.positions() as u32).collect();
         let furthest = positions.iter().max().map_or(0, |p| *p as usize + 1);
         self.rope.ensure(furthest)?;
         let index = Tensor::new(positions.as_slice(), &device)?;

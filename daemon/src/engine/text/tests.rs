@@ -64,7 +64,7 @@ fn a_batched_decode_step_gives_each_sequence_its_own_logits() {
         let row = together.get(i).unwrap();
         worst = worst.max(max_diff(&row, &single.get(0).unwrap()));
         worst = worst.max(max_diff(&row, &prefilled.get(0).unwrap()));
-        assert_eq!(alone.len(), prompt.len() + 1);
+        assert_eq!(alone.positions(), prompt.len() + 1);
     }
     eprintln!("batched vs alone: max abs logit difference {worst:e}");
     assert!(worst < BATCH_TOLERANCE, "batched logits differ by {worst}");

@@ -201,29 +201,33 @@ impl<'t> Batch<'t> {
                 send_last(&waiting.job, cancelled_before_start(&waiting));
                 continue;
             }
-            match self.prefill(waiting) {
-                Ok(sequence) => self.active.push(sequence),
-                Err((job, err)) => send_last(&job, crate::engine::error_event(err)),
+            if let Some(sequence) = self.prefill(waiting) {
+                self.active.push(sequence);
             }
         }
     }
 
-    fn prefill(&mut self, waiting: Waiting) -> Result<Sequence<'t>, (Job, EngineError)> {
+    /// Runs the job's prompt into a new KV cache: the sequence, ready to
+    /// join the batch, or `None` when the job was answered with an error.
+    fn prefill(&mut self, waiting: Waiting) -> Option<Sequence<'t>> {
         let Waiting { job, prompt } = waiting;
         let started = Instant::now();
         let mut cache = KvCache::new(
             self.model.shape.layers,
             prompt.len() + job.request.max_tokens,
         );
-        let logits = match self.model.prefill(&prompt, &mut cache) {
-            Ok(logits) => logits,
-            Err(err) => return Err((job, err.into())),
-        };
-        let row = match logits.squeeze(0) {
+        let logits = self
+            .model
+            .prefill(&prompt, &mut cache)
+            .and_then(|logits| logits.squeeze(0));
+        let row = match logits {
             Ok(row) => row,
-            Err(err) => return Err((job, err.into())),
+            Err(err) => {
+                send_last(&job, crate::engine::error_event(err.into()));
+                return None;
+            }
         };
-        Ok(Sequence {
+        Some(Sequence {
             sampler: Sampler::new(&job.request),
             streamer: Streamer::new(job.request.stop.clone()),
             stream: self.tokenizer.decode_stream(true),
