@@ -177,11 +177,20 @@ async fn run(
     let hub = Hub::new(job.hub.clone())?;
     let listing = hub.list(repo, &model.revision).await?;
     let globs = patterns(model);
-    let wanted: Vec<_> = listing
+    let mut wanted: Vec<_> = listing
         .files
         .iter()
         .filter(|f| globs.is_match(&f.path))
         .collect();
+    if model.files == crate::validate::DEFAULT_FILE_PATTERNS {
+        // Named patterns are taken as they are; the defaults get one copy
+        // of each weights file.
+        let paths: Vec<&str> = wanted.iter().map(|f| f.path.as_str()).collect();
+        let keep: std::collections::HashSet<&str> = crate::hub::select::default_selection(&paths)
+            .into_iter()
+            .collect();
+        wanted.retain(|f| keep.contains(f.path.as_str()));
+    }
     let mut files: Vec<RemoteFile> = Vec::with_capacity(wanted.len());
     for file in wanted {
         files.push(hub.file_meta(repo, &listing.commit, &file.path).await?);

@@ -5,6 +5,7 @@
 pub mod api;
 pub mod cache;
 pub mod download;
+pub mod select;
 
 use std::path::PathBuf;
 
