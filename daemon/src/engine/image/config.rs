@@ -87,15 +87,30 @@ pub struct UnetJson {
     pub mid_block_scale_factor: f64,
     #[serde(default)]
     pub center_input_sample: bool,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
     #[serde(flatten)]
     pub unsupported: UnetUnsupported,
 }
 
+/// The shape of SDXL's added conditioning (`addition_embed_type:
+/// "text_time"`): each time id becomes a `time_embed_dim`-wide sinusoidal
+/// embedding, and `add_embedding` reads `input_dim` values (those of all
+/// time ids, then the pooled text embedding).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TextTimeShape {
+    pub time_embed_dim: usize,
+    pub input_dim: usize,
+}
+
 /// Keys of `UNet2DConditionModel` that select features the candle UNet
-/// does not implement (SDXL additions, class embeddings, other kernels).
+/// does not implement (class embeddings, other kernels).
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct UnetUnsupported {
-    addition_embed_type: Option<String>,
     class_embed_type: Option<String>,
     time_cond_proj_dim: Option<usize>,
     encoder_hid_dim: Option<usize>,
@@ -121,7 +136,6 @@ impl UnetUnsupported {
             )),
             None => Ok(()),
         };
-        set("addition_embed_type", &self.addition_embed_type)?;
         set("class_embed_type", &self.class_embed_type)?;
         let numbers = [
             ("time_cond_proj_dim", self.time_cond_proj_dim),
@@ -256,6 +270,36 @@ impl UnetJson {
         })
     }
 
+    /// The added conditioning the UNet expects, if any.
+    pub fn text_time(&self) -> Result<Option<TextTimeShape>, ImageError> {
+        match self.addition_embed_type.as_deref() {
+            None => Ok(None),
+            Some("text_time") => {
+                let (Some(time_embed_dim), Some(input_dim)) = (
+                    self.addition_time_embed_dim,
+                    self.projection_class_embeddings_input_dim,
+                ) else {
+                    return Err(unsupported("unet", "addition_embed_type \"text_time\" needs addition_time_embed_dim and projection_class_embeddings_input_dim"));
+                };
+                // diffusers pads odd widths with a zero column; SDXL's are even.
+                if time_embed_dim == 0 || !time_embed_dim.is_multiple_of(2) {
+                    return Err(unsupported(
+                        "unet",
+                        format!("addition_time_embed_dim {time_embed_dim} (only even widths)"),
+                    ));
+                }
+                Ok(Some(TextTimeShape {
+                    time_embed_dim,
+                    input_dim,
+                }))
+            }
+            Some(other) => Err(unsupported(
+                "unet",
+                format!("addition_embed_type {other:?} is not supported (only \"text_time\")"),
+            )),
+        }
+    }
+
     /// Whether down block `i` (and its mirror up block) has cross-attention;
     /// the candle UNet builds the up path as the mirror of the down path.
     fn block_attention(&self, i: usize) -> Result<bool, ImageError> {
@@ -376,6 +420,12 @@ pub struct ClipJson {
     pub hidden_act: String,
     #[serde(default = "eps_1e5")]
     pub layer_norm_eps: f64,
+    /// The width of `text_projection` (`CLIPTextModelWithProjection`).
+    #[serde(default = "clip_projection_dim")]
+    pub projection_dim: usize,
+    /// Where the pooled output is read (see `ClipWithProjection`).
+    #[serde(default = "clip_eos_token_id")]
+    pub eos_token_id: u32,
 }
 
 impl ClipJson {
@@ -443,6 +493,12 @@ fn yes() -> bool {
 }
 fn sd_scaling_factor() -> f64 {
     0.18215
+}
+fn clip_projection_dim() -> usize {
+    512
+}
+fn clip_eos_token_id() -> u32 {
+    49407
 }
 fn quick_gelu() -> String {
     "quick_gelu".into()
