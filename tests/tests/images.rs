@@ -350,6 +350,42 @@ fn a_single_file_checkpoint_loads_as_an_image_model() {
     assert_eq!(picture_paths(events.last().unwrap()).len(), 1);
 }
 
+/// An SGM-style SDXL checkpoint, its folder holding the tokenizers and
+/// the diffusers configs (the tiny UNet's group count is not LDM's 32).
+#[test]
+fn an_sdxl_single_file_checkpoint_loads_and_generates() {
+    let daemon = Daemon::start();
+    let dir = daemon.state_dir.parent().unwrap().join("xl-single");
+    let fixture = fixtures_dir().join("tiny-sdxl");
+    copy_tree(&fixture.join("single_file"), &dir);
+    for tokenizer in ["tokenizer", "tokenizer_2"] {
+        copy_tree(&fixture.join(tokenizer), &dir.join(tokenizer));
+    }
+    for config in ["unet", "vae", "text_encoder", "text_encoder_2"] {
+        std::fs::create_dir(dir.join(config)).unwrap();
+        std::fs::copy(
+            fixture.join(config).join("config.json"),
+            dir.join(config).join("config.json"),
+        )
+        .unwrap();
+    }
+    let checkpoint: &Path = &dir.join("tiny-sdxl.safetensors");
+    daemon
+        .call(
+            "models.register",
+            json!({"name": "xl-single", "local_path": checkpoint}),
+        )
+        .unwrap();
+    let loaded = daemon.call("load", json!({"name": "xl-single"})).unwrap();
+    assert_eq!(loaded["model"]["arch"], "stable-diffusion-xl");
+    let events = generate(
+        &daemon,
+        json!({"model": "xl-single", "prompt": "a cat", "size": "64x64", "steps": 2,
+               "guidance": 3.0, "seed": 1}),
+    );
+    assert_eq!(picture_paths(events.last().unwrap()).len(), 1);
+}
+
 #[test]
 fn a_mode_supplies_image_defaults_and_refuses_bad_ones() {
     let daemon = image_daemon();
