@@ -30,6 +30,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use candle_transformers::models::stable_diffusion::unet_2d::BlockConfig;
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use modeld_wire::types::LoraInfo;
 
@@ -243,8 +244,9 @@ pub struct ImagePipeline {
     vae_shift: f64,
     vae_scale_factor: usize,
     latent_channels: usize,
-    /// The most attention heads of any UNet block, for `attention_bytes`.
-    max_heads: usize,
+    /// Where the UNet attends, for `attention_bytes`: `(downsamplings,
+    /// heads)` of every block with attention and of the mid block.
+    attention_levels: Vec<(usize, usize)>,
     device: Device,
     dtype: DType,
     vae_dtype: DType,
@@ -281,12 +283,7 @@ impl ImagePipeline {
                 parts.unet_json.in_channels, vae_config.latent_channels
             )));
         }
-        let max_heads = unet_config
-            .blocks
-            .iter()
-            .map(|block| block.attention_head_dim)
-            .max()
-            .unwrap_or(1);
+        let attention_levels = attention_levels(&unet_config.blocks);
         let (device, dtype) = (&options.device, options.dtype);
         let text_time = parts.unet_json.text_time()?;
         let expects = UnetExpects {
@@ -327,7 +324,7 @@ impl ImagePipeline {
             vae_shift: parts.vae_json.shift_factor.unwrap_or(0.0),
             vae_scale_factor: parts.vae_json.scale_factor(),
             latent_channels: parts.vae_json.latent_channels,
-            max_heads,
+            attention_levels,
             device: device.clone(),
             dtype,
             vae_dtype,
@@ -358,24 +355,35 @@ impl ImagePipeline {
     }
 
     /// An upper bound of the largest attention allocation of a run: the
-    /// scores and probabilities of every head over every latent position
-    /// (quadratic in the picture's area), for the whole UNet batch. The
-    /// attention is not chunked, so a size this does not fit must be
-    /// refused before it runs: a failed allocation aborts the process.
+    /// scores and probabilities of every head over every position of the
+    /// level it attends at (quadratic in the picture's area), for the whole
+    /// UNet batch, or the VAE's one-head attention over the latent, one
+    /// picture at a time. The attention is not chunked, so a size this does
+    /// not fit must be refused before it runs: a failed allocation aborts
+    /// the process.
     pub fn attention_bytes(&self, request: &ValidImageRequest) -> u64 {
         let (h, w) = self.latent_size(request);
-        let tokens = (h * w) as u64;
         let passes = if request.classifier_free_guidance() {
             2
         } else {
             1
         };
-        let batch = (request.count * passes * self.max_heads) as u64;
-        let bytes = self.dtype.size_in_bytes().max(DType::F32.size_in_bytes()) as u64;
-        2u64.saturating_mul(batch)
-            .saturating_mul(tokens)
-            .saturating_mul(tokens)
-            .saturating_mul(bytes)
+        let bytes = self.dtype.size_in_bytes().max(DType::F32.size_in_bytes());
+        let unet = self
+            .attention_levels
+            .iter()
+            .map(|&(level, heads)| {
+                // Each downsampling halves a side, rounding up.
+                let tokens = h.div_ceil(1 << level) * w.div_ceil(1 << level);
+                scores_bytes(request.count * passes * heads, tokens, bytes)
+            })
+            .max()
+            .unwrap_or(0);
+        let vae_bytes = self
+            .vae_dtype
+            .size_in_bytes()
+            .max(DType::F32.size_in_bytes());
+        unet.max(scores_bytes(1, h * w, vae_bytes))
     }
 
     /// `(count, channels, h, w)` noise; image `i` uses seed `seed + i`, so
@@ -487,6 +495,31 @@ impl ImagePipeline {
         let pixels = ((decoded / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
         Ok(pixels.permute((0, 2, 3, 1))?.contiguous()?)
     }
+}
+
+/// `(downsamplings, heads)` of every attention of the UNet: the blocks
+/// with cross-attention (and their mirrored up blocks) and the mid block,
+/// which attends at the last block's resolution.
+fn attention_levels(blocks: &[BlockConfig]) -> Vec<(usize, usize)> {
+    let mut levels: Vec<(usize, usize)> = blocks
+        .iter()
+        .enumerate()
+        .filter(|(_, block)| block.use_cross_attn.is_some())
+        .map(|(level, block)| (level, block.attention_head_dim))
+        .collect();
+    if let Some(last) = blocks.last() {
+        levels.push((blocks.len() - 1, last.attention_head_dim));
+    }
+    levels
+}
+
+/// Scores and probabilities, `batch × tokens × tokens` each, in bytes.
+fn scores_bytes(batch: usize, tokens: usize, bytes: usize) -> u64 {
+    let tokens = tokens as u64;
+    2u64.saturating_mul(batch as u64)
+        .saturating_mul(tokens)
+        .saturating_mul(tokens)
+        .saturating_mul(bytes as u64)
 }
 
 /// `(count, h, w, 3)` pixels in [0, 1] → 8-bit RGB pictures, rounded like

@@ -312,6 +312,27 @@ fn an_empty_negative_prompt_is_encoded_not_zeroed() {
     );
 }
 
+/// SDXL's first block has no attention: the largest attention is at the
+/// second block's resolution, not the latent's (16x less for 8 pictures).
+#[test]
+fn the_attention_bound_follows_the_levels_that_attend() {
+    let pipeline = load(&fixture());
+    let mut request = request_of(case(&expected_json(), "cfg"));
+    (request.width, request.height, request.count) = (1024, 1024, 8);
+    // Latent 512x512 (the VAE halves each side); blocks 1 and 2 attend with
+    // 4 heads, the first at 256x256; 8 pictures, twice with guidance; f32.
+    let tokens: u64 = 256 * 256;
+    assert_eq!(
+        pipeline.attention_bytes(&request),
+        2 * (8 * 2 * 4) * tokens * tokens * 4
+    );
+    // One picture without guidance: the VAE's one-head attention over the
+    // whole 512x512 latent is larger.
+    (request.count, request.guidance) = (1, 1.0);
+    let latent: u64 = 512 * 512;
+    assert_eq!(pipeline.attention_bytes(&request), 2 * latent * latent * 4);
+}
+
 #[test]
 fn the_estimate_counts_both_text_encoders() {
     let files = weight_files(&fixture()).expect("files");
