@@ -7,6 +7,7 @@
 //! the tanh approximation where transformers uses the exact GELU.
 
 use super::transformer::{attend, split_heads};
+use super::weights::TensorMap;
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{
     embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder,
@@ -111,7 +112,7 @@ impl EncoderLayer {
 }
 
 /// `CLIPTextModel` up to `last_hidden_state` (after the final layer norm),
-/// with weights under `text_model.*` or without that prefix.
+/// with weights under `text_model.*` (see `with_text_model_prefix`).
 pub struct ClipTextModel {
     token_embedding: Embedding,
     position_embedding: Embedding,
@@ -121,13 +122,7 @@ pub struct ClipTextModel {
 
 impl ClipTextModel {
     pub fn new(vb: VarBuilder, c: &ClipConfig) -> Result<Self> {
-        // transformers 5 saves a `CLIPTextModel` without the `text_model.`
-        // prefix that older files (and `CLIPTextModelWithProjection`) have.
-        let vb = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
-            vb.pp("text_model")
-        } else {
-            vb
-        };
+        let vb = vb.pp("text_model");
         let embeddings = vb.pp("embeddings");
         let layers = (0..c.num_hidden_layers)
             .map(|i| EncoderLayer::new(vb.pp("encoder.layers").pp(i), c))
@@ -260,6 +255,19 @@ impl ClipWithProjection {
 /// comparison gives in transformers).
 fn first_position_of(row: &[u32], id: u32) -> usize {
     row.iter().position(|&x| x == id).unwrap_or(0)
+}
+
+/// `weights` with every encoder tensor under `text_model.`: transformers 5
+/// saves a `CLIPTextModel` without that prefix, which older files, the
+/// projected model and LoRAs (`text_encoder.text_model.*`) all have.
+pub fn with_text_model_prefix(weights: TensorMap) -> TensorMap {
+    if weights.keys().any(|k| k.starts_with("text_model.")) {
+        return weights;
+    }
+    weights
+        .into_iter()
+        .map(|(name, tensor)| (format!("text_model.{name}"), tensor))
+        .collect()
 }
 
 /// `(seq, seq)` additive mask that hides later tokens from earlier ones.

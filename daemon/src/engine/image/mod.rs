@@ -106,7 +106,7 @@ impl Components {
             Ok(EncoderParts {
                 clip_json: read_json(&root.join(name).join("config.json"))?,
                 tokenizer_dir: root.join(tokenizer),
-                weights: component(name, "model")?,
+                weights: clip::with_text_model_prefix(component(name, "model")?),
             })
         };
         Ok(Components {
@@ -273,7 +273,8 @@ impl ImagePipeline {
 
     fn build(mut parts: Components, options: &ImageLoad) -> Result<Self, ImageError> {
         for adapter in &options.loras {
-            lora::apply(&mut parts.unet, &mut parts.text.weights, adapter)?;
+            let text_2 = parts.text_2.as_mut().map(|t| &mut t.weights);
+            lora::apply(&mut parts.unet, &mut parts.text.weights, text_2, adapter)?;
         }
         let unet_config = parts.unet_json.to_candle()?;
         let vae_config = parts.vae_json.to_candle()?;

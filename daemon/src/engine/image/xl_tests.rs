@@ -268,6 +268,65 @@ fn single_file_shapes_and_open_clip_tensors_are_recovered() {
     }
 }
 
+/// A LoRA on the UNet and both encoders, against diffusers'
+/// `load_lora_weights` + `set_adapters` at the same strength.
+fn with_lora(file: &Path, lora: &Value) -> ImageLoad {
+    ImageLoad {
+        loras: vec![modeld_wire::types::LoraInfo {
+            path: file.to_path_buf(),
+            strength: lora["strength"].as_f64().expect("strength") as f32,
+            adapter_name: "detail".into(),
+        }],
+        ..cpu_f32()
+    }
+}
+
+#[test]
+fn lora_on_all_three_networks_matches_the_reference() {
+    let json = expected_json();
+    let lora = &json["lora"];
+    let file = fixture().join(lora["file"].as_str().expect("file"));
+    let pipeline = ImagePipeline::load(&fixture(), &with_lora(&file, lora)).expect("load");
+    check_case_on(&pipeline, lora, "lora");
+    let tensors = expected_tensors();
+    let changed = max_abs_diff(&tensors["lora.image"], &tensors["cfg.image"]);
+    assert!(changed > 1e-2, "the LoRA changes the picture ({changed})");
+}
+
+/// The same LoRA as saved with transformers 5's flattened `CLIPTextModel`:
+/// `text_encoder.encoder.layers.*`, without `text_model.`.
+#[test]
+fn a_lora_without_the_text_model_prefix_matches_too() {
+    let json = expected_json();
+    let lora = &json["lora"];
+    let file = fixture().join(lora["file"].as_str().expect("file"));
+    let tensors = candle_core::safetensors::load(&file, &Device::Cpu).expect("LoRA");
+    let renamed: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(key, tensor)| {
+            (
+                key.replace("text_encoder.text_model.", "text_encoder."),
+                tensor,
+            )
+        })
+        .collect();
+    assert!(renamed
+        .keys()
+        .any(|k| k.starts_with("text_encoder.encoder.")));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let flat = dir.path().join("flat.safetensors");
+    candle_core::safetensors::save(&renamed, &flat).expect("save");
+    let pipeline = ImagePipeline::load(&fixture(), &with_lora(&flat, lora)).expect("load");
+    let conditioning = pipeline
+        .conditioning(&request_of(lora))
+        .expect("conditioning");
+    assert_close(
+        "flattened LoRA prompt embeddings",
+        &conditioning.context,
+        &expected_tensors()["lora.text_embeddings"],
+    );
+}
+
 #[test]
 fn timesteps_follow_the_scheduler_config() {
     let json = expected_json();
