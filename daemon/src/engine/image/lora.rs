@@ -7,7 +7,9 @@
 //! (`lora_unet_<module with _>.lora_down.weight`, `.lora_up.weight`,
 //! `.alpha`; `lora_te_`/`lora_te1_` for the text encoder, `lora_te2_` for
 //! SDXL's second). kohya names lose the dots, so they are matched against
-//! the base weights' names.
+//! the base weights' names; UNet modules may be named by their diffusers
+//! path or, as kohya's scripts name SDXL's, by their SGM/LDM path
+//! (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -15,6 +17,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use modeld_wire::types::LoraInfo;
 
+use super::single_file;
 use super::weights::TensorMap;
 use super::ImageError;
 
@@ -117,6 +120,37 @@ fn base_key(base: &TensorMap, kohya: &HashMap<String, String>, module: &str) -> 
     .or_else(|| kohya.get(module).cloned())
 }
 
+/// The diffusers-path kohya name of a UNet module kohya named by its
+/// SGM/LDM path (`input_blocks_4_1_…`, `middle_block_1_…`,
+/// `output_blocks_3_1_…`); `None` for other names. `layers` is the resnet
+/// count of a down block, which places LDM block numbers.
+fn from_ldm_path(module: &str, layers: usize) -> Option<String> {
+    let (stem, numbers) = [
+        ("input_blocks", 2),
+        ("middle_block", 1),
+        ("output_blocks", 2),
+    ]
+    .into_iter()
+    .find(|(stem, _)| module.starts_with(&format!("{stem}_")))?;
+    let mut parts = module[stem.len() + 1..].splitn(numbers + 1, '_');
+    let indices = (0..numbers)
+        .map(|_| parts.next()?.parse::<usize>().ok())
+        .collect::<Option<Vec<_>>>()?;
+    let tail = parts.next()?;
+    let indices: Vec<String> = indices.iter().map(usize::to_string).collect();
+    let dotted = format!("{stem}.{}.{tail}", indices.join("."));
+    Some(single_file::unet_name(&dotted, layers).replace('.', "_"))
+}
+
+/// Resnets per down block of a diffusers UNet.
+fn down_block_layers(unet: &TensorMap) -> usize {
+    let layers: std::collections::BTreeSet<&str> = unet
+        .keys()
+        .filter_map(|k| k.strip_prefix("down_blocks.0.resnets.")?.split('.').next())
+        .collect();
+    layers.len()
+}
+
 /// kohya module name → base weight name, for every `*.weight` of `base`.
 fn kohya_names(base: &TensorMap) -> HashMap<String, String> {
     base.keys()
@@ -143,8 +177,13 @@ pub fn apply(
         .as_deref()
         .map(kohya_names)
         .unwrap_or_default();
+    let layers = down_block_layers(unet);
     let (mut merged, mut unmatched) = (0, 0);
     for ((target, name), module) in modules(file, tensors)? {
+        let name = match target {
+            Target::Unet => from_ldm_path(&name, layers).unwrap_or(name),
+            _ => name,
+        };
         let (base, names) = match target {
             Target::Unet => (&mut *unet, &kohya_unet),
             Target::TextEncoder => (&mut *text_encoder, &kohya_text),

@@ -144,8 +144,9 @@ fn numbered(rest: &str) -> Option<(usize, usize, &str)> {
     Some((block, layer, parts.next()?))
 }
 
-/// The diffusers name of UNet tensor `rest` (after `model.diffusion_model.`).
-fn unet_name(rest: &str, layers: usize) -> String {
+/// The diffusers name of UNet tensor `rest` (after `model.diffusion_model.`);
+/// `layers` is the resnet count of a down block.
+pub fn unet_name(rest: &str, layers: usize) -> String {
     let fixed = [
         ("time_embed.0.", "time_embedding.linear_1."),
         ("time_embed.2.", "time_embedding.linear_2."),

@@ -293,6 +293,22 @@ fn lora_on_all_three_networks_matches_the_reference() {
     assert!(changed > 1e-2, "the LoRA changes the picture ({changed})");
 }
 
+/// The same LoRA in kohya naming, the UNet's modules by their SGM paths
+/// (diffusers loads it to the very same picture).
+#[test]
+fn kohya_lora_with_sgm_unet_names_matches_the_reference() {
+    let json = expected_json();
+    let lora = &json["lora"];
+    assert_eq!(lora["kohya"]["image_vs_peft_max_abs_diff"], 0.0);
+    let file = fixture().join(lora["kohya"]["file"].as_str().expect("file"));
+    let tensors = candle_core::safetensors::load(&file, &Device::Cpu).expect("LoRA");
+    assert!(tensors
+        .keys()
+        .any(|k| k.starts_with("lora_unet_input_blocks_")));
+    let pipeline = ImagePipeline::load(&fixture(), &with_lora(&file, lora)).expect("load");
+    check_case_on(&pipeline, lora, "lora");
+}
+
 /// The same LoRA as saved with transformers 5's flattened `CLIPTextModel`:
 /// `text_encoder.encoder.layers.*`, without `text_model.`.
 #[test]
