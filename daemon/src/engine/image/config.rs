@@ -28,6 +28,9 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, ImageError> {
 pub enum PerBlock<T> {
     One(T),
     Each(Vec<T>),
+    /// A list per block of values per layer (diffusers allows it for
+    /// `transformer_layers_per_block`); refused by `expand`.
+    PerLayer(Vec<Vec<T>>),
 }
 
 impl<T: Copy> PerBlock<T> {
@@ -39,6 +42,10 @@ impl<T: Copy> PerBlock<T> {
             PerBlock::Each(values) => Err(unsupported(
                 "unet",
                 format!("{field} has {} entries for {blocks} blocks", values.len()),
+            )),
+            PerBlock::PerLayer(_) => Err(unsupported(
+                "unet",
+                format!("{field} with a list per layer is not supported (one value per block)"),
             )),
         }
     }
@@ -124,6 +131,9 @@ pub struct UnetUnsupported {
     dual_cross_attention: bool,
     #[serde(default)]
     only_cross_attention: serde_json::Value,
+    /// Up-block depths other than the down blocks' mirrored.
+    #[serde(default)]
+    reverse_transformer_layers_per_block: serde_json::Value,
 }
 
 impl UnetUnsupported {
@@ -179,6 +189,12 @@ impl UnetUnsupported {
                 .only_cross_attention
                 .as_array()
                 .is_some_and(|a| a.iter().any(|v| v == true));
+        if !self.reverse_transformer_layers_per_block.is_null() {
+            return Err(unsupported(
+                "unet",
+                "reverse_transformer_layers_per_block is not supported (up blocks mirror the down blocks)",
+            ));
+        }
         if self.dual_cross_attention || only_cross {
             return Err(unsupported(
                 "unet",

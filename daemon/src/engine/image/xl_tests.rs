@@ -495,6 +495,26 @@ fn an_unknown_addition_embed_type_is_refused_by_name() {
 }
 
 #[test]
+fn per_layer_transformer_depths_are_refused_by_name() {
+    let dir = edited_copy("unet/config.json", |v| {
+        v["transformer_layers_per_block"] = serde_json::json!([[1], [1], [2]]);
+    });
+    let message = load_error(dir.path());
+    assert!(
+        message.contains("transformer_layers_per_block with a list per layer"),
+        "{message}"
+    );
+    let dir = edited_copy("unet/config.json", |v| {
+        v["reverse_transformer_layers_per_block"] = serde_json::json!([[2, 2], [1, 1], [1, 1]]);
+    });
+    let message = load_error(dir.path());
+    assert!(
+        message.contains("reverse_transformer_layers_per_block"),
+        "{message}"
+    );
+}
+
+#[test]
 fn pictures_come_out_at_the_requested_size_in_f16_too() {
     let json = expected_json();
     let request = request_of(case(&json, "cfg"));
