@@ -383,6 +383,12 @@ pub struct VaeJson {
     pub down_block_types: Vec<String>,
     #[serde(default)]
     pub up_block_types: Vec<String>,
+    /// Per-channel latent statistics (Playground-style VAEs), which
+    /// diffusers' SDXL pipeline decodes with instead of the plain scale.
+    #[serde(default)]
+    pub latents_mean: Option<Vec<f64>>,
+    #[serde(default)]
+    pub latents_std: Option<Vec<f64>>,
 }
 
 impl VaeJson {
@@ -395,6 +401,12 @@ impl VaeJson {
             return Err(unsupported(
                 "vae",
                 "mid_block_add_attention false is not supported",
+            ));
+        }
+        if self.latents_mean.is_some() || self.latents_std.is_some() {
+            return Err(unsupported(
+                "vae",
+                "latents_mean / latents_std are not supported (only scaling_factor)",
             ));
         }
         let plain = |types: &[String], only: &str| types.iter().all(|t| t == only);

@@ -495,6 +495,16 @@ fn an_unknown_addition_embed_type_is_refused_by_name() {
 }
 
 #[test]
+fn a_vae_with_latent_statistics_is_refused_by_name() {
+    let dir = edited_copy("vae/config.json", |v| {
+        v["latents_mean"] = serde_json::json!([0.1, 0.2, 0.3, 0.4]);
+        v["latents_std"] = serde_json::json!([1.0, 1.0, 1.0, 1.0]);
+    });
+    let message = load_error(dir.path());
+    assert!(message.contains("latents_mean"), "{message}");
+}
+
+#[test]
 fn per_layer_transformer_depths_are_refused_by_name() {
     let dir = edited_copy("unet/config.json", |v| {
         v["transformer_layers_per_block"] = serde_json::json!([[1], [1], [2]]);
