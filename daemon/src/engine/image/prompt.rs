@@ -101,8 +101,12 @@ impl PromptTokenizer {
         // token, so when it is an ordinary entry (OpenCLIP's "!" in SDXL's
         // tokenizer_2) it is matched whole anywhere in the text and never
         // merged into a word: "hi!" gives "hi</w>" and the pad id.
+        // A pad token outside the vocabulary stays unknown: it is refused
+        // below rather than given an id past the embedding table.
         if let Some(pad) = special_token(dir, "pad_token") {
-            tokenizer.add_special_tokens(&[AddedToken::from(pad, true)]);
+            if tokenizer.token_to_id(&pad).is_some() {
+                tokenizer.add_special_tokens(&[AddedToken::from(pad, true)]);
+            }
         }
         let id = |key: &str| {
             let token = special_token(dir, key).unwrap_or_else(|| "<|endoftext|>".into());

@@ -95,6 +95,26 @@ fn both_tokenizers_match_the_reference() {
     assert_eq!(second.tokenizer.ids("").expect("ids")[2], 0);
 }
 
+/// A pad token missing from the vocabulary is refused by name, not added
+/// with an id past the embedding table.
+#[test]
+fn a_pad_token_outside_the_vocabulary_is_refused() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    copy_tree(&fixture().join("tokenizer_2"), dir.path());
+    for file in ["tokenizer_config.json", "special_tokens_map.json"] {
+        let path = dir.path().join(file);
+        let mut value: Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).expect("read")).expect("json");
+        value["pad_token"] = "<|pad|>".into();
+        std::fs::write(&path, value.to_string()).expect("write");
+    }
+    let error = match super::prompt::PromptTokenizer::load(dir.path(), 77) {
+        Ok(_) => panic!("a pad token outside the vocabulary was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(error.contains("pad_token \"<|pad|>\""), "{error}");
+}
+
 #[test]
 fn both_encoders_match_the_reference_for_every_text() {
     let (json, tensors) = (expected_json(), expected_tensors());
