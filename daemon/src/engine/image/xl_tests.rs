@@ -592,8 +592,10 @@ fn per_layer_transformer_depths_are_refused_by_name() {
     );
 }
 
+/// Half precision (the VAE upcast by `force_upcast`) gives pictures of the
+/// asked size close to the f32 reference.
 #[test]
-fn pictures_come_out_at_the_requested_size_in_f16_too() {
+fn f16_pictures_stay_close_to_the_f32_reference() {
     let json = expected_json();
     let request = request_of(case(&json, "cfg"));
     let options = ImageLoad {
@@ -605,4 +607,9 @@ fn pictures_come_out_at_the_requested_size_in_f16_too() {
         .generate(&request, &mut |_, _| std::ops::ControlFlow::Continue(()))
         .expect("generate");
     assert_eq!((pictures[0].width, pictures[0].height), (64, 48));
+    let tensors = expected_tensors();
+    let (_, image) = run(&pipeline, &request, &tensors["cfg.latents"]);
+    let diff = max_abs_diff(&image.i(0).expect("image"), &tensors["cfg.image"]);
+    // Half precision moves the picture by ~5e-3 here.
+    assert!(diff <= 2e-2, "f16 picture {diff} from the f32 reference");
 }
