@@ -1,6 +1,6 @@
 //! Image generation through the daemon with the tiny Stable Diffusion
-//! fixture: loading, seeded PNG files, progress, inline pictures, refused
-//! parameters and cancellation.
+//! fixtures (SD 1.x and SDXL): loading, seeded PNG files, progress, inline
+//! pictures, refused parameters and cancellation.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -113,6 +113,48 @@ fn seeded_pictures_are_written_as_png_files_and_reproduce() {
             bytes,
             "same seed, same picture"
         );
+    }
+}
+
+/// The tiny SDXL pipeline (two text encoders, added conditioning) loads,
+/// is counted with both encoders, and generates pictures of the asked size
+/// with a negative prompt and without one (zero uncond embeddings).
+#[test]
+fn an_sdxl_pipeline_generates_through_the_daemon() {
+    let daemon = Daemon::start();
+    daemon.register_fixture("tiny-sdxl");
+    let loaded = daemon.call("load", json!({"name": "tiny-sdxl"})).unwrap();
+    assert_eq!(loaded["model"]["arch"], "stable-diffusion-xl");
+    let fixture = fixtures_dir().join("tiny-sdxl");
+    let weights: u64 = ["unet", "vae", "text_encoder", "text_encoder_2"]
+        .iter()
+        .map(|component| {
+            let dir = fixture.join(component);
+            std::fs::read_dir(&dir)
+                .unwrap()
+                .flatten()
+                .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+                .map(|e| e.metadata().unwrap().len())
+                .sum::<u64>()
+        })
+        .sum();
+    let estimated = loaded["model"]["estimated_bytes"].as_u64().unwrap();
+    // f32 weights: the file sizes less their JSON headers.
+    assert!(
+        estimated <= weights && estimated * 100 >= weights * 95,
+        "{estimated} for {weights} bytes of weights"
+    );
+    for negative in [json!("blurry"), Value::Null] {
+        let events = generate(
+            &daemon,
+            json!({"model": "tiny-sdxl", "prompt": "a red cube", "negative_prompt": negative,
+                   "size": "64x48", "steps": 2, "guidance": 5.0, "seed": 7}),
+        );
+        let done = events.last().unwrap();
+        assert_eq!(done["event"], "done", "{done}");
+        let (width, height, pixels) = decode_png(&std::fs::read(&picture_paths(done)[0]).unwrap());
+        assert_eq!((width, height), (64, 48));
+        assert!(pixels.iter().any(|&p| p != pixels[0]), "a blank picture");
     }
 }
 
@@ -263,8 +305,9 @@ fn load_error(daemon: &Daemon, name: &str) -> ClientError {
 #[test]
 fn other_diffusion_architectures_are_refused_by_name() {
     let daemon = Daemon::start();
-    variant(&daemon, "sdxl", |index| {
-        index["_class_name"] = json!("StableDiffusionXLPipeline");
+    variant(&daemon, "sdxl-refiner", |index| {
+        index["_class_name"] = json!("StableDiffusionXLImg2ImgPipeline");
+        index["text_encoder"] = json!([null, null]);
         index["text_encoder_2"] = json!(["transformers", "CLIPTextModelWithProjection"]);
     });
     variant(&daemon, "flux", |index| {
@@ -273,7 +316,7 @@ fn other_diffusion_architectures_are_refused_by_name() {
         index["transformer"] = json!(["diffusers", "FluxTransformer2DModel"]);
     });
     for (name, named) in [
-        ("sdxl", "StableDiffusionXLPipeline"),
+        ("sdxl-refiner", "StableDiffusionXLImg2ImgPipeline"),
         ("flux", "FluxPipeline"),
     ] {
         let err = load_error(&daemon, name);
@@ -303,6 +346,42 @@ fn a_single_file_checkpoint_loads_as_an_image_model() {
     let events = generate(
         &daemon,
         json!({"model": "single", "prompt": "a cat", "size": "64x64", "steps": 2, "seed": 1}),
+    );
+    assert_eq!(picture_paths(events.last().unwrap()).len(), 1);
+}
+
+/// An SGM-style SDXL checkpoint, its folder holding the tokenizers and
+/// the diffusers configs (the tiny UNet's group count is not LDM's 32).
+#[test]
+fn an_sdxl_single_file_checkpoint_loads_and_generates() {
+    let daemon = Daemon::start();
+    let dir = daemon.state_dir.parent().unwrap().join("xl-single");
+    let fixture = fixtures_dir().join("tiny-sdxl");
+    copy_tree(&fixture.join("single_file"), &dir);
+    for tokenizer in ["tokenizer", "tokenizer_2"] {
+        copy_tree(&fixture.join(tokenizer), &dir.join(tokenizer));
+    }
+    for config in ["unet", "vae", "text_encoder", "text_encoder_2"] {
+        std::fs::create_dir(dir.join(config)).unwrap();
+        std::fs::copy(
+            fixture.join(config).join("config.json"),
+            dir.join(config).join("config.json"),
+        )
+        .unwrap();
+    }
+    let checkpoint: &Path = &dir.join("tiny-sdxl.safetensors");
+    daemon
+        .call(
+            "models.register",
+            json!({"name": "xl-single", "local_path": checkpoint}),
+        )
+        .unwrap();
+    let loaded = daemon.call("load", json!({"name": "xl-single"})).unwrap();
+    assert_eq!(loaded["model"]["arch"], "stable-diffusion-xl");
+    let events = generate(
+        &daemon,
+        json!({"model": "xl-single", "prompt": "a cat", "size": "64x64", "steps": 2,
+               "guidance": 3.0, "seed": 1}),
     );
     assert_eq!(picture_paths(events.last().unwrap()).len(), 1);
 }

@@ -60,7 +60,7 @@ pub fn estimate(weights: &Weights, dir: &Path, dtype: DType) -> Result<Estimate,
     }
 }
 
-/// An image model's weights (UNet, VAE and text encoder, or a single-file
+/// An image model's weights (UNet, VAE and text encoder(s), or a single-file
 /// checkpoint) at `dtype`. It needs no KV cache; the activations of a run
 /// grow with the picture size and are not counted.
 pub fn image_estimate(path: &Path, dtype: DType) -> Result<Estimate, EngineError> {

@@ -789,9 +789,6 @@ fn start_text_worker(
     ))
 }
 
-/// The architecture image models report in `load` and `models.loaded`.
-pub const IMAGE_ARCH: &str = "stable-diffusion";
-
 /// Loads a Stable Diffusion pipeline: a diffusers folder, or a single-file
 /// checkpoint with its LDM `.yaml` beside it if there is one and the
 /// checkpoint's folder supplying `tokenizer/` (and optionally `scheduler/`).
@@ -828,7 +825,7 @@ fn start_image_worker(
     })?;
     let info = LoadedModel {
         name: name.clone(),
-        arch: IMAGE_ARCH.to_string(),
+        arch: pipeline.arch().to_string(),
         device: placement.device_name.clone(),
         dtype: format!("{:?}", placement.dtype).to_lowercase(),
         path: path.to_path_buf(),

@@ -1,4 +1,5 @@
-//! The CLIP text encoder of a Stable Diffusion pipeline.
+//! The CLIP text encoders of a Stable Diffusion pipeline: `CLIPTextModel`
+//! and, for SDXL's second encoder, `CLIPTextModelWithProjection`.
 //!
 //! Re-implemented here rather than taken from candle because candle's
 //! `clip::Config` has private fields (it cannot be built from a
@@ -6,8 +7,11 @@
 //! the tanh approximation where transformers uses the exact GELU.
 
 use super::transformer::{attend, split_heads};
+use super::weights::TensorMap;
 use candle_core::{Device, Module, Result, Tensor};
-use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{
+    embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder,
+};
 
 /// The activation between the two MLP layers.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -108,7 +112,7 @@ impl EncoderLayer {
 }
 
 /// `CLIPTextModel` up to `last_hidden_state` (after the final layer norm),
-/// with weights under `text_model.*`.
+/// with weights under `text_model.*` (see `with_text_model_prefix`).
 pub struct ClipTextModel {
     token_embedding: Embedding,
     position_embedding: Embedding,
@@ -145,6 +149,12 @@ impl ClipTextModel {
 
     /// `last_hidden_state` for `(batch, seq)` token ids.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        Ok(self.hidden_states(ids)?.last)
+    }
+
+    /// The penultimate layer's output and `last_hidden_state` for
+    /// `(batch, seq)` token ids.
+    pub fn hidden_states(&self, ids: &Tensor) -> Result<HiddenStates> {
         let (_, seq) = ids.dims2()?;
         let positions = Tensor::arange(0u32, seq as u32, ids.device())?;
         let mut xs = self
@@ -152,11 +162,112 @@ impl ClipTextModel {
             .forward(ids)?
             .broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = causal_mask(seq, ids.device())?;
+        // transformers' `hidden_states[-2]`: the input of the last layer,
+        // which is the embeddings themselves for a one-layer encoder.
+        let mut penultimate = xs.clone();
         for layer in &self.layers {
-            xs = layer.forward(&xs, &mask)?;
+            penultimate = xs;
+            xs = layer.forward(&penultimate, &mask)?;
         }
-        self.final_layer_norm.forward(&xs)
+        Ok(HiddenStates {
+            penultimate,
+            last: self.final_layer_norm.forward(&xs)?,
+        })
     }
+}
+
+/// What SDXL reads of a CLIP text encoder.
+pub struct HiddenStates {
+    /// transformers' `hidden_states[-2]` (no final layer norm).
+    pub penultimate: Tensor,
+    /// `last_hidden_state` (after the final layer norm).
+    pub last: Tensor,
+}
+
+/// `CLIPTextModelWithProjection`: the encoder plus `text_projection` of the
+/// pooled output (the end token's final state), SDXL's `text_embeds`.
+pub struct ClipWithProjection {
+    encoder: ClipTextModel,
+    text_projection: Linear,
+    eos_token_id: u32,
+}
+
+/// The projected encoder's outputs for one batch of ids.
+pub struct ProjectedStates {
+    pub penultimate: Tensor,
+    /// `(batch, projection_dim)`.
+    pub text_embeds: Tensor,
+}
+
+impl ClipWithProjection {
+    pub fn new(
+        vb: VarBuilder,
+        c: &ClipConfig,
+        projection_dim: usize,
+        eos_token_id: u32,
+    ) -> Result<Self> {
+        Ok(ClipWithProjection {
+            encoder: ClipTextModel::new(vb.clone(), c)?,
+            text_projection: linear_no_bias(
+                c.hidden_size,
+                projection_dim,
+                vb.pp("text_projection"),
+            )?,
+            eos_token_id,
+        })
+    }
+
+    pub fn forward(&self, ids: &Tensor) -> Result<ProjectedStates> {
+        let states = self.encoder.hidden_states(ids)?;
+        let rows = self
+            .pooled_positions(ids)?
+            .into_iter()
+            .enumerate()
+            .map(|(row, position)| states.last.get(row)?.get(position))
+            .collect::<Result<Vec<_>>>()?;
+        let pooled = Tensor::stack(&rows, 0)?;
+        Ok(ProjectedStates {
+            penultimate: states.penultimate,
+            text_embeds: self.text_projection.forward(&pooled)?,
+        })
+    }
+
+    /// Where each row's pooled state is read, as transformers does: configs
+    /// from before its fix say `eos_token_id` 2 and are pooled at the
+    /// largest id (CLIP's end token is the last of its vocabulary); others
+    /// at the first end token.
+    fn pooled_positions(&self, ids: &Tensor) -> Result<Vec<usize>> {
+        let rows = ids.to_device(&Device::Cpu)?.to_vec2::<u32>()?;
+        Ok(rows
+            .iter()
+            .map(|row| {
+                if self.eos_token_id == 2 {
+                    first_position_of(row, row.iter().copied().max().unwrap_or(0))
+                } else {
+                    first_position_of(row, self.eos_token_id)
+                }
+            })
+            .collect())
+    }
+}
+
+/// The first index holding `id`, else 0 (what `argmax` of an all-false
+/// comparison gives in transformers).
+fn first_position_of(row: &[u32], id: u32) -> usize {
+    row.iter().position(|&x| x == id).unwrap_or(0)
+}
+
+/// `weights` with every encoder tensor under `text_model.`: transformers 5
+/// saves a `CLIPTextModel` without that prefix, which older files, the
+/// projected model and LoRAs (`text_encoder.text_model.*`) all have.
+pub fn with_text_model_prefix(weights: TensorMap) -> TensorMap {
+    if weights.keys().any(|k| k.starts_with("text_model.")) {
+        return weights;
+    }
+    weights
+        .into_iter()
+        .map(|(name, tensor)| (format!("text_model.{name}"), tensor))
+        .collect()
 }
 
 /// `(seq, seq)` additive mask that hides later tokens from earlier ones.

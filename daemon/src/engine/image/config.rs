@@ -28,6 +28,9 @@ pub fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, ImageError> {
 pub enum PerBlock<T> {
     One(T),
     Each(Vec<T>),
+    /// A list per block of values per layer (diffusers allows it for
+    /// `transformer_layers_per_block`); refused by `expand`.
+    PerLayer(Vec<Vec<T>>),
 }
 
 impl<T: Copy> PerBlock<T> {
@@ -39,6 +42,10 @@ impl<T: Copy> PerBlock<T> {
             PerBlock::Each(values) => Err(unsupported(
                 "unet",
                 format!("{field} has {} entries for {blocks} blocks", values.len()),
+            )),
+            PerBlock::PerLayer(_) => Err(unsupported(
+                "unet",
+                format!("{field} with a list per layer is not supported (one value per block)"),
             )),
         }
     }
@@ -87,15 +94,30 @@ pub struct UnetJson {
     pub mid_block_scale_factor: f64,
     #[serde(default)]
     pub center_input_sample: bool,
+    #[serde(default)]
+    pub addition_embed_type: Option<String>,
+    #[serde(default)]
+    pub addition_time_embed_dim: Option<usize>,
+    #[serde(default)]
+    pub projection_class_embeddings_input_dim: Option<usize>,
     #[serde(flatten)]
     pub unsupported: UnetUnsupported,
 }
 
+/// The shape of SDXL's added conditioning (`addition_embed_type:
+/// "text_time"`): each time id becomes a `time_embed_dim`-wide sinusoidal
+/// embedding, and `add_embedding` reads `input_dim` values (those of all
+/// time ids, then the pooled text embedding).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct TextTimeShape {
+    pub time_embed_dim: usize,
+    pub input_dim: usize,
+}
+
 /// Keys of `UNet2DConditionModel` that select features the candle UNet
-/// does not implement (SDXL additions, class embeddings, other kernels).
+/// does not implement (class embeddings, other kernels).
 #[derive(Debug, Clone, Default, Deserialize)]
 pub struct UnetUnsupported {
-    addition_embed_type: Option<String>,
     class_embed_type: Option<String>,
     time_cond_proj_dim: Option<usize>,
     encoder_hid_dim: Option<usize>,
@@ -109,6 +131,9 @@ pub struct UnetUnsupported {
     dual_cross_attention: bool,
     #[serde(default)]
     only_cross_attention: serde_json::Value,
+    /// Up-block depths other than the down blocks' mirrored.
+    #[serde(default)]
+    reverse_transformer_layers_per_block: serde_json::Value,
 }
 
 impl UnetUnsupported {
@@ -121,7 +146,6 @@ impl UnetUnsupported {
             )),
             None => Ok(()),
         };
-        set("addition_embed_type", &self.addition_embed_type)?;
         set("class_embed_type", &self.class_embed_type)?;
         let numbers = [
             ("time_cond_proj_dim", self.time_cond_proj_dim),
@@ -165,6 +189,12 @@ impl UnetUnsupported {
                 .only_cross_attention
                 .as_array()
                 .is_some_and(|a| a.iter().any(|v| v == true));
+        if !self.reverse_transformer_layers_per_block.is_null() {
+            return Err(unsupported(
+                "unet",
+                "reverse_transformer_layers_per_block is not supported (up blocks mirror the down blocks)",
+            ));
+        }
         if self.dual_cross_attention || only_cross {
             return Err(unsupported(
                 "unet",
@@ -256,6 +286,36 @@ impl UnetJson {
         })
     }
 
+    /// The added conditioning the UNet expects, if any.
+    pub fn text_time(&self) -> Result<Option<TextTimeShape>, ImageError> {
+        match self.addition_embed_type.as_deref() {
+            None => Ok(None),
+            Some("text_time") => {
+                let (Some(time_embed_dim), Some(input_dim)) = (
+                    self.addition_time_embed_dim,
+                    self.projection_class_embeddings_input_dim,
+                ) else {
+                    return Err(unsupported("unet", "addition_embed_type \"text_time\" needs addition_time_embed_dim and projection_class_embeddings_input_dim"));
+                };
+                // diffusers pads odd widths with a zero column; SDXL's are even.
+                if time_embed_dim == 0 || !time_embed_dim.is_multiple_of(2) {
+                    return Err(unsupported(
+                        "unet",
+                        format!("addition_time_embed_dim {time_embed_dim} (only even widths)"),
+                    ));
+                }
+                Ok(Some(TextTimeShape {
+                    time_embed_dim,
+                    input_dim,
+                }))
+            }
+            Some(other) => Err(unsupported(
+                "unet",
+                format!("addition_embed_type {other:?} is not supported (only \"text_time\")"),
+            )),
+        }
+    }
+
     /// Whether down block `i` (and its mirror up block) has cross-attention;
     /// the candle UNet builds the up path as the mirror of the down path.
     fn block_attention(&self, i: usize) -> Result<bool, ImageError> {
@@ -323,6 +383,12 @@ pub struct VaeJson {
     pub down_block_types: Vec<String>,
     #[serde(default)]
     pub up_block_types: Vec<String>,
+    /// Per-channel latent statistics (Playground-style VAEs), which
+    /// diffusers' SDXL pipeline decodes with instead of the plain scale.
+    #[serde(default)]
+    pub latents_mean: Option<Vec<f64>>,
+    #[serde(default)]
+    pub latents_std: Option<Vec<f64>>,
 }
 
 impl VaeJson {
@@ -335,6 +401,12 @@ impl VaeJson {
             return Err(unsupported(
                 "vae",
                 "mid_block_add_attention false is not supported",
+            ));
+        }
+        if self.latents_mean.is_some() || self.latents_std.is_some() {
+            return Err(unsupported(
+                "vae",
+                "latents_mean / latents_std are not supported (only scaling_factor)",
             ));
         }
         let plain = |types: &[String], only: &str| types.iter().all(|t| t == only);
@@ -376,6 +448,12 @@ pub struct ClipJson {
     pub hidden_act: String,
     #[serde(default = "eps_1e5")]
     pub layer_norm_eps: f64,
+    /// The width of `text_projection` (`CLIPTextModelWithProjection`).
+    #[serde(default = "clip_projection_dim")]
+    pub projection_dim: usize,
+    /// Where the pooled output is read (see `ClipWithProjection`).
+    #[serde(default = "clip_eos_token_id")]
+    pub eos_token_id: u32,
 }
 
 impl ClipJson {
@@ -443,6 +521,12 @@ fn yes() -> bool {
 }
 fn sd_scaling_factor() -> f64 {
     0.18215
+}
+fn clip_projection_dim() -> usize {
+    512
+}
+fn clip_eos_token_id() -> u32 {
+    49407
 }
 fn quick_gelu() -> String {
     "quick_gelu".into()

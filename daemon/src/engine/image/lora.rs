@@ -2,10 +2,14 @@
 //! weights at load: `W += strength × (alpha / rank) × up · down`.
 //!
 //! Two namings are understood: diffusers/PEFT (`unet.<module>.lora_A.weight`,
-//! `text_encoder.<module>.lora_B.weight`, optional `<module>.alpha`; no
-//! alpha means alpha = rank) and kohya (`lora_unet_<module with _>.lora_down.weight`,
-//! `.lora_up.weight`, `.alpha`; `lora_te_` for the text encoder). kohya
-//! names lose the dots, so they are matched against the base weights' names.
+//! `text_encoder.<module>.lora_B.weight`, SDXL's `text_encoder_2.<module>`,
+//! optional `<module>.alpha`; no alpha means alpha = rank) and kohya
+//! (`lora_unet_<module with _>.lora_down.weight`, `.lora_up.weight`,
+//! `.alpha`; `lora_te_`/`lora_te1_` for the text encoder, `lora_te2_` for
+//! SDXL's second). kohya names lose the dots, so they are matched against
+//! the base weights' names; UNet modules may be named by their diffusers
+//! path or, as kohya's scripts name SDXL's, by their SGM/LDM path
+//! (`lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q`).
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -13,6 +17,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use modeld_wire::types::LoraInfo;
 
+use super::single_file;
 use super::weights::TensorMap;
 use super::ImageError;
 
@@ -21,6 +26,7 @@ use super::ImageError;
 enum Target {
     Unet,
     TextEncoder,
+    TextEncoder2,
 }
 
 /// The down (A) and up (B) matrices and alpha of one adapted module.
@@ -44,6 +50,10 @@ fn parse_key(key: &str) -> Option<(Target, &str, Part)> {
         (Target::Unet, rest)
     } else if let Some(rest) = key.strip_prefix("text_encoder.") {
         (Target::TextEncoder, rest)
+    } else if let Some(rest) = key.strip_prefix("text_encoder_2.") {
+        (Target::TextEncoder2, rest)
+    } else if let Some(rest) = key.strip_prefix("lora_te2_") {
+        (Target::TextEncoder2, rest)
     } else if let Some(rest) = key.strip_prefix("lora_unet_") {
         (Target::Unet, rest)
     } else if let Some(rest) = key
@@ -96,14 +106,49 @@ fn modules(
     Ok(modules)
 }
 
-/// The base weight a module adapts: `<module>.weight` as written, or the
-/// weight whose name with `.` → `_` is the kohya module name.
+/// The base weight a module adapts: `<module>.weight` as written (or under
+/// `text_model.`, which LoRAs saved with transformers 5's flattened
+/// `CLIPTextModel` leave out), or the weight whose name with `.` → `_` is
+/// the kohya module name.
 fn base_key(base: &TensorMap, kohya: &HashMap<String, String>, module: &str) -> Option<String> {
-    let direct = format!("{module}.weight");
-    if base.contains_key(&direct) {
-        return Some(direct);
-    }
-    kohya.get(module).cloned()
+    [
+        format!("{module}.weight"),
+        format!("text_model.{module}.weight"),
+    ]
+    .into_iter()
+    .find(|key| base.contains_key(key))
+    .or_else(|| kohya.get(module).cloned())
+}
+
+/// The diffusers-path kohya name of a UNet module kohya named by its
+/// SGM/LDM path (`input_blocks_4_1_…`, `middle_block_1_…`,
+/// `output_blocks_3_1_…`); `None` for other names. `layers` is the resnet
+/// count of a down block, which places LDM block numbers.
+fn from_ldm_path(module: &str, layers: usize) -> Option<String> {
+    let (stem, numbers) = [
+        ("input_blocks", 2),
+        ("middle_block", 1),
+        ("output_blocks", 2),
+    ]
+    .into_iter()
+    .find(|(stem, _)| module.starts_with(&format!("{stem}_")))?;
+    let mut parts = module[stem.len() + 1..].splitn(numbers + 1, '_');
+    let indices = (0..numbers)
+        .map(|_| parts.next()?.parse::<usize>().ok())
+        .collect::<Option<Vec<_>>>()?;
+    let tail = parts.next()?;
+    let indices: Vec<String> = indices.iter().map(usize::to_string).collect();
+    let dotted = format!("{stem}.{}.{tail}", indices.join("."));
+    Some(single_file::unet_name(&dotted, layers).replace('.', "_"))
+}
+
+/// Resnets per down block of a diffusers UNet.
+fn down_block_layers(unet: &TensorMap) -> usize {
+    let layers: std::collections::BTreeSet<&str> = unet
+        .keys()
+        .filter_map(|k| k.strip_prefix("down_blocks.0.resnets.")?.split('.').next())
+        .collect();
+    layers.len()
 }
 
 /// kohya module name → base weight name, for every `*.weight` of `base`.
@@ -116,21 +161,40 @@ fn kohya_names(base: &TensorMap) -> HashMap<String, String> {
         .collect()
 }
 
-/// Merges `lora` into the UNet and text-encoder weights.
+/// Merges `lora` into the UNet and text-encoder weights (SDXL's second
+/// encoder's too, when the pipeline has one).
 pub fn apply(
     unet: &mut TensorMap,
     text_encoder: &mut TensorMap,
+    mut text_encoder_2: Option<&mut TensorMap>,
     lora: &LoraInfo,
 ) -> Result<(), ImageError> {
     let file = lora.path.as_path();
     let tensors = candle_core::safetensors::load(file, &Device::Cpu)
         .map_err(|e| ImageError::Files(format!("LoRA {}: {e}", file.display())))?;
     let (kohya_unet, kohya_text) = (kohya_names(unet), kohya_names(text_encoder));
+    let kohya_text_2 = text_encoder_2
+        .as_deref()
+        .map(kohya_names)
+        .unwrap_or_default();
+    let layers = down_block_layers(unet);
     let (mut merged, mut unmatched) = (0, 0);
     for ((target, name), module) in modules(file, tensors)? {
+        let name = match target {
+            Target::Unet => from_ldm_path(&name, layers).unwrap_or(name),
+            _ => name,
+        };
         let (base, names) = match target {
             Target::Unet => (&mut *unet, &kohya_unet),
             Target::TextEncoder => (&mut *text_encoder, &kohya_text),
+            Target::TextEncoder2 => match text_encoder_2.as_deref_mut() {
+                Some(base) => (base, &kohya_text_2),
+                // A LoRA for SDXL on a one-encoder pipeline.
+                None => {
+                    unmatched += 1;
+                    continue;
+                }
+            },
         };
         let Some(key) = base_key(base, names, &name) else {
             unmatched += 1;

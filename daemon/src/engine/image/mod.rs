@@ -1,12 +1,15 @@
-//! Stable Diffusion 1.x/2.x text-to-image: a pipeline loaded from a
-//! diffusers folder, with every shape read from the components' configs,
-//! CLIP text encoding with classifier-free guidance, DDIM denoising on
-//! candle's UNet and VAE decoding to RGB.
+//! Stable Diffusion 1.x/2.x and SDXL text-to-image: a pipeline loaded from
+//! a diffusers folder, with every shape read from the components' configs,
+//! CLIP text encoding (two encoders and the added conditioning for SDXL)
+//! with classifier-free guidance, DDIM denoising on candle's resnets and
+//! VAE decoding to RGB.
 
 pub mod clip;
+pub mod conditioning;
 pub mod config;
 pub mod lora;
 pub mod noise;
+pub mod open_clip;
 pub mod output;
 pub mod prompt;
 pub mod request;
@@ -19,18 +22,20 @@ pub mod worker;
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod xl_tests;
 
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
+use candle_transformers::models::stable_diffusion::unet_2d::BlockConfig;
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use modeld_wire::types::LoraInfo;
 
-use self::clip::ClipTextModel;
-use self::config::{read_json, ClipJson, UnetJson, VaeJson};
-use self::prompt::PromptTokenizer;
+use self::conditioning::{Conditioning, EncoderParts, TextEncoders, UnetExpects};
+use self::config::{read_json, UnetJson, VaeJson};
 pub use self::request::{ImageRequest, ValidImageRequest};
 use self::scheduler::{Ddim, SchedulerJson};
 use self::unet::Unet;
@@ -81,30 +86,41 @@ pub struct GeneratedImage {
 struct Components {
     unet_json: UnetJson,
     vae_json: VaeJson,
-    clip_json: ClipJson,
     scheduler_json: SchedulerJson,
-    tokenizer_dir: PathBuf,
     unet: TensorMap,
     vae: TensorMap,
-    text_encoder: TensorMap,
+    text: EncoderParts,
+    /// SDXL's second text encoder.
+    text_2: Option<EncoderParts>,
+    force_zeros_for_empty_prompt: bool,
 }
 
 impl Components {
     /// The components of a diffusers pipeline folder.
     fn from_folder(root: &Path) -> Result<Self, ImageError> {
-        check_model_index(root)?;
+        let index = PipelineIndex::read(root)?;
         let component = |name: &str, stem: &str| -> Result<TensorMap, ImageError> {
             load_tensors(&component_files(&root.join(name), stem)?)
+        };
+        let encoder = |name: &str, tokenizer: &str| -> Result<EncoderParts, ImageError> {
+            Ok(EncoderParts {
+                clip_json: read_json(&root.join(name).join("config.json"))?,
+                tokenizer_dir: root.join(tokenizer),
+                weights: clip::with_text_model_prefix(component(name, "model")?),
+            })
         };
         Ok(Components {
             unet_json: read_json(&root.join("unet/config.json"))?,
             vae_json: read_json(&root.join("vae/config.json"))?,
-            clip_json: read_json(&root.join("text_encoder/config.json"))?,
             scheduler_json: read_json(&root.join("scheduler/scheduler_config.json"))?,
-            tokenizer_dir: root.join("tokenizer"),
             unet: component("unet", "diffusion_pytorch_model")?,
             vae: component("vae", "diffusion_pytorch_model")?,
-            text_encoder: component("text_encoder", "model")?,
+            text: encoder("text_encoder", "tokenizer")?,
+            text_2: index
+                .xl
+                .then(|| encoder("text_encoder_2", "tokenizer_2"))
+                .transpose()?,
+            force_zeros_for_empty_prompt: index.force_zeros_for_empty_prompt,
         })
     }
 }
@@ -112,8 +128,9 @@ impl Components {
 impl Components {
     /// The components of single-file checkpoint `checkpoint`, with its LDM
     /// `yaml` when there is one; `config_dir` is a diffusers-layout folder
-    /// supplying what the checkpoint lacks: `tokenizer/`, and optionally
-    /// `scheduler/` and `text_encoder/config.json`.
+    /// supplying what the checkpoint lacks: `tokenizer/` (and SDXL's
+    /// `tokenizer_2/`), and optionally `scheduler/`, the text encoders'
+    /// `config.json` and `model_index.json`.
     fn from_single_file(
         checkpoint: &Path,
         yaml: Option<&Path>,
@@ -121,48 +138,86 @@ impl Components {
     ) -> Result<Self, ImageError> {
         let yaml = yaml.map(single_file::LdmYaml::read).transpose()?;
         let renamed = single_file::rename(checkpoint)?;
+        let text_2 = renamed
+            .text_encoder_2
+            .map(|weights| -> Result<_, ImageError> {
+                Ok(EncoderParts {
+                    clip_json: single_file::clip_json_2(&weights, config_dir)?,
+                    tokenizer_dir: config_dir.join("tokenizer_2"),
+                    weights,
+                })
+            })
+            .transpose()?;
+        let projection = text_2.as_ref().map(|t| t.clip_json.projection_dim);
         Ok(Components {
-            unet_json: single_file::unet_json(&renamed.unet, yaml.as_ref())?,
-            vae_json: single_file::vae_json(&renamed.vae, yaml.as_ref())?,
-            clip_json: single_file::clip_json(&renamed.text_encoder, config_dir)?,
+            unet_json: single_file::config_or(config_dir, "unet", || {
+                single_file::unet_json(&renamed.unet, yaml.as_ref(), projection)
+            })?,
+            vae_json: single_file::config_or(config_dir, "vae", || {
+                single_file::vae_json(&renamed.vae, yaml.as_ref(), projection.is_some())
+            })?,
             scheduler_json: single_file::scheduler_json(config_dir, yaml.as_ref())?,
-            tokenizer_dir: config_dir.join("tokenizer"),
+            text: EncoderParts {
+                clip_json: single_file::clip_json(&renamed.text_encoder, config_dir)?,
+                tokenizer_dir: config_dir.join("tokenizer"),
+                weights: renamed.text_encoder,
+            },
+            text_2,
+            force_zeros_for_empty_prompt: single_file::force_zeros_for_empty_prompt(config_dir),
             unet: renamed.unet,
             vae: renamed.vae,
-            text_encoder: renamed.text_encoder,
         })
     }
 }
 
-/// Refuses pipelines other than single-text-encoder Stable Diffusion.
-fn check_model_index(root: &Path) -> Result<(), ImageError> {
-    let index: serde_json::Value = read_json(&root.join("model_index.json"))?;
-    let class = index["_class_name"].as_str().unwrap_or_default();
-    let second_encoder = index["text_encoder_2"]
-        .as_array()
-        .is_some_and(|a| !a[0].is_null());
-    if second_encoder || class.contains("XL") {
-        return Err(ImageError::Unsupported(format!(
-            "{}: {class} (two text encoders) is not supported; only Stable Diffusion 1.x/2.x",
-            root.display()
-        )));
+/// What `model_index.json` says about the pipeline.
+struct PipelineIndex {
+    /// SDXL: a second text encoder.
+    xl: bool,
+    force_zeros_for_empty_prompt: bool,
+}
+
+impl PipelineIndex {
+    /// Reads the index, refusing pipelines other than text-to-image
+    /// Stable Diffusion 1.x/2.x/XL.
+    fn read(root: &Path) -> Result<Self, ImageError> {
+        let index: serde_json::Value = read_json(&root.join("model_index.json"))?;
+        let class = index["_class_name"].as_str().unwrap_or_default();
+        let present = |name: &str| {
+            index[name]
+                .as_array()
+                .is_some_and(|a| a.first().is_some_and(|v| !v.is_null()))
+        };
+        // FLUX, SD3, PixArt and the like denoise with a transformer, not a UNet.
+        if !present("unet") {
+            return Err(ImageError::Unsupported(format!(
+                "{}: {class} has no UNet (a transformer-based pipeline?) and is not supported; only Stable Diffusion 1.x/2.x/XL",
+                root.display()
+            )));
+        }
+        // The SDXL refiner conditions on text_encoder_2 alone, for img2img.
+        if !present("text_encoder") {
+            return Err(ImageError::Unsupported(format!(
+                "{}: {class} has no text_encoder (an SDXL refiner?) and is not supported; only text-to-image Stable Diffusion 1.x/2.x/XL",
+                root.display()
+            )));
+        }
+        Ok(PipelineIndex {
+            xl: present("text_encoder_2"),
+            // `StableDiffusionXLPipeline`'s default when the index omits it.
+            force_zeros_for_empty_prompt: index["force_zeros_for_empty_prompt"]
+                .as_bool()
+                .unwrap_or(true),
+        })
     }
-    // FLUX, SD3, PixArt and the like denoise with a transformer, not a UNet.
-    if index.get("unet").is_none_or(|unet| unet[0].is_null()) {
-        return Err(ImageError::Unsupported(format!(
-            "{}: {class} has no UNet (a transformer-based pipeline?) and is not supported; only Stable Diffusion 1.x/2.x",
-            root.display()
-        )));
-    }
-    Ok(())
 }
 
 /// The key prefix of a single-file checkpoint's UNet tensors, by which
 /// such a checkpoint is told from a text model's weights.
 pub const SINGLE_FILE_UNET_PREFIX: &str = "model.diffusion_model.";
 
-/// Every weight file an image model loads: the UNet, VAE and text encoder
-/// of a diffusers folder, or the single-file checkpoint itself.
+/// Every weight file an image model loads: the UNet, VAE and text
+/// encoder(s) of a diffusers folder, or the single-file checkpoint itself.
 pub fn weight_files(path: &Path) -> Result<Vec<PathBuf>, ImageError> {
     if !path.is_dir() {
         return Ok(vec![path.to_path_buf()]);
@@ -173,13 +228,15 @@ pub fn weight_files(path: &Path) -> Result<Vec<PathBuf>, ImageError> {
         "diffusion_pytorch_model",
     )?);
     files.extend(component_files(&path.join("text_encoder"), "model")?);
+    if path.join("text_encoder_2").is_dir() {
+        files.extend(component_files(&path.join("text_encoder_2"), "model")?);
+    }
     Ok(files)
 }
 
 /// A loaded Stable Diffusion pipeline.
 pub struct ImagePipeline {
-    tokenizer: PromptTokenizer,
-    text_encoder: ClipTextModel,
+    text: TextEncoders,
     unet: Unet,
     vae: AutoEncoderKL,
     scheduler: Ddim,
@@ -187,8 +244,9 @@ pub struct ImagePipeline {
     vae_shift: f64,
     vae_scale_factor: usize,
     latent_channels: usize,
-    /// The most attention heads of any UNet block, for `attention_bytes`.
-    max_heads: usize,
+    /// Where the UNet attends, for `attention_bytes`: `(downsamplings,
+    /// heads)` of every block with attention and of the mid block.
+    attention_levels: Vec<(usize, usize)>,
     device: Device,
     dtype: DType,
     vae_dtype: DType,
@@ -215,51 +273,51 @@ impl ImagePipeline {
 
     fn build(mut parts: Components, options: &ImageLoad) -> Result<Self, ImageError> {
         for adapter in &options.loras {
-            lora::apply(&mut parts.unet, &mut parts.text_encoder, adapter)?;
+            let text_2 = parts.text_2.as_mut().map(|t| &mut t.weights);
+            lora::apply(&mut parts.unet, &mut parts.text.weights, text_2, adapter)?;
         }
         let unet_config = parts.unet_json.to_candle()?;
         let vae_config = parts.vae_json.to_candle()?;
-        let clip_config = parts.clip_json.to_config()?;
         if parts.unet_json.in_channels != vae_config.latent_channels {
             return Err(ImageError::Unsupported(format!(
                 "the UNet takes {} channels but the VAE has {} latent channels (inpainting and other conditioned UNets are not text-to-image)",
                 parts.unet_json.in_channels, vae_config.latent_channels
             )));
         }
-        let max_heads = unet_config
-            .blocks
-            .iter()
-            .map(|block| block.attention_head_dim)
-            .max()
-            .unwrap_or(1);
+        let attention_levels = attention_levels(&unet_config.blocks);
         let (device, dtype) = (&options.device, options.dtype);
+        let text_time = parts.unet_json.text_time()?;
+        let expects = UnetExpects {
+            cross_attention_dim: unet_config.cross_attention_dim,
+            text_time,
+        };
+        let text = TextEncoders::new(
+            parts.text,
+            parts.text_2,
+            parts.force_zeros_for_empty_prompt,
+            &expects,
+            (dtype, device),
+        )?;
         // The SD VAE overflows in f16; diffusers marks it `force_upcast`.
         let vae_dtype = if parts.vae_json.force_upcast {
             DType::F32
         } else {
             dtype
         };
-        let text_vb = VarBuilder::from_tensors(parts.text_encoder, dtype, device);
-        let unet_vb = VarBuilder::from_tensors(parts.unet, dtype, device);
-        let vae_vb = VarBuilder::from_tensors(parts.vae, vae_dtype, device);
         let unet = Unet::new(
-            unet_vb,
+            VarBuilder::from_tensors(parts.unet, dtype, device),
             &unet_config,
-            parts.unet_json.in_channels,
-            parts.unet_json.out_channels,
+            (parts.unet_json.in_channels, parts.unet_json.out_channels),
+            text_time,
         )?;
         let vae = AutoEncoderKL::new(
-            vae_vb,
+            VarBuilder::from_tensors(parts.vae, vae_dtype, device),
             parts.vae_json.in_channels,
             parts.vae_json.out_channels,
             vae_config,
         )?;
         Ok(ImagePipeline {
-            tokenizer: PromptTokenizer::load(
-                &parts.tokenizer_dir,
-                clip_config.max_position_embeddings,
-            )?,
-            text_encoder: ClipTextModel::new(text_vb, &clip_config)?,
+            text,
             unet,
             vae,
             scheduler: Ddim::new(&parts.scheduler_json)?,
@@ -267,11 +325,20 @@ impl ImagePipeline {
             vae_shift: parts.vae_json.shift_factor.unwrap_or(0.0),
             vae_scale_factor: parts.vae_json.scale_factor(),
             latent_channels: parts.vae_json.latent_channels,
-            max_heads,
+            attention_levels,
             device: device.clone(),
             dtype,
             vae_dtype,
         })
+    }
+
+    /// The architecture reported in `load` and `models.loaded`.
+    pub fn arch(&self) -> &'static str {
+        if self.text.is_xl() {
+            "stable-diffusion-xl"
+        } else {
+            "stable-diffusion"
+        }
     }
 
     /// Generates `request.count` pictures; `progress` hears of every
@@ -289,24 +356,35 @@ impl ImagePipeline {
     }
 
     /// An upper bound of the largest attention allocation of a run: the
-    /// scores and probabilities of every head over every latent position
-    /// (quadratic in the picture's area), for the whole UNet batch. The
-    /// attention is not chunked, so a size this does not fit must be
-    /// refused before it runs: a failed allocation aborts the process.
+    /// scores and probabilities of every head over every position of the
+    /// level it attends at (quadratic in the picture's area), for the whole
+    /// UNet batch, or the VAE's one-head attention over the latent, one
+    /// picture at a time. The attention is not chunked, so a size this does
+    /// not fit must be refused before it runs: a failed allocation aborts
+    /// the process.
     pub fn attention_bytes(&self, request: &ValidImageRequest) -> u64 {
         let (h, w) = self.latent_size(request);
-        let tokens = (h * w) as u64;
         let passes = if request.classifier_free_guidance() {
             2
         } else {
             1
         };
-        let batch = (request.count * passes * self.max_heads) as u64;
-        let bytes = self.dtype.size_in_bytes().max(DType::F32.size_in_bytes()) as u64;
-        2u64.saturating_mul(batch)
-            .saturating_mul(tokens)
-            .saturating_mul(tokens)
-            .saturating_mul(bytes)
+        let bytes = self.dtype.size_in_bytes().max(DType::F32.size_in_bytes());
+        let unet = self
+            .attention_levels
+            .iter()
+            .map(|&(level, heads)| {
+                // Each downsampling halves a side, rounding up.
+                let tokens = h.div_ceil(1 << level) * w.div_ceil(1 << level);
+                scores_bytes(request.count * passes * heads, tokens, bytes)
+            })
+            .max()
+            .unwrap_or(0);
+        let vae_bytes = self
+            .vae_dtype
+            .size_in_bytes()
+            .max(DType::F32.size_in_bytes());
+        unet.max(scores_bytes(1, h * w, vae_bytes))
     }
 
     /// `(count, channels, h, w)` noise; image `i` uses seed `seed + i`, so
@@ -336,45 +414,31 @@ impl ImagePipeline {
         latents: Tensor,
         on_step: &mut dyn FnMut(usize, usize, &Tensor) -> ControlFlow<()>,
     ) -> Result<Tensor, ImageError> {
-        let embeddings = self.text_embeddings(request)?;
-        let latents = self.denoise(request, latents, &embeddings, on_step)?;
+        let conditioning = self.conditioning(request)?;
+        let latents = self.denoise(request, latents, &conditioning, on_step)?;
         self.decode(&latents)
     }
 
-    /// The embeddings the UNet attends to: `[uncond; count] ++ [prompt; count]`
-    /// with guidance, `[prompt; count]` without.
-    pub(crate) fn text_embeddings(
+    /// The UNet's conditioning: `[uncond; count] ++ [prompt; count]` with
+    /// guidance, `[prompt; count]` without.
+    pub(crate) fn conditioning(
         &self,
         request: &ValidImageRequest,
-    ) -> Result<Tensor, ImageError> {
-        let prompt = self.encode_text(&request.prompt)?;
-        let prompt = prompt.repeat((request.count, 1, 1))?;
-        if !request.classifier_free_guidance() {
-            return Ok(prompt);
-        }
-        let uncond = self.encode_text(request.negative_prompt.as_deref().unwrap_or(""))?;
-        let uncond = uncond.repeat((request.count, 1, 1))?;
-        Ok(Tensor::cat(&[uncond, prompt], 0)?)
-    }
-
-    /// CLIP `last_hidden_state` of one text, `(1, length, hidden)`.
-    pub(crate) fn encode_text(&self, text: &str) -> Result<Tensor, ImageError> {
-        let ids = self.tokenizer.ids(text)?;
-        let ids = Tensor::new(ids.as_slice(), &self.device)?.unsqueeze(0)?;
-        Ok(self.text_encoder.forward(&ids)?.to_dtype(DType::F32)?)
+    ) -> Result<Conditioning, ImageError> {
+        self.text.conditioning(request, &self.device)
     }
 
     fn denoise(
         &self,
         request: &ValidImageRequest,
         mut latents: Tensor,
-        embeddings: &Tensor,
+        conditioning: &Conditioning,
         on_step: &mut dyn FnMut(usize, usize, &Tensor) -> ControlFlow<()>,
     ) -> Result<Tensor, ImageError> {
         let timesteps = self.scheduler.timesteps(request.steps)?;
-        let embeddings = embeddings.to_dtype(self.dtype)?;
+        let conditioning = conditioning.to_dtype(self.dtype)?;
         for (index, &timestep) in timesteps.iter().enumerate() {
-            let noise = self.guided_noise(&latents, timestep, &embeddings, request.guidance)?;
+            let noise = self.guided_noise(&latents, timestep, &conditioning, request.guidance)?;
             latents = self
                 .scheduler
                 .step(&noise, timestep, request.steps, &latents)?;
@@ -386,17 +450,17 @@ impl ImagePipeline {
     }
 
     /// The raw UNet output (f32) for `latents` at `timestep`, batched with
-    /// `embeddings` as they come (the whole [uncond, prompt] batch).
+    /// `conditioning` as it comes (the whole [uncond, prompt] batch).
     pub(crate) fn unet_output(
         &self,
         latents: &Tensor,
         timestep: usize,
-        embeddings: &Tensor,
+        conditioning: &Conditioning,
     ) -> Result<Tensor, ImageError> {
         let input = latents.to_dtype(self.dtype)?;
         let output =
             self.unet
-                .forward(&input, timestep as f64, &embeddings.to_dtype(self.dtype)?)?;
+                .forward(&input, timestep as f64, &conditioning.to_dtype(self.dtype)?)?;
         Ok(output.to_dtype(DType::F32)?)
     }
 
@@ -406,14 +470,14 @@ impl ImagePipeline {
         &self,
         latents: &Tensor,
         timestep: usize,
-        embeddings: &Tensor,
+        conditioning: &Conditioning,
         guidance: f64,
     ) -> Result<Tensor, ImageError> {
         if guidance <= 1.0 {
-            return self.unet_output(latents, timestep, embeddings);
+            return self.unet_output(latents, timestep, conditioning);
         }
         let doubled = Tensor::cat(&[latents, latents], 0)?;
-        let output = self.unet_output(&doubled, timestep, embeddings)?;
+        let output = self.unet_output(&doubled, timestep, conditioning)?;
         let halves = output.chunk(2, 0)?;
         let (uncond, prompt) = (&halves[0], &halves[1]);
         Ok((uncond + ((prompt - uncond)? * guidance)?)?)
@@ -432,6 +496,31 @@ impl ImagePipeline {
         let pixels = ((decoded / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
         Ok(pixels.permute((0, 2, 3, 1))?.contiguous()?)
     }
+}
+
+/// `(downsamplings, heads)` of every attention of the UNet: the blocks
+/// with cross-attention (and their mirrored up blocks) and the mid block,
+/// which attends at the last block's resolution.
+fn attention_levels(blocks: &[BlockConfig]) -> Vec<(usize, usize)> {
+    let mut levels: Vec<(usize, usize)> = blocks
+        .iter()
+        .enumerate()
+        .filter(|(_, block)| block.use_cross_attn.is_some())
+        .map(|(level, block)| (level, block.attention_head_dim))
+        .collect();
+    if let Some(last) = blocks.last() {
+        levels.push((blocks.len() - 1, last.attention_head_dim));
+    }
+    levels
+}
+
+/// Scores and probabilities, `batch × tokens × tokens` each, in bytes.
+fn scores_bytes(batch: usize, tokens: usize, bytes: usize) -> u64 {
+    let tokens = tokens as u64;
+    2u64.saturating_mul(batch as u64)
+        .saturating_mul(tokens)
+        .saturating_mul(tokens)
+        .saturating_mul(bytes as u64)
 }
 
 /// `(count, h, w, 3)` pixels in [0, 1] → 8-bit RGB pictures, rounded like

@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use tokenizers::Tokenizer;
+use tokenizers::{AddedToken, Tokenizer};
 
 use super::ImageError;
 
@@ -92,11 +92,22 @@ impl PromptTokenizer {
     /// `vocab.json` and `merges.txt`), producing `length` ids per text.
     pub fn load(dir: &Path, length: usize) -> Result<Self, ImageError> {
         let path = dir.join("tokenizer.json");
-        let tokenizer = if path.exists() {
+        let mut tokenizer = if path.exists() {
             Tokenizer::from_file(&path).map_err(|e| tokenizer_error(&path, e))?
         } else {
             clip_from_bpe_files(dir)?
         };
+        // transformers registers the configured pad token as a special
+        // token, so when it is an ordinary entry (OpenCLIP's "!" in SDXL's
+        // tokenizer_2) it is matched whole anywhere in the text and never
+        // merged into a word: "hi!" gives "hi</w>" and the pad id.
+        // A pad token outside the vocabulary stays unknown: it is refused
+        // below rather than given an id past the embedding table.
+        if let Some(pad) = special_token(dir, "pad_token") {
+            if tokenizer.token_to_id(&pad).is_some() {
+                tokenizer.add_special_tokens(&[AddedToken::from(pad, true)]);
+            }
+        }
         let id = |key: &str| {
             let token = special_token(dir, key).unwrap_or_else(|| "<|endoftext|>".into());
             tokenizer.token_to_id(&token).ok_or_else(|| {

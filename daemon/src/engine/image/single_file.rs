@@ -1,8 +1,10 @@
-//! Single-file (LDM / A1111 style) Stable Diffusion 1.x checkpoints:
-//! `model.diffusion_model.*`, `first_stage_model.*` and
-//! `cond_stage_model.transformer.text_model.*` renamed to the diffusers
-//! layout, with the shapes read from the LDM yaml where it has them and
-//! inferred from the tensors otherwise.
+//! Single-file (LDM / A1111 style) Stable Diffusion 1.x and SDXL
+//! checkpoints: `model.diffusion_model.*`, `first_stage_model.*` and
+//! `cond_stage_model.transformer.text_model.*` (SDXL:
+//! `conditioner.embedders.0.transformer.text_model.*` and the OpenCLIP
+//! `conditioner.embedders.1.model.*`) renamed to the diffusers layout, with
+//! the shapes read from the LDM yaml where it has them and inferred from
+//! the tensors otherwise.
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
@@ -11,6 +13,7 @@ use candle_core::Tensor;
 use serde_json::json;
 
 use super::config::{read_json, ClipJson, UnetJson, VaeJson};
+use super::open_clip;
 use super::scheduler::SchedulerJson;
 use super::weights::{load_tensors, TensorMap};
 use super::ImageError;
@@ -18,6 +21,8 @@ use super::ImageError;
 const UNET: &str = "model.diffusion_model.";
 const VAE: &str = "first_stage_model.";
 const TEXT: &str = "cond_stage_model.transformer.";
+const XL_TEXT: &str = "conditioner.embedders.0.transformer.";
+const XL_OPEN_CLIP: &str = "conditioner.embedders.1.model.";
 
 /// `key: value` lines of an LDM yaml whose keys are unique in it; enough
 /// for the few scalars the networks need, without a YAML parser.
@@ -45,11 +50,13 @@ impl LdmYaml {
     }
 }
 
-/// The three networks' tensors under diffusers names.
+/// The networks' tensors under diffusers names.
 pub struct Renamed {
     pub unet: TensorMap,
     pub vae: TensorMap,
     pub text_encoder: TensorMap,
+    /// SDXL's second text encoder, in transformers naming.
+    pub text_encoder_2: Option<TensorMap>,
 }
 
 fn bad(path: &Path, what: impl std::fmt::Display) -> ImageError {
@@ -59,10 +66,12 @@ fn bad(path: &Path, what: impl std::fmt::Display) -> ImageError {
 /// Splits and renames the checkpoint's tensors.
 pub fn rename(path: &Path) -> Result<Renamed, ImageError> {
     let tensors = load_tensors(&[path.to_path_buf()])?;
-    if !tensors.keys().any(|k| k.starts_with(TEXT)) {
+    let xl = tensors.keys().any(|k| k.starts_with(XL_OPEN_CLIP));
+    let text = if xl { XL_TEXT } else { TEXT };
+    if !tensors.keys().any(|k| k.starts_with(text)) {
         return Err(bad(
             path,
-            "no cond_stage_model.transformer.* tensors (only SD 1.x single files are supported)",
+            format!("no {text}* tensors (only SD 1.x and SDXL base single files are supported)"),
         ));
     }
     let layers = unet_layers_per_block(&tensors)
@@ -72,6 +81,7 @@ pub fn rename(path: &Path) -> Result<Renamed, ImageError> {
         unet: TensorMap::new(),
         vae: TensorMap::new(),
         text_encoder: TensorMap::new(),
+        text_encoder_2: xl.then(TensorMap::new),
     };
     for (key, tensor) in tensors {
         if let Some(rest) = key.strip_prefix(UNET) {
@@ -79,8 +89,13 @@ pub fn rename(path: &Path) -> Result<Renamed, ImageError> {
         } else if let Some(rest) = key.strip_prefix(VAE) {
             let (name, tensor) = vae_entry(rest, vae_blocks, tensor)?;
             renamed.vae.insert(name, tensor);
-        } else if let Some(rest) = key.strip_prefix(TEXT) {
+        } else if let Some(rest) = key.strip_prefix(text) {
             renamed.text_encoder.insert(rest.to_owned(), tensor);
+        } else if let (Some(rest), Some(second)) = (
+            key.strip_prefix(XL_OPEN_CLIP),
+            renamed.text_encoder_2.as_mut(),
+        ) {
+            open_clip::insert(second, rest, tensor)?;
         }
     }
     Ok(renamed)
@@ -129,11 +144,14 @@ fn numbered(rest: &str) -> Option<(usize, usize, &str)> {
     Some((block, layer, parts.next()?))
 }
 
-/// The diffusers name of UNet tensor `rest` (after `model.diffusion_model.`).
-fn unet_name(rest: &str, layers: usize) -> String {
+/// The diffusers name of UNet tensor `rest` (after `model.diffusion_model.`);
+/// `layers` is the resnet count of a down block.
+pub fn unet_name(rest: &str, layers: usize) -> String {
     let fixed = [
         ("time_embed.0.", "time_embedding.linear_1."),
         ("time_embed.2.", "time_embedding.linear_2."),
+        ("label_emb.0.0.", "add_embedding.linear_1."),
+        ("label_emb.0.2.", "add_embedding.linear_2."),
         ("input_blocks.0.0.", "conv_in."),
         ("out.0.", "conv_norm_out."),
         ("out.2.", "conv_out."),
@@ -267,15 +285,26 @@ fn dim(tensors: &TensorMap, key: &str, axis: usize) -> Result<usize, ImageError>
     Ok(tensor.dim(axis)?)
 }
 
-/// The UNet config the renamed tensors (and the yaml's head count) describe.
-pub fn unet_json(unet: &TensorMap, yaml: Option<&LdmYaml>) -> Result<UnetJson, ImageError> {
+/// The UNet config the renamed tensors (and the yaml's head count)
+/// describe; `projection_dim` is SDXL's second text encoder's, from which
+/// the time ids' embedding width follows when the yaml lacks `outdim`.
+pub fn unet_json(
+    unet: &TensorMap,
+    yaml: Option<&LdmYaml>,
+    projection_dim: Option<usize>,
+) -> Result<UnetJson, ImageError> {
     let blocks = indices(unet, "down_blocks.").len();
     let channels = (0..blocks)
         .map(|i| dim(unet, &format!("down_blocks.{i}.resnets.0.conv1.weight"), 0))
         .collect::<Result<Vec<_>, _>>()?;
     let layers = indices(unet, "down_blocks.0.resnets.").len();
-    let attends: Vec<bool> = (0..blocks)
-        .map(|i| unet.contains_key(&format!("down_blocks.{i}.attentions.0.norm.weight")))
+    // Transformer blocks per attention (one where a block has none, which
+    // diffusers then ignores); the mid block has the last block's depth.
+    let depths: Vec<usize> = (0..blocks)
+        .map(|i| {
+            let prefix = format!("down_blocks.{i}.attentions.0.transformer_blocks.");
+            indices(unet, &prefix).len()
+        })
         .collect();
     let linear = unet
         .get("mid_block.attentions.0.proj_in.weight")
@@ -286,7 +315,8 @@ pub fn unet_json(unet: &TensorMap, yaml: Option<&LdmYaml>) -> Result<UnetJson, I
     ) {
         (Some(h), _) if h > 0.0 => h as usize,
         (_, Some(d)) if d > 0.0 => c / d as usize,
-        // diffusers' inference: SD 2.x (linear projections) has 64-channel heads, SD 1.x 8 heads.
+        // diffusers' inference: SD 2.x and SDXL (linear projections) have
+        // 64-channel heads, SD 1.x 8 heads.
         _ if linear => c / 64,
         _ => 8,
     };
@@ -295,23 +325,35 @@ pub fn unet_json(unet: &TensorMap, yaml: Option<&LdmYaml>) -> Result<UnetJson, I
         "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.weight",
         1,
     )?;
-    let value = json!({
+    let mut value = json!({
         "in_channels": dim(unet, "conv_in.weight", 1)?,
         "out_channels": dim(unet, "conv_out.weight", 0)?,
         "block_out_channels": channels,
-        "down_block_types": attends.iter().map(|a| if *a { "CrossAttnDownBlock2D" } else { "DownBlock2D" }).collect::<Vec<_>>(),
-        "up_block_types": attends.iter().rev().map(|a| if *a { "CrossAttnUpBlock2D" } else { "UpBlock2D" }).collect::<Vec<_>>(),
+        "down_block_types": depths.iter().map(|d| if *d > 0 { "CrossAttnDownBlock2D" } else { "DownBlock2D" }).collect::<Vec<_>>(),
+        "up_block_types": depths.iter().rev().map(|d| if *d > 0 { "CrossAttnUpBlock2D" } else { "UpBlock2D" }).collect::<Vec<_>>(),
         "layers_per_block": layers,
         "attention_head_dim": channels.iter().map(|c| heads(*c)).collect::<Vec<_>>(),
         "cross_attention_dim": context,
         "use_linear_projection": linear,
-        "transformer_layers_per_block": indices(unet, "mid_block.attentions.0.transformer_blocks.").len().max(1),
+        "transformer_layers_per_block": depths.iter().map(|d| (*d).max(1)).collect::<Vec<_>>(),
     });
+    if unet.contains_key("add_embedding.linear_1.weight") {
+        let input = dim(unet, "add_embedding.linear_1.weight", 1)?;
+        let from_yaml = yaml.and_then(|y| y.number("outdim")).map(|d| d as usize);
+        // SDXL embeds 6 time ids after the pooled text embedding.
+        let inferred = projection_dim.map(|p| input.saturating_sub(p) / 6);
+        value["addition_embed_type"] = json!("text_time");
+        value["addition_time_embed_dim"] = json!(from_yaml.or(inferred));
+        value["projection_class_embeddings_input_dim"] = json!(input);
+    }
     serde_json::from_value(value).map_err(|e| ImageError::Unsupported(e.to_string()))
 }
 
-/// The VAE config the renamed tensors (and the yaml's scale) describe.
-pub fn vae_json(vae: &TensorMap, yaml: Option<&LdmYaml>) -> Result<VaeJson, ImageError> {
+/// The VAE config the renamed tensors (and the yaml's scale) describe;
+/// without a yaml scale, SDXL's VAE (`xl`) is scaled by 0.13025 as in
+/// diffusers' SDXL default, SD's by 0.18215.
+pub fn vae_json(vae: &TensorMap, yaml: Option<&LdmYaml>, xl: bool) -> Result<VaeJson, ImageError> {
+    let default_scale = if xl { 0.13025 } else { 0.18215 };
     let blocks = indices(vae, "encoder.down_blocks.").len();
     let channels = (0..blocks)
         .map(|i| {
@@ -326,7 +368,7 @@ pub fn vae_json(vae: &TensorMap, yaml: Option<&LdmYaml>) -> Result<VaeJson, Imag
         "block_out_channels": channels,
         "layers_per_block": indices(vae, "encoder.down_blocks.0.resnets.").len(),
         "latent_channels": dim(vae, "decoder.conv_in.weight", 1)?,
-        "scaling_factor": yaml.and_then(|y| y.number("scale_factor")).unwrap_or(0.18215),
+        "scaling_factor": yaml.and_then(|y| y.number("scale_factor")).unwrap_or(default_scale),
         "use_quant_conv": vae.contains_key("quant_conv.weight"),
         "use_post_quant_conv": vae.contains_key("post_quant_conv.weight"),
     });
@@ -351,6 +393,54 @@ pub fn clip_json(text: &TensorMap, config_dir: &Path) -> Result<ClipJson, ImageE
         "max_position_embeddings": dim(text, "text_model.embeddings.position_embedding.weight", 0)?,
     });
     serde_json::from_value(value).map_err(|e| ImageError::Unsupported(e.to_string()))
+}
+
+/// SDXL's second text encoder config: `config_dir/text_encoder_2/config.json`
+/// when there is one, else inferred as OpenCLIP's: 64-wide heads, exact
+/// GELU, pooled at the largest id (`eos_token_id` 2, as OpenCLIP pools at
+/// the end token, the last of its vocabulary).
+pub fn clip_json_2(text: &TensorMap, config_dir: &Path) -> Result<ClipJson, ImageError> {
+    let file = config_dir.join("text_encoder_2/config.json");
+    if file.is_file() {
+        return read_json(&file);
+    }
+    let hidden = dim(text, "text_model.embeddings.token_embedding.weight", 1)?;
+    let value = json!({
+        "vocab_size": dim(text, "text_model.embeddings.token_embedding.weight", 0)?,
+        "hidden_size": hidden,
+        "intermediate_size": dim(text, "text_model.encoder.layers.0.mlp.fc1.weight", 0)?,
+        "num_hidden_layers": indices(text, "text_model.encoder.layers.").len(),
+        "num_attention_heads": (hidden / 64).max(1),
+        "max_position_embeddings": dim(text, "text_model.embeddings.position_embedding.weight", 0)?,
+        "hidden_act": "gelu",
+        "projection_dim": dim(text, "text_projection.weight", 0)?,
+        "eos_token_id": 2,
+    });
+    serde_json::from_value(value).map_err(|e| ImageError::Unsupported(e.to_string()))
+}
+
+/// `config_dir/component/config.json` when there is one (what diffusers'
+/// `from_single_file(config=...)` reads: a checkpoint holds no group
+/// counts, and LDM's are always 32), else `infer()`.
+pub fn config_or<T: serde::de::DeserializeOwned>(
+    config_dir: &Path,
+    component: &str,
+    infer: impl FnOnce() -> Result<T, ImageError>,
+) -> Result<T, ImageError> {
+    let file = config_dir.join(component).join("config.json");
+    if file.is_file() {
+        return read_json(&file);
+    }
+    infer()
+}
+
+/// `model_index.json`'s `force_zeros_for_empty_prompt` in `config_dir`,
+/// else `StableDiffusionXLPipeline`'s default (true).
+pub fn force_zeros_for_empty_prompt(config_dir: &Path) -> bool {
+    read_json::<serde_json::Value>(&config_dir.join("model_index.json"))
+        .ok()
+        .and_then(|index| index["force_zeros_for_empty_prompt"].as_bool())
+        .unwrap_or(true)
 }
 
 /// The scheduler: `config_dir/scheduler/scheduler_config.json` when there

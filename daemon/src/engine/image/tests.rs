@@ -32,7 +32,7 @@ fn expected_tensors() -> HashMap<String, Tensor> {
         .expect("expected.safetensors")
 }
 
-fn cpu_f32() -> ImageLoad {
+pub(super) fn cpu_f32() -> ImageLoad {
     ImageLoad {
         device: Device::Cpu,
         dtype: DType::F32,
@@ -44,7 +44,7 @@ fn load(root: &Path) -> ImagePipeline {
     ImagePipeline::load(root, &cpu_f32()).expect("pipeline loads")
 }
 
-fn case<'a>(json: &'a Value, name: &str) -> &'a Value {
+pub(super) fn case<'a>(json: &'a Value, name: &str) -> &'a Value {
     json["cases"]
         .as_array()
         .expect("cases")
@@ -69,7 +69,15 @@ fn request_of(case: &Value) -> ValidImageRequest {
     .expect("reference request is valid")
 }
 
-fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+/// SD 1.x/2.x conditioning: the text embeddings alone.
+fn context(embeddings: &Tensor) -> Conditioning {
+    Conditioning {
+        context: embeddings.clone(),
+        added: None,
+    }
+}
+
+pub(super) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
     assert_eq!(a.dims(), b.dims(), "shapes differ");
     (a - b)
         .and_then(|d| d.abs())
@@ -79,7 +87,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .expect("difference")
 }
 
-fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) {
+pub(super) fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) {
     let diff = max_abs_diff(ours, reference);
     assert!(
         diff <= TOLERANCE,
@@ -88,7 +96,7 @@ fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) {
 }
 
 /// The step latents and the picture of `pipeline` on the case's latents.
-fn run(
+pub(super) fn run(
     pipeline: &ImagePipeline,
     request: &ValidImageRequest,
     latents: &Tensor,
@@ -114,7 +122,7 @@ fn tokenizer_ids_match_the_reference() {
     for (text, check) in checks {
         let expected: Vec<u32> = serde_json::from_value(check["padded_ids"].clone()).expect("ids");
         assert_eq!(
-            pipeline.tokenizer.ids(text).expect("ids"),
+            pipeline.text.first.tokenizer.ids(text).expect("ids"),
             expected,
             "{text:?}"
         );
@@ -152,8 +160,14 @@ fn text_encoder_matches_the_reference_for_every_text() {
     let pipeline = load(&fixture());
     for (label, entry) in json["text_encoder"].as_object().expect("text_encoder") {
         let ours = pipeline
-            .encode_text(entry["text"].as_str().expect("text"))
-            .expect("encode");
+            .text
+            .encode(
+                entry["text"].as_str().expect("text"),
+                (64, 64),
+                &Device::Cpu,
+            )
+            .expect("encode")
+            .context;
         let reference = &tensors[entry["tensor"].as_str().expect("tensor")];
         assert_close(&format!("text encoder {label}"), &ours, reference);
     }
@@ -164,17 +178,22 @@ fn check_case(name: &str) {
     let (case, pipeline) = (case(&json, name), load(&fixture()));
     let request = request_of(case);
     let t = |suffix: &str| &tensors[&format!("{name}.{suffix}")];
-    let embeddings = pipeline.text_embeddings(&request).expect("embeddings");
+    let conditioning = pipeline.conditioning(&request).expect("embeddings");
+    assert!(conditioning.added.is_none());
     assert_close(
         &format!("{name} text embeddings"),
-        &embeddings,
+        &conditioning.context,
         t("text_embeddings"),
     );
     let first_t = case["first_unet_call"]["timestep"]
         .as_u64()
         .expect("timestep") as usize;
     let noise = pipeline
-        .unet_output(t("first_unet_input"), first_t, t("text_embeddings"))
+        .unet_output(
+            t("first_unet_input"),
+            first_t,
+            &context(t("text_embeddings")),
+        )
         .expect("unet");
     assert_close(
         &format!("{name} first noise prediction"),
@@ -330,17 +349,17 @@ fn check_lora(file: &str) {
     let pipeline = ImagePipeline::load(&fixture(), &with_lora(&fixture().join(file), strength))
         .expect("load with LoRA");
     let request = request_of(case(&json, "cfg"));
-    let embeddings = pipeline.text_embeddings(&request).expect("embeddings");
+    let conditioning = pipeline.conditioning(&request).expect("embeddings");
     assert_close(
         &format!("{file} text embeddings"),
-        &embeddings,
+        &conditioning.context,
         &tensors["lora.text_embeddings"],
     );
     let noise = pipeline
         .unet_output(
             &tensors["cfg.first_unet_input"],
             751,
-            &tensors["lora.text_embeddings"],
+            &context(&tensors["lora.text_embeddings"]),
         )
         .expect("unet");
     assert_close(
@@ -446,9 +465,9 @@ fn single_file_checkpoint_matches_the_reference() {
     .expect("single file loads");
     let request = request_of(case(&json, "cfg"));
     // The text encoder runs on the checkpoint's float16-rounded weights too.
-    let embeddings = pipeline.text_embeddings(&request).expect("embeddings");
+    let conditioning = pipeline.conditioning(&request).expect("embeddings");
     let noise = pipeline
-        .unet_output(&tensors["cfg.first_unet_input"], 751, &embeddings)
+        .unet_output(&tensors["cfg.first_unet_input"], 751, &conditioning)
         .expect("unet");
     assert_close(
         "single-file first noise prediction",
@@ -469,12 +488,12 @@ fn single_file_shapes_are_inferred_without_yaml_or_configs() {
         single_file::rename(&fixture().join("single_file/tiny-sd.safetensors")).expect("rename");
     let from_folder: config::UnetJson =
         config::read_json(&fixture().join("unet/config.json")).expect("config");
-    let unet = single_file::unet_json(&renamed.unet, None).expect("unet config");
+    let unet = single_file::unet_json(&renamed.unet, None, None).expect("unet config");
     assert_eq!(
         format!("{:?}", unet.to_candle().expect("candle")),
         format!("{:?}", from_folder.to_candle().expect("candle"))
     );
-    let vae = single_file::vae_json(&renamed.vae, None).expect("vae config");
+    let vae = single_file::vae_json(&renamed.vae, None, false).expect("vae config");
     assert_eq!(vae.block_out_channels, vec![32, 64]);
     assert_eq!((vae.layers_per_block, vae.latent_channels), (1, 4));
     for (component, file, renamed) in [

@@ -1,4 +1,5 @@
-//! The denoising UNet (diffusers `UNet2DConditionModel`, SD 1.x/2.x).
+//! The denoising UNet (diffusers `UNet2DConditionModel`, SD 1.x/2.x and
+//! SDXL with its `text_time` added conditioning).
 //!
 //! Assembled here from candle's public resnet and timestep-embedding
 //! pieces rather than taken whole from candle, because candle's UNet uses
@@ -6,7 +7,7 @@
 //! resnets of plain down/up blocks with a fixed 32 groups instead of the
 //! config's `norm_num_groups`.
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 use candle_transformers::models::stable_diffusion::{
     embeddings::{TimestepEmbedding, Timesteps},
@@ -14,6 +15,8 @@ use candle_transformers::models::stable_diffusion::{
     unet_2d::{BlockConfig, UNet2DConditionModelConfig},
 };
 
+use super::conditioning::{AddedConditioning, Conditioning};
+use super::config::TextTimeShape;
 use super::transformer::{SpatialTransformer, TransformerShape};
 
 fn conv3x3(
@@ -266,10 +269,49 @@ impl MidBlock {
     }
 }
 
+/// SDXL's added embedding: each time id through `add_time_proj`, those
+/// after the pooled text embedding through `add_embedding`; the result is
+/// added to the time embedding.
+struct TextTimeEmbedding {
+    time_proj: Timesteps,
+    embedding: TimestepEmbedding,
+}
+
+impl TextTimeEmbedding {
+    fn new(
+        vb: VarBuilder,
+        config: &UNet2DConditionModelConfig,
+        shape: TextTimeShape,
+        time_dim: usize,
+    ) -> Result<Self> {
+        Ok(TextTimeEmbedding {
+            time_proj: Timesteps::new(
+                shape.time_embed_dim,
+                config.flip_sin_to_cos,
+                config.freq_shift,
+            ),
+            embedding: TimestepEmbedding::new(vb.pp("add_embedding"), shape.input_dim, time_dim)?,
+        })
+    }
+
+    /// `(batch, time_dim)` at `dtype`. The sinusoids are computed in f32,
+    /// as diffusers does: sizes like 1024 lose their phase in f16.
+    fn forward(&self, added: &AddedConditioning, dtype: DType) -> Result<Tensor> {
+        let batch = added.text_embeds.dim(0)?;
+        let times = self
+            .time_proj
+            .forward(&added.time_ids.to_dtype(DType::F32)?.flatten_all()?)?
+            .reshape((batch, ()))?;
+        let input = Tensor::cat(&[&added.text_embeds.to_dtype(DType::F32)?, &times], 1)?;
+        self.embedding.forward(&input.to_dtype(dtype)?)
+    }
+}
+
 pub struct Unet {
     conv_in: Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
+    text_time: Option<TextTimeEmbedding>,
     down: Vec<DownBlock>,
     mid: MidBlock,
     up: Vec<UpBlock>,
@@ -282,8 +324,8 @@ impl Unet {
     pub fn new(
         vb: VarBuilder,
         config: &UNet2DConditionModelConfig,
-        in_channels: usize,
-        out_channels: usize,
+        (in_channels, out_channels): (usize, usize),
+        text_time: Option<TextTimeShape>,
     ) -> Result<Self> {
         let c0 = config.blocks[0].out_channels;
         let shared = Shared {
@@ -295,6 +337,9 @@ impl Unet {
             conv_in: conv3x3(vb.pp("conv_in"), in_channels, c0, 1, 1)?,
             time_proj: Timesteps::new(c0, config.flip_sin_to_cos, config.freq_shift),
             time_embedding: TimestepEmbedding::new(vb.pp("time_embedding"), c0, c0 * 4)?,
+            text_time: text_time
+                .map(|shape| TextTimeEmbedding::new(vb.clone(), config, shape, c0 * 4))
+                .transpose()?,
             down: (0..blocks)
                 .map(|i| DownBlock::new(vb.pp("down_blocks").pp(i), &shared, i))
                 .collect::<Result<Vec<_>>>()?,
@@ -313,18 +358,16 @@ impl Unet {
         })
     }
 
-    /// The model output for `xs` at `timestep`, attending to `context`.
-    pub fn forward(&self, xs: &Tensor, timestep: f64, context: &Tensor) -> Result<Tensor> {
+    /// The model output for `xs` at `timestep`, conditioned on `cond`.
+    pub fn forward(&self, xs: &Tensor, timestep: f64, cond: &Conditioning) -> Result<Tensor> {
         let batch = xs.dim(0)?;
         let xs = if self.center_input {
             ((xs * 2.0)? - 1.0)?
         } else {
             xs.clone()
         };
-        let times = (Tensor::ones(batch, xs.dtype(), xs.device())? * timestep)?;
-        let temb = self
-            .time_embedding
-            .forward(&self.time_proj.forward(&times)?)?;
+        let context = &cond.context;
+        let temb = self.time_embedding(batch, timestep, cond, xs.dtype(), xs.device())?;
         let mut xs = self.conv_in.forward(&xs)?;
         let mut skips = vec![xs.clone()];
         for block in &self.down {
@@ -336,5 +379,30 @@ impl Unet {
         }
         let xs = candle_nn::ops::silu(&self.norm_out.forward(&xs)?)?;
         self.conv_out.forward(&xs)
+    }
+
+    /// The time embedding, plus SDXL's added embedding when the UNet has one.
+    fn time_embedding(
+        &self,
+        batch: usize,
+        timestep: f64,
+        cond: &Conditioning,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        let times = (Tensor::ones(batch, dtype, device)? * timestep)?;
+        let temb = self
+            .time_embedding
+            .forward(&self.time_proj.forward(&times)?)?;
+        match (&self.text_time, &cond.added) {
+            (None, None) => Ok(temb),
+            (Some(text_time), Some(added)) => temb + text_time.forward(added, dtype)?,
+            (Some(_), None) => Err(candle_core::Error::Msg(
+                "this UNet needs SDXL's added conditioning (text_embeds, time_ids)".into(),
+            )),
+            (None, Some(_)) => Err(candle_core::Error::Msg(
+                "this UNet has no added conditioning (addition_embed_type)".into(),
+            )),
+        }
     }
 }
