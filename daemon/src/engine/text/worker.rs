@@ -118,6 +118,7 @@ impl Worker {
             while let Ok(job) = jobs.try_recv() {
                 batch.receive(job);
             }
+            batch.answer_cancelled_waiting();
             batch.admit();
             batch.step();
         }
@@ -177,6 +178,18 @@ impl<'t> Batch<'t> {
         Ok(ids)
     }
 
+    /// Jobs cancelled while they wait for room are answered now, not when
+    /// room comes.
+    fn answer_cancelled_waiting(&mut self) {
+        let (cancelled, waiting) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|w| w.job.cancel.is_requested());
+        self.waiting = waiting;
+        for waiting in cancelled.iter() {
+            send_last(&waiting.job, cancelled_before_start(waiting));
+        }
+    }
+
     /// Positions the sequences in the batch may fill, in all.
     fn kv_in_use(&self) -> usize {
         self.active
@@ -197,10 +210,6 @@ impl<'t> Batch<'t> {
                 return;
             }
             let waiting = self.waiting.pop_front().expect("front exists");
-            if waiting.job.cancel.is_requested() {
-                send_last(&waiting.job, cancelled_before_start(&waiting));
-                continue;
-            }
             if let Some(sequence) = self.prefill(waiting) {
                 self.active.push(sequence);
             }
