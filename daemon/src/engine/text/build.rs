@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::decoder::{Attention, Decoder, Layer, Mlp, Rope, Shape};
-use super::linear::{Linear, RmsNorm};
+use super::linear::{Fused, Linear, RmsNorm};
 use super::model::ModelSpec;
 use super::{BadFile, EngineError};
 
@@ -195,19 +195,21 @@ fn dense_decoder(
         layers.push(Layer {
             attn_norm: norm(l.pp("input_layernorm"), c.hidden_size)?,
             attn: Attention {
-                q: linear(&a.pp("q_proj"), heads * head_dim, c.hidden_size, qkv_bias)?,
-                k: linear(
-                    &a.pp("k_proj"),
-                    kv_heads * head_dim,
-                    c.hidden_size,
-                    qkv_bias,
-                )?,
-                v: linear(
-                    &a.pp("v_proj"),
-                    kv_heads * head_dim,
-                    c.hidden_size,
-                    qkv_bias,
-                )?,
+                qkv: Fused::new(vec![
+                    linear(&a.pp("q_proj"), heads * head_dim, c.hidden_size, qkv_bias)?,
+                    linear(
+                        &a.pp("k_proj"),
+                        kv_heads * head_dim,
+                        c.hidden_size,
+                        qkv_bias,
+                    )?,
+                    linear(
+                        &a.pp("v_proj"),
+                        kv_heads * head_dim,
+                        c.hidden_size,
+                        qkv_bias,
+                    )?,
+                ])?,
                 o: linear(
                     &a.pp("o_proj"),
                     c.hidden_size,
@@ -220,18 +222,20 @@ fn dense_decoder(
             },
             mlp_norm: norm(l.pp("post_attention_layernorm"), c.hidden_size)?,
             mlp: Mlp {
-                gate: linear(
-                    &m.pp("gate_proj"),
-                    c.intermediate_size,
-                    c.hidden_size,
-                    c.mlp_bias,
-                )?,
-                up: linear(
-                    &m.pp("up_proj"),
-                    c.intermediate_size,
-                    c.hidden_size,
-                    c.mlp_bias,
-                )?,
+                gate_up: Fused::new(vec![
+                    linear(
+                        &m.pp("gate_proj"),
+                        c.intermediate_size,
+                        c.hidden_size,
+                        c.mlp_bias,
+                    )?,
+                    linear(
+                        &m.pp("up_proj"),
+                        c.intermediate_size,
+                        c.hidden_size,
+                        c.mlp_bias,
+                    )?,
+                ])?,
                 down: linear(
                     &m.pp("down_proj"),
                     c.hidden_size,
@@ -380,9 +384,11 @@ fn gguf_decoder(
         layers.push(Layer {
             attn_norm: r.norm(&format!("{p}.attn_norm.weight"), eps)?,
             attn: Attention {
-                q: r.linear(&format!("{p}.attn_q"), bias)?,
-                k: r.linear(&format!("{p}.attn_k"), bias)?,
-                v: r.linear(&format!("{p}.attn_v"), bias)?,
+                qkv: Fused::new(vec![
+                    r.linear(&format!("{p}.attn_q"), bias)?,
+                    r.linear(&format!("{p}.attn_k"), bias)?,
+                    r.linear(&format!("{p}.attn_v"), bias)?,
+                ])?,
                 o: r.linear(&format!("{p}.attn_output"), false)?,
                 q_norm,
                 k_norm,
@@ -390,8 +396,10 @@ fn gguf_decoder(
             },
             mlp_norm: r.norm(&format!("{p}.ffn_norm.weight"), eps)?,
             mlp: Mlp {
-                gate: r.linear(&format!("{p}.ffn_gate"), false)?,
-                up: r.linear(&format!("{p}.ffn_up"), false)?,
+                gate_up: Fused::new(vec![
+                    r.linear(&format!("{p}.ffn_gate"), false)?,
+                    r.linear(&format!("{p}.ffn_up"), false)?,
+                ])?,
                 down: r.linear(&format!("{p}.ffn_down"), false)?,
             },
         });

@@ -7,7 +7,7 @@
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
-use super::linear::{Linear, RmsNorm};
+use super::linear::{Fused, Linear, RmsNorm};
 
 /// The shapes and settings one model's layers share.
 #[derive(Debug, Clone)]
@@ -32,9 +32,8 @@ impl Shape {
 }
 
 pub struct Attention {
-    pub q: Linear,
-    pub k: Linear,
-    pub v: Linear,
+    /// The query, key and value projections.
+    pub qkv: Fused,
     pub o: Linear,
     /// Qwen3 normalizes each head's queries and keys before rotating them.
     pub q_norm: Option<RmsNorm>,
@@ -44,8 +43,8 @@ pub struct Attention {
 }
 
 pub struct Mlp {
-    pub gate: Linear,
-    pub up: Linear,
+    /// The gate and up projections.
+    pub gate_up: Fused,
     pub down: Linear,
 }
 
@@ -219,9 +218,13 @@ impl Attention {
     ) -> Result<(Tensor, Tensor, Tensor)> {
         let (batch, seq, _) = h.dims3()?;
         let split = |x: Tensor, heads: usize| x.reshape((batch, seq, heads, shape.head_dim));
-        let mut q = split(self.q.forward(h)?, shape.heads)?;
-        let mut k = split(self.k.forward(h)?, shape.kv_heads)?;
-        let v = split(self.v.forward(h)?, shape.kv_heads)?;
+        let [q, k, v]: [Tensor; 3] =
+            self.qkv.forward(h)?.try_into().map_err(|_| {
+                candle_core::Error::Msg("q/k/v projections: expected 3 outputs".into())
+            })?;
+        let mut q = split(q, shape.heads)?;
+        let mut k = split(k, shape.kv_heads)?;
+        let v = split(v, shape.kv_heads)?;
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
@@ -240,8 +243,10 @@ impl Attention {
 
 impl Mlp {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&self.gate.forward(x)?)?;
-        self.down.forward(&(gate * self.up.forward(x)?)?)
+        let [gate, up]: [Tensor; 2] = self.gate_up.forward(x)?.try_into().map_err(|_| {
+            candle_core::Error::Msg("gate/up projections: expected 2 outputs".into())
+        })?;
+        self.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)
     }
 }
 

@@ -62,6 +62,71 @@ impl Linear {
     }
 }
 
+/// Linear layers that read the same input (a layer's q/k/v projections,
+/// its MLP's gate and up), run as one product when all are dense: the
+/// input is read once and the work dispatched once.
+pub enum Fused {
+    One { linear: Linear, sizes: Vec<usize> },
+    Each(Vec<Linear>),
+}
+
+impl Fused {
+    pub fn new(parts: Vec<Linear>) -> Result<Self> {
+        let dense: Option<Vec<(&Tensor, Option<&Tensor>)>> = parts
+            .iter()
+            .map(|part| match &part.weight {
+                Weight::Dense(w) => Some((w, part.bias.as_ref())),
+                Weight::Quantized(_) => None,
+            })
+            .collect();
+        let Some(dense) = dense else {
+            return Ok(Fused::Each(parts));
+        };
+        let sizes = dense
+            .iter()
+            .map(|(w, _)| w.dim(0))
+            .collect::<Result<Vec<_>>>()?;
+        let weights: Vec<&Tensor> = dense.iter().map(|(w, _)| *w).collect();
+        let weight = Tensor::cat(&weights, 0)?;
+        let bias = if dense.iter().any(|(_, b)| b.is_some()) {
+            let biases = dense
+                .iter()
+                .zip(&sizes)
+                .map(|((w, b), size)| match b {
+                    Some(b) => Ok((*b).clone()),
+                    None => Tensor::zeros(*size, w.dtype(), w.device()),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Some(Tensor::cat(&biases, 0)?)
+        } else {
+            None
+        };
+        Ok(Fused::One {
+            linear: Linear::dense(weight, bias),
+            sizes,
+        })
+    }
+
+    /// Each layer's output, in the order given to [`Fused::new`].
+    pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
+        match self {
+            Fused::Each(parts) => parts.iter().map(|p| p.forward(x)).collect(),
+            Fused::One { linear, sizes } => {
+                let y = linear.forward(x)?;
+                let mut offset = 0;
+                sizes
+                    .iter()
+                    .map(|size| {
+                        let part = y.narrow(candle_core::D::Minus1, offset, *size);
+                        offset += size;
+                        part
+                    })
+                    .collect()
+            }
+        }
+    }
+}
+
 fn dense_forward(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let (inputs, rows) = (dims[dims.len() - 1], x.elem_count() / dims[dims.len() - 1]);
