@@ -65,6 +65,9 @@ fn request_of(case: &Value) -> ValidImageRequest {
         guidance: case["guidance_scale"].as_f64().expect("guidance"),
         seed: 0,
         count: 1,
+        scheduler: None,
+        init_image: None,
+        strength: None,
     })
     .expect("reference request is valid")
 }
@@ -87,6 +90,25 @@ fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) {
     );
 }
 
+/// Noise injected into a run: the reference's draws, in order. Running
+/// out is a test failure (a deterministic scheduler drew noise).
+pub(super) struct Injected(pub std::collections::VecDeque<Tensor>);
+
+impl super::scheduler::StepNoise for Injected {
+    fn noise(&mut self, like: &Tensor) -> candle_core::Result<Tensor> {
+        let next = self
+            .0
+            .pop_front()
+            .expect("the run drew more noise than the reference");
+        assert_eq!(next.dims(), like.dims(), "noise shape");
+        Ok(next)
+    }
+}
+
+pub(super) fn no_noise() -> Injected {
+    Injected(Default::default())
+}
+
 /// The step latents and the picture of `pipeline` on the case's latents.
 fn run(
     pipeline: &ImagePipeline,
@@ -95,7 +117,7 @@ fn run(
 ) -> (Vec<Tensor>, Tensor) {
     let mut steps = Vec::new();
     let image = pipeline
-        .render(request, latents.clone(), &mut |_, _, l| {
+        .render(request, latents.clone(), &mut no_noise(), &mut |_, _, l| {
             steps.push(l.clone());
             ControlFlow::Continue(())
         })
@@ -171,8 +193,8 @@ fn check_case(name: &str) {
         t("text_embeddings"),
     );
     let first_t = case["first_unet_call"]["timestep"]
-        .as_u64()
-        .expect("timestep") as usize;
+        .as_f64()
+        .expect("timestep");
     let noise = pipeline
         .unet_output(t("first_unet_input"), first_t, t("text_embeddings"))
         .expect("unet");
@@ -226,10 +248,12 @@ fn timesteps_follow_the_scheduler_config() {
         let expected: Vec<usize> =
             serde_json::from_value(case["timesteps"].clone()).expect("timesteps");
         let steps = case["num_inference_steps"].as_u64().expect("steps") as usize;
-        assert_eq!(
-            pipeline.scheduler.timesteps(steps).expect("timesteps"),
-            expected
-        );
+        let sampler = pipeline
+            .scheduler
+            .start(scheduler::SchedulerKind::Ddim, steps)
+            .expect("DDIM");
+        let timesteps: Vec<usize> = sampler.timesteps().iter().map(|t| *t as usize).collect();
+        assert_eq!(timesteps, expected);
     }
 }
 
@@ -239,9 +263,12 @@ fn rgb_output_is_the_reference_picture_rounded() {
     let request = request_of(case(&json, "cfg"));
     let pipeline = load(&fixture());
     let image = pipeline
-        .render(&request, tensors["cfg.latents"].clone(), &mut |_, _, _| {
-            ControlFlow::Continue(())
-        })
+        .render(
+            &request,
+            tensors["cfg.latents"].clone(),
+            &mut no_noise(),
+            &mut |_, _, _| ControlFlow::Continue(()),
+        )
         .expect("render");
     let pictures = to_rgb8(&image).expect("rgb");
     assert_eq!((pictures[0].width, pictures[0].height), (64, 64));
@@ -339,7 +366,7 @@ fn check_lora(file: &str) {
     let noise = pipeline
         .unet_output(
             &tensors["cfg.first_unet_input"],
-            751,
+            751.0,
             &tensors["lora.text_embeddings"],
         )
         .expect("unet");
@@ -448,7 +475,7 @@ fn single_file_checkpoint_matches_the_reference() {
     // The text encoder runs on the checkpoint's float16-rounded weights too.
     let embeddings = pipeline.text_embeddings(&request).expect("embeddings");
     let noise = pipeline
-        .unet_output(&tensors["cfg.first_unet_input"], 751, &embeddings)
+        .unet_output(&tensors["cfg.first_unet_input"], 751.0, &embeddings)
         .expect("unet");
     assert_close(
         "single-file first noise prediction",
