@@ -9,6 +9,23 @@ use super::transformer::{attend, split_heads};
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{embedding, layer_norm, linear, Embedding, LayerNorm, Linear, VarBuilder};
 
+/// The prefix of the text encoder's weight names as transformers 4 saves
+/// `CLIPTextModel`.
+const PREFIX: &str = "text_model.";
+
+/// The text encoder's weights named as this module reads them: transformers
+/// 5 saves `CLIPTextModel` without the `text_model.` prefix, so a file
+/// whose names all lack it gets it added.
+pub fn with_text_model_prefix(tensors: super::weights::TensorMap) -> super::weights::TensorMap {
+    if tensors.keys().any(|name| name.starts_with(PREFIX)) {
+        return tensors;
+    }
+    tensors
+        .into_iter()
+        .map(|(name, tensor)| (format!("{PREFIX}{name}"), tensor))
+        .collect()
+}
+
 /// The activation between the two MLP layers.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum Activation {

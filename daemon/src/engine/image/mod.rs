@@ -106,11 +106,11 @@ impl Components {
             unet_json: read_json(&root.join("unet/config.json"))?,
             vae_json: read_json(&root.join("vae/config.json"))?,
             clip_json: read_json(&root.join("text_encoder/config.json"))?,
-            scheduler_json: read_json(&root.join("scheduler/scheduler_config.json"))?,
+            scheduler_json: SchedulerJson::read(&root.join("scheduler/scheduler_config.json"))?,
             tokenizer_dir: root.join("tokenizer"),
             unet: component("unet", "diffusion_pytorch_model")?,
             vae: component("vae", "diffusion_pytorch_model")?,
-            text_encoder: component("text_encoder", "model")?,
+            text_encoder: clip::with_text_model_prefix(component("text_encoder", "model")?),
         })
     }
 }

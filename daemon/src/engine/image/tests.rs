@@ -520,3 +520,47 @@ fn single_file_shapes_are_inferred_without_yaml_or_configs() {
         }
     }
 }
+
+/// transformers 5 saves the text encoder without `text_model.`: the same
+/// weights load and encode alike.
+#[test]
+fn a_text_encoder_saved_without_its_prefix_loads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let copy = dir.path().join("tiny-sd");
+    copy_tree(&fixture(), &copy);
+    let file = copy.join("text_encoder/model.safetensors");
+    let tensors = candle_core::safetensors::load(&file, &Device::Cpu).expect("weights");
+    let bare: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(name, t)| {
+            (
+                name.strip_prefix("text_model.")
+                    .expect("prefixed")
+                    .to_owned(),
+                t,
+            )
+        })
+        .collect();
+    candle_core::safetensors::save(&bare, &file).expect("save");
+    let (json, tensors) = (expected_json(), expected_tensors());
+    let request = request_of(case(&json, "cfg"));
+    let embeddings = load(&copy).text_embeddings(&request).expect("embeddings");
+    assert_close(
+        "unprefixed text encoder",
+        &embeddings,
+        &tensors["cfg.text_embeddings"],
+    );
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}

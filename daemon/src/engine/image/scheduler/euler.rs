@@ -19,7 +19,7 @@ pub(super) struct SigmaSchedule {
 
 impl SigmaSchedule {
     pub fn new(config: &Schedulers, steps: usize) -> Result<Self, ImageError> {
-        config.check_plain_sigmas()?;
+        config.check_euler_sigmas()?;
         let spacing = config.spacing(Spacing::Linspace)?;
         let train = config.train_steps();
         let timesteps = spaced_timesteps(spacing, train, steps, config.json.steps_offset, false);

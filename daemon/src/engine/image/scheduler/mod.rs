@@ -15,6 +15,8 @@ mod euler;
 mod euler_ancestral;
 mod unipc;
 
+use std::path::Path;
+
 use candle_core::Tensor;
 use serde::Deserialize;
 
@@ -80,6 +82,58 @@ pub struct SchedulerJson {
     pub timestep_type: Option<String>,
     #[serde(default)]
     pub predict_x0: Option<bool>,
+    #[serde(default)]
+    pub use_exponential_sigmas: Option<bool>,
+    #[serde(default)]
+    pub use_beta_sigmas: Option<bool>,
+    #[serde(default)]
+    pub use_flow_sigmas: Option<bool>,
+    #[serde(default)]
+    pub use_lu_lambdas: Option<bool>,
+    /// DPM-Solver: `-Infinity` (written as null here) unless it clips.
+    #[serde(default)]
+    pub lambda_min_clipped: Option<f64>,
+}
+
+impl SchedulerJson {
+    /// Reads a `scheduler_config.json` as diffusers writes it: Python's
+    /// `json.dumps` spells infinities and NaN bare (DPM-Solver's
+    /// `lambda_min_clipped: -Infinity`), which strict JSON refuses; they
+    /// are read as null.
+    pub fn read(path: &Path) -> Result<Self, ImageError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ImageError::Files(format!("{}: {e}", path.display())))?;
+        serde_json::from_str(&python_constants_as_null(&text))
+            .map_err(|e| ImageError::Files(format!("{}: {e}", path.display())))
+    }
+}
+
+/// `text` with `-Infinity`, `Infinity` and `NaN` outside strings replaced
+/// by `null`.
+fn python_constants_as_null(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let (mut in_string, mut escaped) = (false, false);
+    let mut rest = text;
+    while let Some(c) = rest.chars().next() {
+        if !in_string {
+            let constant = ["-Infinity", "Infinity", "NaN"]
+                .into_iter()
+                .find(|word| rest.starts_with(word));
+            if let Some(word) = constant {
+                out.push_str("null");
+                rest = &rest[word.len()..];
+                continue;
+            }
+        }
+        match c {
+            '"' if !escaped => in_string = !in_string,
+            _ => {}
+        }
+        escaped = in_string && c == '\\' && !escaped;
+        out.push(c);
+        rest = &rest[c.len_utf8()..];
+    }
+    out
 }
 
 /// The schedulers a request may name.
@@ -283,12 +337,31 @@ impl Schedulers {
         self.alphas_cumprod.len()
     }
 
-    /// Karras, exponential and beta sigmas, log-linear interpolation and
-    /// continuous timesteps change the sigma-based schedules: refused.
+    /// Karras, exponential, beta, flow and Lu sigmas and a clipped lambda
+    /// change the sigma schedules: refused.
     fn check_plain_sigmas(&self) -> Result<(), ImageError> {
-        if self.json.use_karras_sigmas == Some(true) {
-            return Err(unsupported("use_karras_sigmas is not supported"));
+        let json = &self.json;
+        for (key, set) in [
+            ("use_karras_sigmas", json.use_karras_sigmas),
+            ("use_exponential_sigmas", json.use_exponential_sigmas),
+            ("use_beta_sigmas", json.use_beta_sigmas),
+            ("use_flow_sigmas", json.use_flow_sigmas),
+            ("use_lu_lambdas", json.use_lu_lambdas),
+        ] {
+            if set == Some(true) {
+                return Err(unsupported(format!("{key} is not supported")));
+            }
         }
+        if let Some(lambda) = json.lambda_min_clipped {
+            return Err(unsupported(format!("lambda_min_clipped {lambda}")));
+        }
+        Ok(())
+    }
+
+    /// Euler's own keys: log-linear interpolation and continuous
+    /// timesteps are refused.
+    fn check_euler_sigmas(&self) -> Result<(), ImageError> {
+        self.check_plain_sigmas()?;
         if let Some(other) = self
             .json
             .interpolation_type
@@ -553,6 +626,27 @@ mod tests {
             .map(f64::round_ties_even)
             .collect();
         assert_eq!(rounded, [999.0, 799.0, 599.0, 400.0, 200.0]);
+    }
+
+    #[test]
+    fn diffusers_bare_infinities_read_as_null() {
+        let text = r#"{"lambda_min_clipped": -Infinity, "x": "NaN -Infinity \" NaN", "y": [NaN, Infinity]}"#;
+        let value: serde_json::Value =
+            serde_json::from_str(&python_constants_as_null(text)).expect("json");
+        assert_eq!(
+            value,
+            serde_json::json!({"lambda_min_clipped": null, "x": "NaN -Infinity \" NaN", "y": [null, null]})
+        );
+        let dir = tempfile::tempdir().expect("dir");
+        let path = dir.path().join("scheduler_config.json");
+        std::fs::write(
+            &path,
+            r#"{"_class_name": "DPMSolverMultistepScheduler", "lambda_min_clipped": -Infinity}"#,
+        )
+        .expect("write");
+        let json = SchedulerJson::read(&path).expect("reads");
+        assert_eq!(json.lambda_min_clipped, None);
+        assert_eq!(SchedulerKind::default_for(&json), SchedulerKind::DpmPp2m);
     }
 
     #[test]
