@@ -7,10 +7,11 @@ interpreter the bench is given).
         safetensors) saved in diffusers layout under OUT; the tokenizer and
         scheduler config are copied from the given fixture files.
 
-    python bench_images.py run MODEL SIZE STEPS COUNT GUIDANCE
-        One timed StableDiffusionPipeline call on the CPU; prints one JSON
-        line: load_s, step_s (each denoising step's seconds), generate_s (the
-        whole call) and peak_rss_bytes (this process's high-water mark).
+    python bench_images.py run MODEL SIZE STEPS COUNT GUIDANCE ROUNDS
+        ROUNDS timed StableDiffusionPipeline calls on the CPU; prints one
+        JSON line: load_s, rounds (per call: step_s, the seconds between
+        consecutive step ends, and generate_s, the whole call) and
+        peak_rss_bytes (this process's high-water mark).
 """
 
 import json
@@ -78,7 +79,7 @@ def make_sd15(out, tokenizer_dir, scheduler_config):
     shutil.copytree(tokenizer_dir, os.path.join(out, "tokenizer"))
 
 
-def run(model, size, steps, count, guidance):
+def run(model, size, steps, count, guidance, rounds):
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -88,6 +89,14 @@ def run(model, size, steps, count, guidance):
     )
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - started
+    results = [one_call(pipe, size, steps, count, guidance) for _ in range(rounds)]
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"load_s": load_s, "rounds": results, "peak_rss_bytes": peak}))
+
+
+def one_call(pipe, size, steps, count, guidance):
+    import torch
+
     marks = []
 
     def on_step(pipeline, i, t, kwargs):
@@ -108,9 +117,7 @@ def run(model, size, steps, count, guidance):
             callback_on_step_end=on_step,
         )
     generate_s = time.perf_counter() - started
-    step_s = [b - a for a, b in zip(marks, marks[1:])]
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"load_s": load_s, "step_s": step_s, "generate_s": generate_s, "peak_rss_bytes": peak}))
+    return {"step_s": [b - a for a, b in zip(marks, marks[1:])], "generate_s": generate_s}
 
 
 def main():
@@ -118,10 +125,10 @@ def main():
     if command == "make-sd15":
         make_sd15(*args)
     elif command == "run":
-        model, size, steps, count, guidance = args
-        run(model, int(size), int(steps), int(count), float(guidance))
+        model, size, steps, count, guidance, rounds = args
+        run(model, int(size), int(steps), int(count), float(guidance), int(rounds))
     else:
-        sys.exit("usage: bench_images.py make-sd15 OUT TOKENIZER_DIR SCHEDULER_CONFIG | run MODEL SIZE STEPS COUNT GUIDANCE")
+        sys.exit("usage: bench_images.py make-sd15 OUT TOKENIZER_DIR SCHEDULER_CONFIG | run MODEL SIZE STEPS COUNT GUIDANCE ROUNDS")
 
 
 if __name__ == "__main__":
