@@ -3,6 +3,7 @@
 
     python3 generate_image.py sd15 "a lighthouse at dusk" --size 512x512 --steps 20 --out pictures
     python3 generate_image.py --mode sdxl-general "a lighthouse at dusk"
+    python3 generate_image.py sd15 "the same, at night" --init-image day.png --strength 0.6 --scheduler euler_a
 
 The daemon also writes each picture under its own `[images] output_dir`;
 this asks for the bytes inline so they can be saved wherever the caller
@@ -22,7 +23,8 @@ def generate_image(target, prompt, out_dir, mode=False, **params):
     """Runs one image request and saves its pictures in `out_dir`.
 
     `params` are the request's other fields (size, steps, guidance, seed,
-    count, negative_prompt). Calls `progress(step, steps)` if given.
+    count, negative_prompt, scheduler, init_image as base64 PNG, strength).
+    Calls `progress(step, steps)` if given.
     Returns the paths written.
     """
     progress = params.pop("progress", None)
@@ -57,16 +59,24 @@ def main():
     parser.add_argument("--guidance", type=float)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--count", type=int)
+    parser.add_argument("--scheduler", help="ddim, euler, euler_a, ddpm, dpmpp_2m or unipc")
+    parser.add_argument("--init-image", help="img2img: the PNG to start from")
+    parser.add_argument("--strength", type=float, help="img2img: how much to redraw, in (0, 1]")
     parser.add_argument("--out", default=".", help="folder for the PNG files")
     args = parser.parse_args()
 
     def progress(step, steps):
         print("\rstep %d/%d" % (step, steps), end="", file=sys.stderr, flush=True)
 
+    init_image = None
+    if args.init_image:
+        with open(args.init_image, "rb") as f:
+            init_image = base64.b64encode(f.read()).decode("ascii")
     paths = generate_image(
         args.target, args.prompt, args.out, mode=args.mode, progress=progress,
         negative_prompt=args.negative_prompt, size=args.size, steps=args.steps,
         guidance=args.guidance, seed=args.seed, count=args.count,
+        scheduler=args.scheduler, init_image=init_image, strength=args.strength,
     )
     print(file=sys.stderr)
     for path in paths:

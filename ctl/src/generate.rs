@@ -57,6 +57,28 @@ pub struct GenerateArgs {
     /// Image models: how many pictures
     #[arg(long)]
     count: Option<u32>,
+    /// Image models: ddim, euler, euler_a, ddpm, dpmpp_2m or unipc
+    #[arg(long)]
+    scheduler: Option<String>,
+    /// Image models, img2img: the PNG to start from (size defaults to its)
+    #[arg(long)]
+    init_image: Option<std::path::PathBuf>,
+    /// Image models, img2img: how much to redraw, in (0, 1]
+    #[arg(long)]
+    strength: Option<f64>,
+}
+
+/// The `--init-image` file as the request's base64.
+fn init_image(args: &GenerateArgs) -> Result<Option<String>, Failure> {
+    use base64::Engine as _;
+    let Some(path) = &args.init_image else {
+        return Ok(None);
+    };
+    let bytes =
+        std::fs::read(path).map_err(|err| Failure::Error(format!("{}: {err}", path.display())))?;
+    Ok(Some(
+        base64::engine::general_purpose::STANDARD.encode(bytes),
+    ))
 }
 
 pub fn load(
@@ -135,6 +157,9 @@ pub fn generate(client: &mut Client, args: &GenerateArgs, json: bool) -> Outcome
         guidance: args.guidance,
         count: args.count,
         inline: None,
+        scheduler: args.scheduler.clone(),
+        init_image: init_image(args)?,
+        strength: args.strength,
     };
     let mut stdout = std::io::stdout();
     for item in client.subscribe(methods::GENERATE, &params)? {

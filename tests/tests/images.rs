@@ -1,6 +1,6 @@
 //! Image generation through the daemon with the tiny Stable Diffusion
 //! fixtures (SD 1.x and SDXL): loading, seeded PNG files, progress, inline
-//! pictures, refused parameters and cancellation.
+//! pictures, refused parameters, cancellation, schedulers and img2img.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -194,6 +194,21 @@ fn bad_image_parameters_are_refused_naming_the_field() {
         (json!({"steps": 151}), "steps"),
         (json!({"guidance": -1.0}), "guidance"),
         (json!({"count": 9}), "count"),
+        (json!({"scheduler": "pndm"}), "scheduler"),
+        (json!({"strength": 0.5}), "strength"),
+        (json!({"init_image": "not base64!"}), "init_image"),
+        (
+            json!({"init_image": init_image(), "size": "32x32"}),
+            "init_image",
+        ),
+        (
+            json!({"init_image": init_image(), "strength": 1.5}),
+            "strength",
+        ),
+        (
+            json!({"init_image": init_image(), "steps": 2, "strength": 0.4}),
+            "strength",
+        ),
     ] {
         let mut params = json!({"model": "tiny-sd", "prompt": "a cat"});
         params
@@ -446,4 +461,132 @@ fn modelctl_shows_progress_and_prints_the_picture_paths() {
             "{path}"
         );
     }
+}
+
+/// The img2img fixture picture (64x64), as a request carries it.
+fn init_image() -> String {
+    let bytes = std::fs::read(fixtures_dir().join("tiny-sd-extra/init.png")).expect("init.png");
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// The inline PNG of a run's single picture.
+fn inline_picture(events: &[Value]) -> String {
+    events.last().unwrap()["images"][0]["base64"]
+        .as_str()
+        .expect("inline picture")
+        .to_string()
+}
+
+#[test]
+fn a_request_picks_its_scheduler_and_seeded_noise_reproduces() {
+    let daemon = image_daemon();
+    let request = |scheduler: Option<&str>, seed: u64| {
+        let mut params = json!({"model": "tiny-sd", "prompt": "a cat", "size": "64x64",
+            "steps": 3, "seed": seed, "inline": true});
+        if let Some(name) = scheduler {
+            params["scheduler"] = json!(name);
+        }
+        generate(&daemon, params)
+    };
+    let default = request(None, 1);
+    assert_eq!(default.last().unwrap()["scheduler"], "ddim");
+    let mut pictures = vec![inline_picture(&default)];
+    for name in ["euler", "euler_a", "ddpm", "dpmpp_2m", "unipc"] {
+        let events = request(Some(name), 1);
+        assert_eq!(events.last().unwrap()["scheduler"], name);
+        let progress = events.iter().filter(|e| e["event"] == "progress").count();
+        assert_eq!(progress, 3, "{name}");
+        pictures.push(inline_picture(&events));
+    }
+    for (i, a) in pictures.iter().enumerate() {
+        for b in &pictures[i + 1..] {
+            assert_ne!(a, b, "two schedulers drew the same picture");
+        }
+    }
+    // The stochastic one's per-step noise comes from the seed.
+    let again = inline_picture(&request(Some("euler_a"), 1));
+    assert_eq!(again, pictures[2]);
+    assert_ne!(inline_picture(&request(Some("euler_a"), 2)), again);
+}
+
+#[test]
+fn img2img_takes_the_pictures_size_and_runs_strength_of_the_steps() {
+    let daemon = image_daemon();
+    let params = json!({"model": "tiny-sd", "prompt": "a cat", "steps": 4, "strength": 0.5,
+        "seed": 3, "inline": true, "init_image": init_image(), "scheduler": "dpmpp_2m"});
+    let events = generate(&daemon, params.clone());
+    let done = events.last().unwrap();
+    assert_eq!(
+        (done["size"].clone(), done["steps"].clone()),
+        (json!("64x64"), json!(2))
+    );
+    let progress: Vec<_> = events.iter().filter(|e| e["event"] == "progress").collect();
+    assert_eq!(progress.len(), 2);
+    assert_eq!(progress[1]["steps"], 2);
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(inline_picture(&events))
+        .unwrap();
+    assert_eq!(decode_png(&bytes).0, 64);
+    assert_eq!(
+        inline_picture(&generate(&daemon, params)),
+        inline_picture(&events)
+    );
+}
+
+#[test]
+fn a_mode_supplies_the_default_scheduler_and_refuses_unknown_ones() {
+    let daemon = image_daemon();
+    let modes = daemon.dir.path().join("modes.toml");
+    std::fs::write(
+        &modes,
+        "[modes.art]\nmodel = \"tiny-sd\"\ndefault_size = \"32x32\"\ndefault_steps = 2\ndefault_scheduler = \"unipc\"\n",
+    )
+    .unwrap();
+    daemon.call("modes.reload", json!({})).unwrap();
+    let events = generate(&daemon, json!({"mode": "art", "prompt": "a cat"}));
+    assert_eq!(events.last().unwrap()["scheduler"], "unipc");
+    // An img2img request's size is its picture's, not the mode's.
+    let events = generate(
+        &daemon,
+        json!({"mode": "art", "prompt": "a cat", "init_image": init_image(), "strength": 1.0}),
+    );
+    assert_eq!(events.last().unwrap()["size"], "64x64");
+    std::fs::write(
+        &modes,
+        "[modes.art]\nmodel = \"tiny-sd\"\ndefault_scheduler = \"plms\"\n",
+    )
+    .unwrap();
+    let err = daemon.call("modes.reload", json!({})).expect_err("refused");
+    assert!(
+        err.to_string().contains("modes.art.default_scheduler"),
+        "{err}"
+    );
+}
+
+#[test]
+fn modelctl_passes_scheduler_and_init_image() {
+    let daemon = image_daemon();
+    let picture = fixtures_dir().join("tiny-sd-extra/init.png");
+    let output = daemon.ctl(&[
+        "generate",
+        "tiny-sd",
+        "a cat",
+        "--steps",
+        "4",
+        "--strength",
+        "0.5",
+        "--scheduler",
+        "euler_a",
+        "--init-image",
+        picture.to_str().unwrap(),
+        "--seed",
+        "5",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("step 2/2"), "{stderr}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let path = stdout.lines().next().expect("a path");
+    let (width, height, _) = decode_png(&std::fs::read(path).unwrap());
+    assert_eq!((width, height), (64, 64));
 }

@@ -35,6 +35,9 @@ fn image_only(p: &GenerateParams) -> Option<&'static str> {
         ("guidance", p.guidance.is_some()),
         ("count", p.count.is_some()),
         ("inline", p.inline.is_some()),
+        ("scheduler", p.scheduler.is_some()),
+        ("init_image", p.init_image.is_some()),
+        ("strength", p.strength.is_some()),
     ]
     .into_iter()
     .find_map(|(name, set)| set.then_some(name))
@@ -177,6 +180,7 @@ mod tests {
             default_size: Some("64x32".into()),
             default_steps: Some(7),
             default_guidance: None,
+            default_scheduler: None,
         };
         let request = ValidRequest::new(
             params(serde_json::json!({})),

@@ -48,6 +48,7 @@ struct ModeEntry {
     default_size: Option<String>,
     default_steps: Option<u32>,
     default_guidance: Option<f64>,
+    default_scheduler: Option<String>,
     keep_alive: Option<KeepAlive>,
     description: Option<String>,
     #[serde(default)]
@@ -291,6 +292,7 @@ fn validate_mode(
         default_size: entry.default_size,
         default_steps: entry.default_steps,
         default_guidance: entry.default_guidance,
+        default_scheduler: entry.default_scheduler,
     };
     check_image_defaults(&image_defaults, &at(""), errors);
     let keep_alive = match entry.keep_alive {
@@ -392,13 +394,19 @@ fn check_image_defaults(defaults: &ImageDefaults, at: &str, errors: &mut Vec<Str
     }
 }
 
-/// Fills an image request's unset size, steps and guidance from the
-/// mode's image defaults.
+/// Fills an image request's unset size, steps, guidance and scheduler
+/// from the mode's image defaults. An img2img request's size comes from
+/// its picture, never from the mode.
 pub fn apply_image_defaults(
     mut params: GenerateParams,
     defaults: &ImageDefaults,
 ) -> GenerateParams {
-    params.size = params.size.or_else(|| defaults.default_size.clone());
+    if params.init_image.is_none() {
+        params.size = params.size.or_else(|| defaults.default_size.clone());
+    }
+    params.scheduler = params
+        .scheduler
+        .or_else(|| defaults.default_scheduler.clone());
     params.steps = params.steps.or(defaults.default_steps);
     params.guidance = params.guidance.or(defaults.default_guidance);
     params

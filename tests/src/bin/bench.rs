@@ -25,6 +25,15 @@
 //! `cache.scan` of a synthetic HF cache of N repos against huggingface_hub's
 //! `scan_cache_dir` on the same cache (when installed), and the hashing of
 //! `cache.duplicates` over two N-MiB copies against `sha256sum`.
+//!
+//! `cargo run --release -p modeld-e2e --bin bench -- images [--python PATH] [--steps N]`:
+//! CPU image generation (seconds per denoising step, pictures per second,
+//! peak resident memory) of the tiny-sd fixture at 64x64 and of a random
+//! SD1.5-shaped pipeline at 256x256 for N steps (default 2), on modeld and
+//! on diffusers in the same run. The Python interpreter (default `python3`,
+//! or `$MODELD_BENCH_PYTHON`) must have torch, diffusers and transformers:
+//! it also builds the SD1.5-shaped pipeline; without them only modeld's
+//! tiny-sd figures are printed, with a note.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -50,8 +59,9 @@ fn main() {
             flag(&args, "--repos").unwrap_or(1000),
             flag(&args, "--mib").unwrap_or(256),
         ),
+        Some("images") => images(&python(&args), flag(&args, "--steps").unwrap_or(2)),
         _ => {
-            eprintln!("usage: bench rpc [--calls N] | download [--mib N] | generate [--tokens N] | batch [--tokens N] | cache [--repos N] [--mib N]");
+            eprintln!("usage: bench rpc [--calls N] | download [--mib N] | generate [--tokens N] | batch [--tokens N] | cache [--repos N] [--mib N] | images [--python PATH] [--steps N]");
             std::process::exit(2);
         }
     }
@@ -607,4 +617,241 @@ fn pseudo_random(len: usize, mut state: u64) -> Vec<u8> {
             state as u8
         })
         .collect()
+}
+
+/// The interpreter for the diffusers side: `--python`, else
+/// `$MODELD_BENCH_PYTHON`, else `python3`.
+fn python(args: &[String]) -> String {
+    let flagged = args
+        .iter()
+        .position(|a| a == "--python")
+        .and_then(|i| args.get(i + 1).cloned());
+    flagged
+        .or_else(|| std::env::var("MODELD_BENCH_PYTHON").ok())
+        .unwrap_or_else(|| "python3".into())
+}
+
+const IMAGES_SCRIPT: &str = include_str!("bench_images.py");
+
+/// An engine's figures for one model: the best of its rounds.
+struct ImageRun {
+    load_s: f64,
+    /// The median seconds between consecutive step ends (spin-waiting
+    /// thread pools stall now and then on this shared machine; the median
+    /// ignores those steps).
+    step_s: f64,
+    images_per_s: f64,
+    peak_rss: u64,
+}
+
+/// One call's figures: its step intervals and its whole time.
+struct Round {
+    step_s: Vec<f64>,
+    generate_s: f64,
+}
+
+impl ImageRun {
+    fn best(load_s: f64, rounds: &[Round], peak_rss: u64) -> Self {
+        let step_s = rounds
+            .iter()
+            .map(|r| median(&r.step_s))
+            .fold(f64::MAX, f64::min);
+        let generate_s = rounds.iter().map(|r| r.generate_s).fold(f64::MAX, f64::min);
+        ImageRun {
+            load_s,
+            step_s,
+            images_per_s: IMAGE_COUNT as f64 / generate_s,
+            peak_rss,
+        }
+    }
+}
+
+/// One bench model: where it is and how it is run.
+struct ImageCase {
+    label: &'static str,
+    dir: std::path::PathBuf,
+    size: usize,
+    steps: usize,
+    rounds: usize,
+}
+
+const IMAGE_COUNT: usize = 1;
+const IMAGE_GUIDANCE: f64 = 7.5;
+
+fn images(python: &str, steps: usize) {
+    let steps = steps.max(2);
+    let work = tempfile::tempdir().expect("temp dir");
+    let script = work.path().join("bench_images.py");
+    std::fs::write(&script, IMAGES_SCRIPT).expect("script");
+    let fixture = modeld_e2e::fixtures_dir().join("tiny-sd");
+    let has_diffusers = std::process::Command::new(python)
+        .args(["-c", "import diffusers, transformers, torch"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    let mut cases = vec![ImageCase {
+        label: "tiny-sd fixture, 64x64",
+        dir: fixture.clone(),
+        size: 64,
+        steps: 20,
+        rounds: ROUNDS,
+    }];
+    if has_diffusers {
+        let dir = work.path().join("sd15-random");
+        let built = std::process::Command::new(python)
+            .arg(&script)
+            .arg("make-sd15")
+            .arg(&dir)
+            .arg(fixture.join("tokenizer"))
+            .arg(fixture.join("scheduler/scheduler_config.json"))
+            .status()
+            .expect("run python");
+        assert!(built.success(), "building the SD1.5-shaped pipeline failed");
+        cases.push(ImageCase {
+            label: "SD1.5-shaped, random weights, 256x256",
+            dir,
+            size: 256,
+            steps,
+            rounds: 1,
+        });
+    } else {
+        println!("note: {python} lacks torch/diffusers/transformers: diffusers and the SD1.5-shaped pipeline are skipped\n");
+    }
+    println!("CPU image generation, DDIM, guidance {IMAGE_GUIDANCE}, {IMAGE_COUNT} picture per call, float32; a fresh process per engine and model, best of its rounds\n");
+    println!("| model | steps | engine | rounds | load s | s/step | images/s | peak RSS | s/step ratio |");
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for case in &cases {
+        let ours = modeld_image_run(case);
+        let theirs = has_diffusers.then(|| diffusers_image_run(python, &script, case));
+        let base = theirs.as_ref().map_or(ours.step_s, |t| t.step_s);
+        for (engine, run) in [("diffusers", theirs.as_ref()), ("modeld", Some(&ours))] {
+            let Some(run) = run else { continue };
+            println!(
+                "| {} | {} | {engine} | {} | {:.2} | {:.3} | {:.3} | {:.0} MiB | {:.2}x |",
+                case.label,
+                case.steps,
+                case.rounds,
+                run.load_s,
+                run.step_s,
+                run.images_per_s,
+                run.peak_rss as f64 / (1u64 << 20) as f64,
+                run.step_s / base
+            );
+        }
+    }
+}
+
+fn median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    match sorted.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => sorted[n / 2],
+        n => (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0,
+    }
+}
+
+/// The daemon's resident high-water mark (`VmHWM`), in bytes.
+fn peak_rss(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|rest| {
+            rest.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
+fn modeld_image_run(case: &ImageCase) -> ImageRun {
+    let daemon = Daemon::start();
+    daemon
+        .call(
+            "models.register",
+            serde_json::json!({"name": "bench-sd", "local_path": case.dir}),
+        )
+        .expect("register");
+    let mut client = daemon.client();
+    client
+        .set_read_timeout(Some(Duration::from_secs(1800)))
+        .expect("timeout");
+    let reply = client
+        .call_value("load", serde_json::json!({"name": "bench-sd"}))
+        .expect("load");
+    let load_s = reply["model"]["load_ms"].as_f64().unwrap_or(0.0) / 1000.0;
+    let params = serde_json::json!({
+        "model": "bench-sd",
+        "prompt": "a lighthouse at dusk, oil painting",
+        "size": format!("{0}x{0}", case.size),
+        "steps": case.steps,
+        "guidance": IMAGE_GUIDANCE,
+        "count": IMAGE_COUNT,
+        "seed": 0,
+    });
+    let rounds: Vec<Round> = (0..case.rounds)
+        .map(|_| modeld_round(&mut client, &params))
+        .collect();
+    ImageRun::best(load_s, &rounds, peak_rss(daemon.pid().as_raw()))
+}
+
+/// One `generate`: the times between its progress events, and its
+/// `generate_ms` (text encoding, denoising, decoding).
+fn modeld_round(client: &mut modeld_wire::Client, params: &serde_json::Value) -> Round {
+    let mut marks = Vec::new();
+    let mut done = serde_json::Value::Null;
+    for event in client.subscribe("generate", params).expect("generate") {
+        let event = event.expect("event");
+        if event["event"] == "progress" {
+            marks.push(Instant::now());
+        }
+        if event["done"] == true {
+            done = event;
+        }
+    }
+    Round {
+        step_s: marks
+            .windows(2)
+            .map(|w| (w[1] - w[0]).as_secs_f64())
+            .collect(),
+        generate_s: done["generate_ms"].as_f64().expect("generate_ms") / 1000.0,
+    }
+}
+
+fn diffusers_image_run(python: &str, script: &Path, case: &ImageCase) -> ImageRun {
+    let output = std::process::Command::new(python)
+        .arg(script)
+        .arg("run")
+        .arg(&case.dir)
+        .args([
+            case.size.to_string(),
+            case.steps.to_string(),
+            IMAGE_COUNT.to_string(),
+            IMAGE_GUIDANCE.to_string(),
+            case.rounds.to_string(),
+        ])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .expect("run python");
+    assert!(output.status.success(), "the diffusers run failed");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    let line = stdout.lines().last().expect("a result line");
+    let result: serde_json::Value = serde_json::from_str(line).expect("result json");
+    let rounds: Vec<Round> = result["rounds"]
+        .as_array()
+        .expect("rounds")
+        .iter()
+        .map(|round| Round {
+            step_s: serde_json::from_value(round["step_s"].clone()).expect("step_s"),
+            generate_s: round["generate_s"].as_f64().expect("generate_s"),
+        })
+        .collect();
+    ImageRun::best(
+        result["load_s"].as_f64().expect("load_s"),
+        &rounds,
+        result["peak_rss_bytes"].as_u64().expect("peak"),
+    )
 }

@@ -118,6 +118,19 @@ pub struct GenerateParams {
     /// Image models: also return each picture's PNG bytes as base64.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub inline: Option<bool>,
+    /// Image models: the denoising scheduler (`ddim`, `euler`, `euler_a`,
+    /// `ddpm`, `dpmpp_2m`, `unipc`); default the one the model's
+    /// scheduler config names when supported, else `ddim`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<String>,
+    /// Image models, img2img: the starting picture, a base64 PNG; `size`
+    /// defaults to its size and must equal it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub init_image: Option<String>,
+    /// Image models, img2img: how much of the picture is redrawn, in
+    /// (0, 1], default 0.75; `steps × strength` steps run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub strength: Option<f64>,
 }
 
 /// One picture an image generation wrote.
@@ -145,7 +158,11 @@ pub struct ImagesDone {
     pub seed: u64,
     /// `"WxH"`.
     pub size: String,
+    /// Denoising steps run (img2img runs `steps × strength` of them).
     pub steps: usize,
+    /// The scheduler that ran.
+    #[serde(default)]
+    pub scheduler: String,
     /// Empty when the generation was cancelled.
     pub images: Vec<ImageFile>,
     /// Text encoding, denoising and decoding.
@@ -253,8 +270,9 @@ pub struct LoraInfo {
 }
 
 /// Image generation defaults of a mode (`default_size`, `default_steps`,
-/// `default_guidance` keys); explicit request values win, and without them
-/// a request gets 512x512, 4 steps and guidance 1.0.
+/// `default_guidance`, `default_scheduler` keys); explicit request values
+/// win, and without them a request gets 512x512, 4 steps, guidance 1.0 and
+/// the model's own scheduler.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct ImageDefaults {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -263,6 +281,8 @@ pub struct ImageDefaults {
     pub default_steps: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub default_guidance: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub default_scheduler: Option<String>,
 }
 
 /// Generation defaults of a mode; explicit request values win.
@@ -307,6 +327,7 @@ mod tests {
             seed: 42,
             size: "64x64".into(),
             steps: 2,
+            scheduler: "euler_a".into(),
             images: vec![ImageFile {
                 path: "/tmp/a.png".into(),
                 seed: 42,

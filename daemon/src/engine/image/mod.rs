@@ -1,8 +1,9 @@
-//! Stable Diffusion 1.x/2.x and SDXL text-to-image: a pipeline loaded from
-//! a diffusers folder, with every shape read from the components' configs,
-//! CLIP text encoding (two encoders and the added conditioning for SDXL)
-//! with classifier-free guidance, DDIM denoising on candle's resnets and
-//! VAE decoding to RGB.
+//! Stable Diffusion 1.x/2.x and SDXL, text-to-image and image-to-image: a
+//! pipeline loaded from a diffusers folder, with every shape read from the
+//! components' configs, CLIP text encoding (two encoders and the added
+//! conditioning for SDXL) with classifier-free guidance, denoising with a
+//! choice of schedulers on candle's resnets, and VAE encoding (img2img) and
+//! decoding to RGB.
 
 pub mod clip;
 pub mod conditioning;
@@ -17,9 +18,12 @@ pub mod scheduler;
 pub mod single_file;
 pub mod transformer;
 pub mod unet;
+pub mod vae_encoder;
 pub mod weights;
 pub mod worker;
 
+#[cfg(test)]
+mod scheduler_tests;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]
@@ -36,9 +40,11 @@ use modeld_wire::types::LoraInfo;
 
 use self::conditioning::{Conditioning, EncoderParts, TextEncoders, UnetExpects};
 use self::config::{read_json, UnetJson, VaeJson};
+use self::request::InitImage;
 pub use self::request::{ImageRequest, ValidImageRequest};
-use self::scheduler::{Ddim, SchedulerJson};
+use self::scheduler::{Sampler, SchedulerJson, SchedulerKind, Schedulers, StepNoise};
 use self::unet::Unet;
+use self::vae_encoder::VaeEncoder;
 use self::weights::{component_files, load_tensors, TensorMap};
 
 #[derive(Debug, thiserror::Error)]
@@ -112,7 +118,7 @@ impl Components {
         Ok(Components {
             unet_json: read_json(&root.join("unet/config.json"))?,
             vae_json: read_json(&root.join("vae/config.json"))?,
-            scheduler_json: read_json(&root.join("scheduler/scheduler_config.json"))?,
+            scheduler_json: SchedulerJson::read(&root.join("scheduler/scheduler_config.json"))?,
             unet: component("unet", "diffusion_pytorch_model")?,
             vae: component("vae", "diffusion_pytorch_model")?,
             text: encoder("text_encoder", "tokenizer")?,
@@ -239,7 +245,8 @@ pub struct ImagePipeline {
     text: TextEncoders,
     unet: Unet,
     vae: AutoEncoderKL,
-    scheduler: Ddim,
+    encoder: VaeEncoder,
+    scheduler: Schedulers,
     vae_scaling: f64,
     vae_shift: f64,
     vae_scale_factor: usize,
@@ -310,8 +317,10 @@ impl ImagePipeline {
             (parts.unet_json.in_channels, parts.unet_json.out_channels),
             text_time,
         )?;
+        let vae_vb = VarBuilder::from_tensors(parts.vae, vae_dtype, device);
+        let encoder = VaeEncoder::new(vae_vb.clone(), &parts.vae_json)?;
         let vae = AutoEncoderKL::new(
-            VarBuilder::from_tensors(parts.vae, vae_dtype, device),
+            vae_vb,
             parts.vae_json.in_channels,
             parts.vae_json.out_channels,
             vae_config,
@@ -320,7 +329,8 @@ impl ImagePipeline {
             text,
             unet,
             vae,
-            scheduler: Ddim::new(&parts.scheduler_json)?,
+            encoder,
+            scheduler: Schedulers::new(parts.scheduler_json)?,
             vae_scaling: parts.vae_json.scaling_factor,
             vae_shift: parts.vae_json.shift_factor.unwrap_or(0.0),
             vae_scale_factor: parts.vae_json.scale_factor(),
@@ -349,10 +359,18 @@ impl ImagePipeline {
         progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
     ) -> Result<Vec<GeneratedImage>, ImageError> {
         let latents = self.seeded_latents(request)?;
-        let images = self.render(request, latents, &mut |step, steps, _| {
+        let mut noise = noise::SeededNoise::new(request.seed);
+        let images = self.render(request, latents, &mut noise, &mut |step, steps, _| {
             progress(step, steps)
         })?;
         to_rgb8(&images)
+    }
+
+    /// The scheduler `request` runs: its own, else the model's default.
+    pub fn scheduler_kind(&self, request: &ValidImageRequest) -> SchedulerKind {
+        request
+            .scheduler
+            .unwrap_or_else(|| self.scheduler.default_kind())
     }
 
     /// An upper bound of the largest attention allocation of a run: the
@@ -407,16 +425,61 @@ impl ImagePipeline {
     }
 
     /// The pictures as `(count, height, width, 3)` f32 in [0, 1], starting
-    /// from `latents`; `on_step` sees the latents after every step.
+    /// from standard normal `latents` (img2img: the noise added to the
+    /// encoded picture); later draws (img2img's posterior sample, the
+    /// stochastic schedulers' steps) come from `noise`, in that order.
+    /// `on_step` sees the latents after every step.
     pub(crate) fn render(
         &self,
         request: &ValidImageRequest,
         latents: Tensor,
+        noise: &mut dyn StepNoise,
         on_step: &mut dyn FnMut(usize, usize, &Tensor) -> ControlFlow<()>,
     ) -> Result<Tensor, ImageError> {
         let conditioning = self.conditioning(request)?;
-        let latents = self.denoise(request, latents, &conditioning, on_step)?;
+        let mut sampler = self
+            .scheduler
+            .start(self.scheduler_kind(request), request.steps)?;
+        let latents = match &request.init_image {
+            None => (latents * sampler.init_noise_sigma())?,
+            Some(image) => {
+                let clean = self.encode_image(image, request.count, noise)?;
+                let start = request.steps - request.steps_run();
+                sampler.add_noise(&clean, &latents, start)?
+            }
+        };
+        let latents = self.denoise(
+            request,
+            sampler.as_mut(),
+            latents,
+            &conditioning,
+            noise,
+            on_step,
+        )?;
         self.decode(&latents)
+    }
+
+    /// img2img's clean latents: the picture's latent posterior sampled
+    /// with `noise` for each of `count` pictures, scaled as the UNet sees
+    /// latents (diffusers' `retrieve_latents`, sample mode).
+    pub(crate) fn encode_image(
+        &self,
+        image: &InitImage,
+        count: usize,
+        noise: &mut dyn StepNoise,
+    ) -> Result<Tensor, ImageError> {
+        let (w, h) = (image.width as usize, image.height as usize);
+        let pixels = Tensor::from_vec(image.rgb.clone(), (1, h, w, 3), &Device::Cpu)?
+            .permute((0, 3, 1, 2))?
+            .to_dtype(DType::F32)?;
+        let pixels = ((pixels / 127.5)? - 1.0)?
+            .to_device(&self.device)?
+            .to_dtype(self.vae_dtype)?;
+        let posterior = self.encoder.encode(&pixels)?;
+        let mean = posterior.mean.repeat((count, 1, 1, 1))?;
+        let std = posterior.std.repeat((count, 1, 1, 1))?;
+        let sample = (&mean + (std * noise.noise(&mean)?)?)?;
+        Ok(((sample - self.vae_shift)? * self.vae_scaling)?)
     }
 
     /// The UNet's conditioning: `[uncond; count] ++ [prompt; count]` with
@@ -428,21 +491,24 @@ impl ImagePipeline {
         self.text.conditioning(request, &self.device)
     }
 
+    /// Runs the request's steps (img2img: the last `steps_run` of them).
     fn denoise(
         &self,
         request: &ValidImageRequest,
+        sampler: &mut dyn Sampler,
         mut latents: Tensor,
         conditioning: &Conditioning,
+        noise: &mut dyn StepNoise,
         on_step: &mut dyn FnMut(usize, usize, &Tensor) -> ControlFlow<()>,
     ) -> Result<Tensor, ImageError> {
-        let timesteps = self.scheduler.timesteps(request.steps)?;
+        let timesteps = sampler.timesteps().to_vec();
+        let start = request.steps - request.steps_run();
         let conditioning = conditioning.to_dtype(self.dtype)?;
-        for (index, &timestep) in timesteps.iter().enumerate() {
-            let noise = self.guided_noise(&latents, timestep, &conditioning, request.guidance)?;
-            latents = self
-                .scheduler
-                .step(&noise, timestep, request.steps, &latents)?;
-            if on_step(index + 1, timesteps.len(), &latents).is_break() {
+        for (index, &timestep) in timesteps.iter().enumerate().skip(start) {
+            let input = sampler.scale_model_input(&latents, index)?;
+            let output = self.guided_noise(&input, timestep, &conditioning, request.guidance)?;
+            latents = sampler.step(&output, index, &latents, noise)?;
+            if on_step(index - start + 1, timesteps.len() - start, &latents).is_break() {
                 return Err(ImageError::Cancelled);
             }
         }
@@ -454,13 +520,13 @@ impl ImagePipeline {
     pub(crate) fn unet_output(
         &self,
         latents: &Tensor,
-        timestep: usize,
+        timestep: f64,
         conditioning: &Conditioning,
     ) -> Result<Tensor, ImageError> {
         let input = latents.to_dtype(self.dtype)?;
-        let output =
-            self.unet
-                .forward(&input, timestep as f64, &conditioning.to_dtype(self.dtype)?)?;
+        let output = self
+            .unet
+            .forward(&input, timestep, &conditioning.to_dtype(self.dtype)?)?;
         Ok(output.to_dtype(DType::F32)?)
     }
 
@@ -469,7 +535,7 @@ impl ImagePipeline {
     fn guided_noise(
         &self,
         latents: &Tensor,
-        timestep: usize,
+        timestep: f64,
         conditioning: &Conditioning,
         guidance: f64,
     ) -> Result<Tensor, ImageError> {

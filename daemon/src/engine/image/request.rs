@@ -1,8 +1,10 @@
 //! An image request as the client sent it, and its validated form: every
 //! later step may trust `ValidImageRequest`'s sizes, steps and guidance.
 
+use base64::Engine as _;
 use serde_json::json;
 
+use super::scheduler::SchedulerKind;
 use crate::validate::ValidationError;
 
 pub const MIN_SIDE: u32 = 8;
@@ -16,6 +18,17 @@ pub const MAX_PROMPT_CHARS: usize = 8192;
 pub const DEFAULT_SIZE: &str = "512x512";
 pub const DEFAULT_STEPS: u32 = 4;
 pub const DEFAULT_GUIDANCE: f64 = 1.0;
+pub const DEFAULT_STRENGTH: f64 = 0.75;
+/// The most base64 characters an `init_image` may have (12 MiB of PNG).
+pub const MAX_INIT_IMAGE_CHARS: usize = 16 << 20;
+
+/// An img2img starting picture: `width × height` RGB pixels, row by row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InitImage {
+    pub width: u32,
+    pub height: u32,
+    pub rgb: Vec<u8>,
+}
 
 /// An image request before validation.
 #[derive(Debug, Clone, PartialEq)]
@@ -28,6 +41,9 @@ pub struct ImageRequest {
     pub guidance: f64,
     pub seed: u64,
     pub count: u32,
+    pub scheduler: Option<String>,
+    pub init_image: Option<InitImage>,
+    pub strength: Option<f64>,
 }
 
 /// An image request whose every field is within its limits.
@@ -41,9 +57,24 @@ pub struct ValidImageRequest {
     pub guidance: f64,
     pub seed: u64,
     pub count: usize,
+    /// `None`: the pipeline's default scheduler.
+    pub scheduler: Option<SchedulerKind>,
+    /// img2img: the picture, as big as `width × height`.
+    pub init_image: Option<InitImage>,
+    /// img2img: the fraction of `steps` run from the noised picture.
+    pub strength: f64,
 }
 
 impl ValidImageRequest {
+    /// The denoising steps that run: all of them, or for img2img the last
+    /// `floor(steps × strength)` (diffusers' `get_timesteps`).
+    pub fn steps_run(&self) -> usize {
+        match self.init_image {
+            None => self.steps,
+            Some(_) => ((self.steps as f64 * self.strength) as usize).min(self.steps),
+        }
+    }
+
     /// Whether the UNet runs on [uncond, prompt] pairs (diffusers: guidance > 1).
     pub fn classifier_free_guidance(&self) -> bool {
         self.guidance > 1.0
@@ -105,6 +136,54 @@ fn check_guidance(value: f64) -> Result<f64, ValidationError> {
     Ok(value)
 }
 
+fn check_scheduler(name: Option<&str>) -> Result<Option<SchedulerKind>, ValidationError> {
+    let Some(name) = name else {
+        return Ok(None);
+    };
+    SchedulerKind::from_name(name).map(Some).ok_or_else(|| {
+        let names = SchedulerKind::names();
+        rejected(
+            "scheduler",
+            format!("{name:?} is not one of {}", names.join(", ")),
+            json!({ "one_of": names }),
+        )
+    })
+}
+
+/// `strength` in (0, 1], with at least one step left to run.
+fn check_strength(value: f64, steps: usize) -> Result<f64, ValidationError> {
+    if !value.is_finite() || value <= 0.0 || value > 1.0 {
+        return Err(rejected(
+            "strength",
+            format!("{value} must be more than 0 and at most 1"),
+            json!({"min_exclusive": 0, "max": 1}),
+        ));
+    }
+    if ((steps as f64) * value) < 1.0 {
+        return Err(rejected(
+            "strength",
+            format!("{value} of {steps} steps runs no step; it must be at least 1/steps"),
+            json!({"min": 1.0 / steps as f64, "max": 1}),
+        ));
+    }
+    Ok(value)
+}
+
+/// The picture must be the request's size.
+fn check_init_image(image: &InitImage, width: usize, height: usize) -> Result<(), ValidationError> {
+    if (image.width as usize, image.height as usize) != (width, height) {
+        return Err(rejected(
+            "init_image",
+            format!(
+                "the picture is {}x{} but size is {width}x{height}; leave size out to use the picture's",
+                image.width, image.height
+            ),
+            json!({"width": width, "height": height}),
+        ));
+    }
+    Ok(())
+}
+
 impl TryFrom<ImageRequest> for ValidImageRequest {
     type Error = ValidationError;
 
@@ -113,15 +192,34 @@ impl TryFrom<ImageRequest> for ValidImageRequest {
         if let Some(negative) = &request.negative_prompt {
             check_text("negative_prompt", negative)?;
         }
+        let width = check_side("width", request.width)?;
+        let height = check_side("height", request.height)?;
+        let steps = check_range("steps", request.steps, MAX_STEPS)?;
+        let strength = match (&request.init_image, request.strength) {
+            (None, Some(_)) => {
+                return Err(ValidationError::new(
+                    "strength",
+                    "strength applies only with an init_image",
+                ))
+            }
+            (None, None) => DEFAULT_STRENGTH,
+            (Some(image), strength) => {
+                check_init_image(image, width, height)?;
+                check_strength(strength.unwrap_or(DEFAULT_STRENGTH), steps)?
+            }
+        };
         Ok(ValidImageRequest {
-            width: check_side("width", request.width)?,
-            height: check_side("height", request.height)?,
-            steps: check_range("steps", request.steps, MAX_STEPS)?,
+            width,
+            height,
+            steps,
             guidance: check_guidance(request.guidance)?,
             count: check_range("count", request.count, MAX_COUNT)?,
+            scheduler: check_scheduler(request.scheduler.as_deref())?,
             prompt: request.prompt,
             negative_prompt: request.negative_prompt,
             seed: request.seed,
+            init_image: request.init_image,
+            strength,
         })
     }
 }
@@ -134,6 +232,54 @@ pub struct ValidImage {
     pub request: ValidImageRequest,
     pub inline: bool,
     pub output_dir: std::path::PathBuf,
+}
+
+fn bad_image(message: String) -> ValidationError {
+    rejected(
+        "init_image",
+        message,
+        json!({"max_base64_chars": MAX_INIT_IMAGE_CHARS, "max_side": MAX_SIDE}),
+    )
+}
+
+/// An `init_image`: base64 of an 8- or 16-bit grey, grey-alpha, RGB, RGBA
+/// or palette PNG of at most `MAX_SIDE` pixels a side; alpha is dropped
+/// (as PIL's `convert("RGB")`).
+pub fn decode_init_image(base64: &str) -> Result<InitImage, ValidationError> {
+    if base64.len() > MAX_INIT_IMAGE_CHARS {
+        return Err(bad_image(format!(
+            "{} base64 characters, more than {MAX_INIT_IMAGE_CHARS}",
+            base64.len()
+        )));
+    }
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(base64.trim())
+        .map_err(|e| bad_image(format!("not base64: {e}")))?;
+    let mut decoder = png::Decoder::new(std::io::Cursor::new(bytes));
+    decoder.set_transformations(png::Transformations::normalize_to_color8());
+    let not_png = |e: png::DecodingError| bad_image(format!("not a PNG: {e}"));
+    let mut reader = decoder.read_info().map_err(not_png)?;
+    let (width, height) = (reader.info().width, reader.info().height);
+    // Checked before the pixels are allocated.
+    if width > MAX_SIDE || height > MAX_SIDE {
+        return Err(bad_image(format!(
+            "{width}x{height} pixels, more than {MAX_SIDE} a side"
+        )));
+    }
+    let size = reader
+        .output_buffer_size()
+        .ok_or_else(|| bad_image("the PNG's size overflows".into()))?;
+    let mut pixels = vec![0; size];
+    let frame = reader.next_frame(&mut pixels).map_err(not_png)?;
+    let channels = frame.color_type.samples();
+    let rgb = pixels[..frame.buffer_size()]
+        .chunks_exact(channels)
+        .flat_map(|px| match channels {
+            1 | 2 => [px[0], px[0], px[0]],
+            _ => [px[0], px[1], px[2]],
+        })
+        .collect();
+    Ok(InitImage { width, height, rgb })
 }
 
 /// `"WxH"` as `(width, height)`; anything else is refused naming `size`.
@@ -163,7 +309,16 @@ impl ValidImage {
             .prompt
             .clone()
             .ok_or_else(|| ValidationError::new("prompt", "an image model needs a prompt"))?;
-        let (width, height) = parse_size(params.size.as_deref().unwrap_or(DEFAULT_SIZE))?;
+        let init_image = params
+            .init_image
+            .as_deref()
+            .map(decode_init_image)
+            .transpose()?;
+        let (width, height) = match (&params.size, &init_image) {
+            (Some(size), _) => parse_size(size)?,
+            (None, Some(image)) => (image.width, image.height),
+            (None, None) => parse_size(DEFAULT_SIZE)?,
+        };
         let request = ImageRequest {
             prompt,
             negative_prompt: params.negative_prompt.clone(),
@@ -173,6 +328,9 @@ impl ValidImage {
             guidance: params.guidance.unwrap_or(DEFAULT_GUIDANCE),
             seed,
             count: params.count.unwrap_or(1),
+            scheduler: params.scheduler.clone(),
+            init_image,
+            strength: params.strength,
         };
         let request = ValidImageRequest::try_from(request).map_err(|mut err| {
             if err.field == "width" || err.field == "height" {
@@ -204,6 +362,9 @@ mod tests {
             guidance: 7.5,
             seed: 1,
             count: 1,
+            scheduler: None,
+            init_image: None,
+            strength: None,
         }
     }
 
@@ -279,6 +440,103 @@ mod tests {
             assert_eq!(error.field, field, "{error}");
             assert_eq!(error.limit, Some(limit), "{error}");
         }
+    }
+
+    fn picture(width: u32, height: u32) -> InitImage {
+        InitImage {
+            width,
+            height,
+            rgb: vec![0; (width * height * 3) as usize],
+        }
+    }
+
+    #[test]
+    fn an_unknown_scheduler_is_refused_listing_the_names() {
+        let error = refused(|r| r.scheduler = Some("pndm".into()));
+        assert_eq!(error.field, "scheduler");
+        assert!(
+            error
+                .message
+                .contains("ddim, euler, euler_a, ddpm, dpmpp_2m, unipc"),
+            "{error}"
+        );
+        let mut r = request();
+        r.scheduler = Some("euler_a".into());
+        let valid = ValidImageRequest::try_from(r).expect("valid");
+        assert_eq!(valid.scheduler, Some(SchedulerKind::EulerAncestral));
+    }
+
+    #[test]
+    fn img2img_checks_strength_and_the_picture_size() {
+        let with_picture = |r: &mut ImageRequest| r.init_image = Some(picture(512, 512));
+        for bad in [0.0, -0.1, 1.5, f64::NAN] {
+            let error = refused(|r| {
+                with_picture(r);
+                r.strength = Some(bad);
+            });
+            assert_eq!(error.field, "strength", "{bad}");
+        }
+        let error = refused(|r| {
+            with_picture(r);
+            r.steps = 4;
+            r.strength = Some(0.2);
+        });
+        assert_eq!(error.field, "strength");
+        assert!(error.message.contains("runs no step"), "{error}");
+        assert_eq!(refused(|r| r.strength = Some(0.5)).field, "strength");
+        let error = refused(|r| r.init_image = Some(picture(256, 512)));
+        assert_eq!(error.field, "init_image");
+        let mut r = request();
+        with_picture(&mut r);
+        r.steps = 10;
+        let valid = ValidImageRequest::try_from(r).expect("valid");
+        assert_eq!((valid.strength, valid.steps_run()), (DEFAULT_STRENGTH, 7));
+    }
+
+    fn png_base64(width: u32, height: u32, color: png::ColorType, pixels: &[u8]) -> String {
+        let mut bytes = Vec::new();
+        let mut encoder = png::Encoder::new(&mut bytes, width, height);
+        encoder.set_color(color);
+        encoder.set_depth(png::BitDepth::Eight);
+        encoder
+            .write_header()
+            .and_then(|mut w| w.write_image_data(pixels))
+            .expect("png");
+        base64::engine::general_purpose::STANDARD.encode(bytes)
+    }
+
+    #[test]
+    fn init_images_decode_to_rgb_dropping_alpha() {
+        let rgba = png_base64(2, 1, png::ColorType::Rgba, &[1, 2, 3, 4, 5, 6, 7, 8]);
+        let image = decode_init_image(&rgba).expect("decodes");
+        assert_eq!((image.width, image.height), (2, 1));
+        assert_eq!(image.rgb, [1, 2, 3, 5, 6, 7]);
+        let grey = png_base64(1, 1, png::ColorType::Grayscale, &[9]);
+        assert_eq!(decode_init_image(&grey).expect("decodes").rgb, [9, 9, 9]);
+    }
+
+    #[test]
+    fn bad_init_images_are_refused_naming_the_limit() {
+        for bad in [
+            "not base64!",
+            "aGVsbG8=",
+            &"A".repeat(MAX_INIT_IMAGE_CHARS + 4),
+        ] {
+            let error = decode_init_image(bad).expect_err("refused");
+            assert_eq!(error.field, "init_image");
+            assert_eq!(
+                error.limit,
+                Some(json!({"max_base64_chars": MAX_INIT_IMAGE_CHARS, "max_side": MAX_SIDE}))
+            );
+        }
+        let wide = png_base64(
+            MAX_SIDE + 8,
+            1,
+            png::ColorType::Grayscale,
+            &vec![0; (MAX_SIDE + 8) as usize],
+        );
+        let error = decode_init_image(&wide).expect_err("too wide");
+        assert!(error.message.contains("a side"), "{error}");
     }
 
     #[test]

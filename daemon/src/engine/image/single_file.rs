@@ -451,7 +451,7 @@ pub fn scheduler_json(
 ) -> Result<SchedulerJson, ImageError> {
     let file = config_dir.join("scheduler/scheduler_config.json");
     if file.is_file() {
-        return read_json(&file);
+        return SchedulerJson::read(&file);
     }
     let number = |key: &str, default: f64| yaml.and_then(|y| y.number(key)).unwrap_or(default);
     let velocity = yaml.and_then(|y| y.text("parameterization")) == Some("v");

@@ -65,6 +65,9 @@ fn request_of(case: &Value) -> ValidImageRequest {
         guidance: case["guidance_scale"].as_f64().expect("guidance"),
         seed: 0,
         count: 1,
+        scheduler: None,
+        init_image: None,
+        strength: None,
     })
     .expect("reference request is valid")
 }
@@ -95,6 +98,25 @@ pub(super) fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) {
     );
 }
 
+/// Noise injected into a run: the reference's draws, in order. Running
+/// out is a test failure (a deterministic scheduler drew noise).
+pub(super) struct Injected(pub std::collections::VecDeque<Tensor>);
+
+impl super::scheduler::StepNoise for Injected {
+    fn noise(&mut self, like: &Tensor) -> candle_core::Result<Tensor> {
+        let next = self
+            .0
+            .pop_front()
+            .expect("the run drew more noise than the reference");
+        assert_eq!(next.dims(), like.dims(), "noise shape");
+        Ok(next)
+    }
+}
+
+pub(super) fn no_noise() -> Injected {
+    Injected(Default::default())
+}
+
 /// The step latents and the picture of `pipeline` on the case's latents.
 pub(super) fn run(
     pipeline: &ImagePipeline,
@@ -103,7 +125,7 @@ pub(super) fn run(
 ) -> (Vec<Tensor>, Tensor) {
     let mut steps = Vec::new();
     let image = pipeline
-        .render(request, latents.clone(), &mut |_, _, l| {
+        .render(request, latents.clone(), &mut no_noise(), &mut |_, _, l| {
             steps.push(l.clone());
             ControlFlow::Continue(())
         })
@@ -186,8 +208,8 @@ fn check_case(name: &str) {
         t("text_embeddings"),
     );
     let first_t = case["first_unet_call"]["timestep"]
-        .as_u64()
-        .expect("timestep") as usize;
+        .as_f64()
+        .expect("timestep");
     let noise = pipeline
         .unet_output(
             t("first_unet_input"),
@@ -245,10 +267,12 @@ fn timesteps_follow_the_scheduler_config() {
         let expected: Vec<usize> =
             serde_json::from_value(case["timesteps"].clone()).expect("timesteps");
         let steps = case["num_inference_steps"].as_u64().expect("steps") as usize;
-        assert_eq!(
-            pipeline.scheduler.timesteps(steps).expect("timesteps"),
-            expected
-        );
+        let sampler = pipeline
+            .scheduler
+            .start(scheduler::SchedulerKind::Ddim, steps)
+            .expect("DDIM");
+        let timesteps: Vec<usize> = sampler.timesteps().iter().map(|t| *t as usize).collect();
+        assert_eq!(timesteps, expected);
     }
 }
 
@@ -258,9 +282,12 @@ fn rgb_output_is_the_reference_picture_rounded() {
     let request = request_of(case(&json, "cfg"));
     let pipeline = load(&fixture());
     let image = pipeline
-        .render(&request, tensors["cfg.latents"].clone(), &mut |_, _, _| {
-            ControlFlow::Continue(())
-        })
+        .render(
+            &request,
+            tensors["cfg.latents"].clone(),
+            &mut no_noise(),
+            &mut |_, _, _| ControlFlow::Continue(()),
+        )
         .expect("render");
     let pictures = to_rgb8(&image).expect("rgb");
     assert_eq!((pictures[0].width, pictures[0].height), (64, 64));
@@ -358,7 +385,7 @@ fn check_lora(file: &str) {
     let noise = pipeline
         .unet_output(
             &tensors["cfg.first_unet_input"],
-            751,
+            751.0,
             &context(&tensors["lora.text_embeddings"]),
         )
         .expect("unet");
@@ -467,7 +494,7 @@ fn single_file_checkpoint_matches_the_reference() {
     // The text encoder runs on the checkpoint's float16-rounded weights too.
     let conditioning = pipeline.conditioning(&request).expect("embeddings");
     let noise = pipeline
-        .unet_output(&tensors["cfg.first_unet_input"], 751, &conditioning)
+        .unet_output(&tensors["cfg.first_unet_input"], 751.0, &conditioning)
         .expect("unet");
     assert_close(
         "single-file first noise prediction",
@@ -509,6 +536,53 @@ fn single_file_shapes_are_inferred_without_yaml_or_configs() {
                 .get(name)
                 .unwrap_or_else(|| panic!("single file lacks {component} {name}"));
             assert_eq!(ours.dims(), tensor.dims(), "{component} {name}");
+        }
+    }
+}
+
+/// transformers 5 saves the text encoder without `text_model.`: the same
+/// weights load and encode alike.
+#[test]
+fn a_text_encoder_saved_without_its_prefix_loads() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let copy = dir.path().join("tiny-sd");
+    copy_tree(&fixture(), &copy);
+    let file = copy.join("text_encoder/model.safetensors");
+    let tensors = candle_core::safetensors::load(&file, &Device::Cpu).expect("weights");
+    let bare: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(name, t)| {
+            (
+                name.strip_prefix("text_model.")
+                    .expect("prefixed")
+                    .to_owned(),
+                t,
+            )
+        })
+        .collect();
+    candle_core::safetensors::save(&bare, &file).expect("save");
+    let (json, tensors) = (expected_json(), expected_tensors());
+    let request = request_of(case(&json, "cfg"));
+    let embeddings = load(&copy)
+        .conditioning(&request)
+        .expect("embeddings")
+        .context;
+    assert_close(
+        "unprefixed text encoder",
+        &embeddings,
+        &tensors["cfg.text_embeddings"],
+    );
+}
+
+fn copy_tree(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("type").is_dir() {
+            copy_tree(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
         }
     }
 }

@@ -83,37 +83,44 @@ impl ImageWorker {
             Ok(pictures) => pictures,
             Err(ImageError::Cancelled) => {
                 let generate_ms = started.elapsed().as_millis() as u64;
-                return Ok(done(job, Vec::new(), generate_ms, 0));
+                return Ok(self.done(job, Vec::new(), generate_ms, 0));
             }
             Err(err) => return Err(err.into()),
         };
         let generate_ms = started.elapsed().as_millis() as u64;
         let images = write_all(&job.request, &pictures)?;
         let write_ms = (started.elapsed().as_millis() as u64).saturating_sub(generate_ms);
-        Ok(done(job, images, generate_ms, write_ms))
+        Ok(self.done(job, images, generate_ms, write_ms))
     }
-}
 
-/// The final event; without images it says the run was cancelled.
-fn done(job: &ImageJob, images: Vec<ImageFile>, generate_ms: u64, write_ms: u64) -> GenerateEvent {
-    let request = &job.request.request;
-    let finish_reason = if images.is_empty() {
-        FinishReason::Cancelled
-    } else {
-        FinishReason::Length
-    };
-    GenerateEvent::Images(ImagesDone {
-        done: true,
-        model: job.request.model.clone(),
-        mode: None,
-        seed: request.seed,
-        size: format!("{}x{}", request.width, request.height),
-        steps: request.steps,
-        images,
-        generate_ms,
-        write_ms,
-        finish_reason,
-    })
+    /// The final event; without images it says the run was cancelled.
+    fn done(
+        &self,
+        job: &ImageJob,
+        images: Vec<ImageFile>,
+        generate_ms: u64,
+        write_ms: u64,
+    ) -> GenerateEvent {
+        let request = &job.request.request;
+        let finish_reason = if images.is_empty() {
+            FinishReason::Cancelled
+        } else {
+            FinishReason::Length
+        };
+        GenerateEvent::Images(ImagesDone {
+            done: true,
+            model: job.request.model.clone(),
+            mode: None,
+            seed: request.seed,
+            size: format!("{}x{}", request.width, request.height),
+            steps: request.steps_run(),
+            scheduler: self.pipeline.scheduler_kind(request).name().into(),
+            images,
+            generate_ms,
+            write_ms,
+            finish_reason,
+        })
+    }
 }
 
 /// Writes every picture under the request's output folder.
