@@ -53,6 +53,7 @@ pub enum StartError {
 
 /// Runs the daemon until it is told to stop.
 pub async fn run(paths: Paths) -> Result<(), StartError> {
+    engine::devices::keep_large_allocations_returnable();
     let signals = lifecycle::install_signals().map_err(StartError::Signals)?;
     let (config, source) = Config::load(&paths)?;
     // The lock comes before the store: sled must never be opened twice.

@@ -127,6 +127,23 @@ pub fn release(device: &Device) {
     }
 }
 
+/// Allocations at least this large get their own mapping.
+const OWN_MAPPING_BYTES: i32 = 256 << 10;
+
+/// Makes every large allocation (weights, KV caches, big activations) a
+/// mapping of its own, returned to the system when freed. glibc's default
+/// threshold grows after each large free (up to 32 MiB), after which a
+/// model's tensors land in the heap, where a later model's allocations
+/// interleave with them and an unload cannot hand all the pages back.
+/// Called once at start-up.
+pub fn keep_large_allocations_returnable() {
+    // Safety: mallopt only sets the allocator's tuning parameters.
+    #[cfg(target_env = "gnu")]
+    unsafe {
+        nix::libc::mallopt(nix::libc::M_MMAP_THRESHOLD, OWN_MAPPING_BYTES);
+    }
+}
+
 /// Returns free heap pages to the system (glibc keeps them otherwise).
 fn trim_heap() {
     // Safety: malloc_trim only walks the allocator's own free lists.
