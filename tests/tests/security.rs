@@ -211,7 +211,8 @@ fn state_and_socket_folders_are_private() {
 
 #[test]
 fn users_cancel_only_their_own_jobs() {
-    let Some(daemon) = shared_daemon("") else {
+    // One generation at a time, so the second user's job stays queued.
+    let Some(daemon) = shared_daemon("[scheduler]\nmax_batch = 1\n") else {
         return;
     };
     modeld_e2e::synthetic::register_slow_model(&daemon, "slow");
