@@ -1,5 +1,6 @@
 //! Text models: configs and weight files (`model`), the batched decoder
-//! (`decoder`, over `linear` layers) and how it is built from safetensors
+//! (`decoder`, over `linear` layers, whose CPU decode products are `gemv`)
+//! and how it is built from safetensors
 //! or GGUF (`build`), the thread that owns a loaded model and runs
 //! generation jobs in batches (`worker`), sampling and request validation
 //! (`sampling`), chat templates (`chat`) and LoRA merging (`lora`).
