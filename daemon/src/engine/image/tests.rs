@@ -133,6 +133,32 @@ pub(super) fn run(
     (steps, image)
 }
 
+/// Each step's latents and the picture of a run against the reference's
+/// `step_latents` (one row per step) and `image`.
+pub(super) fn assert_steps_and_image(
+    name: &str,
+    (steps, image): (&[Tensor], &Tensor),
+    step_latents: &Tensor,
+    expected_image: &Tensor,
+) {
+    for (i, latents) in steps.iter().enumerate() {
+        let reference = step_latents
+            .i(i)
+            .and_then(|row| row.unsqueeze(0))
+            .expect("row");
+        assert_close(
+            &format!("{name} latents after step {}", i + 1),
+            latents,
+            &reference,
+        );
+    }
+    assert_close(
+        &format!("{name} image"),
+        &image.i(0).expect("image"),
+        expected_image,
+    );
+}
+
 #[test]
 fn tokenizer_ids_match_the_reference() {
     let json = expected_json();
@@ -224,23 +250,7 @@ fn check_case(name: &str) {
     );
     let (steps, image) = run(&pipeline, &request, t("latents"));
     assert_eq!(steps.len(), request.steps);
-    for (i, latents) in steps.iter().enumerate() {
-        let reference = t("step_latents")
-            .i(i)
-            .expect("row")
-            .unsqueeze(0)
-            .expect("batch");
-        assert_close(
-            &format!("{name} latents after step {}", i + 1),
-            latents,
-            &reference,
-        );
-    }
-    assert_close(
-        &format!("{name} image"),
-        &image.i(0).expect("image"),
-        t("image"),
-    );
+    assert_steps_and_image(name, (&steps, &image), t("step_latents"), t("image"));
 }
 
 #[test]
@@ -395,20 +405,10 @@ fn check_lora(file: &str) {
         &tensors["lora.first_noise_pred"],
     );
     let (steps, image) = run(&pipeline, &request, &tensors["cfg.latents"]);
-    for (i, latents) in steps.iter().enumerate() {
-        let reference = tensors["lora.step_latents"]
-            .i(i)
-            .and_then(|t| t.unsqueeze(0))
-            .expect("row");
-        assert_close(
-            &format!("{file} latents after step {}", i + 1),
-            latents,
-            &reference,
-        );
-    }
-    assert_close(
-        &format!("{file} image"),
-        &image.i(0).expect("image"),
+    assert_steps_and_image(
+        file,
+        (&steps, &image),
+        &tensors["lora.step_latents"],
         &tensors["lora.image"],
     );
     let unchanged = max_abs_diff(&image.i(0).expect("image"), &tensors["cfg.image"]);

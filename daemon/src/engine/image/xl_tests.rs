@@ -12,7 +12,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use serde_json::Value;
 
 use super::conditioning::{AddedConditioning, Conditioning};
-use super::tests::{assert_close, case, cpu_f32, max_abs_diff, run};
+use super::tests::{assert_close, assert_steps_and_image, case, cpu_f32, max_abs_diff, run};
 use super::*;
 
 fn fixture() -> PathBuf {
@@ -192,22 +192,7 @@ fn check_case_on(pipeline: &ImagePipeline, case: &Value, name: &str) {
     );
     let (steps, image) = run(pipeline, &request, t("latents"));
     assert_eq!(steps.len(), request.steps);
-    for (i, latents) in steps.iter().enumerate() {
-        let reference = t("step_latents")
-            .i(i)
-            .and_then(|r| r.unsqueeze(0))
-            .expect("row");
-        assert_close(
-            &format!("{name} latents after step {}", i + 1),
-            latents,
-            &reference,
-        );
-    }
-    assert_close(
-        &format!("{name} image"),
-        &image.i(0).expect("image"),
-        t("image"),
-    );
+    assert_steps_and_image(name, (&steps, &image), t("step_latents"), t("image"));
 }
 
 #[test]
