@@ -379,20 +379,9 @@ pub fn vae_json(vae: &TensorMap, yaml: Option<&LdmYaml>, xl: bool) -> Result<Vae
 /// there is one (head count is not in the weights), else inferred with
 /// CLIP's 64-wide heads.
 pub fn clip_json(text: &TensorMap, config_dir: &Path) -> Result<ClipJson, ImageError> {
-    let file = config_dir.join("text_encoder/config.json");
-    if file.is_file() {
-        return read_json(&file);
-    }
-    let hidden = dim(text, "text_model.embeddings.token_embedding.weight", 1)?;
-    let value = json!({
-        "vocab_size": dim(text, "text_model.embeddings.token_embedding.weight", 0)?,
-        "hidden_size": hidden,
-        "intermediate_size": dim(text, "text_model.encoder.layers.0.mlp.fc1.weight", 0)?,
-        "num_hidden_layers": indices(text, "text_model.encoder.layers.").len(),
-        "num_attention_heads": (hidden / 64).max(1),
-        "max_position_embeddings": dim(text, "text_model.embeddings.position_embedding.weight", 0)?,
-    });
-    serde_json::from_value(value).map_err(|e| ImageError::Unsupported(e.to_string()))
+    config_or(config_dir, "text_encoder", || {
+        clip_from_value(inferred_clip(text)?)
+    })
 }
 
 /// SDXL's second text encoder config: `config_dir/text_encoder_2/config.json`
@@ -400,22 +389,29 @@ pub fn clip_json(text: &TensorMap, config_dir: &Path) -> Result<ClipJson, ImageE
 /// GELU, pooled at the largest id (`eos_token_id` 2, as OpenCLIP pools at
 /// the end token, the last of its vocabulary).
 pub fn clip_json_2(text: &TensorMap, config_dir: &Path) -> Result<ClipJson, ImageError> {
-    let file = config_dir.join("text_encoder_2/config.json");
-    if file.is_file() {
-        return read_json(&file);
-    }
+    config_or(config_dir, "text_encoder_2", || {
+        let mut value = inferred_clip(text)?;
+        value["hidden_act"] = json!("gelu");
+        value["projection_dim"] = json!(dim(text, "text_projection.weight", 0)?);
+        value["eos_token_id"] = json!(2);
+        clip_from_value(value)
+    })
+}
+
+/// A CLIP text encoder's shape read off its weights, with 64-wide heads.
+fn inferred_clip(text: &TensorMap) -> Result<serde_json::Value, ImageError> {
     let hidden = dim(text, "text_model.embeddings.token_embedding.weight", 1)?;
-    let value = json!({
+    Ok(json!({
         "vocab_size": dim(text, "text_model.embeddings.token_embedding.weight", 0)?,
         "hidden_size": hidden,
         "intermediate_size": dim(text, "text_model.encoder.layers.0.mlp.fc1.weight", 0)?,
         "num_hidden_layers": indices(text, "text_model.encoder.layers.").len(),
         "num_attention_heads": (hidden / 64).max(1),
         "max_position_embeddings": dim(text, "text_model.embeddings.position_embedding.weight", 0)?,
-        "hidden_act": "gelu",
-        "projection_dim": dim(text, "text_projection.weight", 0)?,
-        "eos_token_id": 2,
-    });
+    }))
+}
+
+fn clip_from_value(value: serde_json::Value) -> Result<ClipJson, ImageError> {
     serde_json::from_value(value).map_err(|e| ImageError::Unsupported(e.to_string()))
 }
 
