@@ -70,51 +70,18 @@ fn a_batched_decode_step_gives_each_sequence_its_own_logits() {
     assert!(worst < BATCH_TOLERANCE, "batched logits differ by {worst}");
 }
 
-/// A random llama of the given width, for timing.
+/// The bench's synthetic llama (random weights, real shapes), loaded.
 fn random_llama(dir: &std::path::Path, hidden: usize, layers: usize) -> Decoder {
-    use std::collections::HashMap;
-    let (inter, heads, kv_heads, vocab) = (hidden * 11 / 4, hidden / 64, hidden / 256, 384);
-    let head_dim = 64;
-    let mut tensors = HashMap::new();
-    let mut add = |name: String, dims: &[usize]| {
-        let t = Tensor::randn(0f32, 0.05, dims, &Device::Cpu).unwrap();
-        tensors.insert(name, t);
+    let shape = modeld_e2e::synthetic::Shape {
+        hidden,
+        intermediate: hidden * 11 / 4,
+        layers,
+        heads: hidden / 64,
+        kv_heads: hidden / 256,
     };
-    add("model.embed_tokens.weight".into(), &[vocab, hidden]);
-    add("lm_head.weight".into(), &[vocab, hidden]);
-    add("model.norm.weight".into(), &[hidden]);
-    for i in 0..layers {
-        let p = format!("model.layers.{i}");
-        add(
-            format!("{p}.self_attn.q_proj.weight"),
-            &[heads * head_dim, hidden],
-        );
-        add(
-            format!("{p}.self_attn.k_proj.weight"),
-            &[kv_heads * head_dim, hidden],
-        );
-        add(
-            format!("{p}.self_attn.v_proj.weight"),
-            &[kv_heads * head_dim, hidden],
-        );
-        add(
-            format!("{p}.self_attn.o_proj.weight"),
-            &[hidden, heads * head_dim],
-        );
-        add(format!("{p}.mlp.gate_proj.weight"), &[inter, hidden]);
-        add(format!("{p}.mlp.up_proj.weight"), &[inter, hidden]);
-        add(format!("{p}.mlp.down_proj.weight"), &[hidden, inter]);
-        add(format!("{p}.input_layernorm.weight"), &[hidden]);
-        add(format!("{p}.post_attention_layernorm.weight"), &[hidden]);
-    }
-    let file = dir.join("model.safetensors");
-    candle_core::safetensors::save(&tensors, &file).unwrap();
-    let config = serde_json::json!({"model_type": "llama", "hidden_size": hidden,
-        "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": heads,
-        "num_key_value_heads": kv_heads, "vocab_size": vocab, "rms_norm_eps": 1e-5,
-        "max_position_embeddings": 4096, "rope_theta": 10000.0});
-    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    modeld_e2e::synthetic::write_model(dir, "llama", shape);
     let spec = ModelSpec::read(dir).unwrap();
+    let file = dir.join("model.safetensors");
     build::from_safetensors(&spec, &[file], &[], DType::F32, &Device::Cpu).unwrap()
 }
 
