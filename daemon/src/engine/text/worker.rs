@@ -362,24 +362,23 @@ impl Sequence<'_> {
             }
         };
         if let Some(last) = self.streamer.finish(&self.text) {
-            let _ = self.job.events.blocking_send(last);
+            send_last(&self.job, last);
         }
         let decode_s = self.decode_started.elapsed().as_secs_f64();
-        let request = &self.job.request;
         let generated = self.generated().to_vec();
-        let done = GenerateEvent::Done {
-            done: true,
-            model: request.model.clone(),
-            mode: None,
-            seed: request.seed,
-            text: std::mem::take(&mut self.text),
-            prompt_tokens: self.prompt_len,
-            completion_tokens: generated.len(),
-            prefill_tokens_per_s: rate(self.prompt_len, self.prefill_s),
-            decode_tokens_per_s: rate(generated.len(), decode_s),
-            token_ids: generated,
-            finish_reason: finish,
-        };
+        let rates = (
+            rate(self.prompt_len, self.prefill_s),
+            rate(generated.len(), decode_s),
+        );
+        let text = std::mem::take(&mut self.text);
+        let done = done_event(
+            &self.job.request,
+            self.prompt_len,
+            text,
+            generated,
+            rates,
+            finish,
+        );
         send_last(&self.job, done);
     }
 }
@@ -390,19 +389,40 @@ fn send_last(job: &Job, event: GenerateEvent) {
 
 /// The answer to a job cancelled while it waited to join the batch.
 fn cancelled_before_start(waiting: &Waiting) -> GenerateEvent {
-    let request = &waiting.job.request;
+    let prompt_tokens = waiting.prompt.len();
+    let (text, ids) = (String::new(), Vec::new());
+    let finish = FinishReason::Cancelled;
+    done_event(
+        &waiting.job.request,
+        prompt_tokens,
+        text,
+        ids,
+        (0.0, 0.0),
+        finish,
+    )
+}
+
+/// A generation's final event; `rates` are prefill and decode tokens/s.
+fn done_event(
+    request: &ValidGenerate,
+    prompt_tokens: usize,
+    text: String,
+    token_ids: Vec<u32>,
+    rates: (f64, f64),
+    finish_reason: FinishReason,
+) -> GenerateEvent {
     GenerateEvent::Done {
         done: true,
         model: request.model.clone(),
         mode: None,
         seed: request.seed,
-        text: String::new(),
-        prompt_tokens: waiting.prompt.len(),
-        completion_tokens: 0,
-        token_ids: Vec::new(),
-        prefill_tokens_per_s: 0.0,
-        decode_tokens_per_s: 0.0,
-        finish_reason: FinishReason::Cancelled,
+        text,
+        prompt_tokens,
+        completion_tokens: token_ids.len(),
+        token_ids,
+        prefill_tokens_per_s: rates.0,
+        decode_tokens_per_s: rates.1,
+        finish_reason,
     }
 }
 
