@@ -590,3 +590,80 @@ fn modelctl_passes_scheduler_and_init_image() {
     let (width, height, _) = decode_png(&std::fs::read(path).unwrap());
     assert_eq!((width, height), (64, 64));
 }
+
+/// The RGB pixels of a run's single inline picture.
+fn inline_pixels(events: &[Value]) -> Vec<u8> {
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(inline_picture(events))
+        .expect("base64");
+    decode_png(&png).2
+}
+
+/// The largest difference between two pictures' channel values.
+fn max_pixel_diff(a: &[u8], b: &[u8]) -> u8 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| x.abs_diff(*y))
+        .max()
+        .unwrap_or(0)
+}
+
+/// Modes on one base that differ only in LoRAs: a switch re-merges the
+/// adapters into the resident copy in memory, which it replaces, so it
+/// works with the base's weight files spoiled on disk, and each mode still
+/// draws what it drew when loaded from the files.
+#[test]
+fn modes_differing_only_in_loras_switch_without_reading_the_base_again() {
+    let daemon = image_daemon();
+    let base = daemon.dir.path().join("tiny-sd");
+    let modes = format!(
+        "lora_root = {:?}\n\
+         [modes.plain]\nmodel = \"tiny-sd\"\n\
+         [modes.peft]\nmodel = \"tiny-sd\"\n\
+         loras = [{{ path = \"pytorch_lora_weights.safetensors\", strength = 0.8 }}]\n\
+         [modes.kohya]\nmodel = \"tiny-sd\"\n\
+         loras = [{{ path = \"kohya_lora.safetensors\", strength = 0.8, adapter_name = \"k\" }}]\n",
+        base.join("lora"),
+    );
+    std::fs::write(daemon.dir.path().join("modes.toml"), modes).unwrap();
+    daemon.call("modes.reload", json!({})).unwrap();
+    let draw = |mode: &str| {
+        inline_pixels(&generate(
+            &daemon,
+            json!({"mode": mode, "prompt": "a cat", "size": "64x64", "steps": 2,
+                   "guidance": 3.0, "seed": 5, "inline": true}),
+        ))
+    };
+    let plain = draw("plain");
+    let peft = draw("peft");
+    assert!(
+        max_pixel_diff(&plain, &peft) > 2,
+        "the LoRA changed nothing"
+    );
+
+    // Zeros where the UNet's and the text encoder's weights were: a load
+    // from the files now fails.
+    for file in [
+        "unet/diffusion_pytorch_model.safetensors",
+        "text_encoder/model.safetensors",
+    ] {
+        let path = base.join(file);
+        let len = std::fs::metadata(&path).unwrap().len() as usize;
+        std::fs::write(&path, vec![0u8; len]).unwrap();
+    }
+    // One rounding of the merged weights' f32 sums may move a channel by one.
+    assert!(max_pixel_diff(&draw("plain"), &plain) <= 1);
+    let kohya = draw("kohya");
+    assert!(
+        max_pixel_diff(&kohya, &peft) <= 1,
+        "kohya and PEFT namings differ"
+    );
+    assert!(max_pixel_diff(&draw("peft"), &peft) <= 1);
+
+    let loaded = daemon.call("vram", json!({})).unwrap();
+    let models = loaded["models"].as_array().expect("models");
+    assert_eq!(models.len(), 1, "one copy of the base: {loaded}");
+    assert_eq!(models[0]["name"], "tiny-sd+peft");
+    assert_eq!(models[0]["loras"][0]["strength"], 0.8);
+}

@@ -85,6 +85,7 @@ impl From<ImageError> for EngineError {
             err @ (ImageError::LoraNoMatch { .. } | ImageError::LoraShape { .. }) => {
                 EngineError::Unsupported(err.to_string())
             }
+            err @ ImageError::LoraChanged { .. } => EngineError::Files(err.to_string()),
             ImageError::Cancelled => EngineError::Cancelled,
             ImageError::Candle(err) => EngineError::from(err),
         }
@@ -284,6 +285,9 @@ pub struct Resident {
     busy: std::sync::atomic::AtomicUsize,
     jobs: Mutex<Option<WorkerQueue>>,
     thread: Mutex<Option<JoinHandle<()>>>,
+    /// An image model's pipeline, shared with its worker, from which
+    /// another LoRA set of the same base is derived in memory.
+    pipeline: Mutex<Option<Arc<ImagePipeline>>>,
 }
 
 /// Marks a resident model busy while it lives, so it is never evicted or
@@ -398,6 +402,9 @@ impl Engine {
                 evicted: Vec::new(),
             });
         }
+        if let Some(loaded) = self.remerge(&request).await? {
+            return Ok(loaded);
+        }
         let path = request.path.clone();
         let dtype = request.placement.dtype;
         let (files, estimate) = tokio::task::spawn_blocking(move || inspect(&path, dtype))
@@ -407,19 +414,9 @@ impl Engine {
             .make_room(&request.placement, estimate.total(), budget)
             .await?;
         let keep_alive = request.keep_alive;
-        let resident = tokio::task::spawn_blocking(move || {
-            start_worker(
-                request.name,
-                &request.path,
-                files,
-                estimate,
-                &request.loras,
-                request.placement,
-                request.max_batch,
-            )
-        })
-        .await
-        .map_err(|e| EngineError::Files(format!("load task failed: {e}")))??;
+        let resident = tokio::task::spawn_blocking(move || start_worker(&request, files, estimate))
+            .await
+            .map_err(|e| EngineError::Files(format!("load task failed: {e}")))??;
         let mut resident = resident;
         resident.keep_alive = keep_alive;
         let info = resident.info.clone();
@@ -431,6 +428,78 @@ impl Engine {
             model: info,
             already_loaded: false,
             evicted,
+        })
+    }
+
+    /// An image model with another LoRA set of a resident, idle image model
+    /// (the same files, device and dtype) is derived from that one in
+    /// memory, which it then replaces: the base is not read from disk
+    /// again, and only the tensors whose adapters change are computed.
+    /// `None` when there is no such model, or an adapter to unmerge changed
+    /// on disk: the model is then loaded from its files.
+    async fn remerge(&self, request: &LoadRequest) -> Result<Option<Loaded>, EngineError> {
+        let Some((sibling, base)) = self.idle_sibling(request) else {
+            return Ok(None);
+        };
+        let started = Instant::now();
+        let (device, loras) = (request.placement.device.clone(), request.loras.clone());
+        let derive = move || {
+            let before = devices::used_bytes(&device);
+            base.with_loras(&loras).map(|pipeline| (pipeline, before))
+        };
+        let (pipeline, before) = match tokio::task::spawn_blocking(derive)
+            .await
+            .map_err(|e| EngineError::Files(format!("load task failed: {e}")))?
+        {
+            Ok(derived) => derived,
+            Err(err @ ImageError::LoraChanged { .. }) => {
+                tracing::warn!(model = %request.name, "{err}; loading the base from its files");
+                return Ok(None);
+            }
+            Err(err) => return Err(EngineError::from(err).in_file(&request.path)),
+        };
+        self.unload_resident(&sibling.name).await?;
+        let measure = request.placement.device.clone();
+        let after = tokio::task::spawn_blocking(move || devices::used_bytes(&measure))
+            .await
+            .unwrap_or(before);
+        let measured_bytes = (sibling.measured_bytes + after).saturating_sub(before);
+        tracing::info!(model = %request.name, from = %sibling.name, ms = started.elapsed().as_millis() as u64, "LoRAs re-merged in memory");
+        let image = ImageBuilt {
+            pipeline,
+            estimated_bytes: sibling.estimated_bytes,
+            measured_bytes,
+            started,
+        };
+        let mut resident = image_resident(request, image)?;
+        resident.keep_alive = request.keep_alive;
+        let info = resident.info.clone();
+        self.resident
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(info.name.clone(), Arc::new(resident));
+        Ok(Some(Loaded {
+            model: info,
+            already_loaded: false,
+            evicted: vec![sibling.name],
+        }))
+    }
+
+    /// An idle resident image model of `request`'s files on its device at
+    /// its dtype, and its pipeline.
+    fn idle_sibling(&self, request: &LoadRequest) -> Option<(LoadedModel, Arc<ImagePipeline>)> {
+        let resident = self.resident.lock().unwrap_or_else(|e| e.into_inner());
+        resident.values().find_map(|r| {
+            let fits = r.info.path == request.path
+                && r.info.device == request.placement.device_name
+                && !r.is_busy();
+            let pipeline = r
+                .pipeline
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone()
+                .filter(|p| fits && p.dtype() == request.placement.dtype)?;
+            Some((r.info.clone(), pipeline))
         })
     }
 
@@ -523,9 +592,15 @@ impl Engine {
         let before = tokio::task::spawn_blocking(move || devices::used_bytes(&measure))
             .await
             .unwrap_or(0);
-        // Closing the channel ends the worker after the jobs already queued.
+        // Closing the channel ends the worker after the jobs already queued;
+        // the worker then holds the last reference to an image pipeline.
         resident
             .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        resident
+            .pipeline
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take();
@@ -647,24 +722,21 @@ fn build(
 /// with its tokenizer beside it; an image model's diffusers folder or
 /// single-file checkpoint) and starts the thread that will own it.
 fn start_worker(
-    name: String,
-    path: &Path,
+    request: &LoadRequest,
     files: ModelFiles,
     estimate: estimate::Estimate,
-    loras: &[LoraInfo],
-    placement: Placement,
-    max_batch: usize,
 ) -> Result<Resident, EngineError> {
     match files {
         ModelFiles::Text(weights) => {
             let text = TextLoad {
                 weights,
-                loras,
-                max_batch,
+                loras: &request.loras,
+                max_batch: request.max_batch,
             };
-            start_text_worker(name, path, text, estimate, placement)
+            let (name, placement) = (request.name.clone(), request.placement.clone());
+            start_text_worker(name, &request.path, text, estimate, placement)
         }
-        ModelFiles::Image => start_image_worker(name, path, estimate, loras, placement),
+        ModelFiles::Image => start_image_worker(request, &estimate),
     }
 }
 
@@ -712,6 +784,7 @@ fn resident(
     device: Device,
     queue: WorkerQueue,
     thread: JoinHandle<()>,
+    pipeline: Option<Arc<ImagePipeline>>,
 ) -> Resident {
     tracing::info!(model = %info.name, arch = %info.arch, ms = info.load_ms, "model loaded");
     Resident {
@@ -722,6 +795,7 @@ fn resident(
         busy: std::sync::atomic::AtomicUsize::new(0),
         jobs: Mutex::new(Some(queue)),
         thread: Mutex::new(Some(thread)),
+        pipeline: Mutex::new(pipeline),
     }
 }
 
@@ -786,6 +860,7 @@ fn start_text_worker(
         placement.device,
         WorkerQueue::Text(jobs),
         thread,
+        None,
     ))
 }
 
@@ -813,42 +888,63 @@ fn build_image(
 }
 
 fn start_image_worker(
-    name: String,
-    path: &Path,
-    estimate: estimate::Estimate,
-    loras: &[LoraInfo],
-    placement: Placement,
+    request: &LoadRequest,
+    estimate: &estimate::Estimate,
 ) -> Result<Resident, EngineError> {
     let started = Instant::now();
-    let (pipeline, measured_bytes) = build_measured(&placement, &estimate, || {
-        build_image(path, loras, &placement)
+    let placement = &request.placement;
+    let (pipeline, measured_bytes) = build_measured(placement, estimate, || {
+        build_image(&request.path, &request.loras, placement)
     })?;
+    let image = ImageBuilt {
+        pipeline,
+        estimated_bytes: estimate.total(),
+        measured_bytes,
+        started,
+    };
+    image_resident(request, image)
+}
+
+/// An image pipeline just built, its memory (estimated and measured) and
+/// when its load began.
+struct ImageBuilt {
+    pipeline: ImagePipeline,
+    estimated_bytes: u64,
+    measured_bytes: u64,
+    started: Instant,
+}
+
+/// Starts the thread that owns `built`, the pipeline `request` asked for.
+fn image_resident(request: &LoadRequest, built: ImageBuilt) -> Result<Resident, EngineError> {
+    let placement = &request.placement;
     let info = LoadedModel {
-        name: name.clone(),
-        arch: pipeline.arch().to_string(),
+        name: request.name.clone(),
+        arch: built.pipeline.arch().to_string(),
         device: placement.device_name.clone(),
         dtype: format!("{:?}", placement.dtype).to_lowercase(),
-        path: path.to_path_buf(),
-        estimated_bytes: estimate.total(),
+        path: request.path.clone(),
+        estimated_bytes: built.estimated_bytes,
         kv_cache_bytes: 0,
-        measured_bytes,
-        load_ms: started.elapsed().as_millis() as u64,
+        measured_bytes: built.measured_bytes,
+        load_ms: built.started.elapsed().as_millis() as u64,
         loaded_at: crate::registry::unix_now(),
         context_length: 0,
-        loras: loras.to_vec(),
+        loras: built.pipeline.loras(),
     };
+    let pipeline = Arc::new(built.pipeline);
     let worker = ImageWorker {
-        pipeline,
+        pipeline: pipeline.clone(),
         device: placement.device.clone(),
         device_name: placement.device_name.clone(),
     };
     let (jobs, queue) = mpsc::channel();
-    let thread = spawn_model_thread(&name, move || worker.run(queue))?;
+    let thread = spawn_model_thread(&request.name, move || worker.run(queue))?;
     Ok(resident(
         info,
-        placement.device,
+        placement.device.clone(),
         WorkerQueue::Image(jobs),
         thread,
+        Some(pipeline),
     ))
 }
 

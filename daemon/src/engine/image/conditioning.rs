@@ -5,27 +5,44 @@
 //! second encoder's projected pooled output (`text_embeds`) and the
 //! `time_ids` (original size, crop top-left, target size).
 
-use std::path::PathBuf;
+use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 
 use super::clip::{ClipTextModel, ClipWithProjection};
 use super::config::{ClipJson, TextTimeShape};
 use super::prompt::PromptTokenizer;
 use super::request::ValidImageRequest;
-use super::weights::TensorMap;
+use super::weights::{recording, TensorMap};
 use super::ImageError;
 
 /// SDXL's time ids per picture: `(height, width)` twice around the crop
 /// corner `(0, 0)`.
 pub const TIME_IDS: usize = 6;
 
-/// One text encoder's files: config, tokenizer folder and weights.
+/// One text encoder's parts: config, tokenizer and weights.
+#[derive(Clone)]
 pub struct EncoderParts {
     pub clip_json: ClipJson,
-    pub tokenizer_dir: PathBuf,
+    pub tokenizer: PromptTokenizer,
     pub weights: TensorMap,
+}
+
+impl EncoderParts {
+    /// The encoder configured by `clip_json`, with the tokenizer in
+    /// `tokenizer_dir`.
+    pub fn new(
+        clip_json: ClipJson,
+        tokenizer_dir: &Path,
+        weights: TensorMap,
+    ) -> Result<Self, ImageError> {
+        let length = clip_json.to_config()?.max_position_embeddings;
+        Ok(EncoderParts {
+            tokenizer: PromptTokenizer::load(tokenizer_dir, length)?,
+            clip_json,
+            weights,
+        })
+    }
 }
 
 /// The UNet's inputs besides the latents and the timestep, one row per
@@ -148,24 +165,31 @@ fn ids_tensor(
 }
 
 impl Encoder {
-    fn new(parts: EncoderParts, dtype: DType, device: &Device) -> Result<Self, ImageError> {
+    /// Builds the encoder from `parts`, whose weights become what it
+    /// holds (see `weights::recording`).
+    fn new(parts: &mut EncoderParts, dtype: DType, device: &Device) -> Result<Self, ImageError> {
         let config = parts.clip_json.to_config()?;
-        let vb = VarBuilder::from_tensors(parts.weights, dtype, device);
+        let (vb, taken) = recording(std::mem::take(&mut parts.weights), dtype, device);
+        let model = ClipTextModel::new(vb, &config)?;
+        parts.weights = taken.into_map();
         Ok(Encoder {
-            tokenizer: PromptTokenizer::load(&parts.tokenizer_dir, config.max_position_embeddings)?,
-            model: ClipTextModel::new(vb, &config)?,
+            tokenizer: parts.tokenizer.clone(),
+            model,
         })
     }
 }
 
 impl ProjectedEncoder {
-    fn new(parts: EncoderParts, dtype: DType, device: &Device) -> Result<Self, ImageError> {
+    /// As `Encoder::new`.
+    fn new(parts: &mut EncoderParts, dtype: DType, device: &Device) -> Result<Self, ImageError> {
         let config = parts.clip_json.to_config()?;
-        let vb = VarBuilder::from_tensors(parts.weights, dtype, device);
+        let (vb, taken) = recording(std::mem::take(&mut parts.weights), dtype, device);
         let json = &parts.clip_json;
+        let model = ClipWithProjection::new(vb, &config, json.projection_dim, json.eos_token_id)?;
+        parts.weights = taken.into_map();
         Ok(ProjectedEncoder {
-            tokenizer: PromptTokenizer::load(&parts.tokenizer_dir, config.max_position_embeddings)?,
-            model: ClipWithProjection::new(vb, &config, json.projection_dim, json.eos_token_id)?,
+            tokenizer: parts.tokenizer.clone(),
+            model,
         })
     }
 }
@@ -180,8 +204,8 @@ pub struct UnetExpects {
 impl TextEncoders {
     /// SD 1.x/2.x with `first` alone; SDXL with `second` too.
     pub fn new(
-        first: EncoderParts,
-        second: Option<EncoderParts>,
+        first: &mut EncoderParts,
+        second: Option<&mut EncoderParts>,
         force_zeros_for_empty_prompt: bool,
         unet: &UnetExpects,
         (dtype, device): (DType, &Device),

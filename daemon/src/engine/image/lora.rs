@@ -161,78 +161,195 @@ fn kohya_names(base: &TensorMap) -> HashMap<String, String> {
         .collect()
 }
 
-/// Merges `lora` into the UNet and text-encoder weights (SDXL's second
-/// encoder's too, when the pipeline has one).
-pub fn apply(
-    unet: &mut TensorMap,
-    text_encoder: &mut TensorMap,
-    mut text_encoder_2: Option<&mut TensorMap>,
-    lora: &LoraInfo,
-) -> Result<(), ImageError> {
-    let file = lora.path.as_path();
-    let tensors = candle_core::safetensors::load(file, &Device::Cpu)
-        .map_err(|e| ImageError::Files(format!("LoRA {}: {e}", file.display())))?;
-    let (kohya_unet, kohya_text) = (kohya_names(unet), kohya_names(text_encoder));
-    let kohya_text_2 = text_encoder_2
-        .as_deref()
-        .map(kohya_names)
-        .unwrap_or_default();
-    let layers = down_block_layers(unet);
-    let (mut merged, mut unmatched) = (0, 0);
-    for ((target, name), module) in modules(file, tensors)? {
-        let name = match target {
-            Target::Unet => from_ldm_path(&name, layers).unwrap_or(name),
-            _ => name,
-        };
-        let (base, names) = match target {
-            Target::Unet => (&mut *unet, &kohya_unet),
-            Target::TextEncoder => (&mut *text_encoder, &kohya_text),
-            Target::TextEncoder2 => match text_encoder_2.as_deref_mut() {
-                Some(base) => (base, &kohya_text_2),
-                // A LoRA for SDXL on a one-encoder pipeline.
-                None => {
-                    unmatched += 1;
-                    continue;
-                }
-            },
-        };
-        let Some(key) = base_key(base, names, &name) else {
-            unmatched += 1;
-            continue;
-        };
-        let updated = merge(
-            file,
-            &name,
-            &module,
-            &base[&key],
-            &key,
-            lora.strength as f64,
-        )?;
-        base.insert(key, updated);
-        merged += 1;
+/// The networks LoRAs adapt, as tensor maps.
+pub struct Adapted<'a> {
+    pub unet: &'a mut TensorMap,
+    pub text: &'a mut TensorMap,
+    /// SDXL's second text encoder.
+    pub text_2: Option<&'a mut TensorMap>,
+}
+
+impl Adapted<'_> {
+    fn network(&self, target: Target) -> Option<&TensorMap> {
+        match target {
+            Target::Unet => Some(self.unet),
+            Target::TextEncoder => Some(self.text),
+            Target::TextEncoder2 => self.text_2.as_deref(),
+        }
     }
-    if merged == 0 {
-        return Err(ImageError::LoraNoMatch {
-            file: file.to_path_buf(),
+
+    fn network_mut(&mut self, target: Target) -> Option<&mut TensorMap> {
+        match target {
+            Target::Unet => Some(self.unet),
+            Target::TextEncoder => Some(self.text),
+            Target::TextEncoder2 => self.text_2.as_deref_mut(),
+        }
+    }
+}
+
+/// A file's length and modification time: unmerging a LoRA later needs
+/// the numbers that were merged, so a file changed since is not trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct FileStamp {
+    len: u64,
+    modified: Option<std::time::SystemTime>,
+}
+
+impl FileStamp {
+    fn of(file: &Path) -> Result<Self, ImageError> {
+        let meta = std::fs::metadata(file)
+            .map_err(|e| ImageError::Files(format!("LoRA {}: {e}", file.display())))?;
+        Ok(FileStamp {
+            len: meta.len(),
+            modified: meta.modified().ok(),
+        })
+    }
+}
+
+/// A LoRA merged into a pipeline's weights.
+#[derive(Debug, Clone)]
+pub struct Merged {
+    pub info: LoraInfo,
+    stamp: FileStamp,
+}
+
+/// Whether two adapters change the weights the same way.
+fn same_weights(a: &LoraInfo, b: &LoraInfo) -> bool {
+    a.path == b.path && a.strength.to_bits() == b.strength.to_bits()
+}
+
+/// Changes the LoRAs merged into `nets` from `merged` to `wanted`:
+/// adapters in both are left alone, those only in `merged` are subtracted
+/// and those only in `wanted` added, each changed tensor summed in f32 and
+/// written once at `dtype`. Everything is read and checked before any
+/// tensor changes, so an error leaves `nets` as it was. A LoRA file to
+/// subtract that changed since it was merged is `LoraChanged`.
+pub fn remerge(
+    mut nets: Adapted,
+    merged: &[Merged],
+    wanted: &[LoraInfo],
+    dtype: DType,
+) -> Result<Vec<Merged>, ImageError> {
+    let mut left: Vec<Option<&Merged>> = merged.iter().map(Some).collect();
+    let (mut result, mut changes) = (Vec::new(), Vec::new());
+    for info in wanted {
+        let kept = left
+            .iter_mut()
+            .find(|m| m.is_some_and(|m| same_weights(&m.info, info)))
+            .and_then(Option::take);
+        let stamp = match kept {
+            Some(kept) => kept.stamp,
+            None => {
+                changes.push((info, 1.0));
+                FileStamp::of(&info.path)?
+            }
+        };
+        result.push(Merged {
+            info: info.clone(),
+            stamp,
         });
     }
-    if unmatched > 0 {
-        tracing::warn!(lora = %file.display(), unmatched, "LoRA modules with no matching weight were skipped");
+    for removed in left.into_iter().flatten() {
+        let file = &removed.info.path;
+        if FileStamp::of(file).ok() != Some(removed.stamp) {
+            return Err(ImageError::LoraChanged { file: file.clone() });
+        }
+        changes.push((&removed.info, -1.0));
     }
-    tracing::info!(adapter = %lora.adapter_name, modules = merged, "image LoRA merged");
+    let plan = plan(&nets, &changes)?;
+    write(&mut nets, plan, dtype)?;
+    Ok(result)
+}
+
+/// One adapted module's factors, `up · down` shaped as the weight once
+/// multiplied, and the factor it is merged with (negative to unmerge).
+struct Factors {
+    down: Tensor,
+    up: Tensor,
+    scale: f64,
+}
+
+/// The factors to merge into each changed weight, by network and name.
+type Plan = HashMap<(Target, String), Vec<Factors>>;
+
+/// Reads and checks every change: `(adapter, +1 to merge or -1 to unmerge)`.
+fn plan(nets: &Adapted, changes: &[(&LoraInfo, f64)]) -> Result<Plan, ImageError> {
+    let targets = [Target::Unet, Target::TextEncoder, Target::TextEncoder2];
+    let kohya: HashMap<Target, HashMap<String, String>> = targets
+        .into_iter()
+        .filter_map(|t| Some((t, kohya_names(nets.network(t)?))))
+        .collect();
+    let layers = down_block_layers(nets.unet);
+    let mut plan = Plan::new();
+    for &(lora, sign) in changes {
+        let file = lora.path.as_path();
+        let tensors = candle_core::safetensors::load(file, &Device::Cpu)
+            .map_err(|e| ImageError::Files(format!("LoRA {}: {e}", file.display())))?;
+        let (mut matched, mut unmatched) = (0, 0);
+        for ((target, name), module) in modules(file, tensors)? {
+            let name = match target {
+                Target::Unet => from_ldm_path(&name, layers).unwrap_or(name),
+                _ => name,
+            };
+            // A text_encoder_2 module on a one-encoder pipeline is unmatched.
+            let found = nets
+                .network(target)
+                .zip(kohya.get(&target))
+                .and_then(|(base, names)| Some((base, base_key(base, names, &name)?)));
+            let Some((base, key)) = found else {
+                unmatched += 1;
+                continue;
+            };
+            let strength = sign * lora.strength as f64;
+            let factors = factors(file, &name, &module, (&base[&key], &key), strength)?;
+            plan.entry((target, key)).or_default().push(factors);
+            matched += 1;
+        }
+        if matched == 0 {
+            return Err(ImageError::LoraNoMatch {
+                file: file.to_path_buf(),
+            });
+        }
+        if unmatched > 0 {
+            tracing::warn!(lora = %file.display(), unmatched, "LoRA modules with no matching weight were skipped");
+        }
+        let action = if sign > 0.0 { "merged" } else { "unmerged" };
+        tracing::info!(adapter = %lora.adapter_name, modules = matched, "image LoRA {action}");
+    }
+    Ok(plan)
+}
+
+/// Writes every planned weight: `weight + Σ scale × up · down`, computed in
+/// f32 on the weight's device and stored at `dtype`.
+fn write(nets: &mut Adapted, plan: Plan, dtype: DType) -> Result<(), ImageError> {
+    for ((target, key), factors) in plan {
+        let Some(base) = nets.network_mut(target) else {
+            continue;
+        };
+        let weight = &base[&key];
+        let device = weight.device();
+        let mut sum = weight.to_dtype(DType::F32)?;
+        for Factors { down, up, scale } in factors {
+            let down = down.to_device(device)?.to_dtype(DType::F32)?;
+            let up = up.to_device(device)?.to_dtype(DType::F32)?;
+            let delta = (up.matmul(&down)? * scale)?.reshape(weight.dims())?;
+            sum = (sum + delta)?;
+        }
+        let updated = sum.to_dtype(dtype)?;
+        base.insert(key, updated);
+    }
     Ok(())
 }
 
-/// `weight + strength × (alpha / rank) × up · down`, in f32, after
-/// checking that the module's shapes fit the weight.
-fn merge(
+/// The module's factors for `target` (the weight and its name), after
+/// checking that their shapes fit it; `strength` is signed.
+fn factors(
     file: &Path,
     name: &str,
     module: &Module,
-    weight: &Tensor,
-    target: &str,
+    (weight, target): (&Tensor, &str),
     strength: f64,
-) -> Result<Tensor, ImageError> {
+) -> Result<Factors, ImageError> {
     let missing = |part: &str| {
         ImageError::Files(format!(
             "LoRA {}: {name} has no {part} matrix",
@@ -260,9 +377,9 @@ fn merge(
     if up.dim(0)? != out || up.elem_count() != out * rank {
         return Err(shape_error(up_key, up));
     }
-    let scale = strength * module.alpha.map_or(1.0, |alpha| alpha / rank as f64);
-    let down = down.to_dtype(DType::F32)?.reshape((rank, inputs))?;
-    let up = up.to_dtype(DType::F32)?.reshape((out, rank))?;
-    let delta = (up.matmul(&down)? * scale)?.reshape(weight.dims())?;
-    Ok((weight.to_dtype(DType::F32)? + delta)?)
+    Ok(Factors {
+        down: down.reshape((rank, inputs))?,
+        up: up.reshape((out, rank))?,
+        scale: strength * module.alpha.map_or(1.0, |alpha| alpha / rank as f64),
+    })
 }

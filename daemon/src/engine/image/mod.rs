@@ -33,7 +33,6 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use candle_transformers::models::stable_diffusion::unet_2d::BlockConfig;
 use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use modeld_wire::types::LoraInfo;
@@ -45,7 +44,7 @@ pub use self::request::{ImageRequest, ValidImageRequest};
 use self::scheduler::{Sampler, SchedulerJson, SchedulerKind, Schedulers, StepNoise};
 use self::unet::Unet;
 use self::vae_encoder::VaeEncoder;
-use self::weights::{component_files, load_tensors, TensorMap};
+use self::weights::{component_files, load_tensors, recording, TensorMap};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -65,6 +64,8 @@ pub enum ImageError {
         target: String,
         expected: Vec<usize>,
     },
+    #[error("LoRA {}: the file changed since it was merged, so it cannot be unmerged", file.display())]
+    LoraChanged { file: PathBuf },
     #[error("generation cancelled")]
     Cancelled,
     #[error("inference failed: {0}")]
@@ -88,7 +89,9 @@ pub struct GeneratedImage {
     pub rgb: Vec<u8>,
 }
 
-/// Everything a pipeline is built from, whatever the files' layout.
+/// Everything a pipeline is built from, whatever the files' layout. Once
+/// built, the tensor maps hold what the networks hold, on their device.
+#[derive(Clone)]
 struct Components {
     unet_json: UnetJson,
     vae_json: VaeJson,
@@ -109,11 +112,11 @@ impl Components {
             load_tensors(&component_files(&root.join(name), stem)?)
         };
         let encoder = |name: &str, tokenizer: &str| -> Result<EncoderParts, ImageError> {
-            Ok(EncoderParts {
-                clip_json: read_json(&root.join(name).join("config.json"))?,
-                tokenizer_dir: root.join(tokenizer),
-                weights: clip::with_text_model_prefix(component(name, "model")?),
-            })
+            EncoderParts::new(
+                read_json(&root.join(name).join("config.json"))?,
+                &root.join(tokenizer),
+                clip::with_text_model_prefix(component(name, "model")?),
+            )
         };
         Ok(Components {
             unet_json: read_json(&root.join("unet/config.json"))?,
@@ -146,12 +149,12 @@ impl Components {
         let renamed = single_file::rename(checkpoint)?;
         let text_2 = renamed
             .text_encoder_2
-            .map(|weights| -> Result<_, ImageError> {
-                Ok(EncoderParts {
-                    clip_json: single_file::clip_json_2(&weights, config_dir)?,
-                    tokenizer_dir: config_dir.join("tokenizer_2"),
+            .map(|weights| {
+                EncoderParts::new(
+                    single_file::clip_json_2(&weights, config_dir)?,
+                    &config_dir.join("tokenizer_2"),
                     weights,
-                })
+                )
             })
             .transpose()?;
         let projection = text_2.as_ref().map(|t| t.clip_json.projection_dim);
@@ -163,16 +166,27 @@ impl Components {
                 single_file::vae_json(&renamed.vae, yaml.as_ref(), projection.is_some())
             })?,
             scheduler_json: single_file::scheduler_json(config_dir, yaml.as_ref())?,
-            text: EncoderParts {
-                clip_json: single_file::clip_json(&renamed.text_encoder, config_dir)?,
-                tokenizer_dir: config_dir.join("tokenizer"),
-                weights: renamed.text_encoder,
-            },
+            text: EncoderParts::new(
+                single_file::clip_json(&renamed.text_encoder, config_dir)?,
+                &config_dir.join("tokenizer"),
+                renamed.text_encoder,
+            )?,
             text_2,
             force_zeros_for_empty_prompt: single_file::force_zeros_for_empty_prompt(config_dir),
             unet: renamed.unet,
             vae: renamed.vae,
         })
+    }
+}
+
+impl Components {
+    /// The networks LoRAs adapt.
+    fn adapted(&mut self) -> lora::Adapted<'_> {
+        lora::Adapted {
+            unet: &mut self.unet,
+            text: &mut self.text.weights,
+            text_2: self.text_2.as_mut().map(|t| &mut t.weights),
+        }
     }
 }
 
@@ -257,6 +271,9 @@ pub struct ImagePipeline {
     device: Device,
     dtype: DType,
     vae_dtype: DType,
+    /// What the networks were built from, for `with_loras`.
+    parts: Components,
+    loras: Vec<lora::Merged>,
 }
 
 impl ImagePipeline {
@@ -279,10 +296,37 @@ impl ImagePipeline {
     }
 
     fn build(mut parts: Components, options: &ImageLoad) -> Result<Self, ImageError> {
-        for adapter in &options.loras {
-            let text_2 = parts.text_2.as_mut().map(|t| &mut t.weights);
-            lora::apply(&mut parts.unet, &mut parts.text.weights, text_2, adapter)?;
-        }
+        let merged = lora::remerge(parts.adapted(), &[], &options.loras, options.dtype)?;
+        Self::assemble(parts, merged, (&options.device, options.dtype))
+    }
+
+    /// This pipeline with `loras` merged instead of its own, built from a
+    /// copy of its weights in memory: only the tensors whose adapters
+    /// change are computed again, and all others are shared with this
+    /// pipeline. `LoraChanged` when an adapter to unmerge changed on disk.
+    pub fn with_loras(&self, loras: &[LoraInfo]) -> Result<Self, ImageError> {
+        let mut parts = self.parts.clone();
+        let merged = lora::remerge(parts.adapted(), &self.loras, loras, self.dtype)?;
+        Self::assemble(parts, merged, (&self.device, self.dtype))
+    }
+
+    /// The precision of the UNet and text encoders.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// The adapters merged into the weights.
+    pub fn loras(&self) -> Vec<LoraInfo> {
+        self.loras.iter().map(|m| m.info.clone()).collect()
+    }
+
+    /// Builds the networks from `parts` (LoRAs merged already) at `dtype`
+    /// on `device`; `parts` is kept holding the tensors the networks took.
+    fn assemble(
+        mut parts: Components,
+        loras: Vec<lora::Merged>,
+        (device, dtype): (&Device, DType),
+    ) -> Result<Self, ImageError> {
         let unet_config = parts.unet_json.to_candle()?;
         let vae_config = parts.vae_json.to_candle()?;
         if parts.unet_json.in_channels != vae_config.latent_channels {
@@ -292,15 +336,14 @@ impl ImagePipeline {
             )));
         }
         let attention_levels = attention_levels(&unet_config.blocks);
-        let (device, dtype) = (&options.device, options.dtype);
         let text_time = parts.unet_json.text_time()?;
         let expects = UnetExpects {
             cross_attention_dim: unet_config.cross_attention_dim,
             text_time,
         };
         let text = TextEncoders::new(
-            parts.text,
-            parts.text_2,
+            &mut parts.text,
+            parts.text_2.as_mut(),
             parts.force_zeros_for_empty_prompt,
             &expects,
             (dtype, device),
@@ -311,13 +354,15 @@ impl ImagePipeline {
         } else {
             dtype
         };
+        let (unet_vb, unet_taken) = recording(std::mem::take(&mut parts.unet), dtype, device);
         let unet = Unet::new(
-            VarBuilder::from_tensors(parts.unet, dtype, device),
+            unet_vb,
             &unet_config,
             (parts.unet_json.in_channels, parts.unet_json.out_channels),
             text_time,
         )?;
-        let vae_vb = VarBuilder::from_tensors(parts.vae, vae_dtype, device);
+        parts.unet = unet_taken.into_map();
+        let (vae_vb, vae_taken) = recording(std::mem::take(&mut parts.vae), vae_dtype, device);
         let encoder = VaeEncoder::new(vae_vb.clone(), &parts.vae_json)?;
         let vae = AutoEncoderKL::new(
             vae_vb,
@@ -325,12 +370,13 @@ impl ImagePipeline {
             parts.vae_json.out_channels,
             vae_config,
         )?;
+        parts.vae = vae_taken.into_map();
         Ok(ImagePipeline {
             text,
             unet,
             vae,
             encoder,
-            scheduler: Schedulers::new(parts.scheduler_json)?,
+            scheduler: Schedulers::new(parts.scheduler_json.clone())?,
             vae_scaling: parts.vae_json.scaling_factor,
             vae_shift: parts.vae_json.shift_factor.unwrap_or(0.0),
             vae_scale_factor: parts.vae_json.scale_factor(),
@@ -339,6 +385,8 @@ impl ImagePipeline {
             device: device.clone(),
             dtype,
             vae_dtype,
+            parts,
+            loras,
         })
     }
 

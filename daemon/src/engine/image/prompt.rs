@@ -8,6 +8,7 @@ use tokenizers::{AddedToken, Tokenizer};
 
 use super::ImageError;
 
+#[derive(Clone)]
 pub struct PromptTokenizer {
     tokenizer: Tokenizer,
     length: usize,

@@ -428,6 +428,73 @@ fn kohya_lora_matches_the_reference() {
     check_lora("lora/kohya_lora.safetensors");
 }
 
+/// A LoRA set changed in memory: the adapter unmerged gives the base's
+/// reference, the same adapter in the other naming merged again gives the
+/// LoRA's, and tensors no adapter touches are shared, not copied.
+#[test]
+fn another_lora_set_is_merged_into_the_loaded_weights() {
+    let (json, tensors) = (expected_json(), expected_tensors());
+    let strength = json["lora"]["strength"].as_f64().expect("strength") as f32;
+    let peft = fixture().join("lora/pytorch_lora_weights.safetensors");
+    let kohya = fixture().join("lora/kohya_lora.safetensors");
+    let merged = ImagePipeline::load(&fixture(), &with_lora(&peft, strength)).expect("load");
+    let request = request_of(case(&json, "cfg"));
+
+    let plain = merged.with_loras(&[]).expect("unmerged");
+    assert!(plain.loras().is_empty());
+    let (steps, image) = run(&plain, &request, &tensors["cfg.latents"]);
+    assert_steps_and_image(
+        "unmerged",
+        (&steps, &image),
+        &tensors["cfg.step_latents"],
+        &tensors["cfg.image"],
+    );
+
+    let remerged = plain
+        .with_loras(&with_lora(&kohya, strength).loras)
+        .expect("merged again");
+    assert_eq!(remerged.loras()[0].path, kohya);
+    let (steps, image) = run(&remerged, &request, &tensors["cfg.latents"]);
+    assert_steps_and_image(
+        "re-merged",
+        (&steps, &image),
+        &tensors["lora.step_latents"],
+        &tensors["lora.image"],
+    );
+
+    let id = |p: &ImagePipeline, key: &str| p.parts.unet[key].id();
+    let untouched = "conv_in.weight";
+    let touched = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight";
+    assert_eq!(id(&merged, untouched), id(&remerged, untouched));
+    assert_ne!(id(&merged, touched), id(&plain, touched));
+    let vae = |p: &ImagePipeline| p.parts.vae["decoder.conv_out.weight"].id();
+    assert_eq!(vae(&merged), vae(&remerged));
+}
+
+/// Unmerging needs the numbers that were merged: an adapter file that
+/// changed since is refused, and the caller loads the base from its files.
+#[test]
+fn a_lora_changed_since_it_was_merged_is_not_unmerged() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("adapter.safetensors");
+    std::fs::copy(
+        fixture().join("lora/pytorch_lora_weights.safetensors"),
+        &file,
+    )
+    .expect("copy");
+    let merged = ImagePipeline::load(&fixture(), &with_lora(&file, 1.0)).expect("load");
+    let mut tensors = candle_core::safetensors::load(&file, &Device::Cpu).expect("adapter");
+    tensors.insert("extra".into(), zeros(&[8]));
+    candle_core::safetensors::save(&tensors, &file).expect("rewrite");
+    match merged.with_loras(&[]) {
+        Err(ImageError::LoraChanged { file: named }) => assert_eq!(named, file),
+        Err(other) => panic!("wrong error: {other}"),
+        Ok(_) => panic!("unmerged a changed adapter"),
+    }
+    // Keeping the same adapter needs no unmerging.
+    assert!(merged.with_loras(&with_lora(&file, 1.0).loras).is_ok());
+}
+
 fn load_error(adapter: HashMap<String, Tensor>) -> (PathBuf, ImageError) {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("adapter.safetensors");

@@ -1,11 +1,15 @@
 //! Weight files of a diffusers component folder, read into named tensors
-//! on the CPU, where LoRAs are merged before the networks are built.
+//! on the CPU, where LoRAs are merged before the networks are built; and
+//! the builder that keeps what the networks took, for a later rebuild.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{Device, Tensor};
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::VarBuilder;
 
 use super::ImageError;
 
@@ -67,4 +71,74 @@ pub fn load_tensors(files: &[PathBuf]) -> Result<TensorMap, ImageError> {
         tensors.insert(name, tensor);
     }
     Ok(tensors)
+}
+
+/// A `VarBuilder` backend over a tensor map that keeps every tensor the
+/// networks took, at the device and dtype they took it. What it keeps is
+/// exactly what the networks hold (the same storage), so a pipeline can
+/// be built again from it, with some tensors replaced, without reading or
+/// converting the rest.
+struct Recording {
+    source: TensorMap,
+    taken: Arc<Mutex<TensorMap>>,
+}
+
+impl Recording {
+    fn keep(&self, name: &str, tensor: &Tensor) {
+        self.taken
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name.to_owned(), tensor.clone());
+    }
+}
+
+impl SimpleBackend for Recording {
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: candle_nn::Init,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = SimpleBackend::get(&self.source, shape, name, init, dtype, device)?;
+        self.keep(name, &tensor);
+        Ok(tensor)
+    }
+
+    fn get_unchecked(
+        &self,
+        name: &str,
+        dtype: DType,
+        device: &Device,
+    ) -> candle_core::Result<Tensor> {
+        let tensor = SimpleBackend::get_unchecked(&self.source, name, dtype, device)?;
+        self.keep(name, &tensor);
+        Ok(tensor)
+    }
+
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.source.contains_key(name)
+    }
+}
+
+/// What the networks built through a `recording` builder took.
+pub struct Taken(Arc<Mutex<TensorMap>>);
+
+impl Taken {
+    pub fn into_map(self) -> TensorMap {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
+/// A builder of networks from `source` at `dtype` on `device`, and what
+/// they took from it.
+pub fn recording(source: TensorMap, dtype: DType, device: &Device) -> (VarBuilder<'static>, Taken) {
+    let taken = Arc::new(Mutex::new(TensorMap::new()));
+    let backend = Recording {
+        source,
+        taken: taken.clone(),
+    };
+    let builder = VarBuilder::from_backend(Box::new(backend), dtype, device.clone());
+    (builder, Taken(taken))
 }

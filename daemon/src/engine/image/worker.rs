@@ -23,7 +23,7 @@ pub struct ImageJob {
 }
 
 pub struct ImageWorker {
-    pub pipeline: ImagePipeline,
+    pub pipeline: std::sync::Arc<ImagePipeline>,
     pub device: candle_core::Device,
     pub device_name: String,
 }
