@@ -146,6 +146,9 @@ pub struct ServerConfig {
     /// Seconds a connection with no request, stream or partial line in
     /// progress stays open; 0 keeps it open forever.
     pub idle_timeout_s: u64,
+    /// Seconds a client may take none of its replies (its socket full)
+    /// before its connection closes and its generations are cancelled.
+    pub write_timeout_s: u64,
     /// Connections one uid may hold at once, so no single user can take
     /// every slot; 0 means `max_connections` minus a quarter for others.
     pub max_connections_per_uid: usize,
@@ -166,6 +169,7 @@ impl Default for ServerConfig {
             max_reply_bytes: 64 << 20,
             read_timeout_s: 10,
             idle_timeout_s: 600,
+            write_timeout_s: 60,
             max_connections_per_uid: 0,
         }
     }
@@ -259,7 +263,7 @@ impl Config {
                 "1 to 4096",
             ));
         }
-        let ranges: [(&'static str, u64, u64, u64); 5] = [
+        let ranges: [(&'static str, u64, u64, u64); 6] = [
             ("server.max_batch", server.max_batch as u64, 1, 10_000),
             (
                 "server.max_reply_bytes",
@@ -268,6 +272,7 @@ impl Config {
                 1 << 32,
             ),
             ("server.read_timeout_s", server.read_timeout_s, 1, 3600),
+            ("server.write_timeout_s", server.write_timeout_s, 1, 3600),
             (
                 "server.idle_timeout_s",
                 server.idle_timeout_s,

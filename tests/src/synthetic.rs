@@ -111,3 +111,27 @@ pub fn register_slow_model(daemon: &crate::Daemon, name: &str) {
         .expect("register");
     daemon.call("load", json!({"name": name})).expect("load");
 }
+
+/// Registers `name`: a one-layer synthetic llama with a 32768-position
+/// context that never ends on its own (its end-of-sequence id is out of the
+/// vocabulary), fast enough to stream tens of thousands of tokens.
+pub fn register_endless_model(daemon: &crate::Daemon, name: &str) {
+    let dir = daemon.dir.path().join(name);
+    let shape = Shape {
+        hidden: 64,
+        intermediate: 128,
+        layers: 1,
+        heads: 2,
+        kv_heads: 2,
+    };
+    write_model(&dir, "llama", shape);
+    let config = dir.join("config.json");
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).expect("config")).expect("json");
+    value["eos_token_id"] = json!(100_000);
+    value["max_position_embeddings"] = json!(32_768);
+    std::fs::write(&config, value.to_string()).expect("config");
+    daemon
+        .call("models.register", json!({"name": name, "local_path": dir}))
+        .expect("register");
+}

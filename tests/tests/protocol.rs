@@ -432,3 +432,121 @@ fn one_uid_cannot_take_every_connection() {
         .call("status", json!({}))
         .expect("a slot is free again");
 }
+
+/// A generation request for `tokens` tokens of the endless model, as a line.
+fn endless_generation(tokens: u32) -> String {
+    json!({"jsonrpc": "2.0", "id": 1, "method": "generate",
+           "params": {"model": "endless", "prompt": "x", "max_tokens": tokens}})
+    .to_string()
+}
+
+/// Connects, asks for a generation of `tokens` tokens and never reads a
+/// reply.
+fn silent_client(daemon: &Daemon, tokens: u32) -> UnixStream {
+    let mut silent = UnixStream::connect(&daemon.socket).unwrap();
+    silent
+        .write_all(format!("{}\n", endless_generation(tokens)).as_bytes())
+        .unwrap();
+    silent
+}
+
+/// A short generation on its own thread, with a generous limit on the wait
+/// so that a stalled daemon fails the test instead of hanging it.
+fn short_generation(daemon: &Daemon) -> Value {
+    let mut client = Client::connect(&daemon.socket).unwrap();
+    client
+        .set_read_timeout(Some(Duration::from_secs(120)))
+        .unwrap();
+    let params = json!({"model": "endless", "prompt": "y", "max_tokens": 5});
+    let events = client
+        .subscribe("generate", params)
+        .expect("generate accepted")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("the short generation finished");
+    events.last().cloned().expect("a done event")
+}
+
+/// CPU time (clock ticks) of the daemon's thread named `name`.
+fn thread_cpu_ticks(daemon: &Daemon, name: &str) -> Option<u64> {
+    let tasks = format!("/proc/{}/task", daemon.pid());
+    std::fs::read_dir(tasks).ok()?.flatten().find_map(|task| {
+        let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+        if comm.trim() != name {
+            return None;
+        }
+        let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+        // utime and stime are the 12th and 13th fields after the name.
+        let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+        Some(fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?)
+    })
+}
+
+/// Waits until the daemon has filled `silent`'s socket and the model's
+/// thread has stopped working on it: the bytes queued for the client and
+/// the thread's CPU time both stop growing.
+fn wait_until_stalled(daemon: &Daemon, silent: &UnixStream) {
+    use nix::sys::socket::{recv, MsgFlags};
+    use std::os::fd::AsRawFd;
+    let mut buffer = vec![0u8; 16 << 20];
+    let mut last = (0, None);
+    let mut same_since = std::time::Instant::now();
+    loop {
+        let flags = MsgFlags::MSG_PEEK | MsgFlags::MSG_DONTWAIT;
+        let queued = recv(silent.as_raw_fd(), &mut buffer, flags).unwrap_or(0);
+        let now = (queued, thread_cpu_ticks(daemon, "model-endless"));
+        if now != last {
+            (last, same_since) = (now, std::time::Instant::now());
+        } else if queued > 0 && same_since.elapsed() > Duration::from_millis(1500) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A client that asks for a generation and stops reading it cannot hold up
+/// the queue: once it has taken nothing for `write_timeout_s` its
+/// connection closes and its generation is cancelled, and the job queued
+/// behind it runs.
+#[test]
+fn a_client_that_stops_reading_is_disconnected_and_the_queue_goes_on() {
+    let daemon = Daemon::start_configured(
+        "[server]\nwrite_timeout_s = 1\n[scheduler]\nmax_batch = 1\n",
+        &[],
+    );
+    modeld_e2e::synthetic::register_endless_model(&daemon, "endless");
+    let mut silent = silent_client(&daemon, 30_000);
+    let done = short_generation(&daemon);
+    assert_eq!(done["completion_tokens"], 5, "{done}");
+    // The daemon closed the silent connection: what it sent, then the end.
+    silent
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut sent = Vec::new();
+    silent
+        .read_to_end(&mut sent)
+        .expect("the daemon closed the connection");
+    assert!(!sent.is_empty());
+}
+
+/// In a batch, a client that stops reading holds back only its own
+/// sequence: another generation on the same model runs to its end while the
+/// silent one is still running.
+#[test]
+fn a_client_that_stops_reading_holds_back_only_its_own_generation() {
+    let daemon = Daemon::start_configured("[server]\nwrite_timeout_s = 3600\n", &[]);
+    modeld_e2e::synthetic::register_endless_model(&daemon, "endless");
+    // 4000 tokens of events are more than the buffers between the worker
+    // and the socket hold, and leave the short generation KV room in the
+    // batch (the model's estimate counts 4096 positions).
+    let silent = silent_client(&daemon, 4000);
+    wait_until_stalled(&daemon, &silent);
+    let done = short_generation(&daemon);
+    assert_eq!(done["completion_tokens"], 5, "{done}");
+    let status = daemon.call("status", json!({})).unwrap();
+    let jobs = status["queue"]["jobs"].as_array().expect("jobs");
+    assert!(
+        jobs.iter().any(|j| j["running"] == true),
+        "the silent generation still runs: {status}"
+    );
+    drop(silent);
+}

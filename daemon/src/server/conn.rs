@@ -1,8 +1,9 @@
 //! One client connection: read request lines, run up to a configured number
 //! concurrently, and write replies and stream notifications back in the
 //! order they are produced. A vanished client only ends its own tasks; a
-//! slow or idle one is timed out; during shutdown every new request is
-//! answered with `shutting_down`.
+//! slow or idle one is timed out, and so is one that stops reading its
+//! replies; during shutdown every new request is answered with
+//! `shutting_down`.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::value::RawValue;
-use tokio::io::{AsyncWriteExt, BufWriter};
+use tokio::io::AsyncWriteExt;
 use tokio::net::unix::OwnedWriteHalf;
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, Semaphore};
@@ -53,7 +54,9 @@ pub async fn serve_connection(stream: UnixStream, context: ConnContext) {
     let server = state.config().server.clone();
     let (read_half, write_half) = stream.into_split();
     let (outbox, outbox_rx) = mpsc::channel::<String>(OUTBOX);
-    let writer = tokio::spawn(write_lines(write_half, outbox_rx));
+    let gone = CancellationToken::new();
+    let stall = Duration::from_secs(server.write_timeout_s);
+    let writer = tokio::spawn(write_lines(write_half, outbox_rx, stall, gone.clone()));
     let mut frames = FramedRead::new(read_half, LineCodec::new(server.max_request_bytes));
     let permits = Arc::new(Semaphore::new(server.max_in_flight_per_connection));
     let busy = Arc::new(AtomicUsize::new(0));
@@ -65,6 +68,7 @@ pub async fn serve_connection(stream: UnixStream, context: ConnContext) {
         let frame = tokio::select! {
             biased;
             _ = closing.cancelled() => break,
+            _ = gone.cancelled() => break,
             frame = frames.next() => frame,
             _ = tokio::time::sleep(WATCHDOG_TICK) => {
                 let partial = !frames.read_buffer().is_empty();
@@ -246,23 +250,69 @@ async fn forward(mut stream: Stream, outbox: mpsc::Sender<String>, stop: Cancell
     }
 }
 
-/// Writes queued lines, flushing whenever the queue runs dry so replies are
-/// prompt under light load and batched under heavy load.
-async fn write_lines(half: OwnedWriteHalf, mut outbox: mpsc::Receiver<String>) {
-    let mut writer = BufWriter::new(half);
+/// Bytes of queued lines gathered into one write.
+const WRITE_CHUNK: usize = 64 << 10;
+
+/// Writes queued lines, gathering what is queued into one write so replies
+/// are prompt under light load and batched under heavy load. A client that
+/// takes none of its replies for `stall` is treated as gone: the writer
+/// stops and cancels `gone`, which closes the connection, stops its
+/// streams and so cancels its generations. A client that stops reading can
+/// then hold up the job queue for `stall` at most.
+async fn write_lines(
+    mut half: OwnedWriteHalf,
+    mut outbox: mpsc::Receiver<String>,
+    stall: Duration,
+    gone: CancellationToken,
+) {
+    let mut buffer = Vec::with_capacity(WRITE_CHUNK);
     while let Some(line) = outbox.recv().await {
         let mut next = Some(line);
         while let Some(line) = next {
-            if writer.write_all(line.as_bytes()).await.is_err()
-                || writer.write_all(b"\n").await.is_err()
-            {
-                return;
-            }
-            next = outbox.try_recv().ok();
+            buffer.extend_from_slice(line.as_bytes());
+            buffer.push(b'\n');
+            next = if buffer.len() < WRITE_CHUNK {
+                outbox.try_recv().ok()
+            } else {
+                None
+            };
         }
-        if writer.flush().await.is_err() {
+        if let Err(failed) = write_progressing(&mut half, &buffer, stall).await {
+            if failed == WriteFailed::Stalled {
+                tracing::warn!(
+                    seconds = stall.as_secs(),
+                    "a client took none of its replies in time; closing its connection"
+                );
+            }
+            gone.cancel();
             return;
         }
+        buffer.clear();
     }
-    let _ = writer.shutdown().await;
+    let _ = half.shutdown().await;
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum WriteFailed {
+    /// The client took nothing for the whole stall limit.
+    Stalled,
+    /// The client closed its end, or the socket failed.
+    Closed,
+}
+
+/// Writes all of `bytes`, as long as each write makes progress within
+/// `stall`: a slow reader is fine, one that stopped reading is not.
+async fn write_progressing(
+    half: &mut OwnedWriteHalf,
+    mut bytes: &[u8],
+    stall: Duration,
+) -> Result<(), WriteFailed> {
+    while !bytes.is_empty() {
+        match tokio::time::timeout(stall, half.write(bytes)).await {
+            Err(_) => return Err(WriteFailed::Stalled),
+            Ok(Ok(0) | Err(_)) => return Err(WriteFailed::Closed),
+            Ok(Ok(written)) => bytes = &bytes[written..],
+        }
+    }
+    Ok(())
 }

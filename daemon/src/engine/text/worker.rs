@@ -120,10 +120,26 @@ impl Worker {
             }
             batch.answer_cancelled_waiting();
             batch.admit();
-            batch.step();
+            if !batch.step() {
+                // Every sequence waits for its client to read: wait for
+                // that, or for a new job, without spinning.
+                match jobs.recv_timeout(HELD_POLL) {
+                    Ok(job) => batch.receive(job),
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => std::thread::sleep(HELD_POLL),
+                }
+            }
         }
     }
 }
+
+/// How often a batch whose every sequence is held back looks again.
+const HELD_POLL: std::time::Duration = std::time::Duration::from_millis(5);
+
+/// The most events one step of a sequence sends: two for its token (one
+/// held back for stop strings, and the stop), then its last piece and
+/// `done` when it leaves.
+const EVENTS_PER_STEP: usize = 4;
 
 struct Batch<'t> {
     model: Decoder,
@@ -253,10 +269,20 @@ impl<'t> Batch<'t> {
 
     /// Picks each sequence's next token and streams it, lets finished
     /// sequences leave, then runs one decode step for those that remain.
-    fn step(&mut self) {
-        let mut tokens = Vec::with_capacity(self.active.len());
-        let mut staying = Vec::with_capacity(self.active.len());
-        for mut sequence in std::mem::take(&mut self.active) {
+    /// A sequence whose client has not taken its earlier events sits the
+    /// step out, so a client that stops reading holds back only its own
+    /// generation. Whether any sequence stepped.
+    fn step(&mut self) -> bool {
+        let (ready, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.active)
+            .into_iter()
+            .partition(Sequence::can_step);
+        self.active = held;
+        if ready.is_empty() {
+            return false;
+        }
+        let mut tokens = Vec::with_capacity(ready.len());
+        let mut staying = Vec::with_capacity(ready.len());
+        for mut sequence in ready {
             match sequence.advance(&self.eos_ids) {
                 Ok(token) => {
                     tokens.push(token);
@@ -266,12 +292,12 @@ impl<'t> Batch<'t> {
             }
         }
         if staying.is_empty() {
-            return;
+            return true;
         }
         let mut caches: Vec<&mut KvCache> = staying.iter_mut().map(|s| &mut s.cache).collect();
         let logits = self.model.decode(&tokens, &mut caches);
         match logits.and_then(|logits| assign_logits(&mut staying, &logits)) {
-            Ok(()) => self.active = staying,
+            Ok(()) => self.active.append(&mut staying),
             Err(err) => {
                 // A failed step leaves every cache in an unknown state.
                 let message = err.to_string();
@@ -281,6 +307,7 @@ impl<'t> Batch<'t> {
                 }
             }
         }
+        true
     }
 }
 
@@ -302,6 +329,13 @@ fn assign_logits(batch: &mut [Sequence], logits: &Tensor) -> candle_core::Result
 }
 
 impl Sequence<'_> {
+    /// Whether the client has room for a step's events (sending them then
+    /// never blocks the batch), or is gone (the step ends the sequence).
+    fn can_step(&self) -> bool {
+        let events = &self.job.events;
+        events.is_closed() || events.capacity() >= EVENTS_PER_STEP.min(events.max_capacity())
+    }
+
     fn generated(&self) -> &[u32] {
         &self.history[self.prompt_len..]
     }
