@@ -5,6 +5,7 @@
 //! choice of schedulers on candle's resnets, and VAE encoding (img2img) and
 //! decoding to RGB.
 
+pub mod attention;
 pub mod clip;
 pub mod conditioning;
 pub mod config;
@@ -422,13 +423,28 @@ impl ImagePipeline {
     }
 
     /// An upper bound of the largest attention allocation of a run: the
-    /// scores and probabilities of every head over every position of the
-    /// level it attends at (quadratic in the picture's area), for the whole
-    /// UNet batch, or the VAE's one-head attention over the latent, one
-    /// picture at a time. The attention is not chunked, so a size this does
-    /// not fit must be refused before it runs: a failed allocation aborts
-    /// the process.
+    /// VAE's one-head attention over the latent, one picture at a time,
+    /// and off the CPU (where the UNet's attention goes through in blocks)
+    /// the UNet's (`unet_scores_bytes`). Both are quadratic in the
+    /// picture's area and unchunked, so a size this does not fit must be
+    /// refused before it runs: a failed allocation aborts the process.
     pub fn attention_bytes(&self, request: &ValidImageRequest) -> u64 {
+        let (h, w) = self.latent_size(request);
+        let vae_bytes = self
+            .vae_dtype
+            .size_in_bytes()
+            .max(DType::F32.size_in_bytes());
+        let vae = scores_bytes(1, h * w, vae_bytes);
+        if self.device.is_cpu() {
+            return vae;
+        }
+        vae.max(self.unet_scores_bytes(request))
+    }
+
+    /// The scores and probabilities of every head over every position of
+    /// the level it attends at, for the whole UNet batch: what the unfused
+    /// attention allocates at most.
+    pub fn unet_scores_bytes(&self, request: &ValidImageRequest) -> u64 {
         let (h, w) = self.latent_size(request);
         let passes = if request.classifier_free_guidance() {
             2
@@ -436,8 +452,7 @@ impl ImagePipeline {
             1
         };
         let bytes = self.dtype.size_in_bytes().max(DType::F32.size_in_bytes());
-        let unet = self
-            .attention_levels
+        self.attention_levels
             .iter()
             .map(|&(level, heads)| {
                 // Each downsampling halves a side, rounding up.
@@ -445,12 +460,7 @@ impl ImagePipeline {
                 scores_bytes(request.count * passes * heads, tokens, bytes)
             })
             .max()
-            .unwrap_or(0);
-        let vae_bytes = self
-            .vae_dtype
-            .size_in_bytes()
-            .max(DType::F32.size_in_bytes());
-        unet.max(scores_bytes(1, h * w, vae_bytes))
+            .unwrap_or(0)
     }
 
     /// `(count, channels, h, w)` noise; image `i` uses seed `seed + i`, so

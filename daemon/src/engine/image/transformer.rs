@@ -41,8 +41,10 @@ impl Attention {
         let k = split_heads(self.heads, &self.to_k.forward(context)?)?;
         let v = split_heads(self.heads, &self.to_v.forward(context)?)?;
         let scale = ((dim / self.heads) as f64).powf(-0.5);
-        let scores = (q.matmul(&k.t()?)? * scale)?;
-        let out = attend(&scores, &v, xs.dtype(), (batch, seq, dim))?;
+        let out = super::attention::attention(&q, &k, &v, scale)?
+            .to_dtype(xs.dtype())?
+            .transpose(1, 2)?
+            .reshape((batch, seq, dim))?;
         self.to_out.forward(&out)
     }
 }

@@ -1,0 +1,277 @@
+//! Scaled dot-product attention on the CPU without the quadratic score
+//! tensor. Queries go through in blocks, each block's scores in a buffer
+//! its thread keeps, so a run allocates (and the kernel faults in) nothing
+//! larger than `QUERY_BLOCK × keys` floats per thread, whatever the
+//! picture's size; the softmax's exponentials are a polynomial the
+//! compiler vectorizes. Other devices take the unfused path.
+
+use std::cell::RefCell;
+
+use candle_core::{DType, Device, Result, Tensor};
+use rayon::prelude::*;
+
+/// Query rows per block: a block's scores for 4096 keys are 1 MiB.
+const QUERY_BLOCK: usize = 64;
+
+thread_local! {
+    /// One block's scores, kept between blocks and runs.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// `softmax(q · kᵀ × scale) · v` over `(batch, heads, tokens, head_dim)`
+/// f32 tensors, in f32.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    if !q.device().is_cpu() {
+        let scores = (q.matmul(&k.t()?)? * scale)?;
+        return candle_nn::ops::softmax_last_dim(&scores)?.matmul(v);
+    }
+    let (batch, heads, queries, dim) = q.dims4()?;
+    let keys = k.dim(2)?;
+    let shape = Shape { queries, keys, dim };
+    let out = cpu_attention(
+        &host_f32(q)?,
+        &host_f32(k)?,
+        &host_f32(v)?,
+        shape,
+        scale as f32,
+    );
+    Tensor::from_vec(out, (batch, heads, queries, dim), &Device::Cpu)
+}
+
+/// The contiguous f32 values of a CPU tensor.
+fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// The sizes of one head's attention.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    queries: usize,
+    keys: usize,
+    dim: usize,
+}
+
+/// Every head of `q`, `k`, `v` (row-major `[heads][tokens][dim]`), heads
+/// and query blocks spread over rayon's threads.
+fn cpu_attention(q: &[f32], k: &[f32], v: &[f32], shape: Shape, scale: f32) -> Vec<f32> {
+    let Shape { queries, keys, dim } = shape;
+    let mut out = vec![0f32; q.len()];
+    if queries == 0 || dim == 0 {
+        return out;
+    }
+    out.par_chunks_mut(queries * dim)
+        .enumerate()
+        .for_each(|(head, out)| {
+            let q = &q[head * queries * dim..][..queries * dim];
+            let k = &k[head * keys * dim..][..keys * dim];
+            let v = &v[head * keys * dim..][..keys * dim];
+            out.par_chunks_mut(QUERY_BLOCK * dim)
+                .enumerate()
+                .for_each(|(block, out)| {
+                    let q = &q[block * QUERY_BLOCK * dim..][..out.len()];
+                    attend_block(q, k, v, out, shape, scale);
+                });
+        });
+    out
+}
+
+/// One block of query rows: scores into the thread's buffer, softmax in
+/// place, then the weighted sum of `v` into `out`, normalized per row.
+fn attend_block(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], shape: Shape, scale: f32) {
+    let Shape { keys, dim, .. } = shape;
+    let rows = q.len() / dim;
+    SCORES.with(|scores| {
+        let mut scores = scores.borrow_mut();
+        scores.resize(rows * keys, 0.0);
+        // SAFETY: every pointer and stride stays inside its slice:
+        // `scores` is rows × keys, `q` rows × dim, `k` keys × dim read as
+        // its transpose, `v` keys × dim and `out` rows × dim, all
+        // row-major; `dst` is written only.
+        unsafe {
+            gemm::gemm(
+                rows,
+                keys,
+                dim,
+                scores.as_mut_ptr(),
+                1,
+                keys as isize,
+                false,
+                q.as_ptr(),
+                1,
+                dim as isize,
+                k.as_ptr(),
+                dim as isize,
+                1,
+                0.0,
+                scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        let sums = softmax_rows(&mut scores, keys);
+        // SAFETY: as above.
+        unsafe {
+            gemm::gemm(
+                rows,
+                dim,
+                keys,
+                out.as_mut_ptr(),
+                1,
+                dim as isize,
+                false,
+                scores.as_ptr(),
+                1,
+                keys as isize,
+                v.as_ptr(),
+                1,
+                dim as isize,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        for (row, sum) in out.chunks_exact_mut(dim).zip(sums) {
+            let inverse = 1.0 / sum;
+            row.iter_mut().for_each(|x| *x *= inverse);
+        }
+    });
+}
+
+/// Each row of `scores` (`keys` wide) as its unnormalized softmax, using
+/// the widest vector instructions the CPU has; returns the rows' sums.
+fn softmax_rows(scores: &mut [f32], keys: usize) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+            // SAFETY: the CPU has the features the function is compiled for.
+            return unsafe { softmax_rows_avx2(scores, keys) };
+        }
+    }
+    softmax_rows_with(scores, keys)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn softmax_rows_avx2(scores: &mut [f32], keys: usize) -> Vec<f32> {
+    softmax_rows_with(scores, keys)
+}
+
+/// Plain loops only: an iterator adapter that is not inlined would be
+/// compiled without the caller's target features.
+#[inline(always)]
+fn softmax_rows_with(scores: &mut [f32], keys: usize) -> Vec<f32> {
+    let mut sums = Vec::with_capacity(scores.len() / keys);
+    for row in scores.chunks_exact_mut(keys) {
+        sums.push(softmax_unnormalized(row));
+    }
+    sums
+}
+
+/// Lanes of the reductions below, so the compiler keeps them in vectors.
+const LANES: usize = 8;
+
+/// `row[i] = exp(row[i] − max(row))`; returns their sum.
+#[inline(always)]
+fn softmax_unnormalized(row: &mut [f32]) -> f32 {
+    let max = lanes_fold(row, f32::NEG_INFINITY, f32::max);
+    for x in row.iter_mut() {
+        *x = exp(*x - max);
+    }
+    lanes_fold(row, 0.0, |a, b| a + b)
+}
+
+/// `values` folded with `op` over `LANES` running accumulators, then across
+/// them.
+#[inline(always)]
+fn lanes_fold(values: &[f32], init: f32, op: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [init; LANES];
+    let chunks = values.chunks_exact(LANES);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &x) in lanes.iter_mut().zip(chunk) {
+            *lane = op(*lane, x);
+        }
+    }
+    let folded = lanes.into_iter().fold(init, &op);
+    rest.iter().fold(folded, |a, &b| op(a, b))
+}
+
+/// `e^x` for `x ≤ 0` to about 2 ulp: `2^n · e^r` with `n = round(x / ln 2)`
+/// and a degree-6 polynomial for `e^r` on `|r| ≤ ln 2 / 2` (Cephes'
+/// `expf` coefficients). Values under e^−87 come out as about 1.6e−38
+/// rather than 0, which no sum of a softmax row can tell apart.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split in two so that `n × LN2_HI` is exact.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5 × 2^23 rounds to the nearest integer, which is then the
+    // low bits of the sum: `bits(ROUND + n) = bits(ROUND) + n`. Reading n
+    // from there rather than converting to an integer keeps the loop in
+    // vector instructions.
+    const ROUND: f32 = 12_582_912.0;
+    const ROUND_BITS: u32 = 0x4B40_0000;
+    let x = x.max(-87.0);
+    let rounded = x * LOG2_E + ROUND;
+    let n = rounded - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let mut p = 1.987_569_1e-4;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let e = p * r * r + r + 1.0;
+    // 2^n: n + 127 in the exponent field; n ≥ −126 after the clamp.
+    let two_to_n = rounded.to_bits().wrapping_sub(ROUND_BITS - 127) << 23;
+    e * f32::from_bits(two_to_n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_within_a_few_ulp_of_the_library_exp() {
+        let mut worst = 0f32;
+        for i in 0..=200_000 {
+            let x = -(i as f32) * 87.0 / 200_000.0;
+            let (ours, theirs) = (exp(x), x.exp());
+            worst = worst.max(((ours - theirs) / theirs).abs());
+        }
+        assert!(worst < 3.0 * f32::EPSILON, "relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-1000.0) < 1e-37);
+    }
+
+    /// Odd sizes (a last block shorter than the others, keys not a
+    /// multiple of the lanes) against the unfused maths.
+    #[test]
+    fn blocked_attention_matches_the_unfused_product() {
+        let device = Device::Cpu;
+        for (queries, keys, dim) in [(150, 77, 8), (64, 64, 4), (3, 200, 40)] {
+            let q = Tensor::randn(0f32, 1.0, (2, 3, queries, dim), &device).expect("q");
+            let k = Tensor::randn(0f32, 1.0, (2, 3, keys, dim), &device).expect("k");
+            let v = Tensor::randn(0f32, 1.0, (2, 3, keys, dim), &device).expect("v");
+            let scale = (dim as f64).powf(-0.5);
+            let fused = attention(&q, &k, &v, scale).expect("fused");
+            let scores = (q.matmul(&k.t().expect("t")).expect("qk") * scale).expect("scale");
+            let unfused = candle_nn::ops::softmax_last_dim(&scores)
+                .and_then(|p| p.matmul(&v))
+                .expect("unfused");
+            let diff = (fused - unfused)
+                .and_then(|d| d.abs())
+                .and_then(|d| d.flatten_all())
+                .and_then(|d| d.max(0))
+                .and_then(|d| d.to_scalar::<f32>())
+                .expect("diff");
+            assert!(diff < 1e-5, "{queries}x{keys}x{dim}: {diff}");
+        }
+    }
+}
