@@ -15,10 +15,18 @@ zeros written as sparse files, so they take no disk. It checks, on `cuda:0`:
 5. throughput (figures, not pass/fail): batch-1 bf16 decode of a 1.1B- and
    a 7B-shaped llama as a fraction of the GPU's memory bandwidth, and the
    aggregate of 8 concurrent clients against one (continuous batching);
-   concurrent greedy generations of the fixtures still match transformers.
+   concurrent greedy generations of the fixtures still match transformers;
+6. images: the tiny-sd fixture draws the same picture on `cuda:0` as on the
+   CPU (float32, same seed), and an SD1.5-shaped pipeline at 512x512 and an
+   SDXL-shaped one at 1024x1024 (zero weights of the real sizes, written
+   from `shapes/*.json` as sparse files; float16) report load time, s/step
+   and VRAM, against diffusers on the same GPU in the same run when
+   diffusers is importable (carry its wheels: it is pure Python).
 
 Prints one JSON line per figure and exits non-zero on the first failure.
 Usage: tests/gpu/acceptance.py [--modeld PATH] [--big-layers N] [--bandwidth-gbs N]
+       tests/gpu/acceptance.py --images-only --device cpu   (a CPU smoke run
+       of check 6 at small sizes, to try the script without a GPU)
 """
 
 import argparse
@@ -131,6 +139,27 @@ def check_fixtures(daemon, workdir):
         daemon.call("unload", {"name": fixture})
 
 
+def write_sparse_safetensors(file, shapes, dtype="BF16"):
+    """Zeros of `shapes` (name -> shape) in safetensors, written as a sparse
+    file: the size is real for the loader and the GPU, but takes no disk
+    space. Returns the data's size in bytes."""
+    width = {"BF16": 2, "F16": 2, "F32": 4}[dtype]
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = width
+        for dim in shape:
+            size *= dim
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        offset += size
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    with open(file, "wb") as f:
+        f.write(len(text).to_bytes(8, "little"))
+        f.write(text)
+        f.truncate(8 + len(text) + offset)
+    return offset
+
+
 def write_sparse_llama(path, layers, hidden, intermediate):
     """A llama of zeros in bf16 safetensors, written as a sparse file: the
     size is real for the loader and the GPU, but takes no disk space."""
@@ -147,19 +176,7 @@ def write_sparse_llama(path, layers, hidden, intermediate):
             shapes[p + name + ".weight"] = shape
         shapes[p + "input_layernorm.weight"] = [hidden]
         shapes[p + "post_attention_layernorm.weight"] = [hidden]
-    header, offset = {}, 0
-    for name, shape in shapes.items():
-        size = 2
-        for dim in shape:
-            size *= dim
-        header[name] = {"dtype": "BF16", "shape": shape, "data_offsets": [offset, offset + size]}
-        offset += size
-    text = json.dumps(header).encode()
-    text += b" " * (-len(text) % 8)
-    with open(os.path.join(path, "model.safetensors"), "wb") as f:
-        f.write(len(text).to_bytes(8, "little"))
-        f.write(text)
-        f.truncate(8 + len(text) + offset)
+    offset = write_sparse_safetensors(os.path.join(path, "model.safetensors"), shapes)
     config = {"model_type": "llama", "hidden_size": hidden, "intermediate_size": intermediate,
               "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": heads,
               "vocab_size": vocab, "rms_norm_eps": 1e-5, "max_position_embeddings": 4096,
@@ -302,15 +319,171 @@ def expect_insufficient(daemon, name, how):
             fail("expected insufficient_memory on cuda:0, got %s" % err)
 
 
+def write_sparse_pipeline(path, shapes_name, dtype):
+    """A diffusers pipeline folder of zero weights at the sizes in
+    `shapes/<shapes_name>.json`, with the tiny fixtures' tokenizers."""
+    spec = json.load(open(os.path.join(HERE, "shapes", shapes_name + ".json")))
+    os.makedirs(path, exist_ok=True)
+    json.dump(spec["model_index"], open(os.path.join(path, "model_index.json"), "w"))
+    for name, part in spec["components"].items():
+        folder = os.path.join(path, name)
+        os.makedirs(folder, exist_ok=True)
+        json.dump(part["config"], open(os.path.join(folder, "config.json"), "w"))
+        stem = "model" if name.startswith("text_encoder") else "diffusion_pytorch_model"
+        write_sparse_safetensors(os.path.join(folder, stem + ".safetensors"), part["tensors"], dtype)
+    os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
+    json.dump(spec["scheduler"], open(os.path.join(path, "scheduler", "scheduler_config.json"), "w"))
+    for name, fixture in spec["tokenizers"].items():
+        shutil.copytree(os.path.join(REPO, "tests", "fixtures", fixture), os.path.join(path, name))
+
+
+def png_pixels(data):
+    """The 8-bit RGB pixels of a PNG (what modeld writes), as bytes."""
+    import struct
+    import zlib
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
+    at, idat, width, height = 8, b"", 0, 0
+    while at < len(data):
+        length, kind = struct.unpack(">I4s", data[at:at + 8])
+        body = data[at + 8:at + 8 + length]
+        if kind == b"IHDR":
+            width, height, depth, color = struct.unpack(">IIBB", body[:10])
+            assert (depth, color) == (8, 2), "not 8-bit RGB"
+        elif kind == b"IDAT":
+            idat += body
+        at += 12 + length
+    raw, stride = zlib.decompress(idat), width * 3
+    rows, previous = [], bytearray(stride)
+    for y in range(height):
+        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for x in range(stride):
+            a = line[x - 3] if x >= 3 else 0
+            b = previous[x]
+            c = previous[x - 3] if x >= 3 else 0
+            if kind == 1:
+                line[x] = (line[x] + a) & 255
+            elif kind == 2:
+                line[x] = (line[x] + b) & 255
+            elif kind == 3:
+                line[x] = (line[x] + (a + b) // 2) & 255
+            elif kind == 4:
+                p = a + b - c
+                pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
+                line[x] = (line[x] + (a if pa <= pb and pa <= pc else b if pb <= pc else c)) & 255
+        rows.append(bytes(line))
+        previous = line
+    return b"".join(rows)
+
+
+def image_run(daemon, params):
+    """Runs one image generation; returns (done event, seconds per step:
+    the median gap between consecutive progress events)."""
+    with Client(daemon.socket) as client:
+        events = list(client.stream("generate", params))
+    elapsed = [e["elapsed_ms"] for e in events if e.get("event") == "progress"]
+    gaps = sorted(b - a for a, b in zip(elapsed, elapsed[1:]))
+    step_s = gaps[len(gaps) // 2] / 1000 if gaps else None
+    return events[-1], step_s
+
+
+def check_image_devices(daemon, workdir, device):
+    """The tiny-sd fixture's picture on `device` against the CPU's."""
+    import base64
+    source = os.path.join(REPO, "tests", "fixtures", "tiny-sd")
+    copy = os.path.join(workdir, "tiny-sd")
+    shutil.copytree(source, copy)
+    pictures = {}
+    for where in sorted({"cpu", device}):
+        name = "tiny-sd-" + where.replace(":", "")
+        daemon.call("models.register", {"name": name, "local_path": copy})
+        daemon.call("load", {"name": name, "device": where, "dtype": "f32"})
+        done, _ = image_run(daemon, {"model": name, "prompt": "a cat", "size": "64x64", "steps": 4,
+                                     "guidance": 7.5, "seed": 1, "inline": True})
+        pictures[where] = png_pixels(base64.b64decode(done["images"][0]["base64"]))
+        daemon.call("unload", {"name": name})
+    worst = max(abs(a - b) for a, b in zip(pictures["cpu"], pictures[device]))
+    report(check="image_devices", device=device, max_pixel_diff=worst)
+    if worst > 2:
+        fail("tiny-sd draws a different picture on %s than on the CPU (%d)" % (device, worst))
+
+
+def diffusers_steps(path, xl, size, steps, device, dtype):
+    """diffusers' load time and median s/step for the same pipeline on the
+    same device; None when diffusers is not importable."""
+    try:
+        import torch
+        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    except ImportError:
+        return None
+    started = time.time()
+    kind = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
+    torch_dtype = {"f16": torch.float16, "f32": torch.float32}[dtype]
+    pipe = kind.from_pretrained(path, torch_dtype=torch_dtype).to(device)
+    load_s = time.time() - started
+    ends = []
+    def on_step(pipe, step, timestep, kwargs):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        ends.append(time.time())
+        return kwargs
+    pipe("a cat", height=size, width=size, num_inference_steps=steps, guidance_scale=7.5,
+         callback_on_step_end=on_step, output_type="np")
+    gaps = sorted(b - a for a, b in zip(ends, ends[1:]))
+    del pipe
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return load_s, gaps[len(gaps) // 2]
+
+
+def check_image_speed(daemon, workdir, device, small):
+    dtype = "f32" if device == "cpu" else "f16"
+    cases = [("sd15", False, 64 if small else 512), ("sdxl", True, 64 if small else 1024)]
+    steps = 3 if small else 20
+    for name, xl, size in cases:
+        path = os.path.join(workdir, name)
+        write_sparse_pipeline(path, name, "F32" if dtype == "f32" else "F16")
+        daemon.call("models.register", {"name": name, "local_path": path})
+        started = time.time()
+        loaded = daemon.call("load", {"name": name, "device": device, "dtype": dtype})["model"]
+        load_s = time.time() - started
+        image_run(daemon, {"model": name, "prompt": "a cat", "size": "%dx%d" % (size, size),
+                           "steps": 2, "guidance": 7.5})
+        done, step_s = image_run(daemon, {"model": name, "prompt": "a cat", "steps": steps,
+                                          "size": "%dx%d" % (size, size), "guidance": 7.5})
+        figures = dict(check="image_speed", model=name, device=device, dtype=dtype, size=size,
+                       steps=steps, load_s=round(load_s, 2), step_s=step_s,
+                       generate_ms=done["generate_ms"],
+                       estimated=loaded["estimated_bytes"], measured=loaded["measured_bytes"])
+        daemon.call("unload", {"name": name})
+        theirs = diffusers_steps(path, xl, size, steps, device, dtype)
+        if theirs:
+            figures.update(diffusers_load_s=round(theirs[0], 2), diffusers_step_s=round(theirs[1], 4),
+                           step_ratio=step_s and round(step_s / theirs[1], 2))
+        report(**figures)
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modeld", default=os.path.join(REPO, "target", "cuda", "cuda", "modeld"))
     parser.add_argument("--big-layers", type=int, default=32)
     parser.add_argument("--bandwidth-gbs", type=float, default=None,
                         help="the GPU's memory bandwidth, when its name is not known here")
+    parser.add_argument("--images-only", action="store_true", help="run check 6 alone")
+    parser.add_argument("--device", default="cuda:0",
+                        help="where check 6 runs its pipelines (cpu: a small smoke run)")
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="modeld-gpu-")
     daemon = Daemon(args.modeld, workdir)
+    if args.images_only:
+        try:
+            check_image_devices(daemon, workdir, args.device)
+            check_image_speed(daemon, workdir, args.device, small=args.device == "cpu")
+            report(result="pass")
+        finally:
+            daemon.stop()
+            shutil.rmtree(workdir, ignore_errors=True)
+        return
     try:
         status = daemon.call("vram")
         report(check="vram", gpus=[(g["name"], g["total_bytes"]) for g in status["gpus"]],
@@ -320,6 +493,8 @@ def main():
         check_fixtures(daemon, workdir)
         check_vram_cycles(daemon, workdir, args.big_layers)
         check_throughput(daemon, workdir, args.bandwidth_gbs)
+        check_image_devices(daemon, workdir, "cuda:0")
+        check_image_speed(daemon, workdir, "cuda:0", small=False)
     finally:
         daemon.stop()
     try:
