@@ -9,6 +9,7 @@ pub mod attention;
 pub mod clip;
 pub mod conditioning;
 pub mod config;
+pub mod conv;
 pub mod lora;
 pub mod noise;
 pub mod open_clip;

@@ -1,37 +1,34 @@
 //! The denoising UNet (diffusers `UNet2DConditionModel`, SD 1.x/2.x and
 //! SDXL with its `text_time` added conditioning).
 //!
-//! Assembled here from candle's public resnet and timestep-embedding
-//! pieces rather than taken whole from candle, because candle's UNet uses
-//! its tanh-GELU attention blocks (see `transformer.rs`) and builds the
-//! resnets of plain down/up blocks with a fixed 32 groups instead of the
-//! config's `norm_num_groups`.
+//! Assembled here from candle's public timestep-embedding pieces rather
+//! than taken whole from candle, because candle's UNet uses its tanh-GELU
+//! attention blocks (see `transformer.rs`) and builds the resnets of plain
+//! down/up blocks with a fixed 32 groups instead of the config's
+//! `norm_num_groups`. The resnets are this file's own so that their 3x3
+//! convolutions run on `conv.rs` on the CPU.
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
+use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
 use candle_transformers::models::stable_diffusion::{
     embeddings::{TimestepEmbedding, Timesteps},
-    resnet::{ResnetBlock2D, ResnetBlock2DConfig},
     unet_2d::{BlockConfig, UNet2DConditionModelConfig},
 };
+
+use super::conv::Conv3x3;
 
 use super::conditioning::{AddedConditioning, Conditioning};
 use super::config::TextTimeShape;
 use super::transformer::{SpatialTransformer, TransformerShape};
 
-fn conv3x3(
-    vb: VarBuilder,
-    from: usize,
-    to: usize,
-    stride: usize,
-    padding: usize,
-) -> Result<Conv2d> {
+/// A down block's 3x3 convolution with stride 2.
+fn downsampler(vb: VarBuilder, channels: usize, padding: usize) -> Result<Conv2d> {
     let config = Conv2dConfig {
-        stride,
+        stride: 2,
         padding,
         ..Default::default()
     };
-    conv2d(from, to, 3, config, vb)
+    conv2d(channels, channels, 3, config, vb)
 }
 
 /// What every block takes from the model's config.
@@ -41,17 +38,19 @@ struct Shared<'a> {
 }
 
 impl Shared<'_> {
-    fn resnet(&self, vb: VarBuilder, from: usize, to: usize, scale: f64) -> Result<ResnetBlock2D> {
-        let config = ResnetBlock2DConfig {
-            out_channels: Some(to),
-            temb_channels: Some(self.time_dim),
-            groups: self.config.norm_num_groups,
-            groups_out: None,
-            eps: self.config.norm_eps,
-            use_in_shortcut: None,
-            output_scale_factor: scale,
-        };
-        ResnetBlock2D::new(vb, from, config)
+    fn resnet(&self, vb: VarBuilder, from: usize, to: usize, scale: f64) -> Result<Resnet> {
+        let (groups, eps) = (self.config.norm_num_groups, self.config.norm_eps);
+        Ok(Resnet {
+            norm1: group_norm(groups, from, eps, vb.pp("norm1"))?,
+            conv1: Conv3x3::new(vb.pp("conv1"), from, to)?,
+            time_emb_proj: linear(self.time_dim, to, vb.pp("time_emb_proj"))?,
+            norm2: group_norm(groups, to, eps, vb.pp("norm2"))?,
+            conv2: Conv3x3::new(vb.pp("conv2"), to, to)?,
+            shortcut: (from != to)
+                .then(|| conv2d(from, to, 1, Default::default(), vb.pp("conv_shortcut")))
+                .transpose()?,
+            scale,
+        })
     }
 
     fn transformer(
@@ -90,9 +89,40 @@ impl Shared<'_> {
     }
 }
 
+/// diffusers `ResnetBlock2D` with the time embedding added between its
+/// convolutions, divided by `output_scale_factor` at the end.
+struct Resnet {
+    norm1: GroupNorm,
+    conv1: Conv3x3,
+    time_emb_proj: Linear,
+    norm2: GroupNorm,
+    conv2: Conv3x3,
+    /// A 1x1 convolution when the channel count changes.
+    shortcut: Option<Conv2d>,
+    scale: f64,
+}
+
+impl Resnet {
+    fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
+        let shortcut = match &self.shortcut {
+            Some(conv) => conv.forward(xs)?,
+            None => xs.clone(),
+        };
+        let hidden = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
+        let time = self
+            .time_emb_proj
+            .forward(&temb.silu()?)?
+            .unsqueeze(2)?
+            .unsqueeze(3)?;
+        let hidden = hidden.broadcast_add(&time)?;
+        let hidden = self.conv2.forward(&self.norm2.forward(&hidden)?.silu()?)?;
+        (shortcut + hidden)? / self.scale
+    }
+}
+
 /// A down block: resnets, optional attention after each, optional downsampler.
 struct DownBlock {
-    resnets: Vec<ResnetBlock2D>,
+    resnets: Vec<Resnet>,
     attentions: Vec<SpatialTransformer>,
     downsampler: Option<Conv2d>,
 }
@@ -121,13 +151,8 @@ impl DownBlock {
         let attentions = shared.attentions(vb.pp("attentions"), &block, layers, to)?;
         let downsampler = (index + 1 < blocks.len())
             .then(|| {
-                conv3x3(
-                    vb.pp("downsamplers.0.conv"),
-                    to,
-                    to,
-                    2,
-                    shared.config.downsample_padding,
-                )
+                let padding = shared.config.downsample_padding;
+                downsampler(vb.pp("downsamplers.0.conv"), to, padding)
             })
             .transpose()?;
         Ok(DownBlock {
@@ -147,7 +172,7 @@ impl DownBlock {
     ) -> Result<Tensor> {
         let mut xs = xs.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
-            xs = resnet.forward(&xs, Some(temb))?;
+            xs = resnet.forward(&xs, temb)?;
             if let Some(attention) = self.attentions.get(i) {
                 xs = attention.forward(&xs, context)?;
             }
@@ -164,9 +189,9 @@ impl DownBlock {
 /// An up block: resnets fed with skip states, optional attention after
 /// each, optional nearest-neighbour upsampler.
 struct UpBlock {
-    resnets: Vec<ResnetBlock2D>,
+    resnets: Vec<Resnet>,
     attentions: Vec<SpatialTransformer>,
-    upsampler: Option<Conv2d>,
+    upsampler: Option<Conv3x3>,
 }
 
 impl UpBlock {
@@ -196,7 +221,7 @@ impl UpBlock {
             .collect::<Result<Vec<_>>>()?;
         let attentions = shared.attentions(vb.pp("attentions"), &block, layers, to)?;
         let upsampler = (index + 1 < channels.len())
-            .then(|| conv3x3(vb.pp("upsamplers.0.conv"), to, to, 1, 1))
+            .then(|| Conv3x3::new(vb.pp("upsamplers.0.conv"), to, to))
             .transpose()?;
         Ok(UpBlock {
             resnets,
@@ -217,7 +242,7 @@ impl UpBlock {
             let skip = skips
                 .pop()
                 .ok_or_else(|| candle_core::Error::Msg("UNet skip states ran out".into()))?;
-            xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, Some(temb))?;
+            xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, temb)?;
             if let Some(attention) = self.attentions.get(i) {
                 xs = attention.forward(&xs, context)?;
             }
@@ -236,9 +261,9 @@ impl UpBlock {
 
 /// The mid block: resnet, attention, resnet.
 struct MidBlock {
-    first: ResnetBlock2D,
+    first: Resnet,
     attention: SpatialTransformer,
-    second: ResnetBlock2D,
+    second: Resnet,
 }
 
 impl MidBlock {
@@ -263,9 +288,9 @@ impl MidBlock {
     }
 
     fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let xs = self.first.forward(xs, Some(temb))?;
+        let xs = self.first.forward(xs, temb)?;
         let xs = self.attention.forward(&xs, context)?;
-        self.second.forward(&xs, Some(temb))
+        self.second.forward(&xs, temb)
     }
 }
 
@@ -308,7 +333,7 @@ impl TextTimeEmbedding {
 }
 
 pub struct Unet {
-    conv_in: Conv2d,
+    conv_in: Conv3x3,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
     text_time: Option<TextTimeEmbedding>,
@@ -316,7 +341,7 @@ pub struct Unet {
     mid: MidBlock,
     up: Vec<UpBlock>,
     norm_out: GroupNorm,
-    conv_out: Conv2d,
+    conv_out: Conv3x3,
     center_input: bool,
 }
 
@@ -334,7 +359,7 @@ impl Unet {
         };
         let blocks = config.blocks.len();
         Ok(Unet {
-            conv_in: conv3x3(vb.pp("conv_in"), in_channels, c0, 1, 1)?,
+            conv_in: Conv3x3::new(vb.pp("conv_in"), in_channels, c0)?,
             time_proj: Timesteps::new(c0, config.flip_sin_to_cos, config.freq_shift),
             time_embedding: TimestepEmbedding::new(vb.pp("time_embedding"), c0, c0 * 4)?,
             text_time: text_time
@@ -353,7 +378,7 @@ impl Unet {
                 config.norm_eps,
                 vb.pp("conv_norm_out"),
             )?,
-            conv_out: conv3x3(vb.pp("conv_out"), c0, out_channels, 1, 1)?,
+            conv_out: Conv3x3::new(vb.pp("conv_out"), c0, out_channels)?,
             center_input: config.center_input_sample,
         })
     }
