@@ -41,11 +41,9 @@ impl Attention {
         let k = split_heads(self.heads, &self.to_k.forward(context)?)?;
         let v = split_heads(self.heads, &self.to_v.forward(context)?)?;
         let scale = ((dim / self.heads) as f64).powf(-0.5);
-        let out = super::attention::attention(&q, &k, &v, scale)?
-            .to_dtype(xs.dtype())?
-            .transpose(1, 2)?
-            .reshape((batch, seq, dim))?;
-        self.to_out.forward(&out)
+        let out = super::attention::attention(&q, &k, &v, scale)?;
+        self.to_out
+            .forward(&merge_heads(&out, xs.dtype(), (batch, seq, dim))?)
     }
 }
 
@@ -194,6 +192,12 @@ pub(super) fn split_heads(heads: usize, xs: &Tensor) -> Result<Tensor> {
         .to_dtype(DType::F32)
 }
 
+/// `(batch, heads, seq, head_dim)` → `shape` (batch, seq, heads ×
+/// head_dim) at `dtype`: the inverse of `split_heads`.
+fn merge_heads(xs: &Tensor, dtype: DType, shape: (usize, usize, usize)) -> Result<Tensor> {
+    xs.to_dtype(dtype)?.transpose(1, 2)?.reshape(shape)
+}
+
 /// Softmax of `scores` applied to `v`, heads merged back into `shape`
 /// (batch, seq, dim) at `dtype`.
 pub(super) fn attend(
@@ -202,9 +206,6 @@ pub(super) fn attend(
     dtype: DType,
     shape: (usize, usize, usize),
 ) -> Result<Tensor> {
-    candle_nn::ops::softmax_last_dim(scores)?
-        .matmul(v)?
-        .to_dtype(dtype)?
-        .transpose(1, 2)?
-        .reshape(shape)
+    let out = candle_nn::ops::softmax_last_dim(scores)?.matmul(v)?;
+    merge_heads(&out, dtype, shape)
 }
