@@ -10,8 +10,12 @@ use std::cell::RefCell;
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
-/// Query rows per block: a block's scores for 4096 keys are 1 MiB.
+/// Query rows per block at most: a block's scores for 4096 keys are 1 MiB.
 const QUERY_BLOCK: usize = 64;
+
+/// Scores per block at most (4 MiB), so that very long rows (the VAE's
+/// attention over a large picture's every position) take fewer rows.
+const BLOCK_SCORES: usize = 1 << 20;
 
 thread_local! {
     /// One block's scores, kept between blocks and runs.
@@ -65,10 +69,11 @@ fn cpu_attention(q: &[f32], k: &[f32], v: &[f32], shape: Shape, scale: f32) -> V
             let q = &q[head * queries * dim..][..queries * dim];
             let k = &k[head * keys * dim..][..keys * dim];
             let v = &v[head * keys * dim..][..keys * dim];
-            out.par_chunks_mut(QUERY_BLOCK * dim)
+            let rows = (BLOCK_SCORES / keys.max(1)).clamp(1, QUERY_BLOCK);
+            out.par_chunks_mut(rows * dim)
                 .enumerate()
                 .for_each(|(block, out)| {
-                    let q = &q[block * QUERY_BLOCK * dim..][..out.len()];
+                    let q = &q[block * rows * dim..][..out.len()];
                     attend_block(q, k, v, out, shape, scale);
                 });
         });
@@ -251,11 +256,12 @@ mod tests {
     }
 
     /// Odd sizes (a last block shorter than the others, keys not a
-    /// multiple of the lanes) against the unfused maths.
+    /// multiple of the lanes, rows so long that a block holds fewer of
+    /// them) against the unfused maths.
     #[test]
     fn blocked_attention_matches_the_unfused_product() {
         let device = Device::Cpu;
-        for (queries, keys, dim) in [(150, 77, 8), (64, 64, 4), (3, 200, 40)] {
+        for (queries, keys, dim) in [(150, 77, 8), (64, 64, 4), (3, 200, 40), (150, 30_000, 2)] {
             let q = Tensor::randn(0f32, 1.0, (2, 3, queries, dim), &device).expect("q");
             let k = Tensor::randn(0f32, 1.0, (2, 3, keys, dim), &device).expect("k");
             let v = Tensor::randn(0f32, 1.0, (2, 3, keys, dim), &device).expect("v");

@@ -16,10 +16,12 @@ pub mod open_clip;
 pub mod output;
 pub mod prompt;
 pub mod request;
+pub mod resnet;
 pub mod scheduler;
 pub mod single_file;
 pub mod transformer;
 pub mod unet;
+pub mod vae_decoder;
 pub mod vae_encoder;
 pub mod weights;
 pub mod worker;
@@ -36,7 +38,6 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::stable_diffusion::unet_2d::BlockConfig;
-use candle_transformers::models::stable_diffusion::vae::AutoEncoderKL;
 use modeld_wire::types::LoraInfo;
 
 use self::conditioning::{Conditioning, EncoderParts, TextEncoders, UnetExpects};
@@ -45,6 +46,7 @@ use self::request::InitImage;
 pub use self::request::{ImageRequest, ValidImageRequest};
 use self::scheduler::{Sampler, SchedulerJson, SchedulerKind, Schedulers, StepNoise};
 use self::unet::Unet;
+use self::vae_decoder::VaeDecoder;
 use self::vae_encoder::VaeEncoder;
 use self::weights::{component_files, load_tensors, recording, TensorMap};
 
@@ -260,7 +262,7 @@ pub fn weight_files(path: &Path) -> Result<Vec<PathBuf>, ImageError> {
 pub struct ImagePipeline {
     text: TextEncoders,
     unet: Unet,
-    vae: AutoEncoderKL,
+    vae: VaeDecoder,
     encoder: VaeEncoder,
     scheduler: Schedulers,
     vae_scaling: f64,
@@ -366,12 +368,7 @@ impl ImagePipeline {
         parts.unet = unet_taken.into_map();
         let (vae_vb, vae_taken) = recording(std::mem::take(&mut parts.vae), vae_dtype, device);
         let encoder = VaeEncoder::new(vae_vb.clone(), &parts.vae_json)?;
-        let vae = AutoEncoderKL::new(
-            vae_vb,
-            parts.vae_json.in_channels,
-            parts.vae_json.out_channels,
-            vae_config,
-        )?;
+        let vae = VaeDecoder::new(vae_vb, &parts.vae_json)?;
         parts.vae = vae_taken.into_map();
         Ok(ImagePipeline {
             text,
@@ -423,23 +420,32 @@ impl ImagePipeline {
             .unwrap_or_else(|| self.scheduler.default_kind())
     }
 
-    /// An upper bound of the largest attention allocation of a run: the
-    /// VAE's one-head attention over the latent, one picture at a time,
-    /// and off the CPU (where the UNet's attention goes through in blocks)
-    /// the UNet's (`unet_scores_bytes`). Both are quadratic in the
-    /// picture's area and unchunked, so a size this does not fit must be
-    /// refused before it runs: a failed allocation aborts the process.
+    /// An upper bound of the largest attention allocation of a run. Off
+    /// the CPU the attention is not chunked: the UNet's scores
+    /// (`unet_scores_bytes`) or the VAE's one-head attention over the
+    /// latent, one picture at a time (`vae_scores_bytes`), are quadratic in
+    /// the picture's area, so a size this does not fit must be refused
+    /// before it runs: a failed allocation aborts the process. On the CPU
+    /// both go through in blocks (`attention.rs`), but the VAE's bound is
+    /// kept as a stand-in limit: a picture past it would take hours a step
+    /// there, and a step cannot be cancelled midway.
     pub fn attention_bytes(&self, request: &ValidImageRequest) -> u64 {
-        let (h, w) = self.latent_size(request);
-        let vae_bytes = self
-            .vae_dtype
-            .size_in_bytes()
-            .max(DType::F32.size_in_bytes());
-        let vae = scores_bytes(1, h * w, vae_bytes);
+        let vae = self.vae_scores_bytes(request);
         if self.device.is_cpu() {
             return vae;
         }
         vae.max(self.unet_scores_bytes(request))
+    }
+
+    /// The VAE's scores and probabilities over every latent position, for
+    /// one picture.
+    pub fn vae_scores_bytes(&self, request: &ValidImageRequest) -> u64 {
+        let (h, w) = self.latent_size(request);
+        let bytes = self
+            .vae_dtype
+            .size_in_bytes()
+            .max(DType::F32.size_in_bytes());
+        scores_bytes(1, h * w, bytes)
     }
 
     /// The scores and probabilities of every head over every position of
@@ -611,9 +617,8 @@ impl ImagePipeline {
     /// Latents → `(count, height, width, 3)` f32 pixels in [0, 1].
     pub(crate) fn decode(&self, latents: &Tensor) -> Result<Tensor, ImageError> {
         let scaled = ((latents / self.vae_scaling)? + self.vae_shift)?.to_dtype(self.vae_dtype)?;
-        // One picture at a time: candle's VAE attention feeds a transposed
-        // (non-contiguous) batch to `Linear`, which mixes up the pictures of
-        // a batch larger than one.
+        // One picture at a time: off the CPU the VAE's attention allocates
+        // a score matrix over every latent position, per picture.
         let decoded = (0..scaled.dim(0)?)
             .map(|i| self.vae.decode(&scaled.narrow(0, i, 1)?))
             .collect::<candle_core::Result<Vec<_>>>()?;

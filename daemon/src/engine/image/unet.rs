@@ -5,17 +5,17 @@
 //! than taken whole from candle, because candle's UNet uses its tanh-GELU
 //! attention blocks (see `transformer.rs`) and builds the resnets of plain
 //! down/up blocks with a fixed 32 groups instead of the config's
-//! `norm_num_groups`. The resnets are this file's own so that their 3x3
-//! convolutions run on `conv.rs` on the CPU.
+//! `norm_num_groups` (the resnets are `resnet.rs`).
 
 use candle_core::{DType, Device, Module, Result, Tensor};
-use candle_nn::{conv2d, group_norm, linear, Conv2d, Conv2dConfig, GroupNorm, Linear, VarBuilder};
+use candle_nn::{conv2d, group_norm, Conv2d, Conv2dConfig, GroupNorm, VarBuilder};
 use candle_transformers::models::stable_diffusion::{
     embeddings::{TimestepEmbedding, Timesteps},
     unet_2d::{BlockConfig, UNet2DConditionModelConfig},
 };
 
 use super::conv::Conv3x3;
+use super::resnet::{Resnet, ResnetShape};
 
 use super::conditioning::{AddedConditioning, Conditioning};
 use super::config::TextTimeShape;
@@ -39,18 +39,15 @@ struct Shared<'a> {
 
 impl Shared<'_> {
     fn resnet(&self, vb: VarBuilder, from: usize, to: usize, scale: f64) -> Result<Resnet> {
-        let (groups, eps) = (self.config.norm_num_groups, self.config.norm_eps);
-        Ok(Resnet {
-            norm1: group_norm(groups, from, eps, vb.pp("norm1"))?,
-            conv1: Conv3x3::new(vb.pp("conv1"), from, to)?,
-            time_emb_proj: linear(self.time_dim, to, vb.pp("time_emb_proj"))?,
-            norm2: group_norm(groups, to, eps, vb.pp("norm2"))?,
-            conv2: Conv3x3::new(vb.pp("conv2"), to, to)?,
-            shortcut: (from != to)
-                .then(|| conv2d(from, to, 1, Default::default(), vb.pp("conv_shortcut")))
-                .transpose()?,
+        let shape = ResnetShape {
+            from,
+            to,
+            groups: self.config.norm_num_groups,
+            eps: self.config.norm_eps,
+            time_dim: Some(self.time_dim),
             scale,
-        })
+        };
+        Resnet::new(vb, shape)
     }
 
     fn transformer(
@@ -86,37 +83,6 @@ impl Shared<'_> {
         (0..layers)
             .map(|i| self.transformer(vb.pp(i), channels, block.attention_head_dim, depth))
             .collect()
-    }
-}
-
-/// diffusers `ResnetBlock2D` with the time embedding added between its
-/// convolutions, divided by `output_scale_factor` at the end.
-struct Resnet {
-    norm1: GroupNorm,
-    conv1: Conv3x3,
-    time_emb_proj: Linear,
-    norm2: GroupNorm,
-    conv2: Conv3x3,
-    /// A 1x1 convolution when the channel count changes.
-    shortcut: Option<Conv2d>,
-    scale: f64,
-}
-
-impl Resnet {
-    fn forward(&self, xs: &Tensor, temb: &Tensor) -> Result<Tensor> {
-        let shortcut = match &self.shortcut {
-            Some(conv) => conv.forward(xs)?,
-            None => xs.clone(),
-        };
-        let hidden = self.conv1.forward(&self.norm1.forward(xs)?.silu()?)?;
-        let time = self
-            .time_emb_proj
-            .forward(&temb.silu()?)?
-            .unsqueeze(2)?
-            .unsqueeze(3)?;
-        let hidden = hidden.broadcast_add(&time)?;
-        let hidden = self.conv2.forward(&self.norm2.forward(&hidden)?.silu()?)?;
-        (shortcut + hidden)? / self.scale
     }
 }
 
@@ -172,7 +138,7 @@ impl DownBlock {
     ) -> Result<Tensor> {
         let mut xs = xs.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
-            xs = resnet.forward(&xs, temb)?;
+            xs = resnet.forward(&xs, Some(temb))?;
             if let Some(attention) = self.attentions.get(i) {
                 xs = attention.forward(&xs, context)?;
             }
@@ -242,7 +208,7 @@ impl UpBlock {
             let skip = skips
                 .pop()
                 .ok_or_else(|| candle_core::Error::Msg("UNet skip states ran out".into()))?;
-            xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, temb)?;
+            xs = resnet.forward(&Tensor::cat(&[&xs, &skip], 1)?, Some(temb))?;
             if let Some(attention) = self.attentions.get(i) {
                 xs = attention.forward(&xs, context)?;
             }
@@ -288,9 +254,9 @@ impl MidBlock {
     }
 
     fn forward(&self, xs: &Tensor, temb: &Tensor, context: &Tensor) -> Result<Tensor> {
-        let xs = self.first.forward(xs, temb)?;
+        let xs = self.first.forward(xs, Some(temb))?;
         let xs = self.attention.forward(&xs, context)?;
-        self.second.forward(&xs, temb)
+        self.second.forward(&xs, Some(temb))
     }
 }
 

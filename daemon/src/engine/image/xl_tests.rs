@@ -410,13 +410,15 @@ fn the_attention_bound_follows_the_levels_that_attend() {
     let unet = 2 * (8 * 2 * 4) * tokens * tokens * 4;
     assert_eq!(pipeline.unet_scores_bytes(&request), unet);
     // The VAE's one-head attention over the whole 512x512 latent, one
-    // picture at a time, is all the CPU needs: its UNet attends in blocks.
+    // picture at a time.
     let latent: u64 = 512 * 512;
     let vae = 2 * latent * latent * 4;
-    assert_eq!(pipeline.attention_bytes(&request), vae);
-    // One picture without guidance: the VAE's is the larger anyway.
+    assert_eq!(pipeline.vae_scores_bytes(&request), vae);
+    // One picture without guidance: the VAE's is the larger.
     (request.count, request.guidance) = (1, 1.0);
     assert!(pipeline.unet_scores_bytes(&request) < vae);
+    // On the CPU both attend in blocks; the VAE's bound stays as a limit.
+    assert_eq!(pipeline.attention_bytes(&request), vae);
 }
 
 #[test]
