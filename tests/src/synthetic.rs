@@ -86,11 +86,32 @@ pub fn write_model(dir: &Path, model_type: &str, shape: Shape) -> u64 {
     std::fs::metadata(&weights).expect("weights").len()
 }
 
-/// Registers and loads `name`: a synthetic llama big enough that a long
-/// generation takes seconds. Its end-of-sequence id is out of the
-/// vocabulary, so only `max_tokens` (or a cancel) ends a generation.
-pub fn register_slow_model(daemon: &crate::Daemon, name: &str) {
+/// Writes a synthetic llama (as `write_model`) whose end-of-sequence id is
+/// out of the vocabulary, so that only `max_tokens` (or a cancel) ends a
+/// generation, with a `context`-position context.
+pub fn write_never_ending_model(dir: &Path, shape: Shape, context: usize) {
+    write_model(dir, "llama", shape);
+    let config = dir.join("config.json");
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).expect("config")).expect("json");
+    value["eos_token_id"] = json!(100_000);
+    value["max_position_embeddings"] = json!(context);
+    std::fs::write(&config, value.to_string()).expect("config");
+}
+
+/// Writes a never-ending model (`write_never_ending_model`) under the
+/// daemon's dir and registers it as `name`.
+fn register_never_ending(daemon: &crate::Daemon, name: &str, shape: Shape, context: usize) {
     let dir = daemon.dir.path().join(name);
+    write_never_ending_model(&dir, shape, context);
+    daemon
+        .call("models.register", json!({"name": name, "local_path": dir}))
+        .expect("register");
+}
+
+/// Registers and loads `name`: a never-ending synthetic llama big enough
+/// that a long generation takes seconds.
+pub fn register_slow_model(daemon: &crate::Daemon, name: &str) {
     // About 20M parameters: a few milliseconds a token, so 4000 tokens
     // take seconds even on a fast machine.
     let shape = Shape {
@@ -100,23 +121,14 @@ pub fn register_slow_model(daemon: &crate::Daemon, name: &str) {
         heads: 8,
         kv_heads: 8,
     };
-    write_model(&dir, "llama", shape);
-    let config = dir.join("config.json");
-    let mut value: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&config).expect("config")).expect("json");
-    value["eos_token_id"] = json!(100_000);
-    std::fs::write(&config, value.to_string()).expect("config");
-    daemon
-        .call("models.register", json!({"name": name, "local_path": dir}))
-        .expect("register");
+    register_never_ending(daemon, name, shape, 4096);
     daemon.call("load", json!({"name": name})).expect("load");
 }
 
-/// Registers `name`: a one-layer synthetic llama with a 32768-position
-/// context that never ends on its own (its end-of-sequence id is out of the
-/// vocabulary), fast enough to stream tens of thousands of tokens.
+/// Registers `name`: a one-layer never-ending synthetic llama with a
+/// 32768-position context, fast enough to stream tens of thousands of
+/// tokens.
 pub fn register_endless_model(daemon: &crate::Daemon, name: &str) {
-    let dir = daemon.dir.path().join(name);
     let shape = Shape {
         hidden: 64,
         intermediate: 128,
@@ -124,14 +136,5 @@ pub fn register_endless_model(daemon: &crate::Daemon, name: &str) {
         heads: 2,
         kv_heads: 2,
     };
-    write_model(&dir, "llama", shape);
-    let config = dir.join("config.json");
-    let mut value: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&config).expect("config")).expect("json");
-    value["eos_token_id"] = json!(100_000);
-    value["max_position_embeddings"] = json!(32_768);
-    std::fs::write(&config, value.to_string()).expect("config");
-    daemon
-        .call("models.register", json!({"name": name, "local_path": dir}))
-        .expect("register");
+    register_never_ending(daemon, name, shape, 32_768);
 }

@@ -117,11 +117,7 @@ fn quantized_generations_are_the_same_alone_and_batched() {
         heads: 4,
         kv_heads: 2,
     };
-    modeld_e2e::synthetic::write_model(&dir, "llama", shape);
-    let config = dir.join("config.json");
-    let mut value: Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
-    value["eos_token_id"] = json!(100_000);
-    std::fs::write(&config, value.to_string()).unwrap();
+    modeld_e2e::synthetic::write_never_ending_model(&dir, shape, 4096);
     for kind in [GgufType::Q8_0, GgufType::Q4K] {
         let name = format!("{kind:?}").to_lowercase().replace('_', "-");
         let out = daemon.dir.path().join(&name);

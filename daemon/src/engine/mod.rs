@@ -417,18 +417,27 @@ impl Engine {
         let resident = tokio::task::spawn_blocking(move || start_worker(&request, files, estimate))
             .await
             .map_err(|e| EngineError::Files(format!("load task failed: {e}")))??;
-        let mut resident = resident;
+        Ok(Loaded {
+            model: self.admit(resident, keep_alive),
+            already_loaded: false,
+            evicted,
+        })
+    }
+
+    /// Makes a freshly loaded model resident, unloaded after `keep_alive`
+    /// unused; returns its description.
+    fn admit(
+        &self,
+        mut resident: Resident,
+        keep_alive: Option<std::time::Duration>,
+    ) -> LoadedModel {
         resident.keep_alive = keep_alive;
         let info = resident.info.clone();
         self.resident
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .insert(info.name.clone(), Arc::new(resident));
-        Ok(Loaded {
-            model: info,
-            already_loaded: false,
-            evicted,
-        })
+        info
     }
 
     /// An image model with another LoRA set of a resident, idle image model
@@ -471,15 +480,9 @@ impl Engine {
             measured_bytes,
             started,
         };
-        let mut resident = image_resident(request, image)?;
-        resident.keep_alive = request.keep_alive;
-        let info = resident.info.clone();
-        self.resident
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(info.name.clone(), Arc::new(resident));
+        let resident = image_resident(request, image)?;
         Ok(Some(Loaded {
-            model: info,
+            model: self.admit(resident, request.keep_alive),
             already_loaded: false,
             evicted: vec![sibling.name],
         }))

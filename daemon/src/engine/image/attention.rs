@@ -7,8 +7,10 @@
 
 use std::cell::RefCell;
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
+
+use super::conv::with_f32;
 
 /// Query rows per block at most: a block's scores for 4096 keys are 1 MiB.
 const QUERY_BLOCK: usize = 64;
@@ -32,19 +34,13 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     let (batch, heads, queries, dim) = q.dims4()?;
     let keys = k.dim(2)?;
     let shape = Shape { queries, keys, dim };
-    let out = cpu_attention(
-        &host_f32(q)?,
-        &host_f32(k)?,
-        &host_f32(v)?,
-        shape,
-        scale as f32,
-    );
+    let (q, k, v) = (q.contiguous()?, k.contiguous()?, v.contiguous()?);
+    let out = with_f32(&q, |q| {
+        with_f32(&k, |k| {
+            with_f32(&v, |v| Ok(cpu_attention(q, k, v, shape, scale as f32)))
+        })
+    })?;
     Tensor::from_vec(out, (batch, heads, queries, dim), &Device::Cpu)
-}
-
-/// The contiguous f32 values of a CPU tensor.
-fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
-    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
 
 /// The sizes of one head's attention.
@@ -241,6 +237,7 @@ fn exp(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::image::tests::max_abs_diff;
 
     #[test]
     fn exp_is_within_a_few_ulp_of_the_library_exp() {
@@ -271,12 +268,7 @@ mod tests {
             let unfused = candle_nn::ops::softmax_last_dim(&scores)
                 .and_then(|p| p.matmul(&v))
                 .expect("unfused");
-            let diff = (fused - unfused)
-                .and_then(|d| d.abs())
-                .and_then(|d| d.flatten_all())
-                .and_then(|d| d.max(0))
-                .and_then(|d| d.to_scalar::<f32>())
-                .expect("diff");
+            let diff = max_abs_diff(&fused, &unfused);
             assert!(diff < 1e-5, "{queries}x{keys}x{dim}: {diff}");
         }
     }

@@ -54,12 +54,15 @@ impl Module for Conv3x3 {
     }
 }
 
-/// The contiguous f32 values of a CPU tensor, borrowed.
-fn with_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
+/// The values of a contiguous f32 CPU tensor, borrowed for `f` (no copy).
+pub(super) fn with_f32<T>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<T>) -> Result<T> {
     let (storage, layout) = t.storage_and_layout();
     let Storage::Cpu(cpu) = &*storage else {
-        candle_core::bail!("conv3x3: not a CPU tensor")
+        candle_core::bail!("with_f32: not a CPU tensor")
     };
+    if !layout.is_contiguous() {
+        candle_core::bail!("with_f32: not a contiguous tensor")
+    }
     let values = cpu.as_slice::<f32>()?;
     f(&values[layout.start_offset()..][..t.elem_count()])
 }
@@ -185,6 +188,7 @@ fn shifted_row(input: &[f32], out_row: &mut [f32], plane: Plane, (y, dx): (usize
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::image::tests::max_abs_diff;
 
     /// Odd sizes, a one-pixel-wide picture and several tiles against
     /// candle's convolution.
@@ -198,12 +202,7 @@ mod tests {
             let weight = Tensor::randn(0f32, 1.0, (outputs, inputs, 3, 3), &device).expect("w");
             let ours = cpu_conv3x3(&xs, &weight).expect("ours");
             let theirs = xs.conv2d(&weight, 1, 1, 1, 1).expect("candle");
-            let diff = (ours - theirs)
-                .and_then(|d| d.abs())
-                .and_then(|d| d.flatten_all())
-                .and_then(|d| d.max(0))
-                .and_then(|d| d.to_scalar::<f32>())
-                .expect("diff");
+            let diff = max_abs_diff(&ours, &theirs);
             assert!(diff < 1e-4, "{batch}x{inputs}x{h}x{w}: {diff}");
         }
     }
