@@ -66,6 +66,9 @@ pub struct GenerateArgs {
     /// Image models, img2img: how much to redraw, in (0, 1]
     #[arg(long)]
     strength: Option<f64>,
+    /// FLUX models: the T5 prompt's token budget (1-512).
+    #[arg(long)]
+    max_sequence_length: Option<u32>,
 }
 
 /// The `--init-image` file as the request's base64.
@@ -160,6 +163,7 @@ pub fn generate(client: &mut Client, args: &GenerateArgs, json: bool) -> Outcome
         scheduler: args.scheduler.clone(),
         init_image: init_image(args)?,
         strength: args.strength,
+        max_sequence_length: args.max_sequence_length,
     };
     let mut stdout = std::io::stdout();
     for item in client.subscribe(methods::GENERATE, &params)? {

@@ -87,6 +87,7 @@ impl From<ImageError> for EngineError {
             }
             err @ ImageError::LoraChanged { .. } => EngineError::Files(err.to_string()),
             ImageError::Cancelled => EngineError::Cancelled,
+            ImageError::Invalid(err) => EngineError::Invalid(err),
             ImageError::Candle(err) => EngineError::from(err),
         }
     }

@@ -38,6 +38,7 @@ fn image_only(p: &GenerateParams) -> Option<&'static str> {
         ("scheduler", p.scheduler.is_some()),
         ("init_image", p.init_image.is_some()),
         ("strength", p.strength.is_some()),
+        ("max_sequence_length", p.max_sequence_length.is_some()),
     ]
     .into_iter()
     .find_map(|(name, set)| set.then_some(name))

@@ -131,6 +131,10 @@ pub struct GenerateParams {
     /// (0, 1], default 0.75; `steps × strength` steps run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub strength: Option<f64>,
+    /// FLUX models: the T5 prompt's token budget, 1 to 512; default 512
+    /// for dev, 256 for schnell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_sequence_length: Option<u32>,
 }
 
 /// One picture an image generation wrote.

@@ -219,36 +219,41 @@ impl ClipWithProjection {
 
     pub fn forward(&self, ids: &Tensor) -> Result<ProjectedStates> {
         let states = self.encoder.hidden_states(ids)?;
-        let rows = self
-            .pooled_positions(ids)?
-            .into_iter()
-            .enumerate()
-            .map(|(row, position)| states.last.get(row)?.get(position))
-            .collect::<Result<Vec<_>>>()?;
-        let pooled = Tensor::stack(&rows, 0)?;
+        let pooled = pooled_output(&states.last, ids, self.eos_token_id)?;
         Ok(ProjectedStates {
             penultimate: states.penultimate,
             text_embeds: self.text_projection.forward(&pooled)?,
         })
     }
+}
 
-    /// Where each row's pooled state is read, as transformers does: configs
-    /// from before its fix say `eos_token_id` 2 and are pooled at the
-    /// largest id (CLIP's end token is the last of its vocabulary); others
-    /// at the first end token.
-    fn pooled_positions(&self, ids: &Tensor) -> Result<Vec<usize>> {
-        let rows = ids.to_device(&Device::Cpu)?.to_vec2::<u32>()?;
-        Ok(rows
-            .iter()
-            .map(|row| {
-                if self.eos_token_id == 2 {
-                    first_position_of(row, row.iter().copied().max().unwrap_or(0))
-                } else {
-                    first_position_of(row, self.eos_token_id)
-                }
-            })
-            .collect())
-    }
+/// `pooler_output`: each row's final state at its end token, `(batch,
+/// hidden)`.
+pub fn pooled_output(last: &Tensor, ids: &Tensor, eos_token_id: u32) -> Result<Tensor> {
+    let rows = pooled_positions(ids, eos_token_id)?
+        .into_iter()
+        .enumerate()
+        .map(|(row, position)| last.get(row)?.get(position))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::stack(&rows, 0)
+}
+
+/// Where each row's pooled state is read, as transformers does: configs
+/// from before its fix say `eos_token_id` 2 and are pooled at the largest
+/// id (CLIP's end token is the last of its vocabulary); others at the
+/// first end token.
+fn pooled_positions(ids: &Tensor, eos_token_id: u32) -> Result<Vec<usize>> {
+    let rows = ids.to_device(&Device::Cpu)?.to_vec2::<u32>()?;
+    Ok(rows
+        .iter()
+        .map(|row| {
+            if eos_token_id == 2 {
+                first_position_of(row, row.iter().copied().max().unwrap_or(0))
+            } else {
+                first_position_of(row, eos_token_id)
+            }
+        })
+        .collect())
 }
 
 /// The first index holding `id`, else 0 (what `argmax` of an all-false

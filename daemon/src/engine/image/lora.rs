@@ -1,7 +1,8 @@
-//! LoRAs for image pipelines, merged into the UNet and text-encoder
-//! weights at load: `W += strength × (alpha / rank) × up · down`.
+//! LoRAs for image pipelines, merged into the UNet (or FLUX's
+//! transformer) and text-encoder weights at load: `W += strength × (alpha / rank) × up · down`.
 //!
-//! Two namings are understood: diffusers/PEFT (`unet.<module>.lora_A.weight`,
+//! Two namings are understood: diffusers/PEFT (`unet.<module>.lora_A.weight`
+//! or FLUX's `transformer.<module>.lora_A.weight`,
 //! `text_encoder.<module>.lora_B.weight`, SDXL's `text_encoder_2.<module>`,
 //! optional `<module>.alpha`; no alpha means alpha = rank) and kohya
 //! (`lora_unet_<module with _>.lora_down.weight`, `.lora_up.weight`,
@@ -24,7 +25,8 @@ use super::ImageError;
 /// Which network a LoRA module adapts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Target {
-    Unet,
+    /// The UNet, or FLUX's transformer.
+    Denoiser,
     TextEncoder,
     TextEncoder2,
 }
@@ -46,8 +48,11 @@ enum Part {
 
 /// `(target, module name as written, part)` of one adapter key.
 fn parse_key(key: &str) -> Option<(Target, &str, Part)> {
-    let (target, rest) = if let Some(rest) = key.strip_prefix("unet.") {
-        (Target::Unet, rest)
+    let (target, rest) = if let Some(rest) = key
+        .strip_prefix("unet.")
+        .or_else(|| key.strip_prefix("transformer."))
+    {
+        (Target::Denoiser, rest)
     } else if let Some(rest) = key.strip_prefix("text_encoder.") {
         (Target::TextEncoder, rest)
     } else if let Some(rest) = key.strip_prefix("text_encoder_2.") {
@@ -55,7 +60,7 @@ fn parse_key(key: &str) -> Option<(Target, &str, Part)> {
     } else if let Some(rest) = key.strip_prefix("lora_te2_") {
         (Target::TextEncoder2, rest)
     } else if let Some(rest) = key.strip_prefix("lora_unet_") {
-        (Target::Unet, rest)
+        (Target::Denoiser, rest)
     } else if let Some(rest) = key
         .strip_prefix("lora_te_")
         .or_else(|| key.strip_prefix("lora_te1_"))
@@ -163,7 +168,8 @@ fn kohya_names(base: &TensorMap) -> HashMap<String, String> {
 
 /// The networks LoRAs adapt, as tensor maps.
 pub struct Adapted<'a> {
-    pub unet: &'a mut TensorMap,
+    /// The UNet, or FLUX's transformer.
+    pub denoiser: &'a mut TensorMap,
     pub text: &'a mut TensorMap,
     /// SDXL's second text encoder.
     pub text_2: Option<&'a mut TensorMap>,
@@ -172,7 +178,7 @@ pub struct Adapted<'a> {
 impl Adapted<'_> {
     fn network(&self, target: Target) -> Option<&TensorMap> {
         match target {
-            Target::Unet => Some(self.unet),
+            Target::Denoiser => Some(self.denoiser),
             Target::TextEncoder => Some(self.text),
             Target::TextEncoder2 => self.text_2.as_deref(),
         }
@@ -180,7 +186,7 @@ impl Adapted<'_> {
 
     fn network_mut(&mut self, target: Target) -> Option<&mut TensorMap> {
         match target {
-            Target::Unet => Some(self.unet),
+            Target::Denoiser => Some(self.denoiser),
             Target::TextEncoder => Some(self.text),
             Target::TextEncoder2 => self.text_2.as_deref_mut(),
         }
@@ -274,12 +280,12 @@ type Plan = HashMap<(Target, String), Vec<Factors>>;
 
 /// Reads and checks every change: `(adapter, +1 to merge or -1 to unmerge)`.
 fn plan(nets: &Adapted, changes: &[(&LoraInfo, f64)]) -> Result<Plan, ImageError> {
-    let targets = [Target::Unet, Target::TextEncoder, Target::TextEncoder2];
+    let targets = [Target::Denoiser, Target::TextEncoder, Target::TextEncoder2];
     let kohya: HashMap<Target, HashMap<String, String>> = targets
         .into_iter()
         .filter_map(|t| Some((t, kohya_names(nets.network(t)?))))
         .collect();
-    let layers = down_block_layers(nets.unet);
+    let layers = down_block_layers(nets.denoiser);
     let mut plan = Plan::new();
     for &(lora, sign) in changes {
         let file = lora.path.as_path();
@@ -288,7 +294,7 @@ fn plan(nets: &Adapted, changes: &[(&LoraInfo, f64)]) -> Result<Plan, ImageError
         let (mut matched, mut unmatched) = (0, 0);
         for ((target, name), module) in modules(file, tensors)? {
             let name = match target {
-                Target::Unet => from_ldm_path(&name, layers).unwrap_or(name),
+                Target::Denoiser => from_ldm_path(&name, layers).unwrap_or(name),
                 _ => name,
             };
             // A text_encoder_2 module on a one-encoder pipeline is unmatched.

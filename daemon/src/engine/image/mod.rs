@@ -10,6 +10,7 @@ pub mod clip;
 pub mod conditioning;
 pub mod config;
 pub mod conv;
+pub mod flux;
 pub mod lora;
 pub mod noise;
 pub mod open_clip;
@@ -19,8 +20,10 @@ pub mod request;
 pub mod resnet;
 pub mod scheduler;
 pub mod single_file;
+pub mod t5;
 pub mod transformer;
 pub mod unet;
+pub mod vae;
 pub mod vae_decoder;
 pub mod vae_encoder;
 pub mod weights;
@@ -46,8 +49,7 @@ use self::request::InitImage;
 pub use self::request::{ImageRequest, ValidImageRequest};
 use self::scheduler::{Sampler, SchedulerJson, SchedulerKind, Schedulers, StepNoise};
 use self::unet::Unet;
-use self::vae_decoder::VaeDecoder;
-use self::vae_encoder::VaeEncoder;
+use self::vae::Vae;
 use self::weights::{component_files, load_tensors, recording, TensorMap};
 
 #[derive(Debug, thiserror::Error)]
@@ -72,6 +74,9 @@ pub enum ImageError {
     LoraChanged { file: PathBuf },
     #[error("generation cancelled")]
     Cancelled,
+    /// A request parameter this family cannot run.
+    #[error(transparent)]
+    Invalid(#[from] crate::validate::ValidationError),
     #[error("inference failed: {0}")]
     Candle(#[from] candle_core::Error),
 }
@@ -187,7 +192,7 @@ impl Components {
     /// The networks LoRAs adapt.
     fn adapted(&mut self) -> lora::Adapted<'_> {
         lora::Adapted {
-            unet: &mut self.unet,
+            denoiser: &mut self.unet,
             text: &mut self.text.weights,
             text_2: self.text_2.as_mut().map(|t| &mut t.weights),
         }
@@ -262,19 +267,13 @@ pub fn weight_files(path: &Path) -> Result<Vec<PathBuf>, ImageError> {
 pub struct ImagePipeline {
     text: TextEncoders,
     unet: Unet,
-    vae: VaeDecoder,
-    encoder: VaeEncoder,
+    vae: Vae,
     scheduler: Schedulers,
-    vae_scaling: f64,
-    vae_shift: f64,
-    vae_scale_factor: usize,
-    latent_channels: usize,
     /// Where the UNet attends, for `attention_bytes`: `(downsamplings,
     /// heads)` of every block with attention and of the mid block.
     attention_levels: Vec<(usize, usize)>,
     device: Device,
     dtype: DType,
-    vae_dtype: DType,
     /// What the networks were built from, for `with_loras`.
     parts: Components,
     loras: Vec<lora::Merged>,
@@ -367,23 +366,16 @@ impl ImagePipeline {
         )?;
         parts.unet = unet_taken.into_map();
         let (vae_vb, vae_taken) = recording(std::mem::take(&mut parts.vae), vae_dtype, device);
-        let encoder = VaeEncoder::new(vae_vb.clone(), &parts.vae_json)?;
-        let vae = VaeDecoder::new(vae_vb, &parts.vae_json)?;
+        let vae = Vae::new(vae_vb, &parts.vae_json)?;
         parts.vae = vae_taken.into_map();
         Ok(ImagePipeline {
             text,
             unet,
             vae,
-            encoder,
             scheduler: Schedulers::new(parts.scheduler_json.clone())?,
-            vae_scaling: parts.vae_json.scaling_factor,
-            vae_shift: parts.vae_json.shift_factor.unwrap_or(0.0),
-            vae_scale_factor: parts.vae_json.scale_factor(),
-            latent_channels: parts.vae_json.latent_channels,
             attention_levels,
             device: device.clone(),
             dtype,
-            vae_dtype,
             parts,
             loras,
         })
@@ -440,12 +432,7 @@ impl ImagePipeline {
     /// The VAE's scores and probabilities over every latent position, for
     /// one picture.
     pub fn vae_scores_bytes(&self, request: &ValidImageRequest) -> u64 {
-        let (h, w) = self.latent_size(request);
-        let bytes = self
-            .vae_dtype
-            .size_in_bytes()
-            .max(DType::F32.size_in_bytes());
-        scores_bytes(1, h * w, bytes)
+        self.vae.scores_bytes(request.height, request.width)
     }
 
     /// The scores and probabilities of every head over every position of
@@ -474,18 +461,18 @@ impl ImagePipeline {
     /// each picture of a batch can be reproduced on its own.
     fn seeded_latents(&self, request: &ValidImageRequest) -> Result<Tensor, ImageError> {
         let (h, w) = self.latent_size(request);
-        let per_image = self.latent_channels * h * w;
+        let per_image = self.vae.latent_channels * h * w;
         let noise: Vec<f32> = (0..request.count as u64)
             .flat_map(|i| noise::standard_normal(request.seed.wrapping_add(i), per_image))
             .collect();
-        let shape = (request.count, self.latent_channels, h, w);
+        let shape = (request.count, self.vae.latent_channels, h, w);
         Ok(Tensor::from_vec(noise, shape, &Device::Cpu)?.to_device(&self.device)?)
     }
 
     fn latent_size(&self, request: &ValidImageRequest) -> (usize, usize) {
         (
-            request.height / self.vae_scale_factor,
-            request.width / self.vae_scale_factor,
+            request.height / self.vae.scale_factor,
+            request.width / self.vae.scale_factor,
         )
     }
 
@@ -524,27 +511,14 @@ impl ImagePipeline {
         self.decode(&latents)
     }
 
-    /// img2img's clean latents: the picture's latent posterior sampled
-    /// with `noise` for each of `count` pictures, scaled as the UNet sees
-    /// latents (diffusers' `retrieve_latents`, sample mode).
+    /// img2img's clean latents, as the UNet sees them (`Vae::encode`).
     pub(crate) fn encode_image(
         &self,
         image: &InitImage,
         count: usize,
         noise: &mut dyn StepNoise,
     ) -> Result<Tensor, ImageError> {
-        let (w, h) = (image.width as usize, image.height as usize);
-        let pixels = Tensor::from_vec(image.rgb.clone(), (1, h, w, 3), &Device::Cpu)?
-            .permute((0, 3, 1, 2))?
-            .to_dtype(DType::F32)?;
-        let pixels = ((pixels / 127.5)? - 1.0)?
-            .to_device(&self.device)?
-            .to_dtype(self.vae_dtype)?;
-        let posterior = self.encoder.encode(&pixels)?;
-        let mean = posterior.mean.repeat((count, 1, 1, 1))?;
-        let std = posterior.std.repeat((count, 1, 1, 1))?;
-        let sample = (&mean + (std * noise.noise(&mean)?)?)?;
-        Ok(((sample - self.vae_shift)? * self.vae_scaling)?)
+        self.vae.encode(image, count, noise, &self.device)
     }
 
     /// The UNet's conditioning: `[uncond; count] ++ [prompt; count]` with
@@ -616,15 +590,7 @@ impl ImagePipeline {
 
     /// Latents → `(count, height, width, 3)` f32 pixels in [0, 1].
     pub(crate) fn decode(&self, latents: &Tensor) -> Result<Tensor, ImageError> {
-        let scaled = ((latents / self.vae_scaling)? + self.vae_shift)?.to_dtype(self.vae_dtype)?;
-        // One picture at a time: off the CPU the VAE's attention allocates
-        // a score matrix over every latent position, per picture.
-        let decoded = (0..scaled.dim(0)?)
-            .map(|i| self.vae.decode(&scaled.narrow(0, i, 1)?))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        let decoded = Tensor::cat(&decoded, 0)?.to_dtype(DType::F32)?;
-        let pixels = ((decoded / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
-        Ok(pixels.permute((0, 2, 3, 1))?.contiguous()?)
+        self.vae.decode(latents)
     }
 }
 

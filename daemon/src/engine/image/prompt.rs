@@ -127,17 +127,23 @@ impl PromptTokenizer {
 
     /// The ids of `text`, exactly `length` of them.
     pub fn ids(&self, text: &str) -> Result<Vec<u32>, ImageError> {
+        self.ids_of_length(text, self.length)
+    }
+
+    /// The ids of `text`, exactly `length` of them (T5's length is a
+    /// request parameter).
+    pub fn ids_of_length(&self, text: &str, length: usize) -> Result<Vec<u32>, ImageError> {
         let encoding = self
             .tokenizer
             .encode(text, true)
             .map_err(|e| ImageError::Tokenizer(e.to_string()))?;
         let mut ids = encoding.get_ids().to_vec();
-        if ids.len() > self.length {
+        if ids.len() > length {
             // Like transformers' truncation: the text is cut, the end token stays.
-            ids.truncate(self.length - 1);
+            ids.truncate(length.saturating_sub(1));
             ids.push(self.eos_id);
         }
-        ids.resize(self.length, self.pad_id);
+        ids.resize(length, self.pad_id);
         Ok(ids)
     }
 }

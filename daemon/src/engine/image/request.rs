@@ -30,6 +30,17 @@ pub struct InitImage {
     pub rgb: Vec<u8>,
 }
 
+/// Which of the parameters that have defaults the client (or its mode)
+/// set, so that a family with other defaults (FLUX) applies its own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Given {
+    pub steps: bool,
+    pub guidance: bool,
+}
+
+/// The most T5 tokens a request may ask for (FLUX was trained with 512).
+pub const MAX_SEQUENCE_LENGTH: u32 = 512;
+
 /// An image request before validation.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ImageRequest {
@@ -44,6 +55,9 @@ pub struct ImageRequest {
     pub scheduler: Option<String>,
     pub init_image: Option<InitImage>,
     pub strength: Option<f64>,
+    pub given: Given,
+    /// FLUX: T5's token budget.
+    pub max_sequence_length: Option<u32>,
 }
 
 /// An image request whose every field is within its limits.
@@ -63,6 +77,9 @@ pub struct ValidImageRequest {
     pub init_image: Option<InitImage>,
     /// img2img: the fraction of `steps` run from the noised picture.
     pub strength: f64,
+    pub given: Given,
+    /// FLUX: T5's token budget; `None` for the model's default.
+    pub max_sequence_length: Option<usize>,
 }
 
 impl ValidImageRequest {
@@ -215,6 +232,11 @@ impl TryFrom<ImageRequest> for ValidImageRequest {
             guidance: check_guidance(request.guidance)?,
             count: check_range("count", request.count, MAX_COUNT)?,
             scheduler: check_scheduler(request.scheduler.as_deref())?,
+            max_sequence_length: request
+                .max_sequence_length
+                .map(|n| check_range("max_sequence_length", n, MAX_SEQUENCE_LENGTH))
+                .transpose()?,
+            given: request.given,
             prompt: request.prompt,
             negative_prompt: request.negative_prompt,
             seed: request.seed,
@@ -331,6 +353,11 @@ impl ValidImage {
             scheduler: params.scheduler.clone(),
             init_image,
             strength: params.strength,
+            given: Given {
+                steps: params.steps.is_some(),
+                guidance: params.guidance.is_some(),
+            },
+            max_sequence_length: params.max_sequence_length,
         };
         let request = ValidImageRequest::try_from(request).map_err(|mut err| {
             if err.field == "width" || err.field == "height" {
@@ -365,6 +392,8 @@ mod tests {
             scheduler: None,
             init_image: None,
             strength: None,
+            given: Given::default(),
+            max_sequence_length: None,
         }
     }
 

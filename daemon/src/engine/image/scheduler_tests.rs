@@ -104,6 +104,8 @@ fn request(json: &Value, case: &Value) -> ValidImageRequest {
         scheduler: Some(case["scheduler"].as_str().expect("scheduler").into()),
         strength: case["strength"].as_f64(),
         init_image,
+        given: request::Given::default(),
+        max_sequence_length: None,
     })
     .expect("valid request")
 }
@@ -270,7 +272,7 @@ fn the_vae_encoder_matches_diffusers() {
     )
     .expect("zeros")]));
     let encoded = pipeline.encode_image(&image, 1, &mut zero).expect("encode");
-    let mean = (encoded / pipeline.vae_scaling).expect("unscale");
+    let mean = (encoded / pipeline.vae.scaling).expect("unscale");
     let diff = max_abs_diff(&mean, &tensors["init_image.latent_mean"]);
     assert!(diff <= TOLERANCE, "posterior mean: {diff}");
 }

@@ -68,6 +68,8 @@ fn request_of(case: &Value) -> ValidImageRequest {
         scheduler: None,
         init_image: None,
         strength: None,
+        given: request::Given::default(),
+        max_sequence_length: None,
     })
     .expect("reference request is valid")
 }

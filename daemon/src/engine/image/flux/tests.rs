@@ -1,0 +1,334 @@
+//! The FLUX pipeline against diffusers' reference numbers for the
+//! tiny-flux fixture: sigmas, token ids, T5 states and CLIP's pooled
+//! output, every step's packed latents and the picture, for dev, schnell,
+//! the BFL single file, its fp8 copy and a PEFT LoRA.
+
+use std::collections::HashMap;
+use std::ops::ControlFlow;
+use std::path::PathBuf;
+
+use candle_core::{DType, Device, Tensor};
+use modeld_wire::types::LoraInfo;
+use serde_json::Value;
+
+use super::*;
+use crate::engine::image::request::{Given, ImageRequest};
+use crate::engine::image::tests::{assert_close, case, cpu_f32, max_abs_diff, no_noise};
+
+fn fixture() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/tiny-flux"
+    ))
+}
+
+fn expected_json() -> Value {
+    let text = std::fs::read_to_string(fixture().join("expected.json")).expect("expected.json");
+    serde_json::from_str(&text).expect("expected.json parses")
+}
+
+fn expected() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture().join("expected.safetensors"), &Device::Cpu)
+        .expect("expected.safetensors")
+}
+
+fn load(folder: &str, options: &ImageLoad) -> FluxPipeline {
+    FluxPipeline::load(&fixture().join(folder), options).expect("pipeline loads")
+}
+
+fn single_file(name: &str, options: &ImageLoad) -> FluxPipeline {
+    let file = fixture().join("single_file").join(name);
+    FluxPipeline::load_single_file(&file, &fixture().join("dev"), options)
+        .expect("single file loads")
+}
+
+/// The request a reference case's pipeline call makes.
+fn request_of(case: &Value) -> ValidImageRequest {
+    let number = |key: &str| case[key].as_u64().unwrap_or_else(|| panic!("{key}"));
+    ValidImageRequest::try_from(ImageRequest {
+        prompt: case["prompt"].as_str().expect("prompt").into(),
+        negative_prompt: None,
+        width: number("width") as u32,
+        height: number("height") as u32,
+        steps: number("steps") as u32,
+        guidance: case["guidance"].as_f64().expect("guidance"),
+        seed: 0,
+        count: 1,
+        scheduler: None,
+        init_image: None,
+        strength: None,
+        given: Given {
+            steps: true,
+            guidance: true,
+        },
+        max_sequence_length: Some(number("max_sequence_length") as u32),
+    })
+    .expect("reference request is valid")
+}
+
+fn floats(value: &Value) -> Vec<f32> {
+    value
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|v| v.as_f64().expect("number") as f32)
+        .collect()
+}
+
+/// Every step's packed latents and the picture of `pipeline` on the case's
+/// stored starting latents.
+fn run(pipeline: &FluxPipeline, name: &str) -> (Vec<Tensor>, Tensor) {
+    let json = expected_json();
+    let request = request_of(case(&json, name));
+    let settings = pipeline.settings(&request).expect("settings");
+    let latents = expected()[&format!("{name}.latents")]
+        .unsqueeze(0)
+        .expect("batch");
+    let mut steps = Vec::new();
+    let image = pipeline
+        .render(
+            &request,
+            &settings,
+            latents,
+            &mut no_noise(),
+            &mut |_, _, l| {
+                steps.push(l.squeeze(0).expect("one picture"));
+                ControlFlow::Continue(())
+            },
+        )
+        .expect("render");
+    (steps, image.squeeze(0).expect("one picture"))
+}
+
+/// A run's steps and picture against case `name`'s references.
+fn assert_case(pipeline: &FluxPipeline, name: &str) {
+    let (steps, image) = run(pipeline, name);
+    let reference = expected();
+    let step_latents = &reference[&format!("{name}.step_latents")];
+    for (i, ours) in steps.iter().enumerate() {
+        let theirs = step_latents.get(i).expect("step");
+        assert_close(&format!("{name} step {i}"), ours, &theirs);
+    }
+    assert_close(
+        &format!("{name} image"),
+        &image,
+        &reference[&format!("{name}.image")],
+    );
+}
+
+#[test]
+fn sigmas_and_timesteps_follow_the_scheduler() {
+    let json = expected_json();
+    for (name, folder) in [("dev", "dev"), ("dev_g1", "dev"), ("schnell", "schnell")] {
+        let case = case(&json, name);
+        let scheduler: FlowMatchJson = read_json(
+            &fixture()
+                .join(folder)
+                .join("scheduler/scheduler_config.json"),
+        )
+        .expect("scheduler config");
+        let steps = case["steps"].as_u64().expect("steps") as usize;
+        let tokens = json["image_seq_len"].as_u64().expect("tokens") as usize;
+        let sigmas = sampling::sigmas(&scheduler, steps, tokens);
+        let timesteps = sampling::timesteps(&scheduler, &sigmas);
+        for (ours, theirs) in sigmas.iter().zip(floats(&case["sigmas"])) {
+            assert!(
+                (ours - theirs).abs() < 1e-6,
+                "{name}: sigma {ours} != {theirs}"
+            );
+        }
+        for (ours, theirs) in timesteps.iter().zip(floats(&case["timesteps"])) {
+            assert!(
+                (ours - theirs).abs() < 1e-3,
+                "{name}: timestep {ours} != {theirs}"
+            );
+        }
+        assert_eq!(sigmas.len(), steps + 1);
+    }
+}
+
+#[test]
+fn prompts_encode_as_the_reference() {
+    let pipeline = load("dev", &cpu_f32());
+    let json = expected_json();
+    let reference = expected();
+    for name in ["dev", "dev_g1"] {
+        let case = case(&json, name);
+        let length = case["max_sequence_length"].as_u64().expect("length") as usize;
+        let prompt = case["prompt"].as_str().expect("prompt");
+        let ids =
+            |key: &str| -> Vec<u32> { floats(&case[key]).into_iter().map(|v| v as u32).collect() };
+        let t5 = pipeline
+            .parts
+            .t5_tokenizer
+            .ids_of_length(prompt, length)
+            .expect("t5 ids");
+        assert_eq!(t5, ids("t5_input_ids"), "{name}: T5 ids");
+        let clip = pipeline.parts.clip.tokenizer.ids(prompt).expect("clip ids");
+        assert_eq!(clip, ids("clip_input_ids"), "{name}: CLIP ids");
+        let (context, pooled) = pipeline.encode_prompt(prompt, length).expect("encode");
+        assert_close(
+            &format!("{name} prompt_embeds"),
+            &context.squeeze(0).expect("batch"),
+            &reference[&format!("{name}.prompt_embeds")],
+        );
+        assert_close(
+            &format!("{name} pooled"),
+            &pooled.squeeze(0).expect("batch"),
+            &reference[&format!("{name}.pooled")],
+        );
+    }
+}
+
+#[test]
+fn dev_matches_the_reference() {
+    let pipeline = load("dev", &cpu_f32());
+    assert_eq!(pipeline.variant(), Variant::Dev);
+    assert_case(&pipeline, "dev");
+    assert_case(&pipeline, "dev_g1");
+}
+
+#[test]
+fn schnell_matches_the_reference() {
+    let pipeline = load("schnell", &cpu_f32());
+    assert_eq!(pipeline.variant(), Variant::Schnell);
+    assert_eq!(pipeline.arch(), "flux-schnell");
+    assert_case(&pipeline, "schnell");
+}
+
+#[test]
+fn the_bfl_single_file_matches_the_diffusers_folder() {
+    let pipeline = single_file("tiny-flux-dev.safetensors", &cpu_f32());
+    assert_eq!(pipeline.variant(), Variant::Dev);
+    let folder = load("dev", &cpu_f32());
+    for (name, tensor) in &folder.parts.transformer {
+        let ours = &pipeline.parts.transformer[name];
+        assert_eq!(max_abs_diff(ours, tensor), 0.0, "{name}");
+    }
+    assert_eq!(
+        pipeline.parts.transformer.len(),
+        folder.parts.transformer.len()
+    );
+    assert_case(&pipeline, "dev");
+}
+
+#[test]
+fn the_fp8_file_stays_fp8_and_matches_its_reference() {
+    let pipeline = single_file("tiny-flux-dev-fp8_e4m3fn.safetensors", &cpu_f32());
+    let qkv = &pipeline.parts.transformer["transformer_blocks.0.attn.to_q.weight"];
+    assert_eq!(qkv.dtype(), DType::F8E4M3, "kept as storage");
+    let bias = &pipeline.parts.transformer["transformer_blocks.0.attn.to_q.bias"];
+    assert_eq!(bias.dtype(), DType::F32);
+    assert_case(&pipeline, "fp8");
+}
+
+fn lora_file() -> PathBuf {
+    fixture().join("lora/pytorch_lora_weights.safetensors")
+}
+
+fn with_lora(strength: f32) -> ImageLoad {
+    ImageLoad {
+        loras: vec![LoraInfo {
+            adapter_name: "tiny".into(),
+            path: lora_file(),
+            strength,
+        }],
+        ..cpu_f32()
+    }
+}
+
+#[test]
+fn a_peft_lora_matches_the_reference() {
+    let json = expected_json();
+    let scale = json["lora"]["scale"].as_f64().expect("scale") as f32;
+    let pipeline = load("dev", &with_lora(scale));
+    assert_eq!(pipeline.loras().len(), 1);
+    assert_case(&pipeline, "lora");
+}
+
+#[test]
+fn a_lora_set_is_merged_and_unmerged_in_memory() {
+    let json = expected_json();
+    let scale = json["lora"]["scale"].as_f64().expect("scale") as f32;
+    let plain = load("dev", &cpu_f32());
+    let adapted = plain
+        .with_loras(&with_lora(scale).loras)
+        .expect("merged in memory");
+    assert_case(&adapted, "lora");
+    let untouched = "x_embedder.weight";
+    assert_eq!(
+        adapted.parts.transformer[untouched].id(),
+        plain.parts.transformer[untouched].id(),
+        "tensors no adapter touches are shared"
+    );
+    let back = adapted.with_loras(&[]).expect("unmerged");
+    assert_case(&back, "dev");
+}
+
+#[test]
+fn flux_refuses_what_it_cannot_run_by_name() {
+    let pipeline = load("schnell", &cpu_f32());
+    let json = expected_json();
+    let base = request_of(case(&json, "schnell"));
+    let refused = |change: &dyn Fn(&mut ValidImageRequest)| {
+        let mut request = base.clone();
+        change(&mut request);
+        pipeline.settings(&request).expect_err("refused").field
+    };
+    assert_eq!(
+        refused(&|r| r.negative_prompt = Some("blur".into())),
+        "negative_prompt"
+    );
+    assert_eq!(
+        refused(&|r| r.scheduler = Some(crate::engine::image::scheduler::SchedulerKind::Ddim)),
+        "scheduler"
+    );
+    assert_eq!(refused(&|r| r.width = 50), "size");
+}
+
+#[test]
+fn variant_defaults_apply_when_the_request_leaves_them_out() {
+    let json = expected_json();
+    let mut request = request_of(case(&json, "dev"));
+    request.given = Given::default();
+    request.max_sequence_length = None;
+    let dev = load("dev", &cpu_f32()).settings(&request).expect("dev");
+    assert_eq!(
+        (dev.steps, dev.guidance, dev.max_sequence_length),
+        (DEV_STEPS, DEV_GUIDANCE, DEV_MAX_SEQUENCE_LENGTH)
+    );
+    let schnell = load("schnell", &cpu_f32())
+        .settings(&request)
+        .expect("schnell");
+    assert_eq!(
+        (schnell.steps, schnell.max_sequence_length),
+        (SCHNELL_STEPS, SCHNELL_MAX_SEQUENCE_LENGTH)
+    );
+}
+
+#[test]
+fn generate_is_reproducible_per_seed_and_reports_steps() {
+    let pipeline = load("schnell", &cpu_f32());
+    let json = expected_json();
+    let mut request = request_of(case(&json, "schnell"));
+    request.count = 2;
+    let mut seen = Vec::new();
+    let pictures = pipeline
+        .generate(&request, &mut |step, steps| {
+            seen.push((step, steps));
+            ControlFlow::Continue(())
+        })
+        .expect("generate");
+    assert_eq!(seen, vec![(1, 4), (2, 4), (3, 4), (4, 4)]);
+    assert_eq!(pictures.len(), 2);
+    assert_ne!(pictures[0], pictures[1], "each picture has its own seed");
+    request.count = 1;
+    request.seed = 1;
+    let second_alone = pipeline
+        .generate(&request, &mut |_, _| ControlFlow::Continue(()))
+        .expect("generate");
+    assert_eq!(
+        second_alone[0], pictures[1],
+        "seed + i reproduces picture i"
+    );
+}
