@@ -66,7 +66,7 @@ pub fn estimate(weights: &Weights, dir: &Path, dtype: DType) -> Result<Estimate,
 pub fn image_estimate(path: &Path, dtype: DType) -> Result<Estimate, EngineError> {
     let mut bytes = 0;
     for file in super::image::weight_files(path)? {
-        bytes += safetensors_elements(&file)? * dtype.size_in_bytes() as u64;
+        bytes += resident_bytes(&file, dtype)?;
     }
     Ok(Estimate {
         weights: bytes,
@@ -74,17 +74,33 @@ pub fn image_estimate(path: &Path, dtype: DType) -> Result<Estimate, EngineError
     })
 }
 
+/// The bytes a file's tensors take once loaded at `dtype`: fp8 weights
+/// stay fp8 (one byte each) in image models, every other tensor is
+/// converted.
+fn resident_bytes(path: &Path, dtype: DType) -> Result<u64, EngineError> {
+    Ok(stored_tensors(path)?
+        .map(|(elements, fp8)| elements * if fp8 { 1 } else { dtype.size_in_bytes() as u64 })
+        .sum())
+}
+
 /// Elements of every tensor in a safetensors file, from its JSON header.
 fn safetensors_elements(path: &Path) -> Result<u64, EngineError> {
-    Ok(safetensors_header(path)?
-        .iter()
-        .filter(|(name, _)| *name != "__metadata__")
+    Ok(stored_tensors(path)?.map(|(elements, _)| elements).sum())
+}
+
+/// `(elements, stored as fp8)` of every tensor in a safetensors file.
+fn stored_tensors(path: &Path) -> Result<impl Iterator<Item = (u64, bool)>, EngineError> {
+    let header = safetensors_header(path)?;
+    Ok(header
+        .into_iter()
+        .filter(|(name, _)| name != "__metadata__")
         .map(|(_, info)| {
-            info["shape"]
+            let elements = info["shape"]
                 .as_array()
-                .map_or(0, |dims| dims.iter().filter_map(Value::as_u64).product())
-        })
-        .sum())
+                .map_or(0, |dims| dims.iter().filter_map(Value::as_u64).product());
+            let fp8 = info["dtype"].as_str().is_some_and(|d| d.starts_with("F8_"));
+            (elements, fp8)
+        }))
 }
 
 /// A safetensors file's JSON header: tensor names to dtype, shape and offsets.
@@ -195,5 +211,18 @@ mod tests {
         let b = candle_core::Tensor::zeros(7, DType::BF16, &candle_core::Device::Cpu).unwrap();
         candle_core::safetensors::save(&HashMap::from([("a", a), ("b", b)]), &path).unwrap();
         assert_eq!(safetensors_elements(&path).unwrap(), 22);
+        assert_eq!(resident_bytes(&path, DType::F16).unwrap(), 44);
+    }
+
+    #[test]
+    fn fp8_weights_of_image_models_are_counted_as_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let cpu = &candle_core::Device::Cpu;
+        let a = candle_core::Tensor::zeros((3, 5), DType::F8E4M3, cpu).unwrap();
+        let b = candle_core::Tensor::zeros(7, DType::F32, cpu).unwrap();
+        candle_core::safetensors::save(&HashMap::from([("a", a), ("b", b)]), &path).unwrap();
+        assert_eq!(safetensors_elements(&path).unwrap(), 22);
+        assert_eq!(resident_bytes(&path, DType::BF16).unwrap(), 15 + 7 * 2);
     }
 }

@@ -643,17 +643,9 @@ fn inspect(path: &Path, dtype: DType) -> Result<(ModelFiles, estimate::Estimate)
 }
 
 /// A diffusers folder (it has `model_index.json`), or a single-file
-/// `.safetensors` checkpoint whose tensors carry the LDM UNet prefix.
+/// `.safetensors` SD checkpoint or FLUX transformer.
 fn is_image_model(path: &Path) -> bool {
-    if path.is_dir() {
-        return path.join("model_index.json").is_file();
-    }
-    path.extension().is_some_and(|ext| ext == "safetensors")
-        && estimate::safetensors_header(path).is_ok_and(|header| {
-            header
-                .keys()
-                .any(|name| name.starts_with(image::SINGLE_FILE_UNET_PREFIX))
-        })
+    image::Family::of(path).is_some()
 }
 
 /// The directory holding a model's config and tokenizer.
@@ -868,9 +860,7 @@ fn start_text_worker(
     ))
 }
 
-/// Loads a Stable Diffusion pipeline: a diffusers folder, or a single-file
-/// checkpoint with its LDM `.yaml` beside it if there is one and the
-/// checkpoint's folder supplying `tokenizer/` (and optionally `scheduler/`).
+/// Loads an image pipeline (see `ImagePipeline::load`).
 fn build_image(
     path: &Path,
     loras: &[LoraInfo],
@@ -881,14 +871,7 @@ fn build_image(
         dtype: placement.dtype,
         loras: loras.to_vec(),
     };
-    let pipeline = if path.is_dir() {
-        ImagePipeline::load(path, &options)
-    } else {
-        let yaml = path.with_extension("yaml");
-        let yaml = yaml.is_file().then_some(yaml.as_path());
-        ImagePipeline::load_single_file(path, yaml, model_dir(path), &options)
-    };
-    pipeline.map_err(|err| EngineError::from(err).in_file(path))
+    ImagePipeline::load(path, &options).map_err(|err| EngineError::from(err).in_file(path))
 }
 
 fn start_image_worker(

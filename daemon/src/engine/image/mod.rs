@@ -45,12 +45,14 @@ use modeld_wire::types::LoraInfo;
 
 use self::conditioning::{Conditioning, EncoderParts, TextEncoders, UnetExpects};
 use self::config::{read_json, UnetJson, VaeJson};
+use self::flux::FluxPipeline;
 use self::request::InitImage;
 pub use self::request::{ImageRequest, ValidImageRequest};
 use self::scheduler::{Sampler, SchedulerJson, SchedulerKind, Schedulers, StepNoise};
 use self::unet::Unet;
 use self::vae::Vae;
 use self::weights::{component_files, load_tensors, recording, TensorMap};
+use crate::validate::ValidationError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
@@ -245,26 +247,196 @@ impl PipelineIndex {
 /// such a checkpoint is told from a text model's weights.
 pub const SINGLE_FILE_UNET_PREFIX: &str = "model.diffusion_model.";
 
-/// Every weight file an image model loads: the UNet, VAE and text
-/// encoder(s) of a diffusers folder, or the single-file checkpoint itself.
-pub fn weight_files(path: &Path) -> Result<Vec<PathBuf>, ImageError> {
-    if !path.is_dir() {
-        return Ok(vec![path.to_path_buf()]);
+/// The image families modeld draws with, told apart by their files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// Stable Diffusion 1.x/2.x and SDXL: a UNet.
+    StableDiffusion,
+    /// FLUX.1 dev and schnell: a flow-matching transformer.
+    Flux,
+}
+
+impl Family {
+    /// The family of a diffusers folder (by its `model_index.json`) or of a
+    /// single `.safetensors` file (by its tensor names); `None` when the
+    /// path holds no image model. The one place families are picked.
+    pub fn of(path: &Path) -> Option<Family> {
+        if path.is_dir() {
+            let index: serde_json::Value = read_json(&path.join("model_index.json")).ok()?;
+            return Some(if flux::is_flux_index(&index) {
+                Family::Flux
+            } else {
+                Family::StableDiffusion
+            });
+        }
+        if path.extension().is_none_or(|ext| ext != "safetensors") {
+            return None;
+        }
+        let names = weights::tensor_names(path).ok()?;
+        if flux::single_file::is_flux_transformer(names.iter().map(String::as_str)) {
+            return Some(Family::Flux);
+        }
+        names
+            .iter()
+            .any(|name| name.starts_with(SINGLE_FILE_UNET_PREFIX))
+            .then_some(Family::StableDiffusion)
     }
-    let mut files = component_files(&path.join("unet"), "diffusion_pytorch_model")?;
+}
+
+/// The folder supplying what a single file lacks (tokenizers, configs,
+/// and for FLUX the encoders and VAE): the file's own folder.
+fn config_dir(file: &Path) -> &Path {
+    file.parent().unwrap_or(Path::new("/"))
+}
+
+/// Every weight file an image model loads: the denoiser, VAE and text
+/// encoder(s) of a diffusers folder, or the single-file checkpoint itself
+/// (for FLUX, with the components of its folder).
+pub fn weight_files(path: &Path) -> Result<Vec<PathBuf>, ImageError> {
+    let flux = Family::of(path) == Some(Family::Flux);
+    let (mut files, folder) = if path.is_dir() {
+        let denoiser = if flux { "transformer" } else { "unet" };
+        let files = component_files(&path.join(denoiser), "diffusion_pytorch_model")?;
+        (files, path)
+    } else if flux {
+        (vec![path.to_path_buf()], config_dir(path))
+    } else {
+        return Ok(vec![path.to_path_buf()]);
+    };
     files.extend(component_files(
-        &path.join("vae"),
+        &folder.join("vae"),
         "diffusion_pytorch_model",
     )?);
-    files.extend(component_files(&path.join("text_encoder"), "model")?);
-    if path.join("text_encoder_2").is_dir() {
-        files.extend(component_files(&path.join("text_encoder_2"), "model")?);
+    files.extend(component_files(&folder.join("text_encoder"), "model")?);
+    if folder.join("text_encoder_2").is_dir() {
+        files.extend(component_files(&folder.join("text_encoder_2"), "model")?);
     }
     Ok(files)
 }
 
+/// A loaded image pipeline of any family: what the engine and the image
+/// worker call.
+pub enum ImagePipeline {
+    StableDiffusion(Box<SdPipeline>),
+    Flux(Box<FluxPipeline>),
+}
+
+impl ImagePipeline {
+    /// Loads the image model at `path`: a diffusers folder, or a single
+    /// file (an SD checkpoint with its LDM `.yaml` beside it if there is
+    /// one, or a FLUX transformer) whose folder supplies the rest.
+    pub fn load(path: &Path, options: &ImageLoad) -> Result<Self, ImageError> {
+        let family = Family::of(path).ok_or_else(|| {
+            ImageError::Unsupported(format!(
+                "{}: not an image model (no model_index.json, and no UNet or FLUX transformer tensors)",
+                path.display()
+            ))
+        })?;
+        Ok(match (family, path.is_dir()) {
+            (Family::Flux, true) => Self::Flux(Box::new(FluxPipeline::load(path, options)?)),
+            (Family::Flux, false) => Self::Flux(Box::new(FluxPipeline::load_single_file(
+                path,
+                config_dir(path),
+                options,
+            )?)),
+            (Family::StableDiffusion, true) => {
+                Self::StableDiffusion(Box::new(SdPipeline::load(path, options)?))
+            }
+            (Family::StableDiffusion, false) => {
+                let yaml = path.with_extension("yaml");
+                let yaml = yaml.is_file().then_some(yaml.as_path());
+                Self::StableDiffusion(Box::new(SdPipeline::load_single_file(
+                    path,
+                    yaml,
+                    config_dir(path),
+                    options,
+                )?))
+            }
+        })
+    }
+
+    /// This pipeline with `loras` merged instead of its own, derived in
+    /// memory (see `SdPipeline::with_loras`).
+    pub fn with_loras(&self, loras: &[LoraInfo]) -> Result<Self, ImageError> {
+        Ok(match self {
+            Self::StableDiffusion(p) => Self::StableDiffusion(Box::new(p.with_loras(loras)?)),
+            Self::Flux(p) => Self::Flux(Box::new(p.with_loras(loras)?)),
+        })
+    }
+
+    /// The architecture reported in `load` and `models.loaded`.
+    pub fn arch(&self) -> &'static str {
+        match self {
+            Self::StableDiffusion(p) => p.arch(),
+            Self::Flux(p) => p.arch(),
+        }
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            Self::StableDiffusion(p) => p.dtype(),
+            Self::Flux(p) => p.dtype(),
+        }
+    }
+
+    /// The adapters merged into the weights.
+    pub fn loras(&self) -> Vec<LoraInfo> {
+        match self {
+            Self::StableDiffusion(p) => p.loras(),
+            Self::Flux(p) => p.loras(),
+        }
+    }
+
+    /// Refuses, naming the parameter, what this family cannot run; the
+    /// shared limits were checked when the request was validated.
+    pub fn check(&self, request: &ValidImageRequest) -> Result<(), ValidationError> {
+        match self {
+            Self::StableDiffusion(_) => Ok(()),
+            Self::Flux(p) => p.settings(request).map(|_| ()),
+        }
+    }
+
+    /// Generates `request.count` pictures; `progress` hears of every
+    /// denoising step as `(step, steps)` and may stop the run.
+    pub fn generate(
+        &self,
+        request: &ValidImageRequest,
+        progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+    ) -> Result<Vec<GeneratedImage>, ImageError> {
+        match self {
+            Self::StableDiffusion(p) => p.generate(request, progress),
+            Self::Flux(p) => p.generate(request, progress),
+        }
+    }
+
+    /// The largest attention allocation of a run (see
+    /// `SdPipeline::attention_bytes`).
+    pub fn attention_bytes(&self, request: &ValidImageRequest) -> u64 {
+        match self {
+            Self::StableDiffusion(p) => p.attention_bytes(request),
+            Self::Flux(p) => p.attention_bytes(request),
+        }
+    }
+
+    /// The sampler a run of `request` uses, by its request name.
+    pub fn scheduler_name(&self, request: &ValidImageRequest) -> &'static str {
+        match self {
+            Self::StableDiffusion(p) => p.scheduler_kind(request).name(),
+            Self::Flux(_) => "flow_match_euler",
+        }
+    }
+
+    /// The denoising steps a run of `request` takes.
+    pub fn steps_run(&self, request: &ValidImageRequest) -> usize {
+        match self {
+            Self::StableDiffusion(_) => request.steps_run(),
+            Self::Flux(p) => p.settings(request).map_or(0, |run| run.steps_run()),
+        }
+    }
+}
+
 /// A loaded Stable Diffusion pipeline.
-pub struct ImagePipeline {
+pub struct SdPipeline {
     text: TextEncoders,
     unet: Unet,
     vae: Vae,
@@ -279,7 +451,7 @@ pub struct ImagePipeline {
     loras: Vec<lora::Merged>,
 }
 
-impl ImagePipeline {
+impl SdPipeline {
     /// Loads the diffusers pipeline folder `root`.
     pub fn load(root: &Path, options: &ImageLoad) -> Result<Self, ImageError> {
         Self::build(Components::from_folder(root)?, options)
@@ -368,7 +540,7 @@ impl ImagePipeline {
         let (vae_vb, vae_taken) = recording(std::mem::take(&mut parts.vae), vae_dtype, device);
         let vae = Vae::new(vae_vb, &parts.vae_json)?;
         parts.vae = vae_taken.into_map();
-        Ok(ImagePipeline {
+        Ok(SdPipeline {
             text,
             unet,
             vae,

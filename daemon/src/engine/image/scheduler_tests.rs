@@ -28,7 +28,7 @@ const TOLERANCE: f32 = 1e-4;
 /// (σ_t < 1) and the usual 1e-4 holds.
 const NOISIEST_START_TOLERANCE: f32 = 3e-4;
 
-fn tolerance(case: &Value, pipeline: &ImagePipeline, request: &ValidImageRequest) -> f32 {
+fn tolerance(case: &Value, pipeline: &SdPipeline, request: &ValidImageRequest) -> f32 {
     let kind = pipeline.scheduler_kind(request);
     let sampler = pipeline
         .scheduler
@@ -64,13 +64,13 @@ fn case<'a>(json: &'a Value, name: &str) -> &'a Value {
 }
 
 /// The fixture's pipeline with the case's scheduler config overrides.
-fn pipeline(case: &Value) -> ImagePipeline {
+fn pipeline(case: &Value) -> SdPipeline {
     let options = ImageLoad {
         device: Device::Cpu,
         dtype: DType::F32,
         loras: Vec::new(),
     };
-    let mut pipeline = ImagePipeline::load(&fixture("tiny-sd"), &options).expect("loads");
+    let mut pipeline = SdPipeline::load(&fixture("tiny-sd"), &options).expect("loads");
     let mut config: serde_json::Map<String, Value> = serde_json::from_str(
         &std::fs::read_to_string(fixture("tiny-sd/scheduler/scheduler_config.json"))
             .expect("config"),

@@ -40,8 +40,8 @@ pub(super) fn cpu_f32() -> ImageLoad {
     }
 }
 
-fn load(root: &Path) -> ImagePipeline {
-    ImagePipeline::load(root, &cpu_f32()).expect("pipeline loads")
+fn load(root: &Path) -> SdPipeline {
+    SdPipeline::load(root, &cpu_f32()).expect("pipeline loads")
 }
 
 pub(super) fn case<'a>(json: &'a Value, name: &str) -> &'a Value {
@@ -121,7 +121,7 @@ pub(super) fn no_noise() -> Injected {
 
 /// The step latents and the picture of `pipeline` on the case's latents.
 pub(super) fn run(
-    pipeline: &ImagePipeline,
+    pipeline: &SdPipeline,
     request: &ValidImageRequest,
     latents: &Tensor,
 ) -> (Vec<Tensor>, Tensor) {
@@ -385,7 +385,7 @@ fn with_lora(file: &Path, strength: f32) -> ImageLoad {
 fn check_lora(file: &str) {
     let (json, tensors) = (expected_json(), expected_tensors());
     let strength = json["lora"]["strength"].as_f64().expect("strength") as f32;
-    let pipeline = ImagePipeline::load(&fixture(), &with_lora(&fixture().join(file), strength))
+    let pipeline = SdPipeline::load(&fixture(), &with_lora(&fixture().join(file), strength))
         .expect("load with LoRA");
     let request = request_of(case(&json, "cfg"));
     let conditioning = pipeline.conditioning(&request).expect("embeddings");
@@ -439,7 +439,7 @@ fn another_lora_set_is_merged_into_the_loaded_weights() {
     let strength = json["lora"]["strength"].as_f64().expect("strength") as f32;
     let peft = fixture().join("lora/pytorch_lora_weights.safetensors");
     let kohya = fixture().join("lora/kohya_lora.safetensors");
-    let merged = ImagePipeline::load(&fixture(), &with_lora(&peft, strength)).expect("load");
+    let merged = SdPipeline::load(&fixture(), &with_lora(&peft, strength)).expect("load");
     let request = request_of(case(&json, "cfg"));
 
     let plain = merged.with_loras(&[]).expect("unmerged");
@@ -464,12 +464,12 @@ fn another_lora_set_is_merged_into_the_loaded_weights() {
         &tensors["lora.image"],
     );
 
-    let id = |p: &ImagePipeline, key: &str| p.parts.unet[key].id();
+    let id = |p: &SdPipeline, key: &str| p.parts.unet[key].id();
     let untouched = "conv_in.weight";
     let touched = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight";
     assert_eq!(id(&merged, untouched), id(&remerged, untouched));
     assert_ne!(id(&merged, touched), id(&plain, touched));
-    let vae = |p: &ImagePipeline| p.parts.vae["decoder.conv_out.weight"].id();
+    let vae = |p: &SdPipeline| p.parts.vae["decoder.conv_out.weight"].id();
     assert_eq!(vae(&merged), vae(&remerged));
 }
 
@@ -484,7 +484,7 @@ fn a_lora_changed_since_it_was_merged_is_not_unmerged() {
         &file,
     )
     .expect("copy");
-    let merged = ImagePipeline::load(&fixture(), &with_lora(&file, 1.0)).expect("load");
+    let merged = SdPipeline::load(&fixture(), &with_lora(&file, 1.0)).expect("load");
     let mut tensors = candle_core::safetensors::load(&file, &Device::Cpu).expect("adapter");
     tensors.insert("extra".into(), zeros(&[8]));
     candle_core::safetensors::save(&tensors, &file).expect("rewrite");
@@ -501,7 +501,7 @@ fn load_error(adapter: HashMap<String, Tensor>) -> (PathBuf, ImageError) {
     let dir = tempfile::tempdir().expect("tempdir");
     let file = dir.path().join("adapter.safetensors");
     candle_core::safetensors::save(&adapter, &file).expect("save adapter");
-    match ImagePipeline::load(&fixture(), &with_lora(&file, 1.0)) {
+    match SdPipeline::load(&fixture(), &with_lora(&file, 1.0)) {
         Ok(_) => panic!("a bad LoRA was merged"),
         Err(e) => (file, e),
     }
@@ -552,7 +552,7 @@ fn a_lora_for_another_base_is_refused_naming_the_tensor() {
 fn single_file_checkpoint_matches_the_reference() {
     let (json, tensors) = (expected_json(), expected_tensors());
     let dir = fixture().join("single_file");
-    let pipeline = ImagePipeline::load_single_file(
+    let pipeline = SdPipeline::load_single_file(
         &dir.join("tiny-sd.safetensors"),
         Some(&dir.join("tiny-sd.yaml")),
         &fixture(),

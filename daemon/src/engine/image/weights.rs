@@ -56,6 +56,14 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>, ImageError> {
     Ok(files)
 }
 
+/// The tensor names in safetensors file `path`, from its header.
+pub fn tensor_names(path: &Path) -> Result<Vec<String>, ImageError> {
+    // SAFETY: only the header is read, while the map is alive.
+    let mapped = unsafe { MmapedSafetensors::new(path) }
+        .map_err(|e| ImageError::Files(format!("{}: {e}", path.display())))?;
+    Ok(mapped.tensors().into_iter().map(|(name, _)| name).collect())
+}
+
 /// Every tensor of `files`, read onto the CPU in its stored dtype.
 pub fn load_tensors(files: &[PathBuf]) -> Result<TensorMap, ImageError> {
     let bad = |e: candle_core::Error| {

@@ -61,6 +61,7 @@ impl ImageWorker {
     }
 
     fn generate(&self, job: &ImageJob) -> Result<GenerateEvent, EngineError> {
+        self.pipeline.check(&job.request.request)?;
         self.check_memory(&job.request)?;
         let started = Instant::now();
         let mut progress = |step: usize, steps: usize| {
@@ -113,8 +114,8 @@ impl ImageWorker {
             mode: None,
             seed: request.seed,
             size: format!("{}x{}", request.width, request.height),
-            steps: request.steps_run(),
-            scheduler: self.pipeline.scheduler_kind(request).name().into(),
+            steps: self.pipeline.steps_run(request),
+            scheduler: self.pipeline.scheduler_name(request).into(),
             images,
             generate_ms,
             write_ms,

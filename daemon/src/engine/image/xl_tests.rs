@@ -32,8 +32,8 @@ fn expected_tensors() -> HashMap<String, Tensor> {
         .expect("expected.safetensors")
 }
 
-fn load(root: &Path) -> ImagePipeline {
-    ImagePipeline::load(root, &cpu_f32()).expect("SDXL pipeline loads")
+fn load(root: &Path) -> SdPipeline {
+    SdPipeline::load(root, &cpu_f32()).expect("SDXL pipeline loads")
 }
 
 fn request_of(case: &Value) -> ValidImageRequest {
@@ -62,9 +62,7 @@ fn added(conditioning: &Conditioning) -> &AddedConditioning {
         .expect("SDXL has added conditioning")
 }
 
-fn xl_encoders(
-    pipeline: &ImagePipeline,
-) -> (&conditioning::Encoder, &conditioning::ProjectedEncoder) {
+fn xl_encoders(pipeline: &SdPipeline) -> (&conditioning::Encoder, &conditioning::ProjectedEncoder) {
     let second = pipeline.text.second.as_ref();
     (
         &pipeline.text.first,
@@ -154,7 +152,7 @@ fn check_case(name: &str) {
 }
 
 /// `pipeline` against reference case `case`, its tensors named `name.*`.
-fn check_case_on(pipeline: &ImagePipeline, case: &Value, name: &str) {
+fn check_case_on(pipeline: &SdPipeline, case: &Value, name: &str) {
     let tensors = expected_tensors();
     let request = request_of(case);
     let t = |suffix: &str| &tensors[&format!("{name}.{suffix}")];
@@ -221,7 +219,7 @@ fn single_file_dir() -> PathBuf {
 #[test]
 fn single_file_checkpoint_matches_the_reference() {
     let json = expected_json();
-    let pipeline = ImagePipeline::load_single_file(
+    let pipeline = SdPipeline::load_single_file(
         &single_file_dir().join("tiny-sdxl.safetensors"),
         Some(&single_file_dir().join("tiny-sdxl.yaml")),
         &fixture(),
@@ -296,7 +294,7 @@ fn lora_on_all_three_networks_matches_the_reference() {
     let json = expected_json();
     let lora = &json["lora"];
     let file = fixture().join(lora["file"].as_str().expect("file"));
-    let pipeline = ImagePipeline::load(&fixture(), &with_lora(&file, lora)).expect("load");
+    let pipeline = SdPipeline::load(&fixture(), &with_lora(&file, lora)).expect("load");
     check_case_on(&pipeline, lora, "lora");
     let tensors = expected_tensors();
     let changed = max_abs_diff(&tensors["lora.image"], &tensors["cfg.image"]);
@@ -315,7 +313,7 @@ fn kohya_lora_with_sgm_unet_names_matches_the_reference() {
     assert!(tensors
         .keys()
         .any(|k| k.starts_with("lora_unet_input_blocks_")));
-    let pipeline = ImagePipeline::load(&fixture(), &with_lora(&file, lora)).expect("load");
+    let pipeline = SdPipeline::load(&fixture(), &with_lora(&file, lora)).expect("load");
     check_case_on(&pipeline, lora, "lora");
 }
 
@@ -342,7 +340,7 @@ fn a_lora_without_the_text_model_prefix_matches_too() {
     let dir = tempfile::tempdir().expect("temp dir");
     let flat = dir.path().join("flat.safetensors");
     candle_core::safetensors::save(&renamed, &flat).expect("save");
-    let pipeline = ImagePipeline::load(&fixture(), &with_lora(&flat, lora)).expect("load");
+    let pipeline = SdPipeline::load(&fixture(), &with_lora(&flat, lora)).expect("load");
     let conditioning = pipeline
         .conditioning(&request_of(lora))
         .expect("conditioning");
@@ -460,7 +458,7 @@ fn copy_tree(from: &Path, to: &Path) {
 }
 
 fn load_error(dir: &Path) -> String {
-    match ImagePipeline::load(dir, &cpu_f32()) {
+    match SdPipeline::load(dir, &cpu_f32()) {
         Ok(_) => panic!("a pipeline whose parts do not fit was loaded"),
         Err(e) => e.to_string(),
     }
@@ -597,7 +595,7 @@ fn f16_pictures_stay_close_to_the_f32_reference() {
         dtype: DType::F16,
         ..cpu_f32()
     };
-    let pipeline = ImagePipeline::load(&fixture(), &options).expect("f16 load");
+    let pipeline = SdPipeline::load(&fixture(), &options).expect("f16 load");
     let pictures = pipeline
         .generate(&request, &mut |_, _| std::ops::ControlFlow::Continue(()))
         .expect("generate");

@@ -1,0 +1,164 @@
+//! FLUX through the daemon with the tiny-flux fixture: a diffusers folder
+//! and a single fp8 transformer file beside the other components load,
+//! draw seeded pictures with FLUX's own defaults, and refuse what FLUX
+//! does not run by the parameter's name.
+
+use std::path::{Path, PathBuf};
+
+use modeld_e2e::{copy_tree, fixtures_dir, Daemon};
+use modeld_wire::ClientError;
+use serde_json::{json, Value};
+
+fn generate(daemon: &Daemon, params: Value) -> Vec<Value> {
+    daemon
+        .client()
+        .subscribe("generate", params)
+        .expect("generate accepted")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("generate stream")
+}
+
+/// The `data.field` of a `generate` that must be refused.
+fn refused_field(daemon: &Daemon, params: Value) -> String {
+    let err = match daemon.client().subscribe("generate", params.clone()) {
+        Ok(stream) => match stream.collect::<Result<Vec<_>, _>>() {
+            Ok(events) => panic!("{params} ran: {:?}", events.last()),
+            Err(err) => err,
+        },
+        Err(err) => err,
+    };
+    match err {
+        ClientError::Rpc(object) => {
+            let data = object.data.expect("error data");
+            assert_eq!(data["kind"], "invalid_params", "{data}");
+            data["field"].as_str().unwrap_or_default().to_string()
+        }
+        other => panic!("not an RPC error: {other}"),
+    }
+}
+
+fn flux_fixture() -> PathBuf {
+    fixtures_dir().join("tiny-flux")
+}
+
+/// The dev pipeline folder, copied into the daemon's temp dir.
+fn register_dev(daemon: &Daemon) -> PathBuf {
+    let dir = daemon.dir.path().join("flux-dev");
+    copy_tree(&flux_fixture().join("dev"), &dir);
+    daemon
+        .call(
+            "models.register",
+            json!({"name": "flux", "local_path": dir}),
+        )
+        .expect("register");
+    dir
+}
+
+fn picture(done: &Value) -> Vec<u8> {
+    let path = done["images"][0]["path"].as_str().expect("path");
+    std::fs::read(Path::new(path)).expect("picture file")
+}
+
+#[test]
+fn a_flux_folder_draws_seeded_pictures_with_its_own_defaults() {
+    let daemon = Daemon::start();
+    register_dev(&daemon);
+    let loaded = daemon.call("load", json!({"name": "flux"})).unwrap();
+    assert_eq!(loaded["model"]["arch"], "flux-dev");
+    let params = json!({"model": "flux", "prompt": "a lighthouse", "size": "64x48",
+                        "steps": 2, "seed": 7, "max_sequence_length": 16});
+    let events = generate(&daemon, params.clone());
+    let steps = events.iter().filter(|e| e["event"] == "progress").count();
+    assert_eq!(steps, 2, "{events:?}");
+    let done = events.last().unwrap();
+    assert_eq!(done["event"], "done", "{done}");
+    assert_eq!(done["scheduler"], "flow_match_euler");
+    assert_eq!(done["steps"], 2);
+    assert_eq!(done["size"], "64x48");
+    let first = picture(done);
+    let again = generate(&daemon, params);
+    assert_eq!(
+        picture(again.last().unwrap()),
+        first,
+        "same seed, same picture"
+    );
+    // Without `steps`, dev runs diffusers' 28, not SD's default.
+    let events = generate(
+        &daemon,
+        json!({"model": "flux", "prompt": "a lighthouse", "size": "32x32", "seed": 1,
+               "max_sequence_length": 8}),
+    );
+    assert_eq!(events.last().unwrap()["steps"], 28);
+}
+
+#[test]
+fn flux_refuses_what_it_does_not_run_naming_the_parameter() {
+    let daemon = Daemon::start();
+    register_dev(&daemon);
+    daemon.call("load", json!({"name": "flux"})).unwrap();
+    let base = json!({"model": "flux", "prompt": "a lighthouse", "size": "32x32", "steps": 1});
+    let with = |key: &str, value: Value| {
+        let mut params = base.clone();
+        params[key] = value;
+        params
+    };
+    let cases = [
+        ("negative_prompt", json!("blurry")),
+        ("scheduler", json!("ddim")),
+        ("max_sequence_length", json!(513)),
+    ];
+    for (key, value) in cases {
+        assert_eq!(refused_field(&daemon, with(key, value)), key);
+    }
+    // The daemon still draws afterwards.
+    let events = generate(&daemon, with("max_sequence_length", json!(8)));
+    assert_eq!(events.last().unwrap()["event"], "done");
+}
+
+#[test]
+fn a_single_fp8_transformer_loads_with_its_folders_components() {
+    let daemon = Daemon::start();
+    let dir = daemon.dir.path().join("flux-single");
+    copy_tree(&flux_fixture().join("dev"), &dir);
+    // The folder keeps the transformer's config.json: the tiny heads are
+    // not FLUX.1's, so their shape cannot be inferred.
+    std::fs::remove_file(dir.join("transformer/diffusion_pytorch_model.safetensors")).unwrap();
+    let file = dir.join("flux1-dev-fp8_e4m3fn.safetensors");
+    let source = flux_fixture().join("single_file/tiny-flux-dev-fp8_e4m3fn.safetensors");
+    std::fs::copy(source, &file).unwrap();
+    daemon
+        .call(
+            "models.register",
+            json!({"name": "single", "local_path": file}),
+        )
+        .expect("register");
+    let folder = daemon.dir.path().join("flux-dev");
+    copy_tree(&flux_fixture().join("dev"), &folder);
+    daemon
+        .call(
+            "models.register",
+            json!({"name": "folder", "local_path": folder}),
+        )
+        .expect("register");
+    let single = daemon.call("load", json!({"name": "single"})).unwrap();
+    assert_eq!(single["model"]["arch"], "flux-dev");
+    let folder = daemon.call("load", json!({"name": "folder"})).unwrap();
+    let bytes = |loaded: &Value| loaded["model"]["estimated_bytes"].as_u64().unwrap();
+    assert!(
+        bytes(&single) < bytes(&folder),
+        "fp8 weights are counted at one byte: {} vs {}",
+        bytes(&single),
+        bytes(&folder)
+    );
+    let events = generate(
+        &daemon,
+        json!({"model": "single", "prompt": "a lighthouse", "size": "32x32", "steps": 2,
+               "max_sequence_length": 8}),
+    );
+    assert_eq!(
+        events.last().unwrap()["event"],
+        "done",
+        "{:?}",
+        events.last()
+    );
+}
