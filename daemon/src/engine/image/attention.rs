@@ -7,7 +7,7 @@
 
 use std::cell::RefCell;
 
-use candle_core::{Device, Result, Tensor};
+use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
 use super::conv::with_f32;
@@ -41,6 +41,34 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
         })
     })?;
     Tensor::from_vec(out, (batch, heads, queries, dim), &Device::Cpu)
+}
+
+/// `(batch, seq, heads × head_dim)` → `(batch, heads, seq, head_dim)` in
+/// f32, where attention is computed whatever the model's dtype.
+pub fn split_heads(heads: usize, xs: &Tensor) -> Result<Tensor> {
+    let (batch, seq, dim) = xs.dims3()?;
+    xs.reshape((batch, seq, heads, dim / heads))?
+        .transpose(1, 2)?
+        .contiguous()?
+        .to_dtype(DType::F32)
+}
+
+/// `(batch, heads, seq, head_dim)` → `shape` (batch, seq, heads ×
+/// head_dim) at `dtype`: the inverse of `split_heads`.
+pub fn merge_heads(xs: &Tensor, dtype: DType, shape: (usize, usize, usize)) -> Result<Tensor> {
+    xs.to_dtype(dtype)?.transpose(1, 2)?.reshape(shape)
+}
+
+/// Softmax of `scores` applied to `v`, heads merged back into `shape`
+/// (batch, seq, dim) at `dtype`.
+pub fn attend(
+    scores: &Tensor,
+    v: &Tensor,
+    dtype: DType,
+    shape: (usize, usize, usize),
+) -> Result<Tensor> {
+    let out = candle_nn::ops::softmax_last_dim(scores)?.matmul(v)?;
+    merge_heads(&out, dtype, shape)
 }
 
 /// The sizes of one head's attention.
@@ -237,7 +265,7 @@ fn exp(x: f32) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::image::tests::max_abs_diff;
+    use crate::engine::image::test_support::max_abs_diff;
 
     #[test]
     fn exp_is_within_a_few_ulp_of_the_library_exp() {

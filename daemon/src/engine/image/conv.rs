@@ -188,7 +188,7 @@ fn shifted_row(input: &[f32], out_row: &mut [f32], plane: Plane, (y, dx): (usize
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::image::tests::max_abs_diff;
+    use crate::engine::image::test_support::max_abs_diff;
 
     /// Odd sizes, a one-pixel-wide picture and several tiles against
     /// candle's convolution.

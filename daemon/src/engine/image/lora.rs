@@ -18,7 +18,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use modeld_wire::types::LoraInfo;
 
-use super::single_file;
+use super::sd::single_file;
 use super::weights::TensorMap;
 use super::ImageError;
 

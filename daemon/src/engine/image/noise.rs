@@ -4,7 +4,13 @@
 
 use candle_core::{Device, Tensor};
 
-use super::scheduler::StepNoise;
+/// Where the noise a run draws after its initial latents comes from (the
+/// stochastic schedulers' steps, img2img's posterior sample): the
+/// request's seeds in a run, the reference's draws in the tests.
+pub trait StepNoise {
+    /// Standard normal noise shaped like `like`.
+    fn noise(&mut self, like: &Tensor) -> candle_core::Result<Tensor>;
+}
 
 /// SplitMix64: a 64-bit generator with good statistical quality for noise.
 struct SplitMix64(u64);

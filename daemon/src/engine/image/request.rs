@@ -4,7 +4,7 @@
 use base64::Engine as _;
 use serde_json::json;
 
-use super::scheduler::SchedulerKind;
+use super::sd::scheduler::SchedulerKind;
 use crate::validate::ValidationError;
 
 pub const MIN_SIDE: u32 = 8;

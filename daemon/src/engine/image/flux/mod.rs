@@ -24,14 +24,13 @@ use serde_json::json;
 
 use self::config::{FlowMatchJson, FluxJson};
 use self::transformer::{Build, FluxInputs, FluxTransformer, Rope};
-use super::clip::{pooled_output, ClipTextModel};
-use super::conditioning::EncoderParts;
 use super::config::{read_json, VaeJson};
-use super::noise;
-use super::prompt::PromptTokenizer;
+use super::encoders::clip::{pooled_output, ClipTextModel};
+use super::encoders::prompt::PromptTokenizer;
+use super::encoders::t5::{T5Encoder, T5Json};
+use super::encoders::EncoderParts;
+use super::noise::{self, StepNoise};
 use super::request::ValidImageRequest;
-use super::scheduler::StepNoise;
-use super::t5::{T5Encoder, T5Json};
 use super::vae::Vae;
 use super::weights::{component_files, load_tensors, recording, TensorMap};
 use super::{lora, GeneratedImage, ImageError, ImageLoad};
@@ -121,7 +120,7 @@ impl FluxParts {
             clip: EncoderParts::new(
                 read_json(&config_dir.join("text_encoder/config.json"))?,
                 &config_dir.join("tokenizer"),
-                super::clip::with_text_model_prefix(component("text_encoder", "model")?),
+                super::encoders::clip::with_text_model_prefix(component("text_encoder", "model")?),
             )?,
             t5: component("text_encoder_2", "model")?,
             t5_tokenizer: PromptTokenizer::load(

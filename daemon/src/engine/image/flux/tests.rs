@@ -13,7 +13,7 @@ use serde_json::Value;
 
 use super::*;
 use crate::engine::image::request::{Given, ImageRequest};
-use crate::engine::image::tests::{assert_close, case, cpu_f32, max_abs_diff, no_noise};
+use crate::engine::image::test_support::{assert_close, case, cpu_f32, max_abs_diff, no_noise};
 
 fn fixture() -> PathBuf {
     PathBuf::from(concat!(
@@ -280,7 +280,7 @@ fn flux_refuses_what_it_cannot_run_by_name() {
         "negative_prompt"
     );
     assert_eq!(
-        refused(&|r| r.scheduler = Some(crate::engine::image::scheduler::SchedulerKind::Ddim)),
+        refused(&|r| r.scheduler = Some(crate::engine::image::sd::scheduler::SchedulerKind::Ddim)),
         "scheduler"
     );
     assert_eq!(refused(&|r| r.width = 50), "size");

@@ -14,6 +14,8 @@ use serde_json::Value;
 use super::conditioning::{AddedConditioning, Conditioning};
 use super::tests::{assert_close, assert_steps_and_image, case, cpu_f32, max_abs_diff, run};
 use super::*;
+use crate::engine::image::config::read_json;
+use crate::engine::image::request::{self, ImageRequest};
 
 fn fixture() -> PathBuf {
     PathBuf::from(concat!(
@@ -111,7 +113,8 @@ fn a_pad_token_outside_the_vocabulary_is_refused() {
         value["pad_token"] = "<|pad|>".into();
         std::fs::write(&path, value.to_string()).expect("write");
     }
-    let error = match super::prompt::PromptTokenizer::load(dir.path(), 77) {
+    let error = match crate::engine::image::encoders::prompt::PromptTokenizer::load(dir.path(), 77)
+    {
         Ok(_) => panic!("a pad token outside the vocabulary was accepted"),
         Err(e) => e.to_string(),
     };
@@ -239,8 +242,7 @@ fn single_file_shapes_and_open_clip_tensors_are_recovered() {
     let yaml = single_file::LdmYaml::read(&single_file_dir().join("tiny-sdxl.yaml")).expect("yaml");
     let renamed = single_file::rename(&checkpoint).expect("rename");
     let second = renamed.text_encoder_2.expect("an SDXL checkpoint");
-    let folder: config::UnetJson =
-        config::read_json(&fixture().join("unet/config.json")).expect("config");
+    let folder: config::UnetJson = read_json(&fixture().join("unet/config.json")).expect("config");
     let mut inferred =
         single_file::unet_json(&renamed.unet, Some(&yaml), Some(40)).expect("unet config");
     inferred.norm_num_groups = folder.norm_num_groups;
@@ -423,7 +425,7 @@ fn the_attention_bound_follows_the_levels_that_attend() {
 
 #[test]
 fn the_estimate_counts_both_text_encoders() {
-    let files = weight_files(&fixture()).expect("files");
+    let files = crate::engine::image::weight_files(&fixture()).expect("files");
     assert!(
         files
             .iter()

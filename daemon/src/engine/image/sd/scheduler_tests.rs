@@ -11,10 +11,11 @@ use base64::Engine as _;
 use candle_core::{DType, Device, IndexOp, Tensor};
 use serde_json::Value;
 
-use super::request::decode_init_image;
 use super::scheduler::{SchedulerJson, SchedulerKind, Schedulers};
 use super::tests::Injected;
 use super::*;
+use crate::engine::image::request::decode_init_image;
+use crate::engine::image::request::{self, ImageRequest};
 
 const TOLERANCE: f32 = 1e-4;
 

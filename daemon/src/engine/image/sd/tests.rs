@@ -12,8 +12,9 @@ use serde_json::Value;
 use modeld_wire::types::LoraInfo;
 
 use super::*;
-
-const TOLERANCE: f32 = 1e-4;
+use crate::engine::image::config::read_json;
+use crate::engine::image::request::{self, ImageRequest};
+pub(super) use crate::engine::image::test_support::*;
 
 fn fixture() -> PathBuf {
     PathBuf::from(concat!(
@@ -32,25 +33,8 @@ fn expected_tensors() -> HashMap<String, Tensor> {
         .expect("expected.safetensors")
 }
 
-pub(super) fn cpu_f32() -> ImageLoad {
-    ImageLoad {
-        device: Device::Cpu,
-        dtype: DType::F32,
-        loras: Vec::new(),
-    }
-}
-
 fn load(root: &Path) -> SdPipeline {
     SdPipeline::load(root, &cpu_f32()).expect("pipeline loads")
-}
-
-pub(super) fn case<'a>(json: &'a Value, name: &str) -> &'a Value {
-    json["cases"]
-        .as_array()
-        .expect("cases")
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no case {name}"))
 }
 
 /// The request a reference case's pipeline call makes.
@@ -80,43 +64,6 @@ fn context(embeddings: &Tensor) -> Conditioning {
         context: embeddings.clone(),
         added: None,
     }
-}
-
-pub(super) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims(), "shapes differ");
-    (a - b)
-        .and_then(|d| d.abs())
-        .and_then(|d| d.flatten_all())
-        .and_then(|d| d.max(0))
-        .and_then(|d| d.to_scalar::<f32>())
-        .expect("difference")
-}
-
-pub(super) fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) {
-    let diff = max_abs_diff(ours, reference);
-    assert!(
-        diff <= TOLERANCE,
-        "{what}: max abs difference {diff} > {TOLERANCE}"
-    );
-}
-
-/// Noise injected into a run: the reference's draws, in order. Running
-/// out is a test failure (a deterministic scheduler drew noise).
-pub(super) struct Injected(pub std::collections::VecDeque<Tensor>);
-
-impl super::scheduler::StepNoise for Injected {
-    fn noise(&mut self, like: &Tensor) -> candle_core::Result<Tensor> {
-        let next = self
-            .0
-            .pop_front()
-            .expect("the run drew more noise than the reference");
-        assert_eq!(next.dims(), like.dims(), "noise shape");
-        Ok(next)
-    }
-}
-
-pub(super) fn no_noise() -> Injected {
-    Injected(Default::default())
 }
 
 /// The step latents and the picture of `pipeline` on the case's latents.
@@ -194,7 +141,8 @@ fn tokenizer_from_vocab_and_merges_matches_the_reference() {
     ] {
         std::fs::copy(source.join(file), dir.path().join(file)).expect("copy");
     }
-    let tokenizer = super::prompt::PromptTokenizer::load(dir.path(), 77).expect("tokenizer");
+    let tokenizer = crate::engine::image::encoders::prompt::PromptTokenizer::load(dir.path(), 77)
+        .expect("tokenizer");
     let checks = json["tokenizer"]["check_texts"]
         .as_object()
         .expect("check_texts");
@@ -583,7 +531,7 @@ fn single_file_shapes_are_inferred_without_yaml_or_configs() {
     let renamed =
         single_file::rename(&fixture().join("single_file/tiny-sd.safetensors")).expect("rename");
     let from_folder: config::UnetJson =
-        config::read_json(&fixture().join("unet/config.json")).expect("config");
+        read_json(&fixture().join("unet/config.json")).expect("config");
     let unet = single_file::unet_json(&renamed.unet, None, None).expect("unet config");
     assert_eq!(
         format!("{:?}", unet.to_candle().expect("candle")),

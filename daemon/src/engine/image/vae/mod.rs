@@ -5,12 +5,16 @@
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 
-use super::config::VaeJson;
+pub mod decoder;
+pub mod encoder;
+
+use self::decoder::VaeDecoder;
+use self::encoder::VaeEncoder;
+// The parts these files read, under the names they use.
+use super::config::{self, VaeJson};
+use super::noise::StepNoise;
 use super::request::InitImage;
-use super::scheduler::StepNoise;
-use super::vae_decoder::VaeDecoder;
-use super::vae_encoder::VaeEncoder;
-use super::ImageError;
+use super::{attention, conv, resnet, scores_bytes, ImageError};
 
 pub struct Vae {
     decoder: VaeDecoder,
@@ -79,10 +83,8 @@ impl Vae {
     /// The VAE's attention scores and probabilities over every latent
     /// position of one `height × width` picture, in bytes.
     pub fn scores_bytes(&self, height: usize, width: usize) -> u64 {
-        let tokens = ((height / self.scale_factor) * (width / self.scale_factor)) as u64;
-        let bytes = self.dtype.size_in_bytes().max(DType::F32.size_in_bytes()) as u64;
-        2u64.saturating_mul(tokens)
-            .saturating_mul(tokens)
-            .saturating_mul(bytes)
+        let tokens = (height / self.scale_factor) * (width / self.scale_factor);
+        let bytes = self.dtype.size_in_bytes().max(DType::F32.size_in_bytes());
+        scores_bytes(1, tokens, bytes)
     }
 }

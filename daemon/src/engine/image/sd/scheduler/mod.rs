@@ -217,12 +217,7 @@ pub(crate) enum Spacing {
     Linspace,
 }
 
-/// Where the per-step noise of the stochastic schedulers comes from: the
-/// request's seeds in a run, the reference's draws in the tests.
-pub trait StepNoise {
-    /// Standard normal noise shaped like `like`.
-    fn noise(&mut self, like: &Tensor) -> candle_core::Result<Tensor>;
-}
+pub use crate::engine::image::noise::StepNoise;
 
 /// One run of a scheduler over a fixed number of steps; the multistep
 /// schedulers keep their history here.

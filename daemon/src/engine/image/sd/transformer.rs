@@ -7,7 +7,9 @@
 //! exact (erf) GELU; against the reference that alone moves the first noise
 //! prediction by ~6e-5 and the step latents past 1e-4.
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
+
+use crate::engine::image::attention::{merge_heads, split_heads};
 use candle_nn::{
     conv2d, group_norm, layer_norm, linear, linear_no_bias, Conv2d, GroupNorm, LayerNorm, Linear,
     VarBuilder,
@@ -180,32 +182,4 @@ impl SpatialTransformer {
         };
         out + xs
     }
-}
-
-/// `(batch, seq, heads × head_dim)` → `(batch, heads, seq, head_dim)` in
-/// f32, where attention is computed whatever the model's dtype.
-pub(super) fn split_heads(heads: usize, xs: &Tensor) -> Result<Tensor> {
-    let (batch, seq, dim) = xs.dims3()?;
-    xs.reshape((batch, seq, heads, dim / heads))?
-        .transpose(1, 2)?
-        .contiguous()?
-        .to_dtype(DType::F32)
-}
-
-/// `(batch, heads, seq, head_dim)` → `shape` (batch, seq, heads ×
-/// head_dim) at `dtype`: the inverse of `split_heads`.
-fn merge_heads(xs: &Tensor, dtype: DType, shape: (usize, usize, usize)) -> Result<Tensor> {
-    xs.to_dtype(dtype)?.transpose(1, 2)?.reshape(shape)
-}
-
-/// Softmax of `scores` applied to `v`, heads merged back into `shape`
-/// (batch, seq, dim) at `dtype`.
-pub(super) fn attend(
-    scores: &Tensor,
-    v: &Tensor,
-    dtype: DType,
-    shape: (usize, usize, usize),
-) -> Result<Tensor> {
-    let out = candle_nn::ops::softmax_last_dim(scores)?.matmul(v)?;
-    merge_heads(&out, dtype, shape)
 }

@@ -12,11 +12,12 @@ use std::path::Path;
 use candle_core::Tensor;
 use serde_json::json;
 
-use super::config::{read_json, ClipJson, UnetJson, VaeJson};
-use super::open_clip;
+use super::config::UnetJson;
 use super::scheduler::SchedulerJson;
 use super::weights::{load_tensors, TensorMap};
 use super::ImageError;
+use crate::engine::image::config::{read_json, ClipJson, VaeJson};
+use crate::engine::image::encoders::open_clip;
 
 const UNET: &str = "model.diffusion_model.";
 const VAE: &str = "first_stage_model.";

@@ -5,45 +5,20 @@
 //! second encoder's projected pooled output (`text_embeds`) and the
 //! `time_ids` (original size, crop top-left, target size).
 
-use std::path::Path;
-
 use candle_core::{DType, Device, Tensor};
 
-use super::clip::{ClipTextModel, ClipWithProjection};
-use super::config::{ClipJson, TextTimeShape};
-use super::prompt::PromptTokenizer;
-use super::request::ValidImageRequest;
-use super::weights::{recording, TensorMap};
-use super::ImageError;
+use super::config::TextTimeShape;
+use crate::engine::image::config::ClipJson;
+use crate::engine::image::encoders::clip::{ClipTextModel, ClipWithProjection};
+use crate::engine::image::encoders::prompt::PromptTokenizer;
+use crate::engine::image::encoders::EncoderParts;
+use crate::engine::image::request::ValidImageRequest;
+use crate::engine::image::weights::recording;
+use crate::engine::image::ImageError;
 
 /// SDXL's time ids per picture: `(height, width)` twice around the crop
 /// corner `(0, 0)`.
 pub const TIME_IDS: usize = 6;
-
-/// One text encoder's parts: config, tokenizer and weights.
-#[derive(Clone)]
-pub struct EncoderParts {
-    pub clip_json: ClipJson,
-    pub tokenizer: PromptTokenizer,
-    pub weights: TensorMap,
-}
-
-impl EncoderParts {
-    /// The encoder configured by `clip_json`, with the tokenizer in
-    /// `tokenizer_dir`.
-    pub fn new(
-        clip_json: ClipJson,
-        tokenizer_dir: &Path,
-        weights: TensorMap,
-    ) -> Result<Self, ImageError> {
-        let length = clip_json.to_config()?.max_position_embeddings;
-        Ok(EncoderParts {
-            tokenizer: PromptTokenizer::load(tokenizer_dir, length)?,
-            clip_json,
-            weights,
-        })
-    }
-}
 
 /// The UNet's inputs besides the latents and the timestep, one row per
 /// UNet batch entry.

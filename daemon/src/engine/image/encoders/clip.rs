@@ -1,13 +1,13 @@
-//! The CLIP text encoders of a Stable Diffusion pipeline: `CLIPTextModel`
-//! and, for SDXL's second encoder, `CLIPTextModelWithProjection`.
+//! The CLIP text encoders: `CLIPTextModel` (SD's, and FLUX's pooled
+//! output) and, for SDXL's second encoder, `CLIPTextModelWithProjection`.
 //!
 //! Re-implemented here rather than taken from candle because candle's
 //! `clip::Config` has private fields (it cannot be built from a
 //! `config.json`), hard-codes the layer-norm epsilon, and maps `gelu` to
 //! the tanh approximation where transformers uses the exact GELU.
 
-use super::transformer::{attend, split_heads};
 use super::weights::TensorMap;
+use crate::engine::image::attention::{attend, split_heads};
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{
     embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder,

@@ -1,0 +1,69 @@
+//! Helpers the image families' reference tests share: CPU f32 loading,
+//! reference cases, tensor comparison and injected noise.
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::Value;
+
+use super::noise::StepNoise;
+use super::ImageLoad;
+
+/// The tolerance every reference comparison uses unless a case says why not.
+pub(crate) const TOLERANCE: f32 = 1e-4;
+
+/// Loading on the CPU in f32, as the references were computed.
+pub(crate) fn cpu_f32() -> ImageLoad {
+    ImageLoad {
+        device: Device::Cpu,
+        dtype: DType::F32,
+        loras: Vec::new(),
+    }
+}
+
+/// The reference case called `name` in an `expected.json`.
+pub(crate) fn case<'a>(json: &'a Value, name: &str) -> &'a Value {
+    json["cases"]
+        .as_array()
+        .expect("cases")
+        .iter()
+        .find(|c| c["name"] == name)
+        .unwrap_or_else(|| panic!("no case {name}"))
+}
+
+/// The largest absolute difference between two tensors of one shape.
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shapes differ");
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(0))
+        .and_then(|d| d.to_scalar::<f32>())
+        .expect("difference")
+}
+
+pub(crate) fn assert_close(what: &str, ours: &Tensor, reference: &Tensor) {
+    let diff = max_abs_diff(ours, reference);
+    assert!(
+        diff <= TOLERANCE,
+        "{what}: max abs difference {diff} > {TOLERANCE}"
+    );
+}
+
+/// Noise injected into a run: the reference's draws, in order. Running
+/// out is a test failure (a deterministic scheduler drew noise).
+pub(crate) struct Injected(pub std::collections::VecDeque<Tensor>);
+
+impl StepNoise for Injected {
+    fn noise(&mut self, like: &Tensor) -> candle_core::Result<Tensor> {
+        let next = self
+            .0
+            .pop_front()
+            .expect("the run drew more noise than the reference");
+        assert_eq!(next.dims(), like.dims(), "noise shape");
+        Ok(next)
+    }
+}
+
+/// A run that must draw no noise.
+pub(crate) fn no_noise() -> Injected {
+    Injected(Default::default())
+}
