@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use modeld_wire::types::{ModelRecord, PullEvent, SourceKind};
 
+use crate::engine::image::SeparateParts;
 use crate::engine::{BadFile, EngineError, LoadRequest, Loaded, Placement, Resident};
-use crate::modes::{Mode, ModelRef};
+use crate::modes::{Mode, ModeParts, ModelRef};
 use crate::pull::PullJob;
 use crate::rpc::ApiError;
 use crate::sources::{find_on_disk, OnDisk};
@@ -42,21 +43,18 @@ pub async fn ensure_loaded(
         Some(placement) => placement,
         None => Placement::choose(&state.engine.devices, None, None)?,
     };
-    let (located, loras, keep_alive) = match mode {
-        Some(mode) => {
-            let located = match &mode.model {
-                ModelRef::Registered(model) => locate(state, &state.registry.get(model)?).await?,
-                ModelRef::Path(path) => Located {
-                    path: path.clone(),
-                    snapshot_of: None,
-                },
-            };
-            (located, mode.loras.clone(), mode.keep_alive)
-        }
+    let (located, loras, keep_alive, parts) = match mode {
+        Some(mode) => (
+            locate_ref(state, &mode.model).await?,
+            mode.loras.clone(),
+            mode.keep_alive,
+            separate_parts(state, &mode.parts).await?,
+        ),
         None => (
             locate(state, &state.registry.get(name)?).await?,
             Vec::new(),
             None,
+            SeparateParts::default(),
         ),
     };
     let request = LoadRequest {
@@ -66,12 +64,41 @@ pub async fn ensure_loaded(
         placement,
         keep_alive,
         max_batch: state.config().scheduler.max_batch,
+        parts,
     };
     let loaded = load_repairing(state, request, located.snapshot_of.as_ref()).await?;
     for evicted in &loaded.evicted {
         tracing::info!(model = %evicted, "unloaded to make room for {name}");
     }
     Ok(loaded)
+}
+
+/// Where a mode's model (or config folder) is: a registered model's
+/// files, pulled if needed, or a path under `model_root`.
+async fn locate_ref(state: &Arc<AppState>, model: &ModelRef) -> Result<Located, ApiError> {
+    match model {
+        ModelRef::Registered(model) => locate(state, &state.registry.get(model)?).await,
+        ModelRef::Path(path) => Ok(Located {
+            path: path.clone(),
+            snapshot_of: None,
+        }),
+    }
+}
+
+/// A mode's separate component files, with its config folder located.
+async fn separate_parts(
+    state: &Arc<AppState>,
+    parts: &ModeParts,
+) -> Result<SeparateParts, ApiError> {
+    let config_dir = match &parts.config {
+        Some(config) => Some(locate_ref(state, config).await?.path),
+        None => None,
+    };
+    Ok(SeparateParts {
+        vae: parts.vae.clone(),
+        text_encoders: parts.text_encoders.clone(),
+        config_dir,
+    })
 }
 
 /// Loads the model; when a file of `snapshot_of`'s cache snapshot is bad,

@@ -162,3 +162,94 @@ fn a_single_fp8_transformer_loads_with_its_folders_components() {
         events.last()
     );
 }
+
+/// A ComfyUI `models/` tree holding the tiny FLUX as separate files, and a
+/// folder of its tokenizers and configs without weights.
+fn comfy_tree(root: &Path) {
+    let dev = flux_fixture().join("dev");
+    let put = |from: &Path, to: &str| {
+        let target = root.join(to);
+        std::fs::create_dir_all(target.parent().unwrap()).unwrap();
+        std::fs::copy(from, target).unwrap();
+    };
+    put(
+        &flux_fixture().join("single_file/tiny-flux-dev.safetensors"),
+        "diffusion_models/tiny-flux-dev.safetensors",
+    );
+    put(
+        &dev.join("vae/diffusion_pytorch_model.safetensors"),
+        "vae/ae.safetensors",
+    );
+    put(
+        &dev.join("text_encoder/model.safetensors"),
+        "text_encoders/clip_l.safetensors",
+    );
+    put(
+        &dev.join("text_encoder_2/model.safetensors"),
+        "text_encoders/t5xxl_tiny.safetensors",
+    );
+    let configs = root.join("configs/flux-dev");
+    copy_tree(&dev, &configs);
+    for component in ["transformer", "vae", "text_encoder", "text_encoder_2"] {
+        for entry in std::fs::read_dir(configs.join(component)).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "safetensors") {
+                std::fs::remove_file(path).unwrap();
+            }
+        }
+    }
+}
+
+#[test]
+fn a_comfyui_tree_mode_names_its_components_by_path() {
+    let daemon = Daemon::start();
+    register_dev(&daemon);
+    let root = daemon.dir.path().join("models");
+    comfy_tree(&root);
+    let modes = format!(
+        r#"model_root = "{}"
+[modes.comfy]
+model = "diffusion_models/tiny-flux-dev.safetensors"
+vae = "vae/ae.safetensors"
+text_encoders = ["text_encoders/clip_l.safetensors", "text_encoders/t5xxl_tiny.safetensors"]
+config = "configs/flux-dev"
+"#,
+        root.display()
+    );
+    std::fs::write(daemon.dir.path().join("modes.toml"), modes).unwrap();
+    daemon.call("modes.reload", json!({})).unwrap();
+    let listed = daemon.call("modes.list", json!({})).unwrap();
+    assert_eq!(listed["modes"][0]["vae"], "vae/ae.safetensors", "{listed}");
+    let request = |target: (&str, &str)| {
+        let mut params = json!({"prompt": "a lighthouse", "size": "32x32", "steps": 2,
+                                "seed": 3, "max_sequence_length": 8});
+        params[target.0] = json!(target.1);
+        let events = generate(&daemon, params);
+        let done = events.last().unwrap().clone();
+        assert_eq!(done["event"], "done", "{done}");
+        picture(&done)
+    };
+    // The same weights in separate files draw the folder's picture.
+    assert_eq!(request(("mode", "comfy")), request(("model", "flux")));
+}
+
+#[test]
+fn a_mode_with_separate_components_is_refused_for_a_folder_model() {
+    let daemon = Daemon::start();
+    let root = daemon.dir.path().join("models");
+    comfy_tree(&root);
+    copy_tree(&flux_fixture().join("dev"), &root.join("flux-dev"));
+    let modes = format!(
+        r#"model_root = "{}"
+[modes.bad]
+model = "flux-dev"
+vae = "../outside.safetensors"
+"#,
+        root.display()
+    );
+    std::fs::write(daemon.dir.path().join("modes.toml"), modes).unwrap();
+    let err = daemon.call("modes.reload", json!({})).unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("modes.bad.model"), "{text}");
+    assert!(text.contains("modes.bad.vae"), "{text}");
+}

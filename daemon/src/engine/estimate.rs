@@ -63,9 +63,13 @@ pub fn estimate(weights: &Weights, dir: &Path, dtype: DType) -> Result<Estimate,
 /// An image model's weights (UNet, VAE and text encoder(s), or a single-file
 /// checkpoint) at `dtype`. It needs no KV cache; the activations of a run
 /// grow with the picture size and are not counted.
-pub fn image_estimate(path: &Path, dtype: DType) -> Result<Estimate, EngineError> {
+pub fn image_estimate(
+    path: &Path,
+    parts: &super::image::SeparateParts,
+    dtype: DType,
+) -> Result<Estimate, EngineError> {
     let mut bytes = 0;
-    for file in super::image::weight_files(path)? {
+    for file in super::image::weight_files(path, parts)? {
         bytes += resident_bytes(&file, dtype)?;
     }
     Ok(Estimate {

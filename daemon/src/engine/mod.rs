@@ -250,6 +250,8 @@ pub struct LoadRequest {
     pub keep_alive: Option<std::time::Duration>,
     /// Generations a text model runs together at most.
     pub max_batch: usize,
+    /// An image model's components kept in files apart from it.
+    pub parts: image::SeparateParts,
 }
 
 pub struct Loaded {
@@ -289,6 +291,8 @@ pub struct Resident {
     /// An image model's pipeline, shared with its worker, from which
     /// another LoRA set of the same base is derived in memory.
     pipeline: Mutex<Option<Arc<ImagePipeline>>>,
+    /// An image model's components kept apart, part of what it is.
+    parts: image::SeparateParts,
 }
 
 /// Marks a resident model busy while it lives, so it is never evicted or
@@ -406,9 +410,9 @@ impl Engine {
         if let Some(loaded) = self.remerge(&request).await? {
             return Ok(loaded);
         }
-        let path = request.path.clone();
+        let (path, parts) = (request.path.clone(), request.parts.clone());
         let dtype = request.placement.dtype;
-        let (files, estimate) = tokio::task::spawn_blocking(move || inspect(&path, dtype))
+        let (files, estimate) = tokio::task::spawn_blocking(move || inspect(&path, &parts, dtype))
             .await
             .map_err(|e| EngineError::Files(format!("load task failed: {e}")))??;
         let evicted = self
@@ -495,6 +499,7 @@ impl Engine {
         let resident = self.resident.lock().unwrap_or_else(|e| e.into_inner());
         resident.values().find_map(|r| {
             let fits = r.info.path == request.path
+                && r.parts == request.parts
                 && r.info.device == request.placement.device_name
                 && !r.is_busy();
             let pipeline = r
@@ -633,9 +638,14 @@ enum ModelFiles {
 }
 
 /// Finds out what kind of model `path` holds and estimates its memory.
-fn inspect(path: &Path, dtype: DType) -> Result<(ModelFiles, estimate::Estimate), EngineError> {
+fn inspect(
+    path: &Path,
+    parts: &image::SeparateParts,
+    dtype: DType,
+) -> Result<(ModelFiles, estimate::Estimate), EngineError> {
     if is_image_model(path) {
-        return Ok((ModelFiles::Image, estimate::image_estimate(path, dtype)?));
+        let estimate = estimate::image_estimate(path, parts, dtype)?;
+        return Ok((ModelFiles::Image, estimate));
     }
     let weights = Weights::find(path)?;
     let estimate = estimate::estimate(&weights, model_dir(path), dtype)?;
@@ -792,6 +802,7 @@ fn resident(
         jobs: Mutex::new(Some(queue)),
         thread: Mutex::new(Some(thread)),
         pipeline: Mutex::new(pipeline),
+        parts: image::SeparateParts::default(),
     }
 }
 
@@ -861,17 +872,16 @@ fn start_text_worker(
 }
 
 /// Loads an image pipeline (see `ImagePipeline::load`).
-fn build_image(
-    path: &Path,
-    loras: &[LoraInfo],
-    placement: &Placement,
-) -> Result<ImagePipeline, EngineError> {
+fn build_image(request: &LoadRequest) -> Result<ImagePipeline, EngineError> {
+    let placement = &request.placement;
     let options = ImageLoad {
         device: placement.device.clone(),
         dtype: placement.dtype,
-        loras: loras.to_vec(),
+        loras: request.loras.clone(),
     };
-    ImagePipeline::load(path, &options).map_err(|err| EngineError::from(err).in_file(path))
+    let path = &request.path;
+    ImagePipeline::load(path, &request.parts, &options)
+        .map_err(|err| EngineError::from(err).in_file(path))
 }
 
 fn start_image_worker(
@@ -880,9 +890,7 @@ fn start_image_worker(
 ) -> Result<Resident, EngineError> {
     let started = Instant::now();
     let placement = &request.placement;
-    let (pipeline, measured_bytes) = build_measured(placement, estimate, || {
-        build_image(&request.path, &request.loras, placement)
-    })?;
+    let (pipeline, measured_bytes) = build_measured(placement, estimate, || build_image(request))?;
     let image = ImageBuilt {
         pipeline,
         estimated_bytes: estimate.total(),
@@ -926,13 +934,15 @@ fn image_resident(request: &LoadRequest, built: ImageBuilt) -> Result<Resident, 
     };
     let (jobs, queue) = mpsc::channel();
     let thread = spawn_model_thread(&request.name, move || worker.run(queue))?;
-    Ok(resident(
+    let mut resident = resident(
         info,
         placement.device.clone(),
         WorkerQueue::Image(jobs),
         thread,
         Some(pipeline),
-    ))
+    );
+    resident.parts = request.parts.clone();
+    Ok(resident)
 }
 
 /// An error whose text says the device ran out of memory becomes

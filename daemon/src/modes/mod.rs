@@ -53,6 +53,14 @@ struct ModeEntry {
     description: Option<String>,
     #[serde(default)]
     metadata: serde_json::Map<String, serde_json::Value>,
+    /// A single-file model's VAE kept apart, under `model_root`.
+    vae: Option<String>,
+    /// Its text encoders kept apart, under `model_root`.
+    #[serde(default)]
+    text_encoders: Vec<String>,
+    /// A registered model, or a folder under `model_root`, supplying the
+    /// tokenizers and configs the files lack.
+    config: Option<String>,
 }
 
 /// `"style.safetensors"`, or `{ path, strength, adapter_name }`.
@@ -89,11 +97,24 @@ pub enum ModelRef {
     Path(PathBuf),
 }
 
+/// A single-file image model's components kept apart from it, as a
+/// ComfyUI `models/` tree keeps them, and where its tokenizers and configs
+/// come from.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ModeParts {
+    pub vae: Option<PathBuf>,
+    pub text_encoders: Vec<PathBuf>,
+    pub config: Option<ModelRef>,
+    /// The keys as written, for `modes.list`.
+    written: (Option<String>, Vec<String>, Option<String>),
+}
+
 #[derive(Debug, Clone)]
 pub struct Mode {
     pub name: String,
     pub model: ModelRef,
     pub model_text: String,
+    pub parts: ModeParts,
     pub loras: Vec<LoraInfo>,
     pub defaults: GenerationDefaults,
     pub image_defaults: ImageDefaults,
@@ -128,6 +149,9 @@ impl Mode {
             keep_alive_s: self.keep_alive.map(|d| d.as_secs()),
             description: self.description.clone(),
             metadata: self.metadata.clone(),
+            vae: self.parts.written.0.clone(),
+            text_encoders: self.parts.written.1.clone(),
+            config: self.parts.written.2.clone(),
         }
     }
 }
@@ -244,6 +268,7 @@ fn validate_mode(
             }
         }
     };
+    let parts = validate_parts(&entry, &model, model_root, is_registered, &at, errors);
     let mut loras = Vec::new();
     for (index, lora) in entry.loras.into_iter().enumerate() {
         let field = at(&format!("loras[{index}]"));
@@ -314,6 +339,7 @@ fn validate_mode(
         name: name.to_string(),
         model: model.expect("no error means a model"),
         model_text: entry.model,
+        parts,
         loras,
         defaults: entry.defaults,
         image_defaults,
@@ -321,6 +347,76 @@ fn validate_mode(
         description: entry.description,
         metadata: entry.metadata,
     })
+}
+
+/// A mode's `vae`, `text_encoders` and `config`: files (and a folder)
+/// under `model_root`, going with a single-file model.
+fn validate_parts(
+    entry: &ModeEntry,
+    model: &Option<ModelRef>,
+    model_root: &Option<PathBuf>,
+    is_registered: &dyn Fn(&str) -> bool,
+    at: &dyn Fn(&str) -> String,
+    errors: &mut Vec<String>,
+) -> ModeParts {
+    let written = (
+        entry.vae.clone(),
+        entry.text_encoders.clone(),
+        entry.config.clone(),
+    );
+    if written == (None, Vec::new(), None) {
+        return ModeParts::default();
+    }
+    let single_file = matches!(model, Some(ModelRef::Path(p)) if p.is_file());
+    if model.is_some() && !single_file {
+        errors.push(format!(
+            "{}: vae, text_encoders and config go with a single .safetensors model file under model_root",
+            at("model")
+        ));
+    }
+    let mut file = |field: String, relative: &str| -> Option<PathBuf> {
+        let found = inside_root(model_root, relative).and_then(|path| {
+            let weights = path.is_file() && path.extension().is_some_and(|e| e == "safetensors");
+            weights
+                .then_some(path)
+                .ok_or_else(|| format!("{relative:?} is not a .safetensors file"))
+        });
+        found
+            .map_err(|why| errors.push(format!("{field}: {why}")))
+            .ok()
+    };
+    let vae = entry.vae.as_deref().and_then(|v| file(at("vae"), v));
+    let text_encoders = entry
+        .text_encoders
+        .iter()
+        .enumerate()
+        .filter_map(|(i, t)| file(at(&format!("text_encoders[{i}]")), t))
+        .collect();
+    let config = entry.config.as_deref().and_then(|config| {
+        if is_registered(config) {
+            return Some(ModelRef::Registered(config.to_string()));
+        }
+        match inside_root(model_root, config) {
+            Ok(dir) if dir.is_dir() => Some(ModelRef::Path(dir)),
+            Ok(_) => {
+                errors.push(format!("{}: {config:?} is not a folder", at("config")));
+                None
+            }
+            Err(why) => {
+                errors.push(format!(
+                    "{}: {config:?} is not a registered model, and {why}",
+                    at("config")
+                ));
+                None
+            }
+        }
+    });
+    ModeParts {
+        vae,
+        text_encoders,
+        config,
+        written,
+    }
 }
 
 /// `relative` resolved under `root`, refusing anything that would leave it.

@@ -20,6 +20,15 @@ pub struct ModeInfo {
     pub keep_alive_s: Option<u64>,
     pub description: Option<String>,
     pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// An image mode's VAE file kept apart from its model, as written.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vae: Option<String>,
+    /// Its text encoder files kept apart, as written.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub text_encoders: Vec<String>,
+    /// The registered model or folder supplying tokenizers and configs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<String>,
 }
 
 /// `modes.list`.

@@ -73,6 +73,31 @@ pub struct ImageLoad {
     pub loras: Vec<LoraInfo>,
 }
 
+/// An image model's components given as files apart from the model (a
+/// ComfyUI tree keeps them in `vae/` and `text_encoders/`), and the
+/// diffusers-layout folder supplying tokenizers, configs and whatever
+/// else the files leave out. Empty: the model's own folder supplies all.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SeparateParts {
+    pub vae: Option<PathBuf>,
+    /// CLIP and T5 encoders, each recognised by its tensor names.
+    pub text_encoders: Vec<PathBuf>,
+    pub config_dir: Option<PathBuf>,
+}
+
+impl SeparateParts {
+    pub fn is_empty(&self) -> bool {
+        *self == SeparateParts::default()
+    }
+
+    /// The folder supplying what `file` (a single-file model) lacks.
+    fn config_dir_for<'a>(&'a self, file: &'a Path) -> &'a Path {
+        self.config_dir
+            .as_deref()
+            .unwrap_or_else(|| config_dir(file))
+    }
+}
+
 /// One generated picture: `width × height` RGB pixels, row by row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GeneratedImage {
@@ -126,21 +151,28 @@ fn config_dir(file: &Path) -> &Path {
 /// Every weight file an image model loads: the denoiser, VAE and text
 /// encoder(s) of a diffusers folder, or the single-file checkpoint itself
 /// (for FLUX, with the components of its folder).
-pub fn weight_files(path: &Path) -> Result<Vec<PathBuf>, ImageError> {
+pub fn weight_files(path: &Path, parts: &SeparateParts) -> Result<Vec<PathBuf>, ImageError> {
     let flux = Family::of(path) == Some(Family::Flux);
     let (mut files, folder) = if path.is_dir() {
         let denoiser = if flux { "transformer" } else { "unet" };
         let files = component_files(&path.join(denoiser), "diffusion_pytorch_model")?;
         (files, path)
     } else if flux {
-        (vec![path.to_path_buf()], config_dir(path))
+        (vec![path.to_path_buf()], parts.config_dir_for(path))
     } else {
         return Ok(vec![path.to_path_buf()]);
     };
-    files.extend(component_files(
-        &folder.join("vae"),
-        "diffusion_pytorch_model",
-    )?);
+    match &parts.vae {
+        Some(vae) => files.push(vae.clone()),
+        None => files.extend(component_files(
+            &folder.join("vae"),
+            "diffusion_pytorch_model",
+        )?),
+    }
+    if !parts.text_encoders.is_empty() {
+        files.extend(parts.text_encoders.iter().cloned());
+        return Ok(files);
+    }
     files.extend(component_files(&folder.join("text_encoder"), "model")?);
     if folder.join("text_encoder_2").is_dir() {
         files.extend(component_files(&folder.join("text_encoder_2"), "model")?);
@@ -158,8 +190,19 @@ pub enum ImagePipeline {
 impl ImagePipeline {
     /// Loads the image model at `path`: a diffusers folder, or a single
     /// file (an SD checkpoint with its LDM `.yaml` beside it if there is
-    /// one, or a FLUX transformer) whose folder supplies the rest.
-    pub fn load(path: &Path, options: &ImageLoad) -> Result<Self, ImageError> {
+    /// one, or a FLUX transformer) whose folder, or `parts`, supplies the
+    /// rest.
+    pub fn load(
+        path: &Path,
+        parts: &SeparateParts,
+        options: &ImageLoad,
+    ) -> Result<Self, ImageError> {
+        if !parts.is_empty() && (path.is_dir() || Family::of(path) != Some(Family::Flux)) {
+            return Err(ImageError::Unsupported(format!(
+                "{}: separate VAE, text encoder and config files go with a single-file FLUX transformer",
+                path.display()
+            )));
+        }
         let family = Family::of(path).ok_or_else(|| {
             ImageError::Unsupported(format!(
                 "{}: not an image model (no model_index.json, and no UNet or FLUX transformer tensors)",
@@ -169,9 +212,7 @@ impl ImagePipeline {
         Ok(match (family, path.is_dir()) {
             (Family::Flux, true) => Self::Flux(Box::new(FluxPipeline::load(path, options)?)),
             (Family::Flux, false) => Self::Flux(Box::new(FluxPipeline::load_single_file(
-                path,
-                config_dir(path),
-                options,
+                path, parts, options,
             )?)),
             (Family::StableDiffusion, true) => {
                 Self::StableDiffusion(Box::new(SdPipeline::load(path, options)?))

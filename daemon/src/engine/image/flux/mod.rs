@@ -5,6 +5,7 @@
 //! channels, shifted and scaled) decodes. dev and schnell are told apart
 //! by the weights: dev's transformer has a guidance embedding.
 
+pub mod components;
 pub mod config;
 pub mod sampling;
 pub mod single_file;
@@ -33,7 +34,7 @@ use super::noise::{self, StepNoise};
 use super::request::ValidImageRequest;
 use super::vae::Vae;
 use super::weights::{component_files, load_tensors, recording, TensorMap};
-use super::{lora, GeneratedImage, ImageError, ImageLoad};
+use super::{lora, GeneratedImage, ImageError, ImageLoad, SeparateParts};
 use crate::validate::ValidationError;
 
 /// T5's token budget when the request does not set `max_sequence_length`.
@@ -91,38 +92,36 @@ impl FluxParts {
             read_json(&root.join("transformer/config.json"))?,
             &transformer,
         );
-        Self::with_transformer(root, transformer_json, transformer, None)
+        let sources = components::Sources::folder(root);
+        Self::with_transformer(&sources, transformer_json, transformer, None)
     }
 
-    /// The components of `config_dir` (a diffusers-layout folder) around a
-    /// transformer given apart; `scheduler` when the folder has none.
+    /// The other components from `sources` around a transformer given
+    /// apart; `scheduler` when the config folder has none.
     fn with_transformer(
-        config_dir: &Path,
+        sources: &components::Sources,
         transformer_json: FluxJson,
         transformer: TensorMap,
         scheduler: Option<FlowMatchJson>,
     ) -> Result<Self, ImageError> {
-        let component = |name: &str, stem: &str| -> Result<TensorMap, ImageError> {
-            load_tensors(&component_files(&config_dir.join(name), stem)?)
-        };
+        let config_dir = sources.config_dir;
         let scheduler_file = config_dir.join("scheduler/scheduler_config.json");
         let scheduler_json = match scheduler {
             Some(json) if !scheduler_file.is_file() => json,
             _ => read_json(&scheduler_file)?,
         };
+        let (vae_json, vae) = sources.vae()?;
+        let (clip_json, clip) = sources.clip()?;
+        let (t5_json, t5) = sources.t5()?;
         Ok(FluxParts {
             transformer_json,
-            vae_json: read_json(&config_dir.join("vae/config.json"))?,
+            vae_json,
             scheduler_json,
-            t5_json: read_json(&config_dir.join("text_encoder_2/config.json"))?,
+            t5_json,
             transformer,
-            vae: component("vae", "diffusion_pytorch_model")?,
-            clip: EncoderParts::new(
-                read_json(&config_dir.join("text_encoder/config.json"))?,
-                &config_dir.join("tokenizer"),
-                super::encoders::clip::with_text_model_prefix(component("text_encoder", "model")?),
-            )?,
-            t5: component("text_encoder_2", "model")?,
+            vae,
+            clip: EncoderParts::new(clip_json, &config_dir.join("tokenizer"), clip)?,
+            t5,
             t5_tokenizer: PromptTokenizer::load(
                 &config_dir.join("tokenizer_2"),
                 DEV_MAX_SEQUENCE_LENGTH,
@@ -182,18 +181,20 @@ impl FluxPipeline {
         Self::build(FluxParts::from_folder(root)?, options)
     }
 
-    /// Loads a BFL- or diffusers-named single-file transformer, the other
-    /// components (encoders, tokenizers, VAE, configs) coming from the
-    /// diffusers-layout folder `config_dir`.
+    /// Loads a BFL- or diffusers-named single-file transformer; the other
+    /// components come from `parts`' files where given, and the rest
+    /// (tokenizers, configs, components not given) from its config
+    /// folder, by default the file's own.
     pub fn load_single_file(
         transformer: &Path,
-        config_dir: &Path,
+        parts: &SeparateParts,
         options: &ImageLoad,
     ) -> Result<Self, ImageError> {
-        let (json, weights) = single_file::transformer(transformer, config_dir)?;
+        let sources = components::Sources::separate(transformer, parts)?;
+        let (json, weights) = single_file::transformer(transformer, sources.config_dir)?;
         let schnell = (!json.guidance_embeds).then(FlowMatchJson::schnell);
         let scheduler = schnell.unwrap_or_default();
-        let parts = FluxParts::with_transformer(config_dir, json, weights, Some(scheduler))?;
+        let parts = FluxParts::with_transformer(&sources, json, weights, Some(scheduler))?;
         Self::build(parts, options)
     }
 

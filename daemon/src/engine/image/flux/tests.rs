@@ -38,8 +38,11 @@ fn load(folder: &str, options: &ImageLoad) -> FluxPipeline {
 
 fn single_file(name: &str, options: &ImageLoad) -> FluxPipeline {
     let file = fixture().join("single_file").join(name);
-    FluxPipeline::load_single_file(&file, &fixture().join("dev"), options)
-        .expect("single file loads")
+    let parts = SeparateParts {
+        config_dir: Some(fixture().join("dev")),
+        ..SeparateParts::default()
+    };
+    FluxPipeline::load_single_file(&file, &parts, options).expect("single file loads")
 }
 
 /// The request a reference case's pipeline call makes.

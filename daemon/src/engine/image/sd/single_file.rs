@@ -102,6 +102,20 @@ pub fn rename(path: &Path) -> Result<Renamed, ImageError> {
     Ok(renamed)
 }
 
+/// A VAE saved on its own in LDM naming (FLUX's `ae.safetensors`, the
+/// files of ComfyUI's `vae/`) under diffusers' names; a file already in
+/// diffusers' naming passes unchanged.
+pub fn vae_from_ldm(tensors: TensorMap) -> Result<TensorMap, ImageError> {
+    if !tensors.keys().any(|k| k.starts_with("decoder.up.")) {
+        return Ok(tensors);
+    }
+    let blocks = indices(&tensors, "decoder.up.").len();
+    tensors
+        .into_iter()
+        .map(|(key, tensor)| vae_entry(&key, blocks, tensor))
+        .collect()
+}
+
 /// The distinct numbers `n` of keys starting with `prefix` then `n.`.
 fn indices(tensors: &TensorMap, prefix: &str) -> BTreeSet<usize> {
     tensors
