@@ -325,14 +325,21 @@ fn other_diffusion_architectures_are_refused_by_name() {
         index["text_encoder"] = json!([null, null]);
         index["text_encoder_2"] = json!(["transformers", "CLIPTextModelWithProjection"]);
     });
-    variant(&daemon, "flux", |index| {
-        index["_class_name"] = json!("FluxPipeline");
+    // FLUX runs, but not Kontext's image-conditioned pipeline.
+    variant(&daemon, "kontext", |index| {
+        index["_class_name"] = json!("FluxKontextPipeline");
         index.as_object_mut().unwrap().remove("unet");
         index["transformer"] = json!(["diffusers", "FluxTransformer2DModel"]);
     });
+    variant(&daemon, "sd3", |index| {
+        index["_class_name"] = json!("StableDiffusion3Pipeline");
+        index.as_object_mut().unwrap().remove("unet");
+        index["transformer"] = json!(["diffusers", "SD3Transformer2DModel"]);
+    });
     for (name, named) in [
         ("sdxl-refiner", "StableDiffusionXLImg2ImgPipeline"),
-        ("flux", "FluxPipeline"),
+        ("kontext", "FluxKontextPipeline"),
+        ("sd3", "StableDiffusion3Pipeline"),
     ] {
         let err = load_error(&daemon, name);
         assert_eq!(kind(&err), "load_failed", "{err}");
