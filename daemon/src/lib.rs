@@ -22,6 +22,7 @@ pub mod scheduler;
 pub mod server;
 pub mod sources;
 pub mod state;
+pub mod util;
 pub mod validate;
 
 use std::sync::Arc;

@@ -17,10 +17,11 @@ use crate::gpu::GpuProbe;
 use crate::hub::api::HubSettings;
 use crate::modes::{Mode, Modes, ModesError};
 use crate::pull::Pulls;
-use crate::registry::{unix_now, Registry};
+use crate::registry::Registry;
 use crate::rpc::ApiError;
 use crate::scheduler::Scheduler;
 use crate::sources::CacheRoots;
+use crate::util::unix_now;
 
 pub struct AppState {
     pub paths: Paths,

@@ -840,7 +840,7 @@ fn start_text_worker(
         kv_cache_bytes: estimate.kv_cache,
         measured_bytes,
         load_ms: started.elapsed().as_millis() as u64,
-        loaded_at: crate::registry::unix_now(),
+        loaded_at: crate::util::unix_now(),
         context_length: built.context_length,
         loras: loras.to_vec(),
     };
@@ -930,7 +930,7 @@ fn image_resident(request: &LoadRequest, built: ImageBuilt) -> Result<Resident, 
         kv_cache_bytes: 0,
         measured_bytes: built.measured_bytes,
         load_ms: built.started.elapsed().as_millis() as u64,
-        loaded_at: crate::registry::unix_now(),
+        loaded_at: crate::util::unix_now(),
         context_length: 0,
         loras: built.pipeline.loras(),
     };

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use modeld_wire::types::{FinishReason, GenerateEvent, JobInfo};
 use modeld_wire::ErrorKind;
 
-use crate::registry::unix_now;
 use crate::rpc::ApiError;
+use crate::util::unix_now;
 
 /// Finished jobs remembered for `jobs.get`; older ones are forgotten.
 pub const FINISHED_JOBS_KEPT: usize = 256;

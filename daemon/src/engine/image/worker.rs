@@ -128,7 +128,7 @@ fn write_all(
     request: &ValidImage,
     pictures: &[GeneratedImage],
 ) -> Result<Vec<ImageFile>, EngineError> {
-    let now = crate::registry::unix_now();
+    let now = crate::util::unix_now();
     pictures
         .iter()
         .enumerate()
