@@ -1,17 +1,23 @@
 //! The one place where errors of every layer become JSON-RPC error objects
-//! with a stable `data.kind`.
+//! with a stable `data.kind`. The layers below return (and stream) their
+//! own typed errors; each type's kind and `data` members are decided here,
+//! once, by [`Wire`].
+
+use std::sync::Arc;
 
 use jsonrpsee::types::ErrorObjectOwned;
-use modeld_wire::ErrorKind;
+use modeld_wire::{ErrorKind, RpcErrorObject};
 use serde_json::{json, Map, Value};
 
+use crate::auth::Forbidden;
+use crate::caches::CacheError;
 use crate::config::ConfigError;
 use crate::engine::EngineError;
 use crate::hub::HubError;
+use crate::modes::ModesError;
 use crate::registry::RegistryError;
 use crate::sources::NoSecondaryCache;
 use crate::validate::ValidationError;
-use modeld_wire::RpcErrorObject;
 
 /// Everything a handler can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -27,11 +33,11 @@ pub enum ApiError {
     #[error(transparent)]
     Engine(#[from] EngineError),
     #[error(transparent)]
-    Cache(crate::caches::CacheError),
+    Cache(#[from] CacheError),
     #[error("no mode named {0:?}")]
     UnknownMode(String),
     #[error(transparent)]
-    Modes(#[from] crate::modes::ModesError),
+    Modes(#[from] ModesError),
     /// An error already in wire form, relayed from another stream.
     #[error("{}", .0.message)]
     Relayed(RpcErrorObject),
@@ -43,151 +49,13 @@ pub enum ApiError {
     UnknownJob(u64),
     /// A job's error, shared by its history and whoever waits for the job.
     #[error("{0}")]
-    Job(std::sync::Arc<ApiError>),
+    Job(Arc<ApiError>),
     #[error("modeld is shutting down and accepts no new work")]
     ShuttingDown,
     #[error(transparent)]
-    Forbidden(#[from] crate::auth::Forbidden),
+    Forbidden(#[from] Forbidden),
     #[error("internal error: {0}")]
     Internal(String),
-}
-
-impl ApiError {
-    fn kind(&self) -> ErrorKind {
-        match self {
-            ApiError::Invalid(_) => ErrorKind::InvalidParams,
-            ApiError::Registry(RegistryError::NotFound(_)) => ErrorKind::NotFound,
-            ApiError::Registry(RegistryError::AlreadyExists(_)) => ErrorKind::AlreadyExists,
-            ApiError::Registry(_) => ErrorKind::Storage,
-            ApiError::Config(_) => ErrorKind::InvalidParams,
-            ApiError::NoSecondaryCache(_) => ErrorKind::InvalidParams,
-            ApiError::Engine(err) => match err {
-                EngineError::NotLoaded(_) => ErrorKind::NotLoaded,
-                EngineError::InsufficientMemory { .. } => ErrorKind::InsufficientMemory,
-                EngineError::ContextOverflow { .. }
-                | EngineError::NoChatTemplate
-                | EngineError::EmptyPrompt
-                | EngineError::Device(_) => ErrorKind::InvalidParams,
-                EngineError::Files(_)
-                | EngineError::Unsupported(_)
-                | EngineError::Tokenizer(_)
-                | EngineError::Template(_)
-                | EngineError::BadFile(_) => ErrorKind::LoadFailed,
-                EngineError::Candle(_) => ErrorKind::InferenceFailed,
-                EngineError::Invalid(_) => ErrorKind::InvalidParams,
-                EngineError::Output { .. } => ErrorKind::Io,
-                EngineError::Cancelled => ErrorKind::Cancelled,
-            },
-            ApiError::Relayed(_) => ErrorKind::Internal,
-            ApiError::UnknownMode(_) => ErrorKind::NotFound,
-            ApiError::Cache(err) => match err {
-                crate::caches::CacheError::InUse(_) => ErrorKind::InUse,
-                crate::caches::CacheError::NotFound(_) => ErrorKind::NotFound,
-                crate::caches::CacheError::Io { .. } => ErrorKind::Io,
-            },
-            ApiError::Modes(_) => ErrorKind::InvalidParams,
-            ApiError::Hub(err) => match err {
-                HubError::RepoNotFound { .. } => ErrorKind::RepoNotFound,
-                HubError::RevisionNotFound { .. } => ErrorKind::RevisionNotFound,
-                HubError::Unauthorized { .. } => ErrorKind::Unauthorized,
-                HubError::Network { .. } => ErrorKind::Network,
-                HubError::Offline { .. } => ErrorKind::Offline,
-                HubError::InsufficientSpace { .. } => ErrorKind::InsufficientSpace,
-                HubError::DiskFull { .. } => ErrorKind::DiskFull,
-                HubError::Corrupt { .. } => ErrorKind::Corrupt,
-                HubError::Io { .. } => ErrorKind::Io,
-                HubError::Protocol(_) => ErrorKind::HubError,
-            },
-            ApiError::Cancelled { .. } => ErrorKind::Cancelled,
-            ApiError::UnknownJob(_) => ErrorKind::NotFound,
-            ApiError::Job(inner) => inner.kind(),
-            ApiError::ShuttingDown => ErrorKind::ShuttingDown,
-            ApiError::Forbidden(_) => ErrorKind::Forbidden,
-            ApiError::Internal(_) => ErrorKind::Internal,
-        }
-    }
-
-    /// Extra `data` members beside `kind`.
-    fn details(&self) -> Map<String, Value> {
-        let mut data = Map::new();
-        match self {
-            ApiError::Invalid(err) | ApiError::Engine(EngineError::Invalid(err)) => {
-                data.insert("field".into(), json!(err.field));
-                if let Some(limit) = &err.limit {
-                    data.insert("limit".into(), limit.clone());
-                }
-            }
-            ApiError::Engine(EngineError::Output { path, .. }) => {
-                data.insert("path".into(), json!(path));
-            }
-            ApiError::Registry(RegistryError::NotFound(name))
-            | ApiError::Registry(RegistryError::AlreadyExists(name)) => {
-                data.insert("name".into(), json!(name));
-            }
-            ApiError::NoSecondaryCache(_) => {
-                data.insert("field".into(), json!("cache"));
-            }
-            ApiError::Forbidden(err) => {
-                data.insert("method".into(), json!(err.method));
-                data.insert("uid".into(), json!(err.uid));
-            }
-            ApiError::UnknownMode(name) => {
-                data.insert("field".into(), json!("mode"));
-                data.insert("name".into(), json!(name));
-            }
-            ApiError::Cancelled { job } => {
-                data.insert("job".into(), json!(job));
-            }
-            ApiError::UnknownJob(job) => {
-                data.insert("field".into(), json!("job"));
-                data.insert("job".into(), json!(job));
-            }
-            ApiError::Job(inner) => return inner.details(),
-            ApiError::Engine(EngineError::ContextOverflow {
-                prompt, context, ..
-            }) => {
-                data.insert("field".into(), json!("max_tokens"));
-                data.insert("limit".into(), json!(context.saturating_sub(*prompt)));
-            }
-            ApiError::Engine(EngineError::InsufficientMemory {
-                device,
-                needed,
-                available,
-                in_use,
-            }) => {
-                data.insert("device".into(), json!(device));
-                data.insert("needed_bytes".into(), json!(needed));
-                data.insert("available_bytes".into(), json!(available));
-                data.insert("in_use_bytes".into(), json!(in_use));
-            }
-            ApiError::Engine(EngineError::NoChatTemplate) => {
-                data.insert("field".into(), json!("messages"));
-            }
-            ApiError::Engine(EngineError::EmptyPrompt) => {
-                data.insert("field".into(), json!("prompt"));
-            }
-            ApiError::Engine(EngineError::BadFile(bad)) => {
-                data.insert("file".into(), json!(bad.path));
-            }
-            ApiError::Engine(EngineError::Device(_)) => {
-                data.insert("field".into(), json!("device"));
-            }
-            ApiError::Hub(HubError::InsufficientSpace {
-                root,
-                needed,
-                available,
-            }) => {
-                data.insert("path".into(), json!(root));
-                data.insert("needed_bytes".into(), json!(needed));
-                data.insert("available_bytes".into(), json!(available));
-            }
-            ApiError::Hub(HubError::Unauthorized { status, .. }) => {
-                data.insert("status".into(), json!(status));
-            }
-            _ => {}
-        }
-        data
-    }
 }
 
 impl From<ApiError> for ErrorObjectOwned {
@@ -204,10 +72,12 @@ pub fn wire_object(err: &ApiError) -> RpcErrorObject {
         ApiError::Job(inner) => return wire_object(inner),
         _ => {}
     }
-    let mut data = err.details();
-    data.insert("kind".into(), json!(err.kind().as_str()));
+    let mut data = Map::new();
+    err.details(&mut data);
+    let kind = err.kind();
+    data.insert("kind".into(), json!(kind.as_str()));
     RpcErrorObject {
-        code: err.kind().code(),
+        code: kind.code(),
         message: err.to_string(),
         data: Some(Value::Object(data)),
     }
@@ -221,4 +91,206 @@ pub fn wire_error(
 ) -> ErrorObjectOwned {
     details.insert("kind".into(), json!(kind.as_str()));
     ErrorObjectOwned::owned(kind.code(), message, Some(Value::Object(details)))
+}
+
+/// The `data` of an error object, `kind` aside.
+type Data = Map<String, Value>;
+
+/// How one layer's error shows on the wire. A wrapping error delegates to
+/// the error it wraps, so an engine error reads the same whether a handler,
+/// the loader or a job's stream returned it.
+trait Wire {
+    fn kind(&self) -> ErrorKind;
+
+    /// Members beside `kind` naming what went wrong: the field and limit,
+    /// the device and bytes, the file.
+    fn details(&self, _data: &mut Data) {}
+}
+
+fn insert(data: &mut Data, key: &str, value: Value) {
+    data.insert(key.into(), value);
+}
+
+impl Wire for ApiError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            ApiError::Invalid(err) => err.kind(),
+            ApiError::Registry(err) => err.kind(),
+            ApiError::Config(_) | ApiError::Modes(_) => ErrorKind::InvalidParams,
+            ApiError::Hub(err) => err.kind(),
+            ApiError::Engine(err) => err.kind(),
+            ApiError::Job(err) => err.kind(),
+            ApiError::Cache(err) => err.kind(),
+            ApiError::NoSecondaryCache(err) => err.kind(),
+            ApiError::UnknownMode(_) | ApiError::UnknownJob(_) => ErrorKind::NotFound,
+            ApiError::Relayed(_) => ErrorKind::Internal,
+            ApiError::Cancelled { .. } => ErrorKind::Cancelled,
+            ApiError::ShuttingDown => ErrorKind::ShuttingDown,
+            ApiError::Forbidden(_) => ErrorKind::Forbidden,
+            ApiError::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
+    fn details(&self, data: &mut Data) {
+        match self {
+            ApiError::Invalid(err) => err.details(data),
+            ApiError::Registry(err) => err.details(data),
+            ApiError::Hub(err) => err.details(data),
+            ApiError::Engine(err) => err.details(data),
+            ApiError::Job(err) => err.details(data),
+            ApiError::NoSecondaryCache(err) => err.details(data),
+            ApiError::UnknownMode(name) => {
+                insert(data, "field", json!("mode"));
+                insert(data, "name", json!(name));
+            }
+            ApiError::Cancelled { job } => insert(data, "job", json!(job)),
+            ApiError::Forbidden(err) => {
+                insert(data, "method", json!(err.method));
+                insert(data, "uid", json!(err.uid));
+            }
+            ApiError::UnknownJob(job) => {
+                insert(data, "field", json!("job"));
+                insert(data, "job", json!(job));
+            }
+            ApiError::Config(_)
+            | ApiError::Modes(_)
+            | ApiError::Cache(_)
+            | ApiError::Relayed(_)
+            | ApiError::ShuttingDown
+            | ApiError::Internal(_) => {}
+        }
+    }
+}
+
+impl Wire for ValidationError {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::InvalidParams
+    }
+
+    fn details(&self, data: &mut Data) {
+        insert(data, "field", json!(self.field));
+        if let Some(limit) = &self.limit {
+            insert(data, "limit", limit.clone());
+        }
+    }
+}
+
+impl Wire for RegistryError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            RegistryError::NotFound(_) => ErrorKind::NotFound,
+            RegistryError::AlreadyExists(_) => ErrorKind::AlreadyExists,
+            _ => ErrorKind::Storage,
+        }
+    }
+
+    fn details(&self, data: &mut Data) {
+        if let RegistryError::NotFound(name) | RegistryError::AlreadyExists(name) = self {
+            insert(data, "name", json!(name));
+        }
+    }
+}
+
+impl Wire for HubError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            HubError::RepoNotFound { .. } => ErrorKind::RepoNotFound,
+            HubError::RevisionNotFound { .. } => ErrorKind::RevisionNotFound,
+            HubError::Unauthorized { .. } => ErrorKind::Unauthorized,
+            HubError::Network { .. } => ErrorKind::Network,
+            HubError::Offline { .. } => ErrorKind::Offline,
+            HubError::InsufficientSpace { .. } => ErrorKind::InsufficientSpace,
+            HubError::DiskFull { .. } => ErrorKind::DiskFull,
+            HubError::Corrupt { .. } => ErrorKind::Corrupt,
+            HubError::Io { .. } => ErrorKind::Io,
+            HubError::Protocol(_) => ErrorKind::HubError,
+        }
+    }
+
+    fn details(&self, data: &mut Data) {
+        match self {
+            HubError::InsufficientSpace {
+                root,
+                needed,
+                available,
+            } => {
+                insert(data, "path", json!(root));
+                insert(data, "needed_bytes", json!(needed));
+                insert(data, "available_bytes", json!(available));
+            }
+            HubError::Unauthorized { status, .. } => insert(data, "status", json!(status)),
+            _ => {}
+        }
+    }
+}
+
+impl Wire for EngineError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            EngineError::NotLoaded(_) => ErrorKind::NotLoaded,
+            EngineError::InsufficientMemory { .. } => ErrorKind::InsufficientMemory,
+            EngineError::ContextOverflow { .. }
+            | EngineError::NoChatTemplate
+            | EngineError::EmptyPrompt
+            | EngineError::Device(_)
+            | EngineError::Invalid(_) => ErrorKind::InvalidParams,
+            EngineError::Files(_)
+            | EngineError::Unsupported(_)
+            | EngineError::Tokenizer(_)
+            | EngineError::Template(_)
+            | EngineError::BadFile(_) => ErrorKind::LoadFailed,
+            EngineError::Candle(_) => ErrorKind::InferenceFailed,
+            EngineError::Output { .. } => ErrorKind::Io,
+            EngineError::Cancelled => ErrorKind::Cancelled,
+        }
+    }
+
+    fn details(&self, data: &mut Data) {
+        match self {
+            EngineError::Invalid(err) => err.details(data),
+            EngineError::Output { path, .. } => insert(data, "path", json!(path)),
+            EngineError::ContextOverflow {
+                prompt, context, ..
+            } => {
+                insert(data, "field", json!("max_tokens"));
+                insert(data, "limit", json!(context.saturating_sub(*prompt)));
+            }
+            EngineError::InsufficientMemory {
+                device,
+                needed,
+                available,
+                in_use,
+            } => {
+                insert(data, "device", json!(device));
+                insert(data, "needed_bytes", json!(needed));
+                insert(data, "available_bytes", json!(available));
+                insert(data, "in_use_bytes", json!(in_use));
+            }
+            EngineError::NoChatTemplate => insert(data, "field", json!("messages")),
+            EngineError::EmptyPrompt => insert(data, "field", json!("prompt")),
+            EngineError::BadFile(bad) => insert(data, "file", json!(bad.path)),
+            EngineError::Device(_) => insert(data, "field", json!("device")),
+            _ => {}
+        }
+    }
+}
+
+impl Wire for CacheError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            CacheError::InUse(_) => ErrorKind::InUse,
+            CacheError::NotFound(_) => ErrorKind::NotFound,
+            CacheError::Io { .. } => ErrorKind::Io,
+        }
+    }
+}
+
+impl Wire for NoSecondaryCache {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::InvalidParams
+    }
+
+    fn details(&self, data: &mut Data) {
+        insert(data, "field", json!("cache"));
+    }
 }
