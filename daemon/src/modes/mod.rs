@@ -28,6 +28,11 @@ pub enum ModesError {
     Invalid { path: PathBuf, errors: Vec<String> },
 }
 
+/// A mode name that is not among the modes in force.
+#[derive(Debug, thiserror::Error)]
+#[error("no mode named {0:?}")]
+pub struct UnknownMode(pub String);
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ModesFile {

@@ -14,7 +14,7 @@ use crate::caches::CacheError;
 use crate::config::ConfigError;
 use crate::engine::EngineError;
 use crate::hub::HubError;
-use crate::modes::ModesError;
+use crate::modes::{ModesError, UnknownMode};
 use crate::registry::RegistryError;
 use crate::sources::NoSecondaryCache;
 use crate::validate::ValidationError;
@@ -34,8 +34,8 @@ pub enum ApiError {
     Engine(#[from] EngineError),
     #[error(transparent)]
     Cache(#[from] CacheError),
-    #[error("no mode named {0:?}")]
-    UnknownMode(String),
+    #[error(transparent)]
+    UnknownMode(#[from] UnknownMode),
     #[error(transparent)]
     Modes(#[from] ModesError),
     /// An error already in wire form, relayed from another stream.
@@ -122,7 +122,8 @@ impl Wire for ApiError {
             ApiError::Job(err) => err.kind(),
             ApiError::Cache(err) => err.kind(),
             ApiError::NoSecondaryCache(err) => err.kind(),
-            ApiError::UnknownMode(_) | ApiError::UnknownJob(_) => ErrorKind::NotFound,
+            ApiError::UnknownMode(err) => err.kind(),
+            ApiError::UnknownJob(_) => ErrorKind::NotFound,
             ApiError::Relayed(_) => ErrorKind::Internal,
             ApiError::Cancelled { .. } => ErrorKind::Cancelled,
             ApiError::ShuttingDown => ErrorKind::ShuttingDown,
@@ -139,10 +140,7 @@ impl Wire for ApiError {
             ApiError::Engine(err) => err.details(data),
             ApiError::Job(err) => err.details(data),
             ApiError::NoSecondaryCache(err) => err.details(data),
-            ApiError::UnknownMode(name) => {
-                insert(data, "field", json!("mode"));
-                insert(data, "name", json!(name));
-            }
+            ApiError::UnknownMode(err) => err.details(data),
             ApiError::Cancelled { job } => insert(data, "job", json!(job)),
             ApiError::Forbidden(err) => {
                 insert(data, "method", json!(err.method));
@@ -282,6 +280,17 @@ impl Wire for CacheError {
             CacheError::NotFound(_) => ErrorKind::NotFound,
             CacheError::Io { .. } => ErrorKind::Io,
         }
+    }
+}
+
+impl Wire for UnknownMode {
+    fn kind(&self) -> ErrorKind {
+        ErrorKind::NotFound
+    }
+
+    fn details(&self, data: &mut Data) {
+        insert(data, "field", json!("mode"));
+        insert(data, "name", json!(self.0));
     }
 }
 

@@ -113,6 +113,7 @@ impl History {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::modes::UnknownMode;
 
     fn info(id: u64, kind: &str) -> JobInfo {
         JobInfo {
@@ -128,7 +129,7 @@ mod tests {
     #[test]
     fn keeps_the_last_finished_jobs_and_the_last_switch_failure() {
         let mut history = History::default();
-        let failure = Arc::new(ApiError::UnknownMode("chat".into()));
+        let failure = Arc::new(ApiError::from(UnknownMode("chat".into())));
         history.record(info(1, "switch"), JobOutcome::Failed(failure));
         for id in 2..=(FINISHED_JOBS_KEPT as u64 + 1) {
             history.record(info(id, "generate"), JobOutcome::Done);
