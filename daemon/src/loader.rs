@@ -10,10 +10,24 @@ use modeld_wire::types::{ModelRecord, PullEvent, SourceKind};
 
 use crate::engine::{BadFile, EngineError, LoadRequest, Loaded, Placement, Resident};
 use crate::modes::{Mode, ModelRef};
-use crate::pull::PullJob;
-use crate::rpc::ApiError;
+use crate::pull::{PullError, PullJob};
+use crate::registry::RegistryError;
 use crate::sources::{find_on_disk, OnDisk};
 use crate::state::AppState;
+
+/// Why a model could not be made resident. The engine's error names the
+/// device and bytes or the bad file; the RPC layer maps each to the wire.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Pull(#[from] PullError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
 
 /// Where a model's files are, and whose cache snapshot they are.
 pub struct Located {
@@ -30,7 +44,7 @@ pub async fn ensure_loaded(
     name: &str,
     mode: Option<&Mode>,
     placement: Option<Placement>,
-) -> Result<Loaded, ApiError> {
+) -> Result<Loaded, LoadError> {
     if let Some(resident) = state.engine.get(name) {
         return Ok(Loaded {
             model: resident.info.clone(),
@@ -81,7 +95,7 @@ async fn load_repairing(
     state: &Arc<AppState>,
     request: LoadRequest,
     snapshot_of: Option<&ModelRecord>,
-) -> Result<Loaded, ApiError> {
+) -> Result<Loaded, LoadError> {
     let budget = state.memory_budget();
     let bad = match state.engine.load(request.clone(), budget).await {
         Err(EngineError::BadFile(bad)) => bad,
@@ -122,7 +136,7 @@ async fn load_repairing(
         })
 }
 
-fn refused(bad: BadFile) -> ApiError {
+fn refused(bad: BadFile) -> LoadError {
     EngineError::BadFile(bad).into()
 }
 
@@ -138,7 +152,7 @@ pub async fn resident(
     state: &Arc<AppState>,
     name: &str,
     mode: Option<&Mode>,
-) -> Result<Arc<Resident>, ApiError> {
+) -> Result<Arc<Resident>, LoadError> {
     ensure_loaded(state, name, mode, None).await?;
     state
         .engine
@@ -148,12 +162,12 @@ pub async fn resident(
 
 /// Where a registered model's files are (a directory, or a `.gguf` file):
 /// on disk already, or pulled now.
-pub async fn locate(state: &Arc<AppState>, model: &ModelRecord) -> Result<Located, ApiError> {
+pub async fn locate(state: &Arc<AppState>, model: &ModelRecord) -> Result<Located, LoadError> {
     let found = {
         let (model, roots) = (model.clone(), state.cache_roots());
         tokio::task::spawn_blocking(move || find_on_disk(&model, &roots))
             .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| LoadError::Internal(e.to_string()))?
     };
     let (path, cached) = match found {
         Some(OnDisk::Local { path, .. }) => (path, false),
@@ -182,7 +196,7 @@ async fn pull(
     state: &Arc<AppState>,
     model: &ModelRecord,
     repair: Option<String>,
-) -> Result<Pulled, ApiError> {
+) -> Result<Pulled, LoadError> {
     let mut watch = state.pulls.attach_or_start(PullJob {
         model: model.clone(),
         roots: state.cache_roots(),
@@ -191,24 +205,22 @@ async fn pull(
         repair,
     })?;
     while let Some(event) = watch.next().await {
-        match event {
-            PullEvent::Done {
+        // A failed pull ends its stream with the error.
+        if let PullEvent::Done {
+            path,
+            source,
+            downloaded_bytes,
+            ..
+        } = event?
+        {
+            return Ok(Pulled {
                 path,
                 source,
                 downloaded_bytes,
-                ..
-            } => {
-                return Ok(Pulled {
-                    path,
-                    source,
-                    downloaded_bytes,
-                })
-            }
-            PullEvent::Error { error, .. } => return Err(ApiError::Relayed(error)),
-            _ => {}
+            });
         }
     }
-    Err(ApiError::Internal(
+    Err(LoadError::Internal(
         "the pull ended without an outcome".into(),
     ))
 }

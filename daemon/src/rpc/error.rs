@@ -14,7 +14,9 @@ use crate::caches::CacheError;
 use crate::config::ConfigError;
 use crate::engine::EngineError;
 use crate::hub::HubError;
+use crate::loader::LoadError;
 use crate::modes::{ModesError, UnknownMode};
+use crate::pull::PullError;
 use crate::registry::RegistryError;
 use crate::sources::NoSecondaryCache;
 use crate::validate::ValidationError;
@@ -32,6 +34,10 @@ pub enum ApiError {
     Hub(#[from] HubError),
     #[error(transparent)]
     Engine(#[from] EngineError),
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error(transparent)]
+    Pull(#[from] PullError),
     #[error(transparent)]
     Cache(#[from] CacheError),
     #[error(transparent)]
@@ -119,6 +125,8 @@ impl Wire for ApiError {
             ApiError::Config(_) | ApiError::Modes(_) => ErrorKind::InvalidParams,
             ApiError::Hub(err) => err.kind(),
             ApiError::Engine(err) => err.kind(),
+            ApiError::Load(err) => err.kind(),
+            ApiError::Pull(err) => err.kind(),
             ApiError::Job(err) => err.kind(),
             ApiError::Cache(err) => err.kind(),
             ApiError::NoSecondaryCache(err) => err.kind(),
@@ -138,6 +146,8 @@ impl Wire for ApiError {
             ApiError::Registry(err) => err.details(data),
             ApiError::Hub(err) => err.details(data),
             ApiError::Engine(err) => err.details(data),
+            ApiError::Load(err) => err.details(data),
+            ApiError::Pull(err) => err.details(data),
             ApiError::Job(err) => err.details(data),
             ApiError::NoSecondaryCache(err) => err.details(data),
             ApiError::UnknownMode(err) => err.details(data),
@@ -269,6 +279,42 @@ impl Wire for EngineError {
             EngineError::BadFile(bad) => insert(data, "file", json!(bad.path)),
             EngineError::Device(_) => insert(data, "field", json!("device")),
             _ => {}
+        }
+    }
+}
+
+impl Wire for LoadError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            LoadError::Engine(err) => err.kind(),
+            LoadError::Registry(err) => err.kind(),
+            LoadError::Pull(err) => err.kind(),
+            LoadError::Internal(_) => ErrorKind::Internal,
+        }
+    }
+
+    fn details(&self, data: &mut Data) {
+        match self {
+            LoadError::Engine(err) => err.details(data),
+            LoadError::Registry(err) => err.details(data),
+            LoadError::Pull(err) => err.details(data),
+            LoadError::Internal(_) => {}
+        }
+    }
+}
+
+impl Wire for PullError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            PullError::Target(err) => err.kind(),
+            PullError::Hub(err) => err.kind(),
+        }
+    }
+
+    fn details(&self, data: &mut Data) {
+        match self {
+            PullError::Target(err) => err.details(data),
+            PullError::Hub(err) => err.details(data),
         }
     }
 }
