@@ -159,15 +159,10 @@ impl EngineError {
     }
 }
 
-/// The last event of a generation that failed in its worker. The one
-/// place a worker's error takes wire form (the event stream carries wire
-/// events); both kinds of worker share it.
-pub(crate) fn error_event(err: EngineError) -> GenerateEvent {
-    GenerateEvent::Error {
-        done: true,
-        error: crate::rpc::error::wire_object(&crate::rpc::ApiError::from(err)),
-    }
-}
+/// What a worker streams for one generation: tokens, progress and a final
+/// event, or the error that ended it. The error stays typed until the RPC
+/// layer gives it wire form; both kinds of worker send these.
+pub type WorkerEvent = Result<GenerateEvent, EngineError>;
 
 /// Where and in what precision a model runs.
 #[derive(Debug, Clone)]
@@ -333,7 +328,7 @@ impl Resident {
     pub fn submit(
         &self,
         request: ValidRequest,
-        events: tokio::sync::mpsc::Sender<GenerateEvent>,
+        events: tokio::sync::mpsc::Sender<WorkerEvent>,
         cancel: Cancellation,
     ) -> Result<(), EngineError> {
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());

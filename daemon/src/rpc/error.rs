@@ -18,6 +18,7 @@ use crate::loader::LoadError;
 use crate::modes::{ModesError, UnknownMode};
 use crate::pull::PullError;
 use crate::registry::RegistryError;
+use crate::scheduler::JobError;
 use crate::sources::NoSecondaryCache;
 use crate::validate::ValidationError;
 
@@ -38,30 +39,31 @@ pub enum ApiError {
     Load(#[from] LoadError),
     #[error(transparent)]
     Pull(#[from] PullError),
+    /// A job's error, shared by its history and whoever waits for the job.
+    #[error(transparent)]
+    Job(Arc<JobError>),
     #[error(transparent)]
     Cache(#[from] CacheError),
     #[error(transparent)]
     UnknownMode(#[from] UnknownMode),
     #[error(transparent)]
     Modes(#[from] ModesError),
-    /// An error already in wire form, relayed from another stream.
-    #[error("{}", .0.message)]
-    Relayed(RpcErrorObject),
     #[error(transparent)]
     NoSecondaryCache(#[from] NoSecondaryCache),
-    #[error("job {job} was cancelled")]
-    Cancelled { job: u64 },
     #[error("no job {0}: it is not queued or running, nor among the last finished jobs")]
     UnknownJob(u64),
-    /// A job's error, shared by its history and whoever waits for the job.
-    #[error("{0}")]
-    Job(Arc<ApiError>),
     #[error("modeld is shutting down and accepts no new work")]
     ShuttingDown,
     #[error(transparent)]
     Forbidden(#[from] Forbidden),
     #[error("internal error: {0}")]
     Internal(String),
+}
+
+impl From<JobError> for ApiError {
+    fn from(err: JobError) -> Self {
+        ApiError::Job(Arc::new(err))
+    }
 }
 
 impl From<ApiError> for ErrorObjectOwned {
@@ -73,11 +75,6 @@ impl From<ApiError> for ErrorObjectOwned {
 
 /// The error as it travels, for embedding in stream events and replies.
 pub fn wire_object(err: &ApiError) -> RpcErrorObject {
-    match err {
-        ApiError::Relayed(object) => return object.clone(),
-        ApiError::Job(inner) => return wire_object(inner),
-        _ => {}
-    }
     let mut data = Map::new();
     err.details(&mut data);
     let kind = err.kind();
@@ -129,11 +126,9 @@ impl Wire for ApiError {
             ApiError::Pull(err) => err.kind(),
             ApiError::Job(err) => err.kind(),
             ApiError::Cache(err) => err.kind(),
-            ApiError::NoSecondaryCache(err) => err.kind(),
             ApiError::UnknownMode(err) => err.kind(),
+            ApiError::NoSecondaryCache(err) => err.kind(),
             ApiError::UnknownJob(_) => ErrorKind::NotFound,
-            ApiError::Relayed(_) => ErrorKind::Internal,
-            ApiError::Cancelled { .. } => ErrorKind::Cancelled,
             ApiError::ShuttingDown => ErrorKind::ShuttingDown,
             ApiError::Forbidden(_) => ErrorKind::Forbidden,
             ApiError::Internal(_) => ErrorKind::Internal,
@@ -149,9 +144,8 @@ impl Wire for ApiError {
             ApiError::Load(err) => err.details(data),
             ApiError::Pull(err) => err.details(data),
             ApiError::Job(err) => err.details(data),
-            ApiError::NoSecondaryCache(err) => err.details(data),
             ApiError::UnknownMode(err) => err.details(data),
-            ApiError::Cancelled { job } => insert(data, "job", json!(job)),
+            ApiError::NoSecondaryCache(err) => err.details(data),
             ApiError::Forbidden(err) => {
                 insert(data, "method", json!(err.method));
                 insert(data, "uid", json!(err.uid));
@@ -163,7 +157,6 @@ impl Wire for ApiError {
             ApiError::Config(_)
             | ApiError::Modes(_)
             | ApiError::Cache(_)
-            | ApiError::Relayed(_)
             | ApiError::ShuttingDown
             | ApiError::Internal(_) => {}
         }
@@ -315,6 +308,31 @@ impl Wire for PullError {
         match self {
             PullError::Target(err) => err.details(data),
             PullError::Hub(err) => err.details(data),
+        }
+    }
+}
+
+impl Wire for JobError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            JobError::Load(err) => err.kind(),
+            JobError::Engine(err) => err.kind(),
+            JobError::UnknownMode(err) => err.kind(),
+            JobError::Cancelled { .. } => ErrorKind::Cancelled,
+            JobError::QueueFull { .. } => ErrorKind::QueueFull,
+            JobError::ShuttingDown => ErrorKind::ShuttingDown,
+            JobError::WorkerStopped => ErrorKind::Internal,
+        }
+    }
+
+    fn details(&self, data: &mut Data) {
+        match self {
+            JobError::Load(err) => err.details(data),
+            JobError::Engine(err) => err.details(data),
+            JobError::UnknownMode(err) => err.details(data),
+            JobError::Cancelled { job } => insert(data, "job", json!(job)),
+            JobError::QueueFull { capacity } => insert(data, "limit", json!(capacity)),
+            JobError::ShuttingDown | JobError::WorkerStopped => {}
         }
     }
 }
