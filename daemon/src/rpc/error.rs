@@ -367,3 +367,134 @@ impl Wire for NoSecondaryCache {
         insert(data, "field", json!("cache"));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::engine::BadFile;
+
+    /// The object a reply carried before errors were typed below the edge:
+    /// `message` and `data` exactly as the wire saw them.
+    fn expected(kind: ErrorKind, message: &str, data: Value) -> RpcErrorObject {
+        RpcErrorObject {
+            code: kind.code(),
+            message: message.into(),
+            data: Some(data),
+        }
+    }
+
+    fn wire(err: impl Into<ApiError>) -> RpcErrorObject {
+        wire_object(&err.into())
+    }
+
+    fn memory() -> EngineError {
+        EngineError::InsufficientMemory {
+            device: "cpu".into(),
+            needed: 10,
+            available: 5,
+            in_use: 1,
+        }
+    }
+
+    fn no_space() -> HubError {
+        HubError::InsufficientSpace {
+            root: "/cache".into(),
+            needed: 10,
+            available: 5,
+        }
+    }
+
+    #[test]
+    fn queue_refusals_read_as_before() {
+        let full = expected(
+            ErrorKind::QueueFull,
+            "the job queue is full (3 jobs); try again later",
+            json!({"kind": "queue_full", "limit": 3}),
+        );
+        assert_eq!(wire(JobError::QueueFull { capacity: 3 }), full);
+        let cancelled = expected(
+            ErrorKind::Cancelled,
+            "job 7 was cancelled",
+            json!({"kind": "cancelled", "job": 7}),
+        );
+        assert_eq!(wire(JobError::Cancelled { job: 7 }), cancelled);
+        let stopping = expected(
+            ErrorKind::ShuttingDown,
+            "modeld is shutting down and accepts no new work",
+            json!({"kind": "shutting_down"}),
+        );
+        assert_eq!(wire(JobError::ShuttingDown), stopping);
+        assert_eq!(wire(ApiError::ShuttingDown), stopping);
+        let stopped = expected(
+            ErrorKind::Internal,
+            "internal error: the model's worker stopped without a final event",
+            json!({"kind": "internal"}),
+        );
+        assert_eq!(wire(JobError::WorkerStopped), stopped);
+    }
+
+    #[test]
+    fn an_engine_error_reads_the_same_through_every_layer() {
+        let object = expected(
+            ErrorKind::InsufficientMemory,
+            "the model needs about 10 bytes on cpu, which has 5 free for it (1 held by models in use)",
+            json!({"kind": "insufficient_memory", "device": "cpu", "needed_bytes": 10,
+                   "available_bytes": 5, "in_use_bytes": 1}),
+        );
+        assert_eq!(wire(memory()), object);
+        assert_eq!(wire(LoadError::from(memory())), object);
+        assert_eq!(wire(JobError::from(memory())), object);
+        assert_eq!(wire(JobError::from(LoadError::from(memory()))), object);
+        let overflow = EngineError::ContextOverflow {
+            prompt: 90,
+            max_tokens: 20,
+            context: 100,
+        };
+        let object = expected(
+            ErrorKind::InvalidParams,
+            "prompt of 90 tokens plus max_tokens 20 exceeds the context length of 100",
+            json!({"kind": "invalid_params", "field": "max_tokens", "limit": 10}),
+        );
+        assert_eq!(wire(JobError::from(overflow)), object);
+    }
+
+    #[test]
+    fn load_and_pull_errors_keep_their_file_and_bytes() {
+        let bad = BadFile::new(Path::new("/m/model.safetensors"), "truncated");
+        let object = expected(
+            ErrorKind::LoadFailed,
+            "/m/model.safetensors: truncated",
+            json!({"kind": "load_failed", "file": "/m/model.safetensors"}),
+        );
+        assert_eq!(wire(LoadError::from(EngineError::from(bad))), object);
+        let object = expected(
+            ErrorKind::InsufficientSpace,
+            "not enough space in /cache: 10 bytes needed, 5 available",
+            json!({"kind": "insufficient_space", "path": "/cache", "needed_bytes": 10,
+                   "available_bytes": 5}),
+        );
+        assert_eq!(wire(no_space()), object);
+        assert_eq!(wire(PullError::from(no_space())), object);
+        let through_a_switch = JobError::from(LoadError::from(PullError::from(no_space())));
+        assert_eq!(wire(through_a_switch), object);
+        let object = expected(
+            ErrorKind::InvalidParams,
+            &NoSecondaryCache.to_string(),
+            json!({"kind": "invalid_params", "field": "cache"}),
+        );
+        assert_eq!(wire(PullError::from(NoSecondaryCache)), object);
+    }
+
+    #[test]
+    fn an_unknown_mode_names_itself() {
+        let object = expected(
+            ErrorKind::NotFound,
+            "no mode named \"chat\"",
+            json!({"kind": "not_found", "field": "mode", "name": "chat"}),
+        );
+        assert_eq!(wire(UnknownMode("chat".into())), object);
+        assert_eq!(wire(JobError::from(UnknownMode("chat".into()))), object);
+    }
+}
