@@ -22,6 +22,7 @@ pub mod scheduler;
 pub mod server;
 pub mod sources;
 pub mod state;
+pub mod util;
 pub mod validate;
 
 use std::sync::Arc;
@@ -74,7 +75,10 @@ pub async fn run(paths: Paths) -> Result<(), StartError> {
     // A bad modes file is reported (log, status) but does not stop the
     // daemon: fix it and reload.
     let _ = state.reload_modes(state::ReloadCause::Request);
-    let _watcher = modes::watch::watch(state.clone());
+    let watched = state.clone();
+    let _watcher = modes::watch::watch(&state.modes_file(), move || {
+        let _ = watched.reload_modes(state::ReloadCause::FileChanged);
+    });
     // CUDA start-up takes seconds: pay it now, not on the first request.
     let warm = state.clone();
     tokio::task::spawn_blocking(move || {

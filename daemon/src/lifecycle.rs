@@ -84,22 +84,6 @@ pub fn private_dir(dir: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
-/// Makes `dir` and every folder below it 0700 and every file 0600 (the
-/// store's files are created with the process umask).
-pub fn make_private(dir: &Path) -> std::io::Result<()> {
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let kind = entry.file_type()?;
-        if kind.is_dir() {
-            make_private(&entry.path())?;
-        } else if kind.is_file() {
-            std::fs::set_permissions(entry.path(), std::fs::Permissions::from_mode(0o600))?;
-        }
-    }
-    Ok(())
-}
-
 /// Tells systemd (when it is watching) about a state change.
 pub fn notify(states: &[NotifyState]) {
     if let Err(err) = sd_notify::notify(states) {

@@ -11,10 +11,24 @@ use modeld_wire::types::{ModelRecord, PullEvent, SourceKind};
 use crate::engine::image::SeparateParts;
 use crate::engine::{BadFile, EngineError, LoadRequest, Loaded, Placement, Resident};
 use crate::modes::{Mode, ModeParts, ModelRef};
-use crate::pull::PullJob;
-use crate::rpc::ApiError;
+use crate::pull::{PullError, PullJob};
+use crate::registry::RegistryError;
 use crate::sources::{find_on_disk, OnDisk};
 use crate::state::AppState;
+
+/// Why a model could not be made resident. The engine's error names the
+/// device and bytes or the bad file; the RPC layer maps each to the wire.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Engine(#[from] EngineError),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Pull(#[from] PullError),
+    #[error("internal error: {0}")]
+    Internal(String),
+}
 
 /// Where a model's files are, and whose cache snapshot they are.
 pub struct Located {
@@ -31,7 +45,7 @@ pub async fn ensure_loaded(
     name: &str,
     mode: Option<&Mode>,
     placement: Option<Placement>,
-) -> Result<Loaded, ApiError> {
+) -> Result<Loaded, LoadError> {
     if let Some(resident) = state.engine.get(name) {
         return Ok(Loaded {
             model: resident.info.clone(),
@@ -75,7 +89,7 @@ pub async fn ensure_loaded(
 
 /// Where a mode's model (or config folder) is: a registered model's
 /// files, pulled if needed, or a path under `model_root`.
-async fn locate_ref(state: &Arc<AppState>, model: &ModelRef) -> Result<Located, ApiError> {
+async fn locate_ref(state: &Arc<AppState>, model: &ModelRef) -> Result<Located, LoadError> {
     match model {
         ModelRef::Registered(model) => locate(state, &state.registry.get(model)?).await,
         ModelRef::Path(path) => Ok(Located {
@@ -89,7 +103,7 @@ async fn locate_ref(state: &Arc<AppState>, model: &ModelRef) -> Result<Located, 
 async fn separate_parts(
     state: &Arc<AppState>,
     parts: &ModeParts,
-) -> Result<SeparateParts, ApiError> {
+) -> Result<SeparateParts, LoadError> {
     let config_dir = match &parts.config {
         Some(config) => Some(locate_ref(state, config).await?.path),
         None => None,
@@ -108,7 +122,7 @@ async fn load_repairing(
     state: &Arc<AppState>,
     request: LoadRequest,
     snapshot_of: Option<&ModelRecord>,
-) -> Result<Loaded, ApiError> {
+) -> Result<Loaded, LoadError> {
     let budget = state.memory_budget();
     let bad = match state.engine.load(request.clone(), budget).await {
         Err(EngineError::BadFile(bad)) => bad,
@@ -149,7 +163,7 @@ async fn load_repairing(
         })
 }
 
-fn refused(bad: BadFile) -> ApiError {
+fn refused(bad: BadFile) -> LoadError {
     EngineError::BadFile(bad).into()
 }
 
@@ -165,7 +179,7 @@ pub async fn resident(
     state: &Arc<AppState>,
     name: &str,
     mode: Option<&Mode>,
-) -> Result<Arc<Resident>, ApiError> {
+) -> Result<Arc<Resident>, LoadError> {
     ensure_loaded(state, name, mode, None).await?;
     state
         .engine
@@ -175,12 +189,12 @@ pub async fn resident(
 
 /// Where a registered model's files are (a directory, or a `.gguf` file):
 /// on disk already, or pulled now.
-pub async fn locate(state: &Arc<AppState>, model: &ModelRecord) -> Result<Located, ApiError> {
+pub async fn locate(state: &Arc<AppState>, model: &ModelRecord) -> Result<Located, LoadError> {
     let found = {
         let (model, roots) = (model.clone(), state.cache_roots());
         tokio::task::spawn_blocking(move || find_on_disk(&model, &roots))
             .await
-            .map_err(|e| ApiError::Internal(e.to_string()))?
+            .map_err(|e| LoadError::Internal(e.to_string()))?
     };
     let (path, cached) = match found {
         Some(OnDisk::Local { path, .. }) => (path, false),
@@ -209,7 +223,7 @@ async fn pull(
     state: &Arc<AppState>,
     model: &ModelRecord,
     repair: Option<String>,
-) -> Result<Pulled, ApiError> {
+) -> Result<Pulled, LoadError> {
     let mut watch = state.pulls.attach_or_start(PullJob {
         model: model.clone(),
         roots: state.cache_roots(),
@@ -218,24 +232,22 @@ async fn pull(
         repair,
     })?;
     while let Some(event) = watch.next().await {
-        match event {
-            PullEvent::Done {
+        // A failed pull ends its stream with the error.
+        if let PullEvent::Done {
+            path,
+            source,
+            downloaded_bytes,
+            ..
+        } = event?
+        {
+            return Ok(Pulled {
                 path,
                 source,
                 downloaded_bytes,
-                ..
-            } => {
-                return Ok(Pulled {
-                    path,
-                    source,
-                    downloaded_bytes,
-                })
-            }
-            PullEvent::Error { error, .. } => return Err(ApiError::Relayed(error)),
-            _ => {}
+            });
         }
     }
-    Err(ApiError::Internal(
+    Err(LoadError::Internal(
         "the pull ended without an outcome".into(),
     ))
 }

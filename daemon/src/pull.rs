@@ -17,14 +17,33 @@ use crate::hub::api::HubSettings;
 use crate::hub::cache::{check_space, RepoCache};
 use crate::hub::download::{blob_is_complete, fetch_blob};
 use crate::hub::{Hub, HubError, RemoteFile};
-use crate::rpc::ApiError;
-use crate::sources::{find_on_disk, patterns, CacheRoots, OnDisk};
+use crate::sources::{find_on_disk, patterns, CacheRoots, NoSecondaryCache, OnDisk};
 
 /// Progress notifications per second, at most, per pull.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(100);
 
 /// What makes two pulls the same: target root, repo, revision.
 type PullKey = (PathBuf, String, String);
+
+/// Why a pull could not start, or what ended it. Shared by every watcher
+/// of the pull, so the Hub's error sits behind an `Arc`.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum PullError {
+    #[error(transparent)]
+    Target(#[from] NoSecondaryCache),
+    #[error(transparent)]
+    Hub(Arc<HubError>),
+}
+
+impl From<HubError> for PullError {
+    fn from(err: HubError) -> Self {
+        PullError::Hub(Arc::new(err))
+    }
+}
+
+/// What a pull's watchers see: its events, ending with `Done` or with the
+/// error that stopped it (wire form is the RPC layer's business).
+pub type PullUpdate = Result<PullEvent, PullError>;
 
 /// The pulls in progress.
 #[derive(Default)]
@@ -33,23 +52,23 @@ pub struct Pulls {
 }
 
 struct PullHandle {
-    events: broadcast::Sender<PullEvent>,
+    events: broadcast::Sender<PullUpdate>,
     /// Replayed to late joiners so they know the totals and the outcome.
     start: Mutex<Option<PullEvent>>,
-    last: Mutex<Option<PullEvent>>,
+    last: Mutex<Option<PullUpdate>>,
 }
 
 /// A view of one pull: events already past that matter, then the live ones.
 pub struct PullWatch {
-    replay: std::collections::VecDeque<PullEvent>,
-    events: broadcast::Receiver<PullEvent>,
+    replay: std::collections::VecDeque<PullUpdate>,
+    events: broadcast::Receiver<PullUpdate>,
 }
 
 impl PullWatch {
     /// The next event: replayed ones first, then live ones. A slow reader
     /// skips progress it missed, never the outcome, since a lagging
     /// receiver keeps the newest events. `None` once the pull is gone.
-    pub async fn next(&mut self) -> Option<PullEvent> {
+    pub async fn next(&mut self) -> Option<PullUpdate> {
         if let Some(event) = self.replay.pop_front() {
             return Some(event);
         }
@@ -92,7 +111,7 @@ impl Pulls {
     }
 
     /// Joins the pull of the same files if one runs, else starts one.
-    pub fn attach_or_start(self: &Arc<Self>, job: PullJob) -> Result<PullWatch, ApiError> {
+    pub fn attach_or_start(self: &Arc<Self>, job: PullJob) -> Result<PullWatch, PullError> {
         let target = job.roots.target(&job.model.cache)?;
         let key: PullKey = (
             target.clone(),
@@ -102,10 +121,17 @@ impl Pulls {
         let mut active = self.active.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(handle) = active.get(&key) {
             let events = handle.events.subscribe();
-            let replay: std::collections::VecDeque<PullEvent> = [&handle.start, &handle.last]
-                .iter()
-                .filter_map(|slot| slot.lock().unwrap_or_else(|e| e.into_inner()).clone())
-                .collect();
+            let start = handle
+                .start
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let last = handle
+                .last
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let replay = start.map(Ok).into_iter().chain(last).collect();
             return Ok(PullWatch { replay, events });
         }
         let (sender, events) = broadcast::channel(1024);
@@ -119,16 +145,10 @@ impl Pulls {
         tokio::spawn(async move {
             let started = Instant::now();
             let outcome = run(&job, target, &handle, started).await;
-            let last = match outcome {
-                Ok(done) => done,
-                Err(err) => {
-                    tracing::warn!(model = %job.model.name, "pull failed: {err}");
-                    PullEvent::Error {
-                        done: true,
-                        error: crate::rpc::error::wire_object(&ApiError::Hub(err)),
-                    }
-                }
-            };
+            let last = outcome.map_err(|err| {
+                tracing::warn!(model = %job.model.name, "pull failed: {err}");
+                PullError::from(err)
+            });
             // Under the map lock, so a joiner sees either the live pull with
             // its outcome recorded, or no pull at all.
             let mut active = pulls.active.lock().unwrap_or_else(|e| e.into_inner());
@@ -144,7 +164,7 @@ impl Pulls {
 }
 
 fn emit(handle: &PullHandle, event: PullEvent) {
-    let _ = handle.events.send(event);
+    let _ = handle.events.send(Ok(event));
 }
 
 async fn run(

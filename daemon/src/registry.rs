@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use modeld_wire::types::ModelRecord;
 
+use crate::util::{make_private, unix_now};
 use crate::validate::ValidModel;
 
 const MODELS_TREE: &str = "models";
@@ -29,14 +30,6 @@ pub struct Registry {
     models: sled::Tree,
 }
 
-/// Seconds since the Unix epoch.
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 impl Registry {
     /// Opens (or creates) the store under `dir/registry`.
     pub fn open(dir: &Path) -> Result<Self, RegistryError> {
@@ -51,7 +44,7 @@ impl Registry {
             .open()
             .map_err(open_err)?;
         let models = db.open_tree(MODELS_TREE).map_err(open_err)?;
-        crate::lifecycle::make_private(&path).map_err(|e| open_err(e.into()))?;
+        make_private(&path).map_err(|e| open_err(e.into()))?;
         Ok(Registry { db, models })
     }
 

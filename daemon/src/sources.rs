@@ -20,7 +20,7 @@ pub struct CacheRoots {
     pub standard: PathBuf,
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 #[error("cache 'secondary' is not configured; set cache.secondary in modeld.toml or register the model with another cache")]
 pub struct NoSecondaryCache;
 

@@ -15,12 +15,12 @@ use crate::config::{Config, ConfigError, Paths};
 use crate::engine::Engine;
 use crate::gpu::GpuProbe;
 use crate::hub::api::HubSettings;
-use crate::modes::{Mode, Modes, ModesError};
+use crate::modes::{Mode, Modes, ModesError, UnknownMode};
 use crate::pull::Pulls;
-use crate::registry::{unix_now, Registry};
-use crate::rpc::ApiError;
+use crate::registry::Registry;
 use crate::scheduler::Scheduler;
 use crate::sources::CacheRoots;
+use crate::util::unix_now;
 
 pub struct AppState {
     pub paths: Paths,
@@ -195,13 +195,13 @@ impl AppState {
         self.modes.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    pub fn mode(&self, name: &str) -> Result<Mode, ApiError> {
+    pub fn mode(&self, name: &str) -> Result<Mode, UnknownMode> {
         self.loaded_modes()
             .modes
             .modes
             .get(name)
             .cloned()
-            .ok_or_else(|| ApiError::UnknownMode(name.to_string()))
+            .ok_or_else(|| UnknownMode(name.to_string()))
     }
 
     /// Re-reads the modes file and returns how many modes are in force. A

@@ -160,15 +160,10 @@ impl EngineError {
     }
 }
 
-/// The last event of a generation that failed in its worker. The one
-/// place a worker's error takes wire form (the event stream carries wire
-/// events); both kinds of worker share it.
-pub(crate) fn error_event(err: EngineError) -> GenerateEvent {
-    GenerateEvent::Error {
-        done: true,
-        error: crate::rpc::error::wire_object(&crate::rpc::ApiError::from(err)),
-    }
-}
+/// What a worker streams for one generation: tokens, progress and a final
+/// event, or the error that ended it. The error stays typed until the RPC
+/// layer gives it wire form; both kinds of worker send these.
+pub type WorkerEvent = Result<GenerateEvent, EngineError>;
 
 /// Where and in what precision a model runs.
 #[derive(Debug, Clone)]
@@ -338,7 +333,7 @@ impl Resident {
     pub fn submit(
         &self,
         request: ValidRequest,
-        events: tokio::sync::mpsc::Sender<GenerateEvent>,
+        events: tokio::sync::mpsc::Sender<WorkerEvent>,
         cancel: Cancellation,
     ) -> Result<(), EngineError> {
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
@@ -844,7 +839,7 @@ fn start_text_worker(
         kv_cache_bytes: estimate.kv_cache,
         measured_bytes,
         load_ms: started.elapsed().as_millis() as u64,
-        loaded_at: crate::registry::unix_now(),
+        loaded_at: crate::util::unix_now(),
         context_length: built.context_length,
         loras: loras.to_vec(),
     };
@@ -922,7 +917,7 @@ fn image_resident(request: &LoadRequest, built: ImageBuilt) -> Result<Resident, 
         kv_cache_bytes: 0,
         measured_bytes: built.measured_bytes,
         load_ms: built.started.elapsed().as_millis() as u64,
-        loaded_at: crate::registry::unix_now(),
+        loaded_at: crate::util::unix_now(),
         context_length: 0,
         loras: built.pipeline.loras(),
     };

@@ -7,7 +7,6 @@ use modeld_wire::types::{GenerateParams, GenerationDefaults, ImageDefaults};
 
 use super::image::request::ValidImage;
 use super::text::sampling::ValidGenerate;
-use crate::modes::{apply_defaults, apply_image_defaults};
 use crate::validate::{valid_name, ValidationError};
 
 /// Parameters only text generation reads, by name.
@@ -42,6 +41,37 @@ fn image_only(p: &GenerateParams) -> Option<&'static str> {
     ]
     .into_iter()
     .find_map(|(name, set)| set.then_some(name))
+}
+
+/// Fills an image request's unset size, steps, guidance and scheduler
+/// from `defaults` (a mode's image defaults). An img2img request's size
+/// comes from its picture, never from the mode.
+pub fn apply_image_defaults(
+    mut params: GenerateParams,
+    defaults: &ImageDefaults,
+) -> GenerateParams {
+    if params.init_image.is_none() {
+        params.size = params.size.or_else(|| defaults.default_size.clone());
+    }
+    params.scheduler = params
+        .scheduler
+        .or_else(|| defaults.default_scheduler.clone());
+    params.steps = params.steps.or(defaults.default_steps);
+    params.guidance = params.guidance.or(defaults.default_guidance);
+    params
+}
+
+/// Fills a text request's unset fields from `defaults` (a mode's).
+pub fn apply_defaults(mut params: GenerateParams, defaults: &GenerationDefaults) -> GenerateParams {
+    params.max_tokens = params.max_tokens.or(defaults.max_tokens);
+    params.temperature = params.temperature.or(defaults.temperature);
+    params.top_p = params.top_p.or(defaults.top_p);
+    params.top_k = params.top_k.or(defaults.top_k);
+    params.seed = params.seed.or(defaults.seed);
+    params.repeat_penalty = params.repeat_penalty.or(defaults.repeat_penalty);
+    params.repeat_last_n = params.repeat_last_n.or(defaults.repeat_last_n);
+    params.stop = params.stop.or_else(|| defaults.stop.clone());
+    params
 }
 
 /// A generation as a text model and as an image model would run it; the

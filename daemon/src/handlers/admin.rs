@@ -49,7 +49,7 @@ fn queue_status(state: &AppState) -> QueueStatus {
         .map(|failure| SwitchError {
             job: failure.job,
             mode: failure.mode,
-            error: wire_object(&failure.error),
+            error: wire_object(&ApiError::Job(failure.error)),
             at: failure.at,
         });
     queue

@@ -9,7 +9,7 @@ use modeld_wire::types::{
     ApplyParams, CachePlan, CacheRemoveParams, CacheScanReply, DuplicatesReply,
 };
 
-use crate::caches::{self, clean, dupes, scan, CacheError};
+use crate::caches::{self, clean, dupes, scan};
 use crate::rpc::{ApiError, NoParams};
 use crate::state::AppState;
 use crate::validate::{valid_repo_id, valid_revision};
@@ -86,10 +86,4 @@ pub async fn remove(
     })
     .await??;
     Ok(plan)
-}
-
-impl From<CacheError> for ApiError {
-    fn from(err: CacheError) -> Self {
-        ApiError::Cache(err)
-    }
 }

@@ -13,7 +13,9 @@ use tokio::sync::mpsc;
 use crate::engine::request::ValidRequest;
 use crate::engine::Placement;
 use crate::loader;
+use crate::rpc::error::wire_object;
 use crate::rpc::{decode_params, ApiError};
+use crate::scheduler::JobEvent;
 use crate::state::AppState;
 use crate::validate::{valid_name, ValidationError};
 
@@ -57,8 +59,8 @@ pub async fn generate(
     // request that cannot run (too long, no chat template, cancelled while
     // queued) is refused outright instead of accepted and then failed.
     let first = receiver.recv().await;
-    if let Some(GenerateEvent::Error { error, .. }) = first {
-        return pending.reject(ApiError::Relayed(error)).await;
+    if let Some(Err(err)) = first {
+        return pending.reject(ApiError::Job(err)).await;
     }
     let Ok(sink) = pending.accept().await else {
         return;
@@ -66,11 +68,11 @@ pub async fn generate(
     let mut next = first;
     loop {
         let Some(event) = next.take() else { return };
-        let last = matches!(
+        let last = !matches!(
             event,
-            GenerateEvent::Done { .. } | GenerateEvent::Images(_) | GenerateEvent::Error { .. }
+            Ok(GenerateEvent::Token { .. } | GenerateEvent::Progress { .. })
         );
-        let Ok(message) = serde_json::value::to_raw_value(&event) else {
+        let Ok(message) = serde_json::value::to_raw_value(&as_wire(event)) else {
             return;
         };
         if sink.send(message).await.is_err() || last {
@@ -84,12 +86,20 @@ pub async fn generate(
     }
 }
 
+/// The event as the client gets it: a job's error takes wire form here.
+fn as_wire(event: JobEvent) -> GenerateEvent {
+    event.unwrap_or_else(|err| GenerateEvent::Error {
+        done: true,
+        error: wire_object(&ApiError::Job(err)),
+    })
+}
+
 /// Validates and queues the request. With neither `model` nor `mode` it
 /// runs in the mode that will be current when its turn comes.
 fn submit(
     params: &Params<'static>,
     state: &AppState,
-) -> Result<(u64, mpsc::Receiver<GenerateEvent>), ApiError> {
+) -> Result<(u64, mpsc::Receiver<JobEvent>), ApiError> {
     let params: GenerateParams = decode_params(params)?;
     let capacity = state.config().scheduler.queue_size;
     if params.model.is_empty() && params.mode.is_none() {
@@ -110,7 +120,7 @@ fn submit(
         });
     }
     let (request, mode) = validate(params, state)?;
-    state.scheduler.submit_generate(request, mode, capacity)
+    Ok(state.scheduler.submit_generate(request, mode, capacity)?)
 }
 
 /// Checks the request; a `mode` supplies the model and default parameters.

@@ -9,7 +9,7 @@ use modeld_wire::types::{
 
 use crate::rpc::error::wire_object;
 use crate::rpc::{ApiError, NoParams};
-use crate::scheduler::{JobOutcome, JobStage};
+use crate::scheduler::{JobError, JobOutcome, JobStage};
 use crate::state::{AppState, ReloadCause};
 
 pub async fn list(state: Arc<AppState>, _: NoParams) -> Result<ModesReply, ApiError> {
@@ -50,7 +50,7 @@ pub async fn switch(state: Arc<AppState>, params: SwitchParams) -> Result<Switch
         match state.scheduler.wait(job).await {
             Some(JobOutcome::Done) => reply.state = JobState::Done,
             Some(JobOutcome::Failed(err)) => return Err(ApiError::Job(err)),
-            Some(JobOutcome::Cancelled) => return Err(ApiError::Cancelled { job }),
+            Some(JobOutcome::Cancelled) => return Err(JobError::Cancelled { job }.into()),
             None => return Err(ApiError::UnknownJob(job)),
         }
     }
@@ -69,7 +69,10 @@ pub async fn get_job(state: Arc<AppState>, params: JobParams) -> Result<JobReply
         JobStage::Finished { outcome, at } => match outcome {
             JobOutcome::Done => (JobState::Done, None, Some(at)),
             JobOutcome::Cancelled => (JobState::Cancelled, None, Some(at)),
-            JobOutcome::Failed(err) => (JobState::Failed, Some(wire_object(&err)), Some(at)),
+            JobOutcome::Failed(err) => {
+                let error = wire_object(&ApiError::Job(err));
+                (JobState::Failed, Some(error), Some(at))
+            }
         },
     };
     Ok(JobReply {

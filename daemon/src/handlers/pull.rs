@@ -7,7 +7,8 @@ use jsonrpsee::types::Params;
 use jsonrpsee::PendingSubscriptionSink;
 use modeld_wire::types::{NameParams, PullEvent, PullParams, SourceReply};
 
-use crate::pull::PullJob;
+use crate::pull::{PullJob, PullUpdate};
+use crate::rpc::error::wire_object;
 use crate::rpc::{decode_params, ApiError};
 use crate::sources::describe;
 use crate::state::AppState;
@@ -66,9 +67,9 @@ pub async fn pull(params: Params<'static>, pending: PendingSubscriptionSink, sta
             event = watch.next() => event,
             _ = sink.closed() => return,
         };
-        let Some(event) = event else { return };
-        let last = is_last(&event);
-        if send(&sink, &event).await.is_err() || last {
+        let Some(update) = event else { return };
+        let last = is_last(&update);
+        if send(&sink, &as_wire(update)).await.is_err() || last {
             return;
         }
     }
@@ -83,17 +84,29 @@ fn start(
     if state.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
     }
-    state.pulls.attach_or_start(PullJob {
+    let watch = state.pulls.attach_or_start(PullJob {
         model,
         roots: state.cache_roots(),
         hub: state.hub_settings(),
         verify: params.verify,
         repair: None,
-    })
+    })?;
+    Ok(watch)
 }
 
-fn is_last(event: &PullEvent) -> bool {
-    matches!(event, PullEvent::Done { .. } | PullEvent::Error { .. })
+fn is_last(update: &PullUpdate) -> bool {
+    !matches!(
+        update,
+        Ok(PullEvent::Start { .. } | PullEvent::Progress { .. })
+    )
+}
+
+/// The update as the client gets it: a pull's error takes wire form here.
+fn as_wire(update: PullUpdate) -> PullEvent {
+    update.unwrap_or_else(|err| PullEvent::Error {
+        done: true,
+        error: wire_object(&err.into()),
+    })
 }
 
 async fn send(sink: &jsonrpsee::SubscriptionSink, event: &PullEvent) -> Result<(), ()> {

@@ -13,6 +13,7 @@ use modeld_wire::types::{GenerateParams, GenerationDefaults, ImageDefaults, Lora
 use serde::Deserialize;
 
 use crate::engine::image::request::ValidImage;
+use crate::engine::request::{apply_defaults, apply_image_defaults};
 use crate::engine::text::sampling::ValidGenerate;
 use crate::validate::valid_name;
 
@@ -26,6 +27,11 @@ pub enum ModesError {
     #[error("invalid {}:\n  {}", path.display(), errors.join("\n  "))]
     Invalid { path: PathBuf, errors: Vec<String> },
 }
+
+/// A mode name that is not among the modes in force.
+#[derive(Debug, thiserror::Error)]
+#[error("no mode named {0:?}")]
+pub struct UnknownMode(pub String);
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -488,37 +494,6 @@ fn check_image_defaults(defaults: &ImageDefaults, at: &str, errors: &mut Vec<Str
     if let Err(err) = ValidImage::from_params(&params, "probe".into(), 0) {
         errors.push(format!("{at}default_{}: {}", err.field, err.message));
     }
-}
-
-/// Fills an image request's unset size, steps, guidance and scheduler
-/// from the mode's image defaults. An img2img request's size comes from
-/// its picture, never from the mode.
-pub fn apply_image_defaults(
-    mut params: GenerateParams,
-    defaults: &ImageDefaults,
-) -> GenerateParams {
-    if params.init_image.is_none() {
-        params.size = params.size.or_else(|| defaults.default_size.clone());
-    }
-    params.scheduler = params
-        .scheduler
-        .or_else(|| defaults.default_scheduler.clone());
-    params.steps = params.steps.or(defaults.default_steps);
-    params.guidance = params.guidance.or(defaults.default_guidance);
-    params
-}
-
-/// Fills the request's unset fields from the mode's defaults.
-pub fn apply_defaults(mut params: GenerateParams, defaults: &GenerationDefaults) -> GenerateParams {
-    params.max_tokens = params.max_tokens.or(defaults.max_tokens);
-    params.temperature = params.temperature.or(defaults.temperature);
-    params.top_p = params.top_p.or(defaults.top_p);
-    params.top_k = params.top_k.or(defaults.top_k);
-    params.seed = params.seed.or(defaults.seed);
-    params.repeat_penalty = params.repeat_penalty.or(defaults.repeat_penalty);
-    params.repeat_last_n = params.repeat_last_n.or(defaults.repeat_last_n);
-    params.stop = params.stop.or_else(|| defaults.stop.clone());
-    params
 }
 
 #[cfg(test)]

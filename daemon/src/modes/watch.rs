@@ -2,26 +2,24 @@
 //! can change it count (a write closed, a create, a rename, a removal),
 //! never reads, which the reload itself causes; they are debounced, since
 //! editors save in several steps, and a reload whose bytes hash like the
-//! last ones read changes nothing.
+//! last ones read changes nothing. The reload itself is the caller's
+//! closure, so the modes never import the state that holds them.
 
 use std::ffi::OsString;
+use std::path::Path;
 use std::sync::mpsc;
-use std::sync::Arc;
 use std::time::Duration;
 
 use notify::event::{AccessKind, AccessMode, EventKind, ModifyKind};
 use notify::{RecommendedWatcher, RecursiveMode, Watcher};
 
-use crate::state::{AppState, ReloadCause};
-
 /// How long the file must stay untouched before it is read.
 const QUIET: Duration = Duration::from_millis(250);
 
 /// Watches the modes file's directory (so saves that replace the file by
-/// rename are seen). Keep the returned watcher alive; dropping it ends the
-/// reload thread.
-pub fn watch(state: Arc<AppState>) -> Option<RecommendedWatcher> {
-    let file = state.modes_file();
+/// rename are seen) and calls `reload` after each burst of changes. Keep
+/// the returned watcher alive; dropping it ends the reload thread.
+pub fn watch(file: &Path, reload: impl Fn() + Send + 'static) -> Option<RecommendedWatcher> {
     let dir = file.parent()?.to_path_buf();
     let name = file.file_name()?.to_os_string();
     if !dir.is_dir() {
@@ -43,7 +41,7 @@ pub fn watch(state: Arc<AppState>) -> Option<RecommendedWatcher> {
         .ok()?;
     std::thread::Builder::new()
         .name("modes-watch".into())
-        .spawn(move || reload_when_quiet(&changed, &state))
+        .spawn(move || reload_when_quiet(&changed, reload))
         .map_err(|e| tracing::warn!("cannot start the modes watcher: {e}"))
         .ok()?;
     Some(watcher)
@@ -66,10 +64,10 @@ fn may_change(event: &notify::Event, name: &OsString) -> bool {
 
 /// Reloads once per burst of changes, after a quiet moment; returns when
 /// the watcher is dropped.
-fn reload_when_quiet(changed: &mpsc::Receiver<()>, state: &AppState) {
+fn reload_when_quiet(changed: &mpsc::Receiver<()>, reload: impl Fn()) {
     while changed.recv().is_ok() {
         while changed.recv_timeout(QUIET).is_ok() {}
-        let _ = state.reload_modes(ReloadCause::FileChanged);
+        reload();
     }
 }
 

@@ -1,15 +1,15 @@
 //! How jobs ended: the outcome of each finished job, the last ones kept so
 //! a client can ask after a job it queued (`jobs.get`) or wait for it.
-//! Errors stay typed here; the RPC layer turns them into wire errors.
+//! Errors stay typed here ([`JobError`]); the RPC layer turns them into
+//! wire errors.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use modeld_wire::types::{FinishReason, GenerateEvent, JobInfo};
-use modeld_wire::ErrorKind;
 
-use crate::registry::unix_now;
-use crate::rpc::ApiError;
+use super::error::{JobError, JobEvent};
+use crate::util::unix_now;
 
 /// Finished jobs remembered for `jobs.get`; older ones are forgotten.
 pub const FINISHED_JOBS_KEPT: usize = 256;
@@ -19,14 +19,22 @@ pub const FINISHED_JOBS_KEPT: usize = 256;
 pub enum JobOutcome {
     Done,
     Cancelled,
-    Failed(Arc<ApiError>),
+    Failed(Arc<JobError>),
 }
 
 impl JobOutcome {
     /// The outcome a generation's final event reports; `None` for tokens.
-    pub fn of_event(event: &GenerateEvent) -> Option<JobOutcome> {
+    pub fn of_event(event: &JobEvent) -> Option<JobOutcome> {
+        let event = match event {
+            Err(err) if err.is_cancelled() => return Some(JobOutcome::Cancelled),
+            Err(err) => return Some(JobOutcome::Failed(err.clone())),
+            Ok(event) => event,
+        };
         match event {
-            GenerateEvent::Token { .. } | GenerateEvent::Progress { .. } => None,
+            // Wire errors are made only at the RPC edge, never sent here.
+            GenerateEvent::Token { .. }
+            | GenerateEvent::Progress { .. }
+            | GenerateEvent::Error { .. } => None,
             GenerateEvent::Images(done) if done.finish_reason == FinishReason::Cancelled => {
                 Some(JobOutcome::Cancelled)
             }
@@ -36,14 +44,6 @@ impl JobOutcome {
                 ..
             } => Some(JobOutcome::Cancelled),
             GenerateEvent::Done { .. } => Some(JobOutcome::Done),
-            GenerateEvent::Error { error, .. }
-                if error.kind() == Some(ErrorKind::Cancelled.as_str()) =>
-            {
-                Some(JobOutcome::Cancelled)
-            }
-            GenerateEvent::Error { error, .. } => Some(JobOutcome::Failed(Arc::new(
-                ApiError::Relayed(error.clone()),
-            ))),
         }
     }
 }
@@ -61,7 +61,7 @@ pub enum JobStage {
 pub struct SwitchFailure {
     pub job: u64,
     pub mode: String,
-    pub error: Arc<ApiError>,
+    pub error: Arc<JobError>,
     pub at: u64,
 }
 
@@ -113,6 +113,7 @@ impl History {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::modes::UnknownMode;
 
     fn info(id: u64, kind: &str) -> JobInfo {
         JobInfo {
@@ -128,7 +129,7 @@ mod tests {
     #[test]
     fn keeps_the_last_finished_jobs_and_the_last_switch_failure() {
         let mut history = History::default();
-        let failure = Arc::new(ApiError::UnknownMode("chat".into()));
+        let failure = Arc::new(JobError::from(UnknownMode("chat".into())));
         history.record(info(1, "switch"), JobOutcome::Failed(failure));
         for id in 2..=(FINISHED_JOBS_KEPT as u64 + 1) {
             history.record(info(id, "generate"), JobOutcome::Done);

@@ -9,6 +9,7 @@
 //! shutdown, refused while still queued); how it ended is kept in
 //! [`history`].
 
+pub mod error;
 pub mod history;
 
 use std::collections::VecDeque;
@@ -16,15 +17,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use modeld_wire::types::{Event, FinishReason, GenerateEvent, JobInfo, QueueStatus, SwitchReply};
-use modeld_wire::ErrorKind;
-use serde_json::json;
 use tokio::sync::{mpsc, oneshot, Notify};
 
 use crate::engine::cancel::Cancellation;
 use crate::engine::request::ValidRequest;
+use crate::engine::WorkerEvent;
 use crate::loader;
-use crate::rpc::ApiError;
 use crate::state::AppState;
+pub use error::{JobError, JobEvent};
 use history::History;
 pub use history::{JobOutcome, JobStage, SwitchFailure};
 
@@ -39,14 +39,14 @@ pub enum Work {
         /// Boxed: both kinds' validated requests make it the largest job.
         request: Box<ValidRequest>,
         mode: Option<String>,
-        events: mpsc::Sender<GenerateEvent>,
+        events: mpsc::Sender<JobEvent>,
     },
     Switch {
         to: String,
     },
     Unload {
         name: String,
-        reply: oneshot::Sender<Result<u64, Arc<ApiError>>>,
+        reply: oneshot::Sender<Result<u64, Arc<JobError>>>,
     },
     /// Unloads a model whose keep-alive ran out, if it still has.
     Expire {
@@ -73,18 +73,17 @@ pub async fn expire_idle_models(state: Arc<AppState>) {
 struct GenerateJob {
     id: u64,
     mode: Option<String>,
-    events: mpsc::Sender<GenerateEvent>,
+    events: mpsc::Sender<JobEvent>,
     cancel: Cancellation,
 }
 
 impl GenerateJob {
     /// Tells the client why the generation could not run, unless a cancel
     /// came first: then it is told `cancelled`.
-    async fn fail(&self, err: ApiError) -> JobOutcome {
+    async fn fail(&self, err: JobError) -> JobOutcome {
         let (event, outcome) = if self.cancel.settle() {
-            let error = crate::rpc::error::wire_object(&err);
-            let event = GenerateEvent::Error { done: true, error };
-            (event, JobOutcome::Failed(Arc::new(err)))
+            let err = Arc::new(err);
+            (Err(err.clone()), JobOutcome::Failed(err))
         } else {
             (cancelled_event(self.id), JobOutcome::Cancelled)
         };
@@ -139,33 +138,24 @@ impl Default for Scheduler {
     }
 }
 
-fn queue_full(capacity: usize) -> ApiError {
-    ApiError::Relayed(modeld_wire::RpcErrorObject {
-        code: ErrorKind::QueueFull.code(),
-        message: format!("the job queue is full ({capacity} jobs); try again later"),
-        data: Some(json!({"kind": "queue_full", "limit": capacity})),
-    })
-}
-
 /// What a cancelled generation's client is told, as its stream's last event.
-fn cancelled_event(job: u64) -> GenerateEvent {
-    GenerateEvent::Error {
-        done: true,
-        error: crate::rpc::error::wire_object(&ApiError::Cancelled { job }),
-    }
+fn cancelled_event(job: u64) -> JobEvent {
+    Err(Arc::new(JobError::Cancelled { job }))
 }
 
 /// A generation's event as its client gets it: the final one names the
 /// mode, and settles the job, so a cancel acknowledged before that turns
 /// the ending into `cancelled`.
-fn as_sent(
-    job: u64,
-    mut event: GenerateEvent,
-    mode: &Option<String>,
-    cancel: &Cancellation,
-) -> GenerateEvent {
+fn as_sent(job: u64, event: WorkerEvent, mode: &Option<String>, cancel: &Cancellation) -> JobEvent {
+    let mut event = match event {
+        Ok(event) => event,
+        Err(_) if !cancel.settle() => return cancelled_event(job),
+        Err(err) => return Err(Arc::new(err.into())),
+    };
     match &mut event {
-        GenerateEvent::Token { .. } | GenerateEvent::Progress { .. } => {}
+        GenerateEvent::Token { .. }
+        | GenerateEvent::Progress { .. }
+        | GenerateEvent::Error { .. } => {}
         GenerateEvent::Images(done) => {
             done.mode = mode.clone();
             if !cancel.settle() {
@@ -182,13 +172,8 @@ fn as_sent(
                 *finish_reason = FinishReason::Cancelled;
             }
         }
-        GenerateEvent::Error { .. } => {
-            if !cancel.settle() {
-                return cancelled_event(job);
-            }
-        }
     }
-    event
+    Ok(event)
 }
 
 impl Work {
@@ -276,29 +261,30 @@ impl Scheduler {
         request: ValidRequest,
         mode: Option<String>,
         capacity: usize,
-    ) -> Result<(u64, mpsc::Receiver<GenerateEvent>), ApiError> {
+    ) -> Result<(u64, mpsc::Receiver<JobEvent>), JobError> {
         self.submit_generate_with(capacity, |_| Ok((request, mode)))
     }
 
     /// Queues the generation `plan` makes from the mode that will be current
     /// when it runs (after the switches already queued). `plan` runs under
-    /// the queue's lock, so no switch can slip in between.
-    pub fn submit_generate_with(
+    /// the queue's lock, so no switch can slip in between. Its error is the
+    /// caller's own type, which holds the queue's refusals too.
+    pub fn submit_generate_with<E: From<JobError>>(
         &self,
         capacity: usize,
-        plan: impl FnOnce(Option<String>) -> Result<(ValidRequest, Option<String>), ApiError>,
-    ) -> Result<(u64, mpsc::Receiver<GenerateEvent>), ApiError> {
+        plan: impl FnOnce(Option<String>) -> Result<(ValidRequest, Option<String>), E>,
+    ) -> Result<(u64, mpsc::Receiver<JobEvent>), E> {
         let (events, receiver) = mpsc::channel(EVENT_BUFFER);
         let mut queue = self.lock();
         if queue.closed {
-            return Err(ApiError::ShuttingDown);
+            return Err(JobError::ShuttingDown.into());
         }
         let effective = queue.effective_mode();
         let (request, mode) = plan(effective.clone())?;
         let switch_to = mode.clone().filter(|m| effective.as_ref() != Some(m));
         let needed = 1 + usize::from(switch_to.is_some());
         if queue.jobs.len() + needed > capacity {
-            return Err(queue_full(capacity));
+            return Err(JobError::QueueFull { capacity }.into());
         }
         if let Some(to) = switch_to {
             queue.push(self.id(), Work::Switch { to });
@@ -317,13 +303,13 @@ impl Scheduler {
         Ok((id, receiver))
     }
 
-    pub fn submit_switch(&self, to: String, capacity: usize) -> Result<SwitchReply, ApiError> {
+    pub fn submit_switch(&self, to: String, capacity: usize) -> Result<SwitchReply, JobError> {
         let mut queue = self.lock();
         if queue.closed {
-            return Err(ApiError::ShuttingDown);
+            return Err(JobError::ShuttingDown);
         }
         if queue.jobs.len() >= capacity {
-            return Err(queue_full(capacity));
+            return Err(JobError::QueueFull { capacity });
         }
         let reply = SwitchReply {
             queued: true,
@@ -343,14 +329,14 @@ impl Scheduler {
         &self,
         name: String,
         capacity: usize,
-    ) -> Result<oneshot::Receiver<Result<u64, Arc<ApiError>>>, ApiError> {
+    ) -> Result<oneshot::Receiver<Result<u64, Arc<JobError>>>, JobError> {
         let (reply, receiver) = oneshot::channel();
         let mut queue = self.lock();
         if queue.closed {
-            return Err(ApiError::ShuttingDown);
+            return Err(JobError::ShuttingDown);
         }
         if queue.jobs.len() >= capacity {
-            return Err(queue_full(capacity));
+            return Err(JobError::QueueFull { capacity });
         }
         queue.push(self.id(), Work::Unload { name, reply });
         drop(queue);
@@ -389,7 +375,7 @@ impl Scheduler {
                     let _ = events.try_send(cancelled_event(id));
                 }
                 Work::Unload { reply, .. } => {
-                    let _ = reply.send(Err(Arc::new(ApiError::Cancelled { job: id })));
+                    let _ = reply.send(Err(Arc::new(JobError::Cancelled { job: id })));
                 }
                 Work::Switch { .. } | Work::Expire { .. } => {}
             }
@@ -405,7 +391,7 @@ impl Scheduler {
     /// Shutdown: closes the queue to new jobs and refuses every queued one
     /// with `shutting_down`; the running job goes on.
     pub fn refuse_queued(&self) {
-        let refused = Arc::new(ApiError::ShuttingDown);
+        let refused = Arc::new(JobError::ShuttingDown);
         let jobs = {
             let mut queue = self.lock();
             queue.closed = true;
@@ -420,8 +406,7 @@ impl Scheduler {
         for job in jobs {
             match job.work {
                 Work::Generate { events, .. } => {
-                    let error = crate::rpc::error::wire_object(&refused);
-                    let _ = events.try_send(GenerateEvent::Error { done: true, error });
+                    let _ = events.try_send(Err(refused.clone()));
                 }
                 Work::Unload { reply, .. } => {
                     let _ = reply.send(Err(refused.clone()));
@@ -597,7 +582,7 @@ impl Scheduler {
                     .engine
                     .unload(&name)
                     .await
-                    .map_err(|err| Arc::new(ApiError::from(err)));
+                    .map_err(|err| Arc::new(JobError::from(err)));
                 let outcome = match &result {
                     Ok(_) => JobOutcome::Done,
                     Err(err) => JobOutcome::Failed(err.clone()),
@@ -631,7 +616,7 @@ impl Scheduler {
         }
     }
 
-    async fn switch(&self, state: &Arc<AppState>, to: &str) -> Result<(), ApiError> {
+    async fn switch(&self, state: &Arc<AppState>, to: &str) -> Result<(), JobError> {
         let mode = state.mode(to)?;
         loader::ensure_loaded(state, &mode.model_key(), Some(&mode), None).await?;
         let from = {
@@ -651,7 +636,7 @@ impl Scheduler {
         state: &Arc<AppState>,
         request: ValidRequest,
         job: &GenerateJob,
-    ) -> Result<JobOutcome, ApiError> {
+    ) -> Result<JobOutcome, JobError> {
         let mode_config = match &job.mode {
             Some(name) => {
                 // The switch queued before this job normally did this already.
@@ -665,13 +650,11 @@ impl Scheduler {
         let resident = loader::resident(state, &request.model, mode_config.as_ref()).await?;
         let _busy = resident.busy();
         if job.cancel.is_requested() {
-            return Err(ApiError::Cancelled { job: job.id });
+            return Err(JobError::Cancelled { job: job.id });
         }
         let (sender, mut receiver) = mpsc::channel(EVENT_BUFFER);
         resident.submit(request, sender, job.cancel.clone())?;
-        let mut outcome = JobOutcome::Failed(Arc::new(ApiError::Internal(
-            "the model's worker stopped without a final event".into(),
-        )));
+        let mut outcome = JobOutcome::Failed(Arc::new(JobError::WorkerStopped));
         // The worker drops its sender after the last event.
         while let Some(event) = receiver.recv().await {
             let event = as_sent(job.id, event, &job.mode, &job.cancel);

@@ -12,13 +12,13 @@ use modeld_wire::types::{FinishReason, GenerateEvent, ImageFile, ImagesDone};
 use super::request::ValidImage;
 use super::{output, GeneratedImage, ImageError, ImagePipeline};
 use crate::engine::cancel::Cancellation;
-use crate::engine::EngineError;
+use crate::engine::{EngineError, WorkerEvent};
 
 /// One image generation: the request, where its events go, and a way to
 /// stop it.
 pub struct ImageJob {
     pub request: ValidImage,
-    pub events: tokio::sync::mpsc::Sender<GenerateEvent>,
+    pub events: tokio::sync::mpsc::Sender<WorkerEvent>,
     pub cancel: Cancellation,
 }
 
@@ -33,9 +33,7 @@ impl ImageWorker {
     /// dropped, and its memory freed, when this returns.
     pub fn run(self, jobs: mpsc::Receiver<ImageJob>) {
         for job in jobs {
-            let last = self
-                .generate(&job)
-                .unwrap_or_else(crate::engine::error_event);
+            let last = self.generate(&job);
             let _ = job.events.blocking_send(last);
         }
     }
@@ -75,7 +73,7 @@ impl ImageWorker {
                 elapsed_ms,
             };
             // A closed channel means the client is gone: stop for nobody.
-            match job.events.blocking_send(event) {
+            match job.events.blocking_send(Ok(event)) {
                 Ok(()) => ControlFlow::Continue(()),
                 Err(_) => ControlFlow::Break(()),
             }
@@ -129,7 +127,7 @@ fn write_all(
     request: &ValidImage,
     pictures: &[GeneratedImage],
 ) -> Result<Vec<ImageFile>, EngineError> {
-    let now = crate::registry::unix_now();
+    let now = crate::util::unix_now();
     pictures
         .iter()
         .enumerate()

@@ -19,11 +19,12 @@ use super::cancel::Cancellation;
 use super::decoder::{greedy, Decoder, KvCache};
 use super::sampling::{Input, Sampler, ValidGenerate};
 use super::EngineError;
+use crate::engine::WorkerEvent;
 
 /// One generation: the request, where its events go, and a way to stop it.
 pub struct Job {
     pub request: ValidGenerate,
-    pub events: tokio::sync::mpsc::Sender<GenerateEvent>,
+    pub events: tokio::sync::mpsc::Sender<WorkerEvent>,
     pub cancel: Cancellation,
 }
 
@@ -163,7 +164,7 @@ impl<'t> Batch<'t> {
     fn receive(&mut self, job: Job) {
         match self.prompt_ids(&job.request) {
             Ok(prompt) => self.waiting.push_back(Waiting { job, prompt }),
-            Err(err) => send_last(&job, crate::engine::error_event(err)),
+            Err(err) => send_last(&job, Err(err)),
         }
     }
 
@@ -202,7 +203,7 @@ impl<'t> Batch<'t> {
             .partition(|w| w.job.cancel.is_requested());
         self.waiting = waiting;
         for waiting in cancelled.iter() {
-            send_last(&waiting.job, cancelled_before_start(waiting));
+            send_last(&waiting.job, Ok(cancelled_before_start(waiting)));
         }
     }
 
@@ -248,7 +249,7 @@ impl<'t> Batch<'t> {
         let row = match logits {
             Ok(row) => row,
             Err(err) => {
-                send_last(&job, crate::engine::error_event(err.into()));
+                send_last(&job, Err(err.into()));
                 return None;
             }
         };
@@ -373,7 +374,7 @@ impl Sequence<'_> {
             .push(&self.text, index, next, stop_cut.is_some());
         if events
             .into_iter()
-            .any(|e| self.job.events.blocking_send(e).is_err())
+            .any(|e| self.job.events.blocking_send(Ok(e)).is_err())
         {
             return Err(Leave::Finished(FinishReason::Cancelled));
         }
@@ -391,12 +392,12 @@ impl Sequence<'_> {
         let finish = match leave {
             Leave::Finished(finish) => finish,
             Leave::Failed(err) => {
-                send_last(&self.job, crate::engine::error_event(err));
+                send_last(&self.job, Err(err));
                 return;
             }
         };
         if let Some(last) = self.streamer.finish(&self.text) {
-            send_last(&self.job, last);
+            send_last(&self.job, Ok(last));
         }
         let decode_s = self.decode_started.elapsed().as_secs_f64();
         let generated = self.generated().to_vec();
@@ -413,11 +414,11 @@ impl Sequence<'_> {
             rates,
             finish,
         );
-        send_last(&self.job, done);
+        send_last(&self.job, Ok(done));
     }
 }
 
-fn send_last(job: &Job, event: GenerateEvent) {
+fn send_last(job: &Job, event: WorkerEvent) {
     let _ = job.events.blocking_send(event);
 }
 
