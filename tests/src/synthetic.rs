@@ -138,3 +138,93 @@ pub fn register_endless_model(daemon: &crate::Daemon, name: &str) {
     };
     register_never_ending(daemon, name, shape, 32_768);
 }
+
+/// Sizes of a synthetic FLUX transformer: FLUX.1's block structure (128-wide
+/// heads, 4× MLP, FLUX.1's rotary axes) at a reduced width and depth.
+#[derive(Debug, Clone, Copy)]
+pub struct FluxShape {
+    pub heads: usize,
+    pub double_blocks: usize,
+    pub single_blocks: usize,
+}
+
+/// Writes a FLUX-shaped dev pipeline: the tiny-flux fixture's encoders,
+/// tokenizers, VAE and scheduler around a random transformer of `shape`
+/// (diffusers names); returns the transformer's size in bytes.
+pub fn write_flux(dir: &Path, shape: FluxShape) -> u64 {
+    crate::copy_tree(&crate::fixtures_dir().join("tiny-flux/dev"), dir);
+    let dim = shape.heads * 128;
+    let (context, pooled, latent) = (32, 32, 16);
+    let mut tensors = HashMap::new();
+    let mut add = |name: String, dims: &[usize]| {
+        let tensor = Tensor::randn(0f32, 0.02, dims, &Device::Cpu).expect("random tensor");
+        tensors.insert(name, tensor);
+    };
+    let mut linear = |name: &str, input: usize, output: usize| {
+        add(format!("{name}.weight"), &[output, input]);
+        add(format!("{name}.bias"), &[output]);
+    };
+    linear("x_embedder", latent, dim);
+    linear("context_embedder", context, dim);
+    for (embedder, input) in [("timestep", 256), ("guidance", 256), ("text", pooled)] {
+        let p = format!("time_text_embed.{embedder}_embedder");
+        linear(&format!("{p}.linear_1"), input, dim);
+        linear(&format!("{p}.linear_2"), dim, dim);
+    }
+    for i in 0..shape.double_blocks {
+        let p = format!("transformer_blocks.{i}");
+        linear(&format!("{p}.norm1.linear"), dim, 6 * dim);
+        linear(&format!("{p}.norm1_context.linear"), dim, 6 * dim);
+        for name in [
+            "to_q",
+            "to_k",
+            "to_v",
+            "add_q_proj",
+            "add_k_proj",
+            "add_v_proj",
+        ] {
+            linear(&format!("{p}.attn.{name}"), dim, dim);
+        }
+        linear(&format!("{p}.attn.to_out.0"), dim, dim);
+        linear(&format!("{p}.attn.to_add_out"), dim, dim);
+        for ff in ["ff", "ff_context"] {
+            linear(&format!("{p}.{ff}.net.0.proj"), dim, 4 * dim);
+            linear(&format!("{p}.{ff}.net.2"), 4 * dim, dim);
+        }
+    }
+    for i in 0..shape.single_blocks {
+        let p = format!("single_transformer_blocks.{i}");
+        linear(&format!("{p}.norm.linear"), dim, 3 * dim);
+        for name in ["to_q", "to_k", "to_v"] {
+            linear(&format!("{p}.attn.{name}"), dim, dim);
+        }
+        linear(&format!("{p}.proj_mlp"), dim, 4 * dim);
+        linear(&format!("{p}.proj_out"), 5 * dim, dim);
+    }
+    linear("norm_out.linear", dim, 2 * dim);
+    linear("proj_out", dim, latent);
+    let norms = (0..shape.double_blocks)
+        .flat_map(|i| {
+            ["norm_q", "norm_k", "norm_added_q", "norm_added_k"]
+                .map(|n| format!("transformer_blocks.{i}.attn.{n}.weight"))
+        })
+        .chain((0..shape.single_blocks).flat_map(|i| {
+            ["norm_q", "norm_k"].map(|n| format!("single_transformer_blocks.{i}.attn.{n}.weight"))
+        }));
+    for name in norms.collect::<Vec<_>>() {
+        let ones = Tensor::ones(128, candle_core::DType::F32, &Device::Cpu).expect("ones");
+        tensors.insert(name, ones);
+    }
+    let transformer = dir.join("transformer");
+    let weights = transformer.join("diffusion_pytorch_model.safetensors");
+    candle_core::safetensors::save(&tensors, &weights).expect("write safetensors");
+    let config = json!({
+        "_class_name": "FluxTransformer2DModel", "attention_head_dim": 128,
+        "axes_dims_rope": [16, 56, 56], "guidance_embeds": true, "in_channels": latent,
+        "joint_attention_dim": context, "num_attention_heads": shape.heads,
+        "num_layers": shape.double_blocks, "num_single_layers": shape.single_blocks,
+        "patch_size": 1, "pooled_projection_dim": pooled
+    });
+    std::fs::write(transformer.join("config.json"), config.to_string()).expect("config");
+    std::fs::metadata(&weights).expect("weights").len()
+}

@@ -253,3 +253,60 @@ vae = "../outside.safetensors"
     assert!(text.contains("modes.bad.model"), "{text}");
     assert!(text.contains("modes.bad.vae"), "{text}");
 }
+
+#[test]
+fn a_comfyui_tree_is_scanned_file_by_file_by_tensor_names() {
+    let daemon = Daemon::start();
+    let root = daemon.dir.path().join("models");
+    comfy_tree(&root);
+    std::fs::create_dir_all(root.join("loras")).unwrap();
+    // File names say nothing: the family comes from the tensors.
+    std::fs::copy(
+        flux_fixture().join("lora/pytorch_lora_weights.safetensors"),
+        root.join("loras/style.safetensors"),
+    )
+    .unwrap();
+    // A link planted in the tree to a file outside it is not read.
+    let outside = daemon.dir.path().join("outside.safetensors");
+    std::fs::copy(root.join("vae/ae.safetensors"), &outside).unwrap();
+    std::os::unix::fs::symlink(&outside, root.join("vae/planted.safetensors")).unwrap();
+    let modes = format!("model_root = \"{}\"\n", root.display());
+    std::fs::write(daemon.dir.path().join("modes.toml"), modes).unwrap();
+    daemon.call("modes.reload", json!({})).unwrap();
+    let scan = daemon.call("cache.scan", json!({})).unwrap();
+    let tree = scan["roots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["role"] == "model_root")
+        .expect("the model root is scanned")
+        .clone();
+    let entry = |id: &str| {
+        let repos = tree["repos"].as_array().unwrap();
+        let found = repos.iter().find(|r| r["repo_id"] == id);
+        found.unwrap_or_else(|| panic!("no {id} in {tree}")).clone()
+    };
+    let family = |id: &str| {
+        let e = entry(id);
+        (e["family"].clone(), e["architecture"].clone())
+    };
+    assert_eq!(
+        family("diffusion_models/tiny-flux-dev.safetensors"),
+        (json!("flux"), json!("flux-dev"))
+    );
+    assert_eq!(family("vae/ae.safetensors").0, "vae");
+    assert_eq!(family("loras/style.safetensors").0, "lora");
+    assert_eq!(
+        family("text_encoders/t5xxl_tiny.safetensors"),
+        (json!("text_encoder"), json!("t5"))
+    );
+    assert_eq!(
+        family("text_encoders/clip_l.safetensors"),
+        (json!("text_encoder"), json!("clip"))
+    );
+    assert_eq!(family("vae/planted.safetensors").0, "unknown");
+    let warnings = tree["warnings"].to_string();
+    assert!(warnings.contains("planted"), "{warnings}");
+    // A folder of configs is still one model.
+    assert_eq!(entry("configs")["repo_type"], "local");
+}

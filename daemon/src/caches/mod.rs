@@ -6,6 +6,7 @@
 pub mod clean;
 pub mod confined;
 pub mod dupes;
+pub mod families;
 pub mod scan;
 
 use std::collections::HashSet;

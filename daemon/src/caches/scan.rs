@@ -2,13 +2,13 @@
 //! huggingface_hub's own accounting (hf-hub's scanner), plus which models
 //! are registered and what kind of model each repo holds.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use hf_hub::HFClient;
 use modeld_wire::types::{CacheRootScan, CacheScanReply, CachedRepo, CachedRevision, ModelRecord};
 use serde_json::Value;
 
-use super::{epoch_secs, Root};
+use super::{epoch_secs, families, Root};
 
 pub async fn scan(roots: &[Root], models: &[ModelRecord]) -> CacheScanReply {
     let mut scanned = Vec::with_capacity(roots.len());
@@ -107,7 +107,23 @@ async fn scan_hf_cache(root: &Root, models: &[ModelRecord]) -> CacheRootScan {
     }
 }
 
-/// A model root holds one model per directory (or single `.gguf` files).
+/// The folders of a ComfyUI `models/` tree, which hold loose files of
+/// one component kind each rather than one model per folder.
+const COMFYUI_FOLDERS: [&str; 10] = [
+    "checkpoints",
+    "diffusion_models",
+    "unet",
+    "vae",
+    "loras",
+    "text_encoders",
+    "clip",
+    "clip_vision",
+    "controlnet",
+    "upscale_models",
+];
+
+/// A model root holds one model per directory (or single `.gguf` files);
+/// a ComfyUI tree's component folders are listed file by file instead.
 fn scan_model_root(root: &Root) -> CacheRootScan {
     let mut scan = empty(root, Vec::new());
     let Ok(entries) = std::fs::read_dir(&root.path) else {
@@ -115,11 +131,15 @@ fn scan_model_root(root: &Root) -> CacheRootScan {
     };
     for entry in entries.flatten() {
         let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if COMFYUI_FOLDERS.contains(&name.as_str()) && path.is_dir() {
+            list_loose_files(root, &path, &mut scan);
+            continue;
+        }
         let (size, files, accessed, modified) = tree_stats(&path);
         if files == 0 {
             continue;
         }
-        let name = entry.file_name().to_string_lossy().into_owned();
         let (family, architecture) = classify(&path, &name);
         scan.size_bytes += size;
         scan.repos.push(CachedRepo {
@@ -138,6 +158,69 @@ fn scan_model_root(root: &Root) -> CacheRootScan {
     }
     scan.repos.sort_by(|a, b| a.repo_id.cmp(&b.repo_id));
     scan
+}
+
+/// Every weight file under a ComfyUI component folder, as its own entry
+/// named by its path in the tree, with the family its tensor names say.
+fn list_loose_files(root: &Root, dir: &Path, scan: &mut CacheRootScan) {
+    let mut files = Vec::new();
+    weight_files_under(dir, &mut files);
+    for path in files {
+        let (size, _, accessed, modified) = tree_stats(&path);
+        let relative = path.strip_prefix(&root.path).unwrap_or(&path);
+        let (family, architecture) = match header_names(root, &path) {
+            Ok(names) => {
+                let (family, arch) = families::of_tensors(&names);
+                (family.to_string(), arch.map(str::to_string))
+            }
+            Err(why) => {
+                scan.warnings.push(format!("{}: {why}", path.display()));
+                ("unknown".to_string(), None)
+            }
+        };
+        scan.size_bytes += size;
+        scan.repos.push(CachedRepo {
+            repo_id: relative.to_string_lossy().into_owned(),
+            repo_type: "file".into(),
+            path,
+            size_bytes: size,
+            files: 1,
+            last_accessed: accessed,
+            last_modified: modified,
+            revisions: Vec::new(),
+            registered_as: Vec::new(),
+            family,
+            architecture,
+        });
+    }
+}
+
+/// `.safetensors` files under `dir`, at any depth; links are not followed
+/// into folders.
+fn weight_files_under(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            weight_files_under(&path, out);
+        } else if path.extension().is_some_and(|e| e == "safetensors") {
+            out.push(path);
+        }
+    }
+}
+
+/// The tensor names of a file whose real path stays inside the root: a
+/// link leading elsewhere is not read for a client.
+fn header_names(root: &Root, path: &Path) -> Result<Vec<String>, String> {
+    let real = path.canonicalize().map_err(|e| e.to_string())?;
+    let real_root = root.path.canonicalize().map_err(|e| e.to_string())?;
+    if !real.starts_with(&real_root) {
+        return Err("links outside the model root; not read".into());
+    }
+    let header = crate::engine::estimate::safetensors_header(&real).map_err(|e| e.to_string())?;
+    Ok(header.into_keys().filter(|k| k != "__metadata__").collect())
 }
 
 /// Total size, file count, and newest access and change times under `path`.

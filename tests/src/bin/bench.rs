@@ -33,7 +33,8 @@
 //! on diffusers in the same run. The Python interpreter (default `python3`,
 //! or `$MODELD_BENCH_PYTHON`) must have torch, diffusers and transformers:
 //! it also builds the SD1.5-shaped pipeline; without them only modeld's
-//! tiny-sd figures are printed, with a note.
+//! tiny-sd figures are printed, with a note. A FLUX-shaped pipeline (FLUX.1's
+//! blocks at a reduced width and depth, random weights) runs on modeld.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -686,6 +687,8 @@ struct ImageCase {
     processes: usize,
     /// Calls per process.
     rounds: usize,
+    /// Whether diffusers runs the same model in the same run.
+    compare: bool,
 }
 
 const IMAGE_COUNT: usize = 1;
@@ -709,6 +712,7 @@ fn images(python: &str, steps: usize) {
         steps: 20,
         processes: ROUNDS,
         rounds: ROUNDS,
+        compare: has_diffusers,
     }];
     if has_diffusers {
         let dir = work.path().join("sd15-random");
@@ -728,23 +732,45 @@ fn images(python: &str, steps: usize) {
             steps,
             processes: 2,
             rounds: 1,
+            compare: true,
         });
     } else {
         println!("note: {python} lacks torch/diffusers/transformers: diffusers and the SD1.5-shaped pipeline are skipped\n");
     }
-    println!("CPU image generation, DDIM, guidance {IMAGE_GUIDANCE}, {IMAGE_COUNT} picture per call, float32; processes of the two engines alternate; best of all calls\n");
+    let flux = work.path().join("flux-shaped");
+    let shape = modeld_e2e::synthetic::FluxShape {
+        heads: 8,
+        double_blocks: 2,
+        single_blocks: 4,
+    };
+    let bytes = modeld_e2e::synthetic::write_flux(&flux, shape);
+    println!(
+        "FLUX-shaped transformer: {} heads x 128, {} double + {} single blocks, {:.0} MiB f32, random weights, the tiny-flux encoders and VAE (scale 2, so 64x64 pixels are FLUX's 256 image tokens); T5 512 tokens\n",
+        shape.heads, shape.double_blocks, shape.single_blocks, bytes as f64 / (1u64 << 20) as f64
+    );
+    cases.push(ImageCase {
+        label: "FLUX-shaped, 64x64 (256 tokens)",
+        dir: flux,
+        size: 64,
+        steps: steps.max(4),
+        processes: 2,
+        rounds: 2,
+        // diffusers' FluxPipeline is not scripted in bench_images.py yet.
+        compare: false,
+    });
+    println!("CPU image generation, DDIM for SD (flow-matching Euler for FLUX), guidance {IMAGE_GUIDANCE}, {IMAGE_COUNT} picture per call, float32; processes of the two engines alternate; best of all calls\n");
     println!("| model | steps | engine | processes x calls | load s | s/step | images/s | peak RSS | s/step ratio |");
     println!("|---|---|---|---|---|---|---|---|---|");
     for case in &cases {
         let (mut ours, mut theirs) = (Vec::new(), Vec::new());
         for _ in 0..case.processes {
-            if has_diffusers {
+            if case.compare {
                 theirs.push(diffusers_image_run(python, &script, case));
             }
             ours.push(modeld_image_run(case));
         }
         let ours = ImageRun::best(&ours);
-        let theirs = has_diffusers.then(|| ImageRun::best(&theirs));
+        let theirs = case.compare.then(|| ImageRun::best(&theirs));
         let base = theirs.as_ref().map_or(ours.step_s, |t| t.step_s);
         for (engine, run) in [("diffusers", theirs.as_ref()), ("modeld", Some(&ours))] {
             let Some(run) = run else { continue };

@@ -1,7 +1,9 @@
 //! LoRAs for image pipelines, merged into the UNet (or FLUX's
 //! transformer) and text-encoder weights at load: `W += strength × (alpha / rank) × up · down`.
 //!
-//! Two namings are understood: diffusers/PEFT (`unet.<module>.lora_A.weight`
+//! FLUX adapters under Black Forest Labs' names (kohya's and XLabs') are
+//! first renamed to the PEFT form (`flux::adapters`). Two namings are then
+//! understood: diffusers/PEFT (`unet.<module>.lora_A.weight`
 //! or FLUX's `transformer.<module>.lora_A.weight`,
 //! `text_encoder.<module>.lora_B.weight`, SDXL's `text_encoder_2.<module>`,
 //! optional `<module>.alpha`; no alpha means alpha = rank) and kohya
@@ -291,6 +293,7 @@ fn plan(nets: &Adapted, changes: &[(&LoraInfo, f64)]) -> Result<Plan, ImageError
         let file = lora.path.as_path();
         let tensors = candle_core::safetensors::load(file, &Device::Cpu)
             .map_err(|e| ImageError::Files(format!("LoRA {}: {e}", file.display())))?;
+        let tensors = super::flux::adapters::to_diffusers(tensors)?;
         let (mut matched, mut unmatched) = (0, 0);
         for ((target, name), module) in modules(file, tensors)? {
             let name = match target {

@@ -5,6 +5,7 @@
 //! channels, shifted and scaled) decodes. dev and schnell are told apart
 //! by the weights: dev's transformer has a guidance embedding.
 
+pub mod adapters;
 pub mod components;
 pub mod config;
 pub mod sampling;

@@ -61,7 +61,7 @@ fn rename(tensors: TensorMap) -> Result<TensorMap, ImageError> {
     let mut out = TensorMap::new();
     for (key, tensor) in tensors {
         let key = key.strip_prefix(PREFIX).unwrap_or(&key).to_owned();
-        for (name, tensor) in renamed(&key, tensor, hidden)? {
+        for (name, tensor) in bfl_entries(&key, tensor, hidden)? {
             out.insert(name, tensor);
         }
     }
@@ -73,8 +73,13 @@ fn split_suffix(key: &str) -> (&str, &str) {
     key.rsplit_once('.').unwrap_or((key, ""))
 }
 
-/// The diffusers entries of one BFL tensor.
-fn renamed(key: &str, tensor: Tensor, hidden: usize) -> Result<Vec<(String, Tensor)>, ImageError> {
+/// The diffusers entries of one BFL tensor (without the checkpoint
+/// prefix); `hidden` cuts fused projections.
+pub(crate) fn bfl_entries(
+    key: &str,
+    tensor: Tensor,
+    hidden: usize,
+) -> Result<Vec<(String, Tensor)>, ImageError> {
     // Markers and activation scales that only fp8 matmuls read.
     if key == "scaled_fp8" || key.ends_with(".scale_input") || key.ends_with(".input_scale") {
         return Ok(Vec::new());

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::ops::ControlFlow;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
 use modeld_wire::types::LoraInfo;
@@ -334,4 +334,83 @@ fn generate_is_reproducible_per_seed_and_reports_steps() {
         second_alone[0], pictures[1],
         "seed + i reproduces picture i"
     );
+}
+
+/// The fixture's PEFT LoRA rewritten into kohya's fused BFL modules: the
+/// parts' downs stacked, their ups block-diagonal, alpha the fused rank,
+/// so that each part's rows of `up · down` are its own adapter's.
+fn kohya_copy_of_the_peft_lora(dir: &Path) -> PathBuf {
+    let peft = candle_core::safetensors::load(lora_file(), &Device::Cpu).expect("lora");
+    let get = |module: &str, part: &str| {
+        peft[&format!("transformer.{module}.lora_{part}.weight")].clone()
+    };
+    let mut kohya = HashMap::new();
+    let mut fuse = |name: &str, modules: &[String]| {
+        let downs: Vec<Tensor> = modules.iter().map(|m| get(m, "A")).collect();
+        let ups: Vec<Tensor> = modules.iter().map(|m| get(m, "B")).collect();
+        let ranks: Vec<usize> = downs.iter().map(|d| d.dim(0).expect("rank")).collect();
+        let total: usize = ranks.iter().sum();
+        let mut rows = Vec::new();
+        let mut before = 0;
+        for (up, rank) in ups.iter().zip(&ranks) {
+            let height = up.dim(0).expect("rows");
+            let zeros = |width: usize| Tensor::zeros((height, width), DType::F32, &Device::Cpu);
+            let left = zeros(before).expect("zeros");
+            let right = zeros(total - before - rank).expect("zeros");
+            rows.push(Tensor::cat(&[&left, up, &right], 1).expect("row block"));
+            before += rank;
+        }
+        let key = |part: &str| format!("lora_unet_{name}.{part}");
+        kohya.insert(
+            key("lora_down.weight"),
+            Tensor::cat(&downs, 0).expect("down"),
+        );
+        kohya.insert(key("lora_up.weight"), Tensor::cat(&rows, 0).expect("up"));
+        kohya.insert(
+            key("alpha"),
+            Tensor::new(total as f32, &Device::Cpu).expect("alpha"),
+        );
+    };
+    let block = |names: &[&str], prefix: &str| -> Vec<String> {
+        names.iter().map(|n| format!("{prefix}.{n}")).collect()
+    };
+    for i in 0..2 {
+        let double = format!("transformer_blocks.{i}");
+        let fused = |part: &str| format!("double_blocks_{i}_{part}");
+        let qkv = ["attn.to_q", "attn.to_k", "attn.to_v"];
+        fuse(&fused("img_attn_qkv"), &block(&qkv, &double));
+        let added = ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"];
+        fuse(&fused("txt_attn_qkv"), &block(&added, &double));
+        fuse(&fused("img_attn_proj"), &block(&["attn.to_out.0"], &double));
+        fuse(
+            &fused("txt_attn_proj"),
+            &block(&["attn.to_add_out"], &double),
+        );
+        let single = format!("single_transformer_blocks.{i}");
+        let linear1 = ["attn.to_q", "attn.to_k", "attn.to_v", "proj_mlp"];
+        fuse(
+            &format!("single_blocks_{i}_linear1"),
+            &block(&linear1, &single),
+        );
+    }
+    let file = dir.join("kohya.safetensors");
+    candle_core::safetensors::save(&kohya, &file).expect("kohya file");
+    file
+}
+
+#[test]
+fn a_kohya_lora_on_fused_bfl_modules_matches_the_peft_reference() {
+    let json = expected_json();
+    let scale = json["lora"]["scale"].as_f64().expect("scale") as f32;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = kohya_copy_of_the_peft_lora(dir.path());
+    let options = ImageLoad {
+        loras: vec![LoraInfo {
+            adapter_name: "kohya".into(),
+            path: file,
+            strength: scale,
+        }],
+        ..cpu_f32()
+    };
+    assert_case(&load("dev", &options), "lora");
 }
