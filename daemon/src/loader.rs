@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use modeld_wire::types::{ModelRecord, PullEvent, SourceKind};
 
-use crate::engine::image::SeparateParts;
+use crate::engine::image::ImageParts;
 use crate::engine::{BadFile, EngineError, LoadRequest, Loaded, Placement, Resident};
 use crate::modes::{Mode, ModeParts, ModelRef};
 use crate::pull::{PullError, PullJob};
@@ -68,7 +68,7 @@ pub async fn ensure_loaded(
             locate(state, &state.registry.get(name)?).await?,
             Vec::new(),
             None,
-            SeparateParts::default(),
+            ImageParts::default(),
         ),
     };
     let request = LoadRequest {
@@ -100,18 +100,16 @@ async fn locate_ref(state: &Arc<AppState>, model: &ModelRef) -> Result<Located, 
 }
 
 /// A mode's separate component files, with its config folder located.
-async fn separate_parts(
-    state: &Arc<AppState>,
-    parts: &ModeParts,
-) -> Result<SeparateParts, LoadError> {
+async fn separate_parts(state: &Arc<AppState>, parts: &ModeParts) -> Result<ImageParts, LoadError> {
     let config_dir = match &parts.config {
         Some(config) => Some(locate_ref(state, config).await?.path),
         None => None,
     };
-    Ok(SeparateParts {
+    Ok(ImageParts {
         vae: parts.vae.clone(),
         text_encoders: parts.text_encoders.clone(),
         config_dir,
+        offload_text_encoders: parts.offload_text_encoders,
     })
 }
 

@@ -310,3 +310,33 @@ fn a_comfyui_tree_is_scanned_file_by_file_by_tensor_names() {
     // A folder of configs is still one model.
     assert_eq!(entry("configs")["repo_type"], "local");
 }
+
+#[test]
+fn a_mode_offloading_text_encoders_is_its_own_resident_and_draws_the_same() {
+    let daemon = Daemon::start();
+    register_dev(&daemon);
+    let modes = "[modes.offload]\nmodel = \"flux\"\noffload_text_encoders = true\n";
+    std::fs::write(daemon.dir.path().join("modes.toml"), modes).unwrap();
+    daemon.call("modes.reload", json!({})).unwrap();
+    let params = |target: (&str, &str)| {
+        let mut params = json!({"prompt": "a lighthouse", "size": "32x32", "steps": 2,
+                                "seed": 5, "max_sequence_length": 8});
+        params[target.0] = json!(target.1);
+        params
+    };
+    let offloaded = generate(&daemon, params(("mode", "offload")));
+    let plain = generate(&daemon, params(("model", "flux")));
+    assert_eq!(
+        picture(offloaded.last().unwrap()),
+        picture(plain.last().unwrap())
+    );
+    let vram = daemon.call("vram", json!({})).unwrap();
+    let estimate = |name: &str| {
+        let models = vram["models"].as_array().unwrap();
+        let model = models.iter().find(|m| m["name"] == name);
+        model.unwrap_or_else(|| panic!("{name} in {vram}"))["estimated_bytes"].as_u64()
+    };
+    // On the CPU the encoders are in system memory either way, so both
+    // estimates count them.
+    assert_eq!(estimate("flux+offload"), estimate("flux"));
+}

@@ -65,11 +65,11 @@ pub fn estimate(weights: &Weights, dir: &Path, dtype: DType) -> Result<Estimate,
 /// grow with the picture size and are not counted.
 pub fn image_estimate(
     path: &Path,
-    parts: &super::image::SeparateParts,
+    parts: &super::image::ImageParts,
     dtype: DType,
 ) -> Result<Estimate, EngineError> {
     let mut bytes = 0;
-    for file in super::image::weight_files(path, parts)? {
+    for file in super::image::device_weight_files(path, parts)? {
         bytes += resident_bytes(&file, dtype)?;
     }
     Ok(Estimate {

@@ -246,7 +246,7 @@ pub struct LoadRequest {
     /// Generations a text model runs together at most.
     pub max_batch: usize,
     /// An image model's components kept in files apart from it.
-    pub parts: image::SeparateParts,
+    pub parts: image::ImageParts,
 }
 
 pub struct Loaded {
@@ -287,7 +287,7 @@ pub struct Resident {
     /// another LoRA set of the same base is derived in memory.
     pipeline: Mutex<Option<Arc<ImagePipeline>>>,
     /// An image model's components kept apart, part of what it is.
-    parts: image::SeparateParts,
+    parts: image::ImageParts,
 }
 
 /// Marks a resident model busy while it lives, so it is never evicted or
@@ -405,7 +405,9 @@ impl Engine {
         if let Some(loaded) = self.remerge(&request).await? {
             return Ok(loaded);
         }
-        let (path, parts) = (request.path.clone(), request.parts.clone());
+        let (path, mut parts) = (request.path.clone(), request.parts.clone());
+        // On the CPU the encoders are in system memory either way.
+        parts.offload_text_encoders &= !request.placement.device.is_cpu();
         let dtype = request.placement.dtype;
         let (files, estimate) = tokio::task::spawn_blocking(move || inspect(&path, &parts, dtype))
             .await
@@ -635,7 +637,7 @@ enum ModelFiles {
 /// Finds out what kind of model `path` holds and estimates its memory.
 fn inspect(
     path: &Path,
-    parts: &image::SeparateParts,
+    parts: &image::ImageParts,
     dtype: DType,
 ) -> Result<(ModelFiles, estimate::Estimate), EngineError> {
     if is_image_model(path) {
@@ -797,7 +799,7 @@ fn resident(
         jobs: Mutex::new(Some(queue)),
         thread: Mutex::new(Some(thread)),
         pipeline: Mutex::new(pipeline),
-        parts: image::SeparateParts::default(),
+        parts: image::ImageParts::default(),
     }
 }
 

@@ -67,6 +67,9 @@ struct ModeEntry {
     /// A registered model, or a folder under `model_root`, supplying the
     /// tokenizers and configs the files lack.
     config: Option<String>,
+    /// FLUX: keep the text encoders in system memory, on the CPU.
+    #[serde(default)]
+    offload_text_encoders: bool,
 }
 
 /// `"style.safetensors"`, or `{ path, strength, adapter_name }`.
@@ -111,6 +114,8 @@ pub struct ModeParts {
     pub vae: Option<PathBuf>,
     pub text_encoders: Vec<PathBuf>,
     pub config: Option<ModelRef>,
+    /// FLUX: the text encoders stay in system memory and run on the CPU.
+    pub offload_text_encoders: bool,
     /// The keys as written, for `modes.list`.
     written: (Option<String>, Vec<String>, Option<String>),
 }
@@ -138,7 +143,9 @@ impl Mode {
             ModelRef::Registered(name) => name.clone(),
             ModelRef::Path(_) => format!("{}+path", self.name),
         };
-        if self.loras.is_empty() {
+        // Adapters or components of its own make the mode's model another
+        // resident than the registered one.
+        if self.loras.is_empty() && self.parts == ModeParts::default() {
             base
         } else {
             format!("{base}+{}", self.name)
@@ -371,7 +378,10 @@ fn validate_parts(
         entry.config.clone(),
     );
     if written == (None, Vec::new(), None) {
-        return ModeParts::default();
+        return ModeParts {
+            offload_text_encoders: entry.offload_text_encoders,
+            ..ModeParts::default()
+        };
     }
     let single_file = matches!(model, Some(ModelRef::Path(p)) if p.is_file());
     if model.is_some() && !single_file {
@@ -421,6 +431,7 @@ fn validate_parts(
         vae,
         text_encoders,
         config,
+        offload_text_encoders: entry.offload_text_encoders,
         written,
     }
 }

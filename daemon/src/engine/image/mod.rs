@@ -73,21 +73,28 @@ pub struct ImageLoad {
     pub loras: Vec<LoraInfo>,
 }
 
-/// An image model's components given as files apart from the model (a
-/// ComfyUI tree keeps them in `vae/` and `text_encoders/`), and the
-/// diffusers-layout folder supplying tokenizers, configs and whatever
-/// else the files leave out. Empty: the model's own folder supplies all.
+/// How an image model's components are found and placed: files given
+/// apart from the model (a ComfyUI tree keeps them in `vae/` and
+/// `text_encoders/`), the diffusers-layout folder supplying tokenizers,
+/// configs and whatever else the files leave out, and whether the text
+/// encoders stay in system memory. Default: the model's own folder
+/// supplies all, every component on the model's device.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct SeparateParts {
+pub struct ImageParts {
     pub vae: Option<PathBuf>,
     /// CLIP and T5 encoders, each recognised by its tensor names.
     pub text_encoders: Vec<PathBuf>,
     pub config_dir: Option<PathBuf>,
+    /// FLUX: keep the text encoders (T5-XXL alone is ~9.5 GB in f16) in
+    /// system memory and run them on the CPU, so that only the
+    /// transformer and VAE take the device's memory.
+    pub offload_text_encoders: bool,
 }
 
-impl SeparateParts {
-    pub fn is_empty(&self) -> bool {
-        *self == SeparateParts::default()
+impl ImageParts {
+    /// Whether any component comes from a file of its own.
+    pub fn has_files(&self) -> bool {
+        self.vae.is_some() || !self.text_encoders.is_empty() || self.config_dir.is_some()
     }
 
     /// The folder supplying what `file` (a single-file model) lacks.
@@ -151,7 +158,23 @@ fn config_dir(file: &Path) -> &Path {
 /// Every weight file an image model loads: the denoiser, VAE and text
 /// encoder(s) of a diffusers folder, or the single-file checkpoint itself
 /// (for FLUX, with the components of its folder).
-pub fn weight_files(path: &Path, parts: &SeparateParts) -> Result<Vec<PathBuf>, ImageError> {
+pub fn weight_files(path: &Path, parts: &ImageParts) -> Result<Vec<PathBuf>, ImageError> {
+    let mut files = device_weight_files(path, parts)?;
+    if !parts.offload_text_encoders {
+        return Ok(files);
+    }
+    let folder = if path.is_dir() {
+        path
+    } else {
+        parts.config_dir_for(path)
+    };
+    files.extend(text_encoder_files(folder, parts)?);
+    Ok(files)
+}
+
+/// The weight files whose tensors the model's device holds: all of them,
+/// but for the text encoders of a model that keeps them in system memory.
+pub fn device_weight_files(path: &Path, parts: &ImageParts) -> Result<Vec<PathBuf>, ImageError> {
     let flux = Family::of(path) == Some(Family::Flux);
     let (mut files, folder) = if path.is_dir() {
         let denoiser = if flux { "transformer" } else { "unet" };
@@ -169,11 +192,18 @@ pub fn weight_files(path: &Path, parts: &SeparateParts) -> Result<Vec<PathBuf>, 
             "diffusion_pytorch_model",
         )?),
     }
-    if !parts.text_encoders.is_empty() {
-        files.extend(parts.text_encoders.iter().cloned());
-        return Ok(files);
+    if !parts.offload_text_encoders {
+        files.extend(text_encoder_files(folder, parts)?);
     }
-    files.extend(component_files(&folder.join("text_encoder"), "model")?);
+    Ok(files)
+}
+
+/// The text encoders' files: given apart, or those of `folder`.
+fn text_encoder_files(folder: &Path, parts: &ImageParts) -> Result<Vec<PathBuf>, ImageError> {
+    if !parts.text_encoders.is_empty() {
+        return Ok(parts.text_encoders.clone());
+    }
+    let mut files = component_files(&folder.join("text_encoder"), "model")?;
     if folder.join("text_encoder_2").is_dir() {
         files.extend(component_files(&folder.join("text_encoder_2"), "model")?);
     }
@@ -192,14 +222,16 @@ impl ImagePipeline {
     /// file (an SD checkpoint with its LDM `.yaml` beside it if there is
     /// one, or a FLUX transformer) whose folder, or `parts`, supplies the
     /// rest.
-    pub fn load(
-        path: &Path,
-        parts: &SeparateParts,
-        options: &ImageLoad,
-    ) -> Result<Self, ImageError> {
-        if !parts.is_empty() && (path.is_dir() || Family::of(path) != Some(Family::Flux)) {
+    pub fn load(path: &Path, parts: &ImageParts, options: &ImageLoad) -> Result<Self, ImageError> {
+        if parts.has_files() && (path.is_dir() || Family::of(path) != Some(Family::Flux)) {
             return Err(ImageError::Unsupported(format!(
                 "{}: separate VAE, text encoder and config files go with a single-file FLUX transformer",
+                path.display()
+            )));
+        }
+        if parts.offload_text_encoders && Family::of(path) != Some(Family::Flux) {
+            return Err(ImageError::Unsupported(format!(
+                "{}: offload_text_encoders applies to FLUX models",
                 path.display()
             )));
         }
@@ -210,7 +242,7 @@ impl ImagePipeline {
             ))
         })?;
         Ok(match (family, path.is_dir()) {
-            (Family::Flux, true) => Self::Flux(Box::new(FluxPipeline::load(path, options)?)),
+            (Family::Flux, true) => Self::Flux(Box::new(FluxPipeline::load(path, parts, options)?)),
             (Family::Flux, false) => Self::Flux(Box::new(FluxPipeline::load_single_file(
                 path, parts, options,
             )?)),

@@ -14,7 +14,7 @@ use super::super::encoders::clip::with_text_model_prefix;
 use super::super::encoders::t5::T5Json;
 use super::super::sd::single_file::{clip_json, vae_from_ldm, vae_json};
 use super::super::weights::{component_files, load_tensors, tensor_names, TensorMap};
-use super::super::{ImageError, SeparateParts};
+use super::super::{ImageError, ImageParts};
 
 /// FLUX's autoencoder latents are scaled and shifted by these (BFL's
 /// `ae.safetensors` carries no config).
@@ -42,7 +42,7 @@ impl<'a> Sources<'a> {
 
     /// `parts`' files, the rest from its config folder (else the folder of
     /// `transformer`).
-    pub fn separate(transformer: &'a Path, parts: &'a SeparateParts) -> Result<Self, ImageError> {
+    pub fn separate(transformer: &'a Path, parts: &'a ImageParts) -> Result<Self, ImageError> {
         let mut sources = Sources {
             config_dir: parts.config_dir_for(transformer),
             vae: parts.vae.as_deref(),

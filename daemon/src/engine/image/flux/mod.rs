@@ -35,7 +35,7 @@ use super::noise::{self, StepNoise};
 use super::request::ValidImageRequest;
 use super::vae::Vae;
 use super::weights::{component_files, load_tensors, recording, TensorMap};
-use super::{lora, GeneratedImage, ImageError, ImageLoad, SeparateParts};
+use super::{lora, GeneratedImage, ImageError, ImageLoad, ImageParts};
 use crate::validate::ValidationError;
 
 /// T5's token budget when the request does not set `max_sequence_length`.
@@ -154,6 +154,34 @@ fn check_index(root: &Path) -> Result<(), ImageError> {
     )))
 }
 
+/// Where the networks run: the transformer and VAE on the model's device
+/// at its dtype; the text encoders there too, or, offloaded, on the CPU
+/// in f32 (the CPU's matmul takes no bf16).
+#[derive(Debug, Clone)]
+struct Placement {
+    device: Device,
+    dtype: DType,
+    offload_text_encoders: bool,
+}
+
+impl Placement {
+    fn new(device: &Device, dtype: DType, offload_text_encoders: bool) -> Self {
+        Placement {
+            device: device.clone(),
+            dtype,
+            offload_text_encoders,
+        }
+    }
+
+    fn encoders(&self) -> (Device, DType) {
+        if self.offload_text_encoders && !self.device.is_cpu() {
+            (Device::Cpu, DType::F32)
+        } else {
+            (self.device.clone(), self.dtype)
+        }
+    }
+}
+
 /// Whether the model runs dev's guidance or schnell's plain steps.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Variant {
@@ -171,15 +199,18 @@ pub struct FluxPipeline {
     variant: Variant,
     device: Device,
     dtype: DType,
+    placement: Placement,
     /// What the networks were built from, for `with_loras`.
     parts: FluxParts,
     loras: Vec<lora::Merged>,
 }
 
 impl FluxPipeline {
-    /// Loads the diffusers pipeline folder `root`.
-    pub fn load(root: &Path, options: &ImageLoad) -> Result<Self, ImageError> {
-        Self::build(FluxParts::from_folder(root)?, options)
+    /// Loads the diffusers pipeline folder `root`; `parts` places the
+    /// text encoders.
+    pub fn load(root: &Path, parts: &ImageParts, options: &ImageLoad) -> Result<Self, ImageError> {
+        let offload = parts.offload_text_encoders;
+        Self::build(FluxParts::from_folder(root)?, offload, options)
     }
 
     /// Loads a BFL- or diffusers-named single-file transformer; the other
@@ -188,20 +219,22 @@ impl FluxPipeline {
     /// folder, by default the file's own.
     pub fn load_single_file(
         transformer: &Path,
-        parts: &SeparateParts,
+        parts: &ImageParts,
         options: &ImageLoad,
     ) -> Result<Self, ImageError> {
         let sources = components::Sources::separate(transformer, parts)?;
         let (json, weights) = single_file::transformer(transformer, sources.config_dir)?;
         let schnell = (!json.guidance_embeds).then(FlowMatchJson::schnell);
         let scheduler = schnell.unwrap_or_default();
+        let offload = parts.offload_text_encoders;
         let parts = FluxParts::with_transformer(&sources, json, weights, Some(scheduler))?;
-        Self::build(parts, options)
+        Self::build(parts, offload, options)
     }
 
-    fn build(mut parts: FluxParts, options: &ImageLoad) -> Result<Self, ImageError> {
+    fn build(mut parts: FluxParts, offload: bool, options: &ImageLoad) -> Result<Self, ImageError> {
         let merged = lora::remerge(parts.adapted(), &[], &options.loras, options.dtype)?;
-        Self::assemble(parts, merged, (&options.device, options.dtype))
+        let placement = Placement::new(&options.device, options.dtype, offload);
+        Self::assemble(parts, merged, placement)
     }
 
     /// This pipeline with `loras` merged instead of its own, from a copy
@@ -209,25 +242,28 @@ impl FluxPipeline {
     pub fn with_loras(&self, loras: &[LoraInfo]) -> Result<Self, ImageError> {
         let mut parts = self.parts.clone();
         let merged = lora::remerge(parts.adapted(), &self.loras, loras, self.dtype)?;
-        Self::assemble(parts, merged, (&self.device, self.dtype))
+        Self::assemble(parts, merged, self.placement.clone())
     }
 
     fn assemble(
         mut parts: FluxParts,
         loras: Vec<lora::Merged>,
-        (device, dtype): (&Device, DType),
+        placement: Placement,
     ) -> Result<Self, ImageError> {
+        let (device, dtype) = (&placement.device, placement.dtype);
+        let (encoder_device, encoder_dtype) = placement.encoders();
         parts
             .transformer_json
             .check(parts.vae_json.latent_channels)?;
         parts.scheduler_json.check()?;
         check_widths(&parts)?;
         let clip_config = parts.clip.clip_json.to_config()?;
-        let (clip_vb, clip_taken) =
-            recording(std::mem::take(&mut parts.clip.weights), dtype, device);
+        let clip_weights = std::mem::take(&mut parts.clip.weights);
+        let (clip_vb, clip_taken) = recording(clip_weights, encoder_dtype, &encoder_device);
         let clip = ClipTextModel::new(clip_vb, &clip_config)?;
         parts.clip.weights = clip_taken.into_map();
-        let (t5_vb, t5_taken) = recording(std::mem::take(&mut parts.t5), dtype, device);
+        let t5_weights = std::mem::take(&mut parts.t5);
+        let (t5_vb, t5_taken) = recording(t5_weights, encoder_dtype, &encoder_device);
         let t5 = T5Encoder::new(t5_vb, &parts.t5_json)?;
         parts.t5 = t5_taken.into_map();
         let fp8 = Arc::new(fp8_names(&parts.transformer));
@@ -257,6 +293,7 @@ impl FluxPipeline {
             variant,
             device: device.clone(),
             dtype,
+            placement,
             parts,
             loras,
         })
@@ -327,14 +364,16 @@ impl FluxPipeline {
         prompt: &str,
         max_length: usize,
     ) -> Result<(Tensor, Tensor), ImageError> {
+        let (device, _) = self.placement.encoders();
         let clip_ids = self.parts.clip.tokenizer.ids(prompt)?;
-        let clip_ids = Tensor::new(clip_ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        let clip_ids = Tensor::new(clip_ids.as_slice(), &device)?.unsqueeze(0)?;
         let last = self.clip.forward(&clip_ids)?;
         let pooled = pooled_output(&last, &clip_ids, self.clip_eos)?;
         let t5_ids = self.parts.t5_tokenizer.ids_of_length(prompt, max_length)?;
-        let t5_ids = Tensor::new(t5_ids.as_slice(), &self.device)?.unsqueeze(0)?;
+        let t5_ids = Tensor::new(t5_ids.as_slice(), &device)?.unsqueeze(0)?;
         let context = self.t5.forward(&t5_ids)?;
-        Ok((context.to_dtype(DType::F32)?, pooled.to_dtype(DType::F32)?))
+        let on_device = |t: Tensor| t.to_dtype(DType::F32)?.to_device(&self.device);
+        Ok((on_device(context)?, on_device(pooled)?))
     }
 
     /// The pictures as `(count, height, width, 3)` f32 in [0, 1], from

@@ -33,14 +33,15 @@ fn expected() -> HashMap<String, Tensor> {
 }
 
 fn load(folder: &str, options: &ImageLoad) -> FluxPipeline {
-    FluxPipeline::load(&fixture().join(folder), options).expect("pipeline loads")
+    FluxPipeline::load(&fixture().join(folder), &ImageParts::default(), options)
+        .expect("pipeline loads")
 }
 
 fn single_file(name: &str, options: &ImageLoad) -> FluxPipeline {
     let file = fixture().join("single_file").join(name);
-    let parts = SeparateParts {
+    let parts = ImageParts {
         config_dir: Some(fixture().join("dev")),
-        ..SeparateParts::default()
+        ..ImageParts::default()
     };
     FluxPipeline::load_single_file(&file, &parts, options).expect("single file loads")
 }
@@ -413,4 +414,56 @@ fn a_kohya_lora_on_fused_bfl_modules_matches_the_peft_reference() {
         ..cpu_f32()
     };
     assert_case(&load("dev", &options), "lora");
+}
+
+#[test]
+fn img2img_at_full_strength_is_text_to_image_and_less_runs_fewer_steps() {
+    let pipeline = load("schnell", &cpu_f32());
+    let json = expected_json();
+    let request = request_of(case(&json, "schnell"));
+    let draw = |request: &ValidImageRequest| {
+        let mut steps = 0;
+        let pictures = pipeline
+            .generate(request, &mut |_, _| {
+                steps += 1;
+                ControlFlow::Continue(())
+            })
+            .expect("generate");
+        (pictures, steps)
+    };
+    let (plain, _) = draw(&request);
+    let picture = &plain[0];
+    let mut img2img = request.clone();
+    img2img.init_image = Some(crate::engine::image::request::InitImage {
+        width: picture.width as u32,
+        height: picture.height as u32,
+        rgb: picture.rgb.clone(),
+    });
+    img2img.strength = 1.0;
+    let (full, steps) = draw(&img2img);
+    assert_eq!(steps, 4);
+    assert_eq!(full, plain, "sigma 1 keeps none of the encoded picture");
+    img2img.strength = 0.5;
+    let (half, steps) = draw(&img2img);
+    assert_eq!(steps, 2);
+    let run = pipeline.settings(&img2img).expect("settings");
+    assert_eq!((run.first_step, run.steps_run()), (2, 2));
+    assert_ne!(half, plain);
+}
+
+#[test]
+fn offloaded_text_encoders_are_not_counted_on_the_device() {
+    let dev = fixture().join("dev");
+    let parts = ImageParts {
+        offload_text_encoders: true,
+        ..ImageParts::default()
+    };
+    let on_device = crate::engine::image::device_weight_files(&dev, &parts).expect("files");
+    let all = crate::engine::image::weight_files(&dev, &parts).expect("files");
+    assert_eq!(all.len(), on_device.len() + 2, "{all:?}");
+    assert!(on_device
+        .iter()
+        .all(|f| !f.to_string_lossy().contains("text_encoder")));
+    let kept = crate::engine::image::device_weight_files(&dev, &ImageParts::default());
+    assert_eq!(kept.expect("files").len(), all.len());
 }
