@@ -755,8 +755,7 @@ fn images(python: &str, steps: usize) {
         steps: steps.max(4),
         processes: 2,
         rounds: 2,
-        // diffusers' FluxPipeline is not scripted in bench_images.py yet.
-        compare: false,
+        compare: has_diffusers,
     });
     println!("CPU image generation, DDIM for SD (flow-matching Euler for FLUX), guidance {IMAGE_GUIDANCE}, {IMAGE_COUNT} picture per call, float32; processes of the two engines alternate; best of all calls\n");
     println!("| model | steps | engine | processes x calls | load s | s/step | images/s | peak RSS | s/step ratio |");

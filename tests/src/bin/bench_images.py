@@ -8,7 +8,8 @@ interpreter the bench is given).
         scheduler config are copied from the given fixture files.
 
     python bench_images.py run MODEL SIZE STEPS COUNT GUIDANCE ROUNDS
-        ROUNDS timed StableDiffusionPipeline calls on the CPU; prints one
+        ROUNDS timed StableDiffusionPipeline calls on the CPU (FluxPipeline
+        when MODEL's model_index.json names it, with 512 T5 tokens); prints one
         JSON line: load_s, rounds (per call: step_s, the seconds between
         consecutive step ends, and generate_s, the whole call) and
         peak_rss_bytes (this process's high-water mark).
@@ -79,22 +80,31 @@ def make_sd15(out, tokenizer_dir, scheduler_config):
     shutil.copytree(tokenizer_dir, os.path.join(out, "tokenizer"))
 
 
-def run(model, size, steps, count, guidance, rounds):
+def load(model):
     import torch
-    from diffusers import StableDiffusionPipeline
+    from diffusers import FluxPipeline, StableDiffusionPipeline
 
-    started = time.perf_counter()
+    with open(os.path.join(model, "model_index.json")) as f:
+        flux = json.load(f)["_class_name"] == "FluxPipeline"
+    if flux:
+        return FluxPipeline.from_pretrained(model, dtype=torch.float32), {"max_sequence_length": 512}
     pipe = StableDiffusionPipeline.from_pretrained(
         model, safety_checker=None, requires_safety_checker=False, dtype=torch.float32
     )
+    return pipe, {}
+
+
+def run(model, size, steps, count, guidance, rounds):
+    started = time.perf_counter()
+    pipe, extra = load(model)
     pipe.set_progress_bar_config(disable=True)
     load_s = time.perf_counter() - started
-    results = [one_call(pipe, size, steps, count, guidance) for _ in range(rounds)]
+    results = [one_call(pipe, size, steps, count, guidance, extra) for _ in range(rounds)]
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"load_s": load_s, "rounds": results, "peak_rss_bytes": peak}))
 
 
-def one_call(pipe, size, steps, count, guidance):
+def one_call(pipe, size, steps, count, guidance, extra):
     import torch
 
     marks = []
@@ -115,6 +125,7 @@ def one_call(pipe, size, steps, count, guidance):
             generator=torch.Generator().manual_seed(0),
             output_type="np",
             callback_on_step_end=on_step,
+            **extra,
         )
     generate_s = time.perf_counter() - started
     return {"step_s": [b - a for a, b in zip(marks, marks[1:])], "generate_s": generate_s}

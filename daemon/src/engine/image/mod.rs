@@ -176,6 +176,10 @@ pub fn weight_files(path: &Path, parts: &ImageParts) -> Result<Vec<PathBuf>, Ima
 /// but for the text encoders of a model that keeps them in system memory.
 pub fn device_weight_files(path: &Path, parts: &ImageParts) -> Result<Vec<PathBuf>, ImageError> {
     let flux = Family::of(path) == Some(Family::Flux);
+    if flux && path.is_dir() {
+        // Refused by name before any file is looked for.
+        flux::check_index(path)?;
+    }
     let (mut files, folder) = if path.is_dir() {
         let denoiser = if flux { "transformer" } else { "unet" };
         let files = component_files(&path.join(denoiser), "diffusion_pytorch_model")?;

@@ -141,7 +141,7 @@ impl FluxParts {
 }
 
 /// Refuses FLUX pipelines whose inputs this one does not take.
-fn check_index(root: &Path) -> Result<(), ImageError> {
+pub(crate) fn check_index(root: &Path) -> Result<(), ImageError> {
     let index: serde_json::Value = read_json(&root.join("model_index.json"))?;
     let class = index["_class_name"].as_str().unwrap_or_default();
     if PIPELINE_CLASSES.contains(&class) {
