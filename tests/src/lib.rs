@@ -189,6 +189,15 @@ impl Daemon {
         self.client().call_value(method, params)
     }
 
+    /// Every event of a `generate` that must be accepted and run to its end.
+    pub fn generate_events(&self, params: Value) -> Vec<Value> {
+        self.client()
+            .subscribe("generate", params)
+            .expect("generate accepted")
+            .collect::<Result<Vec<_>, _>>()
+            .expect("generate stream")
+    }
+
     /// Copies a fixture model into the daemon's temp dir (fixtures stay
     /// read-only) and registers it under the fixture's name.
     pub fn register_fixture(&self, fixture: &str) -> PathBuf {

@@ -9,13 +9,9 @@ use modeld_e2e::{copy_tree, fixtures_dir, Daemon};
 use modeld_wire::ClientError;
 use serde_json::{json, Value};
 
+/// Runs `generate` and returns every event.
 fn generate(daemon: &Daemon, params: Value) -> Vec<Value> {
-    daemon
-        .client()
-        .subscribe("generate", params)
-        .expect("generate accepted")
-        .collect::<Result<Vec<_>, _>>()
-        .expect("generate stream")
+    daemon.generate_events(params)
 }
 
 /// The `data.field` of a `generate` that must be refused.

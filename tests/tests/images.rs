@@ -12,12 +12,7 @@ use serde_json::{json, Value};
 
 /// Runs `generate` and returns every event.
 fn generate(daemon: &Daemon, params: Value) -> Vec<Value> {
-    daemon
-        .client()
-        .subscribe("generate", params)
-        .expect("generate accepted")
-        .collect::<Result<Vec<_>, _>>()
-        .expect("generate stream")
+    daemon.generate_events(params)
 }
 
 /// The refusal of a `generate` that must not run.

@@ -140,21 +140,14 @@ fn scan_model_root(root: &Root) -> CacheRootScan {
         if files == 0 {
             continue;
         }
-        let (family, architecture) = classify(&path, &name);
-        scan.size_bytes += size;
-        scan.repos.push(CachedRepo {
-            repo_id: name,
-            repo_type: "local".into(),
+        let kind = classify(&path, &name);
+        let found = Found {
+            name,
+            kind: "local",
             path,
-            size_bytes: size,
-            files,
-            last_accessed: accessed,
-            last_modified: modified,
-            revisions: Vec::new(),
-            registered_as: Vec::new(),
-            family,
-            architecture,
-        });
+            stats: (size, files, accessed, modified),
+        };
+        add_found(&mut scan, found, kind);
     }
     scan.repos.sort_by(|a, b| a.repo_id.cmp(&b.repo_id));
     scan
@@ -166,9 +159,10 @@ fn list_loose_files(root: &Root, dir: &Path, scan: &mut CacheRootScan) {
     let mut files = Vec::new();
     weight_files_under(dir, &mut files);
     for path in files {
-        let (size, _, accessed, modified) = tree_stats(&path);
+        let stats = tree_stats(&path);
         let relative = path.strip_prefix(&root.path).unwrap_or(&path);
-        let (family, architecture) = match header_names(root, &path) {
+        let name = relative.to_string_lossy().into_owned();
+        let kind = match header_names(root, &path) {
             Ok(names) => {
                 let (family, arch) = families::of_tensors(&names);
                 (family.to_string(), arch.map(str::to_string))
@@ -178,21 +172,45 @@ fn list_loose_files(root: &Root, dir: &Path, scan: &mut CacheRootScan) {
                 ("unknown".to_string(), None)
             }
         };
-        scan.size_bytes += size;
-        scan.repos.push(CachedRepo {
-            repo_id: relative.to_string_lossy().into_owned(),
-            repo_type: "file".into(),
+        let found = Found {
+            name,
+            kind: "file",
             path,
-            size_bytes: size,
-            files: 1,
-            last_accessed: accessed,
-            last_modified: modified,
-            revisions: Vec::new(),
-            registered_as: Vec::new(),
-            family,
-            architecture,
-        });
+            stats,
+        };
+        add_found(scan, found, kind);
     }
+}
+
+/// One model or file of a model root and its `tree_stats`.
+struct Found {
+    name: String,
+    kind: &'static str,
+    path: PathBuf,
+    stats: (u64, usize, u64, u64),
+}
+
+/// Adds `found`, of `(family, architecture)`, to the root's listing.
+fn add_found(
+    scan: &mut CacheRootScan,
+    found: Found,
+    (family, architecture): (String, Option<String>),
+) {
+    let (size, files, accessed, modified) = found.stats;
+    scan.size_bytes += size;
+    scan.repos.push(CachedRepo {
+        repo_id: found.name,
+        repo_type: found.kind.into(),
+        path: found.path,
+        size_bytes: size,
+        files,
+        last_accessed: accessed,
+        last_modified: modified,
+        revisions: Vec::new(),
+        registered_as: Vec::new(),
+        family,
+        architecture,
+    });
 }
 
 /// `.safetensors` files under `dir`, at any depth; links are not followed

@@ -1,6 +1,9 @@
 //! Helpers the image families' reference tests share: CPU f32 loading,
 //! reference cases, tensor comparison and injected noise.
 
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
 use candle_core::{DType, Device, Tensor};
 use serde_json::Value;
 
@@ -9,6 +12,25 @@ use super::ImageLoad;
 
 /// The tolerance every reference comparison uses unless a case says why not.
 pub(crate) const TOLERANCE: f32 = 1e-4;
+
+/// `tests/fixtures/<name>` of the workspace.
+pub(crate) fn fixture_dir(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+/// A fixture's `expected.json`.
+pub(crate) fn reference_json(fixture: &Path) -> Value {
+    let text = std::fs::read_to_string(fixture.join("expected.json")).expect("expected.json");
+    serde_json::from_str(&text).expect("expected.json parses")
+}
+
+/// A fixture's `expected.safetensors`.
+pub(crate) fn reference_tensors(fixture: &Path) -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fixture.join("expected.safetensors"), &Device::Cpu)
+        .expect("expected.safetensors")
+}
 
 /// Loading on the CPU in f32, as the references were computed.
 pub(crate) fn cpu_f32() -> ImageLoad {

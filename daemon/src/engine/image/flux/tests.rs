@@ -13,23 +13,21 @@ use serde_json::Value;
 
 use super::*;
 use crate::engine::image::request::{Given, ImageRequest};
-use crate::engine::image::test_support::{assert_close, case, cpu_f32, max_abs_diff, no_noise};
+use crate::engine::image::test_support::{
+    assert_close, case, cpu_f32, fixture_dir, max_abs_diff, no_noise, reference_json,
+    reference_tensors,
+};
 
 fn fixture() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/fixtures/tiny-flux"
-    ))
+    fixture_dir("tiny-flux")
 }
 
 fn expected_json() -> Value {
-    let text = std::fs::read_to_string(fixture().join("expected.json")).expect("expected.json");
-    serde_json::from_str(&text).expect("expected.json parses")
+    reference_json(&fixture())
 }
 
 fn expected() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture().join("expected.safetensors"), &Device::Cpu)
-        .expect("expected.safetensors")
+    reference_tensors(&fixture())
 }
 
 fn load(folder: &str, options: &ImageLoad) -> FluxPipeline {

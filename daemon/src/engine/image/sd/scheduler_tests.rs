@@ -12,7 +12,7 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use serde_json::Value;
 
 use super::scheduler::{SchedulerJson, SchedulerKind, Schedulers};
-use super::tests::Injected;
+use super::tests::{case, fixture_dir, reference_json, reference_tensors, Injected};
 use super::*;
 use crate::engine::image::request::decode_init_image;
 use crate::engine::image::request::{self, ImageRequest};
@@ -44,24 +44,12 @@ fn tolerance(case: &Value, pipeline: &SdPipeline, request: &ValidImageRequest) -
 }
 
 fn fixture(name: &str) -> PathBuf {
-    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../tests/fixtures")).join(name)
+    fixture_dir(name)
 }
 
 fn reference() -> (Value, HashMap<String, Tensor>) {
     let dir = fixture("tiny-sd-extra");
-    let text = std::fs::read_to_string(dir.join("expected.json")).expect("expected.json");
-    let tensors = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu)
-        .expect("expected.safetensors");
-    (serde_json::from_str(&text).expect("json"), tensors)
-}
-
-fn case<'a>(json: &'a Value, name: &str) -> &'a Value {
-    json["cases"]
-        .as_array()
-        .expect("cases")
-        .iter()
-        .find(|c| c["name"] == name)
-        .unwrap_or_else(|| panic!("no case {name}"))
+    (reference_json(&dir), reference_tensors(&dir))
 }
 
 /// The fixture's pipeline with the case's scheduler config overrides.

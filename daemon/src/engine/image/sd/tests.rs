@@ -17,20 +17,15 @@ use crate::engine::image::request::{self, ImageRequest};
 pub(super) use crate::engine::image::test_support::*;
 
 fn fixture() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/fixtures/tiny-sd"
-    ))
+    fixture_dir("tiny-sd")
 }
 
 fn expected_json() -> Value {
-    let text = std::fs::read_to_string(fixture().join("expected.json")).expect("expected.json");
-    serde_json::from_str(&text).expect("expected.json parses")
+    reference_json(&fixture())
 }
 
 fn expected_tensors() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture().join("expected.safetensors"), &Device::Cpu)
-        .expect("expected.safetensors")
+    reference_tensors(&fixture())
 }
 
 fn load(root: &Path) -> SdPipeline {

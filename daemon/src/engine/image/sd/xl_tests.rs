@@ -12,26 +12,24 @@ use candle_core::{DType, Device, IndexOp, Tensor};
 use serde_json::Value;
 
 use super::conditioning::{AddedConditioning, Conditioning};
-use super::tests::{assert_close, assert_steps_and_image, case, cpu_f32, max_abs_diff, run};
+use super::tests::{
+    assert_close, assert_steps_and_image, case, cpu_f32, fixture_dir, max_abs_diff, reference_json,
+    reference_tensors, run,
+};
 use super::*;
 use crate::engine::image::config::read_json;
 use crate::engine::image::request::{self, ImageRequest};
 
 fn fixture() -> PathBuf {
-    PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/fixtures/tiny-sdxl"
-    ))
+    fixture_dir("tiny-sdxl")
 }
 
 fn expected_json() -> Value {
-    let text = std::fs::read_to_string(fixture().join("expected.json")).expect("expected.json");
-    serde_json::from_str(&text).expect("expected.json parses")
+    reference_json(&fixture())
 }
 
 fn expected_tensors() -> HashMap<String, Tensor> {
-    candle_core::safetensors::load(fixture().join("expected.safetensors"), &Device::Cpu)
-        .expect("expected.safetensors")
+    reference_tensors(&fixture())
 }
 
 fn load(root: &Path) -> SdPipeline {
