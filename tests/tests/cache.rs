@@ -828,3 +828,36 @@ fn rm_purge_never_deletes_a_local_path_and_waits_for_unload() {
     assert!(reply["plan"]["freed_bytes"].as_u64().unwrap() > 400_000);
     assert!(!repo.exists());
 }
+
+#[test]
+fn a_comfyui_file_identical_to_a_cache_blob_is_a_duplicate() {
+    let daemon = Daemon::start();
+    let weights = vec![7u8; 30_000];
+    let cached = write_revision(
+        &daemon.hf_cache(),
+        "black-forest-labs/FLUX.1-dev",
+        &c(2),
+        &["main"],
+        &[("ae.safetensors", &weights)],
+    );
+    let tree = daemon.dir.path().join("ComfyUI/models");
+    std::fs::create_dir_all(tree.join("vae")).unwrap();
+    let copy = tree.join("vae/ae.safetensors");
+    std::fs::write(&copy, &weights).unwrap();
+    let modes = format!("model_root = \"{}\"\n", tree.display());
+    std::fs::write(daemon.dir.path().join("modes.toml"), modes).unwrap();
+    daemon.call("modes.reload", json!({})).unwrap();
+    let found = daemon.call("cache.duplicates", json!({})).unwrap();
+    assert!(
+        found.to_string().contains("ComfyUI/models/vae/ae.safetensors"),
+        "{found}"
+    );
+    daemon
+        .call("cache.consolidate", json!({"apply": true}))
+        .unwrap();
+    let blob = cached
+        .join("blobs")
+        .join(hex::encode(Sha256::digest(&weights)));
+    let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    assert_eq!(ino(&copy), ino(&blob), "the tree's copy is a link to the blob");
+}
