@@ -849,7 +849,9 @@ fn a_comfyui_file_identical_to_a_cache_blob_is_a_duplicate() {
     daemon.call("modes.reload", json!({})).unwrap();
     let found = daemon.call("cache.duplicates", json!({})).unwrap();
     assert!(
-        found.to_string().contains("ComfyUI/models/vae/ae.safetensors"),
+        found
+            .to_string()
+            .contains("ComfyUI/models/vae/ae.safetensors"),
         "{found}"
     );
     daemon
@@ -859,5 +861,9 @@ fn a_comfyui_file_identical_to_a_cache_blob_is_a_duplicate() {
         .join("blobs")
         .join(hex::encode(Sha256::digest(&weights)));
     let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
-    assert_eq!(ino(&copy), ino(&blob), "the tree's copy is a link to the blob");
+    assert_eq!(
+        ino(&copy),
+        ino(&blob),
+        "the tree's copy is a link to the blob"
+    );
 }
