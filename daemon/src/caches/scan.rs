@@ -237,8 +237,7 @@ fn header_names(root: &Root, path: &Path) -> Result<Vec<String>, String> {
     if !real.starts_with(&real_root) {
         return Err("links outside the model root; not read".into());
     }
-    let header = crate::engine::estimate::safetensors_header(&real).map_err(|e| e.to_string())?;
-    Ok(header.into_keys().filter(|k| k != "__metadata__").collect())
+    crate::engine::image::weights::tensor_names(&real).map_err(|e| e.to_string())
 }
 
 /// Total size, file count, and newest access and change times under `path`.

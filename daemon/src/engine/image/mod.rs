@@ -155,25 +155,11 @@ fn config_dir(file: &Path) -> &Path {
     file.parent().unwrap_or(Path::new("/"))
 }
 
-/// Every weight file an image model loads: the denoiser, VAE and text
-/// encoder(s) of a diffusers folder, or the single-file checkpoint itself
-/// (for FLUX, with the components of its folder).
-pub fn weight_files(path: &Path, parts: &ImageParts) -> Result<Vec<PathBuf>, ImageError> {
-    let mut files = device_weight_files(path, parts)?;
-    if !parts.offload_text_encoders {
-        return Ok(files);
-    }
-    let folder = if path.is_dir() {
-        path
-    } else {
-        parts.config_dir_for(path)
-    };
-    files.extend(text_encoder_files(folder, parts)?);
-    Ok(files)
-}
-
-/// The weight files whose tensors the model's device holds: all of them,
-/// but for the text encoders of a model that keeps them in system memory.
+/// The weight files whose tensors the model's device holds: the denoiser,
+/// VAE and text encoder(s) of a diffusers folder, or the single-file
+/// checkpoint itself (for FLUX, with the components of its folder or
+/// `parts`); without the text encoders of a model that keeps them in
+/// system memory.
 pub fn device_weight_files(path: &Path, parts: &ImageParts) -> Result<Vec<PathBuf>, ImageError> {
     let flux = Family::of(path) == Some(Family::Flux);
     if flux && path.is_dir() {
@@ -227,19 +213,21 @@ impl ImagePipeline {
     /// one, or a FLUX transformer) whose folder, or `parts`, supplies the
     /// rest.
     pub fn load(path: &Path, parts: &ImageParts, options: &ImageLoad) -> Result<Self, ImageError> {
-        if parts.has_files() && (path.is_dir() || Family::of(path) != Some(Family::Flux)) {
+        let family = Family::of(path);
+        let flux = family == Some(Family::Flux);
+        if parts.has_files() && (path.is_dir() || !flux) {
             return Err(ImageError::Unsupported(format!(
                 "{}: separate VAE, text encoder and config files go with a single-file FLUX transformer",
                 path.display()
             )));
         }
-        if parts.offload_text_encoders && Family::of(path) != Some(Family::Flux) {
+        if parts.offload_text_encoders && !flux {
             return Err(ImageError::Unsupported(format!(
                 "{}: offload_text_encoders applies to FLUX models",
                 path.display()
             )));
         }
-        let family = Family::of(path).ok_or_else(|| {
+        let family = family.ok_or_else(|| {
             ImageError::Unsupported(format!(
                 "{}: not an image model (no model_index.json, and no UNet or FLUX transformer tensors)",
                 path.display()

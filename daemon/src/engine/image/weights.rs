@@ -58,10 +58,9 @@ fn shard_files(index: &Path) -> Result<Vec<PathBuf>, ImageError> {
 
 /// The tensor names in safetensors file `path`, from its header.
 pub fn tensor_names(path: &Path) -> Result<Vec<String>, ImageError> {
-    // SAFETY: only the header is read, while the map is alive.
-    let mapped = unsafe { MmapedSafetensors::new(path) }
-        .map_err(|e| ImageError::Files(format!("{}: {e}", path.display())))?;
-    Ok(mapped.tensors().into_iter().map(|(name, _)| name).collect())
+    let header = crate::engine::estimate::safetensors_header(path)
+        .map_err(|e| ImageError::Files(e.to_string()))?;
+    Ok(header.into_keys().filter(|k| k != "__metadata__").collect())
 }
 
 /// Every tensor of `files`, read onto the CPU in its stored dtype.

@@ -12,7 +12,7 @@ use serde_json::json;
 use super::super::config::{read_json, ClipJson, VaeJson};
 use super::super::encoders::clip::with_text_model_prefix;
 use super::super::encoders::t5::T5Json;
-use super::super::sd::single_file::{clip_json, vae_from_ldm, vae_json};
+use super::super::sd::single_file::{block_count, clip_json, dim, vae_from_ldm, vae_json};
 use super::super::weights::{component_files, load_tensors, tensor_names, TensorMap};
 use super::super::{ImageError, ImageParts};
 
@@ -153,12 +153,7 @@ fn encoder_kind(file: &Path) -> Result<Encoder, ImageError> {
 /// A T5 encoder's config read off its weights, with T5 v1.1's 64-wide
 /// heads and 128 maximum distance.
 fn inferred_t5(weights: &TensorMap) -> Result<T5Json, ImageError> {
-    let dim = |key: &str, axis: usize| -> Result<usize, ImageError> {
-        let tensor = weights.get(key).ok_or_else(|| {
-            ImageError::Unsupported(format!("T5 encoder: no {key} to read the shape from"))
-        })?;
-        Ok(tensor.dim(axis)?)
-    };
+    let dim = |key: &str, axis: usize| dim(weights, key, axis);
     let table = if weights.contains_key("shared.weight") {
         "shared.weight"
     } else {
@@ -168,17 +163,7 @@ fn inferred_t5(weights: &TensorMap) -> Result<T5Json, ImageError> {
     let gated = weights.contains_key(&format!("{block}.1.DenseReluDense.wi_0.weight"));
     let inner = dim(&format!("{block}.0.SelfAttention.q.weight"), 0)?;
     let wi = if gated { "wi_0" } else { "wi" };
-    let layers = weights
-        .keys()
-        .filter_map(|k| {
-            k.strip_prefix("encoder.block.")?
-                .split('.')
-                .next()?
-                .parse::<usize>()
-                .ok()
-        })
-        .max()
-        .map_or(0, |n| n + 1);
+    let layers = block_count(weights, "encoder.block.");
     let value = json!({
         "vocab_size": dim(table, 0)?,
         "d_model": dim(table, 1)?,

@@ -449,15 +449,10 @@ impl FluxPipeline {
         let max_text = self
             .settings(request)
             .map_or(DEV_MAX_SEQUENCE_LENGTH, |run| run.max_sequence_length);
-        let tokens = (h / 2 * w / 2 + max_text) as u64;
-        let heads = (request.count * self.parts.transformer_json.num_attention_heads) as u64;
-        let bytes = self.dtype.size_in_bytes().max(4) as u64;
-        vae.max(
-            2u64.saturating_mul(heads)
-                .saturating_mul(tokens)
-                .saturating_mul(tokens)
-                .saturating_mul(bytes),
-        )
+        let tokens = h / 2 * w / 2 + max_text;
+        let heads = request.count * self.parts.transformer_json.num_attention_heads;
+        let bytes = self.dtype.size_in_bytes().max(DType::F32.size_in_bytes());
+        vae.max(super::scores_bytes(heads, tokens, bytes))
     }
 }
 

@@ -13,6 +13,7 @@ use candle_core::Tensor;
 
 use super::config::FluxJson;
 use crate::engine::image::config::read_json;
+use crate::engine::image::sd::single_file::{block_count, dim};
 use crate::engine::image::weights::{load_tensors, TensorMap};
 use crate::engine::image::ImageError;
 
@@ -253,25 +254,8 @@ fn swap_halves(tensor: &Tensor, suffix: &str) -> Result<Tensor, ImageError> {
 /// from the weights; head width 128 with FLUX.1's rotary axes, the only
 /// shape released.
 fn inferred_config(tensors: &TensorMap) -> Result<FluxJson, ImageError> {
-    let dim = |key: &str, axis: usize| -> Result<usize, ImageError> {
-        let tensor = tensors
-            .get(key)
-            .ok_or_else(|| bad(format!("no {key} to read the shape from")))?;
-        Ok(tensor.dim(axis)?)
-    };
-    let count = |prefix: &str| {
-        tensors
-            .keys()
-            .filter_map(|k| {
-                k.strip_prefix(prefix)?
-                    .split('.')
-                    .next()?
-                    .parse::<usize>()
-                    .ok()
-            })
-            .max()
-            .map_or(0, |n| n + 1)
-    };
+    let dim = |key: &str, axis: usize| dim(tensors, key, axis);
+    let count = |prefix: &str| block_count(tensors, prefix);
     let head_dim = dim("transformer_blocks.0.attn.norm_q.weight", 0)?;
     if head_dim != 128 {
         return Err(bad(format!(

@@ -117,11 +117,17 @@ pub fn vae_from_ldm(tensors: TensorMap) -> Result<TensorMap, ImageError> {
 }
 
 /// The distinct numbers `n` of keys starting with `prefix` then `n.`.
-fn indices(tensors: &TensorMap, prefix: &str) -> BTreeSet<usize> {
+pub(crate) fn indices(tensors: &TensorMap, prefix: &str) -> BTreeSet<usize> {
     tensors
         .keys()
         .filter_map(|k| k.strip_prefix(prefix)?.split('.').next()?.parse().ok())
         .collect()
+}
+
+/// How many numbered blocks under `prefix` a file holds: one more than
+/// the highest number, so a missing block is looked for and reported.
+pub(crate) fn block_count(tensors: &TensorMap, prefix: &str) -> usize {
+    indices(tensors, prefix).last().map_or(0, |n| n + 1)
 }
 
 /// Resnets per down block: the first downsampler sits right after them.
@@ -293,7 +299,7 @@ fn vae_attention(side: &str, rest: &str, tensor: Tensor) -> Result<(String, Tens
     ))
 }
 
-fn dim(tensors: &TensorMap, key: &str, axis: usize) -> Result<usize, ImageError> {
+pub(crate) fn dim(tensors: &TensorMap, key: &str, axis: usize) -> Result<usize, ImageError> {
     let tensor = tensors
         .get(key)
         .ok_or_else(|| ImageError::Unsupported(format!("single-file checkpoint lacks {key}")))?;

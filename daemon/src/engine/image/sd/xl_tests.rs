@@ -423,7 +423,8 @@ fn the_attention_bound_follows_the_levels_that_attend() {
 
 #[test]
 fn the_estimate_counts_both_text_encoders() {
-    let files = crate::engine::image::weight_files(&fixture(), &Default::default()).expect("files");
+    let files =
+        crate::engine::image::device_weight_files(&fixture(), &Default::default()).expect("files");
     assert!(
         files
             .iter()
