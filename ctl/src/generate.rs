@@ -6,8 +6,8 @@ use std::io::Write;
 use clap::Args;
 use modeld_wire::methods;
 use modeld_wire::types::{
-    format_bytes, ChatMessage, GenerateEvent, GenerateParams, LoadParams, LoadReply, NameParams,
-    UnloadReply,
+    format_bytes, ChatMessage, GenerateEvent, GenerateParams, ImageStage, LoadParams, LoadReply,
+    NameParams, UnloadReply,
 };
 use modeld_wire::Client;
 
@@ -179,8 +179,15 @@ pub fn generate(client: &mut Client, args: &GenerateArgs, json: bool) -> Outcome
                 let _ = stdout.flush();
             }
             GenerateEvent::Token { .. } => {}
-            GenerateEvent::Progress { step, steps, .. } if !json => {
-                eprint!("\rstep {step}/{steps}");
+            GenerateEvent::Progress {
+                stage, step, steps, ..
+            } if !json => {
+                let what = match stage {
+                    ImageStage::Encode => "encoding the prompt",
+                    ImageStage::Denoise => "step",
+                    ImageStage::Decode => "decoding picture",
+                };
+                eprint!("\r{what} {step}/{steps}");
                 if step == steps {
                     eprintln!();
                 }

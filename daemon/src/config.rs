@@ -59,6 +59,22 @@ pub struct ImagesConfig {
 pub struct ModesConfig {
     /// `modes.toml`; by default the one beside this config file, if any.
     pub file: Option<PathBuf>,
+    /// Who may switch the daemon's mode by naming another mode in
+    /// `generate` (`switch_mode` itself always needs an administrator).
+    pub auto_switch: AutoSwitch,
+}
+
+/// Who a `generate {mode}` may switch the daemon's mode for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AutoSwitch {
+    /// Any caller allowed to generate: modes switch on demand, as the
+    /// original design does.
+    #[default]
+    Everyone,
+    /// Only administrators; others get `forbidden` unless the mode they
+    /// name is the one in force (or queued to be).
+    Admin,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -72,7 +88,14 @@ pub struct SchedulerConfig {
     /// Generations one text model decodes together (continuous batching).
     /// 1 runs them strictly one after another.
     pub max_batch: usize,
+    /// Seconds a generation may run, from when its model has it; one that
+    /// runs longer is stopped with a `timeout` error.
+    pub max_job_s: u64,
 }
+
+/// An hour: a long CPU picture batch fits, a runaway job does not hold the
+/// queue for the rest of the day.
+pub const DEFAULT_MAX_JOB_S: u64 = 3600;
 
 /// A batch of 8 costs a GPU little more than one sequence, and on the CPU
 /// it turns one weight read per token into one per 8 tokens.
@@ -84,6 +107,7 @@ impl Default for SchedulerConfig {
             queue_size: 64,
             memory_budget: "auto".to_string(),
             max_batch: DEFAULT_MAX_BATCH,
+            max_job_s: DEFAULT_MAX_JOB_S,
         }
     }
 }
@@ -336,6 +360,13 @@ impl Config {
                 "scheduler.max_batch",
                 self.scheduler.max_batch.to_string(),
                 "1 to 256",
+            ));
+        }
+        if !(1..=7 * 86_400).contains(&self.scheduler.max_job_s) {
+            return Err(out_of_range(
+                "scheduler.max_job_s",
+                self.scheduler.max_job_s.to_string(),
+                "1 to 604800 (a week)",
             ));
         }
         let budget = &self.scheduler.memory_budget;

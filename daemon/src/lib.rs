@@ -67,6 +67,7 @@ pub async fn run(paths: Paths) -> Result<(), StartError> {
         config.server.socket_group.as_deref(),
     )?;
     let state = Arc::new(AppState::new(paths, config, source, registry, gpu));
+    remove_partial_pictures(&state);
     let signals = tokio::spawn(lifecycle::handle_signals(signals, state.clone()));
     let dispatcher = Arc::new(Dispatcher::new(
         rpc::build_module(state.clone()),
@@ -111,4 +112,14 @@ pub async fn run(paths: Paths) -> Result<(), StartError> {
     state.registry.flush().await?;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// Pictures are written under temporary names and renamed once complete;
+/// the temporaries a crash or a kill left behind are removed at start-up.
+fn remove_partial_pictures(state: &AppState) {
+    let dir = state.image_output_dir();
+    let removed = engine::image::output::remove_partials(&dir);
+    if removed > 0 {
+        tracing::info!(removed, dir = %dir.display(), "removed partial pictures left by a crash");
+    }
 }

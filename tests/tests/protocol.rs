@@ -169,8 +169,28 @@ fn oversized_line_is_refused_with_the_limit() {
     let reply = exchange(&mut client, &huge);
     assert_eq!(reply["error"]["data"]["kind"], "request_too_large");
     assert_eq!(reply["error"]["data"]["limit"], 1 << 20);
+    assert_eq!(reply["error"]["data"]["field"], "server.max_request_bytes");
     assert_alive(&daemon, &mut client);
     assert!(names(&daemon.call("models.list", json!({})).unwrap()).is_empty());
+}
+
+/// Whatever part of a request makes its line too long, the reply names the
+/// limit it broke and its value.
+#[test]
+fn an_oversized_generate_names_the_field_and_limit() {
+    let daemon = Daemon::start();
+    let mut client = daemon.client();
+    for size in [(1 << 20) - 100, 1 << 20, 3 << 20] {
+        let line = json!({
+            "jsonrpc": "2.0", "id": 1, "method": "generate",
+            "params": {"model": "m", "prompt": "p", "negative_prompt": "x".repeat(size)},
+        });
+        let reply = exchange(&mut client, &line.to_string());
+        let data = &reply["error"]["data"];
+        assert!(data["field"].is_string(), "{size}: {data}");
+        assert!(data["limit"].is_u64(), "{size}: {data}");
+        assert_alive(&daemon, &mut client);
+    }
 }
 
 #[test]

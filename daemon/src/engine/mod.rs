@@ -5,6 +5,7 @@ pub mod cancel;
 pub mod devices;
 pub mod estimate;
 pub mod image;
+pub mod interrupt;
 pub mod request;
 pub mod text;
 

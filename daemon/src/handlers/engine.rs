@@ -10,6 +10,8 @@ use modeld_wire::types::{
 };
 use tokio::sync::mpsc;
 
+use crate::auth::Forbidden;
+use crate::config::AutoSwitch;
 use crate::engine::request::ValidRequest;
 use crate::engine::Placement;
 use crate::loader;
@@ -120,7 +122,31 @@ fn submit(
         });
     }
     let (request, mode) = validate(params, state)?;
-    Ok(state.scheduler.submit_generate(request, mode, capacity)?)
+    let policy = state.config().modes.auto_switch;
+    state.scheduler.submit_generate_with(capacity, |effective| {
+        may_switch(policy, effective.as_deref(), mode.as_deref())?;
+        Ok::<_, ApiError>((request, mode))
+    })
+}
+
+/// Refuses a request that would switch the daemon's mode when
+/// `modes.auto_switch` keeps switching to administrators.
+fn may_switch(
+    policy: AutoSwitch,
+    effective: Option<&str>,
+    wanted: Option<&str>,
+) -> Result<(), ApiError> {
+    let switches = wanted.is_some_and(|wanted| effective != Some(wanted));
+    let caller = crate::auth::current();
+    let admin = caller.as_ref().is_none_or(|caller| caller.admin);
+    if !switches || admin || policy == AutoSwitch::Everyone {
+        return Ok(());
+    }
+    Err(ApiError::Forbidden(Forbidden {
+        method: modeld_wire::methods::GENERATE.to_string(),
+        uid: caller.map_or(0, |caller| caller.uid),
+        why: "it names a mode other than the current one, and modes.auto_switch = \"admin\" lets only administrators switch modes",
+    }))
 }
 
 /// Checks the request; a `mode` supplies the model and default parameters.

@@ -360,10 +360,14 @@ pub fn timeout_response(limit_s: u64) -> String {
 
 /// The reply to a line longer than the limit; its id was never read.
 pub fn too_large_response(limit: usize) -> String {
-    let err = wire_error(
-        ErrorKind::RequestTooLarge,
-        format!("request line exceeds the limit of {limit} bytes"),
-        Map::from_iter([("limit".to_string(), json!(limit))]),
+    let message = format!(
+        "the request line exceeds server.max_request_bytes ({limit} bytes); it was skipped"
     );
-    error_response(None, &err)
+    limit_error(
+        None,
+        ErrorKind::RequestTooLarge,
+        message,
+        "server.max_request_bytes",
+        limit,
+    )
 }

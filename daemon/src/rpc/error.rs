@@ -319,6 +319,7 @@ impl Wire for JobError {
             JobError::Engine(err) => err.kind(),
             JobError::UnknownMode(err) => err.kind(),
             JobError::Cancelled { .. } => ErrorKind::Cancelled,
+            JobError::TimedOut { .. } => ErrorKind::Timeout,
             JobError::QueueFull { .. } => ErrorKind::QueueFull,
             JobError::ShuttingDown => ErrorKind::ShuttingDown,
             JobError::WorkerStopped => ErrorKind::Internal,
@@ -331,6 +332,11 @@ impl Wire for JobError {
             JobError::Engine(err) => err.details(data),
             JobError::UnknownMode(err) => err.details(data),
             JobError::Cancelled { job } => insert(data, "job", json!(job)),
+            JobError::TimedOut { job, limit_s } => {
+                insert(data, "job", json!(job));
+                insert(data, "field", json!("scheduler.max_job_s"));
+                insert(data, "limit", json!(limit_s));
+            }
             JobError::QueueFull { capacity } => insert(data, "limit", json!(capacity)),
             JobError::ShuttingDown | JobError::WorkerStopped => {}
         }

@@ -21,6 +21,8 @@ pub enum JobError {
     UnknownMode(#[from] UnknownMode),
     #[error("job {job} was cancelled")]
     Cancelled { job: u64 },
+    #[error("job {job} ran longer than scheduler.max_job_s ({limit_s} s) and was stopped")]
+    TimedOut { job: u64, limit_s: u64 },
     #[error("the job queue is full ({capacity} jobs); try again later")]
     QueueFull { capacity: usize },
     #[error("modeld is shutting down and accepts no new work")]

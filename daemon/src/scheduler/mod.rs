@@ -15,11 +15,12 @@ pub mod history;
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use modeld_wire::types::{Event, FinishReason, GenerateEvent, JobInfo, QueueStatus, SwitchReply};
 use tokio::sync::{mpsc, oneshot, Notify};
 
-use crate::engine::cancel::Cancellation;
+use crate::engine::cancel::{Cancellation, Stop};
 use crate::engine::request::ValidRequest;
 use crate::engine::WorkerEvent;
 use crate::loader;
@@ -75,20 +76,84 @@ struct GenerateJob {
     mode: Option<String>,
     events: mpsc::Sender<JobEvent>,
     cancel: Cancellation,
+    /// `scheduler.max_job_s` when the job started.
+    max_job_s: u64,
 }
 
 impl GenerateJob {
-    /// Tells the client why the generation could not run, unless a cancel
-    /// came first: then it is told `cancelled`.
+    /// Tells the client why the generation could not run, unless a stop
+    /// came first: then it is told why it was stopped.
     async fn fail(&self, err: JobError) -> JobOutcome {
-        let (event, outcome) = if self.cancel.settle() {
-            let err = Arc::new(err);
-            (Err(err.clone()), JobOutcome::Failed(err))
+        let event = if self.cancel.settle() {
+            Err(Arc::new(err))
         } else {
-            (cancelled_event(self.id), JobOutcome::Cancelled)
+            self.stopped_event()
         };
+        let outcome = JobOutcome::of_event(&event).unwrap_or(JobOutcome::Cancelled);
         let _ = self.events.send(event).await;
         outcome
+    }
+
+    /// The final event of a job that was stopped before it ended.
+    fn stopped_event(&self) -> JobEvent {
+        let err = match self.cancel.stopped() {
+            Some(Stop::TimedOut) => JobError::TimedOut {
+                job: self.id,
+                limit_s: self.max_job_s,
+            },
+            Some(Stop::ShutDown) => JobError::ShuttingDown,
+            Some(Stop::Cancelled) | None => JobError::Cancelled { job: self.id },
+        };
+        Err(Arc::new(err))
+    }
+
+    /// A worker's event as the client gets it: the final one names the
+    /// mode, and settles the job, so a stop acknowledged before that
+    /// decides the ending. A cancelled run keeps its final event (with
+    /// `finish_reason: cancelled`); a timed out or shut down one ends with
+    /// that error.
+    fn as_sent(&self, event: WorkerEvent) -> JobEvent {
+        let last = !matches!(
+            event,
+            Ok(GenerateEvent::Token { .. } | GenerateEvent::Progress { .. })
+        );
+        let stop = match last && !self.cancel.settle() {
+            true => self.cancel.stopped(),
+            false => None,
+        };
+        let mut event = match (stop, event) {
+            (Some(Stop::TimedOut | Stop::ShutDown), _) | (Some(Stop::Cancelled), Err(_)) => {
+                return self.stopped_event()
+            }
+            (None, Err(err)) => return Err(Arc::new(err.into())),
+            (_, Ok(event)) => event,
+        };
+        let cancelled = stop.is_some();
+        match &mut event {
+            GenerateEvent::Token { .. }
+            | GenerateEvent::Progress { .. }
+            | GenerateEvent::Error { .. } => {}
+            GenerateEvent::Images(done) => {
+                done.mode = self.mode.clone();
+                if cancelled {
+                    done.finish_reason = FinishReason::Cancelled;
+                    // Whatever a worker wrote is not the client's any more:
+                    // a cancelled job never lists pictures.
+                    done.images.clear();
+                }
+            }
+            GenerateEvent::Done {
+                mode,
+                finish_reason,
+                ..
+            } => {
+                *mode = self.mode.clone();
+                if cancelled {
+                    *finish_reason = FinishReason::Cancelled;
+                }
+            }
+        }
+        Ok(event)
     }
 }
 
@@ -101,6 +166,9 @@ struct Queued {
 struct Running {
     info: JobInfo,
     cancel: Cancellation,
+    /// A generation's client, told `shutting_down` if the job outlives
+    /// the shutdown.
+    events: Option<mpsc::Sender<JobEvent>>,
 }
 
 struct QueueState {
@@ -141,39 +209,6 @@ impl Default for Scheduler {
 /// What a cancelled generation's client is told, as its stream's last event.
 fn cancelled_event(job: u64) -> JobEvent {
     Err(Arc::new(JobError::Cancelled { job }))
-}
-
-/// A generation's event as its client gets it: the final one names the
-/// mode, and settles the job, so a cancel acknowledged before that turns
-/// the ending into `cancelled`.
-fn as_sent(job: u64, event: WorkerEvent, mode: &Option<String>, cancel: &Cancellation) -> JobEvent {
-    let mut event = match event {
-        Ok(event) => event,
-        Err(_) if !cancel.settle() => return cancelled_event(job),
-        Err(err) => return Err(Arc::new(err.into())),
-    };
-    match &mut event {
-        GenerateEvent::Token { .. }
-        | GenerateEvent::Progress { .. }
-        | GenerateEvent::Error { .. } => {}
-        GenerateEvent::Images(done) => {
-            done.mode = mode.clone();
-            if !cancel.settle() {
-                done.finish_reason = FinishReason::Cancelled;
-            }
-        }
-        GenerateEvent::Done {
-            mode: done_mode,
-            finish_reason,
-            ..
-        } => {
-            *done_mode = mode.clone();
-            if !cancel.settle() {
-                *finish_reason = FinishReason::Cancelled;
-            }
-        }
-    }
-    Ok(event)
 }
 
 impl Work {
@@ -418,10 +453,22 @@ impl Scheduler {
     }
 
     /// Shutdown after the grace period: stops the running jobs, whose
-    /// clients see `finish_reason: cancelled`.
+    /// clients are told `shutting_down`.
     pub fn cancel_running(&self) {
         for running in &self.lock().running {
-            running.cancel.request();
+            running.cancel.stop(Stop::ShutDown);
+        }
+    }
+
+    /// The very end of a shutdown: a generation still running (stuck in
+    /// one long operation) has its client told `shutting_down` now, so no
+    /// client sees its connection close without a final event.
+    pub fn abandon_running(&self) {
+        let refused = Arc::new(JobError::ShuttingDown);
+        for running in &self.lock().running {
+            if let Some(events) = &running.events {
+                let _ = events.try_send(Err(refused.clone()));
+            }
         }
     }
 
@@ -499,9 +546,14 @@ impl Scheduler {
         }
         let job = queue.jobs.pop_front().expect("front exists");
         let cancel = Cancellation::new();
+        let events = match &job.work {
+            Work::Generate { events, .. } => Some(events.clone()),
+            _ => None,
+        };
         queue.running.push(Running {
             info: job.info.clone(),
             cancel: cancel.clone(),
+            events,
         });
         Some((job, cancel))
     }
@@ -607,6 +659,7 @@ impl Scheduler {
                     mode,
                     events,
                     cancel,
+                    max_job_s: state.config().scheduler.max_job_s,
                 };
                 match self.generate(state, *request, &job).await {
                     Ok(outcome) => outcome,
@@ -655,9 +708,21 @@ impl Scheduler {
         let (sender, mut receiver) = mpsc::channel(EVENT_BUFFER);
         resident.submit(request, sender, job.cancel.clone())?;
         let mut outcome = JobOutcome::Failed(Arc::new(JobError::WorkerStopped));
-        // The worker drops its sender after the last event.
-        while let Some(event) = receiver.recv().await {
-            let event = as_sent(job.id, event, &job.mode, &job.cancel);
+        let deadline = tokio::time::sleep(Duration::from_secs(job.max_job_s));
+        tokio::pin!(deadline);
+        loop {
+            let event = tokio::select! {
+                event = receiver.recv() => event,
+                // The worker sees the stop within a second and ends the
+                // stream itself, with the reason settled here.
+                _ = &mut deadline, if !job.cancel.is_requested() => {
+                    job.cancel.stop(Stop::TimedOut);
+                    continue;
+                }
+            };
+            // The worker drops its sender after the last event.
+            let Some(event) = event else { break };
+            let event = job.as_sent(event);
             outcome = JobOutcome::of_event(&event).unwrap_or(outcome);
             if job.events.send(event).await.is_err() {
                 // The client is gone: stop generating for nobody.

@@ -118,16 +118,20 @@ async fn finish_work(state: &AppState, work: &TaskTracker, grace: Duration) {
     state.scheduler.cancel_running();
     if tokio::time::timeout(FINAL_EVENTS, work.wait())
         .await
-        .is_err()
+        .is_ok()
     {
-        tracing::warn!("{} requests did not finish; exiting anyway", work.len());
+        return;
     }
+    tracing::warn!("{} requests did not finish; exiting anyway", work.len());
+    state.scheduler.abandon_running();
+    // Their clients' last events still have to be written out.
+    let _ = tokio::time::timeout(FINAL_EVENTS, work.wait()).await;
 }
 
-/// How long cancelled work may take to deliver its final events: a
-/// worker notices a cancel between tokens, so this bounds one forward
-/// pass (a long prefill on a busy CPU), not a generation.
-const FINAL_EVENTS: Duration = Duration::from_secs(10);
+/// How long stopped work may take to deliver its final events: workers
+/// check for a stop between network blocks, layers and tiles, so this
+/// bounds one such piece of work on a busy CPU, not a step.
+const FINAL_EVENTS: Duration = Duration::from_secs(3);
 
 /// Connections per uid, so one user cannot take every slot.
 #[derive(Default, Clone)]

@@ -189,6 +189,19 @@ pub enum FinishReason {
     Cancelled,
 }
 
+/// Which part of an image generation a `progress` event reports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ImageStage {
+    /// The text encoders turning the prompt into conditioning (once).
+    Encode,
+    /// One step of the sampler (`steps` of them).
+    #[default]
+    Denoise,
+    /// The VAE turning one picture's latents into pixels (`count`).
+    Decode,
+}
+
 /// What `generate` streams; the last item has `done: true`. Text models
 /// stream `token`s, image models `progress`; both end with `done` (or
 /// `error`). The serde impls below tell the two `done` shapes apart.
@@ -200,8 +213,11 @@ pub enum GenerateEvent {
         id: u32,
         text: String,
     },
-    /// Image models: one denoising step done.
+    /// Image models: one piece of a stage done (`step` of `steps`): the
+    /// prompt encoded, a denoising step, a picture decoded.
     Progress {
+        #[serde(default)]
+        stage: ImageStage,
         step: usize,
         steps: usize,
         elapsed_ms: u64,
@@ -361,10 +377,13 @@ mod tests {
         };
         assert_eq!(round_trip(&text)["event"], "done");
         let progress = GenerateEvent::Progress {
+            stage: ImageStage::Decode,
             step: 1,
             steps: 2,
             elapsed_ms: 3,
         };
-        assert_eq!(round_trip(&progress)["event"], "progress");
+        let value = round_trip(&progress);
+        assert_eq!(value["event"], "progress");
+        assert_eq!(value["stage"], "decode");
     }
 }

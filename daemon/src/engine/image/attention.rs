@@ -7,6 +7,7 @@
 
 use std::cell::RefCell;
 
+use crate::engine::interrupt;
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 
@@ -40,6 +41,8 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
             with_f32(&v, |v| Ok(cpu_attention(q, k, v, shape, scale as f32)))
         })
     })?;
+    // A stop skips the blocks left; what they would have held is dropped.
+    interrupt::check()?;
     Tensor::from_vec(out, (batch, heads, queries, dim), &Device::Cpu)
 }
 
@@ -87,6 +90,9 @@ fn cpu_attention(q: &[f32], k: &[f32], v: &[f32], shape: Shape, scale: f32) -> V
     if queries == 0 || dim == 0 {
         return out;
     }
+    // rayon's threads do not see the caller's job: take it along.
+    let job = interrupt::current();
+    let stopped = || job.as_ref().is_some_and(|job| job.is_requested());
     out.par_chunks_mut(queries * dim)
         .enumerate()
         .for_each(|(head, out)| {
@@ -97,6 +103,9 @@ fn cpu_attention(q: &[f32], k: &[f32], v: &[f32], shape: Shape, scale: f32) -> V
             out.par_chunks_mut(rows * dim)
                 .enumerate()
                 .for_each(|(block, out)| {
+                    if stopped() {
+                        return;
+                    }
                     let q = &q[block * rows * dim..][..out.len()];
                     attend_block(q, k, v, out, shape, scale);
                 });

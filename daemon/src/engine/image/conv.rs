@@ -8,6 +8,7 @@
 
 use std::cell::RefCell;
 
+use crate::engine::interrupt;
 use candle_core::{DType, Device, Module, Result, Storage, Tensor};
 use candle_nn::{conv2d, Conv2d, Conv2dConfig, VarBuilder};
 use rayon::prelude::*;
@@ -82,6 +83,8 @@ fn cpu_conv3x3(xs: &Tensor, weight: &Tensor) -> Result<Tensor> {
             Ok(())
         })
     })?;
+    // A stop skips the tiles left; what they would have held is dropped.
+    interrupt::check()?;
     Tensor::from_vec(out, (batch, outputs, h, w), &Device::Cpu)
 }
 
@@ -107,6 +110,9 @@ fn convolve(
     COLUMNS.with(|columns| {
         let mut columns = columns.borrow_mut();
         for first in (0..h).step_by(rows_per_tile) {
+            if interrupt::requested() {
+                return;
+            }
             let rows = rows_per_tile.min(h - first);
             let pixels = rows * w;
             columns.resize(depth * pixels, 0.0);

@@ -26,7 +26,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use modeld_wire::types::LoraInfo;
+use modeld_wire::types::{ImageStage, LoraInfo};
 
 use self::config::read_json;
 use self::flux::FluxPipeline;
@@ -200,6 +200,53 @@ fn text_encoder_files(folder: &Path, parts: &ImageParts) -> Result<Vec<PathBuf>,
     Ok(files)
 }
 
+/// What a run reports as it goes; answering `Break` stops it.
+pub enum RunEvent<'a> {
+    /// The prompt's conditioning is ready.
+    Encoded,
+    /// Denoising step `step` of `steps` is done, leaving `latents`.
+    Denoised {
+        step: usize,
+        steps: usize,
+        latents: &'a Tensor,
+    },
+    /// Picture `picture` of `pictures` is decoded.
+    Decoded { picture: usize, pictures: usize },
+}
+
+impl RunEvent<'_> {
+    /// The event as a client's `progress`: `(stage, done, of)`.
+    pub fn progress(&self) -> (ImageStage, usize, usize) {
+        match *self {
+            RunEvent::Encoded => (ImageStage::Encode, 1, 1),
+            RunEvent::Denoised { step, steps, .. } => (ImageStage::Denoise, step, steps),
+            RunEvent::Decoded { picture, pictures } => (ImageStage::Decode, picture, pictures),
+        }
+    }
+}
+
+/// Where a run's events go.
+pub type OnEvent<'a> = &'a mut dyn FnMut(RunEvent<'_>) -> ControlFlow<()>;
+
+/// Where a run's progress goes, as `(stage, done, of)`.
+pub type Progress<'a> = &'a mut dyn FnMut(ImageStage, usize, usize) -> ControlFlow<()>;
+
+/// A run's events as progress, for the pipelines' `generate`.
+fn reporting(progress: Progress<'_>) -> impl FnMut(RunEvent<'_>) -> ControlFlow<()> + '_ {
+    move |event| {
+        let (stage, done, of) = event.progress();
+        progress(stage, done, of)
+    }
+}
+
+/// Stops the run with `Cancelled` when the caller answered `Break`.
+fn go_on(flow: ControlFlow<()>) -> Result<(), ImageError> {
+    match flow {
+        ControlFlow::Continue(()) => Ok(()),
+        ControlFlow::Break(()) => Err(ImageError::Cancelled),
+    }
+}
+
 /// A loaded image pipeline of any family: what the engine and the image
 /// worker call.
 pub enum ImagePipeline {
@@ -295,12 +342,12 @@ impl ImagePipeline {
         }
     }
 
-    /// Generates `request.count` pictures; `progress` hears of every
-    /// denoising step as `(step, steps)` and may stop the run.
+    /// Generates `request.count` pictures; `progress` hears of every piece
+    /// of every stage as `(stage, done, of)` and may stop the run.
     pub fn generate(
         &self,
         request: &ValidImageRequest,
-        progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+        progress: Progress<'_>,
     ) -> Result<Vec<GeneratedImage>, ImageError> {
         match self {
             Self::StableDiffusion(p) => p.generate(request, progress),

@@ -2,6 +2,7 @@
 //! and the VAE decoder (without): its own rather than candle's so that the
 //! 3x3 convolutions run on `conv.rs`.
 
+use crate::engine::interrupt;
 use candle_core::{Module, Result, Tensor};
 use candle_nn::{conv2d, group_norm, linear, Conv2d, GroupNorm, Linear, VarBuilder};
 
@@ -60,6 +61,9 @@ impl Resnet {
 
     /// `temb` is the UNet's time embedding; `None` in the VAE.
     pub fn forward(&self, xs: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
+        // The UNet's and the VAE's main pieces of work: where a cancel is
+        // honoured midway through a step or a decode.
+        interrupt::check()?;
         let shortcut = match &self.shortcut {
             Some(conv) => conv.forward(xs)?,
             None => xs.clone(),

@@ -1,17 +1,19 @@
 //! The thread that owns one loaded image pipeline, fed generation jobs
-//! through a channel like the text worker: it reports every denoising step,
-//! stops between steps when cancelled, and writes the pictures as PNGs.
+//! through a channel like the text worker: it reports every stage's
+//! progress, stops midway when cancelled, and writes the pictures as PNGs,
+//! all of a request's or none.
 
 use std::ops::ControlFlow;
 use std::sync::mpsc;
 use std::time::Instant;
 
 use base64::Engine as _;
-use modeld_wire::types::{FinishReason, GenerateEvent, ImageFile, ImagesDone};
+use modeld_wire::types::{FinishReason, GenerateEvent, ImageFile, ImageStage, ImagesDone};
 
 use super::request::ValidImage;
 use super::{output, GeneratedImage, ImageError, ImagePipeline};
 use crate::engine::cancel::Cancellation;
+use crate::engine::interrupt;
 use crate::engine::{EngineError, WorkerEvent};
 
 /// One image generation: the request, where its events go, and a way to
@@ -62,12 +64,13 @@ impl ImageWorker {
         self.pipeline.check(&job.request.request)?;
         self.check_memory(&job.request)?;
         let started = Instant::now();
-        let mut progress = |step: usize, steps: usize| {
+        let mut progress = |stage: ImageStage, step: usize, steps: usize| {
             if job.cancel.is_requested() {
                 return ControlFlow::Break(());
             }
             let elapsed_ms = started.elapsed().as_millis() as u64;
             let event = GenerateEvent::Progress {
+                stage,
                 step,
                 steps,
                 elapsed_ms,
@@ -78,18 +81,31 @@ impl ImageWorker {
                 Err(_) => ControlFlow::Break(()),
             }
         };
-        let pictures = match self.pipeline.generate(&job.request.request, &mut progress) {
+        let run = interrupt::during(&job.cancel, || {
+            self.pipeline.generate(&job.request.request, &mut progress)
+        });
+        let generate_ms = started.elapsed().as_millis() as u64;
+        let pictures = match run {
             Ok(pictures) => pictures,
-            Err(ImageError::Cancelled) => {
-                let generate_ms = started.elapsed().as_millis() as u64;
-                return Ok(self.done(job, Vec::new(), generate_ms, 0));
-            }
+            // Whatever a stop midway broke is not an error of the model.
+            Err(_) if job.cancel.is_requested() => return Ok(self.stopped(job, generate_ms)),
+            Err(ImageError::Cancelled) => return Ok(self.stopped(job, generate_ms)),
             Err(err) => return Err(err.into()),
         };
-        let generate_ms = started.elapsed().as_millis() as u64;
+        // Settled before anything is written: a cancel that came first
+        // means no file, and one that comes later is refused, so a cancel
+        // answered `true` never leaves pictures behind.
+        if !job.cancel.settle() {
+            return Ok(self.stopped(job, generate_ms));
+        }
         let images = write_all(&job.request, &pictures)?;
         let write_ms = (started.elapsed().as_millis() as u64).saturating_sub(generate_ms);
         Ok(self.done(job, images, generate_ms, write_ms))
+    }
+
+    /// The final event of a run stopped before its pictures were written.
+    fn stopped(&self, job: &ImageJob, generate_ms: u64) -> GenerateEvent {
+        self.done(job, Vec::new(), generate_ms, 0)
     }
 
     /// The final event; without images it says the run was cancelled.
@@ -122,34 +138,47 @@ impl ImageWorker {
     }
 }
 
-/// Writes every picture under the request's output folder.
+/// Writes every picture under the request's output folder, all or none.
 fn write_all(
     request: &ValidImage,
     pictures: &[GeneratedImage],
 ) -> Result<Vec<ImageFile>, EngineError> {
     let now = crate::util::unix_now();
-    pictures
+    let seed_of = |index: usize| request.request.seed.wrapping_add(index as u64);
+    let stem_of = |index: usize| output::file_stem(now, seed_of(index), index);
+    let encoded = pictures
         .iter()
         .enumerate()
         .map(|(index, picture)| {
-            let seed = request.request.seed.wrapping_add(index as u64);
-            let stem = output::file_stem(now, seed, index);
-            let failed = |message: String| EngineError::Output {
-                path: request.output_dir.join(format!("{stem}.png")),
+            output::encode_png(picture).map_err(|message| EngineError::Output {
+                path: request.output_dir.join(format!("{}.png", stem_of(index))),
                 message,
-            };
-            let bytes = output::encode_png(picture).map_err(failed)?;
-            let path = output::write_png(&request.output_dir, &stem, &bytes)
-                .map_err(|e| failed(e.to_string()))?;
-            Ok(ImageFile {
-                path,
-                seed,
-                width: picture.width,
-                height: picture.height,
-                base64: request
-                    .inline
-                    .then(|| base64::engine::general_purpose::STANDARD.encode(&bytes)),
             })
         })
-        .collect()
+        .collect::<Result<Vec<_>, _>>()?;
+    let pending: Vec<output::Pending> = encoded
+        .iter()
+        .enumerate()
+        .map(|(index, bytes)| output::Pending {
+            stem: stem_of(index),
+            bytes,
+        })
+        .collect();
+    let paths =
+        output::write_all(&request.output_dir, &pending).map_err(|err| EngineError::Output {
+            message: err.source.to_string(),
+            path: err.path,
+        })?;
+    let files = paths.into_iter().zip(pictures).zip(&encoded).enumerate();
+    Ok(files
+        .map(|(index, ((path, picture), bytes))| ImageFile {
+            path,
+            seed: seed_of(index),
+            width: picture.width,
+            height: picture.height,
+            base64: request
+                .inline
+                .then(|| base64::engine::general_purpose::STANDARD.encode(bytes)),
+        })
+        .collect())
 }

@@ -5,6 +5,7 @@
 //! them. Attention, the only part that differs per sequence, runs per
 //! sequence against its own cache.
 
+use crate::engine::interrupt;
 use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::linear::{Fused, Linear, RmsNorm};
@@ -148,6 +149,9 @@ impl Decoder {
         let cos = self.rope.cos.narrow(0, offset, tokens.len())?;
         let sin = self.rope.sin.narrow(0, offset, tokens.len())?;
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
+            // A long prompt on the CPU takes seconds per layer: a cancel is
+            // honoured between them.
+            interrupt::check()?;
             let h = layer.attn_norm.forward(&x)?;
             let (q, k, v) = layer.attn.project(&h, &self.shape, &cos, &sin)?;
             let (k, v) = kv.append(&k, &v)?;

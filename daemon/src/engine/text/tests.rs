@@ -111,3 +111,19 @@ fn decode_step_timing() {
         );
     }
 }
+
+#[test]
+fn a_cancelled_prefill_stops_between_layers() {
+    let mut model = tiny_llama();
+    let cancel = crate::engine::cancel::Cancellation::new();
+    cancel.request();
+    let mut cache = KvCache::new(2, 16);
+    let result =
+        crate::engine::interrupt::during(&cancel, || model.prefill(&[1, 2, 3], &mut cache));
+    assert!(result.is_err());
+    assert_eq!(cache.positions(), 0, "not even the first layer ran");
+    let mut cache = KvCache::new(2, 16);
+    model
+        .prefill(&[1, 2, 3], &mut cache)
+        .expect("outside a job nothing stops it");
+}

@@ -19,6 +19,7 @@ use super::cancel::Cancellation;
 use super::decoder::{greedy, Decoder, KvCache};
 use super::sampling::{Input, Sampler, ValidGenerate};
 use super::EngineError;
+use crate::engine::interrupt;
 use crate::engine::WorkerEvent;
 
 /// One generation: the request, where its events go, and a way to stop it.
@@ -242,9 +243,8 @@ impl<'t> Batch<'t> {
             self.model.shape.layers,
             prompt.len() + job.request.max_tokens,
         );
-        let logits = self
-            .model
-            .prefill(&prompt, &mut cache)
+        let model = &mut self.model;
+        let logits = interrupt::during(&job.cancel, || model.prefill(&prompt, &mut cache))
             .and_then(|logits| logits.squeeze(0));
         let row = match logits {
             Ok(row) => row,

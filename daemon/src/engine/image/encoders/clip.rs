@@ -8,6 +8,7 @@
 
 use super::weights::TensorMap;
 use crate::engine::image::attention::{attend, split_heads};
+use crate::engine::interrupt;
 use candle_core::{Device, Module, Result, Tensor};
 use candle_nn::{
     embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder,
@@ -166,6 +167,7 @@ impl ClipTextModel {
         // which is the embeddings themselves for a one-layer encoder.
         let mut penultimate = xs.clone();
         for layer in &self.layers {
+            interrupt::check()?;
             penultimate = xs;
             xs = layer.forward(&penultimate, &mask)?;
         }

@@ -5,6 +5,7 @@
 //! (`shared.weight`, `encoder.block.N.layer.M.…`), which are also the keys
 //! of ComfyUI's `t5xxl_*.safetensors` files.
 
+use crate::engine::interrupt;
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, Linear, VarBuilder};
 use serde::Deserialize;
@@ -279,6 +280,7 @@ impl T5Encoder {
         let bias = self.position_bias(seq, ids.device())?;
         let mut xs = self.embedding.forward(ids)?;
         for block in &self.blocks {
+            interrupt::check()?;
             xs = block.forward(&xs, &bias)?;
         }
         self.final_norm.forward(&xs)

@@ -16,7 +16,6 @@ pub mod transformer;
 mod tests;
 
 use std::collections::HashSet;
-use std::ops::ControlFlow;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -35,7 +34,8 @@ use super::noise::{self, StepNoise};
 use super::request::ValidImageRequest;
 use super::vae::Vae;
 use super::weights::{component_files, load_tensors, recording, TensorMap};
-use super::{lora, GeneratedImage, ImageError, ImageLoad, ImageParts};
+use super::{go_on, lora, reporting, GeneratedImage, ImageError, ImageLoad, ImageParts};
+use super::{OnEvent, Progress, RunEvent};
 use crate::validate::ValidationError;
 
 /// T5's token budget when the request does not set `max_sequence_length`.
@@ -319,18 +319,17 @@ impl FluxPipeline {
         self.loras.iter().map(|m| m.info.clone()).collect()
     }
 
-    /// Generates `request.count` pictures; `progress` hears of every step.
+    /// Generates `request.count` pictures; `progress` hears of every piece
+    /// of every stage and may stop the run.
     pub fn generate(
         &self,
         request: &ValidImageRequest,
-        progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+        progress: Progress<'_>,
     ) -> Result<Vec<GeneratedImage>, ImageError> {
         let run = self.settings(request)?;
         let latents = self.seeded_latents(request)?;
         let mut noise = noise::SeededNoise::new(request.seed);
-        let images = self.render(request, &run, latents, &mut noise, &mut |step, steps, _| {
-            progress(step, steps)
-        })?;
+        let images = self.render(request, &run, latents, &mut noise, &mut reporting(progress))?;
         super::to_rgb8(&images)
     }
 
@@ -378,16 +377,18 @@ impl FluxPipeline {
 
     /// The pictures as `(count, height, width, 3)` f32 in [0, 1], from
     /// packed standard normal `latents`; img2img's posterior sample comes
-    /// from `noise`. `on_step` sees the packed latents after every step.
+    /// from `noise`. `on_event` hears of each stage's progress, and sees
+    /// the packed latents after every step.
     pub(crate) fn render(
         &self,
         request: &ValidImageRequest,
         run: &FluxRun,
         latents: Tensor,
         noise: &mut dyn StepNoise,
-        on_step: &mut dyn FnMut(usize, usize, &Tensor) -> ControlFlow<()>,
+        on_event: OnEvent<'_>,
     ) -> Result<Tensor, ImageError> {
         let (context, pooled) = self.encode_prompt(&request.prompt, run.max_sequence_length)?;
+        go_on(on_event(RunEvent::Encoded))?;
         let count = request.count;
         let context = context.repeat((count, 1, 1))?.to_dtype(self.dtype)?;
         let pooled = pooled.repeat((count, 1))?.to_dtype(self.dtype)?;
@@ -416,11 +417,13 @@ impl FluxPipeline {
             let velocity = self.transformer.forward(&inputs)?.to_dtype(DType::F32)?;
             let dt = (sigmas[index + 1] - sigmas[index]) as f64;
             latents = (latents + (velocity * dt)?)?;
-            if on_step(index - first + 1, timesteps.len() - first, &latents).is_break() {
-                return Err(ImageError::Cancelled);
-            }
+            go_on(on_event(RunEvent::Denoised {
+                step: index - first + 1,
+                steps: timesteps.len() - first,
+                latents: &latents,
+            }))?;
         }
-        self.vae.decode(&unpack(&latents, (h, w))?)
+        self.vae.decode(&unpack(&latents, (h, w))?, on_event)
     }
 
     /// Rotary positions: `text_len` text tokens at (0, 0, 0), then the

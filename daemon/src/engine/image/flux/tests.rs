@@ -8,7 +8,7 @@ use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
-use modeld_wire::types::LoraInfo;
+use modeld_wire::types::{ImageStage, LoraInfo};
 use serde_json::Value;
 
 use super::*;
@@ -93,8 +93,10 @@ fn run(pipeline: &FluxPipeline, name: &str) -> (Vec<Tensor>, Tensor) {
             &settings,
             latents,
             &mut no_noise(),
-            &mut |_, _, l| {
-                steps.push(l.squeeze(0).expect("one picture"));
+            &mut |event| {
+                if let RunEvent::Denoised { latents: l, .. } = event {
+                    steps.push(l.squeeze(0).expect("one picture"));
+                }
                 ControlFlow::Continue(())
             },
         )
@@ -316,18 +318,30 @@ fn generate_is_reproducible_per_seed_and_reports_steps() {
     request.count = 2;
     let mut seen = Vec::new();
     let pictures = pipeline
-        .generate(&request, &mut |step, steps| {
-            seen.push((step, steps));
+        .generate(&request, &mut |stage, step, steps| {
+            seen.push((stage, step, steps));
             ControlFlow::Continue(())
         })
         .expect("generate");
-    assert_eq!(seen, vec![(1, 4), (2, 4), (3, 4), (4, 4)]);
+    use ImageStage::{Decode, Denoise, Encode};
+    let expected = [
+        (Encode, 1, 1),
+        (Denoise, 1, 4),
+        (Denoise, 2, 4),
+        (Denoise, 3, 4),
+    ];
+    let expected = [
+        &expected[..],
+        &[(Denoise, 4, 4), (Decode, 1, 2), (Decode, 2, 2)],
+    ]
+    .concat();
+    assert_eq!(seen, expected, "every stage, in order");
     assert_eq!(pictures.len(), 2);
     assert_ne!(pictures[0], pictures[1], "each picture has its own seed");
     request.count = 1;
     request.seed = 1;
     let second_alone = pipeline
-        .generate(&request, &mut |_, _| ControlFlow::Continue(()))
+        .generate(&request, &mut |_, _, _| ControlFlow::Continue(()))
         .expect("generate");
     assert_eq!(
         second_alone[0], pictures[1],
@@ -422,8 +436,8 @@ fn img2img_at_full_strength_is_text_to_image_and_less_runs_fewer_steps() {
     let draw = |request: &ValidImageRequest| {
         let mut steps = 0;
         let pictures = pipeline
-            .generate(request, &mut |_, _| {
-                steps += 1;
+            .generate(request, &mut |stage, _, _| {
+                steps += usize::from(stage == ImageStage::Denoise);
                 ControlFlow::Continue(())
             })
             .expect("generate");
@@ -463,4 +477,23 @@ fn offloaded_text_encoders_are_not_counted_on_the_device() {
     assert!(on_device
         .iter()
         .all(|f| !f.to_string_lossy().contains("text_encoder")));
+}
+
+/// Only the transformer's own checks can stop this run: the callback
+/// answers `Continue` after asking for the cancel.
+#[test]
+fn a_cancel_is_honoured_inside_a_flux_step() {
+    let pipeline = load("schnell", &cpu_f32());
+    let request = request_of(case(&expected_json(), "schnell"));
+    let cancel = crate::engine::cancel::Cancellation::new();
+    let mut seen = Vec::new();
+    let result = crate::engine::interrupt::during(&cancel, || {
+        pipeline.generate(&request, &mut |stage, step, _| {
+            seen.push((stage, step));
+            cancel.request();
+            ControlFlow::Continue(())
+        })
+    });
+    assert!(result.is_err());
+    assert_eq!(seen, [(ImageStage::Encode, 1)], "no step finished");
 }

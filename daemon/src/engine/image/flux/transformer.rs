@@ -8,6 +8,7 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
+use crate::engine::interrupt;
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
@@ -513,11 +514,13 @@ impl FluxTransformer {
             text: self.context_embedder.forward(inputs.context)?,
         };
         for block in &self.double {
+            interrupt::check()?;
             streams = block.forward(streams, &temb, inputs.rope, self.heads)?;
         }
         let text_len = streams.text.dim(1)?;
         let mut xs = Tensor::cat(&[&streams.text, &streams.image], 1)?;
         for block in &self.single {
+            interrupt::check()?;
             xs = block.forward(&xs, &temb, inputs.rope, self.heads)?;
         }
         let image = xs

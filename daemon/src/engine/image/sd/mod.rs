@@ -19,7 +19,6 @@ mod tests;
 #[cfg(test)]
 mod xl_tests;
 
-use std::ops::ControlFlow;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
@@ -37,7 +36,7 @@ use super::request::{InitImage, ValidImageRequest};
 use super::vae::Vae;
 use super::weights::{self, component_files, load_tensors, recording, TensorMap};
 use super::{attention, conv, lora, noise, resnet, scores_bytes, to_rgb8};
-use super::{GeneratedImage, ImageError, ImageLoad};
+use super::{go_on, reporting, GeneratedImage, ImageError, ImageLoad, OnEvent, Progress, RunEvent};
 
 /// Everything a pipeline is built from, whatever the files' layout. Once
 /// built, the tensor maps hold what the networks hold, on their device.
@@ -313,18 +312,16 @@ impl SdPipeline {
         }
     }
 
-    /// Generates `request.count` pictures; `progress` hears of every
-    /// denoising step as `(step, steps)` and may stop the run.
+    /// Generates `request.count` pictures; `progress` hears of every piece
+    /// of every stage and may stop the run.
     pub fn generate(
         &self,
         request: &ValidImageRequest,
-        progress: &mut dyn FnMut(usize, usize) -> ControlFlow<()>,
+        progress: Progress<'_>,
     ) -> Result<Vec<GeneratedImage>, ImageError> {
         let latents = self.seeded_latents(request)?;
         let mut noise = noise::SeededNoise::new(request.seed);
-        let images = self.render(request, latents, &mut noise, &mut |step, steps, _| {
-            progress(step, steps)
-        })?;
+        let images = self.render(request, latents, &mut noise, &mut reporting(progress))?;
         to_rgb8(&images)
     }
 
@@ -403,15 +400,17 @@ impl SdPipeline {
     /// from standard normal `latents` (img2img: the noise added to the
     /// encoded picture); later draws (img2img's posterior sample, the
     /// stochastic schedulers' steps) come from `noise`, in that order.
-    /// `on_step` sees the latents after every step.
+    /// `on_event` hears of each stage's progress, and sees the latents
+    /// after every step.
     pub(crate) fn render(
         &self,
         request: &ValidImageRequest,
         latents: Tensor,
         noise: &mut dyn StepNoise,
-        on_step: &mut dyn FnMut(usize, usize, &Tensor) -> ControlFlow<()>,
+        on_event: OnEvent<'_>,
     ) -> Result<Tensor, ImageError> {
         let conditioning = self.conditioning(request)?;
+        go_on(on_event(RunEvent::Encoded))?;
         let mut sampler = self
             .scheduler
             .start(self.scheduler_kind(request), request.steps)?;
@@ -429,9 +428,9 @@ impl SdPipeline {
             latents,
             &conditioning,
             noise,
-            on_step,
+            on_event,
         )?;
-        self.decode(&latents)
+        self.vae.decode(&latents, on_event)
     }
 
     /// img2img's clean latents, as the UNet sees them (`Vae::encode`).
@@ -461,7 +460,7 @@ impl SdPipeline {
         mut latents: Tensor,
         conditioning: &Conditioning,
         noise: &mut dyn StepNoise,
-        on_step: &mut dyn FnMut(usize, usize, &Tensor) -> ControlFlow<()>,
+        on_event: OnEvent<'_>,
     ) -> Result<Tensor, ImageError> {
         let timesteps = sampler.timesteps().to_vec();
         let start = request.steps - request.steps_run();
@@ -470,9 +469,11 @@ impl SdPipeline {
             let input = sampler.scale_model_input(&latents, index)?;
             let output = self.guided_noise(&input, timestep, &conditioning, request.guidance)?;
             latents = sampler.step(&output, index, &latents, noise)?;
-            if on_step(index - start + 1, timesteps.len() - start, &latents).is_break() {
-                return Err(ImageError::Cancelled);
-            }
+            go_on(on_event(RunEvent::Denoised {
+                step: index - start + 1,
+                steps: timesteps.len() - start,
+                latents: &latents,
+            }))?;
         }
         Ok(latents)
     }
@@ -509,11 +510,6 @@ impl SdPipeline {
         let halves = output.chunk(2, 0)?;
         let (uncond, prompt) = (&halves[0], &halves[1]);
         Ok((uncond + ((prompt - uncond)? * guidance)?)?)
-    }
-
-    /// Latents → `(count, height, width, 3)` f32 pixels in [0, 1].
-    pub(crate) fn decode(&self, latents: &Tensor) -> Result<Tensor, ImageError> {
-        self.vae.decode(latents)
     }
 }
 

@@ -145,8 +145,10 @@ fn check(name: &str) {
     let mut injected = Injected(noise);
     let mut steps = Vec::new();
     let image = pipeline
-        .render(&request, latents, &mut injected, &mut |_, _, l| {
-            steps.push(l.clone());
+        .render(&request, latents, &mut injected, &mut |event| {
+            if let RunEvent::Denoised { latents: l, .. } = event {
+                steps.push(l.clone());
+            }
             ControlFlow::Continue(())
         })
         .expect("render");
@@ -291,7 +293,7 @@ fn seeded_runs_of_stochastic_schedulers_and_img2img_repeat() {
         request.seed = 7;
         let run = |request: &ValidImageRequest| {
             pipeline
-                .generate(request, &mut |_, _| ControlFlow::Continue(()))
+                .generate(request, &mut |_, _, _| ControlFlow::Continue(()))
                 .expect("generate")
         };
         let first = run(&request);

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, IndexOp, Tensor};
 use serde_json::Value;
 
-use modeld_wire::types::LoraInfo;
+use modeld_wire::types::{ImageStage, LoraInfo};
 
 use super::*;
 use crate::engine::image::config::read_json;
@@ -69,8 +69,10 @@ pub(super) fn run(
 ) -> (Vec<Tensor>, Tensor) {
     let mut steps = Vec::new();
     let image = pipeline
-        .render(request, latents.clone(), &mut no_noise(), &mut |_, _, l| {
-            steps.push(l.clone());
+        .render(request, latents.clone(), &mut no_noise(), &mut |event| {
+            if let RunEvent::Denoised { latents: l, .. } = event {
+                steps.push(l.clone());
+            }
             ControlFlow::Continue(())
         })
         .expect("render");
@@ -241,7 +243,7 @@ fn rgb_output_is_the_reference_picture_rounded() {
             &request,
             tensors["cfg.latents"].clone(),
             &mut no_noise(),
-            &mut |_, _, _| ControlFlow::Continue(()),
+            &mut |_| ControlFlow::Continue(()),
         )
         .expect("render");
     let pictures = to_rgb8(&image).expect("rgb");
@@ -268,18 +270,30 @@ fn generate_reports_every_step_and_is_reproducible_per_seed() {
     request.seed = 99;
     let mut seen = Vec::new();
     let pictures = pipeline
-        .generate(&request, &mut |step, steps| {
-            seen.push((step, steps));
+        .generate(&request, &mut |stage, step, steps| {
+            seen.push((stage, step, steps));
             ControlFlow::Continue(())
         })
         .expect("generate");
-    assert_eq!(seen, vec![(1, 4), (2, 4), (3, 4), (4, 4)]);
+    use ImageStage::{Decode, Denoise, Encode};
+    let expected = [
+        (Encode, 1, 1),
+        (Denoise, 1, 4),
+        (Denoise, 2, 4),
+        (Denoise, 3, 4),
+    ];
+    let expected = [
+        &expected[..],
+        &[(Denoise, 4, 4), (Decode, 1, 2), (Decode, 2, 2)],
+    ]
+    .concat();
+    assert_eq!(seen, expected, "every stage, in order");
     assert_eq!(pictures.len(), 2);
     assert_ne!(pictures[0], pictures[1]);
     request.count = 1;
     request.seed = 100;
     let alone = pipeline
-        .generate(&request, &mut |_, _| ControlFlow::Continue(()))
+        .generate(&request, &mut |_, _, _| ControlFlow::Continue(()))
         .expect("generate");
     let diff = pictures[1]
         .rgb
@@ -298,9 +312,9 @@ fn a_progress_callback_can_stop_the_run() {
     let pipeline = load(&fixture());
     let request = request_of(case(&expected_json(), "nocfg"));
     let mut calls = 0;
-    let result = pipeline.generate(&request, &mut |step, _| {
+    let result = pipeline.generate(&request, &mut |stage, step, _| {
         calls += 1;
-        if step == 2 {
+        if stage == ImageStage::Denoise && step == 2 {
             ControlFlow::Break(())
         } else {
             ControlFlow::Continue(())
@@ -311,7 +325,7 @@ fn a_progress_callback_can_stop_the_run() {
         "{:?}",
         result.err()
     );
-    assert_eq!(calls, 2);
+    assert_eq!(calls, 3, "the prompt's encoding, then two steps");
 }
 
 fn with_lora(file: &Path, strength: f32) -> ImageLoad {
@@ -597,4 +611,48 @@ fn copy_tree(from: &Path, to: &Path) {
             std::fs::copy(entry.path(), &target).expect("copy");
         }
     }
+}
+
+/// The stages a run reached when a cancel, made at `stop_at`, was
+/// honoured by the network code itself: the callback always answers
+/// `Continue`, so only the checks between blocks can stop it.
+fn stages_reached(stop_at: (ImageStage, usize)) -> Vec<(ImageStage, usize)> {
+    let pipeline = load(&fixture());
+    let request = request_of(case(&expected_json(), "nocfg"));
+    let cancel = crate::engine::cancel::Cancellation::new();
+    let mut seen = Vec::new();
+    let result = crate::engine::interrupt::during(&cancel, || {
+        pipeline.generate(&request, &mut |stage, step, _| {
+            seen.push((stage, step));
+            if (stage, step) == stop_at {
+                cancel.request();
+            }
+            ControlFlow::Continue(())
+        })
+    });
+    assert!(result.is_err(), "a cancelled run has no pictures");
+    seen
+}
+
+#[test]
+fn a_cancel_is_honoured_inside_a_denoising_step() {
+    use ImageStage::{Denoise, Encode};
+    assert_eq!(
+        stages_reached((Encode, 1)),
+        [(Encode, 1)],
+        "no step finished"
+    );
+    assert_eq!(
+        stages_reached((Denoise, 1)),
+        [(Encode, 1), (Denoise, 1)],
+        "the second step stopped midway"
+    );
+}
+
+#[test]
+fn a_cancel_is_honoured_inside_the_vae_decode() {
+    let steps = request_of(case(&expected_json(), "nocfg")).steps;
+    let seen = stages_reached((ImageStage::Denoise, steps));
+    assert_eq!(seen.last(), Some(&(ImageStage::Denoise, steps)));
+    assert!(!seen.iter().any(|(stage, _)| *stage == ImageStage::Decode));
 }

@@ -7,6 +7,7 @@
 //! exact (erf) GELU; against the reference that alone moves the first noise
 //! prediction by ~6e-5 and the step latents past 1e-4.
 
+use crate::engine::interrupt;
 use candle_core::{Module, Result, Tensor};
 
 use crate::engine::image::attention::{merge_heads, split_heads};
@@ -174,6 +175,7 @@ impl SpatialTransformer {
             Projection::Linear(linear) => linear.forward(&to_tokens(normed)?)?,
         };
         for block in &self.blocks {
+            interrupt::check()?;
             tokens = block.forward(&tokens, context)?;
         }
         let out = match &self.proj_out {

@@ -598,7 +598,7 @@ fn f16_pictures_stay_close_to_the_f32_reference() {
     };
     let pipeline = SdPipeline::load(&fixture(), &options).expect("f16 load");
     let pictures = pipeline
-        .generate(&request, &mut |_, _| std::ops::ControlFlow::Continue(()))
+        .generate(&request, &mut |_, _, _| std::ops::ControlFlow::Continue(()))
         .expect("generate");
     assert_eq!((pictures[0].width, pictures[0].height), (64, 48));
     let tensors = expected_tensors();

@@ -14,7 +14,7 @@ use self::encoder::VaeEncoder;
 use super::config::{self, VaeJson};
 use super::noise::StepNoise;
 use super::request::InitImage;
-use super::{attention, conv, resnet, scores_bytes, ImageError};
+use super::{attention, conv, go_on, resnet, scores_bytes, ImageError, OnEvent, RunEvent};
 
 pub struct Vae {
     decoder: VaeDecoder,
@@ -67,14 +67,19 @@ impl Vae {
         Ok(((sample - self.shift)? * self.scaling)?)
     }
 
-    /// Latents → `(count, height, width, 3)` f32 pixels in [0, 1].
-    pub fn decode(&self, latents: &Tensor) -> Result<Tensor, ImageError> {
+    /// Latents → `(count, height, width, 3)` f32 pixels in [0, 1];
+    /// `on_event` hears of every picture decoded.
+    pub fn decode(&self, latents: &Tensor, on_event: OnEvent<'_>) -> Result<Tensor, ImageError> {
         let scaled = ((latents / self.scaling)? + self.shift)?.to_dtype(self.dtype)?;
+        let pictures = scaled.dim(0)?;
         // One picture at a time: off the CPU the VAE's attention allocates
         // a score matrix over every latent position, per picture.
-        let decoded = (0..scaled.dim(0)?)
-            .map(|i| self.decoder.decode(&scaled.narrow(0, i, 1)?))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let mut decoded = Vec::with_capacity(pictures);
+        for i in 0..pictures {
+            decoded.push(self.decoder.decode(&scaled.narrow(0, i, 1)?)?);
+            let picture = i + 1;
+            go_on(on_event(RunEvent::Decoded { picture, pictures }))?;
+        }
         let decoded = Tensor::cat(&decoded, 0)?.to_dtype(DType::F32)?;
         let pixels = ((decoded / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
         Ok(pixels.permute((0, 2, 3, 1))?.contiguous()?)
