@@ -55,6 +55,8 @@ pub struct Daemon {
     pub config: PathBuf,
     child: Option<Child>,
     env: Vec<(String, String)>,
+    /// `RLIMIT_FSIZE` for the process: a full disk without mounting one.
+    file_size_limit: Option<u64>,
 }
 
 impl Daemon {
@@ -85,6 +87,7 @@ impl Daemon {
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
+            file_size_limit: None,
         };
         if !env.iter().any(|(k, _)| *k == "HF_HOME") {
             let hf_home = daemon.dir.path().join("hf");
@@ -93,6 +96,20 @@ impl Daemon {
                 .push(("HF_HOME".into(), hf_home.to_string_lossy().into_owned()));
         }
         std::fs::write(&daemon.config, config).expect("write config");
+        daemon.spawn();
+        daemon
+    }
+
+    /// Starts a daemon none of whose files may grow past `bytes`: writes
+    /// beyond fail with EFBIG, as they would with ENOSPC on a full disk
+    /// (SIGXFSZ is ignored, so the limit does not kill it). From the start,
+    /// since reopening a store may write past a small limit.
+    pub fn start_with_file_size_limit(config: &str, bytes: u64) -> Daemon {
+        let mut daemon = Daemon::start_configured(config, &[]);
+        daemon.stop();
+        let store = daemon.state_dir.clone();
+        std::fs::remove_dir_all(&store).expect("remove the first store");
+        daemon.file_size_limit = Some(bytes);
         daemon.spawn();
         daemon
     }
@@ -139,6 +156,9 @@ impl Daemon {
             .env_remove("HF_HUB_OFFLINE")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null());
+        if let Some(bytes) = self.file_size_limit {
+            limit_file_size(&mut command, bytes);
+        }
         command
     }
 
@@ -303,4 +323,21 @@ pub fn copy_tree(from: &Path, to: &Path) {
 
 pub fn fixtures_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures")
+}
+
+/// Sets `RLIMIT_FSIZE` in the child before it runs, with SIGXFSZ ignored
+/// (an ignored signal stays ignored across `exec`).
+fn limit_file_size(command: &mut Command, bytes: u64) {
+    use nix::sys::resource::{setrlimit, Resource};
+    use nix::sys::signal::{signal, SigHandler, Signal};
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec only async-signal-safe calls are made:
+    // setrlimit and sigaction, with no allocation.
+    unsafe {
+        command.pre_exec(move || {
+            signal(Signal::SIGXFSZ, SigHandler::SigIgn).map_err(std::io::Error::from)?;
+            setrlimit(Resource::RLIMIT_FSIZE, bytes, bytes).map_err(std::io::Error::from)?;
+            Ok(())
+        });
+    }
 }

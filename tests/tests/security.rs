@@ -44,13 +44,20 @@ fn error_kind(reply: &Value) -> Option<&str> {
     reply["error"]["data"]["kind"].as_str()
 }
 
-/// A daemon whose socket other users can reach.
+/// A daemon whose socket other users can reach; `extra_config` goes in
+/// `[server]`.
 fn shared_daemon(extra_config: &str) -> Option<Daemon> {
+    shared_daemon_with(extra_config)
+}
+
+/// A daemon whose socket other users can reach, with `config` after the
+/// socket's mode (in `[server]` unless it starts another table).
+fn shared_daemon_with(config: &str) -> Option<Daemon> {
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped: needs root to call as a second uid");
         return None;
     }
-    let config = format!("[server]\nsocket_mode = \"0666\"\n{extra_config}");
+    let config = format!("[server]\nsocket_mode = \"0666\"\n{config}");
     let daemon = Daemon::start_configured(&config, &[]);
     std::fs::set_permissions(daemon.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
     Some(daemon)
@@ -274,5 +281,37 @@ fn wait_for_job(daemon: &Daemon, uid: Option<u32>) -> u64 {
         }
         assert!(Instant::now() < deadline, "no job: {status}");
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `modes.auto_switch` decides whether a non-administrator's `generate`
+/// naming another mode switches the daemon's mode (the default) or is
+/// refused; naming the mode in force is always fine.
+#[test]
+fn auto_switch_follows_the_policy() {
+    for (policy, switches) in [("everyone", true), ("admin", false)] {
+        let config = format!("[modes]\nauto_switch = \"{policy}\"\n");
+        let Some(daemon) = shared_daemon_with(&config) else {
+            return;
+        };
+        daemon.register_fixture("tiny-llama");
+        let modes = "[modes.a]\nmodel = \"tiny-llama\"\n[modes.b]\nmodel = \"tiny-llama\"\n";
+        std::fs::write(daemon.dir.path().join("modes.toml"), modes).unwrap();
+        daemon.call("modes.reload", json!({})).unwrap();
+        daemon.call("switch_mode", json!({"mode": "a"})).unwrap();
+        let generate = |mode: &str| {
+            let params = json!({"mode": mode, "prompt": "Hello", "max_tokens": 2});
+            call_as(&daemon, NOBODY, "generate", params)
+        };
+        let same = generate("a");
+        assert!(same.get("result").is_some(), "{policy}: {same}");
+        let other = generate("b");
+        if switches {
+            assert!(other.get("result").is_some(), "{policy}: {other}");
+        } else {
+            assert_eq!(error_kind(&other), Some("forbidden"), "{policy}: {other}");
+            let message = other["error"]["message"].as_str().unwrap();
+            assert!(message.contains("modes.auto_switch"), "{message}");
+        }
     }
 }

@@ -109,9 +109,9 @@ impl GenerateJob {
 
     /// A worker's event as the client gets it: the final one names the
     /// mode, and settles the job, so a stop acknowledged before that
-    /// decides the ending. A cancelled run keeps its final event (with
-    /// `finish_reason: cancelled`); a timed out or shut down one ends with
-    /// that error.
+    /// decides the ending. A run cancelled or stopped by a shutdown keeps
+    /// its final event, with `finish_reason: cancelled` (and the text so
+    /// far); a timed out one ends with the `timeout` error.
     fn as_sent(&self, event: WorkerEvent) -> JobEvent {
         let last = !matches!(
             event,
@@ -122,9 +122,7 @@ impl GenerateJob {
             false => None,
         };
         let mut event = match (stop, event) {
-            (Some(Stop::TimedOut | Stop::ShutDown), _) | (Some(Stop::Cancelled), Err(_)) => {
-                return self.stopped_event()
-            }
+            (Some(Stop::TimedOut), _) | (Some(_), Err(_)) => return self.stopped_event(),
             (None, Err(err)) => return Err(Arc::new(err.into())),
             (_, Ok(event)) => event,
         };
@@ -453,7 +451,7 @@ impl Scheduler {
     }
 
     /// Shutdown after the grace period: stops the running jobs, whose
-    /// clients are told `shutting_down`.
+    /// clients see `finish_reason: cancelled`.
     pub fn cancel_running(&self) {
         for running in &self.lock().running {
             running.cancel.stop(Stop::ShutDown);
