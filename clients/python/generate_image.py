@@ -24,7 +24,7 @@ def generate_image(target, prompt, out_dir, mode=False, **params):
 
     `params` are the request's other fields (size, steps, guidance, seed,
     count, negative_prompt, scheduler, init_image as base64 PNG, strength).
-    Calls `progress(step, steps)` if given.
+    Calls `progress(step, steps)` for every denoising step if given.
     Returns the paths written.
     """
     progress = params.pop("progress", None)
@@ -34,7 +34,8 @@ def generate_image(target, prompt, out_dir, mode=False, **params):
     done = None
     with Client() as client:
         for event in client.stream("generate", request):
-            if event["event"] == "progress" and progress:
+            if event["event"] == "progress" and progress and \
+                    event.get("stage", "denoise") == "denoise":
                 progress(event["step"], event["steps"])
             elif event.get("done"):
                 done = event

@@ -380,7 +380,8 @@ def image_run(daemon, params):
     the median gap between consecutive progress events)."""
     with Client(daemon.socket) as client:
         events = list(client.stream("generate", params))
-    elapsed = [e["elapsed_ms"] for e in events if e.get("event") == "progress"]
+    elapsed = [e["elapsed_ms"] for e in events
+               if e.get("event") == "progress" and e.get("stage", "denoise") == "denoise"]
     gaps = sorted(b - a for a, b in zip(elapsed, elapsed[1:]))
     step_s = gaps[len(gaps) // 2] / 1000 if gaps else None
     return events[-1], step_s

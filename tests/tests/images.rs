@@ -70,8 +70,20 @@ fn seeded_pictures_are_written_as_png_files_and_reproduce() {
     let params = json!({"model": "tiny-sd", "prompt": "a red cube", "size": "64x48",
                         "steps": 3, "seed": 42, "count": 2});
     let events = generate(&daemon, params.clone());
-    let steps: Vec<&Value> = events.iter().filter(|e| e["event"] == "progress").collect();
-    assert_eq!(steps.len(), 3, "{events:?}");
+    let stages: Vec<(&str, u64)> = events
+        .iter()
+        .filter(|e| e["event"] == "progress")
+        .map(|e| (e["stage"].as_str().unwrap(), e["step"].as_u64().unwrap()))
+        .collect();
+    let expected = [
+        ("encode", 1),
+        ("denoise", 1),
+        ("denoise", 2),
+        ("denoise", 3),
+    ];
+    let expected = [&expected[..], &[("decode", 1), ("decode", 2)]].concat();
+    assert_eq!(stages, expected, "every stage is reported, in order");
+    let steps: Vec<&Value> = events.iter().filter(|e| e["stage"] == "denoise").collect();
     assert_eq!(steps[2]["step"], 3);
     assert_eq!(steps[2]["steps"], 3);
     let done = events.last().unwrap();
@@ -421,7 +433,10 @@ fn a_mode_supplies_image_defaults_and_refuses_bad_ones() {
         (json!("64x48"), json!(2))
     );
     assert_eq!(done["mode"], "art");
-    let progress = events.iter().filter(|e| e["event"] == "progress").count();
+    let progress = events
+        .iter()
+        .filter(|e| e["event"] == "progress" && e["stage"] == "denoise")
+        .count();
     assert_eq!(progress, 2);
     // The request's own values win over the mode's.
     let events = generate(
@@ -430,7 +445,10 @@ fn a_mode_supplies_image_defaults_and_refuses_bad_ones() {
     );
     assert_eq!(events.last().unwrap()["size"], "64x64");
     assert_eq!(
-        events.iter().filter(|e| e["event"] == "progress").count(),
+        events
+            .iter()
+            .filter(|e| e["event"] == "progress" && e["stage"] == "denoise")
+            .count(),
         1
     );
 
@@ -496,7 +514,10 @@ fn a_request_picks_its_scheduler_and_seeded_noise_reproduces() {
     for name in ["euler", "euler_a", "ddpm", "dpmpp_2m", "unipc"] {
         let events = request(Some(name), 1);
         assert_eq!(events.last().unwrap()["scheduler"], name);
-        let progress = events.iter().filter(|e| e["event"] == "progress").count();
+        let progress = events
+            .iter()
+            .filter(|e| e["event"] == "progress" && e["stage"] == "denoise")
+            .count();
         assert_eq!(progress, 3, "{name}");
         pictures.push(inline_picture(&events));
     }
@@ -528,7 +549,10 @@ fn img2img_takes_the_pictures_size_and_runs_strength_of_the_steps() {
         (done["size"].clone(), done["steps"].clone()),
         (json!("64x64"), json!(2))
     );
-    let progress: Vec<_> = events.iter().filter(|e| e["event"] == "progress").collect();
+    let progress: Vec<_> = events
+        .iter()
+        .filter(|e| e["event"] == "progress" && e["stage"] == "denoise")
+        .collect();
     assert_eq!(progress.len(), 2);
     assert_eq!(progress[1]["steps"], 2);
     let bytes = base64::engine::general_purpose::STANDARD

@@ -39,7 +39,9 @@ fn listing(dir: &Path) -> Vec<(String, u64)> {
 /// The id of the one job running now.
 fn running_job(daemon: &Daemon) -> u64 {
     let status = daemon.call("status", json!({})).unwrap();
-    status["queue"]["jobs"][0]["id"].as_u64().expect("a running job")
+    status["queue"]["jobs"][0]["id"]
+        .as_u64()
+        .expect("a running job")
 }
 
 fn is_last_progress(event: &Value, count: u64) -> bool {
@@ -53,7 +55,8 @@ fn an_acknowledged_cancel_never_leaves_pictures() {
     let daemon = image_daemon("");
     daemon.call("load", json!({"name": "tiny-sd"})).unwrap();
     let count = 8;
-    let params = json!({"model": "tiny-sd", "prompt": "a cat", "size": "64x64", "steps": 2, "count": count});
+    let params =
+        json!({"model": "tiny-sd", "prompt": "a cat", "size": "64x64", "steps": 2, "count": count});
     for attempt in 0..4 {
         let before = listing(&output_dir(&daemon)).len();
         let mut client = daemon.client();
@@ -94,7 +97,8 @@ fn a_killed_daemon_leaves_no_partial_picture() {
     std::fs::write(dir.join(".20261206-000000-seed1-0.png.modeld-partial"), b"").unwrap();
     daemon.call("load", json!({"name": "tiny-sd"})).unwrap();
     let mut client = daemon.client();
-    let params = json!({"model": "tiny-sd", "prompt": "a cat", "size": "64x64", "steps": 2, "count": 8});
+    let params =
+        json!({"model": "tiny-sd", "prompt": "a cat", "size": "64x64", "steps": 2, "count": 8});
     let mut stream = client.subscribe("generate", params).unwrap();
     for event in stream.by_ref() {
         if event.expect("event")["stage"] == "decode" {
@@ -105,10 +109,15 @@ fn a_killed_daemon_leaves_no_partial_picture() {
     daemon.spawn();
     let files = listing(&dir);
     assert!(
-        files.iter().all(|(name, size)| name.ends_with(".png") && *size > 0),
+        files
+            .iter()
+            .all(|(name, size)| name.ends_with(".png") && *size > 0),
         "{files:?}"
     );
-    assert!(files.is_empty() || files.len() == 8, "all or none: {files:?}");
+    assert!(
+        files.is_empty() || files.len() == 8,
+        "all or none: {files:?}"
+    );
 }
 
 /// With writes failing past a size (a disk that is full), the request
@@ -117,11 +126,15 @@ fn a_killed_daemon_leaves_no_partial_picture() {
 fn a_full_disk_leaves_no_file_of_the_request() {
     let daemon = Daemon::start_with_file_size_limit("", 24 << 10);
     daemon.register_fixture("tiny-sd");
-    let params = json!({"model": "tiny-sd", "prompt": "a cat", "size": "128x128", "steps": 1, "count": 4});
+    let params =
+        json!({"model": "tiny-sd", "prompt": "a cat", "size": "128x128", "steps": 1, "count": 4});
     let error = final_error(&daemon, params);
     assert_eq!(error["data"]["kind"], "io", "{error}");
     let path = error["data"]["path"].as_str().expect("the path");
-    assert!(path.starts_with(&*output_dir(&daemon).to_string_lossy()), "{error}");
+    assert!(
+        path.starts_with(&*output_dir(&daemon).to_string_lossy()),
+        "{error}"
+    );
     assert_eq!(listing(&output_dir(&daemon)), Vec::new());
     let status = daemon.call("status", json!({})).unwrap();
     assert!(status["queue"].is_object(), "still serving: {status}");
@@ -148,10 +161,18 @@ fn a_job_past_max_job_s_is_stopped() {
     assert_eq!(data["kind"], "timeout", "{error}");
     assert_eq!(data["field"], "scheduler.max_job_s", "{data}");
     assert_eq!(data["limit"], 1, "{data}");
-    assert!(started.elapsed() < Duration::from_secs(20), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(listing(&output_dir(&daemon)), Vec::new());
     let status = daemon.call("status", json!({})).unwrap();
-    assert_eq!(status["queue"]["jobs"], json!([]), "the queue moved on: {status}");
+    assert_eq!(
+        status["queue"]["jobs"],
+        json!([]),
+        "the queue moved on: {status}"
+    );
 }
 
 /// SIGTERM during a long picture: the client gets its final event before
@@ -176,5 +197,8 @@ fn a_shutdown_during_a_picture_answers_its_client() {
     assert!(ended == "cancelled" || ended == "shutting_down", "{last}");
     assert!(daemon.wait_exit(Duration::from_secs(15)).success());
     let waited = stopping.elapsed();
-    assert!(waited < Duration::from_secs(5), "took {waited:?} with a 1 s grace");
+    assert!(
+        waited < Duration::from_secs(5),
+        "took {waited:?} with a 1 s grace"
+    );
 }

@@ -857,7 +857,7 @@ fn modeld_round(client: &mut modeld_wire::Client, params: &serde_json::Value) ->
     let mut done = serde_json::Value::Null;
     for event in client.subscribe("generate", params).expect("generate") {
         let event = event.expect("event");
-        if event["event"] == "progress" {
+        if event["event"] == "progress" && event["stage"] == "denoise" {
             marks.push(Instant::now());
         }
         if event["done"] == true {
