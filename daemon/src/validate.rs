@@ -38,7 +38,7 @@ impl ValidationError {
         }
     }
 
-    fn with_limit(mut self, limit: Value) -> Self {
+    pub fn with_limit(mut self, limit: Value) -> Self {
         self.limit = Some(limit);
         self
     }

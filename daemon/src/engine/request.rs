@@ -95,10 +95,12 @@ impl ValidRequest {
         self.model = model;
     }
 
-    /// Where an image request's pictures are written.
-    pub fn set_output_dir(&mut self, dir: &std::path::Path) {
+    /// Where an image request's pictures are written, and how long its
+    /// run may be estimated to take on the CPU.
+    pub fn set_image_limits(&mut self, dir: &std::path::Path, max_job_s: u64) {
         if let Ok(image) = &mut self.image {
             image.output_dir = dir.to_path_buf();
+            image.max_job_s = max_job_s;
         }
     }
 }

@@ -188,7 +188,8 @@ fn validate(
         Some((_, _, text, image)) => ValidRequest::new(params, text, image)?,
         None => ValidRequest::try_from(params)?,
     };
-    request.set_output_dir(&state.image_output_dir());
+    let max_job_s = state.config().scheduler.max_job_s;
+    request.set_image_limits(&state.image_output_dir(), max_job_s);
     if state.is_shutting_down() {
         return Err(ApiError::ShuttingDown);
     }

@@ -45,6 +45,9 @@ use std::time::{Duration, Instant};
 use modeld_e2e::fakehub::FakeHub;
 use modeld_e2e::Daemon;
 
+#[path = "../bench_cancel.rs"]
+mod bench_cancel;
+
 const REQUEST: &str = r#"{"jsonrpc":"2.0","id":1,"method":"status"}"#;
 
 fn main() {
@@ -61,8 +64,9 @@ fn main() {
             flag(&args, "--mib").unwrap_or(256),
         ),
         Some("images") => images(&python(&args), flag(&args, "--steps").unwrap_or(2)),
+        Some("cancel") => cancel(&python(&args)),
         _ => {
-            eprintln!("usage: bench rpc [--calls N] | download [--mib N] | generate [--tokens N] | batch [--tokens N] | cache [--repos N] [--mib N] | images [--python PATH] [--steps N]");
+            eprintln!("usage: bench rpc [--calls N] | download [--mib N] | generate [--tokens N] | batch [--tokens N] | cache [--repos N] [--mib N] | images [--python PATH] [--steps N] | cancel [--python PATH]");
             std::process::exit(2);
         }
     }
@@ -787,6 +791,14 @@ fn images(python: &str, steps: usize) {
             );
         }
     }
+}
+
+/// `bench cancel`: see `bench_cancel.rs`.
+fn cancel(python: &str) {
+    let work = tempfile::tempdir().expect("temp dir");
+    let script = work.path().join("bench_images.py");
+    std::fs::write(&script, IMAGES_SCRIPT).expect("script");
+    bench_cancel::run(python, &script, &modeld_e2e::fixtures_dir().join("tiny-sd"));
 }
 
 fn median(values: &[f64]) -> f64 {

@@ -17,6 +17,7 @@ pub mod resnet;
 pub mod sd;
 pub mod vae;
 pub mod weights;
+pub mod work;
 pub mod worker;
 
 #[cfg(test)]
@@ -352,6 +353,14 @@ impl ImagePipeline {
         match self {
             Self::StableDiffusion(p) => p.generate(request, progress),
             Self::Flux(p) => p.generate(request, progress),
+        }
+    }
+
+    /// The work a run of `request` takes, estimated from the networks.
+    pub fn run_cost(&self, request: &ValidImageRequest) -> work::RunCost {
+        match self {
+            Self::StableDiffusion(p) => p.run_cost(request),
+            Self::Flux(p) => p.run_cost(request),
         }
     }
 

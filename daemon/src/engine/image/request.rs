@@ -254,6 +254,9 @@ pub struct ValidImage {
     pub request: ValidImageRequest,
     pub inline: bool,
     pub output_dir: std::path::PathBuf,
+    /// `scheduler.max_job_s` when the request was made: on the CPU, a run
+    /// estimated to take longer is refused before it starts.
+    pub max_job_s: u64,
 }
 
 fn bad_image(message: String) -> ValidationError {
@@ -371,6 +374,7 @@ impl ValidImage {
             request,
             inline: params.inline.unwrap_or(false),
             output_dir: std::path::PathBuf::new(),
+            max_job_s: u64::MAX,
         })
     }
 }

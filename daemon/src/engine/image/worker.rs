@@ -60,8 +60,22 @@ impl ImageWorker {
         Ok(())
     }
 
+    /// On the CPU, refuses a run estimated to take longer than
+    /// `scheduler.max_job_s`, naming what to lower, instead of starting
+    /// what the deadline would stop anyway.
+    fn check_work(&self, request: &ValidImage) -> Result<(), EngineError> {
+        if !self.device.is_cpu() {
+            return Ok(());
+        }
+        let cost = self.pipeline.run_cost(&request.request);
+        let estimated_s = cost.cpu_seconds();
+        tracing::debug!(model = %request.model, ?cost, estimated_s, "image run cost");
+        Ok(cost.check_cpu(request.max_job_s)?)
+    }
+
     fn generate(&self, job: &ImageJob) -> Result<GenerateEvent, EngineError> {
         self.pipeline.check(&job.request.request)?;
+        self.check_work(&job.request)?;
         self.check_memory(&job.request)?;
         let started = Instant::now();
         let mut progress = |stage: ImageStage, step: usize, steps: usize| {

@@ -34,6 +34,7 @@ use super::noise::{self, StepNoise};
 use super::request::ValidImageRequest;
 use super::vae::Vae;
 use super::weights::{component_files, load_tensors, recording, TensorMap};
+use super::work::{self, Network, RunCost};
 use super::{go_on, lora, reporting, GeneratedImage, ImageError, ImageLoad, ImageParts};
 use super::{OnEvent, Progress, RunEvent};
 use crate::validate::ValidationError;
@@ -72,6 +73,37 @@ struct FluxParts {
     clip: EncoderParts,
     t5: TensorMap,
     t5_tokenizer: PromptTokenizer,
+}
+
+/// The networks' shapes, for what a run costs.
+struct FluxWork {
+    /// Runs over the image and text tokens together, once a step.
+    transformer: Network,
+    decoder: Network,
+    /// T5's and CLIP's weights, run once over their tokens.
+    t5_weights: f64,
+    clip_weights: f64,
+}
+
+impl FluxWork {
+    fn of(parts: &FluxParts) -> Self {
+        // Embedding tables are looked up, not multiplied; the time and
+        // guidance embedders run once per picture, not per token.
+        let per_token = |name: &str| {
+            let once =
+                name.contains("embed") || name.contains("shared") || name.starts_with("norm_out");
+            (!once).then_some(1.0)
+        };
+        let weights = |tensors: &TensorMap| Network::of(tensors, per_token, |_| false).weights();
+        FluxWork {
+            transformer: Network::of(&parts.transformer, per_token, |name| {
+                name.ends_with("attn.to_q.weight")
+            }),
+            decoder: work::vae_decoder(&parts.vae),
+            t5_weights: weights(&parts.t5),
+            clip_weights: weights(&parts.clip.weights),
+        }
+    }
 }
 
 /// The transformer config with `guidance_embeds` as the weights say.
@@ -200,6 +232,8 @@ pub struct FluxPipeline {
     device: Device,
     dtype: DType,
     placement: Placement,
+    /// The shapes of the networks, for the cost of a run.
+    work: FluxWork,
     /// What the networks were built from, for `with_loras`.
     parts: FluxParts,
     loras: Vec<lora::Merged>,
@@ -266,6 +300,7 @@ impl FluxPipeline {
         let (t5_vb, t5_taken) = recording(t5_weights, encoder_dtype, &encoder_device);
         let t5 = T5Encoder::new(t5_vb, &parts.t5_json)?;
         parts.t5 = t5_taken.into_map();
+        let work = FluxWork::of(&parts);
         let fp8 = Arc::new(fp8_names(&parts.transformer));
         let (vb, taken) = recording(std::mem::take(&mut parts.transformer), dtype, device);
         let transformer = FluxTransformer::new(&Build { vb, fp8 }, &parts.transformer_json)?;
@@ -294,6 +329,7 @@ impl FluxPipeline {
             device: device.clone(),
             dtype,
             placement,
+            work,
             parts,
             loras,
         })
@@ -331,6 +367,24 @@ impl FluxPipeline {
         let mut noise = noise::SeededNoise::new(request.seed);
         let images = self.render(request, &run, latents, &mut noise, &mut reporting(progress))?;
         super::to_rgb8(&images)
+    }
+
+    /// The work `request` takes: the encoders once, a transformer pass per
+    /// step over every picture's image and text tokens, and the VAE decode
+    /// of each picture.
+    pub fn run_cost(&self, request: &ValidImageRequest) -> RunCost {
+        let text = self
+            .settings(request)
+            .map_or(512, |run| run.max_sequence_length) as f64;
+        let (h, w) = self.latent_size(request);
+        let image = (h / 2 * w / 2) as f64;
+        RunCost {
+            encode_flops: 2.0 * (self.work.t5_weights * text + self.work.clip_weights * 77.0),
+            step_flops: self.work.transformer.flops(image + text) * request.count as f64,
+            decode_flops: self.work.decoder.flops((h * w) as f64),
+            steps: request.steps_run(),
+            count: request.count,
+        }
     }
 
     /// The request's FLUX settings, or the parameter it cannot have.
@@ -441,13 +495,14 @@ impl FluxPipeline {
         )?)
     }
 
-    /// The VAE's attention scores for one picture: the largest allocation
-    /// of a run on the CPU, and with the transformer's below it elsewhere.
+    /// The larger of the VAE's attention scores for one picture and the
+    /// transformer's. On the CPU both attend in blocks and allocate little;
+    /// how long a run takes there is bounded by `run_cost` instead.
     pub fn attention_bytes(&self, request: &ValidImageRequest) -> u64 {
-        let vae = self.vae.scores_bytes(request.height, request.width);
         if self.device.is_cpu() {
-            return vae;
+            return 0;
         }
+        let vae = self.vae.scores_bytes(request.height, request.width);
         let (h, w) = self.latent_size(request);
         let max_text = self
             .settings(request)

@@ -35,6 +35,7 @@ use super::config::{read_json, VaeJson};
 use super::request::{InitImage, ValidImageRequest};
 use super::vae::Vae;
 use super::weights::{self, component_files, load_tensors, recording, TensorMap};
+use super::work::{self, Network, RunCost};
 use super::{attention, conv, lora, noise, resnet, scores_bytes, to_rgb8};
 use super::{go_on, reporting, GeneratedImage, ImageError, ImageLoad, OnEvent, Progress, RunEvent};
 
@@ -194,6 +195,9 @@ pub struct SdPipeline {
     /// Where the UNet attends, for `attention_bytes`: `(downsamplings,
     /// heads)` of every block with attention and of the mid block.
     attention_levels: Vec<(usize, usize)>,
+    /// The UNet's and the VAE decoder's shapes, for the cost of a run.
+    unet_work: Network,
+    decode_work: Network,
     device: Device,
     dtype: DType,
     /// What the networks were built from, for `with_loras`.
@@ -261,6 +265,13 @@ impl SdPipeline {
             )));
         }
         let attention_levels = attention_levels(&unet_config.blocks);
+        let levels = unet_config.blocks.len();
+        let unet_work = Network::of(
+            &parts.unet,
+            |name| work::unet_scale(name, levels),
+            |name| name.ends_with("attn1.to_q.weight"),
+        );
+        let decode_work = work::vae_decoder(&parts.vae);
         let text_time = parts.unet_json.text_time()?;
         let expects = UnetExpects {
             cross_attention_dim: unet_config.cross_attention_dim,
@@ -296,6 +307,8 @@ impl SdPipeline {
             vae,
             scheduler: Schedulers::new(parts.scheduler_json.clone())?,
             attention_levels,
+            unet_work,
+            decode_work,
             device: device.clone(),
             dtype,
             parts,
@@ -332,21 +345,39 @@ impl SdPipeline {
             .unwrap_or_else(|| self.scheduler.default_kind())
     }
 
+    /// The work `request` takes: UNet passes (two a step with guidance)
+    /// over the latent's positions, and the VAE decode of each picture.
+    pub fn run_cost(&self, request: &ValidImageRequest) -> RunCost {
+        let (h, w) = self.latent_size(request);
+        let positions = (h * w) as f64;
+        let passes = if request.classifier_free_guidance() {
+            2
+        } else {
+            1
+        };
+        RunCost {
+            encode_flops: 0.0,
+            step_flops: self.unet_work.flops(positions) * (passes * request.count) as f64,
+            decode_flops: self.decode_work.flops(positions),
+            steps: request.steps_run(),
+            count: request.count,
+        }
+    }
+
     /// An upper bound of the largest attention allocation of a run. Off
     /// the CPU the attention is not chunked: the UNet's scores
     /// (`unet_scores_bytes`) or the VAE's one-head attention over the
     /// latent, one picture at a time (`vae_scores_bytes`), are quadratic in
     /// the picture's area, so a size this does not fit must be refused
     /// before it runs: a failed allocation aborts the process. On the CPU
-    /// both go through in blocks (`attention.rs`), but the VAE's bound is
-    /// kept as a stand-in limit: a picture past it would take hours a step
-    /// there, and a step cannot be cancelled midway.
+    /// both go through in blocks (`attention.rs`) and allocate little; how
+    /// long a large picture takes there is bounded by `run_cost` instead.
     pub fn attention_bytes(&self, request: &ValidImageRequest) -> u64 {
-        let vae = self.vae_scores_bytes(request);
         if self.device.is_cpu() {
-            return vae;
+            return 0;
         }
-        vae.max(self.unet_scores_bytes(request))
+        self.vae_scores_bytes(request)
+            .max(self.unet_scores_bytes(request))
     }
 
     /// The VAE's scores and probabilities over every latent position, for
