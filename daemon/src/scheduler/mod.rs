@@ -117,10 +117,8 @@ impl GenerateJob {
             event,
             Ok(GenerateEvent::Token { .. } | GenerateEvent::Progress { .. })
         );
-        let stop = match last && !self.cancel.settle() {
-            true => self.cancel.stopped(),
-            false => None,
-        };
+        let stopped = last && !self.cancel.settle();
+        let stop = if stopped { self.cancel.stopped() } else { None };
         let mut event = match (stop, event) {
             (Some(Stop::TimedOut), _) | (Some(_), Err(_)) => return self.stopped_event(),
             (None, Err(err)) => return Err(Arc::new(err.into())),
