@@ -111,6 +111,14 @@ fn scan(client: &mut Client, json: bool) -> Outcome {
     }
     println!("{repos}");
     println!("total {}", format_bytes(reply.total_bytes));
+    let changed = reply
+        .roots
+        .iter()
+        .flat_map(|root| &root.repos)
+        .flat_map(|repo| &repo.changed_files);
+    for file in changed {
+        println!("changed since checked: {}", file.display());
+    }
     Ok(())
 }
 

@@ -4,15 +4,14 @@
 //! cache blob, and turns the others into hard links to it.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::Read;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use modeld_wire::types::{CacheAction, CachePlan, DuplicateGroup, DuplicatesReply};
-use sha2::{Digest, Sha256};
 
 use super::confined::RootHandles;
 use super::{CacheError, Root};
+use crate::fingerprint::{digest_file, DigestKind};
 
 #[derive(Debug, Clone)]
 struct Candidate {
@@ -94,16 +93,7 @@ fn consider(path: PathBuf, is_blob: bool, out: &mut Vec<Candidate>) {
 }
 
 pub fn sha256_file(path: &Path) -> Result<String, CacheError> {
-    let mut file = std::fs::File::open(path).map_err(|e| CacheError::io(path, e))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(|e| CacheError::io(path, e))?;
-        if n == 0 {
-            return Ok(hex::encode(hasher.finalize()));
-        }
-        hasher.update(&buf[..n]);
-    }
+    digest_file(path, DigestKind::Sha256).map_err(|e| CacheError::io(path, e))
 }
 
 /// Hashes files on all cores; unreadable files are left out.

@@ -39,18 +39,18 @@ fn busy_repo_dirs(state: &AppState) -> HashSet<PathBuf> {
 }
 
 pub async fn scan(state: Arc<AppState>, _: NoParams) -> Result<CacheScanReply, ApiError> {
-    let roots = caches::roots(&state);
+    let roots = caches::roots_and_local_paths(&state);
     let models = state.registry.list()?;
-    Ok(scan::scan(&roots, &models).await)
+    Ok(scan::scan(&roots, &models, state.registry.fingerprints()).await)
 }
 
 pub async fn duplicates(state: Arc<AppState>, _: NoParams) -> Result<DuplicatesReply, ApiError> {
-    let roots = caches::duplicate_roots(&state);
+    let roots = caches::roots_and_local_paths(&state);
     blocking(move || dupes::duplicates(&roots)).await
 }
 
 pub async fn consolidate(state: Arc<AppState>, params: ApplyParams) -> Result<CachePlan, ApiError> {
-    let roots = caches::duplicate_roots(&state);
+    let roots = caches::roots_and_local_paths(&state);
     let protected = caches::protected_files(&state);
     blocking(move || {
         let found = dupes::duplicates(&roots);

@@ -15,7 +15,8 @@ pub struct CacheScanReply {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CacheRootScan {
     pub path: PathBuf,
-    /// `primary`, `secondary`, `standard`, `extra`, `custom` or `model_root`.
+    /// `primary`, `secondary`, `standard`, `extra`, `custom`, `model_root`,
+    /// or `local` (a registered `local_path` outside the other roots).
     pub role: String,
     pub exists: bool,
     pub size_bytes: u64,
@@ -42,6 +43,13 @@ pub struct CachedRepo {
     /// `llm`, `diffusion`, `lora`, `vae`, `embedding` or `unknown`.
     pub family: String,
     pub architecture: Option<String>,
+    /// Files whose size, mtime or ctime changed since a pull or `pull
+    /// --verify` hashed them (or that a load found changed): snapshot
+    /// files of a cache repo, files of a model root entry or `local_path`.
+    /// A load hashes them again; cache files that no longer match are
+    /// fetched again, local ones never.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed_files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
