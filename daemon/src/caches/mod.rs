@@ -5,6 +5,7 @@
 
 pub mod clean;
 pub mod confined;
+pub mod consolidate;
 pub mod dupes;
 pub mod families;
 pub mod scan;
