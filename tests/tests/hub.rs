@@ -43,6 +43,15 @@ fn assert_same_as_fixture(dir: &Path) {
     }
 }
 
+/// The cache blob of the fixture's `model.safetensors`.
+fn weights_blob(hub: &FakeHub, daemon: &Daemon) -> PathBuf {
+    let sha = hub.sha256_of(REPO, "model.safetensors");
+    daemon
+        .hf_cache()
+        .join("models--org--tiny-llama/blobs")
+        .join(sha)
+}
+
 fn safetensors_gets(hub: &FakeHub) -> Vec<modeld_e2e::fakehub::Request> {
     hub.downloads_of(&hub.sha256_of(REPO, "model.safetensors"))
 }
@@ -190,11 +199,7 @@ fn corrupt_bytes_are_downloaded_again_and_twice_is_an_error() {
 fn damaged_cached_files_are_replaced() {
     let (hub, daemon, commit) = setup("", &[]);
     daemon.pull(json!({"name": "tiny"}));
-    let sha = hub.sha256_of(REPO, "model.safetensors");
-    let blob = daemon
-        .hf_cache()
-        .join("models--org--tiny-llama/blobs")
-        .join(&sha);
+    let blob = weights_blob(&hub, &daemon);
 
     // Truncated: caught by the size check of every pull.
     let bytes = std::fs::read(&blob).unwrap();
@@ -523,11 +528,7 @@ fn error_data(err: &modeld_wire::ClientError) -> Value {
 fn damaged_cached_file_is_fetched_again_at_load() {
     let (hub, daemon, commit) = setup("", &[]);
     daemon.pull(json!({"name": "tiny"}));
-    let sha = hub.sha256_of(REPO, "model.safetensors");
-    let blob = daemon
-        .hf_cache()
-        .join("models--org--tiny-llama/blobs")
-        .join(&sha);
+    let blob = weights_blob(&hub, &daemon);
     let good = std::fs::read(&blob).unwrap();
 
     // Truncated: a generation loads the model, which fails on the file;
@@ -663,11 +664,7 @@ fn changed_files(reply: &Value) -> Vec<(PathBuf, String)> {
 fn a_blob_changed_in_place_is_hashed_and_fetched_again_before_load() {
     let (hub, daemon, commit) = setup("", &[]);
     daemon.pull(json!({"name": "tiny"}));
-    let sha = hub.sha256_of(REPO, "model.safetensors");
-    let blob = daemon
-        .hf_cache()
-        .join("models--org--tiny-llama/blobs")
-        .join(&sha);
+    let blob = weights_blob(&hub, &daemon);
     let file = snapshot(&daemon, &commit).join("model.safetensors");
     let before = safetensors_gets(&hub).len();
 

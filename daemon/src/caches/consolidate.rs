@@ -443,10 +443,11 @@ mod tests {
         let roots = [root(&models, "model_root")];
         let found = duplicates(&roots);
         assert_eq!(found.groups.len(), 4, "text files are still reported");
-        let before: Vec<u64> = ["README.md", ".env", "model.safetensors", "small.bin"]
-            .iter()
-            .map(|name| ino(&models.join("b").join(name)))
-            .collect();
+        let inodes = || {
+            ["README.md", ".env", "model.safetensors", "small.bin"]
+                .map(|name| ino(&models.join("b").join(name)))
+        };
+        let before = inodes();
         let plan = consolidate(&found, &roots, &HashSet::new(), POLICY, false);
         for text in ["README.md", ".env"] {
             let (method, reason) = planned(&plan, &models.join("b").join(text));
@@ -461,11 +462,7 @@ mod tests {
             "skip" => assert!(reason.unwrap().contains("consolidate_min_bytes")),
             other => panic!("a small weight file planned as {other}"),
         }
-        let after: Vec<u64> = ["README.md", ".env", "model.safetensors", "small.bin"]
-            .iter()
-            .map(|name| ino(&models.join("b").join(name)))
-            .collect();
-        assert_eq!(before, after);
+        assert_eq!(inodes(), before);
         assert_eq!(
             plan.skipped.len(),
             plan.actions
