@@ -18,7 +18,8 @@ pub enum CacheCommand {
     Scan,
     /// Identical files across the roots (by size, then sha256)
     Duplicates,
-    /// Keep one copy of each duplicate, hard-linking the others
+    /// Keep one copy of each duplicate: the others become reflinks where
+    /// the file system can clone, else hard links (weight files only)
     Consolidate {
         #[arg(long)]
         apply: bool,
@@ -110,6 +111,14 @@ fn scan(client: &mut Client, json: bool) -> Outcome {
         }
     }
     println!("{repos}");
+    let changed = reply
+        .roots
+        .iter()
+        .flat_map(|root| &root.repos)
+        .flat_map(|repo| &repo.changed_files);
+    for file in changed {
+        println!("changed since checked: {}", file.display());
+    }
     println!("total {}", format_bytes(reply.total_bytes));
     Ok(())
 }
@@ -148,14 +157,21 @@ pub fn plan(plan: CachePlan, json: bool) -> Outcome {
         return Ok(());
     }
     for action in &plan.actions {
+        if action.method.as_deref() == Some("skip") {
+            // Listed below with the other things left alone.
+            continue;
+        }
         let target = action
             .target
             .as_ref()
             .map(|t| format!(" -> {}", t.display()))
             .unwrap_or_default();
+        let name = match &action.method {
+            Some(method) => format!("{} ({method})", action.action),
+            None => action.action.clone(),
+        };
         println!(
-            "{:<22} {}{target} ({})",
-            action.action,
+            "{name:<24} {}{target} ({})",
             action.path.display(),
             format_bytes(action.bytes)
         );

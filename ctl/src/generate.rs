@@ -6,8 +6,8 @@ use std::io::Write;
 use clap::Args;
 use modeld_wire::methods;
 use modeld_wire::types::{
-    format_bytes, ChatMessage, GenerateEvent, GenerateParams, ImageStage, LoadParams, LoadReply,
-    NameParams, UnloadReply,
+    format_bytes, ChangeOutcome, ChatMessage, GenerateEvent, GenerateParams, ImageStage,
+    LoadParams, LoadReply, NameParams, UnloadReply,
 };
 use modeld_wire::Client;
 
@@ -99,7 +99,23 @@ pub fn load(
     let reply: LoadReply = client.call(methods::LOAD, &params)?;
     if json {
         print_json(&reply);
-    } else if reply.already_loaded {
+        return Ok(());
+    }
+    for changed in &reply.changed_files {
+        let what = match changed.outcome {
+            ChangeOutcome::Unchanged => {
+                "changed since it was checked; hashed again, its bytes match"
+            }
+            ChangeOutcome::Refetched => {
+                "changed since it was checked and no longer matched; fetched again"
+            }
+            ChangeOutcome::Modified => {
+                "changed since it was verified; loaded as it is (local files are never fetched)"
+            }
+        };
+        println!("{}: {what}", changed.path.display());
+    }
+    if reply.already_loaded {
         println!("{name} is already loaded on {}", reply.model.device);
     } else {
         let model = &reply.model;

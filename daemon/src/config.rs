@@ -115,13 +115,31 @@ impl Default for SchedulerConfig {
 /// Cache roots, all in the Hugging Face layout. The standard HF cache
 /// (`HF_HUB_CACHE`, `$HF_HOME/hub`, `~/.cache/huggingface/hub`) is always
 /// searched, and is the primary root unless one is set here.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct CacheConfig {
     pub primary: Option<PathBuf>,
     pub secondary: Option<PathBuf>,
     /// More caches to search for models other tools downloaded.
     pub extra: Vec<PathBuf>,
+    /// Without reflinks, `cache.consolidate` hard-links only weight files
+    /// and cache blobs of at least this many bytes.
+    pub consolidate_min_bytes: u64,
+}
+
+/// A hard link saves a block or two on a small file, and small files are
+/// the ones most often copied on purpose to be edited; weights are larger.
+pub const DEFAULT_CONSOLIDATE_MIN_BYTES: u64 = 1 << 20;
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            primary: None,
+            secondary: None,
+            extra: Vec::new(),
+            consolidate_min_bytes: DEFAULT_CONSOLIDATE_MIN_BYTES,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -287,7 +305,7 @@ impl Config {
                 "1 to 4096",
             ));
         }
-        let ranges: [(&'static str, u64, u64, u64); 6] = [
+        let ranges: [(&'static str, u64, u64, u64); 7] = [
             ("server.max_batch", server.max_batch as u64, 1, 10_000),
             (
                 "server.max_reply_bytes",
@@ -308,6 +326,13 @@ impl Config {
                 server.max_connections_per_uid as u64,
                 0,
                 65_536,
+            ),
+            // Below a file-system block a link saves nothing worth an alias.
+            (
+                "cache.consolidate_min_bytes",
+                self.cache.consolidate_min_bytes,
+                4096,
+                1 << 40,
             ),
         ];
         for (field, value, low, high) in ranges {
@@ -432,5 +457,21 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("max_conections"), "{err}");
+    }
+
+    #[test]
+    fn consolidate_min_bytes_defaults_to_a_mebibyte_and_is_bounded() {
+        assert_eq!(Config::default().cache.consolidate_min_bytes, 1 << 20);
+        let text = Config::default().to_toml();
+        assert!(text.contains("consolidate_min_bytes = 1048576"), "{text}");
+        let set = parse("[cache]\nconsolidate_min_bytes = 65536\n").unwrap();
+        assert_eq!(set.cache.consolidate_min_bytes, 65536);
+        let err = parse("[cache]\nconsolidate_min_bytes = 100\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("cache.consolidate_min_bytes") && err.contains("4096 to 1099511627776"),
+            "{err}"
+        );
     }
 }

@@ -9,6 +9,7 @@ pub mod caches;
 pub mod cli;
 pub mod config;
 pub mod engine;
+pub mod fingerprint;
 pub mod gpu;
 pub mod handlers;
 pub mod hub;

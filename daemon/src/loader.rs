@@ -1,15 +1,19 @@
 //! Getting a model into memory: find its files (pulling them if needed),
 //! apply its mode's adapters and keep-alive, and respect the memory budget.
-//! A file of a Hub cache snapshot that turns out truncated or corrupt at
-//! load is fetched again once, and the load retried.
+//! Before the load, every file that changed since a pull or `pull
+//! --verify` hashed it is hashed again: a cache snapshot file that no
+//! longer matches is fetched again, a `local_path` file is reported and
+//! loaded as it is. A file of a Hub cache snapshot that turns out truncated
+//! or corrupt at load is fetched again once, and the load retried.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use modeld_wire::types::{ModelRecord, PullEvent, SourceKind};
+use modeld_wire::types::{ChangeOutcome, ChangedFile, ModelRecord, PullEvent, SourceKind};
 
 use crate::engine::image::ImageParts;
 use crate::engine::{BadFile, EngineError, LoadRequest, Loaded, Placement, Resident};
+use crate::fingerprint::{rehash_changed, Rehashed};
 use crate::modes::{Mode, ModeParts, ModelRef};
 use crate::pull::{PullError, PullJob};
 use crate::registry::RegistryError;
@@ -39,6 +43,12 @@ pub struct Located {
     pub snapshot_of: Option<ModelRecord>,
 }
 
+/// A load, and the files found changed since they were checked.
+pub struct LoadOutcome {
+    pub loaded: Loaded,
+    pub changed_files: Vec<ChangedFile>,
+}
+
 /// Loads `name` (a registered model) or `mode`'s model, unless resident.
 pub async fn ensure_loaded(
     state: &Arc<AppState>,
@@ -46,11 +56,26 @@ pub async fn ensure_loaded(
     mode: Option<&Mode>,
     placement: Option<Placement>,
 ) -> Result<Loaded, LoadError> {
+    Ok(load_checked(state, name, mode, placement).await?.loaded)
+}
+
+/// [`ensure_loaded`], saying which files changed since they were checked
+/// and what was done about each (the log says so too).
+pub async fn load_checked(
+    state: &Arc<AppState>,
+    name: &str,
+    mode: Option<&Mode>,
+    placement: Option<Placement>,
+) -> Result<LoadOutcome, LoadError> {
     if let Some(resident) = state.engine.get(name) {
-        return Ok(Loaded {
+        let loaded = Loaded {
             model: resident.info.clone(),
             already_loaded: true,
             evicted: Vec::new(),
+        };
+        return Ok(LoadOutcome {
+            loaded,
+            changed_files: Vec::new(),
         });
     }
     let placement = match placement {
@@ -71,6 +96,7 @@ pub async fn ensure_loaded(
             ImageParts::default(),
         ),
     };
+    let (located, changed_files) = recheck(state, located).await?;
     let request = LoadRequest {
         name: name.to_string(),
         path: located.path,
@@ -84,7 +110,119 @@ pub async fn ensure_loaded(
     for evicted in &loaded.evicted {
         tracing::info!(model = %evicted, "unloaded to make room for {name}");
     }
-    Ok(loaded)
+    Ok(LoadOutcome {
+        loaded,
+        changed_files,
+    })
+}
+
+/// Hashes again the files of `located` that changed since they were
+/// checked, before anything reads them. Cache snapshot files that no
+/// longer match are fetched again (and the model located anew); a local
+/// file is loaded as it is, and stays reported until verified again.
+async fn recheck(
+    state: &Arc<AppState>,
+    located: Located,
+) -> Result<(Located, Vec<ChangedFile>), LoadError> {
+    let rehashed = rehash(state, &located.path).await?;
+    let mut changed = Vec::with_capacity(rehashed.len());
+    let mut refetch = Vec::new();
+    for file in rehashed {
+        let outcome = judge(state, &located, &file, &mut refetch);
+        changed.push(ChangedFile {
+            path: file.path,
+            outcome,
+        });
+    }
+    let Some(model) = located.snapshot_of.as_ref().filter(|_| !refetch.is_empty()) else {
+        return Ok((located, changed));
+    };
+    fetch_changed(state, model, &located.path, refetch).await?;
+    let located = locate(state, model).await?;
+    // A pull already running for the repo may have been joined instead,
+    // without these files: whatever still differs is refused, not loaded.
+    let still = rehash(state, &located.path).await?;
+    if let Some(file) = still.into_iter().find(|file| !file.matches) {
+        let bad = BadFile::new(&file.path, "changed since it was checked");
+        return Err(refused(
+            bad.noting("it still differs after fetching it again"),
+        ));
+    }
+    Ok((located, changed))
+}
+
+/// The recorded files under `path` that changed since they were checked,
+/// hashed again off the async threads.
+async fn rehash(state: &AppState, path: &Path) -> Result<Vec<Rehashed>, LoadError> {
+    let fingerprints = state.registry.fingerprints().clone();
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || rehash_changed(&path, &fingerprints))
+        .await
+        .map_err(|e| LoadError::Internal(e.to_string()))
+}
+
+/// What becomes of one changed file: a repo file of a snapshot that no
+/// longer matches is added to `refetch`; a local one is recorded as
+/// differing.
+fn judge(
+    state: &AppState,
+    located: &Located,
+    file: &Rehashed,
+    refetch: &mut Vec<String>,
+) -> ChangeOutcome {
+    let shown = file.path.display();
+    if file.matches {
+        tracing::info!(file = %shown, "changed since it was checked, but its bytes still match");
+        return ChangeOutcome::Unchanged;
+    }
+    let snapshot_file = located
+        .snapshot_of
+        .as_ref()
+        .and_then(|_| repo_file(&located.path, &file.path));
+    if let Some(repo_path) = snapshot_file {
+        tracing::warn!(file = %shown, "changed since it was checked and no longer matches its digest; fetching it again");
+        refetch.push(repo_path);
+        return ChangeOutcome::Refetched;
+    }
+    tracing::warn!(file = %shown, "changed since it was verified; loaded as it is (local files are never fetched)");
+    let known = file.record.differs && file.record.stamp == file.stamp;
+    let recorded = match known {
+        true => Ok(()),
+        false => state.registry.fingerprints().record_difference(
+            &file.path,
+            file.record.clone(),
+            file.stamp,
+        ),
+    };
+    if let Err(err) = recorded {
+        tracing::warn!(file = %shown, "cannot record the change: {err}");
+    }
+    ChangeOutcome::Modified
+}
+
+/// Fetches the changed repo files `refetch` of `model` again; refused
+/// naming the first of them when offline or when the fetch fails.
+async fn fetch_changed(
+    state: &Arc<AppState>,
+    model: &ModelRecord,
+    dir: &Path,
+    refetch: Vec<String>,
+) -> Result<(), LoadError> {
+    let bad = BadFile::new(
+        &dir.join(&refetch[0]),
+        "changed since it was checked and no longer matches its digest",
+    );
+    if state.hub_settings().offline {
+        return Err(refused(
+            bad.noting("offline (HF_HUB_OFFLINE), so it cannot be fetched again"),
+        ));
+    }
+    match pull(state, model, refetch).await {
+        Ok(_) => Ok(()),
+        Err(err) => Err(refused(
+            bad.noting(format!("fetching it again failed: {err}")),
+        )),
+    }
 }
 
 /// Where a mode's model (or config folder) is: a registered model's
@@ -134,7 +272,7 @@ async fn load_repairing(
         return Err(EngineError::BadFile(bad).into());
     };
     tracing::warn!(model = %model.name, %file, "{bad}; fetching the file again");
-    match pull(state, model, Some(file.clone())).await {
+    match pull(state, model, vec![file.clone()]).await {
         Ok(done) if done.downloaded_bytes == 0 => {
             return Err(refused(bad.noting(
                 "the cached copy matches the Hub's, so the Hub's file itself is bad",
@@ -198,7 +336,7 @@ pub async fn locate(state: &Arc<AppState>, model: &ModelRecord) -> Result<Locate
         Some(OnDisk::Local { path, .. }) => (path, false),
         Some(OnDisk::Cache { dir, .. }) => (dir, true),
         None => {
-            let done = pull(state, model, None).await?;
+            let done = pull(state, model, Vec::new()).await?;
             (done.path, done.source != SourceKind::Local)
         }
     };
@@ -215,12 +353,12 @@ struct Pulled {
     downloaded_bytes: u64,
 }
 
-/// Runs (or joins) a pull of `model`, re-hashing `repair` if given, and
-/// waits for its outcome.
+/// Runs (or joins) a pull of `model`, re-hashing the files in `repair`,
+/// and waits for its outcome.
 async fn pull(
     state: &Arc<AppState>,
     model: &ModelRecord,
-    repair: Option<String>,
+    repair: Vec<String>,
 ) -> Result<Pulled, LoadError> {
     let mut watch = state.pulls.attach_or_start(PullJob {
         model: model.clone(),
@@ -228,6 +366,7 @@ async fn pull(
         hub: state.hub_settings(),
         verify: false,
         repair,
+        fingerprints: state.registry.fingerprints().clone(),
     })?;
     while let Some(event) = watch.next().await {
         // A failed pull ends its stream with the error.

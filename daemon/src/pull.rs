@@ -3,7 +3,10 @@
 //! One pull per (root, repo, revision) runs at a time; a second request for
 //! the same files attaches to the running one and sees the same progress.
 //! A pull outlives the client that asked for it, so a dropped terminal does
-//! not waste a half-finished download.
+//! not waste a half-finished download. Every blob a pull downloads or
+//! re-hashes is recorded as checked ([`Fingerprints`]), and so is every
+//! file of a `local_path` that `verify` hashes, so a load can tell what
+//! changed since.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -13,6 +16,7 @@ use std::time::{Duration, Instant};
 use modeld_wire::types::{ModelRecord, PullEvent, SourceKind, SpaceCheck};
 use tokio::sync::broadcast;
 
+use crate::fingerprint::{digest_file, DigestKind, Fingerprints};
 use crate::hub::api::HubSettings;
 use crate::hub::cache::{check_space, RepoCache};
 use crate::hub::download::{blob_is_complete, fetch_blob};
@@ -88,15 +92,17 @@ pub struct PullJob {
     pub roots: CacheRoots,
     pub hub: HubSettings,
     pub verify: bool,
-    /// A repo file found damaged at load: re-hashed like `verify` does for
-    /// every file, and fetched again if it differs from the Hub's.
-    pub repair: Option<String>,
+    /// Repo files found damaged or changed at load: re-hashed like `verify`
+    /// does for every file, and fetched again if they differ from the Hub's.
+    pub repair: Vec<String>,
+    /// Where the files this pull checks are recorded.
+    pub fingerprints: Fingerprints,
 }
 
 impl PullJob {
     /// Whether `file`'s cached blob is re-hashed before it is trusted.
     fn verifies(&self, file: &RemoteFile) -> bool {
-        self.verify || self.repair.as_deref() == Some(file.path.as_str())
+        self.verify || self.repair.contains(&file.path)
     }
 }
 
@@ -145,6 +151,7 @@ impl Pulls {
         tokio::spawn(async move {
             let started = Instant::now();
             let outcome = run(&job, target, &handle, started).await;
+            store_records(&job.fingerprints).await;
             let last = outcome.map_err(|err| {
                 tracing::warn!(model = %job.model.name, "pull failed: {err}");
                 PullError::from(err)
@@ -163,6 +170,15 @@ impl Pulls {
     }
 }
 
+/// Makes the records of the files a pull checked durable before watchers
+/// hear its outcome.
+async fn store_records(fingerprints: &Fingerprints) {
+    let fingerprints = fingerprints.clone();
+    if let Ok(Err(err)) = tokio::task::spawn_blocking(move || fingerprints.flush()).await {
+        tracing::warn!("cannot store the records of checked files: {err}");
+    }
+}
+
 fn emit(handle: &PullHandle, event: PullEvent) {
     let _ = handle.events.send(Ok(event));
 }
@@ -174,6 +190,9 @@ async fn run(
     started: Instant,
 ) -> Result<PullEvent, HubError> {
     let model = &job.model;
+    if job.verify {
+        record_local(job).await?;
+    }
     // Without a repo, or offline, only what is on disk can answer; otherwise
     // a pull syncs with the Hub, fetching whatever is missing or damaged.
     let repo = match (model.repo.as_deref(), job.hub.offline) {
@@ -253,7 +272,10 @@ async fn run(
                 emit(handle, event);
             }
         };
-        fetch_blob(&hub, &cache, repo, &listing.commit, file, &mut on_bytes).await?;
+        let fetched = fetch_blob(&hub, &cache, repo, &listing.commit, file, &mut on_bytes).await?;
+        if fetched || job.verifies(file) {
+            record_checked(&job.fingerprints, &cache, file);
+        }
         progress.finish_file(file);
         emit(handle, progress.event(file, file.size));
         cache
@@ -272,6 +294,43 @@ async fn run(
         downloaded_bytes: progress.downloaded,
         elapsed_ms: started.elapsed().as_millis() as u64,
     })
+}
+
+/// Records the blob of `file` as checked: its bytes were just hashed to
+/// its etag. A record that cannot be written costs only the check at load,
+/// not the download, so it is a warning.
+fn record_checked(fingerprints: &Fingerprints, cache: &RepoCache, file: &RemoteFile) {
+    let blob = cache.blob(&file.etag);
+    if let Err(err) = fingerprints.record(&blob, file.digest_kind(), &file.etag) {
+        tracing::warn!(blob = %blob.display(), "cannot record the verified blob: {err}");
+    }
+}
+
+/// `verify` of a model found at its `local_path`: its files are hashed and
+/// recorded as checked, so a later change shows in `cache.scan` and at
+/// load. They are never fetched, so their bytes now are the reference.
+async fn record_local(job: &PullJob) -> Result<(), HubError> {
+    let (model, roots) = (job.model.clone(), job.roots.clone());
+    let fingerprints = job.fingerprints.clone();
+    let record = move || {
+        let Some(OnDisk::Local { path, files }) = find_on_disk(&model, &roots) else {
+            return Ok(());
+        };
+        let paths: Vec<PathBuf> = match path.is_file() {
+            true => vec![path],
+            false => files.iter().map(|file| path.join(file)).collect(),
+        };
+        for file in paths {
+            digest_file(&file, DigestKind::Sha256)
+                .and_then(|digest| fingerprints.record(&file, DigestKind::Sha256, &digest))
+                .map_err(|e| HubError::io(&file, e))?;
+        }
+        Ok(())
+    };
+    let local = job.model.local_path.clone().unwrap_or_default();
+    tokio::task::spawn_blocking(record)
+        .await
+        .map_err(|e| HubError::io(local, std::io::Error::other(e.to_string())))?
 }
 
 fn done_on_disk(found: OnDisk, started: Instant) -> PullEvent {

@@ -1,11 +1,14 @@
 //! The model registry: registered models kept in a sled tree, keyed by name,
 //! each value the JSON of a [`ModelRecord`]. Every mutation is flushed to
 //! disk before it returns, so an acknowledged change survives `kill -9`.
+//! The same store holds the fingerprints of checked model files
+//! (`fingerprint.rs`).
 
 use std::path::{Path, PathBuf};
 
 use modeld_wire::types::ModelRecord;
 
+use crate::fingerprint::Fingerprints;
 use crate::util::{make_private, unix_now};
 use crate::validate::ValidModel;
 
@@ -28,6 +31,8 @@ pub enum RegistryError {
 pub struct Registry {
     db: sled::Db,
     models: sled::Tree,
+    /// What model files were when last hashed, in the same store.
+    fingerprints: Fingerprints,
 }
 
 impl Registry {
@@ -44,8 +49,13 @@ impl Registry {
             .open()
             .map_err(open_err)?;
         let models = db.open_tree(MODELS_TREE).map_err(open_err)?;
+        let fingerprints = db.open_tree(crate::fingerprint::TREE).map_err(open_err)?;
         make_private(&path).map_err(|e| open_err(e.into()))?;
-        Ok(Registry { db, models })
+        Ok(Registry {
+            db,
+            models,
+            fingerprints: Fingerprints::new(fingerprints),
+        })
     }
 
     /// Stores `model`; returns the record and whether one was overwritten.
@@ -100,6 +110,11 @@ impl Registry {
             .ok_or_else(|| RegistryError::NotFound(name.to_string()))?;
         self.flush().await?;
         decode(name, &removed)
+    }
+
+    /// The records of what model files were when last hashed.
+    pub fn fingerprints(&self) -> &Fingerprints {
+        &self.fingerprints
     }
 
     pub fn count(&self) -> usize {

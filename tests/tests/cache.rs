@@ -51,6 +51,51 @@ fn fixture_files(dir: &Path) -> Vec<(String, Vec<u8>)> {
 
 const CONFIG: &[u8] = br#"{"architectures":["LlamaForCausalLM"],"model_type":"llama"}"#;
 
+/// Lets the small weight files of these tests be hard-linked.
+const SMALL_LINKS: &str = "consolidate_min_bytes = 4096\n";
+
+/// The consolidate action of `path` in a plan.
+fn action_for<'a>(plan: &'a Value, path: &Path) -> &'a Value {
+    plan["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["path"] == json!(path))
+        .unwrap_or_else(|| panic!("no action for {}: {plan}", path.display()))
+}
+
+/// How `path` was (or would be) consolidated.
+fn method_of(plan: &Value, path: &Path) -> String {
+    let action = action_for(plan, path);
+    action["method"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no method: {action}"))
+        .to_string()
+}
+
+/// `copy` was consolidated into `keep` by `method`: one inode for a hard
+/// link; for a reflink, equal bytes in a file of its own, which a write
+/// through `copy` shows (its bytes are put back after).
+fn assert_consolidated(method: &str, keep: &Path, copy: &Path) {
+    let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+    let kept = std::fs::read(keep).unwrap();
+    assert_eq!(std::fs::read(copy).unwrap(), kept, "{}", copy.display());
+    match method {
+        "hardlink" => assert_eq!(ino(keep), ino(copy), "{}", copy.display()),
+        "reflink" => {
+            assert_ne!(ino(keep), ino(copy), "{}", copy.display());
+            std::fs::write(copy, b"rewritten").unwrap();
+            assert_eq!(
+                std::fs::read(keep).unwrap(),
+                kept,
+                "a reflink aliases nothing"
+            );
+            std::fs::write(copy, &kept).unwrap();
+        }
+        other => panic!("{} was not consolidated: {other}", copy.display()),
+    }
+}
+
 #[test]
 fn scan_counts_shared_blobs_once_and_marks_discovered_repos() {
     let daemon = Daemon::start();
@@ -205,7 +250,10 @@ fn scan_agrees_with_huggingface_hub() {
 #[test]
 fn duplicates_found_then_consolidated_into_hard_links() {
     let extra = tempfile::tempdir().unwrap();
-    let config = format!("[cache]\nextra = [\"{}\"]\n", extra.path().display());
+    let config = format!(
+        "[cache]\nextra = [\"{}\"]\n{SMALL_LINKS}",
+        extra.path().display()
+    );
     let daemon = Daemon::start_configured(&config, &[]);
     let weights: Vec<u8> = (0..50_000u32).map(|i| (i % 251) as u8).collect();
     write_revision(
@@ -264,8 +312,10 @@ fn duplicates_found_then_consolidated_into_hard_links() {
         .call("cache.consolidate", json!({"apply": true}))
         .unwrap();
     assert_eq!(done["applied"], true);
-    assert_eq!(ino(&keep), ino(&model_root.join("m/model.safetensors")));
-    assert_eq!(ino(&keep), ino(&model_root.join("m/alias.safetensors")));
+    let method = method_of(&done, &model_root.join("m/model.safetensors"));
+    for name in ["m/model.safetensors", "m/alias.safetensors"] {
+        assert_consolidated(&method, &keep, &model_root.join(name));
+    }
     assert_eq!(
         std::fs::read(model_root.join("m/model.safetensors")).unwrap(),
         weights
@@ -279,8 +329,11 @@ fn duplicates_found_then_consolidated_into_hard_links() {
     )
     .unwrap();
     assert_eq!(mirror, weights);
-    let again = daemon.call("cache.duplicates", json!({})).unwrap();
-    assert_eq!(again["reclaimable_bytes"], 0);
+    if method == "hardlink" {
+        // Clones are files of their own, which the next scan finds again.
+        let again = daemon.call("cache.duplicates", json!({})).unwrap();
+        assert_eq!(again["reclaimable_bytes"], 0);
+    }
 }
 
 #[test]
@@ -602,7 +655,13 @@ fn consolidate_never_merges_files_of_different_owners() {
     let plan = daemon
         .call("cache.consolidate", json!({"apply": true}))
         .unwrap();
-    assert_eq!(plan["actions"].as_array().unwrap().len(), 0, "{plan}");
+    let methods: Vec<&Value> = plan["actions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| &a["method"])
+        .collect();
+    assert!(methods.iter().all(|m| *m == "skip"), "{plan}");
     assert!(plan["skipped"].to_string().contains("owned by"), "{plan}");
     assert_eq!(ino(&blob), shared_ino);
     assert_eq!(ino(&theirs.join("blobs").join(&sha)), their_ino);
@@ -629,7 +688,7 @@ fn system_folders_are_refused_as_cache_roots() {
 
 #[test]
 fn duplicates_cover_registered_local_paths() {
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_configured(&format!("[cache]\n{SMALL_LINKS}"), &[]);
     let weights = vec![9u8; 20_000];
     let gguf = vec![4u8; 10_000];
     let cached = write_revision(
@@ -657,14 +716,15 @@ fn duplicates_cover_registered_local_paths() {
         .call("cache.consolidate", json!({"apply": true}))
         .unwrap();
     assert_eq!(plan["actions"].as_array().unwrap().len(), 2, "{plan}");
-    let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
     let blob = |bytes: &[u8]| {
         cached
             .join("blobs")
             .join(hex::encode(Sha256::digest(bytes)))
     };
-    assert_eq!(ino(&local.join("model.safetensors")), ino(&blob(&weights)));
-    assert_eq!(ino(&single), ino(&blob(&gguf)));
+    let weights_copy = local.join("model.safetensors");
+    let method = method_of(&plan, &weights_copy);
+    assert_consolidated(&method, &blob(&weights), &weights_copy);
+    assert_consolidated(&method_of(&plan, &single), &blob(&gguf), &single);
 }
 
 fn actions(plan: &Value) -> Vec<(String, PathBuf)> {
@@ -831,7 +891,7 @@ fn rm_purge_never_deletes_a_local_path_and_waits_for_unload() {
 
 #[test]
 fn a_comfyui_file_identical_to_a_cache_blob_is_a_duplicate() {
-    let daemon = Daemon::start();
+    let daemon = Daemon::start_configured(&format!("[cache]\n{SMALL_LINKS}"), &[]);
     let weights = vec![7u8; 30_000];
     let cached = write_revision(
         &daemon.hf_cache(),
@@ -854,16 +914,84 @@ fn a_comfyui_file_identical_to_a_cache_blob_is_a_duplicate() {
             .contains("ComfyUI/models/vae/ae.safetensors"),
         "{found}"
     );
-    daemon
+    let plan = daemon
         .call("cache.consolidate", json!({"apply": true}))
         .unwrap();
     let blob = cached
         .join("blobs")
         .join(hex::encode(Sha256::digest(&weights)));
-    let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
-    assert_eq!(
-        ino(&copy),
-        ino(&blob),
-        "the tree's copy is a link to the blob"
+    // The tree's copy is a link to the blob, or a clone of it.
+    assert_consolidated(&method_of(&plan, &copy), &blob, &copy);
+}
+
+#[test]
+fn consolidate_links_big_weights_and_never_text_files() {
+    let daemon = Daemon::start();
+    let model_root = daemon.dir.path().join("models");
+    // Over the default consolidate_min_bytes (1 MiB).
+    let big: Vec<u8> = (0..(2u32 << 20)).map(|i| (i % 251) as u8).collect();
+    let small = vec![5u8; 30_000];
+    for dir in ["a", "b"] {
+        let dir = model_root.join(dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("README.md"), b"# notes\n").unwrap();
+        std::fs::write(dir.join(".env"), b"TOKEN=x\n").unwrap();
+        std::fs::write(dir.join("model.safetensors"), &big).unwrap();
+        std::fs::write(dir.join("small.safetensors"), &small).unwrap();
+    }
+    let modes = format!("model_root = \"{}\"\n", model_root.display());
+    std::fs::write(daemon.dir.path().join("modes.toml"), modes).unwrap();
+    daemon.call("modes.reload", json!({})).unwrap();
+    let found = daemon.call("cache.duplicates", json!({})).unwrap();
+    assert_eq!(found["groups"].as_array().unwrap().len(), 4, "{found}");
+
+    // The dry run says the method of each copy, or why it stays.
+    let dry = daemon.call("cache.consolidate", json!({})).unwrap();
+    for text in ["README.md", ".env"] {
+        let action = action_for(&dry, &model_root.join("b").join(text));
+        assert_eq!(action["method"], "skip", "{action}");
+        assert!(
+            action["reason"].as_str().unwrap().contains("text"),
+            "{action}"
+        );
+    }
+    let weights = model_root.join("b/model.safetensors");
+    let method = action_for(&dry, &weights)["method"].clone();
+    assert!(method == "hardlink" || method == "reflink", "{dry}");
+    // Under consolidate_min_bytes: never hard-linked.
+    let small_action = action_for(&dry, &model_root.join("b/small.safetensors"));
+    let small_freed = match small_action["method"].as_str().unwrap() {
+        "reflink" => small.len() as u64,
+        "skip" => {
+            let reason = small_action["reason"].as_str().unwrap();
+            assert!(reason.contains("consolidate_min_bytes"), "{small_action}");
+            0
+        }
+        other => panic!("a small weight file was planned as {other}"),
+    };
+
+    let done = daemon
+        .call("cache.consolidate", json!({"apply": true}))
+        .unwrap();
+    assert_eq!(action_for(&done, &weights)["method"], method, "{done}");
+    assert_consolidated(
+        method.as_str().unwrap(),
+        &model_root.join("a/model.safetensors"),
+        &weights,
     );
+    assert_eq!(
+        done["freed_bytes"],
+        big.len() as u64 + small_freed,
+        "{done}"
+    );
+    for text in ["README.md", ".env"] {
+        let (a, b) = (
+            model_root.join("a").join(text),
+            model_root.join("b").join(text),
+        );
+        let ino = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        assert_ne!(ino(&a), ino(&b), "{text} was linked");
+        std::fs::write(&a, b"edited\n").unwrap();
+        assert_ne!(std::fs::read(&b).unwrap(), b"edited\n", "{text} aliased");
+    }
 }

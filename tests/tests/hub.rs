@@ -43,6 +43,15 @@ fn assert_same_as_fixture(dir: &Path) {
     }
 }
 
+/// The cache blob of the fixture's `model.safetensors`.
+fn weights_blob(hub: &FakeHub, daemon: &Daemon) -> PathBuf {
+    let sha = hub.sha256_of(REPO, "model.safetensors");
+    daemon
+        .hf_cache()
+        .join("models--org--tiny-llama/blobs")
+        .join(sha)
+}
+
 fn safetensors_gets(hub: &FakeHub) -> Vec<modeld_e2e::fakehub::Request> {
     hub.downloads_of(&hub.sha256_of(REPO, "model.safetensors"))
 }
@@ -190,11 +199,7 @@ fn corrupt_bytes_are_downloaded_again_and_twice_is_an_error() {
 fn damaged_cached_files_are_replaced() {
     let (hub, daemon, commit) = setup("", &[]);
     daemon.pull(json!({"name": "tiny"}));
-    let sha = hub.sha256_of(REPO, "model.safetensors");
-    let blob = daemon
-        .hf_cache()
-        .join("models--org--tiny-llama/blobs")
-        .join(&sha);
+    let blob = weights_blob(&hub, &daemon);
 
     // Truncated: caught by the size check of every pull.
     let bytes = std::fs::read(&blob).unwrap();
@@ -523,11 +528,7 @@ fn error_data(err: &modeld_wire::ClientError) -> Value {
 fn damaged_cached_file_is_fetched_again_at_load() {
     let (hub, daemon, commit) = setup("", &[]);
     daemon.pull(json!({"name": "tiny"}));
-    let sha = hub.sha256_of(REPO, "model.safetensors");
-    let blob = daemon
-        .hf_cache()
-        .join("models--org--tiny-llama/blobs")
-        .join(&sha);
+    let blob = weights_blob(&hub, &daemon);
     let good = std::fs::read(&blob).unwrap();
 
     // Truncated: a generation loads the model, which fails on the file;
@@ -632,4 +633,129 @@ fn rm_purge_is_refused_while_downloading() {
         .unwrap();
     assert_eq!(reply["removed"]["name"], "tiny");
     assert!(!blobs.exists());
+}
+
+/// Changes the last 4 KiB of a safetensors file in place, its size kept:
+/// the header still parses, so the load itself would not notice.
+fn overwrite_tensor_data(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let end = bytes.len();
+    for byte in &mut bytes[end - 4096..] {
+        *byte ^= 0x5a;
+    }
+    std::fs::write(path, &bytes).unwrap();
+}
+
+/// The `changed_files` of a load reply, as (path, outcome) pairs.
+fn changed_files(reply: &Value) -> Vec<(PathBuf, String)> {
+    let Some(files) = reply["changed_files"].as_array() else {
+        return Vec::new();
+    };
+    files
+        .iter()
+        .map(|f| {
+            let path = PathBuf::from(f["path"].as_str().unwrap());
+            (path, f["outcome"].as_str().unwrap().to_string())
+        })
+        .collect()
+}
+
+#[test]
+fn a_blob_changed_in_place_is_hashed_and_fetched_again_before_load() {
+    let (hub, daemon, commit) = setup("", &[]);
+    daemon.pull(json!({"name": "tiny"}));
+    let blob = weights_blob(&hub, &daemon);
+    let file = snapshot(&daemon, &commit).join("model.safetensors");
+    let before = safetensors_gets(&hub).len();
+
+    // Rewritten with the same bytes: its times changed, so it is hashed,
+    // and it still matches.
+    std::fs::write(&blob, std::fs::read(&blob).unwrap()).unwrap();
+    let loaded = daemon.call("load", json!({"name": "tiny"})).unwrap();
+    assert_eq!(
+        changed_files(&loaded),
+        [(file.clone(), "unchanged".to_string())],
+        "{loaded}"
+    );
+    assert_eq!(safetensors_gets(&hub).len(), before);
+    daemon.call("unload", json!({"name": "tiny"})).unwrap();
+
+    // Some KiB of tensor data changed, size kept: fetched again.
+    overwrite_tensor_data(&blob);
+    let loaded = daemon.call("load", json!({"name": "tiny"})).unwrap();
+    assert_eq!(
+        changed_files(&loaded),
+        [(file.clone(), "refetched".to_string())],
+        "{loaded}"
+    );
+    assert_eq!(safetensors_gets(&hub).len(), before + 1);
+    assert_same_as_fixture(&snapshot(&daemon, &commit));
+
+    // The fetched blob was recorded as checked: the next load hashes nothing.
+    daemon.call("unload", json!({"name": "tiny"})).unwrap();
+    let loaded = daemon.call("load", json!({"name": "tiny"})).unwrap();
+    assert!(changed_files(&loaded).is_empty(), "{loaded}");
+    assert_eq!(safetensors_gets(&hub).len(), before + 1);
+
+    // modelctl says so too.
+    daemon.call("unload", json!({"name": "tiny"})).unwrap();
+    overwrite_tensor_data(&blob);
+    let out = daemon.ctl(&["load", "tiny"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("fetched again") && text.contains("model.safetensors"),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_changed_local_file_is_reported_and_never_fetched() {
+    let (hub, daemon, _commit) = setup("", &[]);
+    let local = daemon.dir.path().join("local-tiny");
+    modeld_e2e::copy_tree(&fixtures_dir().join("tiny-llama"), &local);
+    // A repo to fetch from exists, but the local path comes first.
+    daemon
+        .call(
+            "models.register",
+            json!({"name": "mine", "repo": REPO, "local_path": local}),
+        )
+        .unwrap();
+    daemon.pull(json!({"name": "mine", "verify": true}));
+    let weights = local.join("model.safetensors");
+    overwrite_tensor_data(&weights);
+    let changed = std::fs::read(&weights).unwrap();
+
+    let entry = scan_entry(&daemon, &local);
+    assert_eq!(entry["changed_files"], json!([weights]), "{entry}");
+
+    let before = safetensors_gets(&hub).len();
+    let loaded = daemon.call("load", json!({"name": "mine"})).unwrap();
+    assert_eq!(
+        changed_files(&loaded),
+        [(weights.clone(), "modified".to_string())],
+        "{loaded}"
+    );
+    assert_eq!(safetensors_gets(&hub).len(), before, "never fetched");
+    assert_eq!(std::fs::read(&weights).unwrap(), changed, "never written");
+
+    // Reported until a verify takes the new bytes as the checked ones.
+    let entry = scan_entry(&daemon, &local);
+    assert_eq!(entry["changed_files"], json!([weights]), "{entry}");
+    daemon.pull(json!({"name": "mine", "verify": true}));
+    let entry = scan_entry(&daemon, &local);
+    assert!(entry.get("changed_files").is_none(), "{entry}");
+}
+
+/// The `cache.scan` entry whose path is `path`.
+fn scan_entry(daemon: &Daemon, path: &Path) -> Value {
+    let scan = daemon.call("cache.scan", json!({})).unwrap();
+    scan["roots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|root| root["repos"].as_array().unwrap())
+        .find(|repo| repo["path"] == json!(path))
+        .unwrap_or_else(|| panic!("no scan entry for {}: {scan}", path.display()))
+        .clone()
 }

@@ -124,6 +124,8 @@ fn act(plan: &mut CachePlan, action: &str, path: PathBuf, bytes: u64) {
         path,
         target: None,
         bytes,
+        method: None,
+        reason: None,
     });
 }
 

@@ -4,10 +4,16 @@
 //! send a removal or a link outside the root — not even one swapped in
 //! between planning and applying. The final component itself is never
 //! followed: removing a symlink removes the link, not its target.
+//!
+//! Consolidation replaces a duplicate with a hard link, or where the file
+//! system can share blocks, with a copy-on-write clone (`FICLONE`): a file
+//! of its own, so writing to one name never changes the other.
 
 use std::ffi::{OsStr, OsString};
+use std::fs::{File, FileTimes, Metadata, Permissions};
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use nix::dir::Dir;
@@ -94,6 +100,80 @@ impl Confined {
         remove_entry(&dir, &name)
     }
 
+    /// Opens the regular file at `path` for reading, never through a link.
+    fn open_file(&self, path: &Path) -> io::Result<File> {
+        let (dir, name) = self.open_parent(path)?;
+        let flags = OFlag::O_RDONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let fd = openat(dir.as_fd(), name.as_os_str(), flags, Mode::empty())
+            .map_err(|errno| walk_error(errno, path))?;
+        let file = File::from(fd);
+        if !file.metadata()?.is_file() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is not a regular file", path.display()),
+            ));
+        }
+        Ok(file)
+    }
+
+    /// Whether `target` can be cloned into `path`'s folder: tried on an
+    /// unnamed temporary file there (`O_TMPFILE`), which is gone when
+    /// closed, so a dry run changes nothing on disk.
+    pub fn can_clone(
+        &self,
+        target_root: &Confined,
+        target: &Path,
+        path: &Path,
+    ) -> io::Result<bool> {
+        let source = target_root.open_file(target)?;
+        let (dir, _) = self.open_parent(path)?;
+        let flags = OFlag::O_TMPFILE | OFlag::O_WRONLY | OFlag::O_CLOEXEC;
+        let tried = openat(dir.as_fd(), ".", flags, Mode::from_bits_truncate(0o600))
+            .and_then(|probe| ficlone(probe.as_fd(), source.as_fd()));
+        match tried {
+            Ok(()) => Ok(true),
+            Err(errno) if clone_unsupported(errno) => Ok(false),
+            Err(errno) => Err(errno.into()),
+        }
+    }
+
+    /// Replaces `path` (below this root) with a copy-on-write clone of
+    /// `target` (below `target_root`): a new inode sharing `target`'s
+    /// blocks, with `path`'s owner, mode and times, renamed over `path` so
+    /// it never goes missing. Where the file system cannot clone, fails
+    /// with an error [`is_clone_unsupported`] recognizes and changes nothing.
+    pub fn replace_with_clone(
+        &self,
+        target_root: &Confined,
+        target: &Path,
+        path: &Path,
+    ) -> io::Result<()> {
+        let source = target_root.open_file(target)?;
+        let existing = self.open_file(path)?.metadata()?;
+        let (dir, name) = self.open_parent(path)?;
+        let tmp = temporary_name(&name, "clone");
+        let _ = unlinkat(dir.as_fd(), tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
+        let flags =
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+        let clone = File::from(openat(
+            dir.as_fd(),
+            tmp.as_os_str(),
+            flags,
+            Mode::from_bits_truncate(0o600),
+        )?);
+        let made = ficlone(clone.as_fd(), source.as_fd())
+            .map_err(io::Error::from)
+            .and_then(|()| take_metadata(&clone, &existing))
+            .and_then(|()| {
+                nix::fcntl::renameat(dir.as_fd(), tmp.as_os_str(), dir.as_fd(), name.as_os_str())
+                    .map_err(io::Error::from)
+            });
+        if made.is_err() {
+            let _ = unlinkat(dir.as_fd(), tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
+        }
+        made
+    }
+
     /// Replaces `path` (below this root) with a hard link to `target`
     /// (below `target_root`), through a temporary name and a rename, so
     /// `path` never goes missing.
@@ -105,9 +185,7 @@ impl Confined {
     ) -> io::Result<()> {
         let (target_dir, target_name) = target_root.open_parent(target)?;
         let (dir, name) = self.open_parent(path)?;
-        let mut tmp = OsString::from(".");
-        tmp.push(&name);
-        tmp.push(".modeld-link");
+        let tmp = temporary_name(&name, "link");
         let _ = unlinkat(dir.as_fd(), tmp.as_os_str(), UnlinkatFlags::NoRemoveDir);
         linkat(
             target_dir.as_fd(),
@@ -170,6 +248,54 @@ impl RootHandles {
         self.opened.push(Confined::open(base)?);
         Ok(self.opened.len() - 1)
     }
+}
+
+/// The hidden name a replacement of `name` is made under before it is
+/// renamed over it.
+fn temporary_name(name: &OsStr, what: &str) -> OsString {
+    let mut tmp = OsString::from(".");
+    tmp.push(name);
+    tmp.push(format!(".modeld-{what}"));
+    tmp
+}
+
+/// Gives a clone the owner, mode and times of the file it replaces (owner
+/// first: a change of owner clears set-id bits), and makes it durable.
+fn take_metadata(clone: &File, like: &Metadata) -> io::Result<()> {
+    std::os::unix::fs::fchown(clone, Some(like.uid()), Some(like.gid()))?;
+    clone.set_permissions(Permissions::from_mode(like.mode() & 0o7777))?;
+    let times = FileTimes::new()
+        .set_accessed(like.accessed()?)
+        .set_modified(like.modified()?);
+    clone.set_times(times)?;
+    clone.sync_all()
+}
+
+/// `FICLONE`: makes `dest` share all of `source`'s blocks, copy-on-write.
+fn ficlone(dest: BorrowedFd<'_>, source: BorrowedFd<'_>) -> nix::Result<()> {
+    // SAFETY: FICLONE takes the source descriptor as its integer argument
+    // and touches no memory of ours; both descriptors stay open (borrowed)
+    // for the whole call.
+    let result =
+        unsafe { nix::libc::ioctl(dest.as_raw_fd(), nix::libc::FICLONE, source.as_raw_fd()) };
+    Errno::result(result).map(drop)
+}
+
+/// The errors of a clone (or of the `O_TMPFILE` probe) that mean the file
+/// system cannot share blocks between these files: a hard link, or
+/// nothing, is the fallback.
+fn clone_unsupported(errno: Errno) -> bool {
+    matches!(
+        errno,
+        Errno::EOPNOTSUPP | Errno::EXDEV | Errno::EINVAL | Errno::ENOTTY | Errno::ENOSYS
+    )
+}
+
+/// Whether an error of [`Confined::replace_with_clone`] means clones are
+/// not possible here (as opposed to a failure worth reporting).
+pub fn is_clone_unsupported(err: &io::Error) -> bool {
+    err.raw_os_error()
+        .is_some_and(|code| clone_unsupported(Errno::from_raw(code)))
 }
 
 /// A symlink where a directory was expected is reported as such.
@@ -255,6 +381,52 @@ mod tests {
         std::os::unix::fs::symlink(&outside, root.join("models--a--b")).unwrap();
         confined.remove_tree(&root.join("models--a--b")).unwrap();
         assert!(outside.join("precious").exists());
+    }
+
+    #[test]
+    fn a_clone_replaces_the_copy_or_changes_nothing() {
+        let (_tmp, root, _outside) = setup();
+        let (keep, copy) = (root.join("repo/blobs/keep"), root.join("repo/copy.bin"));
+        std::fs::write(&keep, vec![7u8; 64 << 10]).unwrap();
+        std::fs::write(&copy, vec![7u8; 64 << 10]).unwrap();
+        std::fs::set_permissions(&copy, Permissions::from_mode(0o640)).unwrap();
+        let before = std::fs::metadata(&copy).unwrap();
+        let confined = Confined::open(&root).unwrap();
+        let supported = confined.can_clone(&confined, &keep, &copy).unwrap();
+        let names = || std::fs::read_dir(root.join("repo")).unwrap().count();
+        let listed = names();
+        match confined.replace_with_clone(&confined, &keep, &copy) {
+            Ok(()) => {
+                assert!(supported, "the probe said clones fail here");
+                let after = std::fs::metadata(&copy).unwrap();
+                assert_ne!(after.ino(), std::fs::metadata(&keep).unwrap().ino());
+                assert_eq!(after.mode(), before.mode());
+                assert_eq!(after.modified().unwrap(), before.modified().unwrap());
+                std::fs::write(&copy, b"x").unwrap();
+                assert_eq!(std::fs::read(&keep).unwrap(), vec![7u8; 64 << 10]);
+            }
+            Err(err) => {
+                assert!(is_clone_unsupported(&err), "{err}");
+                assert!(!supported, "the probe said clones work here");
+                assert_eq!(std::fs::metadata(&copy).unwrap().ino(), before.ino());
+            }
+        }
+        assert_eq!(names(), listed, "no temporary file is left");
+    }
+
+    #[test]
+    fn a_clone_never_reads_through_a_planted_link() {
+        let (_tmp, root, outside) = setup();
+        let copy = root.join("repo/copy.bin");
+        std::fs::write(&copy, b"x").unwrap();
+        std::os::unix::fs::symlink(outside.join("precious"), root.join("repo/blobs/keep")).unwrap();
+        let confined = Confined::open(&root).unwrap();
+        let keep = root.join("repo/blobs/keep");
+        assert!(confined.can_clone(&confined, &keep, &copy).is_err());
+        assert!(confined
+            .replace_with_clone(&confined, &keep, &copy)
+            .is_err());
+        assert_eq!(std::fs::read(&copy).unwrap(), b"x");
     }
 
     #[test]

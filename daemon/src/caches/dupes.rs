@@ -1,18 +1,16 @@
-//! `cache.duplicates` and `cache.consolidate`: identical files across the
-//! roots, found by size first and then by sha256 (hashed in parallel,
-//! streamed in 1 MiB reads); consolidation keeps one copy, preferring a
-//! cache blob, and turns the others into hard links to it.
+//! `cache.duplicates`: identical files across the roots, found by size
+//! first and then by sha256 (hashed in parallel, streamed in 1 MiB reads),
+//! each group with the copy to keep: a trusted one, then a cache blob.
+//! `consolidate.rs` acts on the groups.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
-use std::io::Read;
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use modeld_wire::types::{CacheAction, CachePlan, DuplicateGroup, DuplicatesReply};
-use sha2::{Digest, Sha256};
+use modeld_wire::types::{DuplicateGroup, DuplicatesReply};
 
-use super::confined::RootHandles;
 use super::{CacheError, Root};
+use crate::fingerprint::{digest_file, DigestKind};
 
 #[derive(Debug, Clone)]
 struct Candidate {
@@ -64,12 +62,17 @@ fn walk(dir: &Path, hf_cache: bool, out: &mut Vec<Candidate>) {
             walk(&path, hf_cache, out);
             continue;
         }
-        let in_blobs = path.parent().is_some_and(|p| p.ends_with("blobs"));
-        if hf_cache && !in_blobs {
+        if hf_cache && !in_blobs(&path) {
             continue;
         }
         consider(path, hf_cache, out);
     }
+}
+
+/// Whether `path` is in a `blobs` folder (of a Hugging Face cache, when
+/// its root is one).
+pub(super) fn in_blobs(path: &Path) -> bool {
+    path.parent().is_some_and(|p| p.ends_with("blobs"))
 }
 
 /// Adds `path` if it is a complete, non-empty regular file (not a link).
@@ -94,16 +97,7 @@ fn consider(path: PathBuf, is_blob: bool, out: &mut Vec<Candidate>) {
 }
 
 pub fn sha256_file(path: &Path) -> Result<String, CacheError> {
-    let mut file = std::fs::File::open(path).map_err(|e| CacheError::io(path, e))?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf).map_err(|e| CacheError::io(path, e))?;
-        if n == 0 {
-            return Ok(hex::encode(hasher.finalize()));
-        }
-        hasher.update(&buf[..n]);
-    }
+    digest_file(path, DigestKind::Sha256).map_err(|e| CacheError::io(path, e))
 }
 
 /// Hashes files on all cores; unreadable files are left out.
@@ -187,115 +181,4 @@ pub fn duplicates(roots: &[Root]) -> DuplicatesReply {
         bytes_hashed,
         reclaimable_bytes,
     }
-}
-
-/// Replaces each duplicate with a hard link to the kept copy. A dry run
-/// only reports; applying re-hashes both files first and skips any that
-/// changed, that a loaded model uses, that live on another file system, or
-/// whose owner or permissions differ from the kept copy's. Links are made
-/// through [`RootHandles`], so no symlink can move them outside the roots.
-pub fn consolidate(
-    found: &DuplicatesReply,
-    roots: &[Root],
-    protected: &HashSet<PathBuf>,
-    apply: bool,
-) -> CachePlan {
-    let mut plan = super::empty_plan(apply);
-    let mut handles = RootHandles::new(roots.iter().map(|r| r.path.as_path()));
-    let mut freed_inodes = HashSet::new();
-    for group in &found.groups {
-        let Ok(keep_meta) = std::fs::symlink_metadata(&group.keep) else {
-            plan.skipped
-                .push(format!("{}: gone since the scan", group.keep.display()));
-            continue;
-        };
-        for copy in &group.copies {
-            let copy_meta = match linkable(copy, &keep_meta, protected) {
-                Ok(meta) => meta,
-                Err(why) => {
-                    plan.skipped.push(format!("{}: {why}", copy.display()));
-                    continue;
-                }
-            };
-            if apply {
-                let linked = link_verified(&mut handles, &group.keep, copy, &group.sha256);
-                if let Err(why) = linked {
-                    plan.skipped.push(format!("{}: {why}", copy.display()));
-                    continue;
-                }
-            }
-            // Aliases of one inode free its bytes once, with the last name.
-            let bytes = if freed_inodes.insert((copy_meta.dev(), copy_meta.ino())) {
-                group.size_bytes
-            } else {
-                0
-            };
-            plan.freed_bytes += bytes;
-            plan.actions.push(CacheAction {
-                action: "hardlink".into(),
-                path: copy.clone(),
-                target: Some(group.keep.clone()),
-                bytes,
-            });
-        }
-    }
-    plan
-}
-
-/// Whether `copy` may become a link to the kept file; if not, why.
-fn linkable(
-    copy: &Path,
-    keep: &std::fs::Metadata,
-    protected: &HashSet<PathBuf>,
-) -> Result<std::fs::Metadata, String> {
-    if copy
-        .canonicalize()
-        .is_ok_and(|real| protected.contains(&real))
-    {
-        return Err("used by a loaded model".into());
-    }
-    let meta = std::fs::symlink_metadata(copy).map_err(|_| "gone since the scan".to_string())?;
-    if !meta.is_file() || !keep.is_file() {
-        return Err("not a regular file any more".into());
-    }
-    if meta.dev() != keep.dev() {
-        return Err("on another file system than the kept copy".into());
-    }
-    if (meta.uid(), meta.gid()) != (keep.uid(), keep.gid()) {
-        return Err(format!(
-            "owned by {}:{}, the kept copy by {}:{}; files of different owners are never merged",
-            meta.uid(),
-            meta.gid(),
-            keep.uid(),
-            keep.gid()
-        ));
-    }
-    if meta.mode() & 0o7777 != keep.mode() & 0o7777 {
-        return Err(format!(
-            "mode {:o} differs from the kept copy's {:o}",
-            meta.mode() & 0o7777,
-            keep.mode() & 0o7777
-        ));
-    }
-    Ok(meta)
-}
-
-/// Links `copy` to `keep` after checking both still hash to `sha256`; the
-/// swap is a rename, so `copy` is never missing.
-fn link_verified(
-    handles: &mut RootHandles,
-    keep: &Path,
-    copy: &Path,
-    sha256: &str,
-) -> Result<(), String> {
-    for path in [keep, copy] {
-        let hash = sha256_file(path).map_err(|e| e.to_string())?;
-        if hash != sha256 {
-            return Err("changed since the scan".into());
-        }
-    }
-    let (keep_root, copy_root) = handles.pair(keep, copy).map_err(|e| e.to_string())?;
-    copy_root
-        .replace_with_link(keep_root, keep, copy)
-        .map_err(|e| e.to_string())
 }

@@ -5,6 +5,7 @@
 
 pub mod clean;
 pub mod confined;
+pub mod consolidate;
 pub mod dupes;
 pub mod families;
 pub mod scan;
@@ -88,10 +89,11 @@ pub fn roots(state: &AppState) -> Vec<Root> {
     roots
 }
 
-/// The roots duplicates are searched in: every root, plus the folders
-/// (or single files) registered models point at with `local_path`, which
-/// often hold a second copy of a cached model.
-pub fn duplicate_roots(state: &AppState) -> Vec<Root> {
+/// Every root, plus the folders (or single files) registered models point
+/// at with `local_path` outside them: duplicates are searched there, since
+/// they often hold a second copy of a cached model, and the scan reports
+/// their changed files.
+pub fn roots_and_local_paths(state: &AppState) -> Vec<Root> {
     let mut roots = roots(state);
     for model in state.registry.list().unwrap_or_default() {
         let Some(path) = model.local_path else {

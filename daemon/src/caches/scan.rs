@@ -1,6 +1,8 @@
 //! `cache.scan`: repos, revisions, refs and sizes of every root, with
 //! huggingface_hub's own accounting (hf-hub's scanner), plus which models
-//! are registered and what kind of model each repo holds.
+//! are registered, what kind of model each repo holds, and which of its
+//! files changed since a pull or `pull --verify` hashed them (stamps only:
+//! the scan reads no file's bytes).
 
 use std::path::{Path, PathBuf};
 
@@ -9,15 +11,21 @@ use modeld_wire::types::{CacheRootScan, CacheScanReply, CachedRepo, CachedRevisi
 use serde_json::Value;
 
 use super::{epoch_secs, families, Root};
+use crate::fingerprint::{files_under, Fingerprints};
 
-pub async fn scan(roots: &[Root], models: &[ModelRecord]) -> CacheScanReply {
+pub async fn scan(
+    roots: &[Root],
+    models: &[ModelRecord],
+    fingerprints: &Fingerprints,
+) -> CacheScanReply {
     let mut scanned = Vec::with_capacity(roots.len());
     for root in roots {
         let scan = if root.is_hf_cache() {
-            scan_hf_cache(root, models).await
+            scan_hf_cache(root, models, fingerprints).await
         } else {
-            let root = root.clone();
-            tokio::task::spawn_blocking(move || scan_model_root(&root))
+            let (root, models) = (root.clone(), models.to_vec());
+            let fingerprints = fingerprints.clone();
+            tokio::task::spawn_blocking(move || scan_folder(&root, &models, &fingerprints))
                 .await
                 .unwrap_or_else(|e| {
                     empty(
@@ -49,7 +57,32 @@ fn empty(root: &Root, warnings: Vec<String>) -> CacheRootScan {
     }
 }
 
-async fn scan_hf_cache(root: &Root, models: &[ModelRecord]) -> CacheRootScan {
+/// Snapshot files whose blobs changed since they were checked.
+fn changed_snapshot_files(
+    revisions: &[hf_hub::cache::CachedRevisionInfo],
+    fingerprints: &Fingerprints,
+) -> Vec<PathBuf> {
+    revisions
+        .iter()
+        .flat_map(|revision| &revision.files)
+        .filter(|file| fingerprints.check(&file.blob_path).is_change())
+        .map(|file| file.file_path.clone())
+        .collect()
+}
+
+/// Files under `path` that changed since they were checked.
+fn changed_files_under(path: &Path, fingerprints: &Fingerprints) -> Vec<PathBuf> {
+    files_under(path)
+        .into_iter()
+        .filter(|file| fingerprints.check(file).is_change())
+        .collect()
+}
+
+async fn scan_hf_cache(
+    root: &Root,
+    models: &[ModelRecord],
+    fingerprints: &Fingerprints,
+) -> CacheRootScan {
     let client = match HFClient::builder().cache_dir(root.path.clone()).build() {
         Ok(client) => client,
         Err(err) => return empty(root, vec![err.to_string()]),
@@ -73,6 +106,7 @@ async fn scan_hf_cache(root: &Root, models: &[ModelRecord]) -> CacheRootScan {
                 .map(|m| m.name.clone())
                 .collect();
             CachedRepo {
+                changed_files: changed_snapshot_files(&repo.revisions, fingerprints),
                 registered_as,
                 family,
                 architecture,
@@ -122,9 +156,46 @@ const COMFYUI_FOLDERS: [&str; 10] = [
     "upscale_models",
 ];
 
+/// A folder that is not a Hugging Face cache: a model root, or a
+/// registered `local_path` (one model, listed as one entry).
+fn scan_folder(root: &Root, models: &[ModelRecord], fingerprints: &Fingerprints) -> CacheRootScan {
+    match root.role {
+        "local" => scan_local(root, models, fingerprints),
+        _ => scan_model_root(root, fingerprints),
+    }
+}
+
+/// A registered `local_path` outside the other roots: one entry, the
+/// models registered with it.
+fn scan_local(root: &Root, models: &[ModelRecord], fingerprints: &Fingerprints) -> CacheRootScan {
+    let mut scan = empty(root, Vec::new());
+    scan.exists = root.path.exists();
+    let stats = tree_stats(&root.path);
+    if stats.1 == 0 {
+        return scan;
+    }
+    let name = root.path.file_name().unwrap_or_default();
+    let name = name.to_string_lossy().into_owned();
+    let kind = classify(&root.path, &name);
+    let found = Found {
+        name,
+        kind: "local",
+        changed_files: changed_files_under(&root.path, fingerprints),
+        registered_as: models
+            .iter()
+            .filter(|m| m.local_path.as_deref() == Some(root.path.as_path()))
+            .map(|m| m.name.clone())
+            .collect(),
+        path: root.path.clone(),
+        stats,
+    };
+    add_found(&mut scan, found, kind);
+    scan
+}
+
 /// A model root holds one model per directory (or single `.gguf` files);
 /// a ComfyUI tree's component folders are listed file by file instead.
-fn scan_model_root(root: &Root) -> CacheRootScan {
+fn scan_model_root(root: &Root, fingerprints: &Fingerprints) -> CacheRootScan {
     let mut scan = empty(root, Vec::new());
     let Ok(entries) = std::fs::read_dir(&root.path) else {
         return scan;
@@ -133,7 +204,7 @@ fn scan_model_root(root: &Root) -> CacheRootScan {
         let path = entry.path();
         let name = entry.file_name().to_string_lossy().into_owned();
         if COMFYUI_FOLDERS.contains(&name.as_str()) && path.is_dir() {
-            list_loose_files(root, &path, &mut scan);
+            list_loose_files(root, &path, fingerprints, &mut scan);
             continue;
         }
         let (size, files, accessed, modified) = tree_stats(&path);
@@ -144,6 +215,8 @@ fn scan_model_root(root: &Root) -> CacheRootScan {
         let found = Found {
             name,
             kind: "local",
+            changed_files: changed_files_under(&path, fingerprints),
+            registered_as: Vec::new(),
             path,
             stats: (size, files, accessed, modified),
         };
@@ -155,7 +228,12 @@ fn scan_model_root(root: &Root) -> CacheRootScan {
 
 /// Every weight file under a ComfyUI component folder, as its own entry
 /// named by its path in the tree, with the family its tensor names say.
-fn list_loose_files(root: &Root, dir: &Path, scan: &mut CacheRootScan) {
+fn list_loose_files(
+    root: &Root,
+    dir: &Path,
+    fingerprints: &Fingerprints,
+    scan: &mut CacheRootScan,
+) {
     let mut files = Vec::new();
     weight_files_under(dir, &mut files);
     for path in files {
@@ -175,6 +253,8 @@ fn list_loose_files(root: &Root, dir: &Path, scan: &mut CacheRootScan) {
         let found = Found {
             name,
             kind: "file",
+            changed_files: changed_files_under(&path, fingerprints),
+            registered_as: Vec::new(),
             path,
             stats,
         };
@@ -188,6 +268,8 @@ struct Found {
     kind: &'static str,
     path: PathBuf,
     stats: (u64, usize, u64, u64),
+    changed_files: Vec<PathBuf>,
+    registered_as: Vec<String>,
 }
 
 /// Adds `found`, of `(family, architecture)`, to the root's listing.
@@ -207,9 +289,10 @@ fn add_found(
         last_accessed: accessed,
         last_modified: modified,
         revisions: Vec::new(),
-        registered_as: Vec::new(),
+        registered_as: found.registered_as,
         family,
         architecture,
+        changed_files: found.changed_files,
     });
 }
 

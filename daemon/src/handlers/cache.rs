@@ -9,7 +9,7 @@ use modeld_wire::types::{
     ApplyParams, CachePlan, CacheRemoveParams, CacheScanReply, DuplicatesReply,
 };
 
-use crate::caches::{self, clean, dupes, scan};
+use crate::caches::{self, clean, consolidate, dupes, scan};
 use crate::rpc::{ApiError, NoParams};
 use crate::state::AppState;
 use crate::validate::{valid_repo_id, valid_revision};
@@ -39,22 +39,25 @@ fn busy_repo_dirs(state: &AppState) -> HashSet<PathBuf> {
 }
 
 pub async fn scan(state: Arc<AppState>, _: NoParams) -> Result<CacheScanReply, ApiError> {
-    let roots = caches::roots(&state);
+    let roots = caches::roots_and_local_paths(&state);
     let models = state.registry.list()?;
-    Ok(scan::scan(&roots, &models).await)
+    Ok(scan::scan(&roots, &models, state.registry.fingerprints()).await)
 }
 
 pub async fn duplicates(state: Arc<AppState>, _: NoParams) -> Result<DuplicatesReply, ApiError> {
-    let roots = caches::duplicate_roots(&state);
+    let roots = caches::roots_and_local_paths(&state);
     blocking(move || dupes::duplicates(&roots)).await
 }
 
 pub async fn consolidate(state: Arc<AppState>, params: ApplyParams) -> Result<CachePlan, ApiError> {
-    let roots = caches::duplicate_roots(&state);
+    let roots = caches::roots_and_local_paths(&state);
     let protected = caches::protected_files(&state);
+    let policy = consolidate::Policy {
+        min_link_bytes: state.config().cache.consolidate_min_bytes,
+    };
     blocking(move || {
         let found = dupes::duplicates(&roots);
-        dupes::consolidate(&found, &roots, &protected, params.apply)
+        consolidate::consolidate(&found, &roots, &protected, policy, params.apply)
     })
     .await
 }

@@ -28,10 +28,11 @@ pub async fn load(state: Arc<AppState>, params: LoadParams) -> Result<LoadReply,
         params.device.as_deref(),
         params.dtype.as_deref(),
     )?;
-    let loaded = loader::ensure_loaded(&state, &name, None, Some(placement)).await?;
+    let outcome = loader::load_checked(&state, &name, None, Some(placement)).await?;
     Ok(LoadReply {
-        model: loaded.model,
-        already_loaded: loaded.already_loaded,
+        model: outcome.loaded.model,
+        already_loaded: outcome.loaded.already_loaded,
+        changed_files: outcome.changed_files,
     })
 }
 

@@ -89,7 +89,8 @@ fn start(
         roots: state.cache_roots(),
         hub: state.hub_settings(),
         verify: params.verify,
-        repair: None,
+        repair: Vec::new(),
+        fingerprints: state.registry.fingerprints().clone(),
     })?;
     Ok(watch)
 }

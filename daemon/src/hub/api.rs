@@ -10,6 +10,7 @@ use hf_hub::{HFClient, HFError};
 
 use super::cache::safe_repo_path;
 use super::HubError;
+use crate::fingerprint::DigestKind;
 
 /// Where the Hub is and how to authenticate, resolved once from config and
 /// the standard Hugging Face environment variables.
@@ -82,6 +83,16 @@ pub struct RemoteFile {
     pub etag: String,
     /// True when `etag` is a sha256 of the contents (LFS), false for a git oid.
     pub lfs: bool,
+}
+
+impl RemoteFile {
+    /// How `etag` is computed from the file's bytes.
+    pub fn digest_kind(&self) -> DigestKind {
+        match self.lfs {
+            true => DigestKind::Sha256,
+            false => DigestKind::GitBlob,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

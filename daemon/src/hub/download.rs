@@ -7,54 +7,21 @@
 //! to its blob name. A mismatch discards the bytes and downloads once more.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::Path;
 use std::time::Duration;
 
 use futures::StreamExt;
 use reqwest::header::{AUTHORIZATION, RANGE};
 use reqwest::StatusCode;
-use sha1::Sha1;
-use sha2::{Digest, Sha256};
 
 use super::api::{Hub, RemoteFile};
 use super::cache::RepoCache;
 use super::HubError;
+use crate::fingerprint::{digest_file, Hasher};
 
 /// Where a download is up to, reported after every chunk.
 pub type OnBytes<'a> = &'a mut (dyn FnMut(u64) + Send);
-
-/// The hash a file is checked against.
-enum Hasher {
-    Sha256(Sha256),
-    GitBlob(Sha1),
-}
-
-impl Hasher {
-    fn new(file: &RemoteFile) -> Self {
-        if file.lfs {
-            Hasher::Sha256(Sha256::new())
-        } else {
-            let mut sha1 = Sha1::new();
-            sha1.update(format!("blob {}\0", file.size).as_bytes());
-            Hasher::GitBlob(sha1)
-        }
-    }
-
-    fn update(&mut self, bytes: &[u8]) {
-        match self {
-            Hasher::Sha256(h) => h.update(bytes),
-            Hasher::GitBlob(h) => h.update(bytes),
-        }
-    }
-
-    fn finish(self) -> String {
-        match self {
-            Hasher::Sha256(h) => hex::encode(h.finalize()),
-            Hasher::GitBlob(h) => hex::encode(h.finalize()),
-        }
-    }
-}
 
 /// Whether the blob for `file` is already present and of the right size;
 /// with `verify`, its hash is checked too (and a bad blob removed).
@@ -76,9 +43,7 @@ pub fn blob_is_complete(
     if !verify {
         return Ok(true);
     }
-    let mut hasher = Hasher::new(file);
-    hash_existing(&blob, &mut hasher)?;
-    if hasher.finish() == file.etag {
+    if digest_file(&blob, file.digest_kind()).map_err(|e| HubError::io(&blob, e))? == file.etag {
         return Ok(true);
     }
     tracing::warn!(blob = %blob.display(), "cached blob is corrupt; downloading again");
@@ -86,7 +51,8 @@ pub fn blob_is_complete(
     Ok(false)
 }
 
-/// Downloads `file` into its blob unless it is already there.
+/// Downloads `file` into its blob unless it is already there; true when
+/// it did (the new blob's bytes were verified on the way).
 pub async fn fetch_blob(
     hub: &Hub,
     cache: &RepoCache,
@@ -94,11 +60,11 @@ pub async fn fetch_blob(
     commit: &str,
     file: &RemoteFile,
     on_bytes: OnBytes<'_>,
-) -> Result<(), HubError> {
+) -> Result<bool, HubError> {
     let blob = cache.blob(&file.etag);
     if blob_is_complete(cache, file, false)? {
         on_bytes(file.size);
-        return Ok(());
+        return Ok(false);
     }
     let blobs = blob.parent().expect("blobs have a parent");
     std::fs::create_dir_all(blobs).map_err(|e| HubError::io(blobs, e))?;
@@ -126,7 +92,7 @@ pub async fn fetch_blob(
         .and_then(|f| f.sync_all())
         .map_err(|e| HubError::io(&partial, e))?;
     std::fs::rename(&partial, &blob).map_err(|e| HubError::io(&blob, e))?;
-    Ok(())
+    Ok(true)
 }
 
 /// Fills `partial` up to `file.size`, resuming and retrying transient
@@ -188,24 +154,14 @@ fn open_partial(partial: &Path, file: &RemoteFile) -> Result<(File, Hasher, u64)
         out.set_len(0).map_err(|e| HubError::io(partial, e))?;
         offset = 0;
     }
-    let mut hasher = Hasher::new(file);
+    let mut hasher = Hasher::new(file.digest_kind(), file.size);
     if offset > 0 {
-        hash_existing(partial, &mut hasher)?;
+        hasher
+            .update_from(partial)
+            .map_err(|e| HubError::io(partial, e))?;
     }
     let _ = out.flush();
     Ok((out, hasher, offset))
-}
-
-fn hash_existing(path: &Path, hasher: &mut Hasher) -> Result<(), HubError> {
-    let mut input = File::open(path).map_err(|e| HubError::io(path, e))?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = input.read(&mut buf).map_err(|e| HubError::io(path, e))?;
-        if n == 0 {
-            return Ok(());
-        }
-        hasher.update(&buf[..n]);
-    }
 }
 
 enum Transfer {

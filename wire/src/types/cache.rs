@@ -15,7 +15,8 @@ pub struct CacheScanReply {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CacheRootScan {
     pub path: PathBuf,
-    /// `primary`, `secondary`, `standard`, `extra`, `custom` or `model_root`.
+    /// `primary`, `secondary`, `standard`, `extra`, `custom`, `model_root`,
+    /// or `local` (a registered `local_path` outside the other roots).
     pub role: String,
     pub exists: bool,
     pub size_bytes: u64,
@@ -42,6 +43,13 @@ pub struct CachedRepo {
     /// `llm`, `diffusion`, `lora`, `vae`, `embedding` or `unknown`.
     pub family: String,
     pub architecture: Option<String>,
+    /// Files whose size, mtime or ctime changed since a pull or `pull
+    /// --verify` hashed them (or that a load found changed): snapshot
+    /// files of a cache repo, files of a model root entry or `local_path`.
+    /// A load hashes them again; cache files that no longer match are
+    /// fetched again, local ones never.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed_files: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -95,15 +103,23 @@ pub struct CachePlan {
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CacheAction {
-    /// `hardlink`, `remove_incomplete`, `remove_dangling_link`,
+    /// `consolidate`, `remove_incomplete`, `remove_dangling_link`,
     /// `remove_orphan_blob`, `remove_empty_repo`, `remove_revision`,
     /// `remove_repo`.
     pub action: String,
     pub path: PathBuf,
-    /// For `hardlink`: the copy it now shares.
+    /// For `consolidate`: the kept copy `path` becomes (or would become)
+    /// a clone of or a link to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub target: Option<PathBuf>,
     pub bytes: u64,
+    /// For `consolidate`: `reflink` (a copy-on-write clone: no aliasing),
+    /// `hardlink` (one inode for both names), or `skip` (left as it is).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub method: Option<String>,
+    /// For a `skip`: why the copy is left as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -116,4 +132,29 @@ pub struct CacheRemoveParams {
     pub revision: Option<String>,
     #[serde(default)]
     pub apply: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plans_without_methods_read_and_write_as_before() {
+        let old = serde_json::json!({"action": "remove_orphan_blob", "path": "/c/b", "bytes": 3});
+        let action: CacheAction = serde_json::from_value(old.clone()).unwrap();
+        assert_eq!(
+            (action.method.as_deref(), action.reason.as_deref()),
+            (None, None)
+        );
+        assert_eq!(serde_json::to_value(&action).unwrap(), old);
+        let skip = CacheAction {
+            action: "consolidate".into(),
+            method: Some("skip".into()),
+            reason: Some("a config or text file".into()),
+            ..action
+        };
+        let written = serde_json::to_value(&skip).unwrap();
+        assert_eq!(written["method"], "skip");
+        assert_eq!(written["reason"], "a config or text file");
+    }
 }

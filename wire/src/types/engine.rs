@@ -48,6 +48,31 @@ pub struct LoadReply {
     pub model: LoadedModel,
     /// True when the model was already resident and nothing was done.
     pub already_loaded: bool,
+    /// Files that changed on disk since a pull or `pull --verify` hashed
+    /// them, hashed again before the load, and what became of each.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub changed_files: Vec<ChangedFile>,
+}
+
+/// A model file whose size, mtime or ctime changed since it was checked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangedFile {
+    /// As the model reads it: a snapshot file, or a file of its `local_path`.
+    pub path: PathBuf,
+    pub outcome: ChangeOutcome,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangeOutcome {
+    /// Touched or rewritten, but its bytes still hash as checked.
+    Unchanged,
+    /// A cache file whose bytes no longer matched its sha256 (or git blob
+    /// id): fetched again from the Hub before the load.
+    Refetched,
+    /// A `local_path` file whose bytes changed: loaded as it is, since local
+    /// files are never fetched; reported until `pull --verify` checks it.
+    Modified,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -336,6 +361,32 @@ mod tests {
         let back: GenerateEvent = serde_json::from_value(value.clone()).unwrap();
         assert_eq!(&back, event);
         value
+    }
+
+    #[test]
+    fn load_replies_without_changed_files_read_and_write_as_before() {
+        let model = serde_json::json!({
+            "name": "m", "arch": "llama", "device": "cpu", "dtype": "f32",
+            "path": "/m", "estimated_bytes": 1, "measured_bytes": 1,
+            "load_ms": 1, "loaded_at": 1, "context_length": 8
+        });
+        let old = serde_json::json!({"model": model, "already_loaded": false});
+        let reply: LoadReply = serde_json::from_value(old.clone()).unwrap();
+        assert!(reply.changed_files.is_empty());
+        let written = serde_json::to_value(&reply).unwrap();
+        assert!(written.get("changed_files").is_none(), "{written}");
+        let changed = LoadReply {
+            changed_files: vec![ChangedFile {
+                path: "/m/model.safetensors".into(),
+                outcome: ChangeOutcome::Refetched,
+            }],
+            ..reply
+        };
+        let written = serde_json::to_value(&changed).unwrap();
+        assert_eq!(
+            written["changed_files"],
+            serde_json::json!([{"path": "/m/model.safetensors", "outcome": "refetched"}])
+        );
     }
 
     #[test]
