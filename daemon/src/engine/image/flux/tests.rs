@@ -19,15 +19,15 @@ use crate::engine::image::test_support::{
     reference_tensors, Injected,
 };
 
-fn fixture() -> PathBuf {
+pub(super) fn fixture() -> PathBuf {
     fixture_dir("tiny-flux")
 }
 
-fn expected_json() -> Value {
+pub(super) fn expected_json() -> Value {
     reference_json(&fixture())
 }
 
-fn expected() -> HashMap<String, Tensor> {
+pub(super) fn expected() -> HashMap<String, Tensor> {
     reference_tensors(&fixture())
 }
 
@@ -37,12 +37,19 @@ fn load(folder: &str, options: &ImageLoad) -> FluxPipeline {
 }
 
 fn single_file(name: &str, options: &ImageLoad) -> FluxPipeline {
-    let file = fixture().join("single_file").join(name);
+    load_single_file(&fixture().join("single_file").join(name), options).expect("single file loads")
+}
+
+/// A single-file transformer with the rest of the pipeline from dev.
+pub(super) fn load_single_file(
+    file: &Path,
+    options: &ImageLoad,
+) -> Result<FluxPipeline, ImageError> {
     let parts = ImageParts {
         config_dir: Some(fixture().join("dev")),
         ..ImageParts::default()
     };
-    FluxPipeline::load_single_file(&file, &parts, options).expect("single file loads")
+    FluxPipeline::load_single_file(file, &parts, options)
 }
 
 /// The request a reference case's pipeline call makes.
@@ -84,7 +91,7 @@ fn floats(value: &Value) -> Vec<f32> {
 
 /// Every step's packed latents and the picture of `pipeline` on the case's
 /// stored starting latents.
-fn run(pipeline: &FluxPipeline, name: &str) -> (Vec<Tensor>, Tensor) {
+pub(super) fn run(pipeline: &FluxPipeline, name: &str) -> (Vec<Tensor>, Tensor) {
     let json = expected_json();
     let request = request_of(case(&json, name));
     let latents = &expected()[&format!("{name}.latents")];
