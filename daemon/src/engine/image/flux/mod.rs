@@ -13,6 +13,8 @@ pub mod single_file;
 pub mod transformer;
 
 #[cfg(test)]
+mod scaled_fp8_tests;
+#[cfg(test)]
 mod tests;
 
 use std::collections::HashSet;

@@ -1,32 +1,33 @@
 //! The FLUX pipeline against diffusers' reference numbers for the
 //! tiny-flux fixture: sigmas, token ids, T5 states and CLIP's pooled
 //! output, every step's packed latents and the picture, for dev, schnell,
-//! the BFL single file, its fp8 copy and a PEFT LoRA.
+//! the BFL single file, its fp8 copy, a PEFT LoRA and img2img.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
+use base64::Engine as _;
 use candle_core::{DType, Device, Tensor};
 use modeld_wire::types::{ImageStage, LoraInfo};
 use serde_json::Value;
 
 use super::*;
-use crate::engine::image::request::{Given, ImageRequest};
+use crate::engine::image::request::{decode_init_image, Given, ImageRequest};
 use crate::engine::image::test_support::{
     assert_close, case, cpu_f32, fixture_dir, max_abs_diff, no_noise, reference_json,
-    reference_tensors,
+    reference_tensors, Injected,
 };
 
-fn fixture() -> PathBuf {
+pub(super) fn fixture() -> PathBuf {
     fixture_dir("tiny-flux")
 }
 
-fn expected_json() -> Value {
+pub(super) fn expected_json() -> Value {
     reference_json(&fixture())
 }
 
-fn expected() -> HashMap<String, Tensor> {
+pub(super) fn expected() -> HashMap<String, Tensor> {
     reference_tensors(&fixture())
 }
 
@@ -36,18 +37,30 @@ fn load(folder: &str, options: &ImageLoad) -> FluxPipeline {
 }
 
 fn single_file(name: &str, options: &ImageLoad) -> FluxPipeline {
-    let file = fixture().join("single_file").join(name);
+    load_single_file(&fixture().join("single_file").join(name), options).expect("single file loads")
+}
+
+/// A single-file transformer with the rest of the pipeline from dev.
+pub(super) fn load_single_file(
+    file: &Path,
+    options: &ImageLoad,
+) -> Result<FluxPipeline, ImageError> {
     let parts = ImageParts {
         config_dir: Some(fixture().join("dev")),
         ..ImageParts::default()
     };
-    FluxPipeline::load_single_file(&file, &parts, options).expect("single file loads")
+    FluxPipeline::load_single_file(file, &parts, options)
 }
 
 /// The request a reference case's pipeline call makes.
 fn request_of(case: &Value) -> ValidImageRequest {
+    ValidImageRequest::try_from(image_request_of(case)).expect("reference request is valid")
+}
+
+/// A reference case's call as a client's request, before validation.
+fn image_request_of(case: &Value) -> ImageRequest {
     let number = |key: &str| case[key].as_u64().unwrap_or_else(|| panic!("{key}"));
-    ValidImageRequest::try_from(ImageRequest {
+    ImageRequest {
         prompt: case["prompt"].as_str().expect("prompt").into(),
         negative_prompt: None,
         width: number("width") as u32,
@@ -64,8 +77,7 @@ fn request_of(case: &Value) -> ValidImageRequest {
             guidance: true,
         },
         max_sequence_length: Some(number("max_sequence_length") as u32),
-    })
-    .expect("reference request is valid")
+    }
 }
 
 fn floats(value: &Value) -> Vec<f32> {
@@ -79,27 +91,31 @@ fn floats(value: &Value) -> Vec<f32> {
 
 /// Every step's packed latents and the picture of `pipeline` on the case's
 /// stored starting latents.
-fn run(pipeline: &FluxPipeline, name: &str) -> (Vec<Tensor>, Tensor) {
+pub(super) fn run(pipeline: &FluxPipeline, name: &str) -> (Vec<Tensor>, Tensor) {
     let json = expected_json();
     let request = request_of(case(&json, name));
-    let settings = pipeline.settings(&request).expect("settings");
-    let latents = expected()[&format!("{name}.latents")]
-        .unsqueeze(0)
-        .expect("batch");
+    let latents = &expected()[&format!("{name}.latents")];
+    render_steps(pipeline, &request, latents, &mut no_noise())
+}
+
+/// Every step's packed latents and the picture of one `request` from the
+/// packed starting `latents` (without a batch dimension).
+fn render_steps(
+    pipeline: &FluxPipeline,
+    request: &ValidImageRequest,
+    latents: &Tensor,
+    noise: &mut dyn StepNoise,
+) -> (Vec<Tensor>, Tensor) {
+    let settings = pipeline.settings(request).expect("settings");
+    let latents = latents.unsqueeze(0).expect("batch");
     let mut steps = Vec::new();
     let image = pipeline
-        .render(
-            &request,
-            &settings,
-            latents,
-            &mut no_noise(),
-            &mut |event| {
-                if let RunEvent::Denoised { latents: l, .. } = event {
-                    steps.push(l.squeeze(0).expect("one picture"));
-                }
-                ControlFlow::Continue(())
-            },
-        )
+        .render(request, &settings, latents, noise, &mut |event| {
+            if let RunEvent::Denoised { latents: l, .. } = event {
+                steps.push(l.squeeze(0).expect("one picture"));
+            }
+            ControlFlow::Continue(())
+        })
         .expect("render");
     (steps, image.squeeze(0).expect("one picture"))
 }
@@ -461,6 +477,73 @@ fn img2img_at_full_strength_is_text_to_image_and_less_runs_fewer_steps() {
     let run = pipeline.settings(&img2img).expect("settings");
     assert_eq!((run.first_step, run.steps_run()), (2, 2));
     assert_ne!(half, plain);
+}
+
+/// The img2img reference (`tiny-flux/img2img`, made by its `generate.py`):
+/// diffusers' `FluxImg2ImgPipeline` on dev from `init.png`, with the
+/// random draws it made.
+fn img2img_reference() -> (Value, HashMap<String, Tensor>) {
+    let dir = fixture().join("img2img");
+    (reference_json(&dir), reference_tensors(&dir))
+}
+
+fn img2img_request(json: &Value) -> ValidImageRequest {
+    let png = std::fs::read(fixture().join("img2img/init.png")).expect("init.png");
+    let base64 = base64::engine::general_purpose::STANDARD.encode(png);
+    let mut request = image_request_of(json);
+    request.init_image = Some(decode_init_image(&base64).expect("init.png decodes"));
+    request.strength = json["strength"].as_f64();
+    ValidImageRequest::try_from(request).expect("reference request is valid")
+}
+
+/// diffusers' posterior draw, the only noise an img2img run takes besides
+/// its starting latents.
+fn posterior_draw(tensors: &HashMap<String, Tensor>) -> Injected {
+    Injected(VecDeque::from([tensors["posterior_noise"].clone()]))
+}
+
+#[test]
+fn img2img_encodes_the_picture_as_the_reference() {
+    let (json, tensors) = img2img_reference();
+    let pipeline = load("dev", &cpu_f32());
+    let request = img2img_request(&json);
+    let image = request.init_image.as_ref().expect("init image");
+    let mut noise = posterior_draw(&tensors);
+    let encoded = pipeline
+        .vae
+        .encode(image, 1, &mut noise, &Device::Cpu)
+        .expect("encode");
+    let packed = pack(&encoded).expect("pack").squeeze(0).expect("batch");
+    assert_close("encoded picture", &packed, &tensors["image_latents"]);
+}
+
+#[test]
+fn img2img_matches_the_reference() {
+    let (json, tensors) = img2img_reference();
+    let pipeline = load("dev", &cpu_f32());
+    let request = img2img_request(&json);
+    let run = pipeline.settings(&request).expect("settings");
+    let number = |key: &str| json[key].as_u64().expect(key) as usize;
+    assert_eq!(
+        (run.first_step, run.steps_run()),
+        (number("first_step"), number("steps_run"))
+    );
+    let tokens = tensors["start_noise_packed"].dim(0).expect("tokens");
+    let sigmas = sampling::sigmas(&pipeline.parts.scheduler_json, run.steps, tokens);
+    for (ours, theirs) in sigmas.iter().zip(floats(&json["sigmas"])) {
+        assert!((ours - theirs).abs() < 1e-6, "sigma {ours} != {theirs}");
+    }
+    let mut noise = posterior_draw(&tensors);
+    let start = &tensors["start_noise_packed"];
+    let (steps, image) = render_steps(&pipeline, &request, start, &mut noise);
+    assert!(noise.0.is_empty(), "the posterior draw was taken");
+    let step_latents = &tensors["step_latents"];
+    assert_eq!(steps.len(), step_latents.dim(0).expect("steps"));
+    for (i, ours) in steps.iter().enumerate() {
+        let theirs = step_latents.get(i).expect("step");
+        assert_close(&format!("img2img step {i}"), ours, &theirs);
+    }
+    assert_close("img2img image", &image, &tensors["image"]);
 }
 
 #[test]

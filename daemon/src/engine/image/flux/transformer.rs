@@ -33,7 +33,8 @@ impl Build {
 }
 
 /// A linear layer whose weight may be stored in fp8, with an optional
-/// per-layer scale (`scale_weight`), cast to the input's dtype per call.
+/// per-layer scale (`scale_weight` or `weight_scale`), cast to the
+/// input's dtype per call.
 pub struct FluxLinear {
     weight: Tensor,
     bias: Option<Tensor>,
@@ -61,12 +62,7 @@ impl FluxLinear {
         let scale = ["scale_weight", "weight_scale"]
             .into_iter()
             .find(|name| b.vb.contains_tensor(name))
-            .map(|name| {
-                b.vb.get_unchecked_dtype(name, DType::F32)?
-                    .flatten_all()?
-                    .get(0)?
-                    .to_scalar::<f32>()
-            })
+            .map(|name| per_tensor_scale(&b.vb, name))
             .transpose()?;
         Ok(FluxLinear {
             weight,
@@ -87,6 +83,21 @@ impl FluxLinear {
             .transpose()?;
         candle_nn::Linear::new(weight, bias).forward(xs)
     }
+}
+
+/// A weight's fp8 scale, which must be one number: a scale per output
+/// row (some quantizers write `weight_scale` so) would otherwise be read
+/// as its first row's and silently misapplied to all.
+fn per_tensor_scale(vb: &VarBuilder, name: &str) -> Result<f32> {
+    let scale = vb.get_unchecked_dtype(name, DType::F32)?;
+    if scale.elem_count() != 1 {
+        candle_core::bail!(
+            "{}.{name} has shape {:?}: only per-tensor fp8 scales (one number) are supported",
+            vb.prefix(),
+            scale.dims()
+        );
+    }
+    scale.flatten_all()?.get(0)?.to_scalar::<f32>()
 }
 
 fn linear(b: &Build, name: &str, input: usize, output: usize) -> Result<FluxLinear> {
