@@ -329,7 +329,10 @@ fn plan(nets: &Adapted, changes: &[(&LoraInfo, f64)]) -> Result<Plan, ImageError
 }
 
 /// Writes every planned weight: `weight + Σ scale × up · down`, computed in
-/// f32 on the weight's device and stored at `dtype`.
+/// f32 on the weight's device and stored at `dtype`. A scaled fp8 weight
+/// (stored `W / s` beside its scale `s`) is multiplied out first and its
+/// scale dropped: the adapters change `W`, and adding them to `W / s`
+/// would shrink them by `s`, often a thousandfold.
 fn write(nets: &mut Adapted, plan: Plan, dtype: DType) -> Result<(), ImageError> {
     for ((target, key), factors) in plan {
         let Some(base) = nets.network_mut(target) else {
@@ -337,7 +340,11 @@ fn write(nets: &mut Adapted, plan: Plan, dtype: DType) -> Result<(), ImageError>
         };
         let weight = &base[&key];
         let device = weight.device();
+        let scale_key = fp8_scale_key(base, &key);
         let mut sum = weight.to_dtype(DType::F32)?;
+        if let Some(scale_key) = &scale_key {
+            sum = sum.broadcast_mul(&base[scale_key].to_dtype(DType::F32)?)?;
+        }
         for Factors { down, up, scale } in factors {
             let down = down.to_device(device)?.to_dtype(DType::F32)?;
             let up = up.to_device(device)?.to_dtype(DType::F32)?;
@@ -346,8 +353,21 @@ fn write(nets: &mut Adapted, plan: Plan, dtype: DType) -> Result<(), ImageError>
         }
         let updated = sum.to_dtype(dtype)?;
         base.insert(key, updated);
+        if let Some(scale_key) = scale_key {
+            base.remove(&scale_key);
+        }
     }
     Ok(())
+}
+
+/// The key of the scale stored beside `weight_key` (`X.weight`): ComfyUI's
+/// `X.scale_weight` or `X.weight_scale`.
+fn fp8_scale_key(tensors: &TensorMap, weight_key: &str) -> Option<String> {
+    let module = weight_key.strip_suffix(".weight")?;
+    ["scale_weight", "weight_scale"]
+        .iter()
+        .map(|spelling| format!("{module}.{spelling}"))
+        .find(|key| tensors.contains_key(key))
 }
 
 /// The module's factors for `target` (the weight and its name), after

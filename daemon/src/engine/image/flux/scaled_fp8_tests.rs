@@ -237,3 +237,28 @@ fn a_scale_per_row_is_refused_rather_than_read_as_one() {
         "{message}"
     );
 }
+
+/// A LoRA changes the weight `W`, not the stored `W / s`: merged into a
+/// scaled file it must act as on the same weights in f32.
+#[test]
+fn a_lora_on_a_scaled_fp8_file_acts_on_the_scaled_weights() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let strength = expected_json()["lora"]["scale"].as_f64().expect("scale") as f32;
+    let with_lora = super::tests::with_lora(strength);
+    let dequantized = dequantized_file(dir.path());
+    let plain = load_single_file(&dequantized, &with_lora).expect("loads");
+    let (plain_steps, plain_image) = run(&plain, "dev");
+    let unadapted = load_single_file(&dequantized, &cpu_f32()).expect("loads");
+    let (_, unadapted_image) = run(&unadapted, "dev");
+    let effect = max_abs_diff(&plain_image, &unadapted_image);
+    assert!(effect > 1e-3, "the LoRA changes the picture ({effect})");
+    for spelling in SPELLINGS {
+        let scaled =
+            load_single_file(&scaled_file(dir.path(), spelling), &with_lora).expect("loads");
+        let (steps, image) = run(&scaled, "dev");
+        for (i, (ours, plain)) in steps.iter().zip(&plain_steps).enumerate() {
+            assert_close(&format!("{spelling} step {i}"), ours, plain);
+        }
+        assert_close(&format!("{spelling} image"), &image, &plain_image);
+    }
+}

@@ -246,7 +246,7 @@ fn lora_file() -> PathBuf {
     fixture().join("lora/pytorch_lora_weights.safetensors")
 }
 
-fn with_lora(strength: f32) -> ImageLoad {
+pub(super) fn with_lora(strength: f32) -> ImageLoad {
     ImageLoad {
         loras: vec![LoraInfo {
             adapter_name: "tiny".into(),
