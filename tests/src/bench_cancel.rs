@@ -73,7 +73,7 @@ pub fn run(python: &str, script: &Path, fixture: &Path) {
 /// Starts a run, waits until `stage` has begun (the event before it has
 /// arrived), waits `delay` seconds more, cancels, and times the ending.
 fn cancel_latency(daemon: &Daemon, stage: &str, delay: f64) -> f64 {
-    let mut client = patient_client(&daemon);
+    let mut client = patient_client(daemon);
     let mut stream = client.subscribe("generate", params()).expect("generate");
     let job = running_job(daemon);
     for event in stream.by_ref() {
