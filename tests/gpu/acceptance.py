@@ -21,12 +21,25 @@ zeros written as sparse files, so they take no disk. It checks, on `cuda:0`:
    SDXL-shaped one at 1024x1024 (zero weights of the real sizes, written
    from `shapes/*.json` as sparse files; float16) report load time, s/step
    and VRAM, against diffusers on the same GPU in the same run when
-   diffusers is importable (carry its wheels: it is pure Python).
+   diffusers is importable (carry its wheels: it is pure Python);
+   then a FLUX.1-dev-shaped pipeline (`shapes/flux-dev.json`: 19 double and
+   38 single blocks, T5-XXL, CLIP-L, the 16-channel VAE; 33.7 GB of sparse
+   bf16 files) at 1024x1024, 4 steps, guidance 3.5, 512 T5 tokens, in bf16,
+   and again with the transformer's 2-D weights stored as fp8 (F8_E4M3,
+   21.8 GB; modeld computes in bf16): load time, s/step, generate_ms,
+   estimated and measured bytes, and `bandwidth_bound_s`, the transformer's
+   stored bytes read once at the GPU's bandwidth (a lower bound on s/step;
+   at 1024x1024 the step is bound by compute far above it), with diffusers'
+   FluxPipeline s/step in bf16 on the same folder when importable. A
+   variant whose weights and 4 GiB of headroom exceed the GPU's free memory
+   is skipped with a `skipped` line saying so.
 
 Prints one JSON line per figure and exits non-zero on the first failure.
 Usage: tests/gpu/acceptance.py [--modeld PATH] [--big-layers N] [--bandwidth-gbs N]
        tests/gpu/acceptance.py --images-only --device cpu   (a CPU smoke run
-       of check 6 at small sizes, to try the script without a GPU)
+       of check 6 at small sizes, to try the script without a GPU: SD at
+       64x64, and FLUX with one block of each kind and one T5 layer at
+       full width, 64x64, 2 steps, 16 T5 tokens, in f32)
 """
 
 import argparse
@@ -139,17 +152,28 @@ def check_fixtures(daemon, workdir):
         daemon.call("unload", {"name": fixture})
 
 
+# Bytes per element of the safetensors dtypes the sparse files are written in.
+DTYPE_WIDTH = {"F32": 4, "F16": 2, "BF16": 2, "F8_E4M3": 1}
+
+
+def tensor_bytes(shape, dtype):
+    size = DTYPE_WIDTH[dtype]
+    for dim in shape:
+        size *= dim
+    return size
+
+
 def write_sparse_safetensors(file, shapes, dtype="BF16"):
     """Zeros of `shapes` (name -> shape) in safetensors, written as a sparse
     file: the size is real for the loader and the GPU, but takes no disk
-    space. Returns the data's size in bytes."""
-    width = {"BF16": 2, "F16": 2, "F32": 4}[dtype]
+    space. `dtype` is every tensor's safetensors dtype, or a function of
+    (name, shape) giving each one's. Returns the data's size in bytes."""
+    dtype_of = dtype if callable(dtype) else (lambda name, shape: dtype)
     header, offset = {}, 0
     for name, shape in shapes.items():
-        size = width
-        for dim in shape:
-            size *= dim
-        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + size]}
+        kind = dtype_of(name, shape)
+        size = tensor_bytes(shape, kind)
+        header[name] = {"dtype": kind, "shape": shape, "data_offsets": [offset, offset + size]}
         offset += size
     text = json.dumps(header).encode()
     text += b" " * (-len(text) % 8)
@@ -319,22 +343,52 @@ def expect_insufficient(daemon, name, how):
             fail("expected insufficient_memory on cuda:0, got %s" % err)
 
 
-def write_sparse_pipeline(path, shapes_name, dtype):
-    """A diffusers pipeline folder of zero weights at the sizes in
-    `shapes/<shapes_name>.json`, with the tiny fixtures' tokenizers."""
-    spec = json.load(open(os.path.join(HERE, "shapes", shapes_name + ".json")))
+def load_shapes(name):
+    """`shapes/<name>.json`: a pipeline's model index, its components'
+    configs and tensor shapes, its scheduler config and which fixtures'
+    tokenizers it borrows (written by make_shapes.py)."""
+    with open(os.path.join(HERE, "shapes", name + ".json")) as f:
+        return json.load(f)
+
+
+def component_dtype(dtype, component):
+    """`dtype` (one safetensors dtype, or a function of (component, name,
+    shape)) as a function of (name, shape) for `component`'s tensors."""
+    if callable(dtype):
+        return lambda name, shape: dtype(component, name, shape)
+    return lambda name, shape: dtype
+
+
+def pipeline_bytes(spec, dtype):
+    """Each component's weight bytes when `spec` is written in `dtype`."""
+    sizes = {}
+    for component, part in spec["components"].items():
+        dtype_of = component_dtype(dtype, component)
+        sizes[component] = sum(tensor_bytes(shape, dtype_of(name, shape))
+                               for name, shape in part["tensors"].items())
+    return sizes
+
+
+def write_sparse_pipeline(path, spec, dtype):
+    """A diffusers pipeline folder of zero weights at the sizes in `spec`
+    (see load_shapes), with the tiny fixtures' tokenizers. `dtype` is every
+    tensor's safetensors dtype, or a function of (component, tensor name,
+    shape) giving each one's. Returns each component's weight bytes."""
     os.makedirs(path, exist_ok=True)
     json.dump(spec["model_index"], open(os.path.join(path, "model_index.json"), "w"))
+    sizes = {}
     for name, part in spec["components"].items():
         folder = os.path.join(path, name)
         os.makedirs(folder, exist_ok=True)
         json.dump(part["config"], open(os.path.join(folder, "config.json"), "w"))
         stem = "model" if name.startswith("text_encoder") else "diffusion_pytorch_model"
-        write_sparse_safetensors(os.path.join(folder, stem + ".safetensors"), part["tensors"], dtype)
+        sizes[name] = write_sparse_safetensors(os.path.join(folder, stem + ".safetensors"), part["tensors"],
+                                               component_dtype(dtype, name))
     os.makedirs(os.path.join(path, "scheduler"), exist_ok=True)
     json.dump(spec["scheduler"], open(os.path.join(path, "scheduler", "scheduler_config.json"), "w"))
     for name, fixture in spec["tokenizers"].items():
         shutil.copytree(os.path.join(REPO, "tests", "fixtures", fixture), os.path.join(path, name))
+    return sizes
 
 
 def png_pixels(data):
@@ -408,18 +462,19 @@ def check_image_devices(daemon, workdir, device):
         fail("tiny-sd draws a different picture on %s than on the CPU (%d)" % (device, worst))
 
 
-def diffusers_steps(path, xl, size, steps, device, dtype):
-    """diffusers' load time and median s/step for the same pipeline on the
-    same device; None when diffusers is not importable."""
+def diffusers_steps(path, pipeline, device, dtype, **call):
+    """diffusers' load time and median s/step for the same pipeline folder
+    on the same device; None when diffusers is not importable. `pipeline`
+    is the diffusers class's name; `call` its arguments beside the prompt."""
     try:
+        import gc
         import torch
-        from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+        import diffusers
     except ImportError:
         return None
     started = time.time()
-    kind = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
-    torch_dtype = {"f16": torch.float16, "f32": torch.float32}[dtype]
-    pipe = kind.from_pretrained(path, torch_dtype=torch_dtype).to(device)
+    torch_dtype = {"f16": torch.float16, "bf16": torch.bfloat16, "f32": torch.float32}[dtype]
+    pipe = getattr(diffusers, pipeline).from_pretrained(path, torch_dtype=torch_dtype).to(device)
     load_s = time.time() - started
     ends = []
     def on_step(pipe, step, timestep, kwargs):
@@ -427,10 +482,10 @@ def diffusers_steps(path, xl, size, steps, device, dtype):
             torch.cuda.synchronize()
         ends.append(time.time())
         return kwargs
-    pipe("a cat", height=size, width=size, num_inference_steps=steps, guidance_scale=7.5,
-         callback_on_step_end=on_step, output_type="np")
+    pipe("a cat", callback_on_step_end=on_step, output_type="np", **call)
     gaps = sorted(b - a for a, b in zip(ends, ends[1:]))
     del pipe
+    gc.collect()
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
     return load_s, gaps[len(gaps) // 2]
@@ -442,7 +497,7 @@ def check_image_speed(daemon, workdir, device, small):
     steps = 3 if small else 20
     for name, xl, size in cases:
         path = os.path.join(workdir, name)
-        write_sparse_pipeline(path, name, "F32" if dtype == "f32" else "F16")
+        write_sparse_pipeline(path, load_shapes(name), "F32" if dtype == "f32" else "F16")
         daemon.call("models.register", {"name": name, "local_path": path})
         started = time.time()
         loaded = daemon.call("load", {"name": name, "device": device, "dtype": dtype})["model"]
@@ -456,10 +511,106 @@ def check_image_speed(daemon, workdir, device, small):
                        generate_ms=done["generate_ms"],
                        estimated=loaded["estimated_bytes"], measured=loaded["measured_bytes"])
         daemon.call("unload", {"name": name})
-        theirs = diffusers_steps(path, xl, size, steps, device, dtype)
+        theirs = diffusers_steps(path, "StableDiffusionXLPipeline" if xl else "StableDiffusionPipeline",
+                                 device, dtype, height=size, width=size, num_inference_steps=steps,
+                                 guidance_scale=7.5)
         if theirs:
             figures.update(diffusers_load_s=round(theirs[0], 2), diffusers_step_s=round(theirs[1], 4),
                            step_ratio=step_s and round(step_s / theirs[1], 2))
+        report(**figures)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def reduced_flux(spec):
+    """FLUX.1-dev's shapes with one double- and one single-stream block and
+    one T5 layer, every width kept: the CPU smoke run's pipeline (1.08G
+    parameters, 4.3 GB in f32, of which T5's token table is 0.5 GB)."""
+    spec = json.loads(json.dumps(spec))
+    depths = {"transformer": {"num_layers": ("transformer_blocks.", 1),
+                              "num_single_layers": ("single_transformer_blocks.", 1)},
+              "text_encoder_2": {"num_layers": ("encoder.block.", 1), "num_decoder_layers": (None, 1)}}
+    for component, fields in depths.items():
+        part = spec["components"][component]
+        for field, (prefix, count) in fields.items():
+            part["config"][field] = count
+            if prefix:
+                part["tensors"] = {name: shape for name, shape in part["tensors"].items()
+                                   if not name.startswith(prefix)
+                                   or int(name[len(prefix):].split(".")[0]) < count}
+    return spec
+
+
+def gpu_of(daemon, device):
+    """modeld's `vram` entry (name, free_bytes, ...) of the GPU `device`
+    names ("cuda:N"); None on the CPU or where NVML does not list it."""
+    if not device.startswith("cuda"):
+        return None
+    index = int(device.partition(":")[2] or 0)
+    return next((gpu for gpu in daemon.call("vram")["gpus"] if gpu["index"] == index), None)
+
+
+def fp8_transformer(component, name, shape):
+    """The FLUX transformer's 2-D (linear) weights as fp8, the rest bf16."""
+    return "F8_E4M3" if component == "transformer" and len(shape) == 2 else "BF16"
+
+
+# FLUX.1-dev's distilled guidance, as diffusers' default and modeld's.
+FLUX_GUIDANCE = 3.5
+# Room beside the weights for a 1024x1024 FLUX run: the VAE upcast to f32,
+# its decode at full size and the transformer's activations over 4096 image
+# and 512 text tokens.
+FLUX_HEADROOM = 4 * GIB
+
+
+def check_flux_speed(daemon, workdir, device, small, bandwidth_gbs):
+    """A FLUX.1-dev-shaped pipeline in bf16, then with its transformer's
+    2-D weights stored as fp8 (F8_E4M3, computed in bf16): load time,
+    s/step, VRAM, and the s/step a transformer that only read its weights
+    once a step at the GPU's bandwidth would take; diffusers' FluxPipeline
+    on the same folder for the bf16 one. `small` (the CPU smoke run): one
+    block of each kind and one T5 layer at 64x64, in f32."""
+    spec = reduced_flux(load_shapes("flux-dev")) if small else load_shapes("flux-dev")
+    dtype = "f32" if device == "cpu" else "bf16"
+    size, steps, text = (64, 2, 16) if small else (1024, 4, 512)
+    for name, file_dtype in [("flux-dev", "BF16"), ("flux-dev-fp8", fp8_transformer)]:
+        sizes = pipeline_bytes(spec, file_dtype)
+        weights = sum(sizes.values())
+        gpu = gpu_of(daemon, device)
+        need = weights + FLUX_HEADROOM
+        if gpu and gpu["free_bytes"] < need:
+            report(check="flux_speed", model=name, device=device, skipped=True,
+                   reason="%s has %.1f GiB free; this pipeline needs about %.1f GiB (%.1f of weights)"
+                   % (gpu["name"], gpu["free_bytes"] / GIB, need / GIB, weights / GIB))
+            continue
+        path = os.path.join(workdir, name)
+        write_sparse_pipeline(path, spec, file_dtype)
+        daemon.call("models.register", {"name": name, "local_path": path})
+        started = time.time()
+        loaded = daemon.call("load", {"name": name, "device": device, "dtype": dtype})["model"]
+        load_s = time.time() - started
+        if loaded["arch"] != "flux-dev":
+            fail("%s loaded as %s, not flux-dev (its guidance embedder was missed)" % (name, loaded["arch"]))
+        params = {"model": name, "prompt": "a cat", "size": "%dx%d" % (size, size), "steps": steps,
+                  "guidance": FLUX_GUIDANCE, "max_sequence_length": text}
+        image_run(daemon, dict(params, steps=2))
+        done, step_s = image_run(daemon, params)
+        bandwidth = None if device == "cpu" else bandwidth_of(gpu["name"] if gpu else "", bandwidth_gbs)
+        bound = bandwidth and sizes["transformer"] / (bandwidth * 1e9)
+        figures = dict(check="flux_speed", model=name, device=device, dtype=dtype, size=size,
+                       steps=steps, max_sequence_length=text, load_s=round(load_s, 2), step_s=step_s,
+                       generate_ms=done["generate_ms"], weights=weights,
+                       transformer_bytes=sizes["transformer"], estimated=loaded["estimated_bytes"],
+                       measured=loaded["measured_bytes"], bandwidth_gbs=bandwidth,
+                       bandwidth_bound_s=bound and round(bound, 4),
+                       fraction_of_bandwidth=bound and step_s and round(bound / step_s, 3))
+        daemon.call("unload", {"name": name})
+        if name == "flux-dev":
+            theirs = diffusers_steps(path, "FluxPipeline", device, dtype, height=size, width=size,
+                                     num_inference_steps=steps, guidance_scale=FLUX_GUIDANCE,
+                                     max_sequence_length=text)
+            if theirs:
+                figures.update(diffusers_load_s=round(theirs[0], 2), diffusers_step_s=round(theirs[1], 4),
+                               step_ratio=step_s and round(step_s / theirs[1], 2))
         report(**figures)
         shutil.rmtree(path, ignore_errors=True)
 
@@ -470,9 +621,11 @@ def main():
     parser.add_argument("--big-layers", type=int, default=32)
     parser.add_argument("--bandwidth-gbs", type=float, default=None,
                         help="the GPU's memory bandwidth, when its name is not known here")
-    parser.add_argument("--images-only", action="store_true", help="run check 6 alone")
+    parser.add_argument("--images-only", action="store_true",
+                        help="run check 6 alone (the tiny-sd picture, SD1.5, SDXL and FLUX.1-dev speed)")
     parser.add_argument("--device", default="cuda:0",
-                        help="where check 6 runs its pipelines (cpu: a small smoke run)")
+                        help="where check 6 runs its pipelines (cpu: a small smoke run, FLUX with "
+                             "one block of each kind)")
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="modeld-gpu-")
     daemon = Daemon(args.modeld, workdir)
@@ -480,6 +633,7 @@ def main():
         try:
             check_image_devices(daemon, workdir, args.device)
             check_image_speed(daemon, workdir, args.device, small=args.device == "cpu")
+            check_flux_speed(daemon, workdir, args.device, args.device == "cpu", args.bandwidth_gbs)
             report(result="pass")
         finally:
             daemon.stop()
@@ -496,6 +650,7 @@ def main():
         check_throughput(daemon, workdir, args.bandwidth_gbs)
         check_image_devices(daemon, workdir, "cuda:0")
         check_image_speed(daemon, workdir, "cuda:0", small=False)
+        check_flux_speed(daemon, workdir, "cuda:0", False, args.bandwidth_gbs)
     finally:
         daemon.stop()
     try:
