@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use modeld_e2e::Daemon;
+use modeld_wire::ClientError;
 use nix::sys::signal::Signal;
 use serde_json::{json, Value};
 
@@ -149,12 +150,13 @@ fn final_error(daemon: &Daemon, params: Value) -> Value {
 }
 
 /// A job running past `scheduler.max_job_s` ends with a `timeout` error
-/// naming the key and its limit, promptly, and writes nothing.
+/// naming the key and its limit, promptly. (A picture that long on the CPU
+/// is refused before it starts, so a long text generation runs past it.)
 #[test]
 fn a_job_past_max_job_s_is_stopped() {
-    let daemon = image_daemon("[scheduler]\nmax_job_s = 1\n");
-    daemon.call("load", json!({"name": "tiny-sd"})).unwrap();
-    let params = json!({"model": "tiny-sd", "prompt": "a cat", "size": "128x128", "steps": 150});
+    let daemon = Daemon::start_configured("[scheduler]\nmax_job_s = 1\n", &[]);
+    modeld_e2e::synthetic::register_slow_model(&daemon, "slow");
+    let params = json!({"model": "slow", "prompt": "a b c", "max_tokens": 4000, "temperature": 0});
     let started = Instant::now();
     let error = final_error(&daemon, params);
     let data = &error["data"];
@@ -166,13 +168,42 @@ fn a_job_past_max_job_s_is_stopped() {
         "{:?}",
         started.elapsed()
     );
-    assert_eq!(listing(&output_dir(&daemon)), Vec::new());
     let status = daemon.call("status", json!({})).unwrap();
     assert_eq!(
         status["queue"]["jobs"],
         json!([]),
         "the queue moved on: {status}"
     );
+}
+
+/// On the CPU a picture estimated to take longer than `max_job_s` is
+/// refused before it starts, naming what to lower (here the steps: one
+/// step at 448x448 takes about 100 s on a 2-core machine, 150 of them
+/// hours), and writes nothing.
+#[test]
+fn a_picture_past_max_job_s_is_refused_up_front() {
+    let daemon = image_daemon("[scheduler]\nmax_job_s = 600\n");
+    let params = json!({"model": "tiny-sd", "prompt": "a cat", "size": "448x448", "steps": 150});
+    let err = match daemon.client().subscribe("generate", params) {
+        Ok(stream) => panic!("accepted: {:?}", stream.collect::<Vec<_>>()),
+        Err(err) => err,
+    };
+    let ClientError::Rpc(object) = &err else {
+        panic!("not an RPC error: {err}")
+    };
+    let data = object.data.clone().unwrap_or_default();
+    assert_eq!(data["kind"], "invalid_params", "{err}");
+    assert_eq!(data["field"], "steps", "{data}");
+    assert!(
+        data["limit"]["max"].as_u64().is_some_and(|max| max < 150),
+        "{data}"
+    );
+    assert!(
+        object.message.contains("scheduler.max_job_s (600 s)"),
+        "{}",
+        object.message
+    );
+    assert_eq!(listing(&output_dir(&daemon)), Vec::new());
 }
 
 /// SIGTERM during a long picture: the client gets its final event before

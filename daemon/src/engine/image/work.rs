@@ -190,7 +190,7 @@ impl RunCost {
             ("count", Some((limit / all_steps).floor() as u64))
         };
         let message = format!(
-            "{field}: this run would take about {} on this CPU, over scheduler.max_job_s ({limit_s} s){}",
+            "this run would take about {} on this CPU, over scheduler.max_job_s ({limit_s} s){}",
             human_seconds(estimate),
             max.map_or(String::new(), |max| format!("; at most {max} would fit"))
         );
