@@ -338,7 +338,9 @@ impl ImagePipeline {
     /// shared limits were checked when the request was validated.
     pub fn check(&self, request: &ValidImageRequest) -> Result<(), ValidationError> {
         match self {
-            Self::StableDiffusion(_) => Ok(()),
+            Self::StableDiffusion(_) => {
+                request.check_runs_a_step(request.steps, request.steps_run())
+            }
             Self::Flux(p) => p.settings(request).map(|_| ()),
         }
     }

@@ -92,6 +92,21 @@ impl ValidImageRequest {
         }
     }
 
+    /// Refuses img2img whose `strength` leaves no step to run. Each family
+    /// counts the steps its own way (FLUX keeps the fraction SD floors),
+    /// and FLUX's default steps are its own, so the family calls this.
+    pub fn check_runs_a_step(&self, steps: usize, steps_run: usize) -> Result<(), ValidationError> {
+        if self.init_image.is_none() || steps_run > 0 {
+            return Ok(());
+        }
+        let strength = self.strength;
+        Err(rejected(
+            "strength",
+            format!("{strength} of {steps} steps runs no step; it must be at least 1/steps"),
+            json!({"min": 1.0 / steps.max(1) as f64, "max": 1}),
+        ))
+    }
+
     /// Whether the UNet runs on [uncond, prompt] pairs (diffusers: guidance > 1).
     pub fn classifier_free_guidance(&self) -> bool {
         self.guidance > 1.0
@@ -168,19 +183,12 @@ fn check_scheduler(name: Option<&str>) -> Result<Option<SchedulerKind>, Validati
 }
 
 /// `strength` in (0, 1], with at least one step left to run.
-fn check_strength(value: f64, steps: usize) -> Result<f64, ValidationError> {
+fn check_strength(value: f64) -> Result<f64, ValidationError> {
     if !value.is_finite() || value <= 0.0 || value > 1.0 {
         return Err(rejected(
             "strength",
             format!("{value} must be more than 0 and at most 1"),
             json!({"min_exclusive": 0, "max": 1}),
-        ));
-    }
-    if ((steps as f64) * value) < 1.0 {
-        return Err(rejected(
-            "strength",
-            format!("{value} of {steps} steps runs no step; it must be at least 1/steps"),
-            json!({"min": 1.0 / steps as f64, "max": 1}),
         ));
     }
     Ok(value)
@@ -222,7 +230,7 @@ impl TryFrom<ImageRequest> for ValidImageRequest {
             (None, None) => DEFAULT_STRENGTH,
             (Some(image), strength) => {
                 check_init_image(image, width, height)?;
-                check_strength(strength.unwrap_or(DEFAULT_STRENGTH), steps)?
+                check_strength(strength.unwrap_or(DEFAULT_STRENGTH))?
             }
         };
         Ok(ValidImageRequest {
@@ -509,11 +517,13 @@ mod tests {
             });
             assert_eq!(error.field, "strength", "{bad}");
         }
-        let error = refused(|r| {
-            with_picture(r);
-            r.steps = 4;
-            r.strength = Some(0.2);
-        });
+        let mut r = request();
+        with_picture(&mut r);
+        (r.steps, r.strength) = (4, Some(0.2));
+        let none_run = ValidImageRequest::try_from(r).expect("each family counts the steps");
+        let error = none_run
+            .check_runs_a_step(4, none_run.steps_run())
+            .expect_err("SD floors 0.8 steps to none");
         assert_eq!(error.field, "strength");
         assert!(error.message.contains("runs no step"), "{error}");
         assert_eq!(refused(|r| r.strength = Some(0.5)).field, "strength");

@@ -375,16 +375,16 @@ impl FluxPipeline {
     /// step over every picture's image and text tokens, and the VAE decode
     /// of each picture.
     pub fn run_cost(&self, request: &ValidImageRequest) -> RunCost {
-        let text = self
-            .settings(request)
-            .map_or(512, |run| run.max_sequence_length) as f64;
+        let run = self.settings(request);
+        let text = run.as_ref().map_or(512, |run| run.max_sequence_length) as f64;
+        let steps = run.map_or(request.steps_run(), |run| run.steps_run());
         let (h, w) = self.latent_size(request);
         let image = (h / 2 * w / 2) as f64;
         RunCost {
             encode_flops: 2.0 * (self.work.t5_weights * text + self.work.clip_weights * 77.0),
             step_flops: self.work.transformer.flops(image + text) * request.count as f64,
             decode_flops: self.work.decoder.flops((h * w) as f64),
-            steps: request.steps_run(),
+            steps,
             count: request.count,
         }
     }
@@ -626,6 +626,8 @@ impl FluxRun {
         };
         let max_sequence_length = request.max_sequence_length.unwrap_or(max_length);
         let strength = request.init_image.as_ref().map(|_| request.strength);
+        let first_step = strength.map_or(0, |s| sampling::first_step(steps, s));
+        request.check_runs_a_step(steps, steps - first_step)?;
         Ok(FluxRun {
             steps,
             guidance: if request.given.guidance {
@@ -634,7 +636,7 @@ impl FluxRun {
                 guidance
             },
             max_sequence_length,
-            first_step: strength.map_or(0, |s| sampling::first_step(steps, s)),
+            first_step,
         })
     }
 

@@ -477,6 +477,11 @@ fn img2img_at_full_strength_is_text_to_image_and_less_runs_fewer_steps() {
     let run = pipeline.settings(&img2img).expect("settings");
     assert_eq!((run.first_step, run.steps_run()), (2, 2));
     assert_ne!(half, plain);
+    // diffusers' FLUX keeps the fraction SD floors: 0.8 of a step is one.
+    img2img.strength = 0.2;
+    let run = pipeline.settings(&img2img).expect("one step runs");
+    assert_eq!(run.steps_run(), 1);
+    assert!(pipeline.run_cost(&img2img).steps == 1);
 }
 
 /// The img2img reference (`tiny-flux/img2img`, made by its `generate.py`):
