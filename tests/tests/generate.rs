@@ -66,6 +66,21 @@ fn tiny_qwen2_matches_transformers_greedy() {
 }
 
 #[test]
+fn tiny_gemma2_matches_transformers_greedy() {
+    check_greedy("tiny-gemma2");
+}
+
+#[test]
+fn tiny_gemma3_matches_transformers_greedy() {
+    check_greedy("tiny-gemma3");
+}
+
+#[test]
+fn tiny_phi3_matches_transformers_greedy() {
+    check_greedy("tiny-phi3");
+}
+
+#[test]
 fn generate_loads_on_demand_and_reports_stats() {
     let daemon = Daemon::start();
     daemon.register_fixture("tiny-qwen2");

@@ -1,5 +1,6 @@
 //! The decoder-only transformer behind every text architecture modeld runs
-//! (Llama, Mistral, Qwen2, Qwen3; safetensors or GGUF), written so that
+//! (Llama, Mistral, Qwen2, Qwen3, Gemma 2 and 3, Phi-3; safetensors or
+//! GGUF), written so that
 //! several sequences decode together: each has its own KV cache and
 //! position, and one decode step runs every weight matrix once for all of
 //! them. Attention, the only part that differs per sequence, runs per
@@ -23,6 +24,47 @@ pub struct Shape {
     /// Rotate interleaved pairs (GGUF llama, whose q/k rows llama.cpp
     /// permuted) rather than the two halves of each head.
     pub interleaved_rope: bool,
+    pub flavour: Flavour,
+}
+
+/// What a family changes in the arithmetic of the shared layers.
+#[derive(Debug, Clone)]
+pub struct Flavour {
+    /// Multiplies attention scores (`1/sqrt(head_dim)` unless the family
+    /// says otherwise).
+    pub attn_scale: f64,
+    /// `tanh(s / c) * c` on attention scores before the mask (Gemma 2).
+    pub attn_softcap: Option<f64>,
+    /// The same on the final logits.
+    pub final_softcap: Option<f64>,
+    /// Multiplies the embeddings, rounded to the model's dtype (Gemma).
+    pub embed_scale: Option<f64>,
+    /// How many leading channels of each head RoPE rotates (Phi's
+    /// `partial_rotary_factor`); the rest pass through.
+    pub rotary_dim: usize,
+}
+
+impl Flavour {
+    /// Llama's arithmetic for heads of `head_dim` channels.
+    pub fn plain(head_dim: usize) -> Self {
+        Flavour {
+            attn_scale: 1.0 / (head_dim as f64).sqrt(),
+            attn_softcap: None,
+            final_softcap: None,
+            embed_scale: None,
+            rotary_dim: head_dim,
+        }
+    }
+}
+
+/// The gate's activation in the gated MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// GELU's tanh approximation (Gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
+    /// Exact (erf) GELU.
+    Gelu,
 }
 
 impl Shape {
@@ -47,37 +89,81 @@ pub struct Mlp {
     /// The gate and up projections.
     pub gate_up: Fused,
     pub down: Linear,
+    pub activation: Activation,
 }
 
 pub struct Layer {
     pub attn_norm: RmsNorm,
     pub attn: Attention,
+    /// Gemma normalizes the attention's and the MLP's outputs too.
+    pub post_attn_norm: Option<RmsNorm>,
     pub mlp_norm: RmsNorm,
     pub mlp: Mlp,
+    pub post_mlp_norm: Option<RmsNorm>,
+    /// Which of the decoder's RoPE tables this layer rotates by (Gemma 3's
+    /// local layers use another base).
+    pub rope: usize,
+}
+
+impl Layer {
+    /// Adds the attention output `a` to the residual stream `x`, then runs
+    /// the MLP block.
+    fn finish(&self, x: Tensor, a: &Tensor) -> Result<Tensor> {
+        let mut a = self.attn.o.forward(a)?;
+        if let Some(norm) = &self.post_attn_norm {
+            a = norm.forward(&a)?;
+        }
+        let x = (x + a)?;
+        let mut m = self.mlp.forward(&self.mlp_norm.forward(&x)?)?;
+        if let Some(norm) = &self.post_mlp_norm {
+            m = norm.forward(&m)?;
+        }
+        x + m
+    }
 }
 
 /// Rotary embedding tables, grown on demand: a model may allow a million
 /// positions, while requests use a few thousand.
 pub struct Rope {
+    short: RopeTable,
+    /// LongRoPE's other frequencies, and the sequence length past which
+    /// transformers switches to them (`original_max_position_embeddings`):
+    /// a step whose furthest position is beyond it rotates by these.
+    long: Option<(RopeTable, usize)>,
+}
+
+struct RopeTable {
     inv_freq: Vec<f32>,
+    /// Multiplies cos and sin (LongRoPE's attention factor).
+    scale: f32,
     cos: Tensor,
     sin: Tensor,
 }
 
 const ROPE_CHUNK: usize = 4096;
 
-impl Rope {
-    pub fn new(inv_freq: Vec<f32>, dtype: DType, device: &Device) -> Result<Self> {
-        let (cos, sin) = rope_tables(&inv_freq, ROPE_CHUNK, dtype, device)?;
-        Ok(Rope { inv_freq, cos, sin })
+impl RopeTable {
+    fn new(inv_freq: Vec<f32>, scale: f32, dtype: DType, device: &Device) -> Result<Self> {
+        let (cos, sin) = rope_tables(&inv_freq, scale, ROPE_CHUNK, dtype, device)?;
+        Ok(RopeTable {
+            inv_freq,
+            scale,
+            cos,
+            sin,
+        })
     }
 
     fn ensure(&mut self, positions: usize) -> Result<()> {
         let have = self.cos.dim(0)?;
         if positions > have {
             let size = positions.div_ceil(ROPE_CHUNK) * ROPE_CHUNK;
-            let (cos, sin) =
-                rope_tables(&self.inv_freq, size, self.cos.dtype(), self.cos.device())?;
+            let (cos, sin) = rope_tables(
+                &self.inv_freq,
+                self.scale,
+                size,
+                self.cos.dtype(),
+                self.cos.device(),
+            )?;
             self.cos = cos;
             self.sin = sin;
         }
@@ -85,8 +171,74 @@ impl Rope {
     }
 }
 
+impl Rope {
+    pub fn new(inv_freq: Vec<f32>, dtype: DType, device: &Device) -> Result<Self> {
+        Ok(Rope {
+            short: RopeTable::new(inv_freq, 1.0, dtype, device)?,
+            long: None,
+        })
+    }
+
+    /// LongRoPE: `short` frequencies up to `switch` positions, `long` ones
+    /// past it, both tables scaled by `scale`.
+    pub fn longrope(
+        short: Vec<f32>,
+        long: Vec<f32>,
+        switch: usize,
+        scale: f32,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Self> {
+        Ok(Rope {
+            short: RopeTable::new(short, scale, dtype, device)?,
+            long: Some((RopeTable::new(long, scale, dtype, device)?, switch)),
+        })
+    }
+
+    /// How many channels of a head this rotates.
+    pub fn dims(&self) -> usize {
+        2 * self.short.inv_freq.len()
+    }
+
+    /// The table for a step whose furthest position is `end - 1`.
+    fn table(&mut self, end: usize) -> Result<&RopeTable> {
+        let table = match &mut self.long {
+            Some((long, switch)) if end > *switch => long,
+            _ => &mut self.short,
+        };
+        table.ensure(end)?;
+        Ok(table)
+    }
+
+    /// cos and sin for `len` positions of one sequence from `offset`.
+    fn span(&mut self, offset: usize, len: usize) -> Result<(Tensor, Tensor)> {
+        let table = self.table(offset + len)?;
+        Ok((
+            table.cos.narrow(0, offset, len)?,
+            table.sin.narrow(0, offset, len)?,
+        ))
+    }
+
+    /// cos and sin `[batch, 1, dims / 2]` for one position per sequence.
+    fn at(&mut self, positions: &[u32]) -> Result<(Tensor, Tensor)> {
+        let half = self.short.inv_freq.len();
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for &p in positions {
+            let (c, s) = self.span(p as usize, 1)?;
+            cos.push(c);
+            sin.push(s);
+        }
+        let batch = positions.len();
+        Ok((
+            Tensor::cat(&cos, 0)?.reshape((batch, 1, half))?,
+            Tensor::cat(&sin, 0)?.reshape((batch, 1, half))?,
+        ))
+    }
+}
+
 fn rope_tables(
     inv_freq: &[f32],
+    scale: f32,
     positions: usize,
     dtype: DType,
     device: &Device,
@@ -96,10 +248,15 @@ fn rope_tables(
         .to_dtype(DType::F32)?
         .reshape((positions, 1))?;
     let angles = t.broadcast_mul(&freqs.reshape((1, inv_freq.len()))?)?;
-    Ok((
-        angles.cos()?.to_dtype(dtype)?,
-        angles.sin()?.to_dtype(dtype)?,
-    ))
+    let (cos, sin) = if scale == 1.0 {
+        (angles.cos()?, angles.sin()?)
+    } else {
+        (
+            (angles.cos()? * scale as f64)?,
+            (angles.sin()? * scale as f64)?,
+        )
+    };
+    Ok((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?))
 }
 
 /// One sequence's keys and values, per layer, in buffers sized for the
@@ -131,7 +288,8 @@ pub struct Decoder {
     pub layers: Vec<Layer>,
     pub norm: RmsNorm,
     pub lm_head: Linear,
-    pub rope: Rope,
+    /// The RoPE tables layers pick from by [`Layer::rope`].
+    pub ropes: Vec<Rope>,
     /// The dtype activations run in.
     pub dtype: DType,
 }
@@ -141,23 +299,23 @@ impl Decoder {
     /// or any tokens not yet seen); returns the last position's logits,
     /// `[1, vocab]` in f32.
     pub fn prefill(&mut self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        let device = self.embed.device().clone();
         let offset = cache.positions();
-        self.rope.ensure(offset + tokens.len())?;
-        let ids = Tensor::new(tokens, &device)?;
-        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
-        let cos = self.rope.cos.narrow(0, offset, tokens.len())?;
-        let sin = self.rope.sin.narrow(0, offset, tokens.len())?;
+        let tables = self
+            .ropes
+            .iter_mut()
+            .map(|rope| rope.span(offset, tokens.len()))
+            .collect::<Result<Vec<_>>>()?;
+        let mut x = self.embed(tokens)?.unsqueeze(0)?;
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             // A long prompt on the CPU takes seconds per layer: a cancel is
             // honoured between them.
             interrupt::check()?;
+            let (cos, sin) = &tables[layer.rope];
             let h = layer.attn_norm.forward(&x)?;
-            let (q, k, v) = layer.attn.project(&h, &self.shape, &cos, &sin)?;
+            let (q, k, v) = layer.attn.project(&h, &self.shape, cos, sin)?;
             let (k, v) = kv.append(&k, &v)?;
             let a = attend(&q, &k, &v, offset, layer.attn.window, &self.shape)?;
-            x = (x + layer.attn.o.forward(&a.unsqueeze(0)?)?)?;
-            x = (&x + layer.mlp.forward(&layer.mlp_norm.forward(&x)?)?)?;
+            x = layer.finish(x, &a.unsqueeze(0)?)?;
         }
         let last = x.narrow(1, tokens.len() - 1, 1)?.squeeze(1)?;
         self.logits(&last)
@@ -167,28 +325,18 @@ impl Decoder {
     /// token of the sequence whose cache is `caches[i]`. Returns logits
     /// `[batch, vocab]` in f32, one row per sequence.
     pub fn decode(&mut self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
-        let device = self.embed.device().clone();
         let batch = tokens.len();
         let positions: Vec<u32> = caches.iter().map(|c| c.positions() as u32).collect();
-        let furthest = positions.iter().max().map_or(0, |p| *p as usize + 1);
-        self.rope.ensure(furthest)?;
-        let index = Tensor::new(positions.as_slice(), &device)?;
-        let half = self.shape.head_dim / 2;
-        let cos = self
-            .rope
-            .cos
-            .index_select(&index, 0)?
-            .reshape((batch, 1, half))?;
-        let sin = self
-            .rope
-            .sin
-            .index_select(&index, 0)?
-            .reshape((batch, 1, half))?;
-        let ids = Tensor::new(tokens, &device)?;
-        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(1)?;
+        let tables = self
+            .ropes
+            .iter_mut()
+            .map(|rope| rope.at(&positions))
+            .collect::<Result<Vec<_>>>()?;
+        let mut x = self.embed(tokens)?.unsqueeze(1)?;
         for (n, layer) in self.layers.iter().enumerate() {
+            let (cos, sin) = &tables[layer.rope];
             let h = layer.attn_norm.forward(&x)?;
-            let (q, k, v) = layer.attn.project(&h, &self.shape, &cos, &sin)?;
+            let (q, k, v) = layer.attn.project(&h, &self.shape, cos, sin)?;
             let mut rows = Vec::with_capacity(batch);
             for (i, cache) in caches.iter_mut().enumerate() {
                 let (k, v) = cache.layers[n].append(&k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
@@ -196,18 +344,40 @@ impl Decoder {
                 let offset = positions[i] as usize;
                 rows.push(attend(&q, &k, &v, offset, layer.attn.window, &self.shape)?);
             }
-            let a = Tensor::stack(&rows, 0)?;
-            x = (x + layer.attn.o.forward(&a)?)?;
-            x = (&x + layer.mlp.forward(&layer.mlp_norm.forward(&x)?)?)?;
+            x = layer.finish(x, &Tensor::stack(&rows, 0)?)?;
         }
         self.logits(&x.squeeze(1)?)
+    }
+
+    /// The embeddings of `tokens`, `[len, hidden]`, scaled where the family
+    /// scales them.
+    fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        let ids = Tensor::new(tokens, self.embed.device())?;
+        let x = self.embed.index_select(&ids, 0)?;
+        match self.shape.flavour.embed_scale {
+            // transformers rounds the factor to the model's dtype first.
+            Some(scale) => {
+                x.broadcast_mul(&Tensor::new(scale as f32, x.device())?.to_dtype(x.dtype())?)
+            }
+            None => Ok(x),
+        }
     }
 
     /// `x`: `[rows, hidden]` → f32 logits `[rows, vocab]`.
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.norm.forward(x)?;
-        self.lm_head.forward(&h)?.to_dtype(DType::F32)
+        let logits = self.lm_head.forward(&h)?;
+        let logits = match self.shape.flavour.final_softcap {
+            Some(cap) => softcap(&logits, cap)?,
+            None => logits,
+        };
+        logits.to_dtype(DType::F32)
     }
+}
+
+/// `tanh(x / cap) * cap`: bounds `x` smoothly to `(-cap, cap)`.
+fn softcap(x: &Tensor, cap: f64) -> Result<Tensor> {
+    (x / cap)?.tanh()? * cap
 }
 
 impl Attention {
@@ -233,13 +403,23 @@ impl Attention {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
         }
+        let rotary = shape.flavour.rotary_dim;
         let rotate = |x: Tensor| -> Result<Tensor> {
             let x = x.transpose(1, 2)?.contiguous()?;
-            if shape.interleaved_rope {
-                candle_nn::rotary_emb::rope_i(&x, cos, sin)
-            } else {
-                candle_nn::rotary_emb::rope(&x, cos, sin)
+            let turn = |x: &Tensor| {
+                if shape.interleaved_rope {
+                    candle_nn::rotary_emb::rope_i(x, cos, sin)
+                } else {
+                    candle_nn::rotary_emb::rope(x, cos, sin)
+                }
+            };
+            if rotary == shape.head_dim {
+                return turn(&x);
             }
+            // Partial rotary: only the leading channels turn.
+            let turned = turn(&x.narrow(3, 0, rotary)?.contiguous()?)?;
+            let kept = x.narrow(3, rotary, shape.head_dim - rotary)?;
+            Tensor::cat(&[turned, kept], 3)?.contiguous()
         };
         Ok((rotate(q)?, rotate(k)?, v.transpose(1, 2)?.contiguous()?))
     }
@@ -250,7 +430,12 @@ impl Mlp {
         let [gate, up]: [Tensor; 2] = self.gate_up.forward(x)?.try_into().map_err(|_| {
             candle_core::Error::Msg("gate/up projections: expected 2 outputs".into())
         })?;
-        self.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)
+        let gate = match self.activation {
+            Activation::Silu => candle_nn::ops::silu(&gate)?,
+            Activation::GeluTanh => gate.gelu()?,
+            Activation::Gelu => gate.gelu_erf()?,
+        };
+        self.down.forward(&(gate * up)?)
     }
 }
 
@@ -272,8 +457,11 @@ fn attend(
     let q = q.reshape((kv_heads, group * seq, d))?;
     let k = k.squeeze(0)?;
     let v = v.squeeze(0)?;
-    let scale = 1.0 / (d as f64).sqrt();
-    let mut scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    let flavour = &shape.flavour;
+    let mut scores = (q.matmul(&k.t()?)? * flavour.attn_scale)?.to_dtype(DType::F32)?;
+    if let Some(cap) = flavour.attn_softcap {
+        scores = softcap(&scores, cap)?;
+    }
     if let Some(mask) = mask(seq, len, offset, window, q.device())? {
         scores = scores
             .reshape((kv_heads, group, seq, len))?

@@ -1,7 +1,8 @@
 //! Text models: configs and weight files (`model`), the batched decoder
 //! (`decoder`, over `linear` layers, whose CPU decode products are `gemv`)
 //! and how it is built from safetensors
-//! or GGUF (`build`), the thread that owns a loaded model and runs
+//! or GGUF (`build`, with each family's arithmetic and layer kinds read
+//! from its config in `family`), the thread that owns a loaded model and runs
 //! generation jobs in batches (`worker`), sampling and request validation
 //! (`sampling`), chat templates (`chat`) and LoRA merging (`lora`).
 //! Residency, devices and memory live in the parent `engine`.
@@ -9,6 +10,7 @@
 pub mod build;
 pub mod chat;
 pub mod decoder;
+pub mod family;
 pub mod gemv;
 pub mod linear;
 pub mod lora;

@@ -7,22 +7,30 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 
 use super::build;
-use super::decoder::{Decoder, KvCache};
+use super::decoder::{greedy, Decoder, KvCache};
 use super::model::{ModelSpec, Weights};
 
 /// Products over a batch may sum in another order than over one row.
 const BATCH_TOLERANCE: f32 = 1e-4;
 
-fn tiny_llama() -> Decoder {
-    let dir = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/fixtures/tiny-llama"
-    ));
+fn fixture_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+/// A fixture's safetensors model, in f32 on the CPU.
+fn fixture(name: &str) -> Decoder {
+    let dir = fixture_dir(name);
     let spec = ModelSpec::read(&dir).expect("config");
     let Weights::Safetensors(files) = Weights::find(&dir).expect("weights") else {
-        panic!("tiny-llama is safetensors")
+        panic!("{name} is safetensors")
     };
     build::from_safetensors(&spec, &files, &[], DType::F32, &Device::Cpu).expect("loads")
+}
+
+fn tiny_llama() -> Decoder {
+    fixture("tiny-llama")
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -126,4 +134,113 @@ fn a_cancelled_prefill_stops_between_layers() {
     model
         .prefill(&[1, 2, 3], &mut cache)
         .expect("outside a job nothing stops it");
+}
+
+/// One `expected.json` case: the prompt's ids, transformers' greedy ids
+/// and the first eight logits after the prompt.
+struct Case {
+    input: Vec<u32>,
+    greedy: Vec<u32>,
+    first_logits: Vec<f32>,
+}
+
+fn cases(name: &str) -> Vec<Case> {
+    let text = std::fs::read_to_string(fixture_dir(name).join("expected.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|id| id.as_u64().unwrap() as u32)
+            .collect()
+    };
+    json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|case| Case {
+            input: ids(&case["input_ids"]),
+            greedy: ids(&case["greedy_ids"]),
+            first_logits: case["first_logits_head"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap() as f32)
+                .collect(),
+        })
+        .collect()
+}
+
+/// Greedy ids for every prompt, decoded together in one batch: each
+/// prompt is prefilled alone, then all step at once.
+fn greedy_batch(model: &mut Decoder, prompts: &[&[u32]], steps: usize) -> Vec<Vec<u32>> {
+    let layers = model.layers.len();
+    let mut caches: Vec<KvCache> = prompts
+        .iter()
+        .map(|p| KvCache::new(layers, p.len() + steps))
+        .collect();
+    let mut next: Vec<u32> = prompts
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(prompt, cache)| greedy(&model.prefill(prompt, cache).unwrap()).unwrap()[0])
+        .collect();
+    let mut out: Vec<Vec<u32>> = next.iter().map(|id| vec![*id]).collect();
+    for _ in 1..steps {
+        let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+        next = greedy(&model.decode(&next, &mut refs).unwrap()).unwrap();
+        for (ids, id) in out.iter_mut().zip(&next) {
+            ids.push(*id);
+        }
+    }
+    out
+}
+
+/// transformers' greedy ids, for each prompt alone and for all of them
+/// in one batch; and its first logits, within float tolerance.
+fn check_fixture(name: &str) {
+    let mut model = fixture(name);
+    let cases = cases(name);
+    for case in &cases {
+        let mut cache = KvCache::new(model.layers.len(), 8);
+        let logits = model.prefill(&case.input, &mut cache).unwrap();
+        let head = logits.get(0).unwrap().narrow(0, 0, 8).unwrap();
+        let expected = Tensor::new(case.first_logits.as_slice(), &Device::Cpu).unwrap();
+        // The reference rounds its logits to five decimals.
+        assert!(
+            max_diff(&head, &expected) < 1e-3,
+            "{name}: first logits {head}"
+        );
+        let alone = greedy_batch(&mut model, &[&case.input], case.greedy.len());
+        assert_eq!(
+            alone[0], case.greedy,
+            "{name}: prompt {:?} alone",
+            case.input
+        );
+    }
+    let prompts: Vec<&[u32]> = cases.iter().map(|c| c.input.as_slice()).collect();
+    let steps = cases.iter().map(|c| c.greedy.len()).max().unwrap();
+    let together = greedy_batch(&mut model, &prompts, steps);
+    for (case, ids) in cases.iter().zip(&together) {
+        assert_eq!(
+            &ids[..case.greedy.len()],
+            case.greedy,
+            "{name}: prompt {:?} in a batch",
+            case.input
+        );
+    }
+}
+
+#[test]
+fn tiny_gemma2_matches_transformers_alone_and_batched() {
+    check_fixture("tiny-gemma2");
+}
+
+#[test]
+fn tiny_phi3_matches_transformers_alone_and_batched() {
+    check_fixture("tiny-phi3");
+}
+
+#[test]
+fn tiny_gemma3_matches_transformers_alone_and_batched() {
+    check_fixture("tiny-gemma3");
 }
