@@ -10,6 +10,7 @@ use crate::engine::interrupt;
 use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::linear::{Fused, Linear, RmsNorm};
+pub use super::rope::Rope;
 
 /// The shapes and settings one model's layers share.
 #[derive(Debug, Clone)]
@@ -122,147 +123,14 @@ impl Layer {
     }
 }
 
-/// Rotary embedding tables, grown on demand: a model may allow a million
-/// positions, while requests use a few thousand.
-pub struct Rope {
-    short: RopeTable,
-    /// LongRoPE's other frequencies, and the sequence length past which
-    /// transformers switches to them (`original_max_position_embeddings`):
-    /// a step whose furthest position is beyond it rotates by these.
-    long: Option<(RopeTable, usize)>,
-}
-
-struct RopeTable {
-    inv_freq: Vec<f32>,
-    /// Multiplies cos and sin (LongRoPE's attention factor).
-    scale: f32,
-    cos: Tensor,
-    sin: Tensor,
-}
-
-const ROPE_CHUNK: usize = 4096;
-
-impl RopeTable {
-    fn new(inv_freq: Vec<f32>, scale: f32, dtype: DType, device: &Device) -> Result<Self> {
-        let (cos, sin) = rope_tables(&inv_freq, scale, ROPE_CHUNK, dtype, device)?;
-        Ok(RopeTable {
-            inv_freq,
-            scale,
-            cos,
-            sin,
-        })
-    }
-
-    fn ensure(&mut self, positions: usize) -> Result<()> {
-        let have = self.cos.dim(0)?;
-        if positions > have {
-            let size = positions.div_ceil(ROPE_CHUNK) * ROPE_CHUNK;
-            let (cos, sin) = rope_tables(
-                &self.inv_freq,
-                self.scale,
-                size,
-                self.cos.dtype(),
-                self.cos.device(),
-            )?;
-            self.cos = cos;
-            self.sin = sin;
-        }
-        Ok(())
-    }
-}
-
-impl Rope {
-    pub fn new(inv_freq: Vec<f32>, dtype: DType, device: &Device) -> Result<Self> {
-        Ok(Rope {
-            short: RopeTable::new(inv_freq, 1.0, dtype, device)?,
-            long: None,
-        })
-    }
-
-    /// LongRoPE: `short` frequencies up to `switch` positions, `long` ones
-    /// past it, both tables scaled by `scale`.
-    pub fn longrope(
-        short: Vec<f32>,
-        long: Vec<f32>,
-        switch: usize,
-        scale: f32,
-        dtype: DType,
-        device: &Device,
-    ) -> Result<Self> {
-        Ok(Rope {
-            short: RopeTable::new(short, scale, dtype, device)?,
-            long: Some((RopeTable::new(long, scale, dtype, device)?, switch)),
-        })
-    }
-
-    /// How many channels of a head this rotates.
-    pub fn dims(&self) -> usize {
-        2 * self.short.inv_freq.len()
-    }
-
-    /// The table for a step whose furthest position is `end - 1`.
-    fn table(&mut self, end: usize) -> Result<&RopeTable> {
-        let table = match &mut self.long {
-            Some((long, switch)) if end > *switch => long,
-            _ => &mut self.short,
-        };
-        table.ensure(end)?;
-        Ok(table)
-    }
-
-    /// cos and sin for `len` positions of one sequence from `offset`.
-    fn span(&mut self, offset: usize, len: usize) -> Result<(Tensor, Tensor)> {
-        let table = self.table(offset + len)?;
-        Ok((
-            table.cos.narrow(0, offset, len)?,
-            table.sin.narrow(0, offset, len)?,
-        ))
-    }
-
-    /// cos and sin `[batch, 1, dims / 2]` for one position per sequence.
-    fn at(&mut self, positions: &[u32]) -> Result<(Tensor, Tensor)> {
-        let half = self.short.inv_freq.len();
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        for &p in positions {
-            let (c, s) = self.span(p as usize, 1)?;
-            cos.push(c);
-            sin.push(s);
-        }
-        let batch = positions.len();
-        Ok((
-            Tensor::cat(&cos, 0)?.reshape((batch, 1, half))?,
-            Tensor::cat(&sin, 0)?.reshape((batch, 1, half))?,
-        ))
-    }
-}
-
-fn rope_tables(
-    inv_freq: &[f32],
-    scale: f32,
-    positions: usize,
-    dtype: DType,
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
-    let freqs = Tensor::new(inv_freq, device)?;
-    let t = Tensor::arange(0u32, positions as u32, device)?
-        .to_dtype(DType::F32)?
-        .reshape((positions, 1))?;
-    let angles = t.broadcast_mul(&freqs.reshape((1, inv_freq.len()))?)?;
-    let (cos, sin) = if scale == 1.0 {
-        (angles.cos()?, angles.sin()?)
-    } else {
-        (
-            (angles.cos()? * scale as f64)?,
-            (angles.sin()? * scale as f64)?,
-        )
-    };
-    Ok((cos.to_dtype(dtype)?, sin.to_dtype(dtype)?))
-}
-
 /// One sequence's keys and values, per layer, in buffers sized for the
 /// whole sequence when it is admitted.
 pub struct KvCache {
     layers: Vec<candle_nn::kv_cache::KvCache>,
+    capacity: usize,
+    /// Every token stored, for LongRoPE's recomputation when a sequence
+    /// crosses its switch.
+    tokens: Vec<u32>,
 }
 
 impl KvCache {
@@ -271,7 +139,16 @@ impl KvCache {
             layers: (0..layers)
                 .map(|_| candle_nn::kv_cache::KvCache::new(2, capacity.max(1)))
                 .collect(),
+            capacity,
+            tokens: Vec::new(),
         }
+    }
+
+    /// Empties the cache, keeping its size, and returns the tokens it held.
+    fn clear(&mut self) -> Vec<u32> {
+        let tokens = std::mem::take(&mut self.tokens);
+        *self = KvCache::new(self.layers.len(), self.capacity);
+        tokens
     }
 
     /// Positions already stored.
@@ -300,6 +177,12 @@ impl Decoder {
     /// `[1, vocab]` in f32.
     pub fn prefill(&mut self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
         let offset = cache.positions();
+        if offset > 0 && self.recomputes(offset, tokens.len()) {
+            let mut all = cache.clear();
+            all.extend_from_slice(tokens);
+            return self.prefill(&all, cache);
+        }
+        cache.tokens.extend_from_slice(tokens);
         let tables = self
             .ropes
             .iter_mut()
@@ -325,7 +208,48 @@ impl Decoder {
     /// token of the sequence whose cache is `caches[i]`. Returns logits
     /// `[batch, vocab]` in f32, one row per sequence.
     pub fn decode(&mut self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
+        let redo: Vec<bool> = caches
+            .iter()
+            .map(|c| self.recomputes(c.positions(), 1))
+            .collect();
+        if !redo.contains(&true) {
+            return self.decode_batch(tokens, caches);
+        }
+        let mut rows: Vec<Option<Tensor>> = vec![None; tokens.len()];
+        let (mut rest, mut rest_tokens, mut rest_rows) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, cache) in caches.iter_mut().enumerate() {
+            if redo[i] {
+                rows[i] = Some(self.prefill(&tokens[i..=i], cache)?);
+            } else {
+                rest.push(&mut **cache);
+                rest_tokens.push(tokens[i]);
+                rest_rows.push(i);
+            }
+        }
+        if !rest.is_empty() {
+            let logits = self.decode_batch(&rest_tokens, &mut rest)?;
+            for (n, i) in rest_rows.into_iter().enumerate() {
+                rows[i] = Some(logits.narrow(0, n, 1)?);
+            }
+        }
+        Tensor::cat(&rows.into_iter().flatten().collect::<Vec<_>>(), 0)
+    }
+
+    /// Whether running `len` tokens from `offset` crosses a LongRoPE
+    /// switch with positions already cached: transformers then drops the
+    /// cache and runs the whole sequence again with the long factors.
+    fn recomputes(&self, offset: usize, len: usize) -> bool {
+        self.ropes.iter().any(|rope| {
+            rope.switch()
+                .is_some_and(|s| offset <= s && s < offset + len)
+        })
+    }
+
+    fn decode_batch(&mut self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
         let batch = tokens.len();
+        for (cache, token) in caches.iter_mut().zip(tokens) {
+            cache.tokens.push(*token);
+        }
         let positions: Vec<u32> = caches.iter().map(|c| c.positions() as u32).collect();
         let tables = self
             .ropes

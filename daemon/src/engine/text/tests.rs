@@ -21,7 +21,12 @@ fn fixture_dir(name: &str) -> PathBuf {
 
 /// A fixture's safetensors model, in f32 on the CPU.
 fn fixture(name: &str) -> Decoder {
-    let dir = fixture_dir(name);
+    load_dir(&fixture_dir(name))
+}
+
+fn load_dir(dir: &std::path::Path) -> Decoder {
+    let name = dir.display();
+    let dir = dir.to_path_buf();
     let spec = ModelSpec::read(&dir).expect("config");
     let Weights::Safetensors(files) = Weights::find(&dir).expect("weights") else {
         panic!("{name} is safetensors")
@@ -144,16 +149,17 @@ struct Case {
     first_logits: Vec<f32>,
 }
 
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_u64().unwrap() as u32)
+        .collect()
+}
+
 fn cases(name: &str) -> Vec<Case> {
     let text = std::fs::read_to_string(fixture_dir(name).join("expected.json")).unwrap();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let ids = |v: &serde_json::Value| -> Vec<u32> {
-        v.as_array()
-            .unwrap()
-            .iter()
-            .map(|id| id.as_u64().unwrap() as u32)
-            .collect()
-    };
     json["cases"]
         .as_array()
         .unwrap()
@@ -210,7 +216,13 @@ fn check_fixture(name: &str) {
             max_diff(&head, &expected) < 1e-3,
             "{name}: first logits {head}"
         );
-        let alone = greedy_batch(&mut model, &[&case.input], case.greedy.len());
+    }
+    check_greedy(name, &mut model, &cases);
+}
+
+fn check_greedy(name: &str, model: &mut Decoder, cases: &[Case]) {
+    for case in cases {
+        let alone = greedy_batch(model, &[&case.input], case.greedy.len());
         assert_eq!(
             alone[0], case.greedy,
             "{name}: prompt {:?} alone",
@@ -219,7 +231,7 @@ fn check_fixture(name: &str) {
     }
     let prompts: Vec<&[u32]> = cases.iter().map(|c| c.input.as_slice()).collect();
     let steps = cases.iter().map(|c| c.greedy.len()).max().unwrap();
-    let together = greedy_batch(&mut model, &prompts, steps);
+    let together = greedy_batch(model, &prompts, steps);
     for (case, ids) in cases.iter().zip(&together) {
         assert_eq!(
             &ids[..case.greedy.len()],
@@ -243,4 +255,137 @@ fn tiny_phi3_matches_transformers_alone_and_batched() {
 #[test]
 fn tiny_gemma3_matches_transformers_alone_and_batched() {
     check_fixture("tiny-gemma3");
+}
+
+/// A fixture's weights and tokenizer under another config: a folder of
+/// `tests/fixtures/text-variants` (made by its `generate.py`).
+fn variant(name: &str, config: &str) -> (tempfile::TempDir, Vec<Case>) {
+    let source = fixture_dir("text-variants").join(name);
+    let text = std::fs::read_to_string(source.join("expected.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let base = fixture_dir(json["base"].as_str().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(base.join(file), dir.path().join(file)).unwrap();
+    }
+    std::fs::copy(source.join(config), dir.path().join("config.json")).unwrap();
+    let cases = json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|case| Case {
+            input: ids(&case["input_ids"]),
+            greedy: ids(&case["greedy_ids"]),
+            first_logits: Vec::new(),
+        })
+        .collect();
+    (dir, cases)
+}
+
+/// Both spellings of a variant's config give transformers' ids.
+fn check_variant(name: &str) {
+    for config in ["config.json", "old_config.json"] {
+        let (dir, cases) = variant(name, config);
+        let mut model = load_dir(dir.path());
+        check_greedy(&format!("{name} ({config})"), &mut model, &cases);
+    }
+}
+
+#[test]
+fn phi3_longrope_with_partial_rotary_and_a_window_matches_transformers() {
+    check_variant("phi3-longrope");
+}
+
+#[test]
+fn gemma3_linear_rope_scaling_and_the_old_pattern_match_transformers() {
+    check_variant("gemma3-linear");
+}
+
+/// A copy of a fixture whose config.json `edit` changes.
+fn edited(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["model.safetensors", "tokenizer.json", "config.json"] {
+        std::fs::copy(fixture_dir(name).join(file), dir.path().join(file)).unwrap();
+    }
+    let path = dir.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(&path, config.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn gemma2_without_layer_types_slides_on_even_layers_as_transformers_does() {
+    let dir = edited("tiny-gemma2", |c| {
+        c.as_object_mut().unwrap().remove("layer_types");
+    });
+    check_greedy(
+        "tiny-gemma2 without layer_types",
+        &mut load_dir(dir.path()),
+        &cases("tiny-gemma2"),
+    );
+}
+
+#[test]
+fn a_multimodal_gemma3_checkpoint_runs_its_language_model() {
+    // The hub's layout, and the one transformers 5 saves.
+    let layouts: [fn(&str) -> String; 2] = [
+        |name| format!("language_model.{name}"),
+        |name| name.replacen("model.", "model.language_model.", 1),
+    ];
+    for rename in layouts {
+        let dir = edited("tiny-gemma3", |c| {
+            let text = c.clone();
+            *c = serde_json::json!({"model_type": "gemma3", "text_config": text,
+                                    "vision_config": {"model_type": "siglip_vision_model"}});
+        });
+        let file = dir.path().join("model.safetensors");
+        let tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+        let vision = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+        let renamed: std::collections::HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(name, t)| (rename(&name), t))
+            .chain([("vision_tower.patch.weight".to_string(), vision)])
+            .collect();
+        candle_core::safetensors::save(&renamed, &file).unwrap();
+        let mut model = load_dir(dir.path());
+        check_greedy("multimodal tiny-gemma3", &mut model, &cases("tiny-gemma3"));
+    }
+}
+
+#[test]
+fn config_fields_that_change_the_maths_unhonoured_are_refused() {
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, Edit, &str); 4] = [
+        (
+            "tiny-gemma2",
+            |c| c["hidden_activation"] = "relu".into(),
+            "hidden_activation",
+        ),
+        (
+            "tiny-gemma3",
+            |c| c["use_bidirectional_attention"] = true.into(),
+            "use_bidirectional_attention",
+        ),
+        (
+            "tiny-gemma2",
+            |c| c["layer_types"][1] = "chunked_attention".into(),
+            "layer_types",
+        ),
+        (
+            "tiny-phi3",
+            |c| c["hidden_act"] = "gelu_fast".into(),
+            "hidden_act",
+        ),
+    ];
+    for (name, edit, field) in cases {
+        let dir = edited(name, edit);
+        let spec = ModelSpec::read(dir.path()).unwrap();
+        let file = dir.path().join("model.safetensors");
+        let err = build::from_safetensors(&spec, &[file], &[], DType::F32, &Device::Cpu)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains(field), "{name}: {err}");
+    }
 }
