@@ -1,17 +1,16 @@
-//! Builds a [`Decoder`] from a model's weights: safetensors with the
-//! normalized `config.json` (LoRAs merged first), or a GGUF file with its
-//! metadata, quantized tensors kept quantized.
+//! Builds a [`Decoder`] from safetensors with the normalized
+//! `config.json` (LoRAs merged first); `gguf.rs` builds one from a GGUF
+//! file.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use super::decoder::{Activation, Attention, Decoder, Flavour, Layer, Mlp, Rope, Shape};
-use super::family::{self, inv_freq, Config};
+use super::decoder::{Activation, Attention, Decoder, Layer, Mlp, Shape};
+use super::family::{self, Config};
 use super::linear::{Fused, Linear, RmsNorm};
 use super::model::ModelSpec;
 use super::{BadFile, EngineError};
-use candle_core::quantized::{gguf_file, QTensor};
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Device};
 use candle_nn::VarBuilder;
 
 /// Reads every safetensors file (merging `loras`) or maps them, then
@@ -218,172 +217,4 @@ impl Dense<'_> {
             activation: self.activation,
         })
     }
-}
-
-/// Reads tensors out of a GGUF file by name.
-struct GgufReader<'a> {
-    content: &'a gguf_file::Content,
-    file: std::fs::File,
-    device: &'a Device,
-}
-
-impl GgufReader<'_> {
-    fn tensor(&mut self, name: &str) -> candle_core::Result<QTensor> {
-        self.content.tensor(&mut self.file, name, self.device)
-    }
-
-    fn has(&self, name: &str) -> bool {
-        self.content.tensor_infos.contains_key(name)
-    }
-
-    /// A tensor needed whole (norms, biases, the embedding table), in f32.
-    fn dense(&mut self, name: &str) -> candle_core::Result<Tensor> {
-        self.tensor(name)?.dequantize(self.device)
-    }
-
-    fn linear(&mut self, name: &str, bias: bool) -> candle_core::Result<Linear> {
-        let weight = self.tensor(&format!("{name}.weight"))?;
-        let bias = if bias {
-            Some(self.dense(&format!("{name}.bias"))?)
-        } else {
-            None
-        };
-        Linear::quantized(weight, bias, DType::F32)
-    }
-
-    fn norm(&mut self, name: &str, eps: f64) -> candle_core::Result<RmsNorm> {
-        Ok(RmsNorm::new(self.dense(name)?, eps))
-    }
-
-    fn number(&self, key: &str) -> Option<f64> {
-        let value = self.content.metadata.get(key)?;
-        value
-            .to_u32()
-            .map(f64::from)
-            .or_else(|_| value.to_f32().map(f64::from))
-            .or_else(|_| value.to_u64().map(|v| v as f64))
-            .ok()
-    }
-
-    fn required(&self, key: &str) -> Result<usize, EngineError> {
-        self.number(key)
-            .map(|v| v as usize)
-            .ok_or_else(|| EngineError::Files(format!("GGUF metadata lacks {key}")))
-    }
-}
-
-/// Builds the decoder from a GGUF file of architecture `arch` (llama,
-/// qwen2 or qwen3). Activations run in f32, as quantized kernels want.
-pub fn from_gguf(
-    path: &Path,
-    content: gguf_file::Content,
-    arch: &str,
-    device: &Device,
-) -> Result<Decoder, EngineError> {
-    let file = std::fs::File::open(path).map_err(|e| BadFile::new(path, e))?;
-    let mut reader = GgufReader {
-        content: &content,
-        file,
-        device,
-    };
-    let key = |name: &str| format!("{arch}.{name}");
-    let heads = reader.required(&key("attention.head_count"))?;
-    let hidden = reader.required(&key("embedding_length"))?;
-    let head_dim = reader
-        .number(&key("attention.key_length"))
-        .map_or(hidden / heads, |v| v as usize);
-    let eps = reader
-        .number(&key("attention.layer_norm_rms_epsilon"))
-        .unwrap_or(1e-6);
-    let theta = reader.number(&key("rope.freq_base")).unwrap_or(10_000.0);
-    let shape = Shape {
-        hidden,
-        heads,
-        kv_heads: reader
-            .number(&key("attention.head_count_kv"))
-            .map_or(heads, |v| v as usize),
-        head_dim,
-        layers: reader.required(&key("block_count"))?,
-        vocab: 0,
-        eps,
-        // llama.cpp permutes llama's q/k rows for interleaved rotation;
-        // Qwen files keep the halves layout.
-        interleaved_rope: arch == "llama",
-        flavour: Flavour::plain(head_dim),
-    };
-    Ok(gguf_decoder(&mut reader, shape, arch, theta)?)
-}
-
-fn gguf_decoder(
-    r: &mut GgufReader,
-    mut shape: Shape,
-    arch: &str,
-    theta: f64,
-) -> candle_core::Result<Decoder> {
-    let eps = shape.eps;
-    let mut layers = Vec::with_capacity(shape.layers);
-    for n in 0..shape.layers {
-        let p = format!("blk.{n}");
-        let (q_norm, k_norm) = if arch == "qwen3" {
-            (
-                Some(r.norm(&format!("{p}.attn_q_norm.weight"), eps)?),
-                Some(r.norm(&format!("{p}.attn_k_norm.weight"), eps)?),
-            )
-        } else {
-            (None, None)
-        };
-        let bias = r.has(&format!("{p}.attn_q.bias"));
-        layers.push(Layer {
-            attn_norm: r.norm(&format!("{p}.attn_norm.weight"), eps)?,
-            attn: Attention {
-                qkv: Fused::new(vec![
-                    r.linear(&format!("{p}.attn_q"), bias)?,
-                    r.linear(&format!("{p}.attn_k"), bias)?,
-                    r.linear(&format!("{p}.attn_v"), bias)?,
-                ])?,
-                o: r.linear(&format!("{p}.attn_output"), false)?,
-                q_norm,
-                k_norm,
-                window: None,
-            },
-            post_attn_norm: None,
-            mlp_norm: r.norm(&format!("{p}.ffn_norm.weight"), eps)?,
-            mlp: Mlp {
-                gate_up: Fused::new(vec![
-                    r.linear(&format!("{p}.ffn_gate"), false)?,
-                    r.linear(&format!("{p}.ffn_up"), false)?,
-                ])?,
-                down: r.linear(&format!("{p}.ffn_down"), false)?,
-                activation: Activation::Silu,
-            },
-            post_mlp_norm: None,
-            rope: 0,
-        });
-    }
-    // The embedding is looked up by row, so it is kept whole, in f32.
-    let embed = r.dense("token_embd.weight")?;
-    shape.vocab = embed.dim(0)?;
-    let lm_head = if r.has("output.weight") {
-        r.linear("output", false)?
-    } else {
-        Linear::quantized(r.tensor("token_embd.weight")?, None, DType::F32)?
-    };
-    let mut freqs = inv_freq(shape.head_dim, theta);
-    // llama.cpp stores Llama 3's scaling as per-frequency divisors.
-    if r.has("rope_freqs.weight") {
-        let divisors = r.dense("rope_freqs.weight")?.to_vec1::<f32>()?;
-        for (f, d) in freqs.iter_mut().zip(divisors) {
-            *f /= d;
-        }
-    }
-    let device = r.device.clone();
-    Ok(Decoder {
-        shape,
-        embed,
-        layers,
-        norm: r.norm("output_norm.weight", eps)?,
-        lm_head,
-        ropes: vec![Rope::new(freqs, DType::F32, &device)?],
-        dtype: DType::F32,
-    })
 }

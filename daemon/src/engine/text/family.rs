@@ -287,7 +287,7 @@ fn longrope_freqs(dim: usize, theta: f64, factors: &[f64]) -> Vec<f32> {
 /// transformers' LongRoPE attention factor for a context `factor` times
 /// the original one: `sqrt(1 + ln(factor) / ln(original))`, 1 when not
 /// extended.
-fn longrope_attention(factor: f64, original: f64) -> f64 {
+pub fn longrope_attention(factor: f64, original: f64) -> f64 {
     if factor <= 1.0 {
         1.0
     } else {

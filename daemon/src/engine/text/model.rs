@@ -126,9 +126,12 @@ pub fn read_gguf_header(path: &Path) -> Result<(gguf_file::Content, GgufHeader),
         "llama" => "llama",
         "qwen2" => "qwen2",
         "qwen3" => "qwen3",
+        "gemma2" => "gemma2",
+        "gemma3" => "gemma3",
+        "phi3" => "phi3",
         other => {
             return Err(EngineError::Unsupported(format!(
-                "GGUF architecture {other:?} (supported: llama, qwen2, qwen3)"
+                "GGUF architecture {other:?} (supported: llama, qwen2, qwen3, gemma2, gemma3, phi3)"
             )))
         }
     };

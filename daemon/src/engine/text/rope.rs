@@ -110,16 +110,29 @@ impl Rope {
     /// cos and sin `[batch, 1, dims / 2]` for one position per sequence.
     pub(super) fn at(&mut self, positions: &[u32]) -> Result<(Tensor, Tensor)> {
         let half = self.short.inv_freq.len();
-        let (mut cos, mut sin) = (Vec::new(), Vec::new());
-        for &p in positions {
-            let (c, s) = self.span(p as usize, 1)?;
-            cos.push(c);
-            sin.push(s);
-        }
         let batch = positions.len();
+        let (cos, sin) = if self.long.is_none() {
+            // One table: a single gather, done where the table is.
+            let furthest = positions.iter().max().map_or(0, |p| *p as usize + 1);
+            self.short.ensure(furthest)?;
+            let index = Tensor::new(positions, self.short.cos.device())?;
+            (
+                self.short.cos.index_select(&index, 0)?,
+                self.short.sin.index_select(&index, 0)?,
+            )
+        } else {
+            // LongRoPE: each sequence's own table by its length.
+            let (mut cos, mut sin) = (Vec::new(), Vec::new());
+            for &p in positions {
+                let (c, s) = self.span(p as usize, 1)?;
+                cos.push(c);
+                sin.push(s);
+            }
+            (Tensor::cat(&cos, 0)?, Tensor::cat(&sin, 0)?)
+        };
         Ok((
-            Tensor::cat(&cos, 0)?.reshape((batch, 1, half))?,
-            Tensor::cat(&sin, 0)?.reshape((batch, 1, half))?,
+            cos.reshape((batch, 1, half))?,
+            sin.reshape((batch, 1, half))?,
         ))
     }
 }

@@ -147,6 +147,8 @@ struct Case {
     input: Vec<u32>,
     greedy: Vec<u32>,
     first_logits: Vec<f32>,
+    /// The smallest gap between the two best logits over the greedy run.
+    margin: f64,
 }
 
 fn ids(v: &serde_json::Value) -> Vec<u32> {
@@ -167,6 +169,7 @@ fn cases(name: &str) -> Vec<Case> {
         .map(|case| Case {
             input: ids(&case["input_ids"]),
             greedy: ids(&case["greedy_ids"]),
+            margin: case["min_top2_margin"].as_f64().unwrap(),
             first_logits: case["first_logits_head"]
                 .as_array()
                 .unwrap()
@@ -277,6 +280,7 @@ fn variant(name: &str, config: &str) -> (tempfile::TempDir, Vec<Case>) {
             input: ids(&case["input_ids"]),
             greedy: ids(&case["greedy_ids"]),
             first_logits: Vec::new(),
+            margin: 0.0,
         })
         .collect();
     (dir, cases)
@@ -388,4 +392,49 @@ fn config_fields_that_change_the_maths_unhonoured_are_refused() {
             .expect("refused");
         assert!(err.to_string().contains(field), "{name}: {err}");
     }
+}
+
+/// How far Q8_0 weights may move a tiny model's logits.
+const Q8_TOLERANCE: f32 = 0.5;
+
+/// A model folder written as GGUF with llama.cpp's names and keys, loaded.
+fn gguf_of(dir: &std::path::Path, kind: modeld_e2e::gguf::GgufType) -> Decoder {
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("model.gguf");
+    modeld_e2e::gguf::write_gguf(dir, &file, kind).unwrap();
+    let (content, header) = super::model::read_gguf_header(&file).unwrap();
+    super::gguf::from_gguf(&file, content, header.arch, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn gguf_copies_of_the_fixtures_match_transformers() {
+    use modeld_e2e::gguf::GgufType;
+    for name in ["tiny-gemma2", "tiny-gemma3", "tiny-phi3"] {
+        let mut model = gguf_of(&fixture_dir(name), GgufType::F32);
+        check_greedy(&format!("{name} as f32 GGUF"), &mut model, &cases(name));
+        // f16 rounding may flip a greedy pick whose margin is tiny.
+        let clear: Vec<Case> = cases(name)
+            .into_iter()
+            .filter(|c| c.margin >= 0.05)
+            .collect();
+        assert!(clear.len() >= 2, "{name}: too few clear cases");
+        let mut model = gguf_of(&fixture_dir(name), GgufType::F16);
+        check_greedy(&format!("{name} as f16 GGUF"), &mut model, &clear);
+        // Q8_0 moves logits by more than these tiny models' greedy margins,
+        // so only the first step's logits are compared.
+        let mut model = gguf_of(&fixture_dir(name), GgufType::Q8_0);
+        for case in cases(name) {
+            let mut cache = KvCache::new(model.layers.len(), 8);
+            let logits = model.prefill(&case.input, &mut cache).unwrap();
+            let head = logits.get(0).unwrap().narrow(0, 0, 8).unwrap();
+            let expected = Tensor::new(case.first_logits.as_slice(), &Device::Cpu).unwrap();
+            let diff = max_diff(&head, &expected);
+            eprintln!("{name} Q8_0: first logits off by {diff}");
+            assert!(diff < Q8_TOLERANCE, "{name} Q8_0: first logits {head}");
+        }
+    }
+    // LongRoPE's factors, original context and partial rotary from GGUF.
+    let (dir, cases) = variant("phi3-longrope", "config.json");
+    let mut model = gguf_of(dir.path(), GgufType::F32);
+    check_greedy("phi3-longrope as GGUF", &mut model, &cases);
 }
