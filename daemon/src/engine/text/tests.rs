@@ -159,6 +159,23 @@ fn ids(v: &serde_json::Value) -> Vec<u32> {
         .collect()
 }
 
+impl Case {
+    /// One case of an `expected.json`; variants record only the ids.
+    fn read(case: &serde_json::Value) -> Self {
+        let first_logits = case["first_logits_head"]
+            .as_array()
+            .map_or(Vec::new(), |v| {
+                v.iter().map(|x| x.as_f64().unwrap() as f32).collect()
+            });
+        Case {
+            input: ids(&case["input_ids"]),
+            greedy: ids(&case["greedy_ids"]),
+            first_logits,
+            margin: case["min_top2_margin"].as_f64().unwrap_or(0.0),
+        }
+    }
+}
+
 fn cases(name: &str) -> Vec<Case> {
     let text = std::fs::read_to_string(fixture_dir(name).join("expected.json")).unwrap();
     let json: serde_json::Value = serde_json::from_str(&text).unwrap();
@@ -166,17 +183,7 @@ fn cases(name: &str) -> Vec<Case> {
         .as_array()
         .unwrap()
         .iter()
-        .map(|case| Case {
-            input: ids(&case["input_ids"]),
-            greedy: ids(&case["greedy_ids"]),
-            margin: case["min_top2_margin"].as_f64().unwrap(),
-            first_logits: case["first_logits_head"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|v| v.as_f64().unwrap() as f32)
-                .collect(),
-        })
+        .map(Case::read)
         .collect()
 }
 
@@ -276,12 +283,7 @@ fn variant(name: &str, config: &str) -> (tempfile::TempDir, Vec<Case>) {
         .as_array()
         .unwrap()
         .iter()
-        .map(|case| Case {
-            input: ids(&case["input_ids"]),
-            greedy: ids(&case["greedy_ids"]),
-            first_logits: Vec::new(),
-            margin: 0.0,
-        })
+        .map(Case::read)
         .collect();
     (dir, cases)
 }
