@@ -52,7 +52,14 @@ fn wait_for_running(daemon: &Daemon, count: usize) -> Value {
 
 #[test]
 fn concurrent_greedy_generations_match_transformers() {
-    for fixture in ["tiny-llama", "tiny-qwen2"] {
+    let fixtures = [
+        "tiny-llama",
+        "tiny-qwen2",
+        "tiny-gemma2",
+        "tiny-gemma3",
+        "tiny-phi3",
+    ];
+    for fixture in fixtures {
         let daemon = Daemon::start();
         daemon.register_fixture(fixture);
         daemon.call("load", json!({"name": fixture})).unwrap();

@@ -66,6 +66,21 @@ fn tiny_qwen2_matches_transformers_greedy() {
 }
 
 #[test]
+fn tiny_gemma2_matches_transformers_greedy() {
+    check_greedy("tiny-gemma2");
+}
+
+#[test]
+fn tiny_gemma3_matches_transformers_greedy() {
+    check_greedy("tiny-gemma3");
+}
+
+#[test]
+fn tiny_phi3_matches_transformers_greedy() {
+    check_greedy("tiny-phi3");
+}
+
+#[test]
 fn generate_loads_on_demand_and_reports_stats() {
     let daemon = Daemon::start();
     daemon.register_fixture("tiny-qwen2");
@@ -300,6 +315,41 @@ fn gguf_from_tiny_llama_gives_the_same_tokens() {
             checked += 1;
         }
         assert!(checked >= 3, "{kind:?} checked only {checked} cases");
+    }
+}
+
+/// GGUF copies (llama.cpp's names and keys, f32) of the Gemma 2, Gemma 3
+/// and Phi-3 fixtures give transformers' ids through the daemon.
+#[test]
+fn gguf_gemma_and_phi3_give_the_same_tokens() {
+    use modeld_e2e::gguf::{write_gguf, GgufType};
+    let daemon = Daemon::start();
+    for fixture in ["tiny-gemma2", "tiny-gemma3", "tiny-phi3"] {
+        let source = daemon.register_fixture(fixture);
+        let dir = daemon.dir.path().join(format!("gguf-{fixture}"));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(source.join("tokenizer.json"), dir.join("tokenizer.json")).unwrap();
+        let file = dir.join("model.gguf");
+        write_gguf(&source, &file, GgufType::F32).unwrap();
+        let name = format!("gguf-{fixture}");
+        daemon
+            .call("models.register", json!({"name": name, "local_path": file}))
+            .unwrap();
+        let loaded = daemon.call("load", json!({"name": name})).unwrap();
+        assert_eq!(loaded["model"]["dtype"], "gguf");
+        let expected = expected(fixture);
+        for case in expected["cases"].as_array().unwrap() {
+            let events = generate(
+                &daemon,
+                json!({"model": name, "prompt": case["prompt"], "max_tokens": 40, "temperature": 0}),
+            );
+            let done = events.last().unwrap();
+            assert_eq!(
+                done["token_ids"], case["greedy_ids"],
+                "{fixture}: {:?}",
+                case["prompt"]
+            );
+        }
     }
 }
 

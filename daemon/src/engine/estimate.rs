@@ -41,7 +41,7 @@ pub fn estimate(weights: &Weights, dir: &Path, dtype: DType) -> Result<Estimate,
             let spec = ModelSpec::read(dir)?;
             let mut bytes = 0;
             for file in files {
-                bytes += safetensors_elements(file)? * dtype.size_in_bytes() as u64;
+                bytes += language_elements(file, spec.prefix)? * dtype.size_in_bytes() as u64;
             }
             let kv = kv_bytes(
                 &spec.config,
@@ -92,6 +92,33 @@ fn safetensors_elements(path: &Path) -> Result<u64, EngineError> {
     Ok(stored_tensors(path)?.map(|(elements, _)| elements).sum())
 }
 
+/// Elements of the tensors a text decoder loads: all of them, except in a
+/// multimodal checkpoint (decoder under `prefix`, not `model`), whose
+/// vision tower stays on disk.
+fn language_elements(path: &Path, prefix: &str) -> Result<u64, EngineError> {
+    if prefix == "model" {
+        return safetensors_elements(path);
+    }
+    let header = safetensors_header(path)?;
+    let language = |name: &str| {
+        name.starts_with("language_model.")
+            || name.starts_with("model.language_model.")
+            || name == "lm_head.weight"
+    };
+    Ok(header
+        .iter()
+        .filter(|(name, _)| language(name))
+        .map(|(_, info)| elements(info))
+        .sum())
+}
+
+/// Elements of one tensor in a safetensors header.
+fn elements(info: &Value) -> u64 {
+    info["shape"]
+        .as_array()
+        .map_or(0, |dims| dims.iter().filter_map(Value::as_u64).product())
+}
+
 /// `(elements, stored as fp8)` of every tensor in a safetensors file.
 fn stored_tensors(path: &Path) -> Result<impl Iterator<Item = (u64, bool)>, EngineError> {
     let header = safetensors_header(path)?;
@@ -99,11 +126,8 @@ fn stored_tensors(path: &Path) -> Result<impl Iterator<Item = (u64, bool)>, Engi
         .into_iter()
         .filter(|(name, _)| name != "__metadata__")
         .map(|(_, info)| {
-            let elements = info["shape"]
-                .as_array()
-                .map_or(0, |dims| dims.iter().filter_map(Value::as_u64).product());
             let fp8 = info["dtype"].as_str().is_some_and(|d| d.starts_with("F8_"));
-            (elements, fp8)
+            (elements(&info), fp8)
         }))
 }
 
@@ -216,6 +240,23 @@ mod tests {
         candle_core::safetensors::save(&HashMap::from([("a", a), ("b", b)]), &path).unwrap();
         assert_eq!(safetensors_elements(&path).unwrap(), 22);
         assert_eq!(resident_bytes(&path, DType::F16).unwrap(), 44);
+    }
+
+    #[test]
+    fn a_multimodal_checkpoint_counts_only_its_language_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("w.safetensors");
+        let zeros = |n: usize| {
+            candle_core::Tensor::zeros(n, DType::F32, &candle_core::Device::Cpu).unwrap()
+        };
+        let tensors = HashMap::from([
+            ("language_model.model.norm.weight", zeros(3)),
+            ("model.language_model.norm.weight", zeros(5)),
+            ("vision_tower.patch.weight", zeros(100)),
+        ]);
+        candle_core::safetensors::save(&tensors, &path).unwrap();
+        assert_eq!(language_elements(&path, "language_model.model").unwrap(), 8);
+        assert_eq!(language_elements(&path, "model").unwrap(), 108);
     }
 
     #[test]

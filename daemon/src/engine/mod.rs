@@ -704,7 +704,7 @@ fn build(
         )),
         Weights::Gguf(file) => {
             let (content, header) = read_gguf_header(file)?;
-            let model = text::build::from_gguf(file, content, header.arch, &placement.device)
+            let model = text::gguf::from_gguf(file, content, header.arch, &placement.device)
                 .map_err(|e| e.in_file(file))?;
             // A config.json beside the file may name more end-of-sequence ids.
             let mut eos_ids: Vec<u32> = header.eos_id.into_iter().collect();

@@ -117,4 +117,37 @@ mod tests {
         std::fs::write(dir.path().join("tokenizer_config.json"), "{}").unwrap();
         assert!(ChatTemplate::read(dir.path()).unwrap().is_none());
     }
+
+    /// Gemma's and Phi-3's templates (as their tokenizer_config files
+    /// spell them) render as transformers' `apply_chat_template` does.
+    #[test]
+    fn gemma_and_phi3_templates_render_as_transformers() {
+        let gemma = "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}";
+        let phi3 = "{% for message in messages %}{% if message['role'] == 'system' %}{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}";
+        let message = |role: &str, content: &str| ChatMessage {
+            role: role.into(),
+            content: content.into(),
+        };
+        let messages = [
+            message("user", " Hi there \n"),
+            message("assistant", "Hello."),
+            message("user", "Load a model"),
+        ];
+        // transformers 5.23's output for the same templates and messages.
+        let cases = [
+            (gemma, "<bos>", "<bos><start_of_turn>user\nHi there<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n<start_of_turn>user\nLoad a model<end_of_turn>\n<start_of_turn>model\n"),
+            (phi3, "<s>", "<|user|>\n Hi there \n<|end|>\n<|assistant|>\nHello.<|end|>\n<|user|>\nLoad a model<|end|>\n<|assistant|>\n"),
+        ];
+        for (template, bos, expected) in cases {
+            let dir = tempfile::tempdir().unwrap();
+            let config = serde_json::json!({"chat_template": template, "bos_token": bos});
+            std::fs::write(dir.path().join("tokenizer_config.json"), config.to_string()).unwrap();
+            let chat = ChatTemplate::read(dir.path()).unwrap().unwrap();
+            assert_eq!(chat.render(&messages).unwrap(), expected);
+            if template == gemma {
+                let err = chat.render(&[message("system", "x")]).unwrap_err();
+                assert!(err.to_string().contains("System role"), "{err}");
+            }
+        }
+    }
 }

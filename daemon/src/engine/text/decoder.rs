@@ -1,5 +1,6 @@
 //! The decoder-only transformer behind every text architecture modeld runs
-//! (Llama, Mistral, Qwen2, Qwen3; safetensors or GGUF), written so that
+//! (Llama, Mistral, Qwen2, Qwen3, Gemma 2 and 3, Phi-3; safetensors or
+//! GGUF), written so that
 //! several sequences decode together: each has its own KV cache and
 //! position, and one decode step runs every weight matrix once for all of
 //! them. Attention, the only part that differs per sequence, runs per
@@ -9,6 +10,7 @@ use crate::engine::interrupt;
 use candle_core::{DType, Device, Result, Tensor, D};
 
 use super::linear::{Fused, Linear, RmsNorm};
+pub use super::rope::Rope;
 
 /// The shapes and settings one model's layers share.
 #[derive(Debug, Clone)]
@@ -23,6 +25,47 @@ pub struct Shape {
     /// Rotate interleaved pairs (GGUF llama, whose q/k rows llama.cpp
     /// permuted) rather than the two halves of each head.
     pub interleaved_rope: bool,
+    pub flavour: Flavour,
+}
+
+/// What a family changes in the arithmetic of the shared layers.
+#[derive(Debug, Clone)]
+pub struct Flavour {
+    /// Multiplies attention scores (`1/sqrt(head_dim)` unless the family
+    /// says otherwise).
+    pub attn_scale: f64,
+    /// `tanh(s / c) * c` on attention scores before the mask (Gemma 2).
+    pub attn_softcap: Option<f64>,
+    /// The same on the final logits.
+    pub final_softcap: Option<f64>,
+    /// Multiplies the embeddings, rounded to the model's dtype (Gemma).
+    pub embed_scale: Option<f64>,
+    /// How many leading channels of each head RoPE rotates (Phi's
+    /// `partial_rotary_factor`); the rest pass through.
+    pub rotary_dim: usize,
+}
+
+impl Flavour {
+    /// Llama's arithmetic for heads of `head_dim` channels.
+    pub fn plain(head_dim: usize) -> Self {
+        Flavour {
+            attn_scale: 1.0 / (head_dim as f64).sqrt(),
+            attn_softcap: None,
+            final_softcap: None,
+            embed_scale: None,
+            rotary_dim: head_dim,
+        }
+    }
+}
+
+/// The gate's activation in the gated MLP.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    Silu,
+    /// GELU's tanh approximation (Gemma's `gelu_pytorch_tanh`).
+    GeluTanh,
+    /// Exact (erf) GELU.
+    Gelu,
 }
 
 impl Shape {
@@ -47,65 +90,47 @@ pub struct Mlp {
     /// The gate and up projections.
     pub gate_up: Fused,
     pub down: Linear,
+    pub activation: Activation,
 }
 
 pub struct Layer {
     pub attn_norm: RmsNorm,
     pub attn: Attention,
+    /// Gemma normalizes the attention's and the MLP's outputs too.
+    pub post_attn_norm: Option<RmsNorm>,
     pub mlp_norm: RmsNorm,
     pub mlp: Mlp,
+    pub post_mlp_norm: Option<RmsNorm>,
+    /// Which of the decoder's RoPE tables this layer rotates by (Gemma 3's
+    /// local layers use another base).
+    pub rope: usize,
 }
 
-/// Rotary embedding tables, grown on demand: a model may allow a million
-/// positions, while requests use a few thousand.
-pub struct Rope {
-    inv_freq: Vec<f32>,
-    cos: Tensor,
-    sin: Tensor,
-}
-
-const ROPE_CHUNK: usize = 4096;
-
-impl Rope {
-    pub fn new(inv_freq: Vec<f32>, dtype: DType, device: &Device) -> Result<Self> {
-        let (cos, sin) = rope_tables(&inv_freq, ROPE_CHUNK, dtype, device)?;
-        Ok(Rope { inv_freq, cos, sin })
-    }
-
-    fn ensure(&mut self, positions: usize) -> Result<()> {
-        let have = self.cos.dim(0)?;
-        if positions > have {
-            let size = positions.div_ceil(ROPE_CHUNK) * ROPE_CHUNK;
-            let (cos, sin) =
-                rope_tables(&self.inv_freq, size, self.cos.dtype(), self.cos.device())?;
-            self.cos = cos;
-            self.sin = sin;
+impl Layer {
+    /// Adds the attention output `a` to the residual stream `x`, then runs
+    /// the MLP block.
+    fn finish(&self, x: Tensor, a: &Tensor) -> Result<Tensor> {
+        let mut a = self.attn.o.forward(a)?;
+        if let Some(norm) = &self.post_attn_norm {
+            a = norm.forward(&a)?;
         }
-        Ok(())
+        let x = (x + a)?;
+        let mut m = self.mlp.forward(&self.mlp_norm.forward(&x)?)?;
+        if let Some(norm) = &self.post_mlp_norm {
+            m = norm.forward(&m)?;
+        }
+        x + m
     }
-}
-
-fn rope_tables(
-    inv_freq: &[f32],
-    positions: usize,
-    dtype: DType,
-    device: &Device,
-) -> Result<(Tensor, Tensor)> {
-    let freqs = Tensor::new(inv_freq, device)?;
-    let t = Tensor::arange(0u32, positions as u32, device)?
-        .to_dtype(DType::F32)?
-        .reshape((positions, 1))?;
-    let angles = t.broadcast_mul(&freqs.reshape((1, inv_freq.len()))?)?;
-    Ok((
-        angles.cos()?.to_dtype(dtype)?,
-        angles.sin()?.to_dtype(dtype)?,
-    ))
 }
 
 /// One sequence's keys and values, per layer, in buffers sized for the
 /// whole sequence when it is admitted.
 pub struct KvCache {
     layers: Vec<candle_nn::kv_cache::KvCache>,
+    capacity: usize,
+    /// Every token stored, for LongRoPE's recomputation when a sequence
+    /// crosses its switch.
+    tokens: Vec<u32>,
 }
 
 impl KvCache {
@@ -114,7 +139,16 @@ impl KvCache {
             layers: (0..layers)
                 .map(|_| candle_nn::kv_cache::KvCache::new(2, capacity.max(1)))
                 .collect(),
+            capacity,
+            tokens: Vec::new(),
         }
+    }
+
+    /// Empties the cache, keeping its size, and returns the tokens it held.
+    fn clear(&mut self) -> Vec<u32> {
+        let tokens = std::mem::take(&mut self.tokens);
+        *self = KvCache::new(self.layers.len(), self.capacity);
+        tokens
     }
 
     /// Positions already stored.
@@ -131,7 +165,8 @@ pub struct Decoder {
     pub layers: Vec<Layer>,
     pub norm: RmsNorm,
     pub lm_head: Linear,
-    pub rope: Rope,
+    /// The RoPE tables layers pick from by [`Layer::rope`].
+    pub ropes: Vec<Rope>,
     /// The dtype activations run in.
     pub dtype: DType,
 }
@@ -141,23 +176,29 @@ impl Decoder {
     /// or any tokens not yet seen); returns the last position's logits,
     /// `[1, vocab]` in f32.
     pub fn prefill(&mut self, tokens: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        let device = self.embed.device().clone();
         let offset = cache.positions();
-        self.rope.ensure(offset + tokens.len())?;
-        let ids = Tensor::new(tokens, &device)?;
-        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(0)?;
-        let cos = self.rope.cos.narrow(0, offset, tokens.len())?;
-        let sin = self.rope.sin.narrow(0, offset, tokens.len())?;
+        if offset > 0 && self.recomputes(offset, tokens.len()) {
+            let mut all = cache.clear();
+            all.extend_from_slice(tokens);
+            return self.prefill(&all, cache);
+        }
+        cache.tokens.extend_from_slice(tokens);
+        let tables = self
+            .ropes
+            .iter_mut()
+            .map(|rope| rope.span(offset, tokens.len()))
+            .collect::<Result<Vec<_>>>()?;
+        let mut x = self.embed(tokens)?.unsqueeze(0)?;
         for (layer, kv) in self.layers.iter().zip(cache.layers.iter_mut()) {
             // A long prompt on the CPU takes seconds per layer: a cancel is
             // honoured between them.
             interrupt::check()?;
+            let (cos, sin) = &tables[layer.rope];
             let h = layer.attn_norm.forward(&x)?;
-            let (q, k, v) = layer.attn.project(&h, &self.shape, &cos, &sin)?;
+            let (q, k, v) = layer.attn.project(&h, &self.shape, cos, sin)?;
             let (k, v) = kv.append(&k, &v)?;
             let a = attend(&q, &k, &v, offset, layer.attn.window, &self.shape)?;
-            x = (x + layer.attn.o.forward(&a.unsqueeze(0)?)?)?;
-            x = (&x + layer.mlp.forward(&layer.mlp_norm.forward(&x)?)?)?;
+            x = layer.finish(x, &a.unsqueeze(0)?)?;
         }
         let last = x.narrow(1, tokens.len() - 1, 1)?.squeeze(1)?;
         self.logits(&last)
@@ -167,28 +208,59 @@ impl Decoder {
     /// token of the sequence whose cache is `caches[i]`. Returns logits
     /// `[batch, vocab]` in f32, one row per sequence.
     pub fn decode(&mut self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
-        let device = self.embed.device().clone();
+        let redo: Vec<bool> = caches
+            .iter()
+            .map(|c| self.recomputes(c.positions(), 1))
+            .collect();
+        if !redo.contains(&true) {
+            return self.decode_batch(tokens, caches);
+        }
+        let mut rows: Vec<Option<Tensor>> = vec![None; tokens.len()];
+        let (mut rest, mut rest_tokens, mut rest_rows) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, cache) in caches.iter_mut().enumerate() {
+            if redo[i] {
+                rows[i] = Some(self.prefill(&tokens[i..=i], cache)?);
+            } else {
+                rest.push(&mut **cache);
+                rest_tokens.push(tokens[i]);
+                rest_rows.push(i);
+            }
+        }
+        if !rest.is_empty() {
+            let logits = self.decode_batch(&rest_tokens, &mut rest)?;
+            for (n, i) in rest_rows.into_iter().enumerate() {
+                rows[i] = Some(logits.narrow(0, n, 1)?);
+            }
+        }
+        Tensor::cat(&rows.into_iter().flatten().collect::<Vec<_>>(), 0)
+    }
+
+    /// Whether running `len` tokens from `offset` crosses a LongRoPE
+    /// switch with positions already cached: transformers then drops the
+    /// cache and runs the whole sequence again with the long factors.
+    fn recomputes(&self, offset: usize, len: usize) -> bool {
+        self.ropes.iter().any(|rope| {
+            rope.switch()
+                .is_some_and(|s| offset <= s && s < offset + len)
+        })
+    }
+
+    fn decode_batch(&mut self, tokens: &[u32], caches: &mut [&mut KvCache]) -> Result<Tensor> {
         let batch = tokens.len();
+        for (cache, token) in caches.iter_mut().zip(tokens) {
+            cache.tokens.push(*token);
+        }
         let positions: Vec<u32> = caches.iter().map(|c| c.positions() as u32).collect();
-        let furthest = positions.iter().max().map_or(0, |p| *p as usize + 1);
-        self.rope.ensure(furthest)?;
-        let index = Tensor::new(positions.as_slice(), &device)?;
-        let half = self.shape.head_dim / 2;
-        let cos = self
-            .rope
-            .cos
-            .index_select(&index, 0)?
-            .reshape((batch, 1, half))?;
-        let sin = self
-            .rope
-            .sin
-            .index_select(&index, 0)?
-            .reshape((batch, 1, half))?;
-        let ids = Tensor::new(tokens, &device)?;
-        let mut x = self.embed.index_select(&ids, 0)?.unsqueeze(1)?;
+        let tables = self
+            .ropes
+            .iter_mut()
+            .map(|rope| rope.at(&positions))
+            .collect::<Result<Vec<_>>>()?;
+        let mut x = self.embed(tokens)?.unsqueeze(1)?;
         for (n, layer) in self.layers.iter().enumerate() {
+            let (cos, sin) = &tables[layer.rope];
             let h = layer.attn_norm.forward(&x)?;
-            let (q, k, v) = layer.attn.project(&h, &self.shape, &cos, &sin)?;
+            let (q, k, v) = layer.attn.project(&h, &self.shape, cos, sin)?;
             let mut rows = Vec::with_capacity(batch);
             for (i, cache) in caches.iter_mut().enumerate() {
                 let (k, v) = cache.layers[n].append(&k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
@@ -196,18 +268,40 @@ impl Decoder {
                 let offset = positions[i] as usize;
                 rows.push(attend(&q, &k, &v, offset, layer.attn.window, &self.shape)?);
             }
-            let a = Tensor::stack(&rows, 0)?;
-            x = (x + layer.attn.o.forward(&a)?)?;
-            x = (&x + layer.mlp.forward(&layer.mlp_norm.forward(&x)?)?)?;
+            x = layer.finish(x, &Tensor::stack(&rows, 0)?)?;
         }
         self.logits(&x.squeeze(1)?)
+    }
+
+    /// The embeddings of `tokens`, `[len, hidden]`, scaled where the family
+    /// scales them.
+    fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
+        let ids = Tensor::new(tokens, self.embed.device())?;
+        let x = self.embed.index_select(&ids, 0)?;
+        match self.shape.flavour.embed_scale {
+            // transformers rounds the factor to the model's dtype first.
+            Some(scale) => {
+                x.broadcast_mul(&Tensor::new(scale as f32, x.device())?.to_dtype(x.dtype())?)
+            }
+            None => Ok(x),
+        }
     }
 
     /// `x`: `[rows, hidden]` → f32 logits `[rows, vocab]`.
     fn logits(&self, x: &Tensor) -> Result<Tensor> {
         let h = self.norm.forward(x)?;
-        self.lm_head.forward(&h)?.to_dtype(DType::F32)
+        let logits = self.lm_head.forward(&h)?;
+        let logits = match self.shape.flavour.final_softcap {
+            Some(cap) => softcap(&logits, cap)?,
+            None => logits,
+        };
+        logits.to_dtype(DType::F32)
     }
+}
+
+/// `tanh(x / cap) * cap`: bounds `x` smoothly to `(-cap, cap)`.
+fn softcap(x: &Tensor, cap: f64) -> Result<Tensor> {
+    (x / cap)?.tanh()? * cap
 }
 
 impl Attention {
@@ -233,13 +327,23 @@ impl Attention {
             q = qn.forward(&q)?;
             k = kn.forward(&k)?;
         }
+        let rotary = shape.flavour.rotary_dim;
         let rotate = |x: Tensor| -> Result<Tensor> {
             let x = x.transpose(1, 2)?.contiguous()?;
-            if shape.interleaved_rope {
-                candle_nn::rotary_emb::rope_i(&x, cos, sin)
-            } else {
-                candle_nn::rotary_emb::rope(&x, cos, sin)
+            let turn = |x: &Tensor| {
+                if shape.interleaved_rope {
+                    candle_nn::rotary_emb::rope_i(x, cos, sin)
+                } else {
+                    candle_nn::rotary_emb::rope(x, cos, sin)
+                }
+            };
+            if rotary == shape.head_dim {
+                return turn(&x);
             }
+            // Partial rotary: only the leading channels turn.
+            let turned = turn(&x.narrow(3, 0, rotary)?.contiguous()?)?;
+            let kept = x.narrow(3, rotary, shape.head_dim - rotary)?;
+            Tensor::cat(&[turned, kept], 3)?.contiguous()
         };
         Ok((rotate(q)?, rotate(k)?, v.transpose(1, 2)?.contiguous()?))
     }
@@ -250,7 +354,12 @@ impl Mlp {
         let [gate, up]: [Tensor; 2] = self.gate_up.forward(x)?.try_into().map_err(|_| {
             candle_core::Error::Msg("gate/up projections: expected 2 outputs".into())
         })?;
-        self.down.forward(&(candle_nn::ops::silu(&gate)? * up)?)
+        let gate = match self.activation {
+            Activation::Silu => candle_nn::ops::silu(&gate)?,
+            Activation::GeluTanh => gate.gelu()?,
+            Activation::Gelu => gate.gelu_erf()?,
+        };
+        self.down.forward(&(gate * up)?)
     }
 }
 
@@ -272,8 +381,11 @@ fn attend(
     let q = q.reshape((kv_heads, group * seq, d))?;
     let k = k.squeeze(0)?;
     let v = v.squeeze(0)?;
-    let scale = 1.0 / (d as f64).sqrt();
-    let mut scores = (q.matmul(&k.t()?)? * scale)?.to_dtype(DType::F32)?;
+    let flavour = &shape.flavour;
+    let mut scores = (q.matmul(&k.t()?)? * flavour.attn_scale)?.to_dtype(DType::F32)?;
+    if let Some(cap) = flavour.attn_softcap {
+        scores = softcap(&scores, cap)?;
+    }
     if let Some(mask) = mask(seq, len, offset, window, q.device())? {
         scores = scores
             .reshape((kv_heads, group, seq, len))?

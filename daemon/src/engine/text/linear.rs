@@ -107,6 +107,12 @@ impl Fused {
         })
     }
 
+    /// A layer stored fused (Phi-3's `qkv_proj`, `gate_up_proj`), whose
+    /// output splits into parts of `sizes` features.
+    pub fn split(linear: Linear, sizes: Vec<usize>) -> Self {
+        Fused::One { linear, sizes }
+    }
+
     /// Each layer's output, in the order given to [`Fused::new`].
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         match self {
@@ -195,6 +201,9 @@ fn split_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 pub struct RmsNorm {
     weight: Tensor,
     eps: f32,
+    /// Gemma's flavour: normalize and scale in f32 (the weight stored as
+    /// `1 + w`), then round to the input's dtype once, as transformers does.
+    in_f32: bool,
 }
 
 impl RmsNorm {
@@ -202,10 +211,28 @@ impl RmsNorm {
         RmsNorm {
             weight,
             eps: eps as f32,
+            in_f32: false,
         }
     }
 
+    /// Gemma's norm, which scales by `1 + weight` computed in f32.
+    pub fn plus_one(weight: &Tensor, eps: f64) -> Result<Self> {
+        Ok(RmsNorm {
+            weight: (weight.to_dtype(DType::F32)? + 1.0)?,
+            eps: eps as f32,
+            in_f32: true,
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if self.in_f32 {
+            let y = candle_nn::ops::rms_norm(
+                &x.to_dtype(DType::F32)?.contiguous()?,
+                &self.weight,
+                self.eps,
+            )?;
+            return y.to_dtype(x.dtype());
+        }
         candle_nn::ops::rms_norm(&x.contiguous()?, &self.weight, self.eps)
     }
 }

@@ -1,7 +1,8 @@
 //! Text models: configs and weight files (`model`), the batched decoder
-//! (`decoder`, over `linear` layers, whose CPU decode products are `gemv`)
-//! and how it is built from safetensors
-//! or GGUF (`build`), the thread that owns a loaded model and runs
+//! (`decoder`, over `rope` tables and `linear` layers, whose CPU decode
+//! products are `gemv`) and how it is built from safetensors (`build`; each
+//! family's arithmetic and layer kinds are read from its config in
+//! `family`) or GGUF (`gguf`), the thread that owns a loaded model and runs
 //! generation jobs in batches (`worker`), sampling and request validation
 //! (`sampling`), chat templates (`chat`) and LoRA merging (`lora`).
 //! Residency, devices and memory live in the parent `engine`.
@@ -9,10 +10,13 @@
 pub mod build;
 pub mod chat;
 pub mod decoder;
+pub mod family;
 pub mod gemv;
+pub mod gguf;
 pub mod linear;
 pub mod lora;
 pub mod model;
+pub mod rope;
 pub mod sampling;
 pub(super) mod worker;
 

@@ -126,9 +126,12 @@ pub fn read_gguf_header(path: &Path) -> Result<(gguf_file::Content, GgufHeader),
         "llama" => "llama",
         "qwen2" => "qwen2",
         "qwen3" => "qwen3",
+        "gemma2" => "gemma2",
+        "gemma3" => "gemma3",
+        "phi3" => "phi3",
         other => {
             return Err(EngineError::Unsupported(format!(
-                "GGUF architecture {other:?} (supported: llama, qwen2, qwen3)"
+                "GGUF architecture {other:?} (supported: llama, qwen2, qwen3, gemma2, gemma3, phi3)"
             )))
         }
     };
@@ -145,6 +148,9 @@ pub fn read_gguf_header(path: &Path) -> Result<(gguf_file::Content, GgufHeader),
 pub struct ModelSpec {
     pub arch: &'static str,
     pub config: Value,
+    /// Where the decoder's tensors sit: `model`, or the language model's
+    /// folder inside a multimodal checkpoint.
+    pub prefix: &'static str,
     pub context_length: usize,
     pub eos_ids: Vec<u32>,
 }
@@ -153,20 +159,32 @@ impl ModelSpec {
     /// Reads `config.json` (and `generation_config.json` for extra end-of-
     /// sequence ids) and picks the architecture from `model_type`.
     pub fn read(dir: &Path) -> Result<Self, EngineError> {
-        let config = read_json(&dir.join("config.json"))?;
+        let outer = read_json(&dir.join("config.json"))?;
+        let (mut config, prefix) = match outer["model_type"].as_str() {
+            // A multimodal Gemma 3 keeps its text decoder's settings in
+            // `text_config` and its tensors under `language_model`.
+            Some("gemma3") => (outer["text_config"].clone(), "language_model.model"),
+            _ => (outer.clone(), "model"),
+        };
         let model_type = config["model_type"].as_str().unwrap_or_default();
         let arch = match model_type {
             "llama" => "llama",
             "qwen2" => "qwen2",
             "qwen3" => "qwen3",
             "mistral" => "mistral",
+            "gemma2" => "gemma2",
+            "gemma3_text" => "gemma3",
+            "phi3" => "phi3",
             other => {
                 return Err(EngineError::Unsupported(format!(
-                    "model_type {other:?} (supported: llama, qwen2, qwen3, mistral)"
+                    "model_type {other:?} (supported: llama, qwen2, qwen3, mistral, \
+                     gemma2, gemma3_text, gemma3, phi3)"
                 )))
             }
         };
-        let mut eos_ids = token_ids(&config["eos_token_id"]);
+        fill_defaults(&mut config, arch);
+        let mut eos_ids = token_ids(&outer["eos_token_id"]);
+        eos_ids.extend(token_ids(&config["eos_token_id"]));
         if let Ok(generation) = read_json(&dir.join("generation_config.json")) {
             eos_ids.extend(token_ids(&generation["eos_token_id"]));
         }
@@ -176,9 +194,46 @@ impl ModelSpec {
         Ok(ModelSpec {
             arch,
             config: normalize(config)?,
+            prefix,
             context_length,
             eos_ids,
         })
+    }
+}
+
+/// The defaults transformers' config classes give fields a file may omit
+/// (multimodal Gemma 3 files leave most of `text_config` out), where they
+/// differ from what the decoder assumes otherwise.
+fn fill_defaults(config: &mut Value, arch: &str) {
+    let defaults = match arch {
+        "gemma2" => serde_json::json!({
+            "vocab_size": 256000, "num_attention_heads": 8, "num_key_value_heads": 4,
+            "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+            "max_position_embeddings": 8192, "query_pre_attn_scalar": 256,
+            "sliding_window": 4096, "final_logit_softcapping": 30.0,
+            "attn_logit_softcapping": 50.0, "tie_word_embeddings": true
+        }),
+        "gemma3" => serde_json::json!({
+            "vocab_size": 262208, "num_attention_heads": 8, "num_key_value_heads": 4,
+            "head_dim": 256, "hidden_activation": "gelu_pytorch_tanh",
+            "max_position_embeddings": 131072, "query_pre_attn_scalar": 256,
+            "sliding_window": 4096, "sliding_window_pattern": 6,
+            "rope_local_base_freq": 10_000.0, "tie_word_embeddings": true
+        }),
+        "phi3" => serde_json::json!({"original_max_position_embeddings": 4096}),
+        _ => return,
+    };
+    for (key, value) in defaults.as_object().into_iter().flatten() {
+        if config.get(key).is_none() {
+            config[key] = value.clone();
+        }
+    }
+    // Gemma 3's global layers default to another base than other families.
+    let no_rope = ["rope_theta", "rope_parameters"]
+        .iter()
+        .all(|key| config.get(*key).is_none_or(Value::is_null));
+    if arch == "gemma3" && no_rope {
+        config["rope_theta"] = Value::from(1_000_000.0);
     }
 }
 
@@ -224,10 +279,12 @@ fn normalize(mut config: Value) -> Result<Value, EngineError> {
     Ok(config)
 }
 
-/// Sets `rope_theta` and `rope_scaling` (null, or candle's llama3 form)
-/// from whichever spelling the file uses. A scaling candle cannot apply
-/// is refused rather than silently run as plain RoPE.
+/// Sets `rope_theta`, `rope_scaling` (null, or one of the forms
+/// `build::RopeScaling` reads) and `partial_rotary_factor` from whichever
+/// spelling the file uses. A scaling modeld cannot apply is refused rather
+/// than silently run as plain RoPE.
 fn normalize_rope(config: &mut Value) -> Result<(), EngineError> {
+    split_rope_by_layer_type(config)?;
     let nested = config["rope_parameters"].clone();
     let scaling = match &config["rope_scaling"] {
         Value::Object(_) => config["rope_scaling"].clone(),
@@ -240,6 +297,12 @@ fn normalize_rope(config: &mut Value) -> Result<(), EngineError> {
         };
         config["rope_theta"] = theta;
     }
+    for source in [&nested, &scaling] {
+        let factor = &source["partial_rotary_factor"];
+        if factor.is_number() && config.get("partial_rotary_factor").is_none() {
+            config["partial_rotary_factor"] = factor.clone();
+        }
+    }
     let kind = scaling["rope_type"]
         .as_str()
         .or_else(|| scaling["type"].as_str())
@@ -248,30 +311,93 @@ fn normalize_rope(config: &mut Value) -> Result<(), EngineError> {
         // Dynamic NTK only changes positions past max_position_embeddings,
         // which is the context limit modeld enforces anyway.
         "default" | "dynamic" => Value::Null,
-        "llama3" => {
-            let field = |name: &str| -> Result<Value, EngineError> {
-                match &scaling[name] {
-                    Value::Number(n) => Ok(Value::Number(n.clone())),
-                    _ => Err(EngineError::Files(format!(
-                        "config.json: llama3 RoPE scaling needs a number for {name}"
-                    ))),
-                }
-            };
-            serde_json::json!({
-                "rope_type": "llama3",
-                "factor": field("factor")?,
-                "low_freq_factor": field("low_freq_factor")?,
-                "high_freq_factor": field("high_freq_factor")?,
-                "original_max_position_embeddings": field("original_max_position_embeddings")?,
-            })
-        }
+        "llama3" => llama3_scaling(&scaling)?,
+        "linear" => serde_json::json!({
+            "rope_type": "linear",
+            "factor": number(&scaling, "linear", "factor")?,
+        }),
+        "longrope" => longrope_scaling(config, &scaling)?,
         other => {
             return Err(EngineError::Unsupported(format!(
-                "RoPE scaling {other:?} (supported: default, llama3)"
+                "RoPE scaling {other:?} (supported: default, llama3, linear, longrope)"
             )))
         }
     };
     Ok(())
+}
+
+/// Gemma 3 in transformers 5 nests RoPE settings per layer type: the
+/// sliding layers' base becomes `rope_local_base_freq`, and the full
+/// layers' settings are read as the model's own.
+fn split_rope_by_layer_type(config: &mut Value) -> Result<(), EngineError> {
+    let nested = config["rope_parameters"].clone();
+    if nested.get("full_attention").is_none() && nested.get("sliding_attention").is_none() {
+        return Ok(());
+    }
+    let local = &nested["sliding_attention"];
+    let local_kind = local["rope_type"].as_str().unwrap_or("default");
+    if local_kind != "default" {
+        return Err(EngineError::Unsupported(format!(
+            "rope_parameters.sliding_attention.rope_type {local_kind:?} (supported: default)"
+        )));
+    }
+    if local["rope_theta"].is_number() {
+        config["rope_local_base_freq"] = local["rope_theta"].clone();
+    }
+    config["rope_parameters"] = nested["full_attention"].clone();
+    Ok(())
+}
+
+fn number(scaling: &Value, kind: &str, name: &str) -> Result<Value, EngineError> {
+    match &scaling[name] {
+        Value::Number(n) => Ok(Value::Number(n.clone())),
+        _ => Err(EngineError::Files(format!(
+            "config.json: {kind} RoPE scaling needs a number for {name}"
+        ))),
+    }
+}
+
+fn llama3_scaling(scaling: &Value) -> Result<Value, EngineError> {
+    let field = |name| number(scaling, "llama3", name);
+    Ok(serde_json::json!({
+        "rope_type": "llama3",
+        "factor": field("factor")?,
+        "low_freq_factor": field("low_freq_factor")?,
+        "high_freq_factor": field("high_freq_factor")?,
+        "original_max_position_embeddings": field("original_max_position_embeddings")?,
+    }))
+}
+
+/// LongRoPE (Phi-3): per-frequency divisors for short and long contexts.
+/// As transformers does, a top-level `original_max_position_embeddings`
+/// wins over the one inside the scaling, and `factor` defaults to the
+/// ratio of the two context lengths.
+fn longrope_scaling(config: &Value, scaling: &Value) -> Result<Value, EngineError> {
+    let max = config["max_position_embeddings"].clone();
+    let original = match (
+        &config["original_max_position_embeddings"],
+        &scaling["original_max_position_embeddings"],
+    ) {
+        (Value::Number(n), _) | (_, Value::Number(n)) => Value::Number(n.clone()),
+        _ => max.clone(),
+    };
+    let factors = |name: &str| -> Result<Value, EngineError> {
+        match &scaling[name] {
+            Value::Array(items) if items.iter().all(Value::is_number) => Ok(scaling[name].clone()),
+            _ => Err(EngineError::Files(format!(
+                "config.json: longrope RoPE scaling needs a list of numbers for {name}"
+            ))),
+        }
+    };
+    Ok(serde_json::json!({
+        "rope_type": "longrope",
+        "short_factor": factors("short_factor")?,
+        "long_factor": factors("long_factor")?,
+        "original_max_position_embeddings": original,
+        "max_position_embeddings": max,
+        "factor": scaling["factor"],
+        "attention_factor": scaling["attention_factor"],
+    }))
 }
 
 #[cfg(test)]

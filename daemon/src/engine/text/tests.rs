@@ -7,22 +7,35 @@ use std::path::PathBuf;
 use candle_core::{DType, Device, Tensor};
 
 use super::build;
-use super::decoder::{Decoder, KvCache};
+use super::decoder::{greedy, Decoder, KvCache};
 use super::model::{ModelSpec, Weights};
 
 /// Products over a batch may sum in another order than over one row.
 const BATCH_TOLERANCE: f32 = 1e-4;
 
-fn tiny_llama() -> Decoder {
-    let dir = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../tests/fixtures/tiny-llama"
-    ));
+fn fixture_dir(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/fixtures")
+        .join(name)
+}
+
+/// A fixture's safetensors model, in f32 on the CPU.
+fn fixture(name: &str) -> Decoder {
+    load_dir(&fixture_dir(name))
+}
+
+fn load_dir(dir: &std::path::Path) -> Decoder {
+    let name = dir.display();
+    let dir = dir.to_path_buf();
     let spec = ModelSpec::read(&dir).expect("config");
     let Weights::Safetensors(files) = Weights::find(&dir).expect("weights") else {
-        panic!("tiny-llama is safetensors")
+        panic!("{name} is safetensors")
     };
     build::from_safetensors(&spec, &files, &[], DType::F32, &Device::Cpu).expect("loads")
+}
+
+fn tiny_llama() -> Decoder {
+    fixture("tiny-llama")
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -126,4 +139,304 @@ fn a_cancelled_prefill_stops_between_layers() {
     model
         .prefill(&[1, 2, 3], &mut cache)
         .expect("outside a job nothing stops it");
+}
+
+/// One `expected.json` case: the prompt's ids, transformers' greedy ids
+/// and the first eight logits after the prompt.
+struct Case {
+    input: Vec<u32>,
+    greedy: Vec<u32>,
+    first_logits: Vec<f32>,
+    /// The smallest gap between the two best logits over the greedy run.
+    margin: f64,
+}
+
+fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|id| id.as_u64().unwrap() as u32)
+        .collect()
+}
+
+impl Case {
+    /// One case of an `expected.json`; variants record only the ids.
+    fn read(case: &serde_json::Value) -> Self {
+        let first_logits = case["first_logits_head"]
+            .as_array()
+            .map_or(Vec::new(), |v| {
+                v.iter().map(|x| x.as_f64().unwrap() as f32).collect()
+            });
+        Case {
+            input: ids(&case["input_ids"]),
+            greedy: ids(&case["greedy_ids"]),
+            first_logits,
+            margin: case["min_top2_margin"].as_f64().unwrap_or(0.0),
+        }
+    }
+}
+
+fn cases(name: &str) -> Vec<Case> {
+    let text = std::fs::read_to_string(fixture_dir(name).join("expected.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(Case::read)
+        .collect()
+}
+
+/// Greedy ids for every prompt, decoded together in one batch: each
+/// prompt is prefilled alone, then all step at once.
+fn greedy_batch(model: &mut Decoder, prompts: &[&[u32]], steps: usize) -> Vec<Vec<u32>> {
+    let layers = model.layers.len();
+    let mut caches: Vec<KvCache> = prompts
+        .iter()
+        .map(|p| KvCache::new(layers, p.len() + steps))
+        .collect();
+    let mut next: Vec<u32> = prompts
+        .iter()
+        .zip(caches.iter_mut())
+        .map(|(prompt, cache)| greedy(&model.prefill(prompt, cache).unwrap()).unwrap()[0])
+        .collect();
+    let mut out: Vec<Vec<u32>> = next.iter().map(|id| vec![*id]).collect();
+    for _ in 1..steps {
+        let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();
+        next = greedy(&model.decode(&next, &mut refs).unwrap()).unwrap();
+        for (ids, id) in out.iter_mut().zip(&next) {
+            ids.push(*id);
+        }
+    }
+    out
+}
+
+/// transformers' greedy ids, for each prompt alone and for all of them
+/// in one batch; and its first logits, within float tolerance.
+fn check_fixture(name: &str) {
+    let mut model = fixture(name);
+    let cases = cases(name);
+    for case in &cases {
+        let mut cache = KvCache::new(model.layers.len(), 8);
+        let logits = model.prefill(&case.input, &mut cache).unwrap();
+        let head = logits.get(0).unwrap().narrow(0, 0, 8).unwrap();
+        let expected = Tensor::new(case.first_logits.as_slice(), &Device::Cpu).unwrap();
+        // The reference rounds its logits to five decimals.
+        assert!(
+            max_diff(&head, &expected) < 1e-3,
+            "{name}: first logits {head}"
+        );
+    }
+    check_greedy(name, &mut model, &cases);
+}
+
+fn check_greedy(name: &str, model: &mut Decoder, cases: &[Case]) {
+    for case in cases {
+        let alone = greedy_batch(model, &[&case.input], case.greedy.len());
+        assert_eq!(
+            alone[0], case.greedy,
+            "{name}: prompt {:?} alone",
+            case.input
+        );
+    }
+    let prompts: Vec<&[u32]> = cases.iter().map(|c| c.input.as_slice()).collect();
+    let steps = cases.iter().map(|c| c.greedy.len()).max().unwrap();
+    let together = greedy_batch(model, &prompts, steps);
+    for (case, ids) in cases.iter().zip(&together) {
+        assert_eq!(
+            &ids[..case.greedy.len()],
+            case.greedy,
+            "{name}: prompt {:?} in a batch",
+            case.input
+        );
+    }
+}
+
+#[test]
+fn tiny_gemma2_matches_transformers_alone_and_batched() {
+    check_fixture("tiny-gemma2");
+}
+
+#[test]
+fn tiny_phi3_matches_transformers_alone_and_batched() {
+    check_fixture("tiny-phi3");
+}
+
+#[test]
+fn tiny_gemma3_matches_transformers_alone_and_batched() {
+    check_fixture("tiny-gemma3");
+}
+
+/// A fixture's weights and tokenizer under another config: a folder of
+/// `tests/fixtures/text-variants` (made by its `generate.py`).
+fn variant(name: &str, config: &str) -> (tempfile::TempDir, Vec<Case>) {
+    let source = fixture_dir("text-variants").join(name);
+    let text = std::fs::read_to_string(source.join("expected.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let base = fixture_dir(json["base"].as_str().unwrap());
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(base.join(file), dir.path().join(file)).unwrap();
+    }
+    std::fs::copy(source.join(config), dir.path().join("config.json")).unwrap();
+    let cases = json["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(Case::read)
+        .collect();
+    (dir, cases)
+}
+
+/// Both spellings of a variant's config give transformers' ids.
+fn check_variant(name: &str) {
+    for config in ["config.json", "old_config.json"] {
+        let (dir, cases) = variant(name, config);
+        let mut model = load_dir(dir.path());
+        check_greedy(&format!("{name} ({config})"), &mut model, &cases);
+    }
+}
+
+#[test]
+fn phi3_longrope_with_partial_rotary_and_a_window_matches_transformers() {
+    check_variant("phi3-longrope");
+}
+
+#[test]
+fn gemma3_linear_rope_scaling_and_the_old_pattern_match_transformers() {
+    check_variant("gemma3-linear");
+}
+
+/// A copy of a fixture whose config.json `edit` changes.
+fn edited(name: &str, edit: impl FnOnce(&mut serde_json::Value)) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for file in ["model.safetensors", "tokenizer.json", "config.json"] {
+        std::fs::copy(fixture_dir(name).join(file), dir.path().join(file)).unwrap();
+    }
+    let path = dir.path().join("config.json");
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    edit(&mut config);
+    std::fs::write(&path, config.to_string()).unwrap();
+    dir
+}
+
+#[test]
+fn gemma2_without_layer_types_slides_on_even_layers_as_transformers_does() {
+    let dir = edited("tiny-gemma2", |c| {
+        c.as_object_mut().unwrap().remove("layer_types");
+    });
+    check_greedy(
+        "tiny-gemma2 without layer_types",
+        &mut load_dir(dir.path()),
+        &cases("tiny-gemma2"),
+    );
+}
+
+#[test]
+fn a_multimodal_gemma3_checkpoint_runs_its_language_model() {
+    // The hub's layout, and the one transformers 5 saves.
+    let layouts: [fn(&str) -> String; 2] = [
+        |name| format!("language_model.{name}"),
+        |name| name.replacen("model.", "model.language_model.", 1),
+    ];
+    for rename in layouts {
+        let dir = edited("tiny-gemma3", |c| {
+            let text = c.clone();
+            *c = serde_json::json!({"model_type": "gemma3", "text_config": text,
+                                    "vision_config": {"model_type": "siglip_vision_model"}});
+        });
+        let file = dir.path().join("model.safetensors");
+        let tensors = candle_core::safetensors::load(&file, &Device::Cpu).unwrap();
+        let vision = Tensor::zeros(4, DType::F32, &Device::Cpu).unwrap();
+        let renamed: std::collections::HashMap<String, Tensor> = tensors
+            .into_iter()
+            .map(|(name, t)| (rename(&name), t))
+            .chain([("vision_tower.patch.weight".to_string(), vision)])
+            .collect();
+        candle_core::safetensors::save(&renamed, &file).unwrap();
+        let mut model = load_dir(dir.path());
+        check_greedy("multimodal tiny-gemma3", &mut model, &cases("tiny-gemma3"));
+    }
+}
+
+#[test]
+fn config_fields_that_change_the_maths_unhonoured_are_refused() {
+    type Edit = fn(&mut serde_json::Value);
+    let cases: [(&str, Edit, &str); 4] = [
+        (
+            "tiny-gemma2",
+            |c| c["hidden_activation"] = "relu".into(),
+            "hidden_activation",
+        ),
+        (
+            "tiny-gemma3",
+            |c| c["use_bidirectional_attention"] = true.into(),
+            "use_bidirectional_attention",
+        ),
+        (
+            "tiny-gemma2",
+            |c| c["layer_types"][1] = "chunked_attention".into(),
+            "layer_types",
+        ),
+        (
+            "tiny-phi3",
+            |c| c["hidden_act"] = "gelu_fast".into(),
+            "hidden_act",
+        ),
+    ];
+    for (name, edit, field) in cases {
+        let dir = edited(name, edit);
+        let spec = ModelSpec::read(dir.path()).unwrap();
+        let file = dir.path().join("model.safetensors");
+        let err = build::from_safetensors(&spec, &[file], &[], DType::F32, &Device::Cpu)
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains(field), "{name}: {err}");
+    }
+}
+
+/// How far Q8_0 weights may move a tiny model's logits.
+const Q8_TOLERANCE: f32 = 0.5;
+
+/// A model folder written as GGUF with llama.cpp's names and keys, loaded.
+fn gguf_of(dir: &std::path::Path, kind: modeld_e2e::gguf::GgufType) -> Decoder {
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("model.gguf");
+    modeld_e2e::gguf::write_gguf(dir, &file, kind).unwrap();
+    let (content, header) = super::model::read_gguf_header(&file).unwrap();
+    super::gguf::from_gguf(&file, content, header.arch, &Device::Cpu).unwrap()
+}
+
+#[test]
+fn gguf_copies_of_the_fixtures_match_transformers() {
+    use modeld_e2e::gguf::GgufType;
+    for name in ["tiny-gemma2", "tiny-gemma3", "tiny-phi3"] {
+        let mut model = gguf_of(&fixture_dir(name), GgufType::F32);
+        check_greedy(&format!("{name} as f32 GGUF"), &mut model, &cases(name));
+        // f16 rounding may flip a greedy pick whose margin is tiny.
+        let clear: Vec<Case> = cases(name)
+            .into_iter()
+            .filter(|c| c.margin >= 0.05)
+            .collect();
+        assert!(clear.len() >= 2, "{name}: too few clear cases");
+        let mut model = gguf_of(&fixture_dir(name), GgufType::F16);
+        check_greedy(&format!("{name} as f16 GGUF"), &mut model, &clear);
+        // Q8_0 moves logits by more than these tiny models' greedy margins,
+        // so only the first step's logits are compared.
+        let mut model = gguf_of(&fixture_dir(name), GgufType::Q8_0);
+        for case in cases(name) {
+            let mut cache = KvCache::new(model.layers.len(), 8);
+            let logits = model.prefill(&case.input, &mut cache).unwrap();
+            let head = logits.get(0).unwrap().narrow(0, 0, 8).unwrap();
+            let expected = Tensor::new(case.first_logits.as_slice(), &Device::Cpu).unwrap();
+            let diff = max_diff(&head, &expected);
+            eprintln!("{name} Q8_0: first logits off by {diff}");
+            assert!(diff < Q8_TOLERANCE, "{name} Q8_0: first logits {head}");
+        }
+    }
+    // LongRoPE's factors, original context and partial rotary from GGUF.
+    let (dir, cases) = variant("phi3-longrope", "config.json");
+    let mut model = gguf_of(dir.path(), GgufType::F32);
+    check_greedy("phi3-longrope as GGUF", &mut model, &cases);
 }
