@@ -21,7 +21,11 @@ pub struct Shape {
 pub const VOCAB: usize = 384;
 
 /// Writes `config.json`, `model.safetensors` and `tokenizer.json` for
-/// `model_type` (`llama`, `mistral` or `qwen3`); returns the weights' size.
+/// `model_type` (`llama`, `mistral`, `qwen3`, `gemma2` or `phi3`); returns
+/// the weights' size. Every family has the same projections for a given
+/// shape; they differ in what wraps them: Gemma 2 ties its embeddings and
+/// has four norms per layer, Phi-3 fuses q/k/v and gate/up into one tensor
+/// each, Qwen3 adds q/k norms.
 pub fn write_model(dir: &Path, model_type: &str, shape: Shape) -> u64 {
     let Shape {
         hidden,
@@ -31,37 +35,44 @@ pub fn write_model(dir: &Path, model_type: &str, shape: Shape) -> u64 {
         kv_heads,
     } = shape;
     let head_dim = hidden / heads;
+    let (gemma2, phi3) = (model_type == "gemma2", model_type == "phi3");
     let mut tensors = HashMap::new();
     let mut add = |name: String, dims: &[usize]| {
         let tensor = Tensor::randn(0f32, 0.05, dims, &Device::Cpu).expect("random tensor");
         tensors.insert(name, tensor);
     };
     add("model.embed_tokens.weight".into(), &[VOCAB, hidden]);
-    add("lm_head.weight".into(), &[VOCAB, hidden]);
+    if !gemma2 {
+        add("lm_head.weight".into(), &[VOCAB, hidden]);
+    }
     add("model.norm.weight".into(), &[hidden]);
     for i in 0..layers {
         let p = format!("model.layers.{i}");
-        add(
-            format!("{p}.self_attn.q_proj.weight"),
-            &[heads * head_dim, hidden],
-        );
-        add(
-            format!("{p}.self_attn.k_proj.weight"),
-            &[kv_heads * head_dim, hidden],
-        );
-        add(
-            format!("{p}.self_attn.v_proj.weight"),
-            &[kv_heads * head_dim, hidden],
-        );
-        add(
-            format!("{p}.self_attn.o_proj.weight"),
-            &[hidden, heads * head_dim],
-        );
-        add(format!("{p}.mlp.gate_proj.weight"), &[intermediate, hidden]);
-        add(format!("{p}.mlp.up_proj.weight"), &[intermediate, hidden]);
+        let (q_rows, kv_rows) = (heads * head_dim, kv_heads * head_dim);
+        if phi3 {
+            add(
+                format!("{p}.self_attn.qkv_proj.weight"),
+                &[q_rows + 2 * kv_rows, hidden],
+            );
+            add(
+                format!("{p}.mlp.gate_up_proj.weight"),
+                &[2 * intermediate, hidden],
+            );
+        } else {
+            add(format!("{p}.self_attn.q_proj.weight"), &[q_rows, hidden]);
+            add(format!("{p}.self_attn.k_proj.weight"), &[kv_rows, hidden]);
+            add(format!("{p}.self_attn.v_proj.weight"), &[kv_rows, hidden]);
+            add(format!("{p}.mlp.gate_proj.weight"), &[intermediate, hidden]);
+            add(format!("{p}.mlp.up_proj.weight"), &[intermediate, hidden]);
+        }
+        add(format!("{p}.self_attn.o_proj.weight"), &[hidden, q_rows]);
         add(format!("{p}.mlp.down_proj.weight"), &[hidden, intermediate]);
         add(format!("{p}.input_layernorm.weight"), &[hidden]);
         add(format!("{p}.post_attention_layernorm.weight"), &[hidden]);
+        if gemma2 {
+            add(format!("{p}.pre_feedforward_layernorm.weight"), &[hidden]);
+            add(format!("{p}.post_feedforward_layernorm.weight"), &[hidden]);
+        }
         if model_type == "qwen3" {
             add(format!("{p}.self_attn.q_norm.weight"), &[head_dim]);
             add(format!("{p}.self_attn.k_norm.weight"), &[head_dim]);
@@ -72,7 +83,7 @@ pub fn write_model(dir: &Path, model_type: &str, shape: Shape) -> u64 {
     candle_core::safetensors::save(&tensors, &weights).expect("write safetensors");
     // Written the way transformers writes them: qwen3 and mistral configs
     // carry head_dim, and sliding_window may be null.
-    let config = json!({
+    let mut config = json!({
         "model_type": model_type, "hidden_size": hidden, "intermediate_size": intermediate,
         "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
         "head_dim": head_dim, "vocab_size": VOCAB, "rms_norm_eps": 1e-5, "hidden_act": "silu",
@@ -80,10 +91,55 @@ pub fn write_model(dir: &Path, model_type: &str, shape: Shape) -> u64 {
         "sliding_window": null, "attention_bias": false,
         "bos_token_id": 0, "eos_token_id": 0, "tie_word_embeddings": false
     });
+    let extra = match model_type {
+        // Gemma 2 2B/9B's settings: query_pre_attn_scalar is the head
+        // size, even layers attend through the window.
+        "gemma2" => json!({
+            "architectures": ["Gemma2ForCausalLM"], "rms_norm_eps": 1e-6,
+            "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh",
+            "query_pre_attn_scalar": head_dim, "attn_logit_softcapping": 50.0,
+            "final_logit_softcapping": 30.0, "sliding_window": 4096,
+            "layer_types": gemma2_layer_types(layers),
+            "tie_word_embeddings": true
+        }),
+        // Phi-4-mini's partial rotary (Phi-3 rotates every channel).
+        "phi3" => json!({
+            "architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 0.75
+        }),
+        _ => json!({}),
+    };
+    for (key, value) in extra.as_object().expect("object") {
+        config[key] = value.clone();
+    }
     std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
     let tokenizer = crate::fixtures_dir().join("tiny-llama/tokenizer.json");
     std::fs::copy(tokenizer, dir.join("tokenizer.json")).expect("tokenizer");
     std::fs::metadata(&weights).expect("weights").len()
+}
+
+/// Gemma 2's attention kinds: even layers slide, odd ones see everything.
+fn gemma2_layer_types(layers: usize) -> Vec<&'static str> {
+    (0..layers)
+        .map(|n| {
+            if n % 2 == 0 {
+                "sliding_attention"
+            } else {
+                "full_attention"
+            }
+        })
+        .collect()
+}
+
+/// Makes the model in `dir` never end on its own: its end-of-sequence id
+/// is out of the vocabulary, so that only `max_tokens` (or a cancel) ends
+/// a generation, with a `context`-position context.
+pub fn make_never_ending(dir: &Path, context: usize) {
+    let config = dir.join("config.json");
+    let mut value: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&config).expect("config")).expect("json");
+    value["eos_token_id"] = json!(100_000);
+    value["max_position_embeddings"] = json!(context);
+    std::fs::write(&config, value.to_string()).expect("config");
 }
 
 /// Writes a synthetic llama (as `write_model`) whose end-of-sequence id is
@@ -91,12 +147,7 @@ pub fn write_model(dir: &Path, model_type: &str, shape: Shape) -> u64 {
 /// generation, with a `context`-position context.
 pub fn write_never_ending_model(dir: &Path, shape: Shape, context: usize) {
     write_model(dir, "llama", shape);
-    let config = dir.join("config.json");
-    let mut value: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&config).expect("config")).expect("json");
-    value["eos_token_id"] = json!(100_000);
-    value["max_position_embeddings"] = json!(context);
-    std::fs::write(&config, value.to_string()).expect("config");
+    make_never_ending(dir, context);
 }
 
 /// Writes a never-ending model (`write_never_ending_model`) under the

@@ -353,11 +353,12 @@ fn gguf_gemma_and_phi3_give_the_same_tokens() {
     }
 }
 
-/// Architectures without trained fixtures load and generate: random
-/// weights, so only the mechanics are checked, and that greedy decoding is
+/// Architectures without trained fixtures, and the synthetic Gemma 2 and
+/// Phi-3 that `bench families` times, load and generate: random weights,
+/// so only the mechanics are checked, and that greedy decoding is
 /// deterministic.
 #[test]
-fn mistral_and_qwen3_load_and_generate() {
+fn synthetic_models_load_and_generate() {
     use modeld_e2e::synthetic::{write_model, Shape};
     let daemon = Daemon::start();
     let shape = Shape {
@@ -367,7 +368,7 @@ fn mistral_and_qwen3_load_and_generate() {
         heads: 4,
         kv_heads: 2,
     };
-    for arch in ["mistral", "qwen3"] {
+    for arch in ["mistral", "qwen3", "gemma2", "phi3"] {
         let dir = daemon.dir.path().join(arch);
         write_model(&dir, arch, shape);
         daemon

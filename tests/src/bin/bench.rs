@@ -21,6 +21,12 @@
 //! `max_batch = 1` (jobs one after another), plus batch-1 decode on one
 //! thread against two, in f32 and Q8_0.
 //!
+//! `cargo run --release -p modeld-e2e --bin bench -- families [--tokens N]`:
+//! aggregate CPU decode throughput of 1 and 8 concurrent clients on a
+//! Gemma-2-shaped and a Phi-3-shaped synthetic model against a Llama of the
+//! same shape (same projections; Gemma 2 ties its embeddings and adds two
+//! norms a layer, Phi-3 fuses its projections), measured in turn.
+//!
 //! `cargo run --release -p modeld-e2e --bin bench -- cache [--repos N] [--mib N]`:
 //! `cache.scan` of a synthetic HF cache of N repos against huggingface_hub's
 //! `scan_cache_dir` on the same cache (when installed), and the hashing of
@@ -47,6 +53,8 @@ use modeld_e2e::Daemon;
 
 #[path = "../bench_cancel.rs"]
 mod bench_cancel;
+#[path = "../bench_families.rs"]
+mod bench_families;
 
 const REQUEST: &str = r#"{"jsonrpc":"2.0","id":1,"method":"status"}"#;
 
@@ -59,6 +67,7 @@ fn main() {
         Some("download") => download(flag(&args, "--mib").unwrap_or(256)),
         Some("generate") => generate(flag(&args, "--tokens").unwrap_or(128)),
         Some("batch") => batch(flag(&args, "--tokens").unwrap_or(48)),
+        Some("families") => bench_families::run(flag(&args, "--tokens").unwrap_or(64)),
         Some("cache") => cache(
             flag(&args, "--repos").unwrap_or(1000),
             flag(&args, "--mib").unwrap_or(256),
@@ -66,7 +75,7 @@ fn main() {
         Some("images") => images(&python(&args), flag(&args, "--steps").unwrap_or(2)),
         Some("cancel") => cancel(&python(&args)),
         _ => {
-            eprintln!("usage: bench rpc [--calls N] | download [--mib N] | generate [--tokens N] | batch [--tokens N] | cache [--repos N] [--mib N] | images [--python PATH] [--steps N] | cancel [--python PATH]");
+            eprintln!("usage: bench rpc [--calls N] | download [--mib N] | generate [--tokens N] | batch [--tokens N] | families [--tokens N] | cache [--repos N] [--mib N] | images [--python PATH] [--steps N] | cancel [--python PATH]");
             std::process::exit(2);
         }
     }
@@ -434,11 +443,7 @@ fn batch(tokens: usize) {
     let size = modeld_e2e::synthetic::write_model(&dir, "llama", shape);
     // Random weights may pick the end token early; every client should
     // generate all its tokens.
-    let config = dir.join("config.json");
-    let mut value: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&config).expect("config")).expect("json");
-    value["eos_token_id"] = serde_json::json!(100_000);
-    std::fs::write(&config, value.to_string()).expect("config");
+    modeld_e2e::synthetic::make_never_ending(&dir, 4096);
     let q8 = work.path().join("synth-q8/synth.gguf");
     std::fs::create_dir_all(q8.parent().unwrap()).expect("q8 dir");
     for file in ["tokenizer.json", "config.json"] {
