@@ -17,18 +17,7 @@ const INTO_DECODE_S: [f64; 2] = [0.5, 3.0];
 pub fn run(python: &str, script: &Path, fixture: &Path) {
     let work = tempfile::tempdir().expect("temp dir");
     let dir = work.path().join("sd15-random");
-    let built = std::process::Command::new(python)
-        .arg(script)
-        .arg("make-sd15")
-        .arg(&dir)
-        .arg(fixture.join("tokenizer"))
-        .arg(fixture.join("scheduler/scheduler_config.json"))
-        .status()
-        .expect("run python");
-    assert!(
-        built.success(),
-        "building the SD1.5-shaped pipeline failed (needs torch, diffusers)"
-    );
+    super::make_sd15(python, script, &dir, fixture);
     // The worker's debug line gives the run's estimated seconds, printed
     // beside the measured ones to check the CPU work estimate.
     let daemon = Daemon::start_with(&[("MODELD_LOG", "warn,modeld::engine::image::worker=debug")]);

@@ -285,17 +285,6 @@ impl Scheduler {
         self.queue.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Queues a generation (and the switch it needs); returns its job id and
-    /// the receiver of its events.
-    pub fn submit_generate(
-        &self,
-        request: ValidRequest,
-        mode: Option<String>,
-        capacity: usize,
-    ) -> Result<(u64, mpsc::Receiver<JobEvent>), JobError> {
-        self.submit_generate_with(capacity, |_| Ok((request, mode)))
-    }
-
     /// Queues the generation `plan` makes from the mode that will be current
     /// when it runs (after the switches already queued). `plan` runs under
     /// the queue's lock, so no switch can slip in between. Its error is the

@@ -725,15 +725,7 @@ fn images(python: &str, steps: usize) {
     }];
     if has_diffusers {
         let dir = work.path().join("sd15-random");
-        let built = std::process::Command::new(python)
-            .arg(&script)
-            .arg("make-sd15")
-            .arg(&dir)
-            .arg(fixture.join("tokenizer"))
-            .arg(fixture.join("scheduler/scheduler_config.json"))
-            .status()
-            .expect("run python");
-        assert!(built.success(), "building the SD1.5-shaped pipeline failed");
+        make_sd15(python, &script, &dir, &fixture);
         cases.push(ImageCase {
             label: "SD1.5-shaped, random weights, 256x256",
             dir,
@@ -796,6 +788,23 @@ fn images(python: &str, steps: usize) {
             );
         }
     }
+}
+
+/// Writes the SD1.5-shaped random pipeline to `dir` with the bench script,
+/// taking the tokenizer and scheduler config from the tiny-sd `fixture`.
+fn make_sd15(python: &str, script: &Path, dir: &Path, fixture: &Path) {
+    let built = std::process::Command::new(python)
+        .arg(script)
+        .arg("make-sd15")
+        .arg(dir)
+        .arg(fixture.join("tokenizer"))
+        .arg(fixture.join("scheduler/scheduler_config.json"))
+        .status()
+        .expect("run python");
+    assert!(
+        built.success(),
+        "building the SD1.5-shaped pipeline failed (needs torch, diffusers)"
+    );
 }
 
 /// `bench cancel`: see `bench_cancel.rs`.

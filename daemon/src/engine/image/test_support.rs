@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor};
+use modeld_wire::types::ImageStage;
 use serde_json::Value;
 
 use super::noise::StepNoise;
@@ -33,6 +34,17 @@ pub(crate) fn reference_tensors(fixture: &Path) -> HashMap<String, Tensor> {
 }
 
 /// Loading on the CPU in f32, as the references were computed.
+/// The progress a run of `steps` steps and `count` pictures reports, in
+/// order: the prompt encoded, each step, each picture decoded.
+pub(crate) fn stages(steps: usize, count: usize) -> Vec<(ImageStage, usize, usize)> {
+    let denoise = (1..=steps).map(|step| (ImageStage::Denoise, step, steps));
+    let decode = (1..=count).map(|picture| (ImageStage::Decode, picture, count));
+    std::iter::once((ImageStage::Encode, 1, 1))
+        .chain(denoise)
+        .chain(decode)
+        .collect()
+}
+
 pub(crate) fn cpu_f32() -> ImageLoad {
     ImageLoad {
         device: Device::Cpu,

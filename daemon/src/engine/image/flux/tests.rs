@@ -16,7 +16,7 @@ use super::*;
 use crate::engine::image::request::{decode_init_image, Given, ImageRequest};
 use crate::engine::image::test_support::{
     assert_close, case, cpu_f32, fixture_dir, max_abs_diff, no_noise, reference_json,
-    reference_tensors, Injected,
+    reference_tensors, stages, Injected,
 };
 
 pub(super) fn fixture() -> PathBuf {
@@ -339,19 +339,7 @@ fn generate_is_reproducible_per_seed_and_reports_steps() {
             ControlFlow::Continue(())
         })
         .expect("generate");
-    use ImageStage::{Decode, Denoise, Encode};
-    let expected = [
-        (Encode, 1, 1),
-        (Denoise, 1, 4),
-        (Denoise, 2, 4),
-        (Denoise, 3, 4),
-    ];
-    let expected = [
-        &expected[..],
-        &[(Denoise, 4, 4), (Decode, 1, 2), (Decode, 2, 2)],
-    ]
-    .concat();
-    assert_eq!(seen, expected, "every stage, in order");
+    assert_eq!(seen, stages(4, 2), "every stage, in order");
     assert_eq!(pictures.len(), 2);
     assert_ne!(pictures[0], pictures[1], "each picture has its own seed");
     request.count = 1;
