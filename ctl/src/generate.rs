@@ -7,7 +7,7 @@ use clap::Args;
 use modeld_wire::methods;
 use modeld_wire::types::{
     format_bytes, ChangeOutcome, ChatMessage, GenerateEvent, GenerateParams, ImageStage,
-    LoadParams, LoadReply, NameParams, UnloadReply,
+    InitImages, LoadParams, LoadReply, NameParams, UnloadReply,
 };
 use modeld_wire::Client;
 
@@ -60,28 +60,59 @@ pub struct GenerateArgs {
     /// Image models: ddim, euler, euler_a, ddpm, dpmpp_2m or unipc
     #[arg(long)]
     scheduler: Option<String>,
-    /// Image models, img2img: the PNG to start from (size defaults to its)
+    /// Image models, img2img: the PNG to start from (size defaults to its);
+    /// repeat it for edit pipelines that take several pictures
     #[arg(long)]
-    init_image: Option<std::path::PathBuf>,
+    init_image: Vec<std::path::PathBuf>,
     /// Image models, img2img: how much to redraw, in (0, 1]
     #[arg(long)]
     strength: Option<f64>,
     /// FLUX models: the T5 prompt's token budget (1-512).
     #[arg(long)]
     max_sequence_length: Option<u32>,
+    /// Video models (on a runner): frames per video
+    #[arg(long)]
+    frames: Option<u32>,
+    /// Runner models: a further parameter the runner declares, as
+    /// NAME=JSON (for example shift=3.0); repeatable
+    #[arg(long = "option", value_name = "NAME=JSON")]
+    options: Vec<String>,
 }
 
-/// The `--init-image` file as the request's base64.
-fn init_image(args: &GenerateArgs) -> Result<Option<String>, Failure> {
-    use base64::Engine as _;
-    let Some(path) = &args.init_image else {
+/// The `--option NAME=JSON` pairs as the request's `options`.
+fn options(
+    args: &GenerateArgs,
+) -> Result<Option<serde_json::Map<String, serde_json::Value>>, Failure> {
+    if args.options.is_empty() {
         return Ok(None);
-    };
-    let bytes =
-        std::fs::read(path).map_err(|err| Failure::Error(format!("{}: {err}", path.display())))?;
-    Ok(Some(
-        base64::engine::general_purpose::STANDARD.encode(bytes),
-    ))
+    }
+    let mut options = serde_json::Map::new();
+    for option in &args.options {
+        let (name, value) = option
+            .split_once('=')
+            .ok_or_else(|| Failure::Error(format!("--option {option:?}: expected NAME=JSON")))?;
+        // A bare word is taken as a string, so `--option sampler=euler` works.
+        let value = serde_json::from_str(value).unwrap_or_else(|_| serde_json::json!(value));
+        options.insert(name.to_string(), value);
+    }
+    Ok(Some(options))
+}
+
+/// The `--init-image` files as the request's base64: one picture, or a
+/// list when several are given.
+fn init_image(args: &GenerateArgs) -> Result<Option<InitImages>, Failure> {
+    use base64::Engine as _;
+    let mut pictures = Vec::with_capacity(args.init_image.len());
+    for path in &args.init_image {
+        let bytes = std::fs::read(path)
+            .map_err(|err| Failure::Error(format!("{}: {err}", path.display())))?;
+        pictures.push(base64::engine::general_purpose::STANDARD.encode(bytes));
+    }
+    Ok(match pictures.len() {
+        0 => None,
+        1 => Some(InitImages::One(pictures.remove(0))),
+        _ => Some(InitImages::Many(pictures)),
+    })
 }
 
 pub fn load(
@@ -180,6 +211,8 @@ pub fn generate(client: &mut Client, args: &GenerateArgs, json: bool) -> Outcome
         init_image: init_image(args)?,
         strength: args.strength,
         max_sequence_length: args.max_sequence_length,
+        frames: args.frames,
+        options: options(args)?,
     };
     let mut stdout = std::io::stdout();
     for item in client.subscribe(methods::GENERATE, &params)? {
@@ -213,6 +246,10 @@ pub fn generate(client: &mut Client, args: &GenerateArgs, json: bool) -> Outcome
                 if !json {
                     for image in &done.images {
                         println!("{}", image.path.display());
+                    }
+                    for video in &done.videos {
+                        let shown = video.mp4.as_ref().unwrap_or(&video.dir);
+                        println!("{}", shown.display());
                     }
                     eprintln!(
                         "[{} picture(s) of {}, {} steps, {} ms, {:?}, seed {}]",

@@ -38,6 +38,9 @@ pub struct RegisterArgs {
     /// Overwrite an existing model of the same name
     #[arg(long)]
     replace: bool,
+    /// Run it on this runner (diffusers, or one of modeld.toml's [runners.NAME])
+    #[arg(long)]
+    runner: Option<String>,
 }
 
 pub fn register(client: &mut Client, args: &RegisterArgs, json: bool) -> Outcome {
@@ -58,6 +61,7 @@ pub fn register(client: &mut Client, args: &RegisterArgs, json: bool) -> Outcome
         cache: args.cache.clone(),
         estimated_size: args.size,
         replace: args.replace,
+        runner: args.runner.clone(),
     };
     let reply: RegisterReply = client.call(methods::MODELS_REGISTER, &params)?;
     if json {

@@ -44,6 +44,56 @@ pub struct Config {
     pub modes: ModesConfig,
     pub scheduler: SchedulerConfig,
     pub images: ImagesConfig,
+    pub runners: RunnersConfig,
+}
+
+/// Child processes that run models candle does not (`[runners]`): the
+/// interpreter of the bundled diffusers runner, the limits every runner
+/// works under, and the admin's own runners as `[runners.NAME]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RunnersConfig {
+    /// The Python that runs `diffusers_runner.py`; it needs torch and
+    /// diffusers.
+    pub python: String,
+    /// Seconds a runner has to say hello after it starts.
+    pub start_timeout_s: u64,
+    /// Seconds a runner has to load a model.
+    pub load_timeout_s: u64,
+    /// Seconds a generation may go without a word from its runner.
+    pub step_timeout_s: u64,
+    /// Seconds an unload waits for the runner to exit, then again after
+    /// SIGTERM, before SIGKILL.
+    pub stop_grace_s: u64,
+    /// The longest line a runner may write (a base64 picture is one line).
+    pub max_line_bytes: u64,
+    /// `[runners.NAME] command = ["/opt/svc/bin/python", "svc.py"]`.
+    #[serde(flatten)]
+    pub custom: std::collections::BTreeMap<String, RunnerCommand>,
+}
+
+/// An admin-configured runner: the command (run without a shell) and the
+/// variables added to its otherwise cleaned environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunnerCommand {
+    pub command: Vec<String>,
+    #[serde(default)]
+    pub env: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for RunnersConfig {
+    fn default() -> Self {
+        RunnersConfig {
+            python: "python3".to_string(),
+            start_timeout_s: 120,
+            load_timeout_s: 1800,
+            step_timeout_s: 600,
+            stop_grace_s: 10,
+            max_line_bytes: 64 << 20,
+            custom: Default::default(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -335,6 +385,7 @@ impl Config {
                 1 << 40,
             ),
         ];
+        self.runners.validate(path)?;
         for (field, value, low, high) in ranges {
             if !(low..=high).contains(&value) {
                 let limit = format!("{low} to {high}");
@@ -421,6 +472,60 @@ impl Config {
 
     pub fn to_toml(&self) -> String {
         toml::to_string_pretty(self).unwrap_or_default()
+    }
+}
+
+impl RunnersConfig {
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let out_of_range = |field, value: u64, limit: &str| ConfigError::OutOfRange {
+            path: path.to_path_buf(),
+            field,
+            value: value.to_string(),
+            limit: limit.to_string(),
+        };
+        let ranges: [(&'static str, u64, u64, u64); 5] = [
+            ("runners.start_timeout_s", self.start_timeout_s, 1, 3600),
+            ("runners.load_timeout_s", self.load_timeout_s, 1, 86_400),
+            ("runners.step_timeout_s", self.step_timeout_s, 1, 86_400),
+            ("runners.stop_grace_s", self.stop_grace_s, 0, 600),
+            (
+                "runners.max_line_bytes",
+                self.max_line_bytes,
+                1 << 16,
+                1 << 30,
+            ),
+        ];
+        for (field, value, low, high) in ranges {
+            if !(low..=high).contains(&value) {
+                return Err(out_of_range(field, value, &format!("{low} to {high}")));
+            }
+        }
+        let invalid = |message: String| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        };
+        if self.python.trim().is_empty() {
+            return Err(invalid(
+                "runners.python: give an interpreter, such as \"python3\"".into(),
+            ));
+        }
+        for (name, runner) in &self.custom {
+            if crate::validate::valid_name(name).is_err() {
+                return Err(invalid(format!(
+                    "runners.{name}: runner names use letters, digits and . _ - :"
+                )));
+            }
+            if runner
+                .command
+                .first()
+                .is_none_or(|program| program.is_empty())
+            {
+                return Err(invalid(format!(
+                    "runners.{name}.command: give the program and its arguments, such as [\"/opt/svc/bin/python\", \"/opt/svc/runner.py\"]"
+                )));
+            }
+        }
+        Ok(())
     }
 }
 

@@ -101,6 +101,27 @@ fn gpu_process(info: ProcessInfo) -> GpuProcess {
     }
 }
 
+/// GPU memory the processes `pids` hold on every GPU, from the driver;
+/// `None` without NVML. A process list the driver refuses counts as none.
+pub fn processes_gpu_bytes(pids: &[u32]) -> Option<u64> {
+    static NVML: std::sync::OnceLock<Option<Nvml>> = std::sync::OnceLock::new();
+    let nvml = NVML.get_or_init(|| Nvml::init().ok()).as_ref()?;
+    let count = nvml.device_count().ok()?;
+    let mut total = 0;
+    for index in 0..count {
+        let Ok(device) = nvml.device_by_index(index) else {
+            continue;
+        };
+        let processes = device.running_compute_processes().unwrap_or_default();
+        for process in processes.into_iter().filter(|p| pids.contains(&p.pid)) {
+            if let UsedGpuMemory::Used(bytes) = process.used_gpu_memory {
+                total += bytes;
+            }
+        }
+    }
+    Some(total)
+}
+
 /// Total and available RAM from `/proc/meminfo`; zeros where it is unreadable.
 pub fn system_memory() -> SystemMemory {
     let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();

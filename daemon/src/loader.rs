@@ -12,6 +12,7 @@ use std::sync::Arc;
 use modeld_wire::types::{ChangeOutcome, ChangedFile, ModelRecord, PullEvent, SourceKind};
 
 use crate::engine::image::ImageParts;
+use crate::engine::runner::{self, process::Launch};
 use crate::engine::{BadFile, EngineError, LoadRequest, Loaded, Placement, Resident};
 use crate::fingerprint::{rehash_changed, Rehashed};
 use crate::modes::{Mode, ModeParts, ModelRef};
@@ -97,6 +98,8 @@ pub async fn load_checked(
         ),
     };
     let (located, changed_files) = recheck(state, located).await?;
+    let explicit = explicit_runner(state, name, mode);
+    let runner = runner_launch(state, name, explicit, &located.path, &parts)?;
     let request = LoadRequest {
         name: name.to_string(),
         path: located.path,
@@ -105,6 +108,7 @@ pub async fn load_checked(
         keep_alive,
         max_batch: state.config().scheduler.max_batch,
         parts,
+        runner,
     };
     let loaded = load_repairing(state, request, located.snapshot_of.as_ref()).await?;
     for evicted in &loaded.evicted {
@@ -114,6 +118,78 @@ pub async fn load_checked(
         loaded,
         changed_files,
     })
+}
+
+/// The runner a mode or registration names, if any; a mode's own choice
+/// comes before its registered model's.
+fn explicit_runner(state: &AppState, name: &str, mode: Option<&Mode>) -> Option<String> {
+    let registered = |model: &str| state.registry.get(model).ok()?.runner;
+    match mode {
+        Some(mode) => mode.runner.clone().or_else(|| match &mode.model {
+            ModelRef::Registered(model) => registered(model),
+            ModelRef::Path(_) => None,
+        }),
+        None => registered(name),
+    }
+}
+
+/// How to start the model's runner, when it runs on one: the runner it
+/// names, or the diffusers runner for a pipeline with no native family.
+/// Commands come only from modeld.toml, never from a request.
+fn runner_launch(
+    state: &AppState,
+    name: &str,
+    explicit: Option<String>,
+    path: &Path,
+    parts: &ImageParts,
+) -> Result<Option<Launch>, LoadError> {
+    let runner = match explicit {
+        Some(runner) => runner,
+        None => match runner::pipeline_needing_runner(path, parts.config_dir.as_deref()) {
+            Some(class) => {
+                tracing::info!(model = %name, %class, "no native family; it runs on the diffusers runner");
+                runner::DIFFUSERS.to_string()
+            }
+            None => return Ok(None),
+        },
+    };
+    let config = state.config().runners.clone();
+    let dir = state.paths.state_dir.join("runners");
+    let io = |what: &str, err: std::io::Error| LoadError::Internal(format!("{what}: {err}"));
+    let (command, command_key, env) = match config.custom.get(&runner) {
+        Some(custom) => (
+            custom.command.clone(),
+            format!("runners.{runner}.command"),
+            custom.env.clone().into_iter().collect(),
+        ),
+        None if runner == runner::DIFFUSERS => {
+            let script = runner::install_diffusers_runner(&dir)
+                .map_err(|e| io("cannot install the diffusers runner", e))?;
+            let command = vec![config.python.clone(), script.display().to_string()];
+            (command, "runners.python".to_string(), Vec::new())
+        }
+        None => {
+            return Err(EngineError::Unsupported(format!(
+                "no runner named {runner:?}: add [runners.{runner}] command = [...] to modeld.toml"
+            ))
+            .into())
+        }
+    };
+    let scratch_dir = runner::scratch_dir(&dir.join("scratch"), name)
+        .map_err(|e| io("cannot make the runner's scratch folder", e))?;
+    let seconds = std::time::Duration::from_secs;
+    Ok(Some(Launch {
+        runner,
+        command,
+        command_key,
+        env,
+        scratch_dir,
+        start_timeout: seconds(config.start_timeout_s),
+        load_timeout: seconds(config.load_timeout_s),
+        step_timeout: seconds(config.step_timeout_s),
+        stop_grace: seconds(config.stop_grace_s),
+        max_line_bytes: config.max_line_bytes as usize,
+    }))
 }
 
 /// Hashes again the files of `located` that changed since they were

@@ -230,6 +230,7 @@ mod tests {
             local_path: local.map(Path::to_path_buf),
             cache,
             estimated_size: None,
+            runner: None,
             registered_at: 0,
             updated_at: 0,
         }

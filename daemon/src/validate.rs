@@ -55,6 +55,7 @@ pub struct ValidModel {
     pub cache: CacheLocation,
     pub estimated_size: Option<u64>,
     pub replace: bool,
+    pub runner: Option<String>,
 }
 
 impl TryFrom<RegisterParams> for ValidModel {
@@ -105,6 +106,15 @@ impl TryFrom<RegisterParams> for ValidModel {
             cache,
             estimated_size: params.estimated_size,
             replace: params.replace,
+            runner: params
+                .runner
+                .map(|runner| {
+                    valid_name(&runner).map_err(|mut e| {
+                        e.field = "runner".into();
+                        e
+                    })
+                })
+                .transpose()?,
         })
     }
 }
@@ -120,6 +130,7 @@ impl ValidModel {
             local_path: self.local_path.clone(),
             cache: self.cache.clone(),
             estimated_size: self.estimated_size,
+            runner: self.runner.clone(),
             registered_at,
             updated_at,
         }

@@ -7,10 +7,12 @@ pub mod estimate;
 pub mod image;
 pub mod interrupt;
 pub mod request;
+pub mod runner;
 pub mod text;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -24,6 +26,8 @@ pub use self::devices::Devices;
 use self::image::worker::{ImageJob, ImageWorker};
 use self::image::{ImageError, ImageLoad, ImagePipeline};
 use self::request::ValidRequest;
+use self::runner::worker::{RunnerJob, RunnerLoad, RunnerWorker};
+use self::runner::RunnerFailure;
 use self::text::chat::ChatTemplate;
 use self::text::decoder::Decoder;
 use self::text::model::{read_gguf_header, ModelSpec, Weights};
@@ -72,6 +76,9 @@ pub enum EngineError {
     Output { path: PathBuf, message: String },
     #[error("generation cancelled")]
     Cancelled,
+    /// A runner process failed to start, load or answer.
+    #[error(transparent)]
+    Runner(Box<RunnerFailure>),
 }
 
 impl From<ImageError> for EngineError {
@@ -248,6 +255,8 @@ pub struct LoadRequest {
     pub max_batch: usize,
     /// An image model's components kept in files apart from it.
     pub parts: image::ImageParts,
+    /// Run by this runner process instead of natively.
+    pub runner: Option<runner::process::Launch>,
 }
 
 pub struct Loaded {
@@ -273,6 +282,7 @@ const LIVE_RESERVE: u64 = 512 << 20;
 enum WorkerQueue {
     Text(mpsc::Sender<Job>),
     Image(mpsc::Sender<ImageJob>),
+    Runner(mpsc::Sender<RunnerJob>),
 }
 
 /// A model in memory and the channel to its worker.
@@ -283,7 +293,11 @@ pub struct Resident {
     last_used: Mutex<Instant>,
     busy: std::sync::atomic::AtomicUsize,
     jobs: Mutex<Option<WorkerQueue>>,
-    thread: Mutex<Option<JoinHandle<()>>>,
+    /// The worker thread; a runner's says what its process held.
+    thread: Mutex<Option<JoinHandle<Option<u64>>>>,
+    /// A runner model's liveness: cleared when its process died, so the
+    /// next request starts a fresh one.
+    alive: Option<Arc<AtomicBool>>,
     /// An image model's pipeline, shared with its worker, from which
     /// another LoRA set of the same base is derived in memory.
     pipeline: Mutex<Option<Arc<ImagePipeline>>>,
@@ -314,6 +328,13 @@ impl Resident {
     pub fn runs_text(&self) -> bool {
         let jobs = self.jobs.lock().unwrap_or_else(|e| e.into_inner());
         matches!(jobs.as_ref(), Some(WorkerQueue::Text(_)))
+    }
+
+    /// False once a runner model's process has died.
+    fn is_alive(&self) -> bool {
+        self.alive
+            .as_ref()
+            .is_none_or(|alive| alive.load(Ordering::SeqCst))
     }
 
     fn is_busy(&self) -> bool {
@@ -356,6 +377,13 @@ impl Resident {
                     cancel,
                 })
                 .is_ok(),
+            WorkerQueue::Runner(sender) => sender
+                .send(RunnerJob {
+                    request: request.runner,
+                    events,
+                    cancel,
+                })
+                .is_ok(),
         };
         if !sent {
             return Err(EngineError::NotLoaded(self.info.name.clone()));
@@ -375,6 +403,7 @@ pub struct Engine {
 
 impl Engine {
     pub fn get(&self, name: &str) -> Option<Arc<Resident>> {
+        self.forget_dead();
         self.resident
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -382,7 +411,21 @@ impl Engine {
             .cloned()
     }
 
+    /// Drops runner models whose process died: they are no longer loaded,
+    /// and the next request for one starts a fresh runner.
+    fn forget_dead(&self) {
+        let mut resident = self.resident.lock().unwrap_or_else(|e| e.into_inner());
+        resident.retain(|name, model| {
+            let alive = model.is_alive();
+            if !alive {
+                tracing::warn!(model = %name, "its runner died; the model is unloaded");
+            }
+            alive
+        });
+    }
+
     pub fn list(&self) -> Vec<LoadedModel> {
+        self.forget_dead();
         let resident = self.resident.lock().unwrap_or_else(|e| e.into_inner());
         let mut models: Vec<LoadedModel> = resident.values().map(|r| r.info.clone()).collect();
         models.sort_by(|a, b| a.name.cmp(&b.name));
@@ -403,6 +446,10 @@ impl Engine {
                 evicted: Vec::new(),
             });
         }
+        self.forget_dead();
+        if request.runner.is_some() {
+            return self.load_runner(request, budget).await;
+        }
         if let Some(loaded) = self.remerge(&request).await? {
             return Ok(loaded);
         }
@@ -418,6 +465,29 @@ impl Engine {
             .await?;
         let keep_alive = request.keep_alive;
         let resident = tokio::task::spawn_blocking(move || start_worker(&request, files, estimate))
+            .await
+            .map_err(|e| EngineError::Files(format!("load task failed: {e}")))??;
+        Ok(Loaded {
+            model: self.admit(resident, keep_alive),
+            already_loaded: false,
+            evicted,
+        })
+    }
+
+    /// Starts the model's runner process and loads the model through it,
+    /// after making room for its estimate like any model.
+    async fn load_runner(
+        &self,
+        request: LoadRequest,
+        budget: Budget,
+    ) -> Result<Loaded, EngineError> {
+        let load = runner_load(&request)?;
+        let estimated_bytes = load.estimated_bytes;
+        let evicted = self
+            .make_room(&request.placement, estimated_bytes, budget)
+            .await?;
+        let keep_alive = request.keep_alive;
+        let resident = tokio::task::spawn_blocking(move || start_runner(&request, load))
             .await
             .map_err(|e| EngineError::Files(format!("load task failed: {e}")))??;
         Ok(Loaded {
@@ -617,8 +687,10 @@ impl Engine {
             .unwrap_or_else(|e| e.into_inner())
             .take();
         tokio::task::spawn_blocking(move || {
-            if let Some(thread) = thread {
-                let _ = thread.join();
+            let held = thread.and_then(|thread| thread.join().ok().flatten());
+            if let Some(held) = held {
+                // A runner's process is gone, and with it what it held.
+                return held;
             }
             // The worker dropped the weights and caches; hand them back.
             devices::release(&device);
@@ -775,8 +847,8 @@ fn build_measured<T>(
 /// The thread that owns model `name`, running `work`.
 fn spawn_model_thread(
     name: &str,
-    work: impl FnOnce() + Send + 'static,
-) -> Result<JoinHandle<()>, EngineError> {
+    work: impl FnOnce() -> Option<u64> + Send + 'static,
+) -> Result<JoinHandle<Option<u64>>, EngineError> {
     std::thread::Builder::new()
         .name(format!("model-{name}"))
         .spawn(work)
@@ -787,7 +859,7 @@ fn resident(
     info: LoadedModel,
     device: Device,
     queue: WorkerQueue,
-    thread: JoinHandle<()>,
+    thread: JoinHandle<Option<u64>>,
     pipeline: Option<Arc<ImagePipeline>>,
 ) -> Resident {
     tracing::info!(model = %info.name, arch = %info.arch, ms = info.load_ms, "model loaded");
@@ -799,6 +871,7 @@ fn resident(
         busy: std::sync::atomic::AtomicUsize::new(0),
         jobs: Mutex::new(Some(queue)),
         thread: Mutex::new(Some(thread)),
+        alive: None,
         pipeline: Mutex::new(pipeline),
         parts: image::ImageParts::default(),
     }
@@ -859,7 +932,10 @@ fn start_text_worker(
         kv_tokens,
     };
     let (jobs, queue) = mpsc::channel();
-    let thread = spawn_model_thread(&name, move || worker.run(queue))?;
+    let thread = spawn_model_thread(&name, move || {
+        worker.run(queue);
+        None
+    })?;
     Ok(resident(
         info,
         placement.device,
@@ -931,7 +1007,10 @@ fn image_resident(request: &LoadRequest, built: ImageBuilt) -> Result<Resident, 
         device_name: placement.device_name.clone(),
     };
     let (jobs, queue) = mpsc::channel();
-    let thread = spawn_model_thread(&request.name, move || worker.run(queue))?;
+    let thread = spawn_model_thread(&request.name, move || {
+        worker.run(queue);
+        None
+    })?;
     let mut resident = resident(
         info,
         placement.device.clone(),
@@ -966,4 +1045,108 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
         .or_else(|| panic.downcast_ref::<&str>().copied())
         .unwrap_or("a panic without a message");
     first_line(text)
+}
+
+/// What the runner is told to load: the pipeline folder and the single
+/// file that replaces its transformer, on which device, at which dtype.
+fn runner_load(request: &LoadRequest) -> Result<RunnerLoad, EngineError> {
+    let launch = request.runner.clone().expect("a runner request");
+    let (pipeline, transformer) = match request.path.is_file() {
+        true => (request.parts.config_dir.clone(), Some(request.path.clone())),
+        false => (Some(request.path.clone()), None),
+    };
+    let placement = &request.placement;
+    let gpu = match &placement.device {
+        Device::Cpu => None,
+        _ => Some(
+            placement
+                .device_name
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0),
+        ),
+    };
+    let (dtype, dtype_bytes) = match placement.dtype {
+        DType::F16 => ("float16", 2),
+        DType::BF16 => ("bfloat16", 2),
+        _ => ("float32", 4),
+    };
+    Ok(RunnerLoad {
+        model: request.name.clone(),
+        estimated_bytes: runner::estimate_bytes(
+            pipeline.as_deref(),
+            transformer.as_deref(),
+            dtype_bytes,
+        ),
+        launch,
+        pipeline,
+        transformer,
+        loras: request.loras.clone(),
+        gpu,
+        device_name: placement.device_name.clone(),
+        dtype,
+    })
+}
+
+/// Starts the thread that owns the runner; it starts the process (which
+/// dies with that thread) and loads the model, and the load's outcome
+/// comes back here.
+fn start_runner(request: &LoadRequest, load: RunnerLoad) -> Result<Resident, EngineError> {
+    let started = Instant::now();
+    let (ready_sender, ready) = mpsc::channel();
+    let (jobs, queue) = mpsc::channel();
+    let estimated_bytes = load.estimated_bytes;
+    let thread = spawn_model_thread(&request.name, move || {
+        let (worker, info) = match RunnerWorker::start(load) {
+            Ok(started) => started,
+            Err(err) => {
+                let _ = ready_sender.send(Err(err));
+                return None;
+            }
+        };
+        let measured = runner::memory::held_bytes(info.pid, worker.on_gpu());
+        let alive = worker.alive.clone();
+        if ready_sender.send(Ok((info, measured, alive))).is_err() {
+            return Some(0);
+        }
+        worker.run(queue)
+    })?;
+    let (ready, measured_bytes, alive) = match ready.recv() {
+        Ok(Ok(ready)) => ready,
+        Ok(Err(err)) => {
+            let _ = thread.join();
+            return Err(err);
+        }
+        Err(_) => {
+            let _ = thread.join();
+            return Err(EngineError::Files(
+                "the runner's thread ended during the load".into(),
+            ));
+        }
+    };
+    let placement = &request.placement;
+    let info = LoadedModel {
+        name: request.name.clone(),
+        arch: ready.class,
+        device: placement.device_name.clone(),
+        dtype: format!("{:?}", placement.dtype).to_lowercase(),
+        path: request.path.clone(),
+        estimated_bytes,
+        kv_cache_bytes: 0,
+        measured_bytes,
+        load_ms: started.elapsed().as_millis() as u64,
+        loaded_at: crate::util::unix_now(),
+        context_length: 0,
+        loras: request.loras.clone(),
+    };
+    let mut resident = resident(
+        info,
+        placement.device.clone(),
+        WorkerQueue::Runner(jobs),
+        thread,
+        None,
+    );
+    resident.alive = Some(alive);
+    resident.parts = request.parts.clone();
+    Ok(resident)
 }

@@ -6,6 +6,7 @@
 use modeld_wire::types::{GenerateParams, GenerationDefaults, ImageDefaults};
 
 use super::image::request::ValidImage;
+use super::runner::worker::RunnerRequest;
 use super::text::sampling::ValidGenerate;
 use crate::validate::{valid_name, ValidationError};
 
@@ -38,6 +39,8 @@ fn image_only(p: &GenerateParams) -> Option<&'static str> {
         ("init_image", p.init_image.is_some()),
         ("strength", p.strength.is_some()),
         ("max_sequence_length", p.max_sequence_length.is_some()),
+        ("frames", p.frames.is_some()),
+        ("options", p.options.is_some()),
     ]
     .into_iter()
     .find_map(|(name, set)| set.then_some(name))
@@ -81,6 +84,9 @@ pub struct ValidRequest {
     pub model: String,
     pub text: Result<ValidGenerate, ValidationError>,
     pub image: Result<ValidImage, ValidationError>,
+    /// For a runner model: checked against what its runner declares once
+    /// it is running.
+    pub runner: RunnerRequest,
 }
 
 impl ValidRequest {
@@ -92,6 +98,7 @@ impl ValidRequest {
         if let Ok(image) = &mut self.image {
             image.model = model.clone();
         }
+        self.runner.model = model.clone();
         self.model = model;
     }
 
@@ -102,6 +109,7 @@ impl ValidRequest {
             image.output_dir = dir.to_path_buf();
             image.max_job_s = max_job_s;
         }
+        self.runner.output_dir = dir.to_path_buf();
     }
 }
 
@@ -148,15 +156,18 @@ impl ValidRequest {
             seed: Some(seed),
             ..params
         };
+        let runner = RunnerRequest {
+            model: model.clone(),
+            params: apply_image_defaults(params.clone(), image_defaults),
+            seed,
+            output_dir: Default::default(),
+        };
         let image = match text_field {
             Some(field) => Err(ValidationError::new(
                 field,
                 format!("{field} applies to text models; this model generates images"),
             )),
-            None => {
-                let params = apply_image_defaults(params.clone(), image_defaults);
-                ValidImage::from_params(&params, model.clone(), seed)
-            }
+            None => native_image(&runner.params, model.clone(), seed),
         };
         let text = match image_field {
             Some(field) => Err(ValidationError::new(
@@ -165,13 +176,39 @@ impl ValidRequest {
             )),
             None => ValidGenerate::try_from(apply_defaults(params, text_defaults)),
         };
+        // A bad image parameter is refused once the model is resident:
+        // a runner model may accept what native image models do not.
         match (&text, &image) {
             (Err(err), _) if text_field.is_some() => Err(err.clone()),
-            (_, Err(err)) if image_field.is_some() => Err(err.clone()),
-            (Err(err), Err(_)) => Err(err.clone()),
-            _ => Ok(ValidRequest { model, text, image }),
+            (Err(err), Err(_)) if image_field.is_none() => Err(err.clone()),
+            _ => Ok(ValidRequest {
+                model,
+                text,
+                image,
+                runner,
+            }),
         }
     }
+}
+
+/// The image side for native models, which have no `frames` or `options`.
+fn native_image(
+    params: &GenerateParams,
+    model: String,
+    seed: u64,
+) -> Result<ValidImage, ValidationError> {
+    for (field, set) in [
+        ("frames", params.frames.is_some()),
+        ("options", params.options.is_some()),
+    ] {
+        if set {
+            return Err(ValidationError::new(
+                field,
+                format!("{field} applies to models run by a runner; this model runs natively"),
+            ));
+        }
+    }
+    ValidImage::from_params(params, model, seed)
 }
 
 #[cfg(test)]

@@ -65,8 +65,13 @@ struct ModeEntry {
     #[serde(default)]
     text_encoders: Vec<String>,
     /// A registered model, or a folder under `model_root`, supplying the
-    /// tokenizers and configs the files lack.
+    /// tokenizers and configs the files lack; for a runner model, the
+    /// pipeline its single file belongs to (`pipeline` says the same).
+    #[serde(alias = "pipeline")]
     config: Option<String>,
+    /// Run on this runner (`diffusers` or a `[runners.NAME]` of
+    /// modeld.toml) instead of natively.
+    runner: Option<String>,
     /// FLUX: keep the text encoders in system memory, on the CPU.
     #[serde(default)]
     offload_text_encoders: bool,
@@ -132,6 +137,8 @@ pub struct Mode {
     pub keep_alive: Option<Duration>,
     pub description: Option<String>,
     pub metadata: serde_json::Map<String, serde_json::Value>,
+    /// The runner named by the mode, if any.
+    pub runner: Option<String>,
 }
 
 impl Mode {
@@ -325,6 +332,12 @@ fn validate_mode(
             adapter_name,
         });
     }
+    if let Some(runner) = entry.runner.as_deref().filter(|r| valid_name(r).is_err()) {
+        errors.push(format!(
+            "{}: {runner:?}: runner names use letters, digits and . _ - :",
+            at("runner")
+        ));
+    }
     check_defaults(&entry.defaults, &at("defaults"), errors);
     let image_defaults = ImageDefaults {
         default_size: entry.default_size,
@@ -359,6 +372,7 @@ fn validate_mode(
         keep_alive,
         description: entry.description,
         metadata: entry.metadata,
+        runner: entry.runner,
     })
 }
 

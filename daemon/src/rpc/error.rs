@@ -12,6 +12,7 @@ use serde_json::{json, Map, Value};
 use crate::auth::Forbidden;
 use crate::caches::CacheError;
 use crate::config::ConfigError;
+use crate::engine::runner::RunnerStage;
 use crate::engine::EngineError;
 use crate::hub::HubError;
 use crate::loader::LoadError;
@@ -243,6 +244,10 @@ impl Wire for EngineError {
             EngineError::Candle(_) => ErrorKind::InferenceFailed,
             EngineError::Output { .. } => ErrorKind::Io,
             EngineError::Cancelled => ErrorKind::Cancelled,
+            EngineError::Runner(failure) => match failure.stage {
+                RunnerStage::Generate => ErrorKind::InferenceFailed,
+                RunnerStage::Start | RunnerStage::Load => ErrorKind::LoadFailed,
+            },
         }
     }
 
@@ -271,6 +276,13 @@ impl Wire for EngineError {
             EngineError::EmptyPrompt => insert(data, "field", json!("prompt")),
             EngineError::BadFile(bad) => insert(data, "file", json!(bad.path)),
             EngineError::Device(_) => insert(data, "field", json!("device")),
+            EngineError::Runner(failure) => {
+                insert(data, "runner", json!(failure.runner));
+                insert(data, "stderr", json!(failure.stderr));
+                if let Some(key) = &failure.key {
+                    insert(data, "field", json!(key));
+                }
+            }
             _ => {}
         }
     }

@@ -149,9 +149,10 @@ pub struct GenerateParams {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduler: Option<String>,
     /// Image models, img2img: the starting picture, a base64 PNG; `size`
-    /// defaults to its size and must equal it.
+    /// defaults to its size and must equal it. Runner edit pipelines that
+    /// take several pictures (Qwen-Image-Edit-2509) accept a list.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub init_image: Option<String>,
+    pub init_image: Option<InitImages>,
     /// Image models, img2img: how much of the picture is redrawn, in
     /// (0, 1], default 0.75; `steps × strength` steps run.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -160,6 +161,30 @@ pub struct GenerateParams {
     /// for dev, 256 for schnell.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_sequence_length: Option<u32>,
+    /// Runner video pipelines (Wan): frames per video (`num_frames`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub frames: Option<u32>,
+    /// Runner models: further parameters their runner declares, by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub options: Option<serde_json::Map<String, serde_json::Value>>,
+}
+
+/// One base64 PNG, or a list of them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum InitImages {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl InitImages {
+    /// The pictures, in order.
+    pub fn all(&self) -> Vec<&str> {
+        match self {
+            InitImages::One(one) => vec![one.as_str()],
+            InitImages::Many(many) => many.iter().map(String::as_str).collect(),
+        }
+    }
 }
 
 /// One picture an image generation wrote.
@@ -199,6 +224,24 @@ pub struct ImagesDone {
     /// Encoding and writing the PNG files.
     pub write_ms: u64,
     pub finish_reason: FinishReason,
+    /// Video models: the first video's frames and MP4 (when `count` is 1,
+    /// the only one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub video: Option<VideoFiles>,
+    /// Video models: every video, in order (`video` is the first).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub videos: Vec<VideoFiles>,
+}
+
+/// One video a runner made: its frames as numbered PNGs in one folder,
+/// and an MP4 of them when `ffmpeg` is on the daemon's PATH.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VideoFiles {
+    /// The folder holding the frames.
+    pub dir: PathBuf,
+    pub frames: Vec<PathBuf>,
+    pub mp4: Option<PathBuf>,
+    pub seed: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -409,6 +452,8 @@ mod tests {
             generate_ms: 5,
             write_ms: 1,
             finish_reason: FinishReason::Length,
+            video: None,
+            videos: Vec::new(),
         });
         let value = round_trip(&images);
         assert_eq!(value["event"], "done");

@@ -85,6 +85,10 @@ pub struct RegisterParams {
     /// Overwrite an existing registration of the same name.
     #[serde(default)]
     pub replace: bool,
+    /// Run the model on this runner (`diffusers`, or one of modeld.toml's
+    /// `[runners.NAME]`) instead of natively.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<String>,
 }
 
 /// A registered model as stored and returned.
@@ -97,6 +101,9 @@ pub struct ModelRecord {
     pub local_path: Option<PathBuf>,
     pub cache: CacheLocation,
     pub estimated_size: Option<u64>,
+    /// The runner the model runs on, when registered with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<String>,
     /// Seconds since the Unix epoch.
     pub registered_at: u64,
     pub updated_at: u64,

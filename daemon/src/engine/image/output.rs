@@ -199,9 +199,30 @@ pub fn remove_partials(dir: &Path) -> usize {
     entries
         .flatten()
         .filter(|entry| is_partial(&entry.file_name().to_string_lossy()))
-        .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_file()))
-        .filter(|entry| std::fs::remove_file(entry.path()).is_ok())
+        .filter(|entry| match entry.file_type() {
+            Ok(kind) if kind.is_file() => std::fs::remove_file(entry.path()).is_ok(),
+            Ok(kind) if kind.is_dir() => remove_partial_dir(&entry.path()),
+            _ => false,
+        })
         .count()
+}
+
+/// A video's folder a crash left half-written: its regular files, then
+/// the folder; anything else inside (a link, a folder) keeps it.
+fn remove_partial_dir(dir: &Path) -> bool {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|kind| kind.is_file()) {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
+    }
+    std::fs::remove_dir(dir).is_ok()
+}
+
+/// The hidden name a file or folder has while it is written.
+pub fn partial_name(stem: &str, extension: &str) -> String {
+    format!(".{stem}{extension}{PARTIAL_SUFFIX}")
 }
 
 fn is_partial(name: &str) -> bool {

@@ -2,6 +2,7 @@
 //! later step may trust `ValidImageRequest`'s sizes, steps and guidance.
 
 use base64::Engine as _;
+use modeld_wire::types::InitImages;
 use serde_json::json;
 
 use super::sd::scheduler::SchedulerKind;
@@ -342,11 +343,16 @@ impl ValidImage {
             .prompt
             .clone()
             .ok_or_else(|| ValidationError::new("prompt", "an image model needs a prompt"))?;
-        let init_image = params
-            .init_image
-            .as_deref()
-            .map(decode_init_image)
-            .transpose()?;
+        let init_image = match params.init_image.as_ref().map(InitImages::all).as_deref() {
+            None => None,
+            Some([one]) => Some(decode_init_image(one)?),
+            Some(_) => return Err(rejected(
+                "init_image",
+                "this model takes one starting picture; lists are for edit pipelines on runners"
+                    .into(),
+                json!({"max_items": 1}),
+            )),
+        };
         let (width, height) = match (&params.size, &init_image) {
             (Some(size), _) => parse_size(size)?,
             (None, Some(image)) => (image.width, image.height),

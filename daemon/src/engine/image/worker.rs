@@ -148,6 +148,8 @@ impl ImageWorker {
             generate_ms,
             write_ms,
             finish_reason,
+            video: None,
+            videos: Vec::new(),
         })
     }
 }
