@@ -150,6 +150,28 @@ impl Family {
     }
 }
 
+/// Whether a diffusers folder is a pipeline a native family runs: FLUX's
+/// text-to-image and img2img classes, or a Stable Diffusion 1.x/2.x/XL
+/// pipeline with a UNet and a text encoder. Others (Qwen-Image, Wan,
+/// SD3, ...) go to a runner.
+pub fn runs_natively(folder: &Path) -> bool {
+    let Ok(index) = read_json::<serde_json::Value>(&folder.join("model_index.json")) else {
+        return false;
+    };
+    let class = index["_class_name"].as_str().unwrap_or_default();
+    if flux::is_flux_index(&index) {
+        return flux::PIPELINE_CLASSES.contains(&class);
+    }
+    let present = |name: &str| {
+        index[name]
+            .as_array()
+            .is_some_and(|a| a.first().is_some_and(|v| !v.is_null()))
+    };
+    let stable_diffusion = class.is_empty()
+        || (class.starts_with("StableDiffusion") && !class.starts_with("StableDiffusion3"));
+    stable_diffusion && present("unet") && present("text_encoder")
+}
+
 /// The folder supplying what a single file lacks (tokenizers, configs,
 /// and for FLUX the encoders and VAE): the file's own folder.
 fn config_dir(file: &Path) -> &Path {

@@ -55,14 +55,16 @@ fn stderr_note(stderr: &str) -> String {
 /// single file whose `pipeline` folder is one) of a class modeld has no
 /// native family for. Gives the pipeline's class.
 pub fn pipeline_needing_runner(path: &Path, pipeline: Option<&Path>) -> Option<String> {
-    if image::Family::of(path).is_some() {
-        return None;
-    }
     let folder = match (path.is_dir(), pipeline) {
         (true, _) => path,
+        // A single file a native family reads (SD, FLUX) stays native.
+        (false, _) if image::Family::of(path).is_some() => return None,
         (false, Some(pipeline)) => pipeline,
         (false, None) => return None,
     };
+    if image::runs_natively(folder) {
+        return None;
+    }
     pipeline_class(folder)
 }
 

@@ -53,7 +53,7 @@ pub const SCHNELL_STEPS: usize = 4;
 
 /// The pipeline classes this family runs; other FLUX pipelines (Fill,
 /// Depth, Canny, Kontext, Redux) take inputs it does not.
-const PIPELINE_CLASSES: [&str; 2] = ["FluxPipeline", "FluxImg2ImgPipeline"];
+pub(crate) const PIPELINE_CLASSES: [&str; 2] = ["FluxPipeline", "FluxImg2ImgPipeline"];
 
 /// Whether a diffusers folder's `model_index.json` names a FLUX pipeline.
 pub fn is_flux_index(index: &serde_json::Value) -> bool {
