@@ -498,3 +498,41 @@ fn an_unknown_runner_or_a_missing_interpreter_fails_the_load_by_name() {
     assert_eq!(data["field"], "runners.python", "{err}");
     assert!(err.to_string().contains("/nonexistent/python3"), "{err}");
 }
+
+#[test]
+fn a_runner_model_is_checked_against_the_memory_budget_before_it_starts() {
+    let record = tempfile::NamedTempFile::new().unwrap();
+    let record_path = record.path().display().to_string();
+    let config = runner_config(
+        &[("fake", &["--behaviour", "good", "--record", &record_path])],
+        "",
+    );
+    let config = format!("[scheduler]\nmemory_budget = \"1M\"\n{config}");
+    let daemon = Daemon::start_configured(&config, &[]);
+    register(&daemon, "fake", "fake");
+    // A transformer of a million f32 weights: about 4.4 MB with the margin.
+    let dir = daemon
+        .state_dir
+        .parent()
+        .unwrap()
+        .join("fake-files/transformer");
+    std::fs::create_dir_all(&dir).unwrap();
+    let header = br#"{"w":{"dtype":"F32","shape":[1000000],"data_offsets":[0,4000000]}}"#;
+    let mut file = (header.len() as u64).to_le_bytes().to_vec();
+    file.extend_from_slice(header);
+    file.resize(file.len() + 4_000_000, 0);
+    std::fs::write(dir.join("diffusion_pytorch_model.safetensors"), file).unwrap();
+    let err = daemon.call("load", json!({"name": "fake"})).unwrap_err();
+    assert_eq!(kind(&err), "insufficient_memory", "{err}");
+    assert!(
+        data(&err)["needed_bytes"].as_u64().unwrap() >= 4_000_000,
+        "{err}"
+    );
+    assert!(
+        std::fs::read_to_string(&record_path)
+            .unwrap_or_default()
+            .is_empty(),
+        "the runner was never started"
+    );
+    assert_no_runner_left(&daemon);
+}

@@ -616,6 +616,32 @@ loras = ["../x.safetensors"]
     }
 
     #[test]
+    fn a_runner_single_file_names_its_pipeline_and_runner() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("diffusion_models")).unwrap();
+        std::fs::create_dir_all(root.path().join("qwen-edit")).unwrap();
+        std::fs::write(root.path().join("diffusion_models/q.safetensors"), b"").unwrap();
+        let text = format!(
+            "model_root = \"{}\"\n[modes.edit]\nmodel = \"diffusion_models/q.safetensors\"\n\
+             pipeline = \"qwen-edit\"\nrunner = \"diffusers\"\n\
+             [modes.bad]\nmodel = \"diffusion_models/q.safetensors\"\npipeline = \"../x\"\nrunner = \"a b\"\n",
+            root.path().display()
+        );
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("modes.bad.config") && err.contains("modes.bad.runner"),
+            "{err}"
+        );
+        assert!(!err.contains("modes.edit"), "{err}");
+        let good = text.split("[modes.bad]").next().unwrap();
+        let modes = parse(good).unwrap();
+        let edit = &modes.modes["edit"];
+        assert_eq!(edit.runner.as_deref(), Some("diffusers"));
+        let pipeline = root.path().join("qwen-edit").canonicalize().unwrap();
+        assert_eq!(edit.parts.config, Some(ModelRef::Path(pipeline)));
+    }
+
+    #[test]
     fn lora_paths_default_to_model_root() {
         let root = tempfile::tempdir().unwrap();
         std::fs::create_dir(root.path().join("m")).unwrap();

@@ -645,3 +645,24 @@ fn read_no_follow(path: &std::path::Path, max: usize) -> std::io::Result<Vec<u8>
     }
     Ok(bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_picture_named_by_a_runner_is_never_read_through_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let secret = dir.path().join("secret");
+        std::fs::write(&secret, b"not yours").unwrap();
+        let link = dir.path().join("picture.png");
+        std::os::unix::fs::symlink(&secret, &link).unwrap();
+        assert!(read_no_follow(&link, 1 << 20).is_err());
+        std::fs::write(dir.path().join("real.png"), b"bytes").unwrap();
+        assert_eq!(
+            read_no_follow(&dir.path().join("real.png"), 1 << 20).unwrap(),
+            b"bytes"
+        );
+        assert!(read_no_follow(&dir.path().join("real.png"), 2).is_err());
+    }
+}
