@@ -536,3 +536,80 @@ fn a_runner_model_is_checked_against_the_memory_budget_before_it_starts() {
     );
     assert_no_runner_left(&daemon);
 }
+
+/// Two modes of one runner model with other LoRAs: a runner that can swap
+/// adapters does so in place, a runner that cannot is started afresh.
+fn switch_loras(swap: bool) -> (Vec<u32>, Vec<u32>, String, Vec<String>) {
+    let record = tempfile::NamedTempFile::new().unwrap();
+    let record_path = record.path().display().to_string();
+    let mut args = vec!["--behaviour", "good", "--record", &record_path];
+    if swap {
+        args.push("--swap-loras");
+    }
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("pipe")).unwrap();
+    std::fs::write(
+        root.path().join("pipe/model_index.json"),
+        r#"{"_class_name": "FakePipeline"}"#,
+    )
+    .unwrap();
+    for lora in ["a.safetensors", "b.safetensors"] {
+        std::fs::write(root.path().join(lora), b"").unwrap();
+    }
+    let modes = root.path().join("modes.toml");
+    let mode = |name: &str| {
+        format!("[modes.{name}]\nmodel = \"pipe\"\nrunner = \"fake\"\nloras = [\"{name}.safetensors\"]\n")
+    };
+    let text = format!(
+        "model_root = \"{}\"\n{}{}",
+        root.path().display(),
+        mode("a"),
+        mode("b")
+    );
+    std::fs::write(&modes, text).unwrap();
+    let config = format!(
+        "[modes]\nfile = \"{}\"\n{}",
+        modes.display(),
+        runner_config(&[("fake", &args)], "")
+    );
+    let daemon = Daemon::start_configured(&config, &[]);
+    let pids = |daemon: &Daemon| -> Vec<u32> {
+        children_of(daemon_pid(daemon))
+            .into_iter()
+            .map(|(pid, _)| pid)
+            .collect()
+    };
+    let request = |mode: &str| json!({"mode": mode, "prompt": "x", "steps": 1, "size": "16x16"});
+    let first = daemon.generate_events(request("a"));
+    assert_eq!(last(&first)["images"].as_array().unwrap().len(), 1);
+    let before = pids(&daemon);
+    let second = daemon.generate_events(request("b"));
+    assert_eq!(last(&second)["images"].as_array().unwrap().len(), 1);
+    let after = pids(&daemon);
+    let sent = std::fs::read_to_string(&record_path).unwrap();
+    (before, after, sent, loaded(&daemon))
+}
+
+#[test]
+fn a_runner_that_swaps_loras_keeps_its_process_across_lora_only_switches() {
+    let (before, after, sent, loaded) = switch_loras(true);
+    assert_eq!(before, after, "the same runner serves both modes");
+    assert!(
+        sent.contains(r#""type": "loras""#) || sent.contains(r#""type":"loras""#),
+        "{sent}"
+    );
+    assert!(sent.contains("b.safetensors"), "{sent}");
+    assert_eq!(loaded.len(), 1, "{loaded:?}");
+    assert!(loaded[0].ends_with("+b"), "{loaded:?}");
+}
+
+#[test]
+fn a_runner_that_cannot_swap_loras_is_started_for_the_other_set() {
+    let (before, after, sent, _) = switch_loras(false);
+    assert!(!sent.contains(r#""type":"loras""#), "{sent}");
+    assert_eq!(before.len(), 1);
+    assert!(
+        after.iter().any(|pid| !before.contains(pid)),
+        "{before:?} {after:?}"
+    );
+}

@@ -26,7 +26,7 @@ pub use self::devices::Devices;
 use self::image::worker::{ImageJob, ImageWorker};
 use self::image::{ImageError, ImageLoad, ImagePipeline};
 use self::request::ValidRequest;
-use self::runner::worker::{RunnerJob, RunnerLoad, RunnerWorker};
+use self::runner::worker::{RunnerJob, RunnerLoad, RunnerWork, RunnerWorker};
 use self::runner::RunnerFailure;
 use self::text::chat::ChatTemplate;
 use self::text::decoder::Decoder;
@@ -282,7 +282,7 @@ const LIVE_RESERVE: u64 = 512 << 20;
 enum WorkerQueue {
     Text(mpsc::Sender<Job>),
     Image(mpsc::Sender<ImageJob>),
-    Runner(mpsc::Sender<RunnerJob>),
+    Runner(mpsc::Sender<RunnerWork>),
 }
 
 /// A model in memory and the channel to its worker.
@@ -298,6 +298,8 @@ pub struct Resident {
     /// A runner model's liveness: cleared when its process died, so the
     /// next request starts a fresh one.
     alive: Option<Arc<AtomicBool>>,
+    /// A runner model's launch, when its runner can swap LoRAs in place.
+    swappable: Option<runner::process::Launch>,
     /// An image model's pipeline, shared with its worker, from which
     /// another LoRA set of the same base is derived in memory.
     pipeline: Mutex<Option<Arc<ImagePipeline>>>,
@@ -378,11 +380,11 @@ impl Resident {
                 })
                 .is_ok(),
             WorkerQueue::Runner(sender) => sender
-                .send(RunnerJob {
+                .send(RunnerWork::Generate(RunnerJob {
                     request: request.runner,
                     events,
                     cancel,
-                })
+                }))
                 .is_ok(),
         };
         if !sent {
@@ -481,6 +483,9 @@ impl Engine {
         request: LoadRequest,
         budget: Budget,
     ) -> Result<Loaded, EngineError> {
+        if let Some(loaded) = self.swap_runner_loras(&request).await? {
+            return Ok(loaded);
+        }
         let load = runner_load(&request)?;
         let estimated_bytes = load.estimated_bytes;
         let evicted = self
@@ -495,6 +500,106 @@ impl Engine {
             already_loaded: false,
             evicted,
         })
+    }
+
+    /// Another LoRA set of an idle runner model of the same files, runner
+    /// and placement, whose runner declared it can swap adapters: put in
+    /// place by that runner, which then serves under the new name. `None`
+    /// when there is no such model (the caller starts a runner).
+    async fn swap_runner_loras(
+        &self,
+        request: &LoadRequest,
+    ) -> Result<Option<Loaded>, EngineError> {
+        let Some(sibling) = self.swappable_sibling(request) else {
+            return Ok(None);
+        };
+        let started = Instant::now();
+        let (done, outcome) = mpsc::channel();
+        let sent = {
+            let jobs = sibling.jobs.lock().unwrap_or_else(|e| e.into_inner());
+            let swap = RunnerWork::SwapLoras {
+                loras: request.loras.clone(),
+                done,
+            };
+            matches!(jobs.as_ref(), Some(WorkerQueue::Runner(sender)) if sender.send(swap).is_ok())
+        };
+        if !sent {
+            return Ok(None);
+        }
+        let outcome = tokio::task::spawn_blocking(move || outcome.recv())
+            .await
+            .map_err(|e| EngineError::Files(format!("load task failed: {e}")))?;
+        match outcome {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => return Err(err),
+            Err(_) => return Ok(None),
+        }
+        let renamed = self.rename_runner(&sibling, request, started);
+        tracing::info!(model = %request.name, from = %sibling.info.name, "LoRAs swapped in the running runner");
+        Ok(Some(Loaded {
+            model: self.admit(renamed, request.keep_alive),
+            already_loaded: false,
+            evicted: vec![sibling.info.name.clone()],
+        }))
+    }
+
+    fn swappable_sibling(&self, request: &LoadRequest) -> Option<Arc<Resident>> {
+        let dtype = format!("{:?}", request.placement.dtype).to_lowercase();
+        let resident = self.resident.lock().unwrap_or_else(|e| e.into_inner());
+        resident
+            .values()
+            .find(|r| {
+                let same_runner = r.swappable.as_ref().zip(request.runner.as_ref());
+                same_runner.is_some_and(|(theirs, ours)| theirs.same_runner(ours))
+                    && r.info.path == request.path
+                    && r.parts == request.parts
+                    && r.info.device == request.placement.device_name
+                    && r.info.dtype == dtype
+                    && !r.is_busy()
+            })
+            .cloned()
+    }
+
+    /// The sibling's runner under the new request's name and LoRAs; the
+    /// sibling leaves the resident set.
+    fn rename_runner(
+        &self,
+        sibling: &Arc<Resident>,
+        request: &LoadRequest,
+        started: Instant,
+    ) -> Resident {
+        self.resident
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&sibling.info.name);
+        let jobs = sibling
+            .jobs
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let thread = sibling
+            .thread
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        let mut info = sibling.info.clone();
+        info.name = request.name.clone();
+        info.loras = request.loras.clone();
+        info.load_ms = started.elapsed().as_millis() as u64;
+        info.loaded_at = crate::util::unix_now();
+        Resident {
+            info,
+            device: sibling.device.clone(),
+            keep_alive: None,
+            last_used: Mutex::new(Instant::now()),
+            busy: std::sync::atomic::AtomicUsize::new(0),
+            jobs: Mutex::new(jobs),
+            thread: Mutex::new(thread),
+            alive: sibling.alive.clone(),
+            swappable: sibling.swappable.clone(),
+            pipeline: Mutex::new(None),
+            parts: sibling.parts.clone(),
+        }
     }
 
     /// Makes a freshly loaded model resident, unloaded after `keep_alive`
@@ -872,6 +977,7 @@ fn resident(
         jobs: Mutex::new(Some(queue)),
         thread: Mutex::new(Some(thread)),
         alive: None,
+        swappable: None,
         pipeline: Mutex::new(pipeline),
         parts: image::ImageParts::default(),
     }
@@ -1147,6 +1253,9 @@ fn start_runner(request: &LoadRequest, load: RunnerLoad) -> Result<Resident, Eng
         None,
     );
     resident.alive = Some(alive);
+    if ready.swap_loras {
+        resident.swappable = request.runner.clone();
+    }
     resident.parts = request.parts.clone();
     Ok(resident)
 }

@@ -37,6 +37,13 @@ pub struct Launch {
     pub max_line_bytes: usize,
 }
 
+impl Launch {
+    /// Whether `other` starts the same runner (its own scratch folder aside).
+    pub fn same_runner(&self, other: &Launch) -> bool {
+        (&self.runner, &self.command, &self.env) == (&other.runner, &other.command, &other.env)
+    }
+}
+
 /// What the stdout reader hands the worker.
 #[derive(Debug)]
 pub enum Line {

@@ -43,6 +43,16 @@ pub struct RunnerJob {
     pub cancel: Cancellation,
 }
 
+/// What the engine sends a runner's thread: a generation, or another LoRA
+/// set to put in place (only to a runner that declared `swap_loras`).
+pub enum RunnerWork {
+    Generate(RunnerJob),
+    SwapLoras {
+        loras: Vec<modeld_wire::types::LoraInfo>,
+        done: mpsc::Sender<Result<(), EngineError>>,
+    },
+}
+
 /// What to load and where.
 #[derive(Debug, Clone)]
 pub struct RunnerLoad {
@@ -66,6 +76,8 @@ pub struct Ready {
     pub class: String,
     pub video: bool,
     pub pid: u32,
+    /// The runner can replace its LoRAs without a restart.
+    pub swap_loras: bool,
 }
 
 /// A picture (or a video's frame) as the runner sent it.
@@ -165,12 +177,7 @@ impl RunnerWorker {
     }
 
     fn load_message(&self) -> Value {
-        let loras: Vec<Value> = self
-            .load
-            .loras
-            .iter()
-            .map(|lora| json!({"name": lora.adapter_name, "path": lora.path, "strength": lora.strength}))
-            .collect();
+        let loras = loras_message(&self.load.loras);
         json!({
             "type": "load",
             "model": self.load.model,
@@ -193,7 +200,9 @@ impl RunnerWorker {
             self.declared = declaration(ready)?;
         }
         self.video = ready.get("output").and_then(Value::as_str) == Some("video");
+        let swap_loras = ready.get("swap_loras").and_then(Value::as_bool) == Some(true);
         Ok(Ready {
+            swap_loras,
             class: ready
                 .get("class")
                 .and_then(Value::as_str)
@@ -239,8 +248,21 @@ impl RunnerWorker {
 
     /// Runs jobs until the engine closes the channel or the runner dies;
     /// then stops it. Returns the memory given back.
-    pub fn run(mut self, jobs: mpsc::Receiver<RunnerJob>) -> Option<u64> {
-        for job in jobs.iter() {
+    pub fn run(mut self, work: mpsc::Receiver<RunnerWork>) -> Option<u64> {
+        for item in work.iter() {
+            let job = match item {
+                RunnerWork::Generate(job) => job,
+                RunnerWork::SwapLoras { loras, done } => match self.swap_loras(loras) {
+                    Ok(()) => {
+                        let _ = done.send(Ok(()));
+                        continue;
+                    }
+                    Err(what) => {
+                        let _ = done.send(Err(self.fail(RunnerStage::Load, what)));
+                        return Some(0);
+                    }
+                },
+            };
             match self.generate(&job) {
                 Ok(event) => {
                     let _ = job.events.blocking_send(Ok(event));
@@ -256,6 +278,19 @@ impl RunnerWorker {
             }
         }
         Some(self.stop())
+    }
+
+    /// Puts another LoRA set in place; a runner that cannot is given up.
+    fn swap_loras(&mut self, loras: Vec<modeld_wire::types::LoraInfo>) -> Result<(), String> {
+        let message = json!({"type": "loras", "loras": loras_message(&loras)});
+        if !self.process.send(&message) {
+            return Err(self.gone("when it was sent new LoRAs"));
+        }
+        let wait = self.load.launch.load_timeout;
+        let ready = self.expect(wait, "runners.load_timeout_s")?;
+        self.ready(&ready)?;
+        self.load.loras = loras;
+        Ok(())
     }
 
     /// Stops the runner; what it held is what is freed.
@@ -545,6 +580,15 @@ const MAX_PICTURES: usize = 100_000;
 enum Written {
     Images(Vec<ImageFile>),
     Videos(Vec<modeld_wire::types::VideoFiles>),
+}
+
+fn loras_message(loras: &[modeld_wire::types::LoraInfo]) -> Vec<Value> {
+    loras
+        .iter()
+        .map(
+            |lora| json!({"name": lora.adapter_name, "path": lora.path, "strength": lora.strength}),
+        )
+        .collect()
 }
 
 fn frames_of(pictures: &Pictures, index: usize) -> Vec<Vec<u8>> {
