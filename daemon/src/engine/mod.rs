@@ -380,11 +380,11 @@ impl Resident {
                 })
                 .is_ok(),
             WorkerQueue::Runner(sender) => sender
-                .send(RunnerWork::Generate(RunnerJob {
+                .send(RunnerWork::Generate(Box::new(RunnerJob {
                     request: request.runner,
                     events,
                     cancel,
-                }))
+                })))
                 .is_ok(),
         };
         if !sent {

@@ -46,7 +46,7 @@ pub struct RunnerJob {
 /// What the engine sends a runner's thread: a generation, or another LoRA
 /// set to put in place (only to a runner that declared `swap_loras`).
 pub enum RunnerWork {
-    Generate(RunnerJob),
+    Generate(Box<RunnerJob>),
     SwapLoras {
         loras: Vec<modeld_wire::types::LoraInfo>,
         done: mpsc::Sender<Result<(), EngineError>>,
