@@ -613,3 +613,37 @@ fn a_runner_that_cannot_swap_loras_is_started_for_the_other_set() {
         "{before:?} {after:?}"
     );
 }
+
+#[test]
+fn an_interpreter_without_torch_fails_the_load_naming_the_key() {
+    let has_torch = std::process::Command::new("python3")
+        .args(["-c", "import torch, diffusers"])
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|status| status.success());
+    if has_torch {
+        eprintln!("skipped: this python3 has torch and diffusers");
+        return;
+    }
+    let daemon = Daemon::start_configured("", &[]);
+    let dir = daemon.state_dir.parent().unwrap().join("t2i");
+    modeld_e2e::copy_tree(
+        &modeld_e2e::fixtures_dir().join("tiny-qwen-image/t2i"),
+        &dir,
+    );
+    daemon
+        .call(
+            "models.register",
+            json!({"name": "qwen", "local_path": dir}),
+        )
+        .unwrap();
+    let err = daemon.call("load", json!({"name": "qwen"})).unwrap_err();
+    assert_eq!(kind(&err), "load_failed", "{err}");
+    assert_eq!(data(&err)["field"], "runners.python", "{err}");
+    let text = err.to_string();
+    assert!(
+        text.contains("cannot import torch") && text.contains("runners.python"),
+        "{text}"
+    );
+    assert_no_runner_left(&daemon);
+}

@@ -268,7 +268,7 @@ mod tests {
     }
 
     #[test]
-    fn mixed_or_bad_parameters_are_refused_at_once() {
+    fn mixed_parameters_are_refused_at_once_and_bad_image_values_by_the_model() {
         let mixed = params(serde_json::json!({"max_tokens": 4, "steps": 2}));
         assert_eq!(ValidRequest::try_from(mixed).unwrap_err().field, "steps");
         for (bad, field) in [
@@ -277,10 +277,19 @@ mod tests {
             (serde_json::json!({"steps": 0}), "steps"),
             (serde_json::json!({"guidance": 101.0}), "guidance"),
             (serde_json::json!({"count": 9}), "count"),
+            (serde_json::json!({"frames": 5}), "frames"),
         ] {
-            let err = ValidRequest::try_from(params(bad.clone())).unwrap_err();
-            assert_eq!(err.field, field, "{bad}");
-            assert!(err.limit.is_some(), "{bad}: {err}");
+            // A runner model may take what native ones refuse, so the
+            // resident model's kind decides: native ones refuse it by name.
+            let request = ValidRequest::try_from(params(bad.clone())).expect("deferred");
+            let native = request.image.unwrap_err();
+            assert_eq!(native.field, field, "{bad}");
+            assert!(
+                native.limit.is_some() || field == "frames",
+                "{bad}: {native}"
+            );
+            assert_eq!(request.text.unwrap_err().field, field, "{bad}");
+            assert!(request.runner.params.seed.is_some(), "{bad}");
         }
     }
 }

@@ -33,7 +33,11 @@ pub enum RunnerStage {
 
 /// A runner that failed: what happened, and the last lines of its stderr.
 #[derive(Debug, Clone, thiserror::Error)]
-#[error("runner {runner:?} for model {model:?} {what}{}", stderr_note(stderr))]
+#[error(
+    "runner {runner:?} for model {model:?} {what}{}{}",
+    key_note(key),
+    stderr_note(stderr)
+)]
 pub struct RunnerFailure {
     pub runner: String,
     pub model: String,
@@ -42,6 +46,12 @@ pub struct RunnerFailure {
     pub stderr: String,
     /// The config key behind a runner that could not start.
     pub key: Option<String>,
+}
+
+fn key_note(key: &Option<String>) -> String {
+    key.as_ref()
+        .map(|key| format!(" (check {key} in modeld.toml)"))
+        .unwrap_or_default()
 }
 
 fn stderr_note(stderr: &str) -> String {

@@ -105,10 +105,7 @@ impl RunnerWorker {
     pub fn start(load: RunnerLoad) -> Result<(RunnerWorker, Ready), EngineError> {
         let started = RunnerProcess::start(&load.launch, &load.model, load.gpu);
         let process = started.map_err(|err| {
-            let what = format!(
-                "could not be started: {} ({}): {err}",
-                load.launch.command[0], load.launch.command_key
-            );
+            let what = format!("could not be started: {}: {err}", load.launch.command[0]);
             failure(&load, RunnerStage::Start, what, String::new())
         })?;
         let mut worker = RunnerWorker {
