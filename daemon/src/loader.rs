@@ -143,12 +143,12 @@ fn runner_launch(
     path: &Path,
     parts: &ImageParts,
 ) -> Result<Option<Launch>, LoadError> {
-    let runner = match explicit {
-        Some(runner) => runner,
+    let (runner, class) = match explicit {
+        Some(runner) => (runner, None),
         None => match runner::pipeline_needing_runner(path, parts.config_dir.as_deref()) {
             Some(class) => {
                 tracing::info!(model = %name, %class, "no native family; it runs on the diffusers runner");
-                runner::DIFFUSERS.to_string()
+                (runner::DIFFUSERS.to_string(), Some(class))
             }
             None => return Ok(None),
         },
@@ -182,6 +182,7 @@ fn runner_launch(
         runner,
         command,
         command_key,
+        class,
         env,
         scratch_dir,
         start_timeout: seconds(config.start_timeout_s),

@@ -324,6 +324,9 @@ fn load_error(daemon: &Daemon, name: &str) -> ClientError {
         .expect_err("must be refused")
 }
 
+/// Pipelines no native family runs go to the diffusers runner; these
+/// fixtures have no weights for it (and the test's python3 may have no
+/// torch), so the load fails, naming the class that sent them there.
 #[test]
 fn other_diffusion_architectures_are_refused_by_name() {
     let daemon = Daemon::start();

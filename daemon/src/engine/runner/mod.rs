@@ -34,18 +34,28 @@ pub enum RunnerStage {
 /// A runner that failed: what happened, and the last lines of its stderr.
 #[derive(Debug, Clone, thiserror::Error)]
 #[error(
-    "runner {runner:?} for model {model:?} {what}{}{}",
+    "runner {runner:?} for model {model:?}{} {what}{}{}",
+    class_note(class),
     key_note(key),
     stderr_note(stderr)
 )]
 pub struct RunnerFailure {
     pub runner: String,
     pub model: String,
+    /// The pipeline class no native family runs, when that chose the runner.
+    pub class: Option<String>,
     pub stage: RunnerStage,
     pub what: String,
     pub stderr: String,
     /// The config key behind a runner that could not start.
     pub key: Option<String>,
+}
+
+fn class_note(class: &Option<String>) -> String {
+    class
+        .as_ref()
+        .map(|class| format!(" ({class}, which modeld does not run natively)"))
+        .unwrap_or_default()
 }
 
 fn key_note(key: &Option<String>) -> String {

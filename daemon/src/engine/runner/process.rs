@@ -26,6 +26,9 @@ pub struct Launch {
     pub command: Vec<String>,
     /// The config key that named the program, for errors about it.
     pub command_key: String,
+    /// The pipeline class that sent the model here, when no native family
+    /// runs it; errors name it.
+    pub class: Option<String>,
     /// Variables added to the cleaned environment.
     pub env: Vec<(String, String)>,
     /// A private folder the runner may write pictures to.

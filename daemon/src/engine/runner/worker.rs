@@ -459,6 +459,7 @@ impl RunnerWorker {
             _ => EngineError::Runner(Box::new(RunnerFailure {
                 runner: self.load.launch.runner.clone(),
                 model: self.load.model.clone(),
+                class: self.load.launch.class.clone(),
                 stage: RunnerStage::Generate,
                 what: format!("reported an error: {text}"),
                 stderr: String::new(),
@@ -650,6 +651,7 @@ fn failure(load: &RunnerLoad, stage: RunnerStage, what: String, stderr: String) 
     EngineError::Runner(Box::new(RunnerFailure {
         runner: load.launch.runner.clone(),
         model: load.model.clone(),
+        class: load.launch.class.clone(),
         stage,
         what,
         stderr,
