@@ -33,6 +33,10 @@ zeros written as sparse files, so they take no disk. It checks, on `cuda:0`:
    FluxPipeline s/step in bf16 on the same folder when importable. A
    variant whose weights and 4 GiB of headroom exceed the GPU's free memory
    is skipped with a `skipped` line saying so.
+7. runners: the tiny Qwen-Image pipeline on the diffusers runner (this
+   Python as `[runners] python`; skipped when diffusers is not importable):
+   NVML counts VRAM for the runner's PID, `measured_bytes` and `freed_bytes`
+   report it, and after `unload` the PID is gone and holds nothing.
 
 Prints one JSON line per figure and exits non-zero on the first failure.
 Usage: tests/gpu/acceptance.py [--modeld PATH] [--big-layers N] [--bandwidth-gbs N]
@@ -40,6 +44,8 @@ Usage: tests/gpu/acceptance.py [--modeld PATH] [--big-layers N] [--bandwidth-gbs
        of check 6 at small sizes, to try the script without a GPU: SD at
        64x64, and FLUX with one block of each kind and one T5 layer at
        full width, 64x64, 2 steps, 16 T5 tokens, in f32)
+       tests/gpu/acceptance.py --runner-only [--device cpu]   (check 7 alone;
+       on the CPU resident memory stands in for NVML)
 """
 
 import argparse
@@ -615,6 +621,79 @@ def check_flux_speed(daemon, workdir, device, small, bandwidth_gbs):
         shutil.rmtree(path, ignore_errors=True)
 
 
+def children_of(pid):
+    """Process ids whose parent is `pid`, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % entry) as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if int(stat[stat.rfind(")") + 2:].split()[1]) == pid:
+            found.append(int(entry))
+    return found
+
+
+def resident_bytes(pid):
+    """A process's resident memory (VmRSS), 0 once it is gone."""
+    try:
+        with open("/proc/%d/status" % pid) as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) << 10
+    except OSError:
+        pass
+    return 0
+
+
+def check_runner(modeld, workdir, device):
+    """Check 7: the diffusers runner on the GPU. Its VRAM is measured per PID
+    (NVML), `freed_bytes` says what it held, and after unload the driver no
+    longer counts the process. Needs diffusers importable in this Python."""
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        report(check="runner", skipped="diffusers is not importable in %s" % sys.executable)
+        return
+    runner_dir = os.path.join(workdir, "runner")
+    config = '[runners]\npython = "%s"\n' % sys.executable
+    daemon = Daemon(modeld, runner_dir, config)
+    try:
+        pipeline = os.path.join(runner_dir, "t2i")
+        shutil.copytree(os.path.join(REPO, "tests", "fixtures", "tiny-qwen-image", "t2i"), pipeline)
+        daemon.call("models.register", {"name": "qwen", "local_path": pipeline})
+        started = time.time()
+        dtype = "f32" if device == "cpu" else "bf16"
+        loaded = daemon.call("load", {"name": "qwen", "device": device, "dtype": dtype})["model"]
+        load_s = time.time() - started
+        runners = children_of(daemon.process.pid)
+        if len(runners) != 1:
+            fail("runner: expected one child process, found %s" % runners)
+        pid = runners[0]
+        held = process_vram(pid) if device != "cpu" else resident_bytes(pid)
+        done = daemon.generate({"model": "qwen", "prompt": "a lighthouse made of model caches",
+                                "negative_prompt": "blurry", "guidance": 4.0, "steps": 3,
+                                "size": "48x32", "seed": 7})
+        if not done.get("images"):
+            fail("runner: no picture: %s" % done)
+        freed = daemon.call("unload", {"name": "qwen"})["freed_bytes"]
+        after = process_vram(pid) if device != "cpu" else resident_bytes(pid)
+        report(check="runner", load_s=round(load_s, 3), measured=loaded["measured_bytes"],
+               estimated=loaded["estimated_bytes"], nvml_held=held, freed=freed,
+               nvml_after_unload=after, alive=os.path.exists("/proc/%d" % pid))
+        if held == 0 or loaded["measured_bytes"] == 0:
+            fail("runner: NVML counted no VRAM for the runner (pid %d)" % pid)
+        if freed < held // 2:
+            fail("runner: freed_bytes %d, but the runner held %d" % (freed, held))
+        if after != 0 or os.path.exists("/proc/%d" % pid):
+            fail("runner: pid %d still exists or holds %d bytes after unload" % (pid, after))
+    finally:
+        daemon.stop()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--modeld", default=os.path.join(REPO, "target", "cuda", "cuda", "modeld"))
@@ -623,11 +702,20 @@ def main():
                         help="the GPU's memory bandwidth, when its name is not known here")
     parser.add_argument("--images-only", action="store_true",
                         help="run check 6 alone (the tiny-sd picture, SD1.5, SDXL and FLUX.1-dev speed)")
+    parser.add_argument("--runner-only", action="store_true",
+                        help="run check 7 alone (the diffusers runner's VRAM per PID)")
     parser.add_argument("--device", default="cuda:0",
                         help="where check 6 runs its pipelines (cpu: a small smoke run, FLUX with "
                              "one block of each kind)")
     args = parser.parse_args()
     workdir = tempfile.mkdtemp(prefix="modeld-gpu-")
+    if args.runner_only:
+        try:
+            check_runner(args.modeld, workdir, args.device)
+            report(result="pass")
+        finally:
+            shutil.rmtree(workdir, ignore_errors=True)
+        return
     daemon = Daemon(args.modeld, workdir)
     if args.images_only:
         try:
@@ -655,6 +743,7 @@ def main():
         daemon.stop()
     try:
         check_out_of_memory(args.modeld, workdir)
+        check_runner(args.modeld, workdir, "cuda:0")
         report(result="pass")
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

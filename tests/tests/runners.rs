@@ -510,7 +510,7 @@ fn a_runner_model_is_checked_against_the_memory_budget_before_it_starts() {
     let config = format!("[scheduler]\nmemory_budget = \"1M\"\n{config}");
     let daemon = Daemon::start_configured(&config, &[]);
     register(&daemon, "fake", "fake");
-    // A transformer of a million f32 weights: about 4.4 MB with the margin.
+    // A transformer of a million f32 weights, plus the runtime.
     let dir = daemon
         .state_dir
         .parent()

@@ -95,10 +95,16 @@ pub fn pipeline_class(folder: &Path) -> Option<String> {
     index["_class_name"].as_str().map(str::to_string)
 }
 
+/// What a runner's runtime takes before any weight: measured 0.8 GB of
+/// resident memory for Python with torch and diffusers imported on the
+/// CPU (tests/gpu/acceptance.py check 7); a GPU's CUDA context is of the
+/// same order.
+pub const RUNTIME_BYTES: u64 = 768 << 20;
+
 /// Memory a runner model is expected to take: its weights at `dtype`,
 /// from the safetensors headers of the pipeline's folders and the single
 /// file (which replaces the pipeline's transformer), plus a tenth for the
-/// runtime's own buffers.
+/// runtime's buffers and the runtime itself.
 pub fn estimate_bytes(
     pipeline: Option<&Path>,
     transformer: Option<&Path>,
@@ -114,7 +120,7 @@ pub fn estimate_bytes(
         .iter()
         .map(|file| elements(file).map_or_else(|| file_len(file), |n| n * dtype_bytes))
         .sum();
-    weights + weights / 10
+    weights + weights / 10 + RUNTIME_BYTES
 }
 
 /// The weight files of a pipeline folder's components, one level down.
