@@ -11,6 +11,8 @@
 
 pub mod error;
 pub mod history;
+mod metrics_timing;
+pub mod ticket;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -319,6 +321,7 @@ impl Scheduler {
             },
         );
         drop(queue);
+        ticket::note(id);
         self.wake.notify_one();
         Ok((id, receiver))
     }
@@ -494,6 +497,15 @@ impl Scheduler {
                 (_, JobStage::Queued | JobStage::Running) => ended.await,
             }
         }
+    }
+
+    /// Where queued job `id` stands: its 1-based place among the queued
+    /// jobs and how many jobs (running ones included) are ahead of it;
+    /// `None` once it has started or ended.
+    pub fn position(&self, id: u64) -> Option<(usize, usize)> {
+        let queue = self.lock();
+        let index = queue.jobs.iter().position(|job| job.info.id == id)?;
+        Some((index + 1, index + queue.running.len()))
     }
 
     pub fn current_mode(&self) -> Option<String> {
@@ -690,6 +702,7 @@ impl Scheduler {
         if job.cancel.is_requested() {
             return Err(JobError::Cancelled { job: job.id });
         }
+        let mut timing = metrics_timing::Timing::new(&request.model);
         let (sender, mut receiver) = mpsc::channel(EVENT_BUFFER);
         resident.submit(request, sender, job.cancel.clone())?;
         let mut outcome = JobOutcome::Failed(Arc::new(JobError::WorkerStopped));
@@ -708,6 +721,7 @@ impl Scheduler {
             // The worker drops its sender after the last event.
             let Some(event) = event else { break };
             let event = job.as_sent(event);
+            timing.saw(&event);
             outcome = JobOutcome::of_event(&event).unwrap_or(outcome);
             if job.events.send(event).await.is_err() {
                 // The client is gone: stop generating for nobody.
