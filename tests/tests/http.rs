@@ -264,7 +264,7 @@ fn anonymous_callers_are_let_in_only_on_loopback_listeners() {
 
 #[test]
 fn unsupported_parameters_and_unknown_models_get_openai_errors() {
-    let front = start("");
+    let front = start("[server]\nmax_request_bytes = 4096\n");
     register_chat_llama(&front.daemon);
     let messages = json!([{"role": "user", "content": "hi"}]);
     let cases = [
@@ -318,6 +318,17 @@ fn unsupported_parameters_and_unknown_models_get_openai_errors() {
             "{error}"
         );
     }
+    // A body over server.max_request_bytes: 413, in the same shape.
+    let long = json!({"model": "tiny-llama", "prompt": "x".repeat(5000)});
+    let response = tcp(
+        front.addr,
+        "POST",
+        "/v1/completions",
+        Some(KEY),
+        Some(&long),
+    );
+    assert_eq!(response.status, 413, "{}", response.body);
+    assert_eq!(response.json()["error"]["code"], "request_too_large");
     // Neutral values of unsupported parameters ask for nothing: accepted.
     let neutral = json!({"model": "tiny-llama", "messages": messages, "n": 1,
         "presence_penalty": 0, "max_tokens": 2});
@@ -651,4 +662,31 @@ fn metrics_parse_with_prometheus_client_and_match_the_rpc_method() {
         &[("URL", url), ("KEY", KEY.to_string())],
     );
     assert!(out.contains("OK"), "{out}");
+}
+
+#[test]
+fn sigterm_ends_http_streams_within_the_grace_period() {
+    let mut front = start("[server]\nshutdown_grace_s = 1\n");
+    register_slow_model(&front.daemon, "slow");
+    let request = json!({"model": "slow", "prompt": "a", "max_tokens": 4000, "stream": true});
+    let mut stream = TcpStream::connect(front.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    stream
+        .write_all(raw_request("POST", "/v1/completions", Some(KEY), Some(&request)).as_bytes())
+        .unwrap();
+    read_until(&mut stream, "\"text\":\"");
+    let started = Instant::now();
+    front.daemon.signal(nix::sys::signal::Signal::SIGTERM);
+    // The stream ends properly: its last chunk, then [DONE].
+    read_until(&mut stream, "data: [DONE]");
+    let status = front.daemon.wait_exit(Duration::from_secs(15));
+    assert!(status.success(), "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(!front.unix.exists(), "the HTTP socket is removed");
 }

@@ -35,6 +35,21 @@ impl HttpError {
         }
     }
 
+    /// A body axum could not read: over `server.max_request_bytes` (413),
+    /// or not the form or encoding the endpoint takes.
+    pub fn rejected(status: StatusCode, message: String) -> Self {
+        let code = match status {
+            StatusCode::PAYLOAD_TOO_LARGE => "request_too_large",
+            _ => "invalid_request",
+        };
+        HttpError {
+            status,
+            message,
+            param: Some("body".into()),
+            code: code.into(),
+        }
+    }
+
     pub fn unauthorized(message: &str) -> Self {
         HttpError {
             status: StatusCode::UNAUTHORIZED,

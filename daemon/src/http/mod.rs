@@ -16,6 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Bytes;
+use axum::extract::multipart::MultipartRejection;
+use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, Extension, MatchedPath, Multipart, Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -156,8 +158,29 @@ pub async fn serve(prepared: Prepared, state: Arc<AppState>, dispatcher: Arc<Dis
         let _ = task.await;
     }
     connections.close();
-    let limit = Duration::from_secs(server.shutdown_grace_s) + Duration::from_secs(5);
-    if tokio::time::timeout(limit, connections.wait())
+    finish(
+        &state,
+        &connections,
+        Duration::from_secs(server.shutdown_grace_s),
+    )
+    .await;
+}
+
+/// How long cancelled jobs' streams get to deliver their last events.
+const FINAL_EVENTS: Duration = Duration::from_secs(3);
+
+/// Shutdown: responses in flight get the grace period, as JSON-RPC
+/// requests do; then running jobs are cancelled (which ends their streams)
+/// and the connections get a last moment to write that out.
+async fn finish(state: &AppState, connections: &TaskTracker, grace: Duration) {
+    if tokio::time::timeout(grace, connections.wait())
+        .await
+        .is_ok()
+    {
+        return;
+    }
+    state.scheduler.cancel_running();
+    if tokio::time::timeout(FINAL_EVENTS, connections.wait())
         .await
         .is_err()
     {
@@ -376,8 +399,12 @@ async fn models(
 async fn chat(
     State(http): State<Arc<Http>>,
     Extension(caller): Extension<Arc<Caller>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(err) => return HttpError::rejected(err.status(), err.body_text()).into_response(),
+    };
     match openai::chat(&http.state, &body) {
         Ok(call) => text(http, caller, call).await,
         Err(err) => err.into_response(),
@@ -387,8 +414,12 @@ async fn chat(
 async fn completions(
     State(http): State<Arc<Http>>,
     Extension(caller): Extension<Arc<Caller>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
+    let body = match body {
+        Ok(body) => body,
+        Err(err) => return HttpError::rejected(err.status(), err.body_text()).into_response(),
+    };
     match openai::completion(&http.state, &body) {
         Ok(call) => text(http, caller, call).await,
         Err(err) => err.into_response(),
@@ -405,8 +436,9 @@ async fn text(http: Arc<Http>, caller: Arc<Caller>, call: openai::TextCall) -> R
 async fn images(
     State(http): State<Arc<Http>>,
     Extension(caller): Extension<Arc<Caller>>,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, HttpError> {
+    let body = body.map_err(|err| HttpError::rejected(err.status(), err.body_text()))?;
     let params = openai::image(&http.state, openai::object(&body)?, None)?;
     run_images(&http, &caller, params).await
 }
@@ -416,21 +448,22 @@ async fn images(
 async fn image_edits(
     State(http): State<Arc<Http>>,
     Extension(caller): Extension<Arc<Caller>>,
-    mut form: Multipart,
+    form: Result<Multipart, MultipartRejection>,
 ) -> Result<Json<Value>, HttpError> {
+    let mut form = form.map_err(|err| HttpError::rejected(err.status(), err.body_text()))?;
     use base64::Engine;
     let mut fields = Map::new();
     let mut image = None;
     while let Some(field) = form
         .next_field()
         .await
-        .map_err(|err| HttpError::bad_param("body", err.body_text()))?
+        .map_err(|err| HttpError::rejected(err.status(), err.body_text()))?
     {
         let name = field.name().unwrap_or_default().to_string();
         let bytes = field
             .bytes()
             .await
-            .map_err(|err| HttpError::bad_param(name.clone(), err.body_text()))?;
+            .map_err(|err| HttpError::rejected(err.status(), err.body_text()))?;
         if name == "image" || name == "image[]" {
             if image.is_some() {
                 return Err(HttpError::bad_param(
