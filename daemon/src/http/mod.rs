@@ -38,7 +38,7 @@ use self::error::HttpError;
 use crate::auth::Caller;
 use crate::config::{Config, ListenAddr};
 use crate::rpc::dispatch::Dispatcher;
-use crate::server::{BoundSocket, SocketError};
+use crate::server::{BoundSocket, PerUid, SocketError, UidSlot};
 use crate::state::AppState;
 
 /// Why the HTTP front door cannot start; the daemon refuses to start.
@@ -136,6 +136,7 @@ pub async fn serve(prepared: Prepared, state: Arc<AppState>, dispatcher: Arc<Dis
     });
     let app = router(http, server.max_request_bytes);
     let slots = Arc::new(Semaphore::new(server.max_connections));
+    let per_uid = PerUid::default();
     let connections = TaskTracker::new();
     let stop = state.shutdown_token();
     let mut accepting = Vec::new();
@@ -145,6 +146,7 @@ pub async fn serve(prepared: Prepared, state: Arc<AppState>, dispatcher: Arc<Dis
             app: app.clone(),
             state: state.clone(),
             slots: slots.clone(),
+            per_uid: per_uid.clone(),
             connections: connections.clone(),
         };
         accepting.push(tokio::spawn(accept.run(listener)));
@@ -212,6 +214,7 @@ struct Accept {
     app: Router,
     state: Arc<AppState>,
     slots: Arc<Semaphore>,
+    per_uid: PerUid,
     connections: TaskTracker,
 }
 
@@ -220,22 +223,16 @@ impl Accept {
         loop {
             let accepted = match &listener {
                 Listener::Tcp(tcp, loopback) => tcp.accept().await.map(|(stream, _)| {
-                    self.start(
-                        stream,
-                        Peer::Tcp {
-                            loopback: *loopback,
-                        },
-                    )
+                    let peer = Peer::Tcp {
+                        loopback: *loopback,
+                    };
+                    self.start(stream, peer, None)
                 }),
-                Listener::Unix(bound) => bound.listener.accept().await.map(|(stream, _)| {
-                    let server = self.state.config().server.clone();
-                    match Caller::of(&stream, &server) {
-                        Ok(caller) => self.start(stream, Peer::Unix(Arc::new(caller))),
-                        Err(err) => {
-                            tracing::warn!("cannot read the HTTP peer's credentials: {err}")
-                        }
-                    }
-                }),
+                Listener::Unix(bound) => bound
+                    .listener
+                    .accept()
+                    .await
+                    .map(|(stream, _)| self.start_unix(stream)),
             };
             if let Err(err) = accepted {
                 // Usually EMFILE: back off instead of spinning.
@@ -245,9 +242,27 @@ impl Accept {
         }
     }
 
+    /// A Unix connection: its caller from the kernel, within
+    /// `server.max_connections_per_uid`, as on the JSON-RPC socket.
+    fn start_unix(&self, stream: tokio::net::UnixStream) {
+        let server = self.state.config().server.clone();
+        let caller = match Caller::of(&stream, &server) {
+            Ok(caller) => caller,
+            Err(err) => return tracing::warn!("cannot read the HTTP peer's credentials: {err}"),
+        };
+        let Some(uid_slot) = self.per_uid.take(caller.uid, server.per_uid_limit()) else {
+            let uid = caller.uid;
+            return tracing::warn!(
+                uid,
+                "HTTP connection refused: server.max_connections_per_uid"
+            );
+        };
+        self.start(stream, Peer::Unix(Arc::new(caller)), Some(uid_slot));
+    }
+
     /// Serves one connection, or closes it at once when every slot is
     /// taken (the client sees the connection close).
-    fn start<S>(&self, stream: S, peer: Peer)
+    fn start<S>(&self, stream: S, peer: Peer, uid_slot: Option<UidSlot>)
     where
         S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
@@ -279,7 +294,7 @@ impl Accept {
                     let _ = connection.await;
                 }
             }
-            drop(slot);
+            drop((slot, uid_slot));
         });
     }
 }
@@ -401,14 +416,7 @@ async fn chat(
     Extension(caller): Extension<Arc<Caller>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body {
-        Ok(body) => body,
-        Err(err) => return HttpError::rejected(err.status(), err.body_text()).into_response(),
-    };
-    match openai::chat(&http.state, &body) {
-        Ok(call) => text(http, caller, call).await,
-        Err(err) => err.into_response(),
-    }
+    text(http, caller, body, openai::chat).await
 }
 
 async fn completions(
@@ -416,21 +424,30 @@ async fn completions(
     Extension(caller): Extension<Arc<Caller>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    let body = match body {
-        Ok(body) => body,
-        Err(err) => return HttpError::rejected(err.status(), err.body_text()).into_response(),
-    };
-    match openai::completion(&http.state, &body) {
-        Ok(call) => text(http, caller, call).await,
-        Err(err) => err.into_response(),
-    }
+    text(http, caller, body, openai::completion).await
 }
 
-async fn text(http: Arc<Http>, caller: Arc<Caller>, call: openai::TextCall) -> Response {
+/// Reads a text generation request (`parse`) and answers it, whole or
+/// streamed.
+async fn text(
+    http: Arc<Http>,
+    caller: Arc<Caller>,
+    body: Result<Bytes, BytesRejection>,
+    parse: fn(&AppState, &[u8]) -> Result<openai::TextCall, HttpError>,
+) -> Response {
+    let call = match read_body(body).and_then(|body| parse(&http.state, &body)) {
+        Ok(call) => call,
+        Err(err) => return err.into_response(),
+    };
     match call.stream {
         true => sse::stream(http, caller, call).await,
         false => sse::complete(http, caller, call).await,
     }
+}
+
+/// The body, or why axum could not read it (413 beyond the limit).
+fn read_body(body: Result<Bytes, BytesRejection>) -> Result<Bytes, HttpError> {
+    body.map_err(|err| HttpError::rejected(err.status(), err.body_text()))
 }
 
 async fn images(
@@ -438,8 +455,7 @@ async fn images(
     Extension(caller): Extension<Arc<Caller>>,
     body: Result<Bytes, BytesRejection>,
 ) -> Result<Json<Value>, HttpError> {
-    let body = body.map_err(|err| HttpError::rejected(err.status(), err.body_text()))?;
-    let params = openai::image(&http.state, openai::object(&body)?, None)?;
+    let params = openai::image(&http.state, openai::object(&read_body(body)?)?, None)?;
     run_images(&http, &caller, params).await
 }
 

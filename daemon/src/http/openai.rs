@@ -324,16 +324,21 @@ enum Prompt {
     Many(Vec<String>),
 }
 
-/// The sampling fields of a chat or completion request.
-macro_rules! sampling_of {
+/// The shared fields of a chat or completion request.
+macro_rules! common_of {
     ($request:expr) => {
-        Sampling {
-            max_tokens: $request.max_tokens,
-            max_completion_tokens: $request.max_completion_tokens,
-            temperature: $request.temperature,
-            top_p: $request.top_p,
-            stop: $request.stop,
-            seed: $request.seed,
+        Common {
+            model: $request.model,
+            stream: $request.stream,
+            stream_options: $request.stream_options,
+            sampling: Sampling {
+                max_tokens: $request.max_tokens,
+                max_completion_tokens: $request.max_completion_tokens,
+                temperature: $request.temperature,
+                top_p: $request.top_p,
+                stop: $request.stop,
+                seed: $request.seed,
+            },
         }
     };
 }
@@ -370,17 +375,8 @@ pub fn chat(state: &AppState, body: &[u8]) -> Result<TextCall, HttpError> {
         let content = message.content.text(i)?;
         messages.push(json!({"role": message.role, "content": content}));
     }
-    let mut params = sampling(sampling_of!(request))?;
-    params.insert("messages".into(), Value::Array(messages));
-    let (key, value) = target(state, &request.model);
-    params.insert(key.into(), value);
-    Ok(TextCall {
-        flavour: Flavour::Chat,
-        params: Value::Object(params),
-        model: request.model,
-        stream: request.stream,
-        include_usage: request.stream_options.unwrap_or_default().include_usage,
-    })
+    let input = ("messages", Value::Array(messages));
+    text_call(state, Flavour::Chat, common_of!(request), input)
 }
 
 pub fn completion(state: &AppState, body: &[u8]) -> Result<TextCall, HttpError> {
@@ -397,16 +393,36 @@ pub fn completion(state: &AppState, body: &[u8]) -> Result<TextCall, HttpError> 
             ))
         }
     };
-    let mut params = sampling(sampling_of!(request))?;
-    params.insert("prompt".into(), json!(prompt));
-    let (key, value) = target(state, &request.model);
+    let input = ("prompt", json!(prompt));
+    text_call(state, Flavour::Completion, common_of!(request), input)
+}
+
+/// What chat and completion requests share beside their input.
+struct Common {
+    model: String,
+    stream: bool,
+    stream_options: Option<StreamOptions>,
+    sampling: Sampling,
+}
+
+/// A text generation from a request's shared fields and its input
+/// (`messages` or `prompt`) under its `generate` name.
+fn text_call(
+    state: &AppState,
+    flavour: Flavour,
+    common: Common,
+    (name, input): (&str, Value),
+) -> Result<TextCall, HttpError> {
+    let mut params = sampling(common.sampling)?;
+    params.insert(name.into(), input);
+    let (key, value) = target(state, &common.model);
     params.insert(key.into(), value);
     Ok(TextCall {
-        flavour: Flavour::Completion,
+        flavour,
         params: Value::Object(params),
-        model: request.model,
-        stream: request.stream,
-        include_usage: request.stream_options.unwrap_or_default().include_usage,
+        model: common.model,
+        stream: common.stream,
+        include_usage: common.stream_options.unwrap_or_default().include_usage,
     })
 }
 
