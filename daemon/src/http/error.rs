@@ -50,12 +50,14 @@ impl HttpError {
         }
     }
 
+    /// No key or a wrong one: OpenAI's own code for it, since the wire's
+    /// `unauthorized` is about the Hub.
     pub fn unauthorized(message: &str) -> Self {
         HttpError {
             status: StatusCode::UNAUTHORIZED,
             message: message.into(),
             param: None,
-            code: "unauthorized".into(),
+            code: "invalid_api_key".into(),
         }
     }
 
@@ -107,6 +109,8 @@ fn status_of(kind: &str) -> StatusCode {
             StatusCode::INSUFFICIENT_STORAGE
         }
         "timeout" => StatusCode::GATEWAY_TIMEOUT,
+        // The Hub, behind the daemon, failed a pull the request needed.
+        "network" | "offline" | "hub_error" | "unauthorized" | "corrupt" => StatusCode::BAD_GATEWAY,
         _ => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
