@@ -690,3 +690,24 @@ fn sigterm_ends_http_streams_within_the_grace_period() {
     );
     assert!(!front.unix.exists(), "the HTTP socket is removed");
 }
+
+#[test]
+fn a_client_that_leaves_before_a_whole_answer_has_its_job_cancelled() {
+    let front = start("");
+    register_slow_model(&front.daemon, "slow");
+    let request = json!({"model": "slow", "prompt": "a", "max_tokens": 4000});
+    let mut stream = TcpStream::connect(front.addr).unwrap();
+    stream
+        .write_all(raw_request("POST", "/v1/completions", Some(KEY), Some(&request)).as_bytes())
+        .unwrap();
+    let mut job = 0;
+    wait_until("the generation to run", || {
+        let status = front.daemon.call("status", json!({})).unwrap();
+        job = status["queue"]["jobs"][0]["id"].as_u64().unwrap_or(0);
+        status["queue"]["jobs"][0]["running"] == true
+    });
+    drop(stream);
+    wait_until("the job to be cancelled", || {
+        job_state(&front.daemon, job) == "cancelled"
+    });
+}
