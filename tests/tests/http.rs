@@ -201,7 +201,7 @@ fn a_keys_file_others_can_read_stops_the_daemon() {
 
 #[test]
 fn tcp_callers_need_a_valid_key_and_the_unix_socket_its_uid() {
-    let front = start("");
+    let front = start("[server]\nusers_may_generate = false\n");
     front.daemon.register_fixture("tiny-llama");
     let missing = tcp(front.addr, "GET", "/v1/models", None, None);
     assert_eq!(missing.status, 401, "{}", missing.body);
@@ -212,16 +212,26 @@ fn tcp_callers_need_a_valid_key_and_the_unix_socket_its_uid() {
     assert_eq!(right.status, 200, "{}", right.body);
     assert_eq!(right.json()["data"][0]["id"], "tiny-llama");
     assert_eq!(right.json()["data"][0]["owned_by"], "modeld");
-    // A key holder who is no administrator is refused what needs one.
-    let admin_only = json!({"model": "tiny-llama", "prompt": "x", "max_tokens": 2});
-    let ok = tcp(
+    // A key holder who is no administrator is held to the same rules as
+    // a uid outside the admin group: here, users may not generate.
+    let body = json!({"model": "tiny-llama", "prompt": "x", "max_tokens": 2});
+    let refused = tcp(
         front.addr,
         "POST",
         "/v1/completions",
         Some(USER_KEY),
-        Some(&admin_only),
+        Some(&body),
     );
-    assert_eq!(ok.status, 200, "{}", ok.body);
+    assert_eq!(refused.status, 403, "{}", refused.body);
+    assert_eq!(refused.json()["error"]["type"], "permission_error");
+    let admin = tcp(
+        front.addr,
+        "POST",
+        "/v1/completions",
+        Some(KEY),
+        Some(&body),
+    );
+    assert_eq!(admin.status, 200, "{}", admin.body);
     // The Unix listener takes the peer's uid: this test's user, the
     // daemon's own, so no key is needed.
     let mut stream = UnixStream::connect(&front.unix).unwrap();
