@@ -256,11 +256,14 @@ impl Producer {
         loop {
             let job = self.guard.ticket.job();
             let place = job.and_then(|id| self.http.state.scheduler.position(id));
-            if let Some((position, ahead)) = place {
+            if let Some(place) = place {
+                let position = place.position;
                 let due = told
                     .is_none_or(|(last, at)| last != position || at.elapsed() >= QUEUE_REMINDER);
                 if due {
-                    let line = format!("queued position {position} ahead {ahead}");
+                    let eta = place.eta_s.map_or("unknown".into(), |s| s.to_string());
+                    let ahead = place.ahead;
+                    let line = format!("queued position {position} ahead {ahead} eta_s {eta}");
                     self.send(Event::default().comment(line)).await?;
                     told = Some((position, Instant::now()));
                 }

@@ -132,6 +132,9 @@ mod tests {
             model: None,
             running: true,
             uid: None,
+            position: None,
+            ahead: None,
+            eta_s: None,
         }
     }
 

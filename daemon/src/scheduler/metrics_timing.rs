@@ -6,6 +6,7 @@ use std::time::Instant;
 
 use modeld_wire::types::GenerateEvent;
 
+use super::eta::Rates;
 use super::JobEvent;
 use crate::metrics;
 
@@ -24,14 +25,19 @@ impl Timing {
         }
     }
 
-    pub fn saw(&mut self, event: &JobEvent) {
+    /// Records `event`'s figures in the metrics, and the model's rates
+    /// for queue ETAs.
+    pub fn saw(&mut self, event: &JobEvent, rates: &Rates) {
         let Ok(event) = event else { return };
         match event {
             GenerateEvent::Token { .. } => {
                 let now = Instant::now();
                 match self.last_token {
                     None => metrics::first_token(&self.model, now - self.started),
-                    Some(last) => metrics::next_token(&self.model, now - last),
+                    Some(last) => {
+                        metrics::next_token(&self.model, now - last);
+                        rates.token(&self.model, (now - last).as_secs_f64());
+                    }
                 }
                 self.last_token = Some(now);
             }
@@ -41,7 +47,11 @@ impl Timing {
                 ..
             } => metrics::text_done(&self.model, *prompt_tokens, *completion_tokens),
             GenerateEvent::Images(done) => {
-                metrics::images_done(&self.model, done.images.len(), done.steps)
+                metrics::images_done(&self.model, done.images.len(), done.steps);
+                let steps = done.steps * done.images.len();
+                if steps > 0 {
+                    rates.step(&self.model, done.generate_ms as f64 / 1000.0 / steps as f64);
+                }
             }
             GenerateEvent::Progress { .. } | GenerateEvent::Error { .. } => {}
         }
