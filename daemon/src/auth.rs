@@ -129,9 +129,10 @@ pub enum Access {
 /// whose handler lets users cancel only their own jobs. Everything not
 /// listed here (and not `generate`) needs an administrator, so a new
 /// method is closed until it is listed.
-const OPEN_TO_ALL: [&str; 15] = [
+const OPEN_TO_ALL: [&str; 16] = [
     "status",
     "vram",
+    "metrics",
     "models.list",
     "models.get",
     "models.source",

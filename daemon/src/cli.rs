@@ -28,6 +28,11 @@ pub struct Args {
     /// is read if present, else the embedded defaults apply
     #[arg(long, env = "MODELD_CONFIG")]
     pub config: Option<PathBuf>,
+    /// HTTP address to serve the OpenAI-compatible API, health and metrics
+    /// on (`127.0.0.1:11435` or `unix:/path`); repeat or separate with
+    /// commas for several. Replaces `[http] listen`
+    #[arg(long, env = "MODELD_HTTP", value_delimiter = ',')]
+    pub http: Vec<String>,
     /// Print the effective config as TOML and exit
     #[arg(long)]
     pub print_config: bool,
@@ -46,6 +51,7 @@ impl Args {
                 .clone()
                 .unwrap_or_else(paths::default_config_file),
             config_explicit: self.config.is_some(),
+            http: self.http.clone(),
         }
     }
 }

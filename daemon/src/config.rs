@@ -14,6 +14,8 @@ pub struct Paths {
     pub config_file: PathBuf,
     /// Given with `--config`: then a missing file is an error, not a default.
     pub config_explicit: bool,
+    /// `--http` addresses; when given they replace `[http] listen`.
+    pub http: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +47,7 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub images: ImagesConfig,
     pub runners: RunnersConfig,
+    pub http: HttpConfig,
 }
 
 /// Child processes that run models candle does not (`[runners]`): the
@@ -94,6 +97,22 @@ impl Default for RunnersConfig {
             custom: Default::default(),
         }
     }
+}
+
+/// The HTTP front door (OpenAI-compatible API, health, metrics): off
+/// unless something is listed in `listen`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HttpConfig {
+    /// TCP addresses (`127.0.0.1:11435`, `[::1]:11435`) and Unix sockets
+    /// (`unix:/run/modeld/http.sock`).
+    pub listen: Vec<String>,
+    /// TOML file of API keys for TCP callers; must not be readable by
+    /// group or others.
+    pub keys_file: Option<PathBuf>,
+    /// Lets TCP callers without a key in, as non-administrators, on
+    /// loopback addresses only.
+    pub allow_anonymous: bool,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -267,6 +286,50 @@ impl Default for ServerConfig {
     }
 }
 
+/// One address the HTTP front door listens on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(std::net::SocketAddr),
+    Unix(PathBuf),
+}
+
+impl ListenAddr {
+    /// `unix:/absolute/path`, or an IP address with its port.
+    pub fn parse(text: &str) -> Option<ListenAddr> {
+        match text.strip_prefix("unix:") {
+            Some(path) if Path::new(path).is_absolute() => Some(ListenAddr::Unix(path.into())),
+            Some(_) => None,
+            None => text.parse().ok().map(ListenAddr::Tcp),
+        }
+    }
+}
+
+impl std::fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+impl HttpConfig {
+    /// The listen addresses, each parsed; the first bad one is the error.
+    pub fn listeners(&self) -> Result<Vec<ListenAddr>, String> {
+        self.listen
+            .iter()
+            .map(|text| ListenAddr::parse(text).ok_or_else(|| format!("{text:?}")))
+            .collect()
+    }
+
+    fn validate(&self) -> Result<(), (String, &'static str)> {
+        self.listeners().map(drop).map_err(|value| {
+            let limit = "IP:port (\"127.0.0.1:11435\", \"[::1]:11435\") or unix:/absolute/path";
+            (value, limit)
+        })
+    }
+}
+
 impl ServerConfig {
     /// The per-uid connection cap in force: configured, or three quarters
     /// of all slots (at least one), so other users always find some free.
@@ -288,16 +351,24 @@ impl Config {
     /// yields the embedded defaults and `None` as the source.
     pub fn load(paths: &Paths) -> Result<(Config, Option<PathBuf>), ConfigError> {
         let path = &paths.config_file;
-        match std::fs::read_to_string(path) {
-            Ok(text) => Ok((Config::parse(path, &text)?, Some(path.clone()))),
+        let (mut config, source) = match std::fs::read_to_string(path) {
+            Ok(text) => (Config::parse(path, &text)?, Some(path.clone())),
             Err(err) if err.kind() == std::io::ErrorKind::NotFound && !paths.config_explicit => {
-                Ok((Config::default(), None))
+                (Config::default(), None)
             }
-            Err(source) => Err(ConfigError::Read {
-                path: path.clone(),
-                source,
-            }),
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.clone(),
+                    source,
+                })
+            }
+        };
+        // `--http` wins over the file, and is checked like it.
+        if !paths.http.is_empty() {
+            config.http.listen = paths.http.clone();
+            config.validate(Path::new("--http"))?;
         }
+        Ok((config, source))
     }
 
     pub fn parse(path: &Path, text: &str) -> Result<Config, ConfigError> {
@@ -460,6 +531,16 @@ impl Config {
                 "an absolute path",
             ));
         }
+        self.http
+            .validate()
+            .map_err(|(value, limit)| out_of_range("http.listen", value, limit))?;
+        if let Some(file) = self.http.keys_file.as_ref().filter(|p| !p.is_absolute()) {
+            return Err(out_of_range(
+                "http.keys_file",
+                format!("{:?}", file.display().to_string()),
+                "an absolute path",
+            ));
+        }
         if server.shutdown_grace_s > 3600 {
             return Err(out_of_range(
                 "server.shutdown_grace_s",
@@ -578,5 +659,24 @@ mod tests {
             err.contains("cache.consolidate_min_bytes") && err.contains("4096 to 1099511627776"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn http_listen_addresses_are_checked() {
+        let ok =
+            parse("[http]\nlisten = [\"127.0.0.1:11435\", \"[::1]:8080\", \"unix:/run/m.sock\"]\n")
+                .unwrap();
+        let listeners = ok.http.listeners().unwrap();
+        assert_eq!(listeners[2], ListenAddr::Unix("/run/m.sock".into()));
+        assert_eq!(listeners[0].to_string(), "127.0.0.1:11435");
+        for bad in ["localhost:1", "unix:relative.sock", "127.0.0.1"] {
+            let text = format!("[http]\nlisten = [{bad:?}]\n");
+            let err = parse(&text).unwrap_err().to_string();
+            assert!(err.contains("http.listen") && err.contains(bad), "{err}");
+        }
+        let err = parse("[http]\nkeys_file = \"keys.toml\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("http.keys_file"), "{err}");
     }
 }

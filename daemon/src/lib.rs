@@ -12,9 +12,11 @@ pub mod engine;
 pub mod fingerprint;
 pub mod gpu;
 pub mod handlers;
+pub mod http;
 pub mod hub;
 pub mod lifecycle;
 pub mod loader;
+pub mod metrics;
 pub mod modes;
 pub mod pull;
 pub mod registry;
@@ -49,6 +51,8 @@ pub enum StartError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Socket(#[from] SocketError),
+    #[error(transparent)]
+    Http(#[from] http::HttpStartError),
     #[error("cannot install signal handlers: {0}")]
     Signals(std::io::Error),
 }
@@ -67,6 +71,7 @@ pub async fn run(paths: Paths) -> Result<(), StartError> {
         config.server.socket_mode_bits(),
         config.server.socket_group.as_deref(),
     )?;
+    let front_door = http::Prepared::bind(&config).await?;
     let state = Arc::new(AppState::new(paths, config, source, registry, gpu));
     remove_partial_pictures(&state);
     let signals = tokio::spawn(lifecycle::handle_signals(signals, state.clone()));
@@ -105,8 +110,13 @@ pub async fn run(paths: Paths) -> Result<(), StartError> {
         "modeld {} ready",
         env!("CARGO_PKG_VERSION")
     );
+    let front_door = front_door
+        .map(|prepared| tokio::spawn(http::serve(prepared, state.clone(), dispatcher.clone())));
     lifecycle::notify(&[NotifyState::Ready, NotifyState::Status("serving")]);
     server::serve(socket, state.clone(), dispatcher).await;
+    if let Some(front_door) = front_door {
+        let _ = front_door.await;
+    }
     let _ = scheduler.await;
     lifecycle::notify(&[NotifyState::Stopping]);
     signals.abort();

@@ -114,6 +114,10 @@ pub async fn load_checked(
     for evicted in &loaded.evicted {
         tracing::info!(model = %evicted, "unloaded to make room for {name}");
     }
+    if !loaded.already_loaded {
+        let took = std::time::Duration::from_millis(loaded.model.load_ms);
+        crate::metrics::model_loaded(name, took, loaded.evicted.len());
+    }
     Ok(LoadOutcome {
         loaded,
         changed_files,

@@ -42,3 +42,6 @@ pub const UNLOAD: &str = "unload";
 pub const GENERATE: &str = "generate";
 pub const GENERATE_UNSUBSCRIBE: &str = "generate.unsubscribe";
 pub const GENERATE_NOTIFICATION: &str = "generate.token";
+
+/// The Prometheus text of the daemon's metrics, as `GET /metrics` serves it.
+pub const METRICS: &str = "metrics";

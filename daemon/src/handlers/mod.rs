@@ -5,6 +5,7 @@ pub mod admin;
 pub mod cache;
 pub mod engine;
 pub mod events;
+pub mod metrics;
 pub mod models;
 pub mod modes;
 pub mod pull;

@@ -83,6 +83,9 @@ pub async fn get_job(state: Arc<AppState>, params: JobParams) -> Result<JobReply
         state,
         error,
         finished_at,
+        position: info.position,
+        ahead: info.ahead,
+        eta_s: info.eta_s,
     })
 }
 

@@ -221,6 +221,7 @@ async fn stream_range(
         // Disk writes and hashing are blocking work: keep them off the reactor.
         tokio::task::block_in_place(|| {
             out.write_all(&chunk)?;
+            crate::metrics::downloaded(chunk.len() as u64);
             hasher.update(&chunk);
             Ok::<_, std::io::Error>(())
         })

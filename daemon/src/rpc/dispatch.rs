@@ -150,6 +150,7 @@ impl Dispatcher {
         }
         if let Err(forbidden) = authorize(caller, &request.method, request.params, server) {
             tracing::info!(uid = caller.uid, method = %request.method, "refused: not allowed");
+            crate::metrics::rpc_request(&request.method, ErrorKind::Forbidden.as_str());
             let err = ErrorObjectOwned::from(ApiError::from(forbidden));
             return id.map(|id| error_response(Some(id), &err));
         }
@@ -172,10 +173,25 @@ impl Dispatcher {
             streams.push(stream);
         }
         let reply = reply.get();
+        crate::metrics::rpc_request(&request.method, &outcome(reply));
         id.map(|id| match reply.len() > server.max_reply_bytes {
             true => reply_too_large(Some(id), reply.len(), server.max_reply_bytes),
             false => reply.to_string(),
         })
+    }
+}
+
+/// `ok`, or the error kind of a reply, for the requests metric.
+fn outcome(reply: &str) -> String {
+    #[derive(Deserialize)]
+    struct Probe {
+        #[serde(default)]
+        error: Option<modeld_wire::RpcErrorObject>,
+    }
+    match serde_json::from_str::<Probe>(reply) {
+        Ok(Probe { error: None }) => "ok".to_string(),
+        Ok(Probe { error: Some(err) }) => err.kind().unwrap_or("internal").to_string(),
+        Err(_) => "internal".to_string(),
     }
 }
 

@@ -28,6 +28,7 @@ pub fn build_module(state: Arc<AppState>) -> Module {
     route(&mut module, methods::SHUTDOWN, handlers::admin::shutdown);
     route(&mut module, methods::RELOAD, handlers::admin::reload);
     route(&mut module, methods::VRAM, handlers::vram::vram);
+    route(&mut module, methods::METRICS, handlers::metrics::metrics);
     route(
         &mut module,
         methods::MODELS_REGISTER,
@@ -110,10 +111,18 @@ where
             unsubscribe,
             move |params, pending, state, _| {
                 // jsonrpsee runs the handler on a task of its own: carry the
-                // caller over, as `route` handlers see it.
+                // caller over, as `route` handlers see it, and the HTTP
+                // front door's ticket for the job it queues.
                 let caller = crate::auth::current();
+                let ticket = crate::scheduler::ticket::current();
                 let work = handler(params, pending, (*state).clone());
                 async move {
+                    let work = async move {
+                        match ticket {
+                            Some(ticket) => crate::scheduler::ticket::scope(ticket, work).await,
+                            None => work.await,
+                        }
+                    };
                     match caller {
                         Some(caller) => crate::auth::scope(caller, work).await,
                         None => work.await,

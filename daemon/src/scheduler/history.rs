@@ -82,6 +82,15 @@ impl History {
     pub fn record(&mut self, mut info: JobInfo, outcome: JobOutcome) {
         let at = unix_now();
         info.running = false;
+        let state = match &outcome {
+            JobOutcome::Done => "done",
+            JobOutcome::Cancelled => "cancelled",
+            JobOutcome::Failed(_) => "failed",
+        };
+        crate::metrics::job_finished(&info.kind, state);
+        if info.kind == "switch" && state != "cancelled" {
+            crate::metrics::mode_switch(state == "done");
+        }
         if let (JobOutcome::Failed(error), "switch") = (&outcome, info.kind.as_str()) {
             self.last_switch_failure = Some(SwitchFailure {
                 job: info.id,
@@ -123,6 +132,9 @@ mod tests {
             model: None,
             running: true,
             uid: None,
+            position: None,
+            ahead: None,
+            eta_s: None,
         }
     }
 

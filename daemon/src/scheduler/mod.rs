@@ -10,7 +10,10 @@
 //! [`history`].
 
 pub mod error;
+mod eta;
 pub mod history;
+mod metrics_timing;
+pub mod ticket;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +29,7 @@ use crate::engine::WorkerEvent;
 use crate::loader;
 use crate::state::AppState;
 pub use error::{JobError, JobEvent};
+pub use eta::Place;
 use history::History;
 pub use history::{JobOutcome, JobStage, SwitchFailure};
 
@@ -165,6 +169,9 @@ struct Running {
     /// A generation's client, told `shutting_down` if the job outlives
     /// the shutdown.
     events: Option<mpsc::Sender<JobEvent>>,
+    /// For the ETAs of the jobs behind it.
+    cost: eta::Cost,
+    started: std::time::Instant,
 }
 
 struct QueueState {
@@ -183,6 +190,8 @@ pub struct Scheduler {
     /// Woken whenever a job finishes, for those waiting on one.
     job_ended: Notify,
     next_id: AtomicU64,
+    /// Measured rates, for queued jobs' ETAs.
+    rates: eta::Rates,
 }
 
 impl Default for Scheduler {
@@ -198,7 +207,18 @@ impl Default for Scheduler {
             wake: Notify::new(),
             job_ended: Notify::new(),
             next_id: AtomicU64::new(1),
+            rates: eta::Rates::default(),
         }
+    }
+}
+
+/// A queued job's info with its place and ETA.
+fn placed(info: &JobInfo, place: Place) -> JobInfo {
+    JobInfo {
+        position: Some(place.position),
+        ahead: Some(place.ahead),
+        eta_s: place.eta_s.map(|s| s.ceil() as u64),
+        ..info.clone()
     }
 }
 
@@ -228,6 +248,9 @@ impl Work {
             // Jobs are submitted from a request's task; background work
             // (keep-alive expiry, the default mode) has no caller.
             uid: crate::auth::current().map(|caller| caller.uid),
+            position: None,
+            ahead: None,
+            eta_s: None,
         }
     }
 }
@@ -319,6 +342,7 @@ impl Scheduler {
             },
         );
         drop(queue);
+        ticket::note(id);
         self.wake.notify_one();
         Ok((id, receiver))
     }
@@ -463,12 +487,16 @@ impl Scheduler {
             running: true,
             ..r.info.clone()
         });
+        let places = self.places(&queue);
+        let queued = queue
+            .jobs
+            .iter()
+            .zip(places)
+            .map(|(job, place)| placed(&job.info, place));
         QueueStatus {
             capacity,
             current_mode: queue.current_mode.clone(),
-            jobs: running
-                .chain(queue.jobs.iter().map(|job| job.info.clone()))
-                .collect(),
+            jobs: running.chain(queued).collect(),
             last_switch_error: None,
         }
     }
@@ -478,9 +506,17 @@ impl Scheduler {
         self.lock().history.last_switch_failure()
     }
 
-    /// A job queued, running, or among the last finished ones.
+    /// A job queued (with its place), running, or among the last finished
+    /// ones.
     pub fn job(&self, id: u64) -> Option<(JobInfo, JobStage)> {
-        self.lock().job(id)
+        let queue = self.lock();
+        let (info, stage) = queue.job(id)?;
+        let index = queue.jobs.iter().position(|job| job.info.id == id);
+        let place = index.and_then(|index| self.places(&queue).get(index).copied());
+        Some((
+            place.map_or(info.clone(), |place| placed(&info, place)),
+            stage,
+        ))
     }
 
     /// Waits until job `id` has finished and returns how it ended; `None`
@@ -494,6 +530,25 @@ impl Scheduler {
                 (_, JobStage::Queued | JobStage::Running) => ended.await,
             }
         }
+    }
+
+    /// Where queued job `id` stands (see [`Place`]); `None` once it has
+    /// started or ended.
+    pub fn position(&self, id: u64) -> Option<Place> {
+        let queue = self.lock();
+        let index = queue.jobs.iter().position(|job| job.info.id == id)?;
+        self.places(&queue).get(index).copied()
+    }
+
+    /// Every queued job's place and ETA, in queue order.
+    fn places(&self, queue: &QueueState) -> Vec<Place> {
+        let running: Vec<_> = queue.running.iter().map(|r| (&r.cost, r.started)).collect();
+        let queued: Vec<_> = queue
+            .jobs
+            .iter()
+            .map(|job| eta::Cost::of(&job.work))
+            .collect();
+        eta::places(&self.rates, &running, &queued)
     }
 
     pub fn current_mode(&self) -> Option<String> {
@@ -539,6 +594,8 @@ impl Scheduler {
             info: job.info.clone(),
             cancel: cancel.clone(),
             events,
+            cost: eta::Cost::of(&job.work),
+            started: std::time::Instant::now(),
         });
         Some((job, cancel))
     }
@@ -556,6 +613,8 @@ impl Scheduler {
         let mut queue = self.lock();
         if let Some(index) = queue.running.iter().position(|r| r.info.id == id) {
             let running = queue.running.swap_remove(index);
+            let took = running.started.elapsed().as_secs_f64();
+            self.rates.job(&running.cost, took);
             queue.history.record(running.info, outcome);
         }
         drop(queue);
@@ -690,6 +749,7 @@ impl Scheduler {
         if job.cancel.is_requested() {
             return Err(JobError::Cancelled { job: job.id });
         }
+        let mut timing = metrics_timing::Timing::new(&request.model);
         let (sender, mut receiver) = mpsc::channel(EVENT_BUFFER);
         resident.submit(request, sender, job.cancel.clone())?;
         let mut outcome = JobOutcome::Failed(Arc::new(JobError::WorkerStopped));
@@ -708,6 +768,7 @@ impl Scheduler {
             // The worker drops its sender after the last event.
             let Some(event) = event else { break };
             let event = job.as_sent(event);
+            timing.saw(&event, &self.rates);
             outcome = JobOutcome::of_event(&event).unwrap_or(outcome);
             if job.events.send(event).await.is_err() {
                 // The client is gone: stop generating for nobody.

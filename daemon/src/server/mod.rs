@@ -135,16 +135,16 @@ const FINAL_EVENTS: Duration = Duration::from_secs(3);
 
 /// Connections per uid, so one user cannot take every slot.
 #[derive(Default, Clone)]
-struct PerUid(Arc<Mutex<HashMap<u32, usize>>>);
+pub(crate) struct PerUid(Arc<Mutex<HashMap<u32, usize>>>);
 
 /// One connection's share of its uid's count, given back on drop.
-struct UidSlot {
+pub(crate) struct UidSlot {
     counts: PerUid,
     uid: u32,
 }
 
 impl PerUid {
-    fn take(&self, uid: u32, limit: usize) -> Option<UidSlot> {
+    pub(crate) fn take(&self, uid: u32, limit: usize) -> Option<UidSlot> {
         let mut counts = self.0.lock().unwrap_or_else(|e| e.into_inner());
         let count = counts.entry(uid).or_default();
         if *count >= limit {

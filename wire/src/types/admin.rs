@@ -104,3 +104,10 @@ pub struct SystemMemory {
     pub total_bytes: u64,
     pub available_bytes: u64,
 }
+
+/// `metrics`: the Prometheus (OpenMetrics) text, as `GET /metrics` serves it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetricsReply {
+    pub content_type: String,
+    pub text: String,
+}

@@ -90,6 +90,13 @@ pub struct JobReply {
     pub error: Option<crate::error::RpcErrorObject>,
     /// Seconds since the Unix epoch, once finished.
     pub finished_at: Option<u64>,
+    /// While queued: its place, the jobs ahead and the ETA, as in `status`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ahead: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<u64>,
 }
 
 /// A mode switch that failed; `status` shows the last one.
@@ -126,6 +133,17 @@ pub struct JobInfo {
     /// besides administrators, only it may cancel the job.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
+    /// A queued job's place among the queued jobs, from 1.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<usize>,
+    /// Jobs ahead of a queued one, running ones included.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ahead: Option<usize>,
+    /// Seconds until a queued job should start (rounded up), from
+    /// measured rates; absent until they are measured (README: Queue
+    /// position and ETA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_s: Option<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -1,0 +1,108 @@
+//! Queue position and ETA (issue 23): a queued job's `position`, `ahead`
+//! and `eta_s` in `status` and `jobs.get`, against when it really starts.
+
+use std::time::{Duration, Instant};
+
+use modeld_e2e::synthetic::register_slow_model;
+use modeld_e2e::Daemon;
+use serde_json::{json, Value};
+
+/// Runs a generation on its own connection, reading every event so the
+/// worker never waits for the client.
+fn generate_in_background(daemon: &Daemon, params: Value) -> std::thread::JoinHandle<usize> {
+    let mut client = daemon.client();
+    std::thread::spawn(move || match client.subscribe("generate", params) {
+        Ok(events) => events.count(),
+        Err(_) => 0,
+    })
+}
+
+fn queue(daemon: &Daemon) -> Vec<Value> {
+    let status = daemon.call("status", json!({})).unwrap();
+    status["queue"]["jobs"].as_array().unwrap().clone()
+}
+
+fn wait_for(what: &str, mut check: impl FnMut() -> Option<Value>) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Some(found) = check() {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The ETA of a job queued behind a long generation is its remaining
+/// time, within a stated tolerance: half the real wait, plus a second.
+#[test]
+fn a_queued_job_eta_matches_when_it_starts() {
+    let daemon = Daemon::start_configured("[scheduler]\nmax_batch = 1\n", &[]);
+    register_slow_model(&daemon, "slow");
+    // Rates are measured from earlier generations: none yet, no ETA.
+    let warm = generate_in_background(
+        &daemon,
+        json!({"model": "slow", "prompt": "a", "max_tokens": 300}),
+    );
+    wait_for("the warm-up to run", || {
+        queue(&daemon)
+            .first()
+            .filter(|j| j["running"] == true)
+            .cloned()
+    });
+    let unmeasured = generate_in_background(
+        &daemon,
+        json!({"model": "slow", "prompt": "a", "max_tokens": 1}),
+    );
+    let first = wait_for("a queued job", || queue(&daemon).get(1).cloned());
+    assert_eq!(
+        (first["position"].as_u64(), first["ahead"].as_u64()),
+        (Some(1), Some(1)),
+        "{first}"
+    );
+    warm.join().unwrap();
+    unmeasured.join().unwrap();
+
+    let long = generate_in_background(
+        &daemon,
+        json!({"model": "slow", "prompt": "a", "max_tokens": 1500}),
+    );
+    let running = wait_for("the long generation to run", || {
+        queue(&daemon)
+            .first()
+            .filter(|j| j["running"] == true)
+            .cloned()
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let short = generate_in_background(
+        &daemon,
+        json!({"model": "slow", "prompt": "b", "max_tokens": 5}),
+    );
+    let queued = wait_for("the short one to queue", || queue(&daemon).get(1).cloned());
+    let asked = Instant::now();
+    let eta = queued["eta_s"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no eta: {queued}")) as f64;
+    let id = queued["id"].as_u64().unwrap();
+    let info = daemon.call("jobs.get", json!({"job": id})).unwrap();
+    assert_eq!(info["state"], "queued");
+    assert_eq!(
+        (info["position"].as_u64(), info["ahead"].as_u64()),
+        (Some(1), Some(1)),
+        "{info}"
+    );
+    wait_for("the short one to start", || {
+        let jobs = queue(&daemon);
+        let started = jobs.iter().all(|j| j["id"] != running["id"]);
+        started.then_some(Value::Bool(true))
+    });
+    let waited = asked.elapsed().as_secs_f64();
+    let tolerance = 0.5 * waited + 1.0;
+    eprintln!("eta_s {eta} against {waited:.1} s waited");
+    assert!(
+        (eta - waited).abs() <= tolerance,
+        "eta_s {eta} against {waited:.1} s waited (tolerance {tolerance:.1} s)"
+    );
+    long.join().unwrap();
+    short.join().unwrap();
+}
