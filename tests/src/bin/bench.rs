@@ -41,6 +41,17 @@
 //! it also builds the SD1.5-shaped pipeline; without them only modeld's
 //! tiny-sd figures are printed, with a note. A FLUX-shaped pipeline (FLUX.1's
 //! blocks at a reduced width and depth, random weights) runs on modeld.
+//!
+//! `cargo run --release -p modeld-e2e --bin bench -- runners [--python PATH] [--all-cpus]`:
+//! the tiny Qwen-Image fixture and the random SD1.5-shaped pipeline on the
+//! CPU through modeld's bundled diffusers runner (the daemon's
+//! `[runners] python` is PATH) against diffusers called directly in one
+//! Python process with the same parameters, and SD1.5 on modeld's native
+//! path too: first load, first and warm generate, seconds per step, and a
+//! runner's restart after a `kill -9`, idle and mid-generation. PATH must
+//! have torch, diffusers and transformers. Everything runs pinned to one
+//! CPU (one torch and one rayon thread) unless `--all-cpus`; see
+//! `bench_runners.rs`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -55,6 +66,8 @@ use modeld_e2e::Daemon;
 mod bench_cancel;
 #[path = "../bench_families.rs"]
 mod bench_families;
+#[path = "../bench_runners.rs"]
+mod bench_runners;
 
 const REQUEST: &str = r#"{"jsonrpc":"2.0","id":1,"method":"status"}"#;
 
@@ -74,8 +87,9 @@ fn main() {
         ),
         Some("images") => images(&python(&args), flag(&args, "--steps").unwrap_or(2)),
         Some("cancel") => cancel(&python(&args)),
+        Some("runners") => runners(&python(&args), args.iter().any(|a| a == "--all-cpus")),
         _ => {
-            eprintln!("usage: bench rpc [--calls N] | download [--mib N] | generate [--tokens N] | batch [--tokens N] | families [--tokens N] | cache [--repos N] [--mib N] | images [--python PATH] [--steps N] | cancel [--python PATH]");
+            eprintln!("usage: bench rpc [--calls N] | download [--mib N] | generate [--tokens N] | batch [--tokens N] | families [--tokens N] | cache [--repos N] [--mib N] | images [--python PATH] [--steps N] | cancel [--python PATH] | runners [--python PATH] [--all-cpus]");
             std::process::exit(2);
         }
     }
@@ -813,6 +827,15 @@ fn cancel(python: &str) {
     let script = work.path().join("bench_images.py");
     std::fs::write(&script, IMAGES_SCRIPT).expect("script");
     bench_cancel::run(python, &script, &modeld_e2e::fixtures_dir().join("tiny-sd"));
+}
+
+/// `bench runners`: see `bench_runners.rs`.
+fn runners(python: &str, all_cpus: bool) {
+    let work = tempfile::tempdir().expect("temp dir");
+    let script = work.path().join("bench_images.py");
+    std::fs::write(&script, IMAGES_SCRIPT).expect("script");
+    let tiny_sd = modeld_e2e::fixtures_dir().join("tiny-sd");
+    bench_runners::run(python, &script, &tiny_sd, all_cpus);
 }
 
 fn median(values: &[f64]) -> f64 {
