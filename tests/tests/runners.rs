@@ -647,3 +647,31 @@ fn an_interpreter_without_torch_fails_the_load_naming_the_key() {
     );
     assert_no_runner_left(&daemon);
 }
+
+#[test]
+fn a_runner_that_dies_while_idle_is_replaced_by_the_next_request() {
+    let daemon = daemon(&[("fake", &["--behaviour", "good"])], "");
+    daemon.call("load", json!({"name": "fake"})).unwrap();
+    let runner = children_of(daemon_pid(&daemon))[0].0;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(runner as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    // The daemon notices the closed output at once; give the signal time.
+    std::thread::sleep(Duration::from_millis(300));
+    let events = daemon
+        .generate_events(json!({"model": "fake", "prompt": "x", "steps": 1, "size": "16x16"}));
+    assert_eq!(
+        last(&events)["images"].as_array().unwrap().len(),
+        1,
+        "{events:?}"
+    );
+    let now = children_of(daemon_pid(&daemon));
+    assert!(
+        now.iter().all(|(pid, _)| *pid != runner),
+        "the dead runner is reaped: {now:?}"
+    );
+    daemon.call("unload", json!({"name": "fake"})).unwrap();
+    assert_no_runner_left(&daemon);
+}

@@ -9,6 +9,7 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -77,8 +78,15 @@ pub struct RunnerProcess {
 
 impl RunnerProcess {
     /// Starts `launch`'s command for `model`, placed on `gpu` (hidden from
-    /// every GPU when `None`).
-    pub fn start(launch: &Launch, model: &str, gpu: Option<usize>) -> std::io::Result<Self> {
+    /// every GPU when `None`). `alive` is cleared when its output closes,
+    /// so a runner that dies while idle is known dead before the next job
+    /// is sent to it.
+    pub fn start(
+        launch: &Launch,
+        model: &str,
+        gpu: Option<usize>,
+        alive: Arc<AtomicBool>,
+    ) -> std::io::Result<Self> {
         let mut command = Command::new(&launch.command[0]);
         command
             .args(&launch.command[1..])
@@ -105,7 +113,10 @@ impl RunnerProcess {
         let max = launch.max_line_bytes;
         std::thread::Builder::new()
             .name(format!("runner-out-{model}"))
-            .spawn(move || read_lines(stdout, max, sender))?;
+            .spawn(move || {
+                read_lines(stdout, max, sender);
+                alive.store(false, Ordering::SeqCst);
+            })?;
         let tail = Arc::new(Mutex::new(VecDeque::new()));
         let (kept, name) = (tail.clone(), model.to_string());
         let stderr_thread = std::thread::Builder::new()

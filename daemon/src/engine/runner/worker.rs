@@ -103,7 +103,8 @@ impl RunnerWorker {
     /// Starts the runner and loads the model; on failure the runner is
     /// killed and reaped before the error returns.
     pub fn start(load: RunnerLoad) -> Result<(RunnerWorker, Ready), EngineError> {
-        let started = RunnerProcess::start(&load.launch, &load.model, load.gpu);
+        let alive = Arc::new(AtomicBool::new(true));
+        let started = RunnerProcess::start(&load.launch, &load.model, load.gpu, alive.clone());
         let process = started.map_err(|err| {
             let what = format!("could not be started: {}: {err}", load.launch.command[0]);
             failure(&load, RunnerStage::Start, what, String::new())
@@ -114,7 +115,7 @@ impl RunnerWorker {
             declared: Declared::new(),
             video: false,
             next_job: 0,
-            alive: Arc::new(AtomicBool::new(true)),
+            alive,
         };
         match worker.handshake() {
             Ok(ready) => Ok((worker, ready)),
