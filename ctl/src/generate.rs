@@ -213,6 +213,7 @@ pub fn generate(client: &mut Client, args: &GenerateArgs, json: bool) -> Outcome
         max_sequence_length: args.max_sequence_length,
         frames: args.frames,
         options: options(args)?,
+        queue_events: Some(true),
     };
     let mut stdout = std::io::stdout();
     for item in client.subscribe(methods::GENERATE, &params)? {
@@ -242,6 +243,15 @@ pub fn generate(client: &mut Client, args: &GenerateArgs, json: bool) -> Outcome
                 }
             }
             GenerateEvent::Progress { .. } => {}
+            GenerateEvent::Queued {
+                position,
+                ahead,
+                eta_s,
+            } if !json => {
+                let eta = eta_s.map_or("unknown".to_string(), |s| format!("about {s:.0} s"));
+                eprintln!("[queued: position {position}, {ahead} job(s) ahead, start in {eta}]");
+            }
+            GenerateEvent::Queued { .. } => {}
             GenerateEvent::Images(done) => {
                 if !json {
                     for image in &done.images {

@@ -106,3 +106,40 @@ fn a_queued_job_eta_matches_when_it_starts() {
     long.join().unwrap();
     short.join().unwrap();
 }
+
+/// With `queue_events`, a waiting job's subscription hears its place
+/// first (accepted while it waits), then its tokens; without, nothing
+/// changes: the first event is a token.
+#[test]
+fn a_waiting_subscription_with_queue_events_hears_its_place() {
+    let daemon = Daemon::start_configured("[scheduler]\nmax_batch = 1\n", &[]);
+    register_slow_model(&daemon, "slow");
+    let running = generate_in_background(
+        &daemon,
+        json!({"model": "slow", "prompt": "a", "max_tokens": 200}),
+    );
+    wait_for("the first job to run", || {
+        queue(&daemon)
+            .first()
+            .filter(|j| j["running"] == true)
+            .cloned()
+    });
+    let mut client = daemon.client();
+    let params = json!({"model": "slow", "prompt": "a", "max_tokens": 2, "queue_events": true});
+    let events: Vec<Value> = client
+        .subscribe("generate", params)
+        .expect("accepted while queued")
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let first = &events[0];
+    assert_eq!(first["event"], "queued", "{events:?}");
+    assert_eq!(
+        (first["position"].as_u64(), first["ahead"].as_u64()),
+        (Some(1), Some(1))
+    );
+    assert!(events.iter().any(|e| e["event"] == "token"), "{events:?}");
+    assert_eq!(events.last().unwrap()["event"], "done");
+    running.join().unwrap();
+    let plain = daemon.generate_events(json!({"model": "slow", "prompt": "a", "max_tokens": 2}));
+    assert!(plain.iter().all(|e| e["event"] != "queued"), "{plain:?}");
+}

@@ -4,7 +4,7 @@
 use std::sync::Arc;
 
 use jsonrpsee::types::Params;
-use jsonrpsee::PendingSubscriptionSink;
+use jsonrpsee::{PendingSubscriptionSink, SubscriptionSink};
 use modeld_wire::types::{
     GenerateEvent, GenerateParams, LoadParams, LoadReply, NameParams, UnloadReply,
 };
@@ -54,20 +54,15 @@ pub async fn generate(
     pending: PendingSubscriptionSink,
     state: Arc<AppState>,
 ) {
-    let (_job, mut receiver) = match submit(&params, &state) {
+    let (job, mut receiver, queue_events) = match submit(&params, &state) {
         Ok(queued) => queued,
         Err(err) => return pending.reject(err).await,
     };
-    // The first event comes after the job's turn, tokenizing and prefill: a
-    // request that cannot run (too long, no chat template, cancelled while
-    // queued) is refused outright instead of accepted and then failed.
-    let first = receiver.recv().await;
-    if let Some(Err(err)) = first {
-        return pending.reject(ApiError::Job(err)).await;
-    }
-    let Ok(sink) = pending.accept().await else {
-        return;
+    let started = match queue_events {
+        true => first_event_telling_places(&state, job, pending, &mut receiver).await,
+        false => first_event(pending, &mut receiver).await,
     };
+    let Some((first, sink)) = started else { return };
     let mut next = first;
     loop {
         let Some(event) = next.take() else { return };
@@ -75,10 +70,7 @@ pub async fn generate(
             event,
             Ok(GenerateEvent::Token { .. } | GenerateEvent::Progress { .. })
         );
-        let Ok(message) = serde_json::value::to_raw_value(&as_wire(event)) else {
-            return;
-        };
-        if sink.send(message).await.is_err() || last {
+        if !send(&sink, as_wire(event)).await || last {
             // Dropping the receiver tells the scheduler the client is gone.
             return;
         }
@@ -87,6 +79,87 @@ pub async fn generate(
             _ = sink.closed() => return,
         };
     }
+}
+
+/// The job's first event and the accepted subscription. The first event
+/// comes after the job's turn, tokenizing and prefill: a request that
+/// cannot run (too long, no chat template, cancelled while queued) is
+/// refused outright instead of accepted and then failed.
+async fn first_event(
+    pending: PendingSubscriptionSink,
+    receiver: &mut mpsc::Receiver<JobEvent>,
+) -> Option<(Option<JobEvent>, SubscriptionSink)> {
+    let first = receiver.recv().await;
+    if let Some(Err(err)) = first {
+        pending.reject(ApiError::Job(err)).await;
+        return None;
+    }
+    Some((first, pending.accept().await.ok()?))
+}
+
+/// How often a waiting job's place is looked at.
+const PLACE_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// [`first_event`], telling the client its place whenever it changes
+/// while the job waits. The subscription is accepted at the first place
+/// told; a job that never waited is refused or accepted as usual.
+async fn first_event_telling_places(
+    state: &AppState,
+    job: u64,
+    pending: PendingSubscriptionSink,
+    receiver: &mut mpsc::Receiver<JobEvent>,
+) -> Option<(Option<JobEvent>, SubscriptionSink)> {
+    let mut pending = Some(pending);
+    let mut sink: Option<SubscriptionSink> = None;
+    let mut told = None;
+    loop {
+        let place = tokio::select! {
+            event = receiver.recv() => {
+                return match (sink, pending) {
+                    (Some(sink), _) => Some((event, sink)),
+                    (None, Some(pending)) => first_event_of(event, pending).await,
+                    (None, None) => None,
+                };
+            }
+            _ = tokio::time::sleep(PLACE_POLL) => state.scheduler.position(job),
+        };
+        let Some(place) = place.filter(|p| told != Some((p.position, p.ahead))) else {
+            continue;
+        };
+        if sink.is_none() {
+            sink = Some(pending.take()?.accept().await.ok()?);
+        }
+        let event = GenerateEvent::Queued {
+            position: place.position,
+            ahead: place.ahead,
+            eta_s: place.eta_s,
+        };
+        if !send(sink.as_ref()?, event).await {
+            return None;
+        }
+        told = Some((place.position, place.ahead));
+    }
+}
+
+/// The job's first event, already received, with the subscription
+/// accepted, or refused when the event is an error.
+async fn first_event_of(
+    event: Option<JobEvent>,
+    pending: PendingSubscriptionSink,
+) -> Option<(Option<JobEvent>, SubscriptionSink)> {
+    if let Some(Err(err)) = event {
+        pending.reject(ApiError::Job(err)).await;
+        return None;
+    }
+    Some((event, pending.accept().await.ok()?))
+}
+
+/// Sends one event; false when the client is gone.
+async fn send(sink: &SubscriptionSink, event: GenerateEvent) -> bool {
+    let Ok(message) = serde_json::value::to_raw_value(&event) else {
+        return false;
+    };
+    sink.send(message).await.is_ok()
 }
 
 /// The event as the client gets it: a job's error takes wire form here.
@@ -99,11 +172,21 @@ fn as_wire(event: JobEvent) -> GenerateEvent {
 
 /// Validates and queues the request. With neither `model` nor `mode` it
 /// runs in the mode that will be current when its turn comes.
+/// Also says whether the client asked to hear its place in the queue.
 fn submit(
     params: &Params<'static>,
     state: &AppState,
-) -> Result<(u64, mpsc::Receiver<JobEvent>), ApiError> {
+) -> Result<(u64, mpsc::Receiver<JobEvent>, bool), ApiError> {
     let params: GenerateParams = decode_params(params)?;
+    let queue_events = params.queue_events.unwrap_or(false);
+    let (job, receiver) = submit_params(params, state)?;
+    Ok((job, receiver, queue_events))
+}
+
+fn submit_params(
+    params: GenerateParams,
+    state: &AppState,
+) -> Result<(u64, mpsc::Receiver<JobEvent>), ApiError> {
     let capacity = state.config().scheduler.queue_size;
     if params.model.is_empty() && params.mode.is_none() {
         return state.scheduler.submit_generate_with(capacity, |effective| {

@@ -516,7 +516,9 @@ async fn run_images(
     let mut events = bridge::generate(&http.dispatcher, caller, params, guard.ticket()).await?;
     while let Some(event) = events.next().await {
         match event {
-            GenerateEvent::Token { .. } | GenerateEvent::Progress { .. } => continue,
+            GenerateEvent::Token { .. }
+            | GenerateEvent::Progress { .. }
+            | GenerateEvent::Queued { .. } => continue,
             GenerateEvent::Images(done) => {
                 guard.disarm();
                 return Ok(Json(openai::images_reply(done)));

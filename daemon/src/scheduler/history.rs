@@ -34,6 +34,7 @@ impl JobOutcome {
             // Wire errors are made only at the RPC edge, never sent here.
             GenerateEvent::Token { .. }
             | GenerateEvent::Progress { .. }
+            | GenerateEvent::Queued { .. }
             | GenerateEvent::Error { .. } => None,
             GenerateEvent::Images(done) if done.finish_reason == FinishReason::Cancelled => {
                 Some(JobOutcome::Cancelled)

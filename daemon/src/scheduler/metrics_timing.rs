@@ -53,7 +53,9 @@ impl Timing {
                     rates.step(&self.model, done.generate_ms as f64 / 1000.0 / steps as f64);
                 }
             }
-            GenerateEvent::Progress { .. } | GenerateEvent::Error { .. } => {}
+            GenerateEvent::Progress { .. }
+            | GenerateEvent::Queued { .. }
+            | GenerateEvent::Error { .. } => {}
         }
     }
 }

@@ -132,6 +132,7 @@ impl GenerateJob {
         match &mut event {
             GenerateEvent::Token { .. }
             | GenerateEvent::Progress { .. }
+            | GenerateEvent::Queued { .. }
             | GenerateEvent::Error { .. } => {}
             GenerateEvent::Images(done) => {
                 done.mode = self.mode.clone();

@@ -167,6 +167,12 @@ pub struct GenerateParams {
     /// Runner models: further parameters their runner declares, by name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub options: Option<serde_json::Map<String, serde_json::Value>>,
+    /// Hear `queued` events (place and ETA) while the job waits. The
+    /// subscription is then accepted once the job is seen waiting, so a
+    /// failure before its first token arrives as an `error` event instead
+    /// of refusing the subscription.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue_events: Option<bool>,
 }
 
 /// One base64 PNG, or a list of them.
@@ -276,6 +282,15 @@ pub enum ImageStage {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(remote = "Self", tag = "event", rename_all = "snake_case")]
 pub enum GenerateEvent {
+    /// With `queue_events`: the job waits; sent when it is queued and
+    /// whenever its place changes. `position` is 1-based among queued
+    /// jobs, `ahead` counts running ones too, `eta_s` is null until the
+    /// rates it needs have been measured.
+    Queued {
+        position: usize,
+        ahead: usize,
+        eta_s: Option<f64>,
+    },
     Token {
         index: usize,
         id: u32,
