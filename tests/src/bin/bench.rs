@@ -52,6 +52,15 @@
 //! have torch, diffusers and transformers. Everything runs pinned to one
 //! CPU (one torch and one rayon thread) unless `--all-cpus`; see
 //! `bench_runners.rs`.
+//!
+//! `cargo run --release -p modeld-e2e --bin bench -- http [--tokens N] [--rounds N]`:
+//! the HTTP front door against the JSON-RPC socket on one daemon and one
+//! synthetic 8-layer llama: streaming tokens/s over SSE
+//! (`/v1/completions`, `stream: true`) and over `generate`
+//! subscriptions with 1 and 8 concurrent clients, time to first token,
+//! and 64 concurrent streams held to their end, counting errors; HTTP and
+//! RPC rounds alternate, medians of N rounds (default 9); see
+//! `bench_http.rs`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -66,6 +75,8 @@ use modeld_e2e::Daemon;
 mod bench_cancel;
 #[path = "../bench_families.rs"]
 mod bench_families;
+#[path = "../bench_http.rs"]
+mod bench_http;
 #[path = "../bench_runners.rs"]
 mod bench_runners;
 
@@ -88,8 +99,12 @@ fn main() {
         Some("images") => images(&python(&args), flag(&args, "--steps").unwrap_or(2)),
         Some("cancel") => cancel(&python(&args)),
         Some("runners") => runners(&python(&args), args.iter().any(|a| a == "--all-cpus")),
+        Some("http") => bench_http::run(
+            flag(&args, "--tokens").unwrap_or(64),
+            flag(&args, "--rounds").unwrap_or(9),
+        ),
         _ => {
-            eprintln!("usage: bench rpc [--calls N] | download [--mib N] | generate [--tokens N] | batch [--tokens N] | families [--tokens N] | cache [--repos N] [--mib N] | images [--python PATH] [--steps N] | cancel [--python PATH] | runners [--python PATH] [--all-cpus]");
+            eprintln!("usage: bench rpc [--calls N] | download [--mib N] | generate [--tokens N] | batch [--tokens N] | families [--tokens N] | cache [--repos N] [--mib N] | images [--python PATH] [--steps N] | cancel [--python PATH] | runners [--python PATH] [--all-cpus] | http [--tokens N] [--rounds N]");
             std::process::exit(2);
         }
     }
