@@ -32,6 +32,14 @@ fn runner_config(runners: &[(&str, &[&str])], limits: &str) -> String {
     config
 }
 
+/// A file the fake runner's `--record` writes what it was sent to (and,
+/// beside it, its environment), kept while the guard lives.
+fn record_file() -> (tempfile::NamedTempFile, String) {
+    let record = tempfile::NamedTempFile::new().unwrap();
+    let path = record.path().display().to_string();
+    (record, path)
+}
+
 /// Registers a model run by `runner`: a folder with a pipeline index of a
 /// class modeld has no native family for.
 fn register(daemon: &Daemon, name: &str, runner: &str) {
@@ -408,8 +416,7 @@ fn a_runner_that_ignores_sigterm_is_killed_and_reaped() {
 
 #[test]
 fn what_a_runner_started_goes_with_it() {
-    let record = tempfile::NamedTempFile::new().unwrap();
-    let record_path = record.path().display().to_string();
+    let (_record, record_path) = record_file();
     let daemon = daemon(
         &[(
             "parent",
@@ -443,8 +450,7 @@ fn what_a_runner_started_goes_with_it() {
 
 #[test]
 fn a_runner_gets_a_cleaned_environment_and_no_gpu_on_the_cpu() {
-    let record = tempfile::NamedTempFile::new().unwrap();
-    let record_path = record.path().display().to_string();
+    let (_record, record_path) = record_file();
     let config = runner_config(
         &[("fake", &["--behaviour", "good", "--record", &record_path])],
         "",
@@ -501,8 +507,7 @@ fn an_unknown_runner_or_a_missing_interpreter_fails_the_load_by_name() {
 
 #[test]
 fn a_runner_model_is_checked_against_the_memory_budget_before_it_starts() {
-    let record = tempfile::NamedTempFile::new().unwrap();
-    let record_path = record.path().display().to_string();
+    let (_record, record_path) = record_file();
     let config = runner_config(
         &[("fake", &["--behaviour", "good", "--record", &record_path])],
         "",
@@ -540,8 +545,7 @@ fn a_runner_model_is_checked_against_the_memory_budget_before_it_starts() {
 /// Two modes of one runner model with other LoRAs: a runner that can swap
 /// adapters does so in place, a runner that cannot is started afresh.
 fn switch_loras(swap: bool) -> (Vec<u32>, Vec<u32>, String, Vec<String>) {
-    let record = tempfile::NamedTempFile::new().unwrap();
-    let record_path = record.path().display().to_string();
+    let (_record, record_path) = record_file();
     let mut args = vec!["--behaviour", "good", "--record", &record_path];
     if swap {
         args.push("--swap-loras");

@@ -88,7 +88,7 @@ fn resident_bytes(path: &Path, dtype: DType) -> Result<u64, EngineError> {
 }
 
 /// Elements of every tensor in a safetensors file, from its JSON header.
-fn safetensors_elements(path: &Path) -> Result<u64, EngineError> {
+pub fn safetensors_elements(path: &Path) -> Result<u64, EngineError> {
     Ok(stored_tensors(path)?.map(|(elements, _)| elements).sum())
 }
 

@@ -572,16 +572,8 @@ impl Engine {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&sibling.info.name);
-        let jobs = sibling
-            .jobs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        let thread = sibling
-            .thread
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        let jobs = taken(&sibling.jobs);
+        let thread = taken(&sibling.thread);
         let mut info = sibling.info.clone();
         info.name = request.name.clone();
         info.loras = request.loras.clone();
@@ -776,21 +768,9 @@ impl Engine {
             .unwrap_or(0);
         // Closing the channel ends the worker after the jobs already queued;
         // the worker then holds the last reference to an image pipeline.
-        resident
-            .jobs
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        resident
-            .pipeline
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        let thread = resident
-            .thread
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
+        taken(&resident.jobs);
+        taken(&resident.pipeline);
+        let thread = taken(&resident.thread);
         tokio::task::spawn_blocking(move || {
             let held = thread.and_then(|thread| thread.join().ok().flatten());
             if let Some(held) = held {
@@ -1258,4 +1238,9 @@ fn start_runner(request: &LoadRequest, load: RunnerLoad) -> Result<Resident, Eng
     }
     resident.parts = request.parts.clone();
     Ok(resident)
+}
+
+/// What a resident's slot held, leaving it empty.
+fn taken<T>(slot: &Mutex<Option<T>>) -> Option<T> {
+    slot.lock().unwrap_or_else(|e| e.into_inner()).take()
 }

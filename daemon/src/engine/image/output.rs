@@ -143,7 +143,8 @@ fn create_new(path: &Path) -> Result<(std::fs::File, PathBuf), WriteError> {
     Err(WriteError::at(path, taken))
 }
 
-fn write_synced(mut file: std::fs::File, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes `bytes` to a freshly created file, mode 0640, and syncs them.
+pub fn write_synced(mut file: std::fs::File, bytes: &[u8]) -> std::io::Result<()> {
     // Set again: the mode given to `open` is narrowed by the umask.
     file.set_permissions(std::fs::Permissions::from_mode(0o640))?;
     file.write_all(bytes)?;

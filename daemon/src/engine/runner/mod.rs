@@ -118,7 +118,12 @@ pub fn estimate_bytes(
     files.extend(transformer.map(Path::to_path_buf));
     let weights: u64 = files
         .iter()
-        .map(|file| elements(file).map_or_else(|| file_len(file), |n| n * dtype_bytes))
+        .map(
+            |file| match crate::engine::estimate::safetensors_elements(file) {
+                Ok(elements) => elements * dtype_bytes,
+                Err(_) => file_len(file),
+            },
+        )
         .sum();
     weights + weights / 10 + RUNTIME_BYTES
 }
@@ -146,17 +151,6 @@ fn weight_files(folder: &Path, skip_transformer: bool) -> Vec<PathBuf> {
         );
     }
     files
-}
-
-/// Elements in a safetensors file's tensors, from its header.
-fn elements(file: &Path) -> Option<u64> {
-    let header = crate::engine::estimate::safetensors_header(file).ok()?;
-    let count = |info: &serde_json::Value| -> u64 {
-        info["shape"].as_array().map_or(0, |dims| {
-            dims.iter().filter_map(serde_json::Value::as_u64).product()
-        })
-    };
-    Some(header.values().map(count).sum())
 }
 
 fn file_len(file: &Path) -> u64 {

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use modeld_wire::types::VideoFiles;
 use nix::fcntl::{renameat2, RenameFlags, AT_FDCWD};
 
-use crate::engine::image::output::{file_stem, partial_name, WriteError};
+use crate::engine::image::output::{self, file_stem, partial_name, WriteError};
 
 /// Frames per second of the MP4 (Wan2.1 renders at 16).
 const MP4_FPS: u32 = 16;
@@ -96,14 +96,12 @@ fn fill(folder: &Path, video: &PendingVideo) -> Result<bool, WriteError> {
 }
 
 fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let mut file = std::fs::OpenOptions::new()
+    let file = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o640)
         .open(path)?;
-    file.write_all(bytes)?;
-    file.sync_all()
+    output::write_synced(file, bytes)
 }
 
 /// Gives the finished folder its name; `RENAME_NOREPLACE` never replaces
