@@ -5,7 +5,8 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use super::decoder::{Activation, Attention, Decoder, Layer, Mlp, Shape};
+use super::cpu::mapped::MappedSafetensors;
+use super::decoder::{Activation, Attention, Decoder, Embedding, Layer, Mlp, Shape};
 use super::family::{self, Config};
 use super::linear::{Fused, Linear, RmsNorm};
 use super::model::ModelSpec;
@@ -42,6 +43,13 @@ pub fn from_safetensors(
         }
         VarBuilder::from_tensors(tensors, dtype, device)
     };
+    // f32 weights on the CPU are used where they lie in the file: nothing
+    // to convert, so nothing to copy.
+    let mapped = if loras.is_empty() && dtype == DType::F32 && device.is_cpu() {
+        Some(MappedSafetensors::open(files).map_err(|e| BadFile::new(&files[0], e))?)
+    } else {
+        None
+    };
     let config = family::parse(&spec.config)?;
     // transformers 5 saves a multimodal model's language model under
     // `model.language_model`, older files under `language_model.model`.
@@ -53,17 +61,72 @@ pub fn from_safetensors(
     } else {
         spec.prefix
     };
-    dense_decoder(&config, spec.arch, prefix, vb, dtype, device)
+    let source = Source {
+        vb,
+        mapped: mapped.as_ref(),
+    };
+    dense_decoder(&config, spec.arch, prefix, source, dtype, device)
+}
+
+/// Where tensors come from: in place from the mapped files when they can
+/// be, else through the var builder (converted, merged, or on a GPU).
+struct Source<'a> {
+    vb: VarBuilder<'a>,
+    mapped: Option<&'a MappedSafetensors>,
+}
+
+impl Source<'_> {
+    fn in_place(
+        &self,
+        vb: &VarBuilder,
+        name: &str,
+        dims: (usize, usize),
+    ) -> Option<super::cpu::Mapped> {
+        let prefix = vb.prefix();
+        let full = if prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        let matrix = self.mapped?.matrix(&full)?;
+        ((matrix.features(), matrix.inputs()) == dims).then_some(matrix)
+    }
+
+    fn linear(
+        &self,
+        vb: &VarBuilder,
+        out: usize,
+        inp: usize,
+        bias: bool,
+    ) -> candle_core::Result<Linear> {
+        let bias = if bias {
+            Some(vb.get(out, "bias")?)
+        } else {
+            None
+        };
+        if let Some(weight) = self.in_place(vb, "weight", (out, inp)) {
+            return Ok(Linear::mapped(weight, bias));
+        }
+        Ok(Linear::dense(vb.get((out, inp), "weight")?, bias))
+    }
+
+    fn embedding(&self, vb: &VarBuilder, dims: (usize, usize)) -> candle_core::Result<Embedding> {
+        match self.in_place(vb, "weight", dims) {
+            Some(table) => Ok(Embedding::Mapped(table)),
+            None => Ok(Embedding::Tensor(vb.get(dims, "weight")?)),
+        }
+    }
 }
 
 fn dense_decoder(
     c: &Config,
     arch: &str,
     prefix: &str,
-    vb: VarBuilder,
+    source: Source,
     dtype: DType,
     device: &Device,
 ) -> Result<Decoder, EngineError> {
+    let vb = &source.vb;
     let shape = Shape {
         hidden: c.hidden_size,
         heads: c.heads(),
@@ -81,18 +144,20 @@ fn dense_decoder(
         c,
         arch,
         activation,
+        source: &source,
     };
     let layers = (0..c.num_hidden_layers)
         .map(|n| dense.layer(&model.pp(format!("layers.{n}")), n))
         .collect::<candle_core::Result<Vec<_>>>()?;
-    let embed = model
-        .pp("embed_tokens")
-        .get((c.vocab_size, c.hidden_size), "weight")?;
+    let embed = source.embedding(&model.pp("embed_tokens"), (c.vocab_size, c.hidden_size))?;
     // Tied models (and files that simply omit the head) reuse the embedding.
     let lm_head = if c.tie_word_embeddings || !vb.contains_tensor("lm_head.weight") {
-        Linear::dense(embed.clone(), None)
+        match &embed {
+            Embedding::Tensor(table) => Linear::dense(table.clone(), None),
+            Embedding::Mapped(table) => Linear::mapped(table.clone(), None),
+        }
     } else {
-        dense_linear(&vb.pp("lm_head"), c.vocab_size, c.hidden_size, false)?
+        source.linear(&vb.pp("lm_head"), c.vocab_size, c.hidden_size, false)?
     };
     Ok(Decoder {
         shape,
@@ -105,26 +170,12 @@ fn dense_decoder(
     })
 }
 
-fn dense_linear(
-    vb: &VarBuilder,
-    out: usize,
-    inp: usize,
-    bias: bool,
-) -> candle_core::Result<Linear> {
-    let weight = vb.get((out, inp), "weight")?;
-    let bias = if bias {
-        Some(vb.get(out, "bias")?)
-    } else {
-        None
-    };
-    Ok(Linear::dense(weight, bias))
-}
-
 /// Builds one family's layers from safetensors names.
 struct Dense<'a> {
     c: &'a Config,
     arch: &'a str,
     activation: Activation,
+    source: &'a Source<'a>,
 }
 
 impl Dense<'_> {
@@ -172,13 +223,18 @@ impl Dense<'_> {
         let (q_rows, kv_rows) = (c.heads() * head_dim, c.kv_heads() * head_dim);
         let qkv_bias = self.arch == "qwen2" || c.attention_bias;
         let qkv = if self.arch == "phi3" {
-            let fused = dense_linear(&a.pp("qkv_proj"), q_rows + 2 * kv_rows, hidden, qkv_bias)?;
+            let fused =
+                self.source
+                    .linear(&a.pp("qkv_proj"), q_rows + 2 * kv_rows, hidden, qkv_bias)?;
             Fused::split(fused, vec![q_rows, kv_rows, kv_rows])
         } else {
             Fused::new(vec![
-                dense_linear(&a.pp("q_proj"), q_rows, hidden, qkv_bias)?,
-                dense_linear(&a.pp("k_proj"), kv_rows, hidden, qkv_bias)?,
-                dense_linear(&a.pp("v_proj"), kv_rows, hidden, qkv_bias)?,
+                self.source
+                    .linear(&a.pp("q_proj"), q_rows, hidden, qkv_bias)?,
+                self.source
+                    .linear(&a.pp("k_proj"), kv_rows, hidden, qkv_bias)?,
+                self.source
+                    .linear(&a.pp("v_proj"), kv_rows, hidden, qkv_bias)?,
             ])?
         };
         let qk_norm = matches!(self.arch, "qwen3" | "gemma3");
@@ -192,7 +248,9 @@ impl Dense<'_> {
         };
         Ok(Attention {
             qkv,
-            o: dense_linear(&a.pp("o_proj"), hidden, q_rows, c.attention_bias)?,
+            o: self
+                .source
+                .linear(&a.pp("o_proj"), hidden, q_rows, c.attention_bias)?,
             q_norm,
             k_norm,
             window: c.window(self.arch, n),
@@ -203,17 +261,23 @@ impl Dense<'_> {
         let c = self.c;
         let (hidden, inner) = (c.hidden_size, c.intermediate_size);
         let gate_up = if self.arch == "phi3" {
-            let fused = dense_linear(&m.pp("gate_up_proj"), 2 * inner, hidden, c.mlp_bias)?;
+            let fused = self
+                .source
+                .linear(&m.pp("gate_up_proj"), 2 * inner, hidden, c.mlp_bias)?;
             Fused::split(fused, vec![inner, inner])
         } else {
             Fused::new(vec![
-                dense_linear(&m.pp("gate_proj"), inner, hidden, c.mlp_bias)?,
-                dense_linear(&m.pp("up_proj"), inner, hidden, c.mlp_bias)?,
+                self.source
+                    .linear(&m.pp("gate_proj"), inner, hidden, c.mlp_bias)?,
+                self.source
+                    .linear(&m.pp("up_proj"), inner, hidden, c.mlp_bias)?,
             ])?
         };
         Ok(Mlp {
             gate_up,
-            down: dense_linear(&m.pp("down_proj"), hidden, inner, c.mlp_bias)?,
+            down: self
+                .source
+                .linear(&m.pp("down_proj"), hidden, inner, c.mlp_bias)?,
             activation: self.activation,
         })
     }

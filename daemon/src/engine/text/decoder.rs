@@ -9,8 +9,43 @@
 use crate::engine::interrupt;
 use candle_core::{DType, Device, Result, Tensor, D};
 
+use super::cpu::Mapped;
 use super::linear::{Fused, Linear, RmsNorm};
 pub use super::rope::Rope;
+
+/// The token embedding table, looked up by row.
+pub enum Embedding {
+    Tensor(Tensor),
+    /// In the mapped model file, f32 or quantized rows (CPU only).
+    Mapped(Mapped),
+}
+
+impl Embedding {
+    /// Rows of `tokens`, `[len, hidden]`, in f32 for a mapped table.
+    fn lookup(&self, tokens: &[u32]) -> Result<Tensor> {
+        match self {
+            Embedding::Tensor(table) => {
+                let ids = Tensor::new(tokens, table.device())?;
+                table.index_select(&ids, 0)
+            }
+            Embedding::Mapped(table) => {
+                let hidden = table.inputs();
+                let mut values = vec![0f32; tokens.len() * hidden];
+                for (token, row) in tokens.iter().zip(values.chunks_exact_mut(hidden)) {
+                    let index = *token as usize;
+                    if index >= table.features() {
+                        candle_core::bail!(
+                            "token {index} is past the vocabulary of {}",
+                            table.features()
+                        );
+                    }
+                    table.row(index, row);
+                }
+                Tensor::from_vec(values, (tokens.len(), hidden), &Device::Cpu)
+            }
+        }
+    }
+}
 
 /// The shapes and settings one model's layers share.
 #[derive(Debug, Clone)]
@@ -161,7 +196,7 @@ impl KvCache {
 
 pub struct Decoder {
     pub shape: Shape,
-    pub embed: Tensor,
+    pub embed: Embedding,
     pub layers: Vec<Layer>,
     pub norm: RmsNorm,
     pub lm_head: Linear,
@@ -276,8 +311,7 @@ impl Decoder {
     /// The embeddings of `tokens`, `[len, hidden]`, scaled where the family
     /// scales them.
     fn embed(&self, tokens: &[u32]) -> Result<Tensor> {
-        let ids = Tensor::new(tokens, self.embed.device())?;
-        let x = self.embed.index_select(&ids, 0)?;
+        let x = self.embed.lookup(tokens)?;
         match self.shape.flavour.embed_scale {
             // transformers rounds the factor to the model's dtype first.
             Some(scale) => {

@@ -2,13 +2,16 @@
 //! metadata keys (llama, qwen2, qwen3, gemma2, gemma3, phi3), quantized
 //! tensors kept quantized. Activations run in f32, as quantized kernels
 //! want. llama.cpp's converter stores Gemma's norms as `1 + w` already.
+//! On the CPU the matrices and the embedding are used where they lie in
+//! the mapped file.
 
 use std::path::Path;
 
 use candle_core::quantized::{gguf_file, QTensor};
 use candle_core::{DType, Device, Tensor};
 
-use super::decoder::{Activation, Attention, Decoder, Flavour, Layer, Mlp, Rope, Shape};
+use super::cpu::{Mapped, MappedFile};
+use super::decoder::{Activation, Attention, Decoder, Embedding, Flavour, Layer, Mlp, Rope, Shape};
 use super::family::inv_freq;
 use super::linear::{Fused, Linear, RmsNorm};
 use super::{BadFile, EngineError};
@@ -18,6 +21,8 @@ struct GgufReader<'a> {
     content: &'a gguf_file::Content,
     file: std::fs::File,
     device: &'a Device,
+    /// The whole file, on the CPU.
+    mapped: Option<MappedFile>,
 }
 
 impl GgufReader<'_> {
@@ -35,13 +40,35 @@ impl GgufReader<'_> {
     }
 
     fn linear(&mut self, name: &str, bias: bool) -> candle_core::Result<Linear> {
-        let weight = self.tensor(&format!("{name}.weight"))?;
         let bias = if bias {
             Some(self.dense(&format!("{name}.bias"))?)
         } else {
             None
         };
-        Linear::quantized(weight, bias, DType::F32)
+        let weight_name = format!("{name}.weight");
+        if let Some(weight) = self.in_place(&weight_name) {
+            return Ok(Linear::mapped(weight, bias));
+        }
+        Linear::quantized(self.tensor(&weight_name)?, bias, DType::F32)
+    }
+
+    /// The 2-D tensor `name` where it lies in the mapped file, when the
+    /// CPU kernels read its type.
+    fn in_place(&self, name: &str) -> Option<Mapped> {
+        let file = self.mapped.as_ref()?;
+        let info = self.content.tensor_infos.get(name)?;
+        let [features, inputs] = info.shape.dims()[..] else {
+            return None;
+        };
+        let offset = usize::try_from(self.content.tensor_data_offset + info.offset).ok()?;
+        file.matrix(offset, info.ggml_dtype, features, inputs).ok()
+    }
+
+    fn embedding(&mut self, name: &str) -> candle_core::Result<Embedding> {
+        match self.in_place(name) {
+            Some(table) => Ok(Embedding::Mapped(table)),
+            None => Ok(Embedding::Tensor(self.dense(name)?)),
+        }
     }
 
     fn norm(&mut self, name: &str, eps: f64) -> candle_core::Result<RmsNorm> {
@@ -84,10 +111,16 @@ pub fn from_gguf(
     device: &Device,
 ) -> Result<Decoder, EngineError> {
     let file = std::fs::File::open(path).map_err(|e| BadFile::new(path, e))?;
+    let mapped = if device.is_cpu() {
+        Some(MappedFile::open(path).map_err(|e| BadFile::new(path, e))?)
+    } else {
+        None
+    };
     let mut reader = GgufReader {
         content: &content,
         file,
         device,
+        mapped,
     };
     let hparams = Hparams::read(&reader, arch)?;
     Ok(reader.decoder(hparams)?)
@@ -175,14 +208,18 @@ impl GgufReader<'_> {
         let layers = (0..h.shape.layers)
             .map(|n| self.layer(&h, n))
             .collect::<candle_core::Result<Vec<_>>>()?;
-        // The embedding is looked up by row, so it is kept whole, in f32.
-        let embed = self.dense("token_embd.weight")?;
+        // The embedding is looked up by row: in place on the CPU, else
+        // whole in f32.
+        let embed = self.embedding("token_embd.weight")?;
         let mut shape = h.shape.clone();
-        shape.vocab = embed.dim(0)?;
         let lm_head = if self.has("output.weight") {
             self.linear("output", false)?
         } else {
-            Linear::quantized(self.tensor("token_embd.weight")?, None, DType::F32)?
+            self.linear("token_embd", false)?
+        };
+        shape.vocab = match &embed {
+            Embedding::Tensor(table) => table.dim(0)?,
+            Embedding::Mapped(table) => table.features(),
         };
         Ok(Decoder {
             embed,

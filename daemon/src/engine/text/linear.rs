@@ -1,18 +1,20 @@
 //! Linear layers over dense or quantized weights, and RMS norms.
 //!
-//! The dense path exists for speed on the CPU, where a decode step's
-//! few-row products go to [`super::gemv`] in f32 (gemm would run one row on
-//! one core, and pack all the weights for more), or are split by output
-//! rows across rayon's threads in other dtypes. Either way each thread reads
-//! its own slice of the weights, which is what a decode step is bound by.
+//! On the CPU a decode step's few-row products go to [`super::cpu`] when
+//! the weights are f32 or GGML-quantized (gemm would run one row on one
+//! core, and pack all the weights for more), or are split by output rows
+//! across rayon's threads in other dtypes. Either way each thread reads its
+//! own slice of the weights, which is what a decode step is bound by.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor};
 use rayon::prelude::*;
 
+use super::cpu::{self, Mapped, Part, Source};
+
 /// Products with at most this many rows are split by output rows on the
 /// CPU; larger ones are left to gemm, which parallelizes them itself.
-const SPLIT_MAX_ROWS: usize = 16;
+const SPLIT_MAX_ROWS: usize = cpu::MAX_ROWS;
 
 /// The fewest output rows worth a thread of their own.
 const MIN_ROWS_PER_PART: usize = 64;
@@ -21,6 +23,8 @@ pub enum Weight {
     /// `[out, in]`, in the model's dtype.
     Dense(Tensor),
     Quantized(QMatMul),
+    /// `[out, in]` where it lies in the mapped model file (CPU only).
+    Mapped(Mapped),
 }
 
 pub struct Linear {
@@ -32,6 +36,13 @@ impl Linear {
     pub fn dense(weight: Tensor, bias: Option<Tensor>) -> Self {
         Linear {
             weight: Weight::Dense(weight),
+            bias,
+        }
+    }
+
+    pub fn mapped(weight: Mapped, bias: Option<Tensor>) -> Self {
+        Linear {
+            weight: Weight::Mapped(weight),
             bias,
         }
     }
@@ -54,10 +65,22 @@ impl Linear {
         let y = match &self.weight {
             Weight::Dense(w) => dense_forward(x, w)?,
             Weight::Quantized(w) => w.forward(x)?,
+            Weight::Mapped(w) => mapped_forward(x, w)?,
         };
+        self.add_bias(y)
+    }
+
+    fn add_bias(&self, y: Tensor) -> Result<Tensor> {
         match &self.bias {
             Some(bias) => y.broadcast_add(bias),
             None => Ok(y),
+        }
+    }
+
+    fn in_place(&self) -> Option<&Mapped> {
+        match &self.weight {
+            Weight::Mapped(w) => Some(w),
+            _ => None,
         }
     }
 }
@@ -76,7 +99,7 @@ impl Fused {
             .iter()
             .map(|part| match &part.weight {
                 Weight::Dense(w) => Some((w, part.bias.as_ref())),
-                Weight::Quantized(_) => None,
+                Weight::Quantized(_) | Weight::Mapped(_) => None,
             })
             .collect();
         let Some(dense) = dense else {
@@ -116,7 +139,10 @@ impl Fused {
     /// Each layer's output, in the order given to [`Fused::new`].
     pub fn forward(&self, x: &Tensor) -> Result<Vec<Tensor>> {
         match self {
-            Fused::Each(parts) => parts.iter().map(|p| p.forward(x)).collect(),
+            Fused::Each(parts) => match mapped_together(parts, x)? {
+                Some(outputs) => Ok(outputs),
+                None => parts.iter().map(|p| p.forward(x)).collect(),
+            },
             Fused::One { linear, sizes } => {
                 let y = linear.forward(x)?;
                 let mut offset = 0;
@@ -151,11 +177,11 @@ fn dense_forward(x: &Tensor, w: &Tensor) -> Result<Tensor> {
 }
 
 fn splits_by_rows(x: &Tensor, rows: usize) -> bool {
-    matches!(x.device(), Device::Cpu) && rows <= SPLIT_MAX_ROWS && rayon::current_num_threads() > 1
+    matches!(x.device(), Device::Cpu) && rows <= SPLIT_MAX_ROWS
 }
 
-/// `x · wᵀ` by [`super::gemv::few_rows`] when both are f32 in memory;
-/// `None` for other dtypes.
+/// `x · wᵀ` by [`cpu::few_rows`] when both are f32 in memory; `None` for
+/// other dtypes.
 fn few_rows_f32(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let (rows, inputs) = x.dims2()?;
     let features = w.dim(0)?;
@@ -172,8 +198,58 @@ fn few_rows_f32(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     else {
         return Ok(None);
     };
-    let out = super::gemv::few_rows(&xs[x0..x1], rows, &ws[w0..w1], features, inputs);
+    let part = Part {
+        source: Source::F32(&ws[w0..w1]),
+        features,
+    };
+    let out = cpu::few_rows(&[part], &xs[x0..x1], rows, inputs);
+    let out = out.into_iter().next().expect("one part");
     Tensor::from_vec(out, (rows, features), &Device::Cpu).map(Some)
+}
+
+/// `x` (`[.., in]`) as f32 rows: their count and values.
+fn rows_of(x: &Tensor) -> Result<(usize, Vec<f32>)> {
+    let inputs = x.dim(candle_core::D::Minus1)?;
+    let values = x.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?;
+    Ok((values.len() / inputs.max(1), values))
+}
+
+/// `x`'s shape with its last dimension `features` wide.
+fn with_width(x: &Tensor, features: usize) -> Vec<usize> {
+    let mut dims = x.dims().to_vec();
+    *dims.last_mut().expect("x has at least one dimension") = features;
+    dims
+}
+
+fn mapped_forward(x: &Tensor, w: &Mapped) -> Result<Tensor> {
+    let (rows, values) = rows_of(x)?;
+    let y = w.forward(&values, rows)?;
+    Tensor::from_vec(y, with_width(x, w.features()), &Device::Cpu)?.to_dtype(x.dtype())
+}
+
+/// Every part's output in one dispatch of the CPU's threads, when all the
+/// parts are mapped and `x` has few rows; `None` otherwise.
+fn mapped_together(parts: &[Linear], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
+    let Some(mapped) = parts.iter().map(Linear::in_place).collect::<Option<Vec<_>>>() else {
+        return Ok(None);
+    };
+    let (rows, values) = rows_of(x)?;
+    if rows > cpu::MAX_ROWS {
+        return Ok(None);
+    }
+    let inputs = values.len() / rows.max(1);
+    let sources: Vec<Part> = mapped.iter().map(|m| m.part()).collect();
+    let outputs = cpu::few_rows(&sources, &values, rows, inputs);
+    parts
+        .iter()
+        .zip(outputs)
+        .zip(&mapped)
+        .map(|((part, y), m)| {
+            let y = Tensor::from_vec(y, with_width(x, m.features()), &Device::Cpu)?;
+            part.add_bias(y.to_dtype(x.dtype())?)
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
 }
 
 /// `x · wᵀ` with `w`'s rows split into one part per thread.

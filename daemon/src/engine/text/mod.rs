@@ -1,6 +1,6 @@
 //! Text models: configs and weight files (`model`), the batched decoder
 //! (`decoder`, over `rope` tables and `linear` layers, whose CPU decode
-//! products are `gemv`) and how it is built from safetensors (`build`; each
+//! products, threads and mapped weights are `cpu`) and how it is built from safetensors (`build`; each
 //! family's arithmetic and layer kinds are read from its config in
 //! `family`) or GGUF (`gguf`), the thread that owns a loaded model and runs
 //! generation jobs in batches (`worker`), sampling and request validation
@@ -9,9 +9,9 @@
 
 pub mod build;
 pub mod chat;
+pub mod cpu;
 pub mod decoder;
 pub mod family;
-pub mod gemv;
 pub mod gguf;
 pub mod linear;
 pub mod lora;

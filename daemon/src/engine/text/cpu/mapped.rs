@@ -1,0 +1,229 @@
+//! Weight matrices read straight from a model file mapped into memory.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::quantized::GgmlDType;
+use memmap2::{Mmap, MmapOptions};
+
+use super::{quant, Part, Source, MAX_ROWS};
+
+/// A model file mapped read-only.
+#[derive(Clone)]
+pub struct MappedFile {
+    map: Arc<Mmap>,
+}
+
+impl MappedFile {
+    /// Maps `path`, asking the kernel to fault every page in now: one
+    /// call for the whole file is far cheaper than a fault per page during
+    /// the first token, and a page cache that already holds the file makes
+    /// it a matter of page tables.
+    pub fn open(path: &Path) -> std::io::Result<Self> {
+        let file = std::fs::File::open(path)?;
+        // SAFETY: mapped read-only; modeld never writes under a loaded
+        // model, and the cache replaces blobs by rename, which leaves an
+        // existing mapping intact.
+        let map = unsafe { MmapOptions::new().populate().map(&file)? };
+        Ok(MappedFile { map: Arc::new(map) })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        &self.map
+    }
+
+    /// The `features × inputs` matrix of `dtype` at `offset`; an error
+    /// says why it cannot be used in place (out of the file, misaligned,
+    /// rows not whole blocks, or a type the kernels do not read).
+    pub fn matrix(
+        &self,
+        offset: usize,
+        dtype: GgmlDType,
+        features: usize,
+        inputs: usize,
+    ) -> Result<Mapped, String> {
+        let readable = dtype == GgmlDType::F32 || quant::supported(dtype);
+        if !readable {
+            return Err(format!("{dtype:?} weights are converted at load"));
+        }
+        if !inputs.is_multiple_of(dtype.block_size()) {
+            return Err(format!("rows of {inputs} are not whole {dtype:?} blocks"));
+        }
+        let len = features * inputs / dtype.block_size() * dtype.type_size();
+        let end = offset.checked_add(len).filter(|end| *end <= self.map.len());
+        if end.is_none() {
+            return Err(format!("{len} bytes at {offset} run past the file's end"));
+        }
+        let align = if dtype == GgmlDType::F32 {
+            4
+        } else {
+            quant::alignment(dtype)
+        };
+        if !(self.map.as_ptr() as usize + offset).is_multiple_of(align) {
+            return Err(format!(
+                "weights at offset {offset} are not {align}-byte aligned"
+            ));
+        }
+        Ok(Mapped {
+            file: self.clone(),
+            offset,
+            len,
+            dtype,
+            features,
+            inputs,
+        })
+    }
+}
+
+/// A weight matrix inside a [`MappedFile`]: f32 or GGML blocks.
+#[derive(Clone)]
+pub struct Mapped {
+    file: MappedFile,
+    offset: usize,
+    len: usize,
+    dtype: GgmlDType,
+    features: usize,
+    inputs: usize,
+}
+
+impl std::fmt::Debug for Mapped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?} {}x{} at {}", self.dtype, self.features, self.inputs, self.offset)
+    }
+}
+
+impl Mapped {
+    pub fn features(&self) -> usize {
+        self.features
+    }
+
+    pub fn inputs(&self) -> usize {
+        self.inputs
+    }
+
+    pub fn dtype(&self) -> GgmlDType {
+        self.dtype
+    }
+
+    fn bytes(&self) -> &[u8] {
+        &self.file.map[self.offset..self.offset + self.len]
+    }
+
+    pub fn source(&self) -> Source<'_> {
+        let bytes = self.bytes();
+        match self.dtype {
+            GgmlDType::F32 => {
+                // SAFETY: `matrix` checked the length and the 4-byte
+                // alignment; every bit pattern is an f32.
+                let values = unsafe {
+                    std::slice::from_raw_parts(bytes.as_ptr() as *const f32, bytes.len() / 4)
+                };
+                Source::F32(values)
+            }
+            dtype => Source::Quant(dtype, bytes),
+        }
+    }
+
+    pub fn part(&self) -> Part<'_> {
+        Part {
+            source: self.source(),
+            features: self.features,
+        }
+    }
+
+    /// `x` (`rows × inputs`) times the transpose: `rows × features`.
+    pub fn forward(&self, x: &[f32], rows: usize) -> candle_core::Result<Vec<f32>> {
+        if rows <= MAX_ROWS {
+            let mut out = super::few_rows(&[self.part()], x, rows, self.inputs);
+            return Ok(out.pop().expect("one part"));
+        }
+        match self.source() {
+            Source::F32(w) => Ok(gemm_f32(x, rows, w, self.features, self.inputs)),
+            Source::Quant(dtype, bytes) => {
+                quant::matmul(dtype, bytes, x, rows, self.features, self.inputs)
+            }
+        }
+    }
+
+    /// Row `index` as f32 (an embedding lookup).
+    pub fn row(&self, index: usize, out: &mut [f32]) {
+        match self.source() {
+            Source::F32(w) => out.copy_from_slice(&w[index * self.inputs..][..self.inputs]),
+            Source::Quant(dtype, bytes) => {
+                quant::dequantize_row(dtype, bytes, self.inputs, index, out)
+            }
+        }
+    }
+}
+
+/// `x · wᵀ` by gemm's blocked product, on rayon's threads.
+fn gemm_f32(x: &[f32], rows: usize, w: &[f32], features: usize, inputs: usize) -> Vec<f32> {
+    let mut out = vec![0f32; rows * features];
+    // SAFETY: `out` is rows × features, `x` rows × inputs and `w`
+    // features × inputs, all row-major; `w` is read as its transpose.
+    unsafe {
+        gemm::gemm(
+            rows,
+            features,
+            inputs,
+            out.as_mut_ptr(),
+            1,
+            features as isize,
+            false,
+            x.as_ptr(),
+            1,
+            inputs as isize,
+            w.as_ptr(),
+            inputs as isize,
+            1,
+            0.0,
+            1.0,
+            false,
+            false,
+            false,
+            gemm::Parallelism::Rayon(rayon::current_num_threads()),
+        );
+    }
+    out
+}
+
+/// The f32 matrices of a model's safetensors files, by tensor name.
+pub struct MappedSafetensors {
+    files: Vec<(MappedFile, usize, safetensors::tensor::Metadata)>,
+}
+
+impl MappedSafetensors {
+    /// Maps every file and reads its header; an unreadable header is the
+    /// weights loader's to report, so it just leaves that file out.
+    pub fn open(paths: &[std::path::PathBuf]) -> std::io::Result<Self> {
+        let mut files = Vec::new();
+        for path in paths {
+            let file = MappedFile::open(path)?;
+            if let Ok((header, metadata)) = safetensors::SafeTensors::read_metadata(file.bytes()) {
+                files.push((file, 8 + header, metadata));
+            }
+        }
+        Ok(MappedSafetensors { files })
+    }
+
+    /// The 2-D f32 tensor `name` in place, if some file has it and it can
+    /// be used without conversion.
+    pub fn matrix(&self, name: &str) -> Option<Mapped> {
+        self.files.iter().find_map(|(file, start, metadata)| {
+            let info = metadata.info(name)?;
+            let [features, inputs] = info.shape[..] else {
+                return None;
+            };
+            if info.dtype != safetensors::Dtype::F32 {
+                return None;
+            }
+            file.matrix(
+                start + info.data_offsets.0,
+                GgmlDType::F32,
+                features,
+                inputs,
+            )
+            .ok()
+        })
+    }
+}

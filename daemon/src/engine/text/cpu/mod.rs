@@ -1,0 +1,156 @@
+//! The CPU's decode products: a few activation rows (one per sequence of
+//! the batch) times weight matrices that are f32 or GGML-quantized, read
+//! once per step, split into small tasks over [`pool`]'s threads.
+//!
+//! Weights that need no conversion are used where they lie in the mapped
+//! model file ([`Mapped`]): a load maps the file instead of copying it,
+//! and pages come in as the first token reads them. They count as the
+//! daemon's resident memory once read, like any page of the page cache
+//! that a process maps.
+
+mod f32;
+pub mod mapped;
+pub mod pool;
+pub mod quant;
+
+pub use mapped::{Mapped, MappedFile};
+
+use candle_core::quantized::GgmlDType;
+
+/// Bytes of weights one task reads: small, so that a thread that loses its
+/// core delays the product by one task, yet large enough that claiming a
+/// task costs nothing next to reading it.
+const TASK_BYTES: usize = 32 * 1024;
+
+/// Products with at most this many rows run here; longer ones (prompts)
+/// go to blocked matrix products.
+pub const MAX_ROWS: usize = 16;
+
+/// Weights of `features × inputs` values, row-major.
+#[derive(Clone, Copy)]
+pub enum Source<'a> {
+    F32(&'a [f32]),
+    /// GGML blocks of the given type.
+    Quant(GgmlDType, &'a [u8]),
+}
+
+impl Source<'_> {
+    fn row_bytes(&self, inputs: usize) -> usize {
+        match self {
+            Source::F32(_) => inputs * 4,
+            Source::Quant(dtype, _) => inputs / dtype.block_size() * dtype.type_size(),
+        }
+    }
+}
+
+/// One weight matrix of a product and its output width.
+#[derive(Clone, Copy)]
+pub struct Part<'a> {
+    pub source: Source<'a>,
+    pub features: usize,
+}
+
+/// A raw output pointer that tasks write disjoint ranges through.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: each task writes only its own features' slots.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+/// `x` (`rows × inputs`, row-major) times the transpose of each part:
+/// one `rows × features` result per part, all computed in one dispatch
+/// so that a layer's q/k/v (or gate/up) cost one wake of the threads.
+pub fn few_rows(parts: &[Part], x: &[f32], rows: usize, inputs: usize) -> Vec<Vec<f32>> {
+    debug_assert_eq!(x.len(), rows * inputs);
+    let acts = quantized_activations(parts, x, inputs);
+    // Tasks compute feature-major blocks, contiguous per task.
+    let mut by_feature: Vec<Vec<f32>> = parts
+        .iter()
+        .map(|p| vec![0f32; p.features * rows])
+        .collect();
+    let outs: Vec<Out> = by_feature.iter_mut().map(|v| Out(v.as_mut_ptr())).collect();
+    let mut tasks = Vec::new();
+    for (n, part) in parts.iter().enumerate() {
+        let step = features_per_task(part.source.row_bytes(inputs));
+        for first in (0..part.features).step_by(step) {
+            tasks.push((n, first, step.min(part.features - first)));
+        }
+    }
+    pool::global().run(tasks.len(), &|t| {
+        let (n, first, count) = tasks[t];
+        // SAFETY: tasks cover disjoint feature ranges of their part's
+        // buffer, which outlives the pool run.
+        let out =
+            unsafe { std::slice::from_raw_parts_mut(outs[n].0.add(first * rows), count * rows) };
+        dot_features(parts[n].source, x, inputs, first, &acts, out);
+    });
+    by_feature
+        .into_iter()
+        .zip(parts)
+        .map(|(values, part)| row_major(&values, rows, part.features))
+        .collect()
+}
+
+fn features_per_task(row_bytes: usize) -> usize {
+    (TASK_BYTES / row_bytes.max(1)).clamp(1, 256)
+}
+
+/// The activations quantized once for each block type the parts need.
+fn quantized_activations(
+    parts: &[Part],
+    x: &[f32],
+    inputs: usize,
+) -> Vec<(quant::ActivationKind, quant::Activations)> {
+    let mut acts: Vec<(quant::ActivationKind, quant::Activations)> = Vec::new();
+    for part in parts {
+        if let Source::Quant(dtype, _) = part.source {
+            let kind = quant::activation_kind(dtype);
+            if !acts.iter().any(|(k, _)| *k == kind) {
+                acts.push((kind, quant::quantize(kind, x, inputs)));
+            }
+        }
+    }
+    acts
+}
+
+fn dot_features(
+    source: Source,
+    x: &[f32],
+    inputs: usize,
+    first: usize,
+    acts: &[(quant::ActivationKind, quant::Activations)],
+    out: &mut [f32],
+) {
+    let rows = x.len() / inputs;
+    match source {
+        Source::F32(w) => {
+            for (f, sums) in out.chunks_exact_mut(rows).enumerate() {
+                f32::dot_rows(&w[(first + f) * inputs..][..inputs], x, sums);
+            }
+        }
+        Source::Quant(dtype, bytes) => {
+            let kind = quant::activation_kind(dtype);
+            let (_, a) = acts
+                .iter()
+                .find(|(k, _)| *k == kind)
+                .expect("activations quantized for every part");
+            quant::dot_features(dtype, bytes, inputs, first, a, out);
+        }
+    }
+}
+
+fn row_major(by_feature: &[f32], rows: usize, features: usize) -> Vec<f32> {
+    if rows == 1 {
+        return by_feature.to_vec();
+    }
+    let mut out = vec![0f32; rows * features];
+    for (feature, values) in by_feature.chunks_exact(rows).enumerate() {
+        for (row, value) in values.iter().enumerate() {
+            out[row * features + feature] = *value;
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,203 @@
+//! Products with GGML-quantized weight rows (Q8_0, Q4_0/1, Q5_0/1 and the
+//! k-quants), read where they lie in the mapped file.
+//!
+//! Activations are quantized once per product, to the block type each
+//! weight type dots with (Q8_0, Q8_1 or Q8_K), as llama.cpp does; each
+//! weight row is then dotted with every activation row while it is in
+//! cache, using candle's SIMD dot products (AVX2 when the CPU has it,
+//! detected at run time). A dot product depends only on its two rows, so
+//! a sequence's results are the same alone and in a batch.
+
+use candle_core::quantized::k_quants::{
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8K, BlockQ8_0, BlockQ8_1, GgmlType,
+};
+use candle_core::quantized::GgmlDType;
+
+/// The weight types the CPU decode runs without dequantizing.
+pub fn supported(dtype: GgmlDType) -> bool {
+    use GgmlDType::*;
+    matches!(
+        dtype,
+        Q4_0 | Q4_1 | Q5_0 | Q5_1 | Q8_0 | Q2K | Q3K | Q4K | Q5K | Q6K
+    )
+}
+
+/// Activation rows quantized for one family of weight types.
+pub enum Activations {
+    Q8_0(Vec<BlockQ8_0>),
+    Q8_1(Vec<BlockQ8_1>),
+    Q8K(Vec<BlockQ8K>),
+}
+
+/// Which activation blocks weights of `dtype` are dotted with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ActivationKind {
+    Q8_0,
+    Q8_1,
+    Q8K,
+}
+
+pub fn activation_kind(dtype: GgmlDType) -> ActivationKind {
+    use GgmlDType::*;
+    match dtype {
+        Q4_1 | Q5_1 => ActivationKind::Q8_1,
+        Q2K | Q3K | Q4K | Q5K | Q6K => ActivationKind::Q8K,
+        _ => ActivationKind::Q8_0,
+    }
+}
+
+/// `rows` rows of `inputs` values each, quantized to `kind`'s blocks.
+pub fn quantize(kind: ActivationKind, x: &[f32], inputs: usize) -> Activations {
+    match kind {
+        ActivationKind::Q8_0 => Activations::Q8_0(quantize_rows(x, inputs)),
+        ActivationKind::Q8_1 => Activations::Q8_1(quantize_rows(x, inputs)),
+        ActivationKind::Q8K => Activations::Q8K(quantize_rows(x, inputs)),
+    }
+}
+
+fn quantize_rows<B: GgmlType>(x: &[f32], inputs: usize) -> Vec<B> {
+    let per_row = inputs / B::BLCK_SIZE;
+    let rows = x.len() / inputs;
+    let mut blocks = vec![B::zeros(); rows * per_row];
+    for (row, out) in x.chunks_exact(inputs).zip(blocks.chunks_exact_mut(per_row)) {
+        B::from_float(row, out);
+    }
+    blocks
+}
+
+/// Weight rows `first..first + count` of a `dtype` matrix of `inputs`
+/// columns stored in `bytes`, dotted with every activation row; fills
+/// `out[f * rows + r]`.
+pub fn dot_features(
+    dtype: GgmlDType,
+    bytes: &[u8],
+    inputs: usize,
+    first: usize,
+    acts: &Activations,
+    out: &mut [f32],
+) {
+    use GgmlDType::*;
+    match (dtype, acts) {
+        (Q4_0, Activations::Q8_0(a)) => dot::<BlockQ4_0>(bytes, inputs, first, a, out),
+        (Q5_0, Activations::Q8_0(a)) => dot::<BlockQ5_0>(bytes, inputs, first, a, out),
+        (Q8_0, Activations::Q8_0(a)) => dot::<BlockQ8_0>(bytes, inputs, first, a, out),
+        (Q4_1, Activations::Q8_1(a)) => dot::<BlockQ4_1>(bytes, inputs, first, a, out),
+        (Q5_1, Activations::Q8_1(a)) => dot::<BlockQ5_1>(bytes, inputs, first, a, out),
+        (Q2K, Activations::Q8K(a)) => dot::<BlockQ2K>(bytes, inputs, first, a, out),
+        (Q3K, Activations::Q8K(a)) => dot::<BlockQ3K>(bytes, inputs, first, a, out),
+        (Q4K, Activations::Q8K(a)) => dot::<BlockQ4K>(bytes, inputs, first, a, out),
+        (Q5K, Activations::Q8K(a)) => dot::<BlockQ5K>(bytes, inputs, first, a, out),
+        (Q6K, Activations::Q8K(a)) => dot::<BlockQ6K>(bytes, inputs, first, a, out),
+        _ => unreachable!("{dtype:?} weights are dotted with their own activation blocks"),
+    }
+}
+
+fn dot<T: GgmlType>(
+    bytes: &[u8],
+    inputs: usize,
+    first: usize,
+    acts: &[T::VecDotType],
+    out: &mut [f32],
+) {
+    let per_row = inputs / T::BLCK_SIZE;
+    let blocks = blocks::<T>(bytes);
+    let rows = acts.len() / per_row;
+    for (f, sums) in out.chunks_exact_mut(rows).enumerate() {
+        let weights = &blocks[(first + f) * per_row..][..per_row];
+        for (sum, act) in sums.iter_mut().zip(acts.chunks_exact(per_row)) {
+            *sum = T::vec_dot(inputs, weights, act);
+        }
+    }
+}
+
+/// `bytes` seen as blocks of `T`; [`super::Matrix`] checked the length
+/// and the alignment when it was made.
+fn blocks<T: GgmlType>(bytes: &[u8]) -> &[T] {
+    let size = std::mem::size_of::<T>();
+    assert!(
+        bytes.len().is_multiple_of(size)
+            && (bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>()),
+        "quantized weights misaligned"
+    );
+    // SAFETY: GGML blocks are `repr(C)` structs of integers and halves,
+    // valid for any bit pattern; length and alignment are checked above.
+    unsafe { std::slice::from_raw_parts(bytes.as_ptr() as *const T, bytes.len() / size) }
+}
+
+/// Alignment the blocks of `dtype` need in memory.
+pub fn alignment(dtype: GgmlDType) -> usize {
+    use GgmlDType::*;
+    match dtype {
+        Q4_0 => std::mem::align_of::<BlockQ4_0>(),
+        Q4_1 => std::mem::align_of::<BlockQ4_1>(),
+        Q5_0 => std::mem::align_of::<BlockQ5_0>(),
+        Q5_1 => std::mem::align_of::<BlockQ5_1>(),
+        Q8_0 => std::mem::align_of::<BlockQ8_0>(),
+        Q2K => std::mem::align_of::<BlockQ2K>(),
+        Q3K => std::mem::align_of::<BlockQ3K>(),
+        Q4K => std::mem::align_of::<BlockQ4K>(),
+        Q5K => std::mem::align_of::<BlockQ5K>(),
+        Q6K => std::mem::align_of::<BlockQ6K>(),
+        _ => 4,
+    }
+}
+
+/// Row `index` of a `dtype` matrix of `inputs` columns, as f32.
+pub fn dequantize_row(
+    dtype: GgmlDType,
+    bytes: &[u8],
+    inputs: usize,
+    index: usize,
+    out: &mut [f32],
+) {
+    use GgmlDType::*;
+    match dtype {
+        Q4_0 => row::<BlockQ4_0>(bytes, inputs, index, out),
+        Q4_1 => row::<BlockQ4_1>(bytes, inputs, index, out),
+        Q5_0 => row::<BlockQ5_0>(bytes, inputs, index, out),
+        Q5_1 => row::<BlockQ5_1>(bytes, inputs, index, out),
+        Q8_0 => row::<BlockQ8_0>(bytes, inputs, index, out),
+        Q2K => row::<BlockQ2K>(bytes, inputs, index, out),
+        Q3K => row::<BlockQ3K>(bytes, inputs, index, out),
+        Q4K => row::<BlockQ4K>(bytes, inputs, index, out),
+        Q5K => row::<BlockQ5K>(bytes, inputs, index, out),
+        Q6K => row::<BlockQ6K>(bytes, inputs, index, out),
+        _ => unreachable!("{dtype:?} is not a quantized type the CPU decode reads"),
+    }
+}
+
+fn row<T: GgmlType>(bytes: &[u8], inputs: usize, index: usize, out: &mut [f32]) {
+    let per_row = inputs / T::BLCK_SIZE;
+    T::to_float(&blocks::<T>(bytes)[index * per_row..][..per_row], out);
+}
+
+/// `x` (`rows × inputs`) times the transpose of all the weights, for
+/// prompts: candle's blocked product, which quantizes `x` itself.
+pub fn matmul(
+    dtype: GgmlDType,
+    bytes: &[u8],
+    x: &[f32],
+    rows: usize,
+    features: usize,
+    inputs: usize,
+) -> candle_core::Result<Vec<f32>> {
+    use candle_core::quantized::k_quants::matmul as mm;
+    use GgmlDType::*;
+    let mut out = vec![0f32; rows * features];
+    let mkn = (rows, inputs, features);
+    match dtype {
+        Q4_0 => mm::<BlockQ4_0>(mkn, x, blocks(bytes), &mut out),
+        Q4_1 => mm::<BlockQ4_1>(mkn, x, blocks(bytes), &mut out),
+        Q5_0 => mm::<BlockQ5_0>(mkn, x, blocks(bytes), &mut out),
+        Q5_1 => mm::<BlockQ5_1>(mkn, x, blocks(bytes), &mut out),
+        Q8_0 => mm::<BlockQ8_0>(mkn, x, blocks(bytes), &mut out),
+        Q2K => mm::<BlockQ2K>(mkn, x, blocks(bytes), &mut out),
+        Q3K => mm::<BlockQ3K>(mkn, x, blocks(bytes), &mut out),
+        Q4K => mm::<BlockQ4K>(mkn, x, blocks(bytes), &mut out),
+        Q5K => mm::<BlockQ5K>(mkn, x, blocks(bytes), &mut out),
+        Q6K => mm::<BlockQ6K>(mkn, x, blocks(bytes), &mut out),
+        _ => unreachable!("{dtype:?} is not a quantized type the CPU decode reads"),
+    }?;
+    Ok(out)
+}

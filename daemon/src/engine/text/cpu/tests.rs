@@ -1,0 +1,221 @@
+//! The CPU products against plain sums: f32 exactly as summed in f64 up to
+//! rounding, quantized weights against the same weights dequantized, and
+//! every result the same for a row alone as in a batch.
+
+use super::*;
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut state = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    (0..n)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        })
+        .collect()
+}
+
+/// GGML blocks of `w` quantized to `dtype`, in a buffer aligned as the
+/// blocks need, and the same weights dequantized.
+fn quantized(
+    w: &[f32],
+    features: usize,
+    inputs: usize,
+    dtype: GgmlDType,
+) -> (Vec<u64>, usize, Vec<f32>) {
+    let tensor = Tensor::from_slice(w, (features, inputs), &Device::Cpu).unwrap();
+    let q = QTensor::quantize(&tensor, dtype).unwrap();
+    let bytes = q.data().unwrap();
+    let mut aligned = vec![0u64; bytes.len().div_ceil(8)];
+    // SAFETY: `aligned` holds at least `bytes.len()` bytes.
+    unsafe {
+        std::ptr::copy_nonoverlapping(bytes.as_ptr(), aligned.as_mut_ptr() as *mut u8, bytes.len())
+    };
+    let dequantized = q
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap();
+    (aligned, bytes.len(), dequantized)
+}
+
+fn as_bytes(words: &[u64], len: usize) -> &[u8] {
+    // SAFETY: `len` is within the buffer.
+    unsafe { std::slice::from_raw_parts(words.as_ptr() as *const u8, len) }
+}
+
+fn exact(w: &[f32], x: &[f32], rows: usize, features: usize, inputs: usize) -> Vec<f64> {
+    let mut out = vec![0f64; rows * features];
+    for r in 0..rows {
+        for f in 0..features {
+            out[r * features + f] = (0..inputs)
+                .map(|i| w[f * inputs + i] as f64 * x[r * inputs + i] as f64)
+                .sum();
+        }
+    }
+    out
+}
+
+/// Each row's result computed alone must equal, bit for bit, its row of
+/// the batched result.
+fn assert_alone_equals_batched(parts: &[Part], x: &[f32], rows: usize, inputs: usize) {
+    let batched = few_rows(parts, x, rows, inputs);
+    for r in 0..rows {
+        let alone = few_rows(parts, &x[r * inputs..(r + 1) * inputs], 1, inputs);
+        for (part, (b, a)) in parts.iter().zip(batched.iter().zip(&alone)) {
+            let row = &b[r * part.features..(r + 1) * part.features];
+            let same = row.iter().zip(a).all(|(p, q)| p.to_bits() == q.to_bits());
+            assert!(same, "row {r} alone differs from the batch");
+        }
+    }
+}
+
+#[test]
+fn f32_products_match_the_exact_sums() {
+    let (rows, features, inputs) = (5, 300, 200);
+    let w = values(features * inputs, 1);
+    let x = values(rows * inputs, 2);
+    let part = Part {
+        source: Source::F32(&w),
+        features,
+    };
+    let got = few_rows(&[part], &x, rows, inputs).pop().unwrap();
+    for (g, e) in got.iter().zip(exact(&w, &x, rows, features, inputs)) {
+        // f32 sums of 200 products of values below 0.5 in magnitude.
+        assert!((*g as f64 - e).abs() < 1e-4, "{g} vs {e}");
+    }
+    assert_alone_equals_batched(&[part], &x, rows, inputs);
+}
+
+/// The tolerance for a quantized product: the activations are rounded to
+/// 8 bits per block, each by at most half a step of `max|x| / 127`, so a
+/// dot product moves by at most `Σ|w| · max|x| / 254`; f32 sums add a
+/// little on top.
+fn activation_rounding_bound(w_row: &[f32], x_row: &[f32]) -> f64 {
+    let max = x_row.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+    let l1: f64 = w_row.iter().map(|v| v.abs() as f64).sum();
+    l1 * max / 254.0 * 1.01 + 1e-4
+}
+
+#[test]
+fn quantized_products_match_the_dequantized_weights() {
+    let (rows, features, inputs) = (4, 70, 512);
+    for dtype in [
+        GgmlDType::Q8_0,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ] {
+        let w = values(features * inputs, 3);
+        let x = values(rows * inputs, 4);
+        let (words, len, dequantized) = quantized(&w, features, inputs, dtype);
+        let part = Part {
+            source: Source::Quant(dtype, as_bytes(&words, len)),
+            features,
+        };
+        let got = few_rows(&[part], &x, rows, inputs).pop().unwrap();
+        let want = exact(&dequantized, &x, rows, features, inputs);
+        for r in 0..rows {
+            for f in 0..features {
+                let bound = activation_rounding_bound(
+                    &dequantized[f * inputs..(f + 1) * inputs],
+                    &x[r * inputs..(r + 1) * inputs],
+                );
+                let (g, e) = (got[r * features + f] as f64, want[r * features + f]);
+                assert!(
+                    (g - e).abs() <= bound,
+                    "{dtype:?} row {r} feature {f}: {g} vs {e} (bound {bound})"
+                );
+            }
+        }
+        assert_alone_equals_batched(&[part], &x, rows, inputs);
+    }
+}
+
+#[test]
+fn parts_of_mixed_types_run_in_one_dispatch() {
+    let (rows, inputs) = (3, 256);
+    let w32 = values(40 * inputs, 5);
+    let wq = values(24 * inputs, 6);
+    let (words, len, _) = quantized(&wq, 24, inputs, GgmlDType::Q6K);
+    let parts = [
+        Part {
+            source: Source::F32(&w32),
+            features: 40,
+        },
+        Part {
+            source: Source::Quant(GgmlDType::Q6K, as_bytes(&words, len)),
+            features: 24,
+        },
+        Part {
+            source: Source::Quant(GgmlDType::Q8_0, &[]),
+            features: 0,
+        },
+    ];
+    let x = values(rows * inputs, 7);
+    let out = few_rows(&parts, &x, rows, inputs);
+    assert_eq!(
+        out.iter().map(Vec::len).collect::<Vec<_>>(),
+        [rows * 40, rows * 24, 0]
+    );
+    let single = few_rows(&parts[1..2], &x, rows, inputs);
+    assert_eq!(single[0], out[1]);
+    assert_alone_equals_batched(&parts, &x, rows, inputs);
+}
+
+#[test]
+fn a_mapped_matrix_reads_the_file_in_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weights.bin");
+    let (features, inputs) = (33, 64);
+    let w = values(features * inputs, 8);
+    let mut bytes = vec![0u8; 32];
+    bytes.extend(w.iter().flat_map(|v| v.to_le_bytes()));
+    std::fs::write(&path, &bytes).unwrap();
+    let file = MappedFile::open(&path).unwrap();
+    let matrix = file.matrix(32, GgmlDType::F32, features, inputs).unwrap();
+    let x = values(2 * inputs, 9);
+    let got = matrix.forward(&x, 2).unwrap();
+    let want = few_rows(
+        &[Part {
+            source: Source::F32(&w),
+            features,
+        }],
+        &x,
+        2,
+        inputs,
+    );
+    assert_eq!(got, want[0]);
+    let mut row = vec![0f32; inputs];
+    matrix.row(5, &mut row);
+    assert_eq!(row, w[5 * inputs..6 * inputs]);
+    // Prompts take the blocked product: the same sums up to rounding.
+    let long = values(20 * inputs, 10);
+    let blocked = matrix.forward(&long, 20).unwrap();
+    let plain = exact(&w, &long, 20, features, inputs);
+    assert!(blocked
+        .iter()
+        .zip(plain)
+        .all(|(g, e)| (*g as f64 - e).abs() < 1e-4));
+    // Out of the file, misaligned, or not whole blocks: refused, with why.
+    assert!(file
+        .matrix(32, GgmlDType::F32, features + 1, inputs)
+        .unwrap_err()
+        .contains("past the file's end"));
+    assert!(file
+        .matrix(2, GgmlDType::F32, 1, 4)
+        .unwrap_err()
+        .contains("aligned"));
+    assert!(file
+        .matrix(0, GgmlDType::Q8_0, 1, 48)
+        .unwrap_err()
+        .contains("whole"));
+}
