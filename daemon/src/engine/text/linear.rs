@@ -230,7 +230,11 @@ fn mapped_forward(x: &Tensor, w: &Mapped) -> Result<Tensor> {
 /// Every part's output in one dispatch of the CPU's threads, when all the
 /// parts are mapped and `x` has few rows; `None` otherwise.
 fn mapped_together(parts: &[Linear], x: &Tensor) -> Result<Option<Vec<Tensor>>> {
-    let Some(mapped) = parts.iter().map(Linear::in_place).collect::<Option<Vec<_>>>() else {
+    let Some(mapped) = parts
+        .iter()
+        .map(Linear::in_place)
+        .collect::<Option<Vec<_>>>()
+    else {
         return Ok(None);
     };
     let (rows, values) = rows_of(x)?;

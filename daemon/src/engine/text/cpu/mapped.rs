@@ -88,7 +88,11 @@ pub struct Mapped {
 
 impl std::fmt::Debug for Mapped {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{:?} {}x{} at {}", self.dtype, self.features, self.inputs, self.offset)
+        write!(
+            f,
+            "{:?} {}x{} at {}",
+            self.dtype, self.features, self.inputs, self.offset
+        )
     }
 }
 
