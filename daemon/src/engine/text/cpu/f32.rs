@@ -26,9 +26,7 @@ pub fn dot_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
 
 #[cfg(target_arch = "x86_64")]
 fn has_avx2_fma() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    super::features::x86() != super::features::X86::None
 }
 
 fn portable_dot_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
@@ -62,7 +60,7 @@ fn portable_dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Sums eight lanes pairwise, as the AVX2 kernel's reduction does.
-fn horizontal(l: [f32; 8]) -> f32 {
+pub(super) fn horizontal(l: [f32; 8]) -> f32 {
     let quad = [l[0] + l[4], l[1] + l[5], l[2] + l[6], l[3] + l[7]];
     let pair = [quad[0] + quad[2], quad[1] + quad[3]];
     pair[0] + pair[1]

@@ -9,8 +9,11 @@
 //! that a process maps.
 
 mod f32;
+mod features;
+mod kquants;
 pub mod mapped;
 pub mod pool;
+mod q8_0;
 pub mod quant;
 
 pub use mapped::{Mapped, MappedFile};

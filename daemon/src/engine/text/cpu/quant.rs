@@ -4,8 +4,10 @@
 //! Activations are quantized once per product, to the block type each
 //! weight type dots with (Q8_0, Q8_1 or Q8_K), as llama.cpp does; each
 //! weight row is then dotted with every activation row while it is in
-//! cache, using candle's SIMD dot products (AVX2 when the CPU has it,
-//! detected at run time). A dot product depends only on its two rows, so
+//! cache: Q8_0, Q4_K, Q5_K and Q6_K by modeld's own kernels
+//! ([`super::q8_0`], [`super::kquants`]), the others by candle's SIMD dot
+//! products (AVX2 when the CPU has it, detected at run
+//! time). A dot product depends only on its two rows, so
 //! a sequence's results are the same alone and in a batch.
 
 use candle_core::quantized::k_quants::{
@@ -13,6 +15,9 @@ use candle_core::quantized::k_quants::{
     BlockQ8K, BlockQ8_0, BlockQ8_1, GgmlType,
 };
 use candle_core::quantized::GgmlDType;
+
+use super::kquants::{self, K8Rows, Kind};
+use super::q8_0::Q8Rows;
 
 /// The weight types the CPU decode runs without dequantizing.
 pub fn supported(dtype: GgmlDType) -> bool {
@@ -25,6 +30,10 @@ pub fn supported(dtype: GgmlDType) -> bool {
 
 /// Activation rows quantized for one family of weight types.
 pub enum Activations {
+    /// For Q8_0 weights, whose kernel is modeld's own.
+    Rows8(Q8Rows),
+    /// For Q4_K, Q5_K and Q6_K weights, whose kernels are modeld's own.
+    K8(K8Rows),
     Q8_0(Vec<BlockQ8_0>),
     Q8_1(Vec<BlockQ8_1>),
     Q8K(Vec<BlockQ8K>),
@@ -33,6 +42,8 @@ pub enum Activations {
 /// Which activation blocks weights of `dtype` are dotted with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum ActivationKind {
+    Rows8,
+    K8,
     Q8_0,
     Q8_1,
     Q8K,
@@ -42,7 +53,9 @@ pub fn activation_kind(dtype: GgmlDType) -> ActivationKind {
     use GgmlDType::*;
     match dtype {
         Q4_1 | Q5_1 => ActivationKind::Q8_1,
-        Q2K | Q3K | Q4K | Q5K | Q6K => ActivationKind::Q8K,
+        Q4K | Q5K | Q6K => ActivationKind::K8,
+        Q2K | Q3K => ActivationKind::Q8K,
+        Q8_0 => ActivationKind::Rows8,
         _ => ActivationKind::Q8_0,
     }
 }
@@ -50,6 +63,8 @@ pub fn activation_kind(dtype: GgmlDType) -> ActivationKind {
 /// `rows` rows of `inputs` values each, quantized to `kind`'s blocks.
 pub fn quantize(kind: ActivationKind, x: &[f32], inputs: usize) -> Activations {
     match kind {
+        ActivationKind::Rows8 => Activations::Rows8(Q8Rows::quantize(x, inputs)),
+        ActivationKind::K8 => Activations::K8(K8Rows::quantize(x, inputs)),
         ActivationKind::Q8_0 => Activations::Q8_0(quantize_rows(x, inputs)),
         ActivationKind::Q8_1 => Activations::Q8_1(quantize_rows(x, inputs)),
         ActivationKind::Q8K => Activations::Q8K(quantize_rows(x, inputs)),
@@ -81,14 +96,14 @@ pub fn dot_features(
     match (dtype, acts) {
         (Q4_0, Activations::Q8_0(a)) => dot::<BlockQ4_0>(bytes, inputs, first, a, out),
         (Q5_0, Activations::Q8_0(a)) => dot::<BlockQ5_0>(bytes, inputs, first, a, out),
-        (Q8_0, Activations::Q8_0(a)) => dot::<BlockQ8_0>(bytes, inputs, first, a, out),
+        (Q8_0, Activations::Rows8(a)) => super::q8_0::dot_features(bytes, first, a, out),
         (Q4_1, Activations::Q8_1(a)) => dot::<BlockQ4_1>(bytes, inputs, first, a, out),
         (Q5_1, Activations::Q8_1(a)) => dot::<BlockQ5_1>(bytes, inputs, first, a, out),
         (Q2K, Activations::Q8K(a)) => dot::<BlockQ2K>(bytes, inputs, first, a, out),
         (Q3K, Activations::Q8K(a)) => dot::<BlockQ3K>(bytes, inputs, first, a, out),
-        (Q4K, Activations::Q8K(a)) => dot::<BlockQ4K>(bytes, inputs, first, a, out),
-        (Q5K, Activations::Q8K(a)) => dot::<BlockQ5K>(bytes, inputs, first, a, out),
-        (Q6K, Activations::Q8K(a)) => dot::<BlockQ6K>(bytes, inputs, first, a, out),
+        (Q4K, Activations::K8(a)) => kquants::dot_features(Kind::Q4K, bytes, first, a, out),
+        (Q5K, Activations::K8(a)) => kquants::dot_features(Kind::Q5K, bytes, first, a, out),
+        (Q6K, Activations::K8(a)) => kquants::dot_features(Kind::Q6K, bytes, first, a, out),
         _ => unreachable!("{dtype:?} weights are dotted with their own activation blocks"),
     }
 }

@@ -219,3 +219,65 @@ fn a_mapped_matrix_reads_the_file_in_place() {
         .unwrap_err()
         .contains("whole"));
 }
+
+/// GB/s each kernel reads weights at, one row, against a plain read of the
+/// same bytes:
+/// `cargo test --release -p modeld --lib kernel_read_rates -- --ignored --nocapture`.
+#[test]
+#[ignore = "a timing probe, not a check"]
+fn kernel_read_rates() {
+    let (features, inputs) = (8192, 4096);
+    let x = values(inputs, 1);
+    let w = values(features * inputs, 2);
+    let best = |f: &dyn Fn()| {
+        (0..5)
+            .map(|_| {
+                let t = std::time::Instant::now();
+                f();
+                t.elapsed().as_secs_f64()
+            })
+            .fold(f64::MAX, f64::min)
+    };
+    let bytes = |b: usize| b as f64 / 1e9;
+    let plain = best(&|| {
+        let mut lanes = [0f32; 16];
+        for chunk in w.chunks_exact(16) {
+            for (lane, v) in lanes.iter_mut().zip(chunk) {
+                *lane += v;
+            }
+        }
+        std::hint::black_box(lanes);
+    });
+    eprintln!("plain f32 sum: {:.1} GB/s", bytes(w.len() * 4) / plain);
+    let f32_part = Part {
+        source: Source::F32(&w),
+        features,
+    };
+    let t = best(&|| {
+        std::hint::black_box(few_rows(&[f32_part], &x, 1, inputs));
+    });
+    eprintln!("f32: {:.1} GB/s", bytes(w.len() * 4) / t);
+    for dtype in [
+        GgmlDType::Q8_0,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ] {
+        let (words, len, _) = quantized(&w, features, inputs, dtype);
+        let part = Part {
+            source: Source::Quant(dtype, as_bytes(&words, len)),
+            features,
+        };
+        for rows in [1, 8] {
+            let xs = values(rows * inputs, 3);
+            let t = best(&|| {
+                std::hint::black_box(few_rows(&[part], &xs, rows, inputs));
+            });
+            eprintln!(
+                "{dtype:?} x {rows} rows: {:.1} GB/s of weights, {:.2} ms",
+                bytes(len) / t,
+                t * 1e3
+            );
+        }
+    }
+}

@@ -1,0 +1,399 @@
+//! Q4_K, Q5_K and Q6_K weights (super-blocks of 256 values with 6- or
+//! 8-bit sub-block scales) dotted with activations quantized to 8 bits
+//! per 256 values, the k-quants of the files people download (Q4_K_M mixes
+//! Q4_K and Q6_K; Q5_K_M Q5_K and Q6_K).
+//!
+//! For each super-block the integer sum of scale × weight × activation is
+//! computed exactly (AVX2 when the CPU has it, plain Rust otherwise), then
+//! turned into floats in one fixed order of scalar operations shared by
+//! every path. So a row's result is the same on any path, alone or in a
+//! batch. candle's own k-quant dot products were compute-bound at a fifth
+//! of the memory's speed; these read up to four activation rows per
+//! weight super-block while it is in registers.
+
+use half::f16;
+
+pub const SUPER: usize = 256;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    Q4K,
+    Q5K,
+    Q6K,
+}
+
+impl Kind {
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Kind::Q4K => 144,
+            Kind::Q5K => 176,
+            Kind::Q6K => 210,
+        }
+    }
+}
+
+/// Activation rows quantized to 8 bits per 256 values, with each group
+/// of 16 values' sum for the weights' offsets and minimums.
+pub struct K8Rows {
+    values: Vec<i8>,
+    scales: Vec<f32>,
+    sums16: Vec<i32>,
+    inputs: usize,
+}
+
+impl K8Rows {
+    pub fn quantize(x: &[f32], inputs: usize) -> Self {
+        let mut values = vec![0i8; x.len()];
+        let mut scales = Vec::with_capacity(x.len() / SUPER);
+        let mut sums16 = Vec::with_capacity(x.len() / 16);
+        for (block, out) in x.chunks_exact(SUPER).zip(values.chunks_exact_mut(SUPER)) {
+            let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let inverse = if max == 0.0 { 0.0 } else { 127.0 / max };
+            for (q, v) in out.iter_mut().zip(block) {
+                *q = (v * inverse).round() as i8;
+            }
+            scales.push(max / 127.0);
+            sums16.extend(
+                out.chunks_exact(16)
+                    .map(|g| g.iter().map(|v| *v as i32).sum::<i32>()),
+            );
+        }
+        K8Rows {
+            values,
+            scales,
+            sums16,
+            inputs,
+        }
+    }
+
+    fn rows(&self) -> usize {
+        self.values.len() / self.inputs
+    }
+
+    /// Row `row`'s values in super-block `b`.
+    fn block(&self, row: usize, b: usize) -> &[i8] {
+        let supers = self.inputs / SUPER;
+        &self.values[(row * supers + b) * SUPER..][..SUPER]
+    }
+}
+
+/// Weight rows `first..` of a `kind` matrix in `bytes`, each dotted with
+/// every activation row: fills `out[f * rows + r]`.
+pub fn dot_features(kind: Kind, bytes: &[u8], first: usize, acts: &K8Rows, out: &mut [f32]) {
+    let rows = acts.rows();
+    let supers = acts.inputs / SUPER;
+    let row_bytes = supers * kind.block_bytes();
+    for (f, sums) in out.chunks_exact_mut(rows).enumerate() {
+        let weights = &bytes[(first + f) * row_bytes..][..row_bytes];
+        let mut r = 0;
+        while r < rows {
+            let tile = (rows - r).min(4);
+            dot_tile(kind, weights, acts, r, &mut sums[r..r + tile]);
+            r += tile;
+        }
+    }
+}
+
+/// The 6-bit scales and minimums of a Q4_K or Q5_K super-block, as
+/// llama.cpp packs them into 12 bytes.
+fn scales_and_mins(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let mut scales = [0u8; 8];
+    let mut mins = [0u8; 8];
+    for j in 0..8 {
+        if j < 4 {
+            scales[j] = packed[j] & 63;
+            mins[j] = packed[j + 4] & 63;
+        } else {
+            scales[j] = (packed[j + 4] & 0xF) | ((packed[j - 4] >> 6) << 4);
+            mins[j] = (packed[j + 4] >> 4) | ((packed[j] >> 6) << 4);
+        }
+    }
+    (scales, mins)
+}
+
+fn half_at(bytes: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+/// One weight row with activation rows `first_row..first_row + out.len()`.
+fn dot_tile(kind: Kind, weights: &[u8], acts: &K8Rows, first_row: usize, out: &mut [f32]) {
+    let supers = acts.inputs / SUPER;
+    let mut acc = [0f32; 4];
+    for b in 0..supers {
+        let block = &weights[b * kind.block_bytes()..][..kind.block_bytes()];
+        let rows: [&[i8]; 4] =
+            std::array::from_fn(|i| acts.block(first_row + i.min(out.len() - 1), b));
+        match kind {
+            Kind::Q6K => {
+                let scales: [i8; 16] = std::array::from_fn(|k| block[192 + k] as i8);
+                let sums = sums_q6k(block, &scales, rows, out.len());
+                let d = half_at(block, 208);
+                for (i, acc) in acc.iter_mut().enumerate().take(out.len()) {
+                    let row = first_row + i;
+                    let groups = &acts.sums16[(row * supers + b) * 16..][..16];
+                    let offset: i32 = scales.iter().zip(groups).map(|(s, g)| *s as i32 * g).sum();
+                    let total = sums[i] - 32 * offset;
+                    *acc = (d * acts.scales[row * supers + b]).mul_add(total as f32, *acc);
+                }
+            }
+            Kind::Q4K | Kind::Q5K => {
+                let (scales, mins) = scales_and_mins(&block[4..16]);
+                let sums = if kind == Kind::Q4K {
+                    sums_q4k(block, &scales, rows, out.len())
+                } else {
+                    sums_q5k(block, &scales, rows, out.len())
+                };
+                let (d, dmin) = (half_at(block, 0), half_at(block, 2));
+                for (i, acc) in acc.iter_mut().enumerate().take(out.len()) {
+                    let row = first_row + i;
+                    let groups = &acts.sums16[(row * supers + b) * 16..][..16];
+                    let min_sum: i32 = (0..8)
+                        .map(|k| mins[k] as i32 * (groups[2 * k] + groups[2 * k + 1]))
+                        .sum();
+                    let y = acts.scales[row * supers + b];
+                    *acc = (d * y).mul_add(sums[i] as f32, *acc);
+                    *acc = (-(dmin * y)).mul_add(min_sum as f32, *acc);
+                }
+            }
+        }
+    }
+    out.copy_from_slice(&acc[..out.len()]);
+}
+
+/// Σ scale · q · y over a Q4_K super-block, for each of `n` rows.
+fn sums_q4k(block: &[u8], scales: &[u8; 8], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if super::features::x86() != super::features::X86::None {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { avx2::sums_q4k(block, scales, rows, n) };
+    }
+    portable_q4k(block, scales, rows, n)
+}
+
+fn portable_q4k(block: &[u8], scales: &[u8; 8], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
+    let q = &block[16..144];
+    portable_sums(rows, n, |l| {
+        let (chunk, at) = (l / 64, l % 64);
+        let byte = q[chunk * 32 + at % 32];
+        let value = if at < 32 { byte & 0xF } else { byte >> 4 };
+        value as i32 * scales[l / 32] as i32
+    })
+}
+
+/// Σ scale · q · y over a Q5_K super-block.
+fn sums_q5k(block: &[u8], scales: &[u8; 8], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if super::features::x86() != super::features::X86::None {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { avx2::sums_q5k(block, scales, rows, n) };
+    }
+    portable_q5k(block, scales, rows, n)
+}
+
+fn portable_q5k(block: &[u8], scales: &[u8; 8], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
+    let (qh, q) = (&block[16..48], &block[48..176]);
+    portable_sums(rows, n, |l| {
+        let (chunk, at) = (l / 64, l % 64);
+        let byte = q[chunk * 32 + at % 32];
+        let low = if at < 32 { byte & 0xF } else { byte >> 4 };
+        let bit = (qh[at % 32] >> (l / 32)) & 1;
+        (low | (bit << 4)) as i32 * scales[l / 32] as i32
+    })
+}
+
+/// Σ scale · q · y over a Q6_K super-block, with q before its offset of
+/// 32 (subtracted by the caller through the group sums).
+fn sums_q6k(block: &[u8], scales: &[i8; 16], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if super::features::x86() != super::features::X86::None {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { avx2::sums_q6k(block, scales, rows, n) };
+    }
+    portable_q6k(block, scales, rows, n)
+}
+
+fn portable_q6k(block: &[u8], scales: &[i8; 16], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
+    let (ql, qh) = (&block[0..128], &block[128..192]);
+    portable_sums(rows, n, |l| {
+        let (half, at) = (l / 128, l % 128);
+        let (quarter, i) = (at / 32, at % 32);
+        let low = ql[half * 64 + (quarter % 2) * 32 + i];
+        let low = if quarter < 2 { low & 0xF } else { low >> 4 };
+        let high = (qh[half * 32 + i] >> (2 * quarter)) & 3;
+        (low | (high << 4)) as i32 * scales[l / 16] as i32
+    })
+}
+
+/// Σ weight(l) · y[l] for each row, `weight` giving scale · q at `l`.
+fn portable_sums(rows: [&[i8]; 4], n: usize, weight: impl Fn(usize) -> i32) -> [i32; 4] {
+    let weights: Vec<i32> = (0..SUPER).map(weight).collect();
+    std::array::from_fn(|r| {
+        if r >= n {
+            return 0;
+        }
+        weights
+            .iter()
+            .zip(rows[r])
+            .map(|(w, y)| w * *y as i32)
+            .sum()
+    })
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::SUPER;
+    use std::arch::x86_64::*;
+
+    #[target_feature(enable = "avx2")]
+    fn load(bytes: &[u8], at: usize) -> __m256i {
+        assert!(at + 32 <= bytes.len());
+        // SAFETY: 32 bytes from `at` are inside `bytes`.
+        unsafe { _mm256_loadu_si256(bytes.as_ptr().add(at) as *const __m256i) }
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn load_i8(values: &[i8], at: usize) -> __m256i {
+        assert!(at + 32 <= values.len() && values.len() >= SUPER);
+        // SAFETY: 32 values from `at` are inside `values`.
+        unsafe { _mm256_loadu_si256(values.as_ptr().add(at) as *const __m256i) }
+    }
+
+    #[target_feature(enable = "avx2")]
+    fn hsum(v: __m256i) -> i32 {
+        let quad = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let pair = _mm_add_epi32(quad, _mm_shuffle_epi32::<0b01_00_11_10>(quad));
+        let one = _mm_add_epi32(pair, _mm_shuffle_epi32::<0b10_11_00_01>(pair));
+        _mm_cvtsi128_si32(one)
+    }
+
+    /// 32 unsigned weights (each below 64) times 32 activations, each
+    /// 16-value half weighted by its own scale: eight 32-bit sums.
+    #[target_feature(enable = "avx2")]
+    fn scaled(q: __m256i, y: __m256i, scale_low: i16, scale_high: i16) -> __m256i {
+        let pairs = _mm256_maddubs_epi16(q, y);
+        let scales = _mm256_set_m128i(_mm_set1_epi16(scale_high), _mm_set1_epi16(scale_low));
+        _mm256_madd_epi16(pairs, scales)
+    }
+
+    /// Adds, for each row, the products of the 32 weights `q` with the
+    /// row's activations at `at`.
+    #[target_feature(enable = "avx2")]
+    fn add_rows(
+        acc: &mut [__m256i; 4],
+        q: __m256i,
+        rows: &[&[i8]; 4],
+        n: usize,
+        at: usize,
+        scales: (i16, i16),
+    ) {
+        for (sum, row) in acc.iter_mut().zip(rows).take(n) {
+            let y = load_i8(row, at);
+            *sum = _mm256_add_epi32(*sum, scaled(q, y, scales.0, scales.1));
+        }
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub fn sums_q4k(block: &[u8], scales: &[u8; 8], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
+        let mask = _mm256_set1_epi8(0xF);
+        let mut acc = [_mm256_setzero_si256(); 4];
+        for chunk in 0..4 {
+            let q = load(block, 16 + chunk * 32);
+            let low = _mm256_and_si256(q, mask);
+            let high = _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask);
+            let (s0, s1) = (scales[2 * chunk] as i16, scales[2 * chunk + 1] as i16);
+            add_rows(&mut acc, low, &rows, n, chunk * 64, (s0, s0));
+            add_rows(&mut acc, high, &rows, n, chunk * 64 + 32, (s1, s1));
+        }
+        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub fn sums_q5k(block: &[u8], scales: &[u8; 8], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
+        let (mask, one) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(1));
+        let qh = load(block, 16);
+        let mut acc = [_mm256_setzero_si256(); 4];
+        for chunk in 0..4 {
+            let q = load(block, 48 + chunk * 32);
+            let shift = _mm_cvtsi32_si128(2 * chunk as i32);
+            let bit_low = _mm256_and_si256(_mm256_srl_epi16(qh, shift), one);
+            let shift = _mm_cvtsi32_si128(2 * chunk as i32 + 1);
+            let bit_high = _mm256_and_si256(_mm256_srl_epi16(qh, shift), one);
+            let low = _mm256_or_si256(_mm256_and_si256(q, mask), _mm256_slli_epi16::<4>(bit_low));
+            let high = _mm256_or_si256(
+                _mm256_and_si256(_mm256_srli_epi16::<4>(q), mask),
+                _mm256_slli_epi16::<4>(bit_high),
+            );
+            let (s0, s1) = (scales[2 * chunk] as i16, scales[2 * chunk + 1] as i16);
+            add_rows(&mut acc, low, &rows, n, chunk * 64, (s0, s0));
+            add_rows(&mut acc, high, &rows, n, chunk * 64 + 32, (s1, s1));
+        }
+        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+    }
+
+    #[target_feature(enable = "avx2")]
+    pub fn sums_q6k(block: &[u8], scales: &[i8; 16], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
+        let (mask, three) = (_mm256_set1_epi8(0xF), _mm256_set1_epi8(3));
+        let mut acc = [_mm256_setzero_si256(); 4];
+        for half in 0..2 {
+            let (ql0, ql1) = (load(block, half * 64), load(block, half * 64 + 32));
+            let qh = load(block, 128 + half * 32);
+            let lows = [
+                _mm256_and_si256(ql0, mask),
+                _mm256_and_si256(ql1, mask),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(ql0), mask),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(ql1), mask),
+            ];
+            let highs = [
+                _mm256_and_si256(qh, three),
+                _mm256_and_si256(_mm256_srli_epi16::<2>(qh), three),
+                _mm256_and_si256(_mm256_srli_epi16::<4>(qh), three),
+                _mm256_and_si256(_mm256_srli_epi16::<6>(qh), three),
+            ];
+            for quarter in 0..4 {
+                let q = _mm256_or_si256(lows[quarter], _mm256_slli_epi16::<4>(highs[quarter]));
+                let s = half * 8 + quarter * 2;
+                let pair = (scales[s] as i16, scales[s + 1] as i16);
+                add_rows(&mut acc, q, &rows, n, half * 128 + quarter * 32, pair);
+            }
+        }
+        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vector_and_portable_sums_agree() {
+        let block: Vec<u8> = (0..210).map(|i| ((i * 73 + 11) % 256) as u8).collect();
+        let acts: Vec<Vec<i8>> = (0..4)
+            .map(|r| {
+                (0..SUPER)
+                    .map(|i| ((i * 31 + r * 17) % 255) as i8)
+                    .collect()
+            })
+            .collect();
+        let rows: [&[i8]; 4] = std::array::from_fn(|r| acts[r].as_slice());
+        let (scales, _) = scales_and_mins(&block[4..16]);
+        let six: [i8; 16] = std::array::from_fn(|k| block[192 + k] as i8);
+        #[cfg(target_arch = "x86_64")]
+        if super::super::features::x86() != super::super::features::X86::None {
+            // SAFETY: the CPU has AVX2, checked above.
+            unsafe {
+                assert_eq!(
+                    avx2::sums_q4k(&block, &scales, rows, 4),
+                    portable_q4k(&block, &scales, rows, 4)
+                );
+                assert_eq!(
+                    avx2::sums_q5k(&block, &scales, rows, 4),
+                    portable_q5k(&block, &scales, rows, 4)
+                );
+                assert_eq!(
+                    avx2::sums_q6k(&block, &six, rows, 4),
+                    portable_q6k(&block, &six, rows, 4)
+                );
+            }
+        }
+    }
+}
