@@ -542,6 +542,8 @@ fn quantized_gguf_decodes_as_its_dequantized_weights_do() {
     let (prompt, next) = ([5u32, 17, 99, 3, 250], [7u32, 300, 12, 41]);
     for dtype in [
         GgmlDType::Q8_0,
+        GgmlDType::Q5_0,
+        GgmlDType::Q4_0,
         GgmlDType::Q4K,
         GgmlDType::Q5K,
         GgmlDType::Q6K,

@@ -112,7 +112,8 @@ fn scales_and_mins(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
 }
 
 fn half_at(bytes: &[u8], at: usize) -> f32 {
-    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+    // The const conversion inlines; `to_f32` calls out to detect F16C.
+    f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32_const()
 }
 
 /// One weight row with activation rows `first_row..first_row + out.len()`.

@@ -1,5 +1,7 @@
-//! Q8_0 weights (blocks of 32 int8 values and an f16 scale) dotted with
-//! activations quantized the same way, as llama.cpp does.
+//! Q8_0, Q5_0 and Q4_0 weights (blocks of 32 values of 8, 5 or 4 bits and
+//! an f16 scale) dotted with activations quantized to Q8_0, as llama.cpp
+//! does. Q5_0 is what llama.cpp's Q4_K_M falls back to for rows that are
+//! not whole 256-value super-blocks (all of a 576-wide model's attention).
 //!
 //! candle's dot product converts both f16 scales through a function call
 //! per 32 values, which made it compute-bound at a fifth of the memory's
@@ -14,8 +16,47 @@
 use half::f16;
 
 pub const BLOCK: usize = 32;
-/// Bytes of one weight block: the f16 scale, then 32 values.
-const BLOCK_BYTES: usize = 34;
+
+/// The weight block formats, each an f16 scale and 32 values.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// 32 int8 values.
+    Q8_0,
+    /// 16 bytes of 4-bit values (low nibbles first), offset by 8.
+    Q4_0,
+    /// 32 high bits, then 16 bytes of low nibbles, offset by 16.
+    Q5_0,
+}
+
+impl Format {
+    pub fn block_bytes(self) -> usize {
+        match self {
+            Format::Q8_0 => 34,
+            Format::Q4_0 => 18,
+            Format::Q5_0 => 22,
+        }
+    }
+
+    /// Block `block`'s values as signed integers.
+    fn values(self, block: &[u8]) -> [i8; BLOCK] {
+        match self {
+            Format::Q8_0 => std::array::from_fn(|i| block[2 + i] as i8),
+            Format::Q4_0 => std::array::from_fn(|i| {
+                let byte = block[2 + i % 16];
+                let low = if i < 16 { byte & 0xF } else { byte >> 4 };
+                low as i8 - 8
+            }),
+            Format::Q5_0 => {
+                let high = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+                std::array::from_fn(|i| {
+                    let byte = block[6 + i % 16];
+                    let low = if i < 16 { byte & 0xF } else { byte >> 4 };
+                    (low | (((high >> i) & 1) as u8) << 4) as i8 - 16
+                })
+            }
+        }
+    }
+}
 
 /// Activation rows quantized to Q8_0: values and per-block scales.
 pub struct Q8Rows {
@@ -51,56 +92,57 @@ impl Q8Rows {
     }
 }
 
-/// Weight rows `first..` of a Q8_0 matrix in `bytes`, each dotted with
-/// every activation row: fills `out[f * rows + r]`.
-pub fn dot_features(bytes: &[u8], first: usize, acts: &Q8Rows, out: &mut [f32]) {
+/// Weight rows `first..` of a `format` matrix in `bytes`, each dotted
+/// with every activation row: fills `out[f * rows + r]`.
+pub fn dot_features(format: Format, bytes: &[u8], first: usize, acts: &Q8Rows, out: &mut [f32]) {
     let rows = acts.rows();
-    let row_bytes = acts.inputs / BLOCK * BLOCK_BYTES;
+    let row_bytes = acts.inputs / BLOCK * format.block_bytes();
     for (f, sums) in out.chunks_exact_mut(rows).enumerate() {
         let weights = &bytes[(first + f) * row_bytes..][..row_bytes];
         let mut r = 0;
         while r < rows {
             let tile = (rows - r).min(4);
-            dot_tile(weights, acts, r, &mut sums[r..r + tile]);
+            dot_tile(format, weights, acts, r, &mut sums[r..r + tile]);
             r += tile;
         }
     }
 }
 
 /// One weight row with activation rows `first_row..first_row + out.len()`.
-fn dot_tile(weights: &[u8], acts: &Q8Rows, first_row: usize, out: &mut [f32]) {
+fn dot_tile(format: Format, weights: &[u8], acts: &Q8Rows, first_row: usize, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     {
         use super::features::{x86, X86};
-        match x86() {
-            // SAFETY: each arm runs only on a CPU with its features.
-            X86::Avx512Vnni => {
-                return unsafe { x86_64::tile_avx512vnni(weights, acts, first_row, out) }
-            }
-            X86::AvxVnni => return unsafe { x86_64::tile_avxvnni(weights, acts, first_row, out) },
-            X86::Avx2 => return unsafe { x86_64::tile_avx2(weights, acts, first_row, out) },
-            X86::None => {}
-        }
+        let tile = match x86() {
+            X86::Avx512Vnni => x86_64::tile_avx512vnni,
+            X86::AvxVnni => x86_64::tile_avxvnni,
+            X86::Avx2 => x86_64::tile_avx2,
+            X86::None => return portable_tile(format, weights, acts, first_row, out),
+        };
+        // SAFETY: the CPU has the features of the kernel picked for it.
+        unsafe { tile(format, weights, acts, first_row, out) }
     }
-    portable_tile(weights, acts, first_row, out);
+    #[cfg(not(target_arch = "x86_64"))]
+    portable_tile(format, weights, acts, first_row, out);
 }
 
 /// The same sums in plain Rust: per block an integer dot product, scaled
 /// and added into one of two running sums by the block's parity, as the
 /// vector paths do lane by lane.
-fn portable_tile(weights: &[u8], acts: &Q8Rows, first_row: usize, out: &mut [f32]) {
-    let blocks = acts.inputs / BLOCK;
+fn portable_tile(format: Format, weights: &[u8], acts: &Q8Rows, first_row: usize, out: &mut [f32]) {
+    let (blocks, size) = (acts.inputs / BLOCK, format.block_bytes());
     for (i, slot) in out.iter_mut().enumerate() {
         let row = first_row + i;
         let mut lanes = [[0f32; 8]; 2];
         for b in 0..blocks {
-            let block = &weights[b * BLOCK_BYTES..][..BLOCK_BYTES];
-            let scale =
-                f16::from_le_bytes([block[0], block[1]]).to_f32() * acts.scales[row * blocks + b];
+            let block = &weights[b * size..][..size];
+            let w = format.values(block);
+            let scale = f16::from_le_bytes([block[0], block[1]]).to_f32_const()
+                * acts.scales[row * blocks + b];
             let x = &acts.values[(row * blocks + b) * BLOCK..][..BLOCK];
             for (lane, sum) in lanes[b % 2].iter_mut().enumerate() {
                 let dot: i32 = (0..4)
-                    .map(|k| block[2 + lane * 4 + k] as i8 as i32 * x[lane * 4 + k] as i32)
+                    .map(|k| w[lane * 4 + k] as i32 * x[lane * 4 + k] as i32)
                     .sum();
                 *sum = scale.mul_add(dot as f32, *sum);
             }
@@ -115,8 +157,58 @@ fn portable_tile(weights: &[u8], acts: &Q8Rows, first_row: usize, out: &mut [f32
 
 #[cfg(target_arch = "x86_64")]
 mod x86_64 {
-    use super::{Q8Rows, BLOCK, BLOCK_BYTES};
+    use super::{Format, Q8Rows, BLOCK};
     use std::arch::x86_64::*;
+
+    /// Block `block`'s 32 values as signed bytes.
+    #[target_feature(enable = "avx2")]
+    fn values(format: Format, block: &[u8]) -> __m256i {
+        assert!(block.len() >= format.block_bytes());
+        let p = block.as_ptr();
+        match format {
+            // SAFETY: the block holds 34 bytes.
+            Format::Q8_0 => unsafe { _mm256_loadu_si256(p.add(2) as *const __m256i) },
+            Format::Q4_0 => {
+                let nibbles = nibbles(block, 2);
+                _mm256_sub_epi8(nibbles, _mm256_set1_epi8(8))
+            }
+            Format::Q5_0 => {
+                let high = u32::from_le_bytes([block[2], block[3], block[4], block[5]]);
+                let low = nibbles(block, 6);
+                _mm256_sub_epi8(
+                    _mm256_or_si256(low, bits_to_sixteens(high)),
+                    _mm256_set1_epi8(16),
+                )
+            }
+        }
+    }
+
+    /// 16 bytes at `at` as 32 values: low nibbles, then high nibbles.
+    #[target_feature(enable = "avx2")]
+    fn nibbles(block: &[u8], at: usize) -> __m256i {
+        assert!(at + 16 <= block.len());
+        // SAFETY: 16 bytes from `at` are inside the block.
+        let bytes = unsafe { _mm_loadu_si128(block.as_ptr().add(at) as *const __m128i) };
+        let both = _mm256_set_m128i(_mm_srli_epi16::<4>(bytes), bytes);
+        _mm256_and_si256(both, _mm256_set1_epi8(0xF))
+    }
+
+    /// Byte `i` is 16 where bit `i` of `bits` is set, else 0.
+    #[target_feature(enable = "avx2")]
+    fn bits_to_sixteens(bits: u32) -> __m256i {
+        let spread = _mm256_shuffle_epi8(
+            _mm256_set1_epi32(bits as i32),
+            _mm256_set_epi64x(
+                0x0303030303030303,
+                0x0202020202020202,
+                0x0101010101010101,
+                0,
+            ),
+        );
+        let select = _mm256_set1_epi64x(0x8040201008040201u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
+        _mm256_and_si256(set, _mm256_set1_epi8(16))
+    }
 
     /// Generates one tile kernel per instruction set: `$dot` turns a
     /// block's absolute weights and sign-adjusted activations into eight
@@ -124,21 +216,21 @@ mod x86_64 {
     macro_rules! tile_kernel {
         ($name:ident, $features:literal, |$a:ident, $b:ident| $dot:expr) => {
             #[target_feature(enable = $features)]
-            pub fn $name(weights: &[u8], acts: &Q8Rows, first_row: usize, out: &mut [f32]) {
-                let blocks = acts.inputs / BLOCK;
-                assert!(weights.len() >= blocks * BLOCK_BYTES && out.len() <= 4);
+            pub fn $name(
+                format: Format,
+                weights: &[u8],
+                acts: &Q8Rows,
+                first_row: usize,
+                out: &mut [f32],
+            ) {
+                let (blocks, size) = (acts.inputs / BLOCK, format.block_bytes());
+                assert!(weights.len() >= blocks * size && out.len() <= 4);
                 assert!(acts.values.len() >= (first_row + out.len()) * acts.inputs);
                 let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-                let wp = weights.as_ptr();
                 for b in 0..blocks {
-                    // SAFETY: block `b` of this row is inside `weights`.
-                    let (bits, w) = unsafe {
-                        let block = wp.add(b * BLOCK_BYTES);
-                        (
-                            u16::from_le_bytes([*block, *block.add(1)]),
-                            _mm256_loadu_si256(block.add(2) as *const __m256i),
-                        )
-                    };
+                    let block = &weights[b * size..][..size];
+                    let bits = u16::from_le_bytes([block[0], block[1]]);
+                    let w = values(format, block);
                     let w_scale = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)));
                     let abs_w = _mm256_sign_epi8(w, w);
                     for (i, acc) in acc.iter_mut().enumerate().take(out.len()) {
@@ -192,45 +284,60 @@ mod tests {
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
             .collect();
         let acts = Q8Rows::quantize(&x, inputs);
-        let mut weights = Vec::new();
-        for b in 0..inputs / BLOCK {
-            weights.extend(f16::from_f32(0.01 * (b + 1) as f32).to_le_bytes());
-            weights.extend((0..BLOCK).map(|i| ((i * 29 + b * 7) % 255) as u8));
+        for format in [Format::Q8_0, Format::Q4_0, Format::Q5_0] {
+            let size = format.block_bytes();
+            let mut weights = Vec::new();
+            for b in 0..inputs / BLOCK {
+                weights.extend(f16::from_f32(0.01 * (b + 1) as f32).to_le_bytes());
+                weights.extend((0..size - 2).map(|i| ((i * 29 + b * 7) % 255) as u8));
+            }
+            check_paths(format, &weights, &acts);
         }
+    }
+
+    /// The plain values of a block decode as the format says.
+    #[test]
+    fn block_values_follow_the_formats() {
+        let mut q5 = vec![0u8, 0, 0b0000_0001, 0, 0, 0b1000_0000];
+        q5.extend([0x21u8; 16]);
+        let values = Format::Q5_0.values(&q5);
+        assert_eq!(
+            (values[0], values[1], values[16], values[31]),
+            (1, -15, -14, 2)
+        );
+        let q4: Vec<u8> = [0u8, 0].into_iter().chain([0xF0u8; 16]).collect();
+        let values = Format::Q4_0.values(&q4);
+        assert_eq!((values[0], values[16]), (-8, 7));
+    }
+
+    fn check_paths(format: Format, weights: &[u8], acts: &Q8Rows) {
         let mut portable = [0f32; 4];
-        portable_tile(&weights, &acts, 0, &mut portable);
+        portable_tile(format, weights, acts, 0, &mut portable);
         #[cfg(target_arch = "x86_64")]
         {
             use super::super::features::{x86, X86};
             let best = x86();
             let mut got = [0f32; 4];
+            let same = |got: [f32; 4]| got.map(f32::to_bits) == portable.map(f32::to_bits);
             // SAFETY: each path runs only when the CPU has its features.
             unsafe {
                 if best != X86::None {
-                    x86_64::tile_avx2(&weights, &acts, 0, &mut got);
-                    assert_eq!(got.map(f32::to_bits), portable.map(f32::to_bits), "AVX2");
+                    x86_64::tile_avx2(format, weights, acts, 0, &mut got);
+                    assert!(same(got), "{format:?} AVX2");
                 }
                 if best == X86::Avx512Vnni {
-                    x86_64::tile_avx512vnni(&weights, &acts, 0, &mut got);
-                    assert_eq!(
-                        got.map(f32::to_bits),
-                        portable.map(f32::to_bits),
-                        "AVX-512 VNNI"
-                    );
+                    x86_64::tile_avx512vnni(format, weights, acts, 0, &mut got);
+                    assert!(same(got), "{format:?} AVX-512 VNNI");
                 }
                 if std::is_x86_feature_detected!("avxvnni") && best != X86::None {
-                    x86_64::tile_avxvnni(&weights, &acts, 0, &mut got);
-                    assert_eq!(
-                        got.map(f32::to_bits),
-                        portable.map(f32::to_bits),
-                        "AVX-VNNI"
-                    );
+                    x86_64::tile_avxvnni(format, weights, acts, 0, &mut got);
+                    assert!(same(got), "{format:?} AVX-VNNI");
                 }
             }
-            // One row alone equals its place in the tile.
-            let mut alone = [0f32; 1];
-            dot_tile(&weights, &acts, 2, &mut alone);
-            assert_eq!(alone[0].to_bits(), portable[2].to_bits());
         }
+        // One row alone equals its place in the tile.
+        let mut alone = [0f32; 1];
+        dot_tile(format, weights, acts, 2, &mut alone);
+        assert_eq!(alone[0].to_bits(), portable[2].to_bits(), "{format:?}");
     }
 }

@@ -17,7 +17,7 @@ use candle_core::quantized::k_quants::{
 use candle_core::quantized::GgmlDType;
 
 use super::kquants::{self, K8Rows, Kind};
-use super::q8_0::Q8Rows;
+use super::q8_0::{self, Format, Q8Rows};
 
 /// The weight types the CPU decode runs without dequantizing.
 pub fn supported(dtype: GgmlDType) -> bool {
@@ -55,7 +55,7 @@ pub fn activation_kind(dtype: GgmlDType) -> ActivationKind {
         Q4_1 | Q5_1 => ActivationKind::Q8_1,
         Q4K | Q5K | Q6K => ActivationKind::K8,
         Q2K | Q3K => ActivationKind::Q8K,
-        Q8_0 => ActivationKind::Rows8,
+        Q8_0 | Q4_0 | Q5_0 => ActivationKind::Rows8,
         _ => ActivationKind::Q8_0,
     }
 }
@@ -94,9 +94,9 @@ pub fn dot_features(
 ) {
     use GgmlDType::*;
     match (dtype, acts) {
-        (Q4_0, Activations::Q8_0(a)) => dot::<BlockQ4_0>(bytes, inputs, first, a, out),
-        (Q5_0, Activations::Q8_0(a)) => dot::<BlockQ5_0>(bytes, inputs, first, a, out),
-        (Q8_0, Activations::Rows8(a)) => super::q8_0::dot_features(bytes, first, a, out),
+        (Q4_0, Activations::Rows8(a)) => q8_0::dot_features(Format::Q4_0, bytes, first, a, out),
+        (Q5_0, Activations::Rows8(a)) => q8_0::dot_features(Format::Q5_0, bytes, first, a, out),
+        (Q8_0, Activations::Rows8(a)) => q8_0::dot_features(Format::Q8_0, bytes, first, a, out),
         (Q4_1, Activations::Q8_1(a)) => dot::<BlockQ4_1>(bytes, inputs, first, a, out),
         (Q5_1, Activations::Q8_1(a)) => dot::<BlockQ5_1>(bytes, inputs, first, a, out),
         (Q2K, Activations::Q8K(a)) => dot::<BlockQ2K>(bytes, inputs, first, a, out),

@@ -110,6 +110,7 @@ fn quantized_products_match_the_dequantized_weights() {
     for dtype in [
         GgmlDType::Q8_0,
         GgmlDType::Q4_0,
+        GgmlDType::Q5_0,
         GgmlDType::Q4K,
         GgmlDType::Q5K,
         GgmlDType::Q6K,
