@@ -123,8 +123,10 @@ pub fn run(options: Options) {
         "CPU decode, modeld vs llama.cpp: greedy, a {PROMPT_TOKENS}-token prompt, {} tokens timed after the first, best of {} interleaved rounds; threads {threads:?}\n",
         options.tokens, options.rounds
     );
-    let mut report = Report::default();
     for &spec in &options.shapes {
+        // Each shape's tables come when it is done, so a later failure
+        // (disk, memory) loses nothing measured before it.
+        let mut report = Report::default();
         let files = ModelFiles::build(spec, work.path(), &options.python, &script, llama_ok);
         let bench = Bench::start(&files, &threads, &options, llama_ok.then_some(&script));
         bench.decode_section(&mut report);
@@ -135,8 +137,9 @@ pub fn run(options: Options) {
         // The next shape's files need the disk space more than these do.
         drop(bench);
         std::fs::remove_dir_all(work.path().join(spec.key)).expect("remove the model files");
+        report.print(&threads);
+        println!();
     }
-    report.print(&threads);
 }
 
 /// Whether `python` can import llama_cpp; prints why not when it cannot.
