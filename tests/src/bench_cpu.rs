@@ -128,7 +128,8 @@ pub fn run(options: Options) {
         // (disk, memory) loses nothing measured before it.
         let mut report = Report::default();
         let files = ModelFiles::build(spec, work.path(), &options.python, &script, llama_ok);
-        let bench = Bench::start(&files, &threads, &options, llama_ok.then_some(&script));
+        let llama = llama_ok.then(|| LlamaSide::probe(&options.python, &script, &files));
+        let bench = Bench::start(&files, &threads, &options, llama.as_ref());
         bench.decode_section(&mut report);
         bench.ttft_section(&mut report);
         if spec.key == "135m" {
@@ -385,6 +386,42 @@ fn warm_page_cache(path: &Path) {
 // ---------------------------------------------------------------------------
 // The engines.
 
+/// How the llama.cpp helper runs: its script and flags.
+struct LlamaSide {
+    script: PathBuf,
+    flags: Vec<&'static str>,
+}
+
+impl LlamaSide {
+    /// llama.cpp's defaults, unless they fault on a quantized file: some
+    /// virtual machines advertise AMX, which llama.cpp's extra buffer type
+    /// then uses, and trap its instructions. Then the extra buffer types
+    /// (AMX, and weight repacking with them) are turned off, with a note.
+    fn probe(python: &str, script: &Path, files: &ModelFiles) -> Self {
+        let mut quantized = files.formats.iter().filter(|f| !f.label.starts_with("f32"));
+        let faulty = quantized.find(|f| {
+            let status = Command::new(python)
+                .arg(script)
+                .arg("probe")
+                .arg(&f.llama_path)
+                .stderr(Stdio::null())
+                .status();
+            !status.is_ok_and(|s| s.success())
+        });
+        let flags = match faulty {
+            Some(format) => {
+                println!("note: llama.cpp with its default buffer types fails on {} here (AMX advertised but trapped?): it runs with use_extra_bufts off (no AMX, no weight repacking)", format.label);
+                vec!["--no-extra-bufts"]
+            }
+            None => Vec::new(),
+        };
+        LlamaSide {
+            script: script.to_path_buf(),
+            flags,
+        }
+    }
+}
+
 /// The llama.cpp side: `bench_llama.py serve`, one JSON line each way.
 struct LlamaCpp {
     child: Child,
@@ -393,10 +430,11 @@ struct LlamaCpp {
 }
 
 impl LlamaCpp {
-    fn start(python: &str, script: &Path) -> Self {
+    fn start(python: &str, side: &LlamaSide) -> Self {
         let mut child = Command::new(python)
-            .arg(script)
+            .arg(&side.script)
             .arg("serve")
+            .args(&side.flags)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
@@ -414,6 +452,10 @@ impl LlamaCpp {
         writeln!(self.stdin, "{request}").expect("write to the helper");
         let mut line = String::new();
         self.stdout.read_line(&mut line).expect("read the helper");
+        if line.is_empty() {
+            let status = self.child.wait().expect("wait for the helper");
+            panic!("the llama.cpp helper exited ({status}) on {request}");
+        }
         let reply: Value =
             serde_json::from_str(&line).unwrap_or_else(|_| panic!("helper: {line:?}"));
         assert!(
@@ -616,10 +658,10 @@ impl<'a> Bench<'a> {
         files: &'a ModelFiles,
         threads: &[usize],
         options: &'a Options,
-        script: Option<&PathBuf>,
+        llama: Option<&LlamaSide>,
     ) -> Self {
         let daemons = threads.iter().map(|&n| (n, daemon(files, n))).collect();
-        let llama = script.map(|s| std::cell::RefCell::new(LlamaCpp::start(&options.python, s)));
+        let llama = llama.map(|l| std::cell::RefCell::new(LlamaCpp::start(&options.python, l)));
         Bench {
             files,
             daemons,

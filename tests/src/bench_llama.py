@@ -4,7 +4,12 @@ interpreter the bench is given; needs llama-cpp-python and numpy).
     python bench_llama.py quantize IN OUT
         llama.cpp's own quantizer: IN (an f32 GGUF) to OUT in Q4_K_M.
 
-    python bench_llama.py serve
+    python bench_llama.py probe GGUF [--no-extra-bufts]
+        Loads GGUF and decodes two tokens; exits 0 when that works. Some
+        virtual machines advertise AMX but fault on its instructions, which
+        llama.cpp's extra (AMX) buffer type uses for quantized weights.
+
+    python bench_llama.py serve [--no-extra-bufts]
         Reads one JSON request a line on stdin and answers each with one
         JSON line on stdout, keeping one model loaded between requests so
         that rounds of the two engines can alternate cheaply:
@@ -20,6 +25,10 @@ interpreter the bench is given; needs llama-cpp-python and numpy).
         {"op": "unload"} -> {}
         Failures answer {"error": message}.
 
+With --no-extra-bufts, models load with use_extra_bufts off (no AMX and no
+weight repacking), which Llama() does not expose, so its default model
+parameters are patched.
+
 The loop calls llama_decode and reads the last logits itself, as llama.cpp's
 own tools do, rather than Llama.eval, which copies every logit row into
 numpy and stops at nothing but its own sampler.
@@ -32,7 +41,19 @@ import sys
 import time
 
 import llama_cpp
+import llama_cpp.llama_cpp as low
 import numpy as np
+
+
+def without_extra_bufts():
+    default = low.llama_model_default_params
+
+    def params():
+        value = default()
+        value.use_extra_bufts = False
+        return value
+
+    low.llama_model_default_params = params
 
 
 def quantize(source, target):
@@ -124,8 +145,18 @@ def serve():
         print(json.dumps(reply), flush=True)
 
 
+def probe(path):
+    llm = build(path, 1, 64)
+    step(llm, llm.n_vocab(), [3, 4, 5])
+    step(llm, llm.n_vocab(), [6])
+
+
 if __name__ == "__main__":
+    if "--no-extra-bufts" in sys.argv:
+        without_extra_bufts()
     if sys.argv[1] == "quantize":
         quantize(sys.argv[2], sys.argv[3])
+    elif sys.argv[1] == "probe":
+        probe(sys.argv[2])
     else:
         serve()
