@@ -76,6 +76,17 @@ pub fn write_llama_gguf(dir: &Path, out: &Path, kind: GgufType) -> candle_core::
 /// Converts `dir` (config.json + model.safetensors of a llama, gemma2,
 /// gemma3_text or phi3 model) into a GGUF at `out`.
 pub fn write_gguf(dir: &Path, out: &Path, kind: GgufType) -> candle_core::Result<()> {
+    write_gguf_with(dir, out, kind, Vec::new())
+}
+
+/// `write_gguf` with `extra` metadata entries after the converter's own
+/// (a tokenizer vocabulary, which llama.cpp needs to load a file).
+pub fn write_gguf_with(
+    dir: &Path,
+    out: &Path,
+    kind: GgufType,
+    extra: Vec<(String, gguf_file::Value)>,
+) -> candle_core::Result<()> {
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("config.json"))?)
             .map_err(candle_core::Error::wrap)?;
@@ -110,7 +121,8 @@ pub fn write_gguf(dir: &Path, out: &Path, kind: GgufType) -> candle_core::Result
         ));
     }
     quantized.extend(rope_factors(&config)?);
-    let metadata = metadata(&config, arch);
+    let mut metadata = metadata(&config, arch);
+    metadata.extend(extra);
     let metadata: Vec<(&str, &gguf_file::Value)> =
         metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let tensor_refs: Vec<(&str, &QTensor)> =

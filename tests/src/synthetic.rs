@@ -1,6 +1,7 @@
 //! Random-weight models in Hugging Face layout, for architectures the
-//! fixtures do not cover and for benchmarks that need bigger models. The
-//! tokenizer is tiny-llama's (vocabulary 384).
+//! fixtures do not cover and for benchmarks that need bigger models.
+//! `write_model`'s tokenizer is tiny-llama's (vocabulary 384); `write_llama`
+//! takes any vocabulary size and leaves the tokenizer to its caller.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -27,6 +28,33 @@ pub const VOCAB: usize = 384;
 /// has four norms per layer, Phi-3 fuses q/k/v and gate/up into one tensor
 /// each, Qwen3 adds q/k norms.
 pub fn write_model(dir: &Path, model_type: &str, shape: Shape) -> u64 {
+    let vocab = Vocab {
+        size: VOCAB,
+        tied: model_type == "gemma2",
+    };
+    let size = write_weights(dir, model_type, shape, vocab);
+    let tokenizer = crate::fixtures_dir().join("tiny-llama/tokenizer.json");
+    std::fs::copy(tokenizer, dir.join("tokenizer.json")).expect("tokenizer");
+    size
+}
+
+/// The embedding side of a synthetic decoder: how many tokens, and
+/// whether the output head reuses the embedding table.
+#[derive(Debug, Clone, Copy)]
+pub struct Vocab {
+    pub size: usize,
+    pub tied: bool,
+}
+
+/// Writes `config.json` and `model.safetensors` for a llama of `shape`
+/// with `vocab`, without a tokenizer (the caller writes one that covers
+/// `vocab.size`); returns the weights' size.
+pub fn write_llama(dir: &Path, shape: Shape, vocab: Vocab) -> u64 {
+    write_weights(dir, "llama", shape, vocab)
+}
+
+/// `write_model` without the tokenizer, for any vocabulary size.
+fn write_weights(dir: &Path, model_type: &str, shape: Shape, vocab: Vocab) -> u64 {
     let Shape {
         hidden,
         intermediate,
@@ -41,9 +69,9 @@ pub fn write_model(dir: &Path, model_type: &str, shape: Shape) -> u64 {
         let tensor = Tensor::randn(0f32, 0.05, dims, &Device::Cpu).expect("random tensor");
         tensors.insert(name, tensor);
     };
-    add("model.embed_tokens.weight".into(), &[VOCAB, hidden]);
-    if !gemma2 {
-        add("lm_head.weight".into(), &[VOCAB, hidden]);
+    add("model.embed_tokens.weight".into(), &[vocab.size, hidden]);
+    if !vocab.tied {
+        add("lm_head.weight".into(), &[vocab.size, hidden]);
     }
     add("model.norm.weight".into(), &[hidden]);
     for i in 0..layers {
@@ -86,10 +114,10 @@ pub fn write_model(dir: &Path, model_type: &str, shape: Shape) -> u64 {
     let mut config = json!({
         "model_type": model_type, "hidden_size": hidden, "intermediate_size": intermediate,
         "num_hidden_layers": layers, "num_attention_heads": heads, "num_key_value_heads": kv_heads,
-        "head_dim": head_dim, "vocab_size": VOCAB, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+        "head_dim": head_dim, "vocab_size": vocab.size, "rms_norm_eps": 1e-5, "hidden_act": "silu",
         "max_position_embeddings": 4096, "rope_parameters": {"rope_theta": 10000.0},
         "sliding_window": null, "attention_bias": false,
-        "bos_token_id": 0, "eos_token_id": 0, "tie_word_embeddings": false
+        "bos_token_id": 0, "eos_token_id": 0, "tie_word_embeddings": vocab.tied
     });
     let extra = match model_type {
         // Gemma 2 2B/9B's settings: query_pre_attn_scalar is the head
@@ -112,8 +140,6 @@ pub fn write_model(dir: &Path, model_type: &str, shape: Shape) -> u64 {
         config[key] = value.clone();
     }
     std::fs::write(dir.join("config.json"), config.to_string()).expect("config");
-    let tokenizer = crate::fixtures_dir().join("tiny-llama/tokenizer.json");
-    std::fs::copy(tokenizer, dir.join("tokenizer.json")).expect("tokenizer");
     std::fs::metadata(&weights).expect("weights").len()
 }
 

@@ -61,6 +61,14 @@
 //! and 64 concurrent streams held to their end, counting errors; HTTP and
 //! RPC rounds alternate, medians of N rounds (default 9); see
 //! `bench_http.rs`.
+//!
+//! `cargo run --release -p modeld-e2e --bin bench -- cpu [--shapes 135m|1.1b|both] [--tokens N] [--rounds N] [--python PATH]`:
+//! CPU decode against llama.cpp (llama-cpp-python in PATH, default
+//! `python3` or `$MODELD_BENCH_PYTHON`) on random SmolLM-135M- and
+//! TinyLlama-1.1B-shaped llamas in f32, Q8_0 and Q4_K_M: tokens/s at one
+//! thread and at all cores, quiet and beside a busy neighbour, time to first
+//! token after a cold load, and modeld's 8 batched clients against 1; the
+//! engines' rounds alternate, best of N (default 3); see `bench_cpu.rs`.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -73,6 +81,8 @@ use modeld_e2e::Daemon;
 
 #[path = "../bench_cancel.rs"]
 mod bench_cancel;
+#[path = "../bench_cpu.rs"]
+mod bench_cpu;
 #[path = "../bench_families.rs"]
 mod bench_families;
 #[path = "../bench_http.rs"]
@@ -103,8 +113,10 @@ fn main() {
             flag(&args, "--tokens").unwrap_or(64),
             flag(&args, "--rounds").unwrap_or(9),
         ),
+        Some("cpu") => bench_cpu::run(bench_cpu::Options::parse(&args, python(&args))),
+        Some("spin") => bench_cpu::spin(),
         _ => {
-            eprintln!("usage: bench rpc [--calls N] | download [--mib N] | generate [--tokens N] | batch [--tokens N] | families [--tokens N] | cache [--repos N] [--mib N] | images [--python PATH] [--steps N] | cancel [--python PATH] | runners [--python PATH] [--all-cpus] | http [--tokens N] [--rounds N]");
+            eprintln!("usage: bench rpc [--calls N] | download [--mib N] | generate [--tokens N] | batch [--tokens N] | families [--tokens N] | cache [--repos N] [--mib N] | images [--python PATH] [--steps N] | cancel [--python PATH] | runners [--python PATH] [--all-cpus] | http [--tokens N] [--rounds N] | cpu [--shapes 135m|1.1b|both] [--tokens N] [--rounds N] [--python PATH]");
             std::process::exit(2);
         }
     }
