@@ -98,7 +98,7 @@ pub fn used_bytes(device: &Device) -> u64 {
     match device {
         Device::Cpu => {
             trim_heap();
-            anonymous_rss()
+            resident_rss()
         }
         other => cuda_memory(other).map_or(0, |(free, total)| total.saturating_sub(free)),
     }
@@ -153,11 +153,17 @@ fn trim_heap() {
     }
 }
 
-/// `RssAnon` of `/proc/self/status`: heap and anonymous mappings, not the
-/// page cache of mmapped weight files, which the kernel may drop at will.
-pub fn anonymous_rss() -> u64 {
+/// `RssAnon` plus `RssFile` of `/proc/self/status`: the heap and anonymous
+/// mappings, and the pages of mapped files this process has touched. On
+/// the CPU a text model's f32 and quantized weights stay in their mapped
+/// file (faulted in whole at load), so those file pages are the model's
+/// memory as much as a copy would be; they are clean, so under pressure
+/// the kernel may drop them and read them again later, and another
+/// process mapping the same file shares them. Loaders that copy weights
+/// unmap their files before the measurement, so nothing counts twice.
+pub fn resident_rss() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    crate::gpu::proc_kib_field(&status, "RssAnon")
+    crate::gpu::proc_kib_field(&status, "RssAnon") + crate::gpu::proc_kib_field(&status, "RssFile")
 }
 
 /// `(free, total)` device memory from the driver.

@@ -8,6 +8,10 @@ use memmap2::{Mmap, MmapOptions};
 
 use super::{quant, Part, Source, MAX_ROWS};
 
+/// Prompt rows per pass of the decode kernels over quantized weights: the
+/// chunk's quantized activations (a few tens of KiB) stay in cache.
+const PROMPT_CHUNK_ROWS: usize = 64;
+
 /// A model file mapped read-only.
 #[derive(Clone)]
 pub struct MappedFile {
@@ -143,10 +147,24 @@ impl Mapped {
         }
         match self.source() {
             Source::F32(w) => Ok(gemm_f32(x, rows, w, self.features, self.inputs)),
+            Source::Quant(dtype, _) if quant::has_own_kernel(dtype) => Ok(self.in_chunks(x, rows)),
             Source::Quant(dtype, bytes) => {
                 quant::matmul(dtype, bytes, x, rows, self.features, self.inputs)
             }
         }
+    }
+
+    /// A prompt's product through the decode kernels, a chunk of rows at a
+    /// time: they read each weight row once per chunk and beat candle's
+    /// blocked product, whose dot products convert scales by calls.
+    fn in_chunks(&self, x: &[f32], rows: usize) -> Vec<f32> {
+        let mut out = Vec::with_capacity(rows * self.features);
+        for chunk in x.chunks(PROMPT_CHUNK_ROWS * self.inputs) {
+            let n = chunk.len() / self.inputs;
+            let part = super::few_rows(&[self.part()], chunk, n, self.inputs);
+            out.extend(part.into_iter().next().expect("one part"));
+        }
+        out
     }
 
     /// Row `index` as f32 (an embedding lookup).

@@ -28,6 +28,13 @@ pub fn supported(dtype: GgmlDType) -> bool {
     )
 }
 
+/// Whether modeld's own kernels run `dtype` (the others go through
+/// candle's dot products).
+pub fn has_own_kernel(dtype: GgmlDType) -> bool {
+    use GgmlDType::*;
+    matches!(dtype, Q8_0 | Q4_0 | Q5_0 | Q4K | Q5K | Q6K)
+}
+
 /// Activation rows quantized for one family of weight types.
 pub enum Activations {
     /// For Q8_0 weights, whose kernel is modeld's own.

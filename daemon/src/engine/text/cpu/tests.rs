@@ -282,3 +282,22 @@ fn kernel_read_rates() {
         }
     }
 }
+
+#[test]
+fn a_mapped_quantized_prompt_runs_in_chunks_with_the_decode_sums() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weights.bin");
+    let (features, inputs) = (40, 256);
+    let w = values(features * inputs, 11);
+    let (words, len, _) = quantized(&w, features, inputs, GgmlDType::Q6K);
+    std::fs::write(&path, as_bytes(&words, len)).unwrap();
+    let file = MappedFile::open(&path).unwrap();
+    let matrix = file.matrix(0, GgmlDType::Q6K, features, inputs).unwrap();
+    let rows = 150;
+    let x = values(rows * inputs, 12);
+    let prompt = matrix.forward(&x, rows).unwrap();
+    for r in [0, 63, 64, 149] {
+        let alone = matrix.forward(&x[r * inputs..(r + 1) * inputs], 1).unwrap();
+        assert_eq!(alone, prompt[r * features..(r + 1) * features], "row {r}");
+    }
+}
