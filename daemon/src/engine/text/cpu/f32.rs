@@ -10,23 +10,27 @@
 /// Values per chunk: four accumulators of eight lanes.
 const CHUNK: usize = 32;
 
-/// `out[r] = w · x[r]` for each of the `out.len()` rows of `x`, each
-/// `w.len()` long.
-pub fn dot_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
+#[cfg(target_arch = "x86_64")]
+fn has_avx2_fma() -> bool {
+    super::features::x86() != super::features::X86::None
+}
+
+/// Weight rows `first..` of `w` (rows of `inputs`), each dotted with
+/// every row of `x`: fills `out[f * rows + r]`, with the instruction set
+/// picked once for all of them.
+pub fn dot_features(w: &[f32], inputs: usize, first: usize, x: &[f32], out: &mut [f32]) {
+    let rows = x.len() / inputs;
     #[cfg(target_arch = "x86_64")]
     {
         if has_avx2_fma() {
             // SAFETY: the CPU has AVX2 and FMA, checked above.
-            unsafe { avx2::dot_rows(w, x, out) };
+            unsafe { avx2::dot_features(w, inputs, first, x, rows, out) };
             return;
         }
     }
-    portable_dot_rows(w, x, out);
-}
-
-#[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
-    super::features::x86() != super::features::X86::None
+    for (f, sums) in out.chunks_exact_mut(rows).enumerate() {
+        portable_dot_rows(&w[(first + f) * inputs..][..inputs], x, sums);
+    }
 }
 
 fn portable_dot_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
@@ -72,7 +76,21 @@ mod avx2 {
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn dot_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
+    pub fn dot_features(
+        w: &[f32],
+        inputs: usize,
+        first: usize,
+        x: &[f32],
+        rows: usize,
+        out: &mut [f32],
+    ) {
+        for (f, sums) in out.chunks_exact_mut(rows).enumerate() {
+            dot_rows(&w[(first + f) * inputs..][..inputs], x, sums);
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub fn dot_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
         let n = w.len();
         let rows = out.len();
         assert!(
@@ -174,7 +192,7 @@ mod tests {
             let w = values(n, 1);
             let x = values(5 * n, 2);
             let mut out = [0f32; 5];
-            dot_rows(&w, &x, &mut out);
+            dot_features(&w, n, 0, &x, &mut out);
             for (r, got) in out.iter().enumerate() {
                 let row = &x[r * n..(r + 1) * n];
                 let plain: f32 = w.iter().zip(row).map(|(a, b)| a * b).sum();
@@ -183,7 +201,7 @@ mod tests {
                     "n {n} row {r}: {got} vs {plain}"
                 );
                 let mut alone = [0f32];
-                dot_rows(&w, row, &mut alone);
+                dot_features(&w, n, 0, row, &mut alone);
                 assert_eq!(alone[0].to_bits(), got.to_bits(), "n {n} row {r}");
             }
         }

@@ -80,16 +80,53 @@ impl K8Rows {
 /// Weight rows `first..` of a `kind` matrix in `bytes`, each dotted with
 /// every activation row: fills `out[f * rows + r]`.
 pub fn dot_features(kind: Kind, bytes: &[u8], first: usize, acts: &K8Rows, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::features::x86() != super::features::X86::None {
+        // SAFETY: the CPU has AVX2.
+        return unsafe { avx2::dot_features(kind, bytes, first, acts, out) };
+    }
+    features_with(kind, bytes, first, acts, out, &Portable);
+}
+
+/// The super-block integer sums of one instruction set.
+trait Sums {
+    fn q4k(&self, block: &[u8], scales: &[u8; 8], rows: [&[i8]; 4], n: usize) -> [i32; 4];
+    fn q5k(&self, block: &[u8], scales: &[u8; 8], rows: [&[i8]; 4], n: usize) -> [i32; 4];
+    fn q6k(&self, block: &[u8], scales: &[i8; 16], rows: [&[i8]; 4], n: usize) -> [i32; 4];
+}
+
+struct Portable;
+
+impl Sums for Portable {
+    fn q4k(&self, block: &[u8], scales: &[u8; 8], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
+        portable_q4k(block, scales, rows, n)
+    }
+    fn q5k(&self, block: &[u8], scales: &[u8; 8], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
+        portable_q5k(block, scales, rows, n)
+    }
+    fn q6k(&self, block: &[u8], scales: &[i8; 16], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
+        portable_q6k(block, scales, rows, n)
+    }
+}
+
+/// The loops over features and tiles of four rows, inlined into each
+/// instruction set's entry so that the sums inline too.
+#[inline(always)]
+fn features_with(
+    kind: Kind,
+    bytes: &[u8],
+    first: usize,
+    acts: &K8Rows,
+    out: &mut [f32],
+    sums: &impl Sums,
+) {
     let rows = acts.rows();
     let supers = acts.inputs / SUPER;
     let row_bytes = supers * kind.block_bytes();
-    for (f, sums) in out.chunks_exact_mut(rows).enumerate() {
+    for (f, out) in out.chunks_exact_mut(rows).enumerate() {
         let weights = &bytes[(first + f) * row_bytes..][..row_bytes];
-        let mut r = 0;
-        while r < rows {
-            let tile = (rows - r).min(4);
-            dot_tile(kind, weights, acts, r, &mut sums[r..r + tile]);
-            r += tile;
+        for (tile, out) in out.chunks_mut(4).enumerate() {
+            dot_tile(kind, weights, acts, tile * 4, out, sums);
         }
     }
 }
@@ -117,7 +154,15 @@ fn half_at(bytes: &[u8], at: usize) -> f32 {
 }
 
 /// One weight row with activation rows `first_row..first_row + out.len()`.
-fn dot_tile(kind: Kind, weights: &[u8], acts: &K8Rows, first_row: usize, out: &mut [f32]) {
+#[inline(always)]
+fn dot_tile(
+    kind: Kind,
+    weights: &[u8],
+    acts: &K8Rows,
+    first_row: usize,
+    out: &mut [f32],
+    s: &impl Sums,
+) {
     let supers = acts.inputs / SUPER;
     let mut acc = [0f32; 4];
     for b in 0..supers {
@@ -127,7 +172,7 @@ fn dot_tile(kind: Kind, weights: &[u8], acts: &K8Rows, first_row: usize, out: &m
         match kind {
             Kind::Q6K => {
                 let scales: [i8; 16] = std::array::from_fn(|k| block[192 + k] as i8);
-                let sums = sums_q6k(block, &scales, rows, out.len());
+                let sums = s.q6k(block, &scales, rows, out.len());
                 let d = half_at(block, 208);
                 for (i, acc) in acc.iter_mut().enumerate().take(out.len()) {
                     let row = first_row + i;
@@ -140,9 +185,9 @@ fn dot_tile(kind: Kind, weights: &[u8], acts: &K8Rows, first_row: usize, out: &m
             Kind::Q4K | Kind::Q5K => {
                 let (scales, mins) = scales_and_mins(&block[4..16]);
                 let sums = if kind == Kind::Q4K {
-                    sums_q4k(block, &scales, rows, out.len())
+                    s.q4k(block, &scales, rows, out.len())
                 } else {
-                    sums_q5k(block, &scales, rows, out.len())
+                    s.q5k(block, &scales, rows, out.len())
                 };
                 let (d, dmin) = (half_at(block, 0), half_at(block, 2));
                 for (i, acc) in acc.iter_mut().enumerate().take(out.len()) {
@@ -161,16 +206,6 @@ fn dot_tile(kind: Kind, weights: &[u8], acts: &K8Rows, first_row: usize, out: &m
     out.copy_from_slice(&acc[..out.len()]);
 }
 
-/// Σ scale · q · y over a Q4_K super-block, for each of `n` rows.
-fn sums_q4k(block: &[u8], scales: &[u8; 8], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
-    #[cfg(target_arch = "x86_64")]
-    if super::features::x86() != super::features::X86::None {
-        // SAFETY: the CPU has AVX2.
-        return unsafe { avx2::sums_q4k(block, scales, rows, n) };
-    }
-    portable_q4k(block, scales, rows, n)
-}
-
 fn portable_q4k(block: &[u8], scales: &[u8; 8], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
     let q = &block[16..144];
     portable_sums(rows, n, |l| {
@@ -179,16 +214,6 @@ fn portable_q4k(block: &[u8], scales: &[u8; 8], rows: [&[i8]; 4], n: usize) -> [
         let value = if at < 32 { byte & 0xF } else { byte >> 4 };
         value as i32 * scales[l / 32] as i32
     })
-}
-
-/// Σ scale · q · y over a Q5_K super-block.
-fn sums_q5k(block: &[u8], scales: &[u8; 8], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
-    #[cfg(target_arch = "x86_64")]
-    if super::features::x86() != super::features::X86::None {
-        // SAFETY: the CPU has AVX2.
-        return unsafe { avx2::sums_q5k(block, scales, rows, n) };
-    }
-    portable_q5k(block, scales, rows, n)
 }
 
 fn portable_q5k(block: &[u8], scales: &[u8; 8], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
@@ -200,17 +225,6 @@ fn portable_q5k(block: &[u8], scales: &[u8; 8], rows: [&[i8]; 4], n: usize) -> [
         let bit = (qh[at % 32] >> (l / 32)) & 1;
         (low | (bit << 4)) as i32 * scales[l / 32] as i32
     })
-}
-
-/// Σ scale · q · y over a Q6_K super-block, with q before its offset of
-/// 32 (subtracted by the caller through the group sums).
-fn sums_q6k(block: &[u8], scales: &[i8; 16], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
-    #[cfg(target_arch = "x86_64")]
-    if super::features::x86() != super::features::X86::None {
-        // SAFETY: the CPU has AVX2.
-        return unsafe { avx2::sums_q6k(block, scales, rows, n) };
-    }
-    portable_q6k(block, scales, rows, n)
 }
 
 fn portable_q6k(block: &[u8], scales: &[i8; 16], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
@@ -242,8 +256,33 @@ fn portable_sums(rows: [&[i8]; 4], n: usize, weight: impl Fn(usize) -> i32) -> [
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::SUPER;
+    use super::{features_with, K8Rows, Kind, Sums, SUPER};
     use std::arch::x86_64::*;
+
+    struct Avx2;
+
+    impl Sums for Avx2 {
+        #[inline(always)]
+        fn q4k(&self, block: &[u8], scales: &[u8; 8], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
+            // SAFETY: only reached from `dot_features`, on a CPU with AVX2.
+            unsafe { sums_q4k(block, scales, rows, n) }
+        }
+        #[inline(always)]
+        fn q5k(&self, block: &[u8], scales: &[u8; 8], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
+            // SAFETY: as above.
+            unsafe { sums_q5k(block, scales, rows, n) }
+        }
+        #[inline(always)]
+        fn q6k(&self, block: &[u8], scales: &[i8; 16], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
+            // SAFETY: as above.
+            unsafe { sums_q6k(block, scales, rows, n) }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub fn dot_features(kind: Kind, bytes: &[u8], first: usize, acts: &K8Rows, out: &mut [f32]) {
+        features_with(kind, bytes, first, acts, out, &Avx2);
+    }
 
     #[target_feature(enable = "avx2")]
     fn load(bytes: &[u8], at: usize) -> __m256i {

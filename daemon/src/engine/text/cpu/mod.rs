@@ -124,13 +124,8 @@ fn dot_features(
     acts: &[(quant::ActivationKind, quant::Activations)],
     out: &mut [f32],
 ) {
-    let rows = x.len() / inputs;
     match source {
-        Source::F32(w) => {
-            for (f, sums) in out.chunks_exact_mut(rows).enumerate() {
-                f32::dot_rows(&w[(first + f) * inputs..][..inputs], x, sums);
-            }
-        }
+        Source::F32(w) => f32::dot_features(w, inputs, first, x, out),
         Source::Quant(dtype, bytes) => {
             let kind = quant::activation_kind(dtype);
             let (_, a) = acts

@@ -93,37 +93,32 @@ impl Q8Rows {
 }
 
 /// Weight rows `first..` of a `format` matrix in `bytes`, each dotted
-/// with every activation row: fills `out[f * rows + r]`.
+/// with every activation row: fills `out[f * rows + r]`. The instruction
+/// set is picked once per call, and the loops live inside each kernel.
 pub fn dot_features(format: Format, bytes: &[u8], first: usize, acts: &Q8Rows, out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::features::{x86, X86};
+        let kernel = match x86() {
+            X86::Avx512Vnni => x86_64::features_avx512vnni,
+            X86::AvxVnni => x86_64::features_avxvnni,
+            X86::Avx2 => x86_64::features_avx2,
+            X86::None => return portable_features(format, bytes, first, acts, out),
+        };
+        // SAFETY: the CPU has the features of the kernel picked for it.
+        unsafe { kernel(format, bytes, first, acts, out) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    portable_features(format, bytes, first, acts, out);
+}
+
+fn portable_features(format: Format, bytes: &[u8], first: usize, acts: &Q8Rows, out: &mut [f32]) {
     let rows = acts.rows();
     let row_bytes = acts.inputs / BLOCK * format.block_bytes();
     for (f, sums) in out.chunks_exact_mut(rows).enumerate() {
         let weights = &bytes[(first + f) * row_bytes..][..row_bytes];
-        let mut r = 0;
-        while r < rows {
-            let tile = (rows - r).min(4);
-            dot_tile(format, weights, acts, r, &mut sums[r..r + tile]);
-            r += tile;
-        }
+        portable_tile(format, weights, acts, 0, sums);
     }
-}
-
-/// One weight row with activation rows `first_row..first_row + out.len()`.
-fn dot_tile(format: Format, weights: &[u8], acts: &Q8Rows, first_row: usize, out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use super::features::{x86, X86};
-        let tile = match x86() {
-            X86::Avx512Vnni => x86_64::tile_avx512vnni,
-            X86::AvxVnni => x86_64::tile_avxvnni,
-            X86::Avx2 => x86_64::tile_avx2,
-            X86::None => return portable_tile(format, weights, acts, first_row, out),
-        };
-        // SAFETY: the CPU has the features of the kernel picked for it.
-        unsafe { tile(format, weights, acts, first_row, out) }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    portable_tile(format, weights, acts, first_row, out);
 }
 
 /// The same sums in plain Rust: per block an integer dot product, scaled
@@ -210,64 +205,90 @@ mod x86_64 {
         _mm256_and_si256(set, _mm256_set1_epi8(16))
     }
 
-    /// Generates one tile kernel per instruction set: `$dot` turns a
-    /// block's absolute weights and sign-adjusted activations into eight
-    /// 32-bit sums of four products each.
-    macro_rules! tile_kernel {
-        ($name:ident, $features:literal, |$a:ident, $b:ident| $dot:expr) => {
+    /// Generates one kernel per instruction set: `$dot` turns a block's
+    /// absolute weights and sign-adjusted activations into eight 32-bit
+    /// sums of four products each. `$body` is monomorphic in the format
+    /// so that decoding a block folds to its few instructions.
+    macro_rules! kernel {
+        ($name:ident, $body:ident, $features:literal, |$a:ident, $b:ident| $dot:expr) => {
             #[target_feature(enable = $features)]
             pub fn $name(
                 format: Format,
-                weights: &[u8],
+                bytes: &[u8],
+                first: usize,
                 acts: &Q8Rows,
-                first_row: usize,
                 out: &mut [f32],
             ) {
-                let (blocks, size) = (acts.inputs / BLOCK, format.block_bytes());
-                assert!(weights.len() >= blocks * size && out.len() <= 4);
-                assert!(acts.values.len() >= (first_row + out.len()) * acts.inputs);
-                let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-                for b in 0..blocks {
-                    let block = &weights[b * size..][..size];
-                    let bits = u16::from_le_bytes([block[0], block[1]]);
-                    let w = values(format, block);
-                    let w_scale = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)));
-                    let abs_w = _mm256_sign_epi8(w, w);
-                    for (i, acc) in acc.iter_mut().enumerate().take(out.len()) {
-                        let at = (first_row + i) * blocks + b;
-                        // SAFETY: row `first_row + i` is inside `acts`.
-                        let x = unsafe {
-                            _mm256_loadu_si256(
-                                acts.values.as_ptr().add(at * BLOCK) as *const __m256i
-                            )
-                        };
-                        let signed_x = _mm256_sign_epi8(x, w);
-                        let ($a, $b) = (abs_w, signed_x);
-                        let sums = _mm256_cvtepi32_ps($dot);
-                        let scale = _mm256_set1_ps(w_scale * acts.scales[at]);
-                        acc[b % 2] = _mm256_fmadd_ps(scale, sums, acc[b % 2]);
-                    }
+                match format {
+                    Format::Q8_0 => $body::<0>(bytes, first, acts, out),
+                    Format::Q4_0 => $body::<1>(bytes, first, acts, out),
+                    Format::Q5_0 => $body::<2>(bytes, first, acts, out),
                 }
-                for (slot, acc) in out.iter_mut().zip(acc) {
-                    let sum = _mm256_add_ps(acc[0], acc[1]);
-                    let mut lanes = [0f32; 8];
-                    // SAFETY: `lanes` holds eight f32.
-                    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
-                    *slot = super::super::f32::horizontal(lanes);
+            }
+
+            #[target_feature(enable = $features)]
+            fn $body<const FORMAT: u8>(bytes: &[u8], first: usize, acts: &Q8Rows, out: &mut [f32]) {
+                let format = [Format::Q8_0, Format::Q4_0, Format::Q5_0][FORMAT as usize];
+                let (rows, blocks, size) = (acts.rows(), acts.inputs / BLOCK, format.block_bytes());
+                assert!(
+                    acts.values.len() >= rows * acts.inputs && acts.scales.len() >= rows * blocks
+                );
+                for (f, sums) in out.chunks_exact_mut(rows).enumerate() {
+                    let weights = &bytes[(first + f) * blocks * size..][..blocks * size];
+                    for (tile, sums) in sums.chunks_mut(4).enumerate() {
+                        let first_row = tile * 4;
+                        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+                        for b in 0..blocks {
+                            let block = &weights[b * size..][..size];
+                            let bits = u16::from_le_bytes([block[0], block[1]]);
+                            let w = values(format, block);
+                            let w_scale =
+                                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)));
+                            let abs_w = _mm256_sign_epi8(w, w);
+                            for (i, acc) in acc.iter_mut().enumerate().take(sums.len()) {
+                                let at = (first_row + i) * blocks + b;
+                                // SAFETY: `at` is a block of a row inside `acts`,
+                                // checked against its length above.
+                                let (x, x_scale) = unsafe {
+                                    (
+                                        _mm256_loadu_si256(
+                                            acts.values.as_ptr().add(at * BLOCK) as *const __m256i
+                                        ),
+                                        *acts.scales.get_unchecked(at),
+                                    )
+                                };
+                                let signed_x = _mm256_sign_epi8(x, w);
+                                let ($a, $b) = (abs_w, signed_x);
+                                let products = _mm256_cvtepi32_ps($dot);
+                                let scale = _mm256_set1_ps(w_scale * x_scale);
+                                acc[b % 2] = _mm256_fmadd_ps(scale, products, acc[b % 2]);
+                            }
+                        }
+                        for (slot, acc) in sums.iter_mut().zip(acc) {
+                            let sum = _mm256_add_ps(acc[0], acc[1]);
+                            let mut lanes = [0f32; 8];
+                            // SAFETY: `lanes` holds eight f32.
+                            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+                            *slot = super::super::f32::horizontal(lanes);
+                        }
+                    }
                 }
             }
         };
     }
 
-    tile_kernel!(tile_avx2, "avx2,fma,f16c", |a, b| _mm256_madd_epi16(
-        _mm256_maddubs_epi16(a, b),
-        _mm256_set1_epi16(1)
-    ));
-    tile_kernel!(tile_avxvnni, "avx2,fma,f16c,avxvnni", |a, b| {
-        _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b)
+    kernel!(features_avx2, body_avx2, "avx2,fma,f16c", |a, b| {
+        _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
     });
-    tile_kernel!(
-        tile_avx512vnni,
+    kernel!(
+        features_avxvnni,
+        body_avxvnni,
+        "avx2,fma,f16c,avxvnni",
+        |a, b| _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b)
+    );
+    kernel!(
+        features_avx512vnni,
+        body_avx512vnni,
         "avx2,fma,f16c,avx512vnni,avx512vl",
         |a, b| _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
     );
@@ -322,22 +343,28 @@ mod tests {
             // SAFETY: each path runs only when the CPU has its features.
             unsafe {
                 if best != X86::None {
-                    x86_64::tile_avx2(format, weights, acts, 0, &mut got);
+                    x86_64::features_avx2(format, weights, 0, acts, &mut got);
                     assert!(same(got), "{format:?} AVX2");
                 }
                 if best == X86::Avx512Vnni {
-                    x86_64::tile_avx512vnni(format, weights, acts, 0, &mut got);
+                    x86_64::features_avx512vnni(format, weights, 0, acts, &mut got);
                     assert!(same(got), "{format:?} AVX-512 VNNI");
                 }
                 if std::is_x86_feature_detected!("avxvnni") && best != X86::None {
-                    x86_64::tile_avxvnni(format, weights, acts, 0, &mut got);
+                    x86_64::features_avxvnni(format, weights, 0, acts, &mut got);
                     assert!(same(got), "{format:?} AVX-VNNI");
                 }
             }
         }
         // One row alone equals its place in the tile.
+        let inputs = acts.inputs;
+        let row = Q8Rows {
+            values: acts.values[2 * inputs..3 * inputs].to_vec(),
+            scales: acts.scales[2 * inputs / BLOCK..3 * inputs / BLOCK].to_vec(),
+            inputs,
+        };
         let mut alone = [0f32; 1];
-        dot_tile(format, weights, acts, 2, &mut alone);
+        dot_features(format, weights, 0, &row, &mut alone);
         assert_eq!(alone[0].to_bits(), portable[2].to_bits(), "{format:?}");
     }
 }
