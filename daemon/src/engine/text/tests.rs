@@ -87,7 +87,10 @@ fn a_batched_decode_step_gives_each_sequence_its_own_logits() {
 fn random_llama(dir: &std::path::Path, hidden: usize, layers: usize) -> Decoder {
     let heads = hidden / 64;
     // Grouped as the real models are: three or four query heads per key.
-    let kv_heads = (1..=heads / 3).rev().find(|k| heads % k == 0).unwrap_or(1);
+    let kv_heads = (1..=heads / 3)
+        .rev()
+        .find(|k| heads.is_multiple_of(*k))
+        .unwrap_or(1);
     let shape = modeld_e2e::synthetic::Shape {
         hidden,
         // As Llama's: 8/3 of the width, rounded up to 256.

@@ -210,7 +210,7 @@ mod x86_64 {
     /// sums of four products each. `$body` is monomorphic in the format
     /// so that decoding a block folds to its few instructions.
     macro_rules! kernel {
-        ($name:ident, $body:ident, $features:literal, |$a:ident, $b:ident| $dot:expr) => {
+        ($name:ident, $body:ident, $tile:ident, $features:literal, |$a:ident, $b:ident| $dot:expr) => {
             #[target_feature(enable = $features)]
             pub fn $name(
                 format: Format,
@@ -237,58 +237,95 @@ mod x86_64 {
                     let weights = &bytes[(first + f) * blocks * size..][..blocks * size];
                     for (tile, sums) in sums.chunks_mut(4).enumerate() {
                         let first_row = tile * 4;
-                        let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-                        for b in 0..blocks {
-                            let block = &weights[b * size..][..size];
-                            let bits = u16::from_le_bytes([block[0], block[1]]);
-                            let w = values(format, block);
-                            let w_scale =
-                                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)));
-                            let abs_w = _mm256_sign_epi8(w, w);
-                            for (i, acc) in acc.iter_mut().enumerate().take(sums.len()) {
-                                let at = (first_row + i) * blocks + b;
-                                // SAFETY: `at` is a block of a row inside `acts`,
-                                // checked against its length above.
-                                let (x, x_scale) = unsafe {
-                                    (
-                                        _mm256_loadu_si256(
-                                            acts.values.as_ptr().add(at * BLOCK) as *const __m256i
-                                        ),
-                                        *acts.scales.get_unchecked(at),
-                                    )
-                                };
-                                let signed_x = _mm256_sign_epi8(x, w);
-                                let ($a, $b) = (abs_w, signed_x);
-                                let products = _mm256_cvtepi32_ps($dot);
-                                let scale = _mm256_set1_ps(w_scale * x_scale);
-                                acc[b % 2] = _mm256_fmadd_ps(scale, products, acc[b % 2]);
-                            }
-                        }
-                        for (slot, acc) in sums.iter_mut().zip(acc) {
-                            let sum = _mm256_add_ps(acc[0], acc[1]);
-                            let mut lanes = [0f32; 8];
-                            // SAFETY: `lanes` holds eight f32.
-                            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
-                            *slot = super::super::f32::horizontal(lanes);
+                        // A fixed row count keeps the sums in registers.
+                        match sums.len() {
+                            1 => $tile::<FORMAT, 1>(weights, acts, first_row, sums),
+                            2 => $tile::<FORMAT, 2>(weights, acts, first_row, sums),
+                            3 => $tile::<FORMAT, 3>(weights, acts, first_row, sums),
+                            _ => $tile::<FORMAT, 4>(weights, acts, first_row, sums),
                         }
                     }
+                }
+            }
+
+            /// One weight row with `N` activation rows from `first_row`;
+            /// even and odd blocks add into separate sums.
+            #[target_feature(enable = $features)]
+            fn $tile<const FORMAT: u8, const N: usize>(
+                weights: &[u8],
+                acts: &Q8Rows,
+                first_row: usize,
+                sums: &mut [f32],
+            ) {
+                let format = [Format::Q8_0, Format::Q4_0, Format::Q5_0][FORMAT as usize];
+                let (blocks, size) = (acts.inputs / BLOCK, format.block_bytes());
+                assert!(sums.len() == N && (first_row + N) * blocks <= acts.scales.len());
+                assert!(acts.values.len() >= (first_row + N) * acts.inputs);
+                let mut even = [_mm256_setzero_ps(); N];
+                let mut odd = [_mm256_setzero_ps(); N];
+                let add_block = |b: usize, acc: &mut [__m256; N]| {
+                    let block = &weights[b * size..][..size];
+                    let bits = u16::from_le_bytes([block[0], block[1]]);
+                    let w = values(format, block);
+                    let w_scale = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)));
+                    let abs_w = _mm256_sign_epi8(w, w);
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let at = (first_row + i) * blocks + b;
+                        // SAFETY: `at` is a block of a row inside `acts`,
+                        // checked against its length above.
+                        let (x, x_scale) = unsafe {
+                            (
+                                _mm256_loadu_si256(
+                                    acts.values.as_ptr().add(at * BLOCK) as *const __m256i
+                                ),
+                                *acts.scales.get_unchecked(at),
+                            )
+                        };
+                        let signed_x = _mm256_sign_epi8(x, w);
+                        let ($a, $b) = (abs_w, signed_x);
+                        let products = _mm256_cvtepi32_ps($dot);
+                        let scale = _mm256_set1_ps(w_scale * x_scale);
+                        *acc = _mm256_fmadd_ps(scale, products, *acc);
+                    }
+                };
+                let mut b = 0;
+                while b + 2 <= blocks {
+                    add_block(b, &mut even);
+                    add_block(b + 1, &mut odd);
+                    b += 2;
+                }
+                if b < blocks {
+                    add_block(b, &mut even);
+                }
+                for ((slot, even), odd) in sums.iter_mut().zip(even).zip(odd) {
+                    let sum = _mm256_add_ps(even, odd);
+                    let mut lanes = [0f32; 8];
+                    // SAFETY: `lanes` holds eight f32.
+                    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+                    *slot = super::super::f32::horizontal(lanes);
                 }
             }
         };
     }
 
-    kernel!(features_avx2, body_avx2, "avx2,fma,f16c", |a, b| {
-        _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
-    });
+    kernel!(
+        features_avx2,
+        body_avx2,
+        tile_avx2,
+        "avx2,fma,f16c",
+        |a, b| _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+    );
     kernel!(
         features_avxvnni,
         body_avxvnni,
+        tile_avxvnni,
         "avx2,fma,f16c,avxvnni",
         |a, b| _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b)
     );
     kernel!(
         features_avx512vnni,
         body_avx512vnni,
+        tile_avx512vnni,
         "avx2,fma,f16c,avx512vnni,avx512vl",
         |a, b| _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
     );
