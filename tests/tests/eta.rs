@@ -1,6 +1,7 @@
 //! Queue position and ETA (issue 23): a queued job's `position`, `ahead`
 //! and `eta_s` in `status` and `jobs.get`, against when it really starts.
 
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use modeld_e2e::synthetic::register_slow_model;
@@ -35,14 +36,22 @@ fn wait_for(what: &str, mut check: impl FnMut() -> Option<Value>) -> Value {
 
 /// The ETA of a job queued behind a long generation is its remaining
 /// time, within a stated tolerance: half the real wait, plus a second.
+/// The tests here time generations; run side by side on a small machine,
+/// one daemon's decode would slow the other's mid-measurement.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 #[test]
 fn a_queued_job_eta_matches_when_it_starts() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let daemon = Daemon::start_configured("[scheduler]\nmax_batch = 1\n", &[]);
     register_slow_model(&daemon, "slow");
-    // Rates are measured from earlier generations: none yet, no ETA.
+    // Rates are measured from earlier generations: none yet, no ETA. The
+    // warm-up is as long as the job measured below, because a token's cost
+    // grows with the context (attention reads every earlier position) and
+    // the rate is an average over whole generations.
     let warm = generate_in_background(
         &daemon,
-        json!({"model": "slow", "prompt": "a", "max_tokens": 300}),
+        json!({"model": "slow", "prompt": "a", "max_tokens": 1000}),
     );
     wait_for("the warm-up to run", || {
         queue(&daemon)
@@ -65,7 +74,7 @@ fn a_queued_job_eta_matches_when_it_starts() {
 
     let long = generate_in_background(
         &daemon,
-        json!({"model": "slow", "prompt": "a", "max_tokens": 1500}),
+        json!({"model": "slow", "prompt": "a", "max_tokens": 1000}),
     );
     let running = wait_for("the long generation to run", || {
         queue(&daemon)
@@ -112,6 +121,7 @@ fn a_queued_job_eta_matches_when_it_starts() {
 /// changes: the first event is a token.
 #[test]
 fn a_waiting_subscription_with_queue_events_hears_its_place() {
+    let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let daemon = Daemon::start_configured("[scheduler]\nmax_batch = 1\n", &[]);
     register_slow_model(&daemon, "slow");
     let running = generate_in_background(

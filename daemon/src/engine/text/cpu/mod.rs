@@ -25,6 +25,10 @@ use candle_core::quantized::GgmlDType;
 /// task costs nothing next to reading it.
 const TASK_BYTES: usize = 32 * 1024;
 
+/// Products reading fewer bytes of weights run on the calling thread alone:
+/// waking the others would cost more than the work.
+const MIN_SHARED_BYTES: usize = 4 * TASK_BYTES;
+
 /// Products with at most this many rows run here; longer ones (prompts)
 /// go to blocked matrix products.
 pub const MAX_ROWS: usize = 16;
@@ -79,14 +83,23 @@ pub fn few_rows(parts: &[Part], x: &[f32], rows: usize, inputs: usize) -> Vec<Ve
             tasks.push((n, first, step.min(part.features - first)));
         }
     }
-    pool::global().run(tasks.len(), &|t| {
+    let work = |t: usize| {
         let (n, first, count) = tasks[t];
         // SAFETY: tasks cover disjoint feature ranges of their part's
         // buffer, which outlives the pool run.
         let out =
             unsafe { std::slice::from_raw_parts_mut(outs[n].0.add(first * rows), count * rows) };
         dot_features(parts[n].source, x, inputs, first, &acts, out);
-    });
+    };
+    let bytes: usize = parts
+        .iter()
+        .map(|p| p.features * p.source.row_bytes(inputs))
+        .sum();
+    if bytes < MIN_SHARED_BYTES {
+        (0..tasks.len()).for_each(work);
+    } else {
+        pool::global().run(tasks.len(), &work);
+    }
     by_feature
         .into_iter()
         .zip(parts)
