@@ -164,8 +164,10 @@ fn kv_bytes(config: &Value, dtype_bytes: u64, context: usize) -> u64 {
 }
 
 fn read_gguf(path: &PathBuf) -> Result<gguf_file::Content, EngineError> {
-    let mut file =
-        std::fs::File::open(path).map_err(|e| super::BadFile::new(path, e.to_string()))?;
+    let file = std::fs::File::open(path).map_err(|e| super::BadFile::new(path, e.to_string()))?;
+    // Buffered: the metadata is read a few bytes at a time, and a 50k-token
+    // vocabulary otherwise costs a system call per field.
+    let mut file = std::io::BufReader::new(file);
     gguf_file::Content::read(&mut file).map_err(|e| super::BadFile::new(path, e.to_string()).into())
 }
 

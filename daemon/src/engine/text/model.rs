@@ -114,7 +114,10 @@ pub struct GgufHeader {
 }
 
 pub fn read_gguf_header(path: &Path) -> Result<(gguf_file::Content, GgufHeader), EngineError> {
-    let mut file = std::fs::File::open(path).map_err(|e| BadFile::new(path, e))?;
+    let file = std::fs::File::open(path).map_err(|e| BadFile::new(path, e))?;
+    // Buffered: the metadata is read a few bytes at a time, and a 50k-token
+    // vocabulary otherwise costs a system call per field.
+    let mut file = std::io::BufReader::new(file);
     let content = gguf_file::Content::read(&mut file).map_err(|e| BadFile::from_candle(e, path))?;
     let arch_name = content
         .metadata
