@@ -5,13 +5,13 @@
 
 use std::collections::HashMap;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use candle_core::quantized::gguf_file;
 use candle_core::DType;
 use serde_json::Value;
 
-use super::text::model::{ModelSpec, Weights};
+use super::text::model::{read_gguf, ModelSpec, Weights};
 use super::EngineError;
 
 /// Tokens of KV cache counted per model: candle's models keep at most this
@@ -161,14 +161,6 @@ fn kv_bytes(config: &Value, dtype_bytes: u64, context: usize) -> u64 {
     let head_dim = number("head_dim").unwrap_or(hidden / heads.max(1));
     let tokens = context.min(KV_ESTIMATE_TOKENS) as u64;
     layers * 2 * kv_heads * head_dim * tokens * dtype_bytes
-}
-
-fn read_gguf(path: &PathBuf) -> Result<gguf_file::Content, EngineError> {
-    let file = std::fs::File::open(path).map_err(|e| super::BadFile::new(path, e.to_string()))?;
-    // Buffered: the metadata is read a few bytes at a time, and a 50k-token
-    // vocabulary otherwise costs a system call per field.
-    let mut file = std::io::BufReader::new(file);
-    gguf_file::Content::read(&mut file).map_err(|e| super::BadFile::new(path, e.to_string()).into())
 }
 
 /// GGUF weights stay as stored, except the token embeddings, which candle

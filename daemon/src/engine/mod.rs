@@ -466,7 +466,23 @@ impl Engine {
             .make_room(&request.placement, estimate.total(), budget)
             .await?;
         let keep_alive = request.keep_alive;
-        let resident = tokio::task::spawn_blocking(move || start_worker(&request, files, estimate))
+        self.start_and_admit(
+            move || start_worker(&request, files, estimate),
+            keep_alive,
+            evicted,
+        )
+        .await
+    }
+
+    /// Runs `start` (a worker or a runner coming up) off the async threads
+    /// and admits the model it made.
+    async fn start_and_admit(
+        &self,
+        start: impl FnOnce() -> Result<Resident, EngineError> + Send + 'static,
+        keep_alive: Option<std::time::Duration>,
+        evicted: Vec<String>,
+    ) -> Result<Loaded, EngineError> {
+        let resident = tokio::task::spawn_blocking(start)
             .await
             .map_err(|e| EngineError::Files(format!("load task failed: {e}")))??;
         Ok(Loaded {
@@ -492,14 +508,8 @@ impl Engine {
             .make_room(&request.placement, estimated_bytes, budget)
             .await?;
         let keep_alive = request.keep_alive;
-        let resident = tokio::task::spawn_blocking(move || start_runner(&request, load))
+        self.start_and_admit(move || start_runner(&request, load), keep_alive, evicted)
             .await
-            .map_err(|e| EngineError::Files(format!("load task failed: {e}")))??;
-        Ok(Loaded {
-            model: self.admit(resident, keep_alive),
-            already_loaded: false,
-            evicted,
-        })
     }
 
     /// Another LoRA set of an idle runner model of the same files, runner

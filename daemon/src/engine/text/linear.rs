@@ -171,9 +171,7 @@ fn dense_forward(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     } else {
         x2.matmul(&w.t()?)?
     };
-    let mut out = dims;
-    *out.last_mut().expect("x has at least one dimension") = w.dim(0)?;
-    y.reshape(out)
+    y.reshape(with_width(x, w.dim(0)?))
 }
 
 fn splits_by_rows(x: &Tensor, rows: usize) -> bool {

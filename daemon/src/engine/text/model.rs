@@ -113,12 +113,17 @@ pub struct GgufHeader {
     pub eos_id: Option<u32>,
 }
 
-pub fn read_gguf_header(path: &Path) -> Result<(gguf_file::Content, GgufHeader), EngineError> {
+/// A GGUF file's metadata and tensor table.
+pub fn read_gguf(path: &Path) -> Result<gguf_file::Content, EngineError> {
     let file = std::fs::File::open(path).map_err(|e| BadFile::new(path, e))?;
     // Buffered: the metadata is read a few bytes at a time, and a 50k-token
     // vocabulary otherwise costs a system call per field.
     let mut file = std::io::BufReader::new(file);
-    let content = gguf_file::Content::read(&mut file).map_err(|e| BadFile::from_candle(e, path))?;
+    Ok(gguf_file::Content::read(&mut file).map_err(|e| BadFile::from_candle(e, path))?)
+}
+
+pub fn read_gguf_header(path: &Path) -> Result<(gguf_file::Content, GgufHeader), EngineError> {
+    let content = read_gguf(path)?;
     let arch_name = content
         .metadata
         .get("general.architecture")

@@ -430,8 +430,7 @@ fn gguf_of(dir: &std::path::Path, kind: modeld_e2e::gguf::GgufType) -> Decoder {
     let out = tempfile::tempdir().unwrap();
     let file = out.path().join("model.gguf");
     modeld_e2e::gguf::write_gguf(dir, &file, kind).unwrap();
-    let (content, header) = super::model::read_gguf_header(&file).unwrap();
-    super::gguf::from_gguf(&file, content, header.arch, &Device::Cpu).unwrap()
+    load_gguf(&file)
 }
 
 #[test]
@@ -512,6 +511,7 @@ fn requantize(
     }
 }
 
+/// A GGUF file loaded on the CPU.
 fn load_gguf(file: &std::path::Path) -> Decoder {
     let (content, header) = super::model::read_gguf_header(file).unwrap();
     super::gguf::from_gguf(file, content, header.arch, &Device::Cpu).unwrap()

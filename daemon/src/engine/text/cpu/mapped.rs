@@ -109,10 +109,6 @@ impl Mapped {
         self.inputs
     }
 
-    pub fn dtype(&self) -> GgmlDType {
-        self.dtype
-    }
-
     fn bytes(&self) -> &[u8] {
         &self.file.map[self.offset..self.offset + self.len]
     }

@@ -90,11 +90,6 @@ impl Pool {
         }
     }
 
-    /// Threads a job can run on, the caller included.
-    pub fn threads(&self) -> usize {
-        self.helpers + 1
-    }
-
     /// Runs `run(i)` for `i` in `0..tasks` on the pool and the calling
     /// thread; returns when all are done. Which thread runs a task never
     /// changes its result.

@@ -2,13 +2,12 @@
 //! k-quants), read where they lie in the mapped file.
 //!
 //! Activations are quantized once per product, to the block type each
-//! weight type dots with (Q8_0, Q8_1 or Q8_K), as llama.cpp does; each
-//! weight row is then dotted with every activation row while it is in
-//! cache: Q8_0, Q4_K, Q5_K and Q6_K by modeld's own kernels
-//! ([`super::q8_0`], [`super::kquants`]), the others by candle's SIMD dot
-//! products (AVX2 when the CPU has it, detected at run
-//! time). A dot product depends only on its two rows, so
-//! a sequence's results are the same alone and in a batch.
+//! weight type dots with (8 bits per 32 or per 256 values), as llama.cpp
+//! does; each weight row is then dotted with every activation row while it
+//! is in cache: Q8_0, Q5_0, Q4_0, Q4_K, Q5_K and Q6_K by modeld's own
+//! kernels ([`super::q8_0`], [`super::kquants`]), Q4_1, Q5_1, Q2_K and
+//! Q3_K by candle's dot products. A dot product depends only on its two
+//! rows, so a sequence's results are the same alone and in a batch.
 
 use candle_core::quantized::k_quants::{
     BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
@@ -41,7 +40,6 @@ pub enum Activations {
     Rows8(Q8Rows),
     /// For Q4_K, Q5_K and Q6_K weights, whose kernels are modeld's own.
     K8(K8Rows),
-    Q8_0(Vec<BlockQ8_0>),
     Q8_1(Vec<BlockQ8_1>),
     Q8K(Vec<BlockQ8K>),
 }
@@ -51,7 +49,6 @@ pub enum Activations {
 pub enum ActivationKind {
     Rows8,
     K8,
-    Q8_0,
     Q8_1,
     Q8K,
 }
@@ -63,7 +60,7 @@ pub fn activation_kind(dtype: GgmlDType) -> ActivationKind {
         Q4K | Q5K | Q6K => ActivationKind::K8,
         Q2K | Q3K => ActivationKind::Q8K,
         Q8_0 | Q4_0 | Q5_0 => ActivationKind::Rows8,
-        _ => ActivationKind::Q8_0,
+        _ => unreachable!("{dtype:?} is not a quantized type the CPU decode reads"),
     }
 }
 
@@ -72,7 +69,6 @@ pub fn quantize(kind: ActivationKind, x: &[f32], inputs: usize) -> Activations {
     match kind {
         ActivationKind::Rows8 => Activations::Rows8(Q8Rows::quantize(x, inputs)),
         ActivationKind::K8 => Activations::K8(K8Rows::quantize(x, inputs)),
-        ActivationKind::Q8_0 => Activations::Q8_0(quantize_rows(x, inputs)),
         ActivationKind::Q8_1 => Activations::Q8_1(quantize_rows(x, inputs)),
         ActivationKind::Q8K => Activations::Q8K(quantize_rows(x, inputs)),
     }
@@ -133,8 +129,8 @@ fn dot<T: GgmlType>(
     }
 }
 
-/// `bytes` seen as blocks of `T`; [`super::Matrix`] checked the length
-/// and the alignment when it was made.
+/// `bytes` seen as blocks of `T`; [`super::MappedFile::matrix`] checked
+/// the length and the alignment when it was made.
 fn blocks<T: GgmlType>(bytes: &[u8]) -> &[T] {
     let size = std::mem::size_of::<T>();
     assert!(
@@ -195,7 +191,8 @@ fn row<T: GgmlType>(bytes: &[u8], inputs: usize, index: usize, out: &mut [f32]) 
 }
 
 /// `x` (`rows × inputs`) times the transpose of all the weights, for
-/// prompts: candle's blocked product, which quantizes `x` itself.
+/// prompts over the types without a kernel of ours: candle's blocked
+/// product, which quantizes `x` itself.
 pub fn matmul(
     dtype: GgmlDType,
     bytes: &[u8],
@@ -209,17 +206,11 @@ pub fn matmul(
     let mut out = vec![0f32; rows * features];
     let mkn = (rows, inputs, features);
     match dtype {
-        Q4_0 => mm::<BlockQ4_0>(mkn, x, blocks(bytes), &mut out),
         Q4_1 => mm::<BlockQ4_1>(mkn, x, blocks(bytes), &mut out),
-        Q5_0 => mm::<BlockQ5_0>(mkn, x, blocks(bytes), &mut out),
         Q5_1 => mm::<BlockQ5_1>(mkn, x, blocks(bytes), &mut out),
-        Q8_0 => mm::<BlockQ8_0>(mkn, x, blocks(bytes), &mut out),
         Q2K => mm::<BlockQ2K>(mkn, x, blocks(bytes), &mut out),
         Q3K => mm::<BlockQ3K>(mkn, x, blocks(bytes), &mut out),
-        Q4K => mm::<BlockQ4K>(mkn, x, blocks(bytes), &mut out),
-        Q5K => mm::<BlockQ5K>(mkn, x, blocks(bytes), &mut out),
-        Q6K => mm::<BlockQ6K>(mkn, x, blocks(bytes), &mut out),
-        _ => unreachable!("{dtype:?} is not a quantized type the CPU decode reads"),
+        _ => unreachable!("{dtype:?} prompts run through modeld's own kernels"),
     }?;
     Ok(out)
 }
