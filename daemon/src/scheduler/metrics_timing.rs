@@ -13,7 +13,9 @@ use crate::metrics;
 pub struct Timing {
     model: String,
     started: Instant,
+    first_token: Option<Instant>,
     last_token: Option<Instant>,
+    tokens: usize,
 }
 
 impl Timing {
@@ -21,7 +23,9 @@ impl Timing {
         Timing {
             model: model.to_string(),
             started: Instant::now(),
+            first_token: None,
             last_token: None,
+            tokens: 0,
         }
     }
 
@@ -33,19 +37,23 @@ impl Timing {
             GenerateEvent::Token { .. } => {
                 let now = Instant::now();
                 match self.last_token {
-                    None => metrics::first_token(&self.model, now - self.started),
-                    Some(last) => {
-                        metrics::next_token(&self.model, now - last);
-                        rates.token(&self.model, (now - last).as_secs_f64());
+                    None => {
+                        metrics::first_token(&self.model, now - self.started);
+                        self.first_token = Some(now);
                     }
+                    Some(last) => metrics::next_token(&self.model, now - last),
                 }
                 self.last_token = Some(now);
+                self.tokens += 1;
             }
             GenerateEvent::Done {
                 prompt_tokens,
                 completion_tokens,
                 ..
-            } => metrics::text_done(&self.model, *prompt_tokens, *completion_tokens),
+            } => {
+                metrics::text_done(&self.model, *prompt_tokens, *completion_tokens);
+                self.record_rate(rates);
+            }
             GenerateEvent::Images(done) => {
                 metrics::images_done(&self.model, done.images.len(), done.steps);
                 let steps = done.steps * done.images.len();
@@ -56,6 +64,23 @@ impl Timing {
             GenerateEvent::Progress { .. }
             | GenerateEvent::Queued { .. }
             | GenerateEvent::Error { .. } => {}
+        }
+    }
+}
+
+impl Timing {
+    /// The generation's seconds per token, first token to last, as one
+    /// sample of the model's rate. Token events reach here in bursts (a
+    /// held-back stop string, a busy channel), so single gaps swing from
+    /// nothing to several tokens' time; one average per generation does
+    /// not, and later tokens cost more as the context grows, which the
+    /// whole run counts.
+    fn record_rate(&self, rates: &Rates) {
+        if let (Some(first), Some(last), true) =
+            (self.first_token, self.last_token, self.tokens > 1)
+        {
+            let seconds = (last - first).as_secs_f64() / (self.tokens - 1) as f64;
+            rates.token(&self.model, seconds);
         }
     }
 }
