@@ -73,6 +73,7 @@ pub(super) fn horizontal(l: [f32; 8]) -> f32 {
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use super::{horizontal, CHUNK};
+    use crate::engine::text::cpu::prefetch_ahead;
     use std::arch::x86_64::*;
 
     #[target_feature(enable = "avx2,fma")]
@@ -117,6 +118,9 @@ mod avx2 {
         let mut acc = [_mm256_setzero_ps(); 4];
         let mut at = 0;
         while at < body {
+            // A chunk is two cache lines.
+            prefetch_ahead(w, at * 4);
+            prefetch_ahead(w, at * 4 + 64);
             for (k, sum) in acc.iter_mut().enumerate() {
                 // SAFETY: `at + k * 8 + 8 <= body <= len` for both rows.
                 let (wv, xv) = unsafe {
@@ -142,6 +146,9 @@ mod avx2 {
         let mut a1 = [_mm256_setzero_ps(); 4];
         let mut at = 0;
         while at < body {
+            // A chunk is two cache lines.
+            prefetch_ahead(w, at * 4);
+            prefetch_ahead(w, at * 4 + 64);
             for k in 0..4 {
                 let i = at + k * 8;
                 // SAFETY: `i + 8 <= body <= len` for the three rows.

@@ -166,7 +166,12 @@ fn dot_tile(
     let supers = acts.inputs / SUPER;
     let mut acc = [0f32; 4];
     for b in 0..supers {
-        let block = &weights[b * kind.block_bytes()..][..kind.block_bytes()];
+        let at = b * kind.block_bytes();
+        // A super-block spans at most four cache lines.
+        for line in 0..4 {
+            super::prefetch_ahead(weights, at + line * 64);
+        }
+        let block = &weights[at..][..kind.block_bytes()];
         let rows: [&[i8]; 4] =
             std::array::from_fn(|i| acts.block(first_row + i.min(out.len() - 1), b));
         match kind {

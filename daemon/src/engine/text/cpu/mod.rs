@@ -33,6 +33,28 @@ const MIN_SHARED_BYTES: usize = 4 * TASK_BYTES;
 /// go to blocked matrix products.
 pub const MAX_ROWS: usize = 16;
 
+/// How far ahead of a kernel's sums its weights are asked for. One core's
+/// hardware prefetchers stop at each 4 KiB page and keep too few lines in
+/// flight: asking 2 KiB ahead read 11 GB/s as 14 on one core, and 22 as 27
+/// on two, of this machine's memory.
+const PREFETCH_BYTES: usize = 2048;
+
+/// Asks for the cache line `PREFETCH_BYTES` past `at` bytes into
+/// `weights`. It may lie past the row or the matrix: the address is only
+/// computed, with wrapping arithmetic, and prefetches never fault.
+#[inline(always)]
+fn prefetch_ahead<T>(weights: &[T], at: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        let ahead = (weights.as_ptr() as *const i8).wrapping_add(at + PREFETCH_BYTES);
+        // SAFETY: a prefetch reads nothing the program can observe.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead) };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (weights, at);
+}
+
 /// Weights of `features × inputs` values, row-major.
 #[derive(Clone, Copy)]
 pub enum Source<'a> {

@@ -153,6 +153,7 @@ fn portable_tile(format: Format, weights: &[u8], acts: &Q8Rows, first_row: usize
 #[cfg(target_arch = "x86_64")]
 mod x86_64 {
     use super::{Format, Q8Rows, BLOCK};
+    use crate::engine::text::cpu::prefetch_ahead;
     use std::arch::x86_64::*;
 
     /// Block `block`'s 32 values as signed bytes.
@@ -290,6 +291,9 @@ mod x86_64 {
                 };
                 let mut b = 0;
                 while b + 2 <= blocks {
+                    // Two blocks span at most two cache lines.
+                    prefetch_ahead(weights, b * size);
+                    prefetch_ahead(weights, b * size + 64);
                     add_block(b, &mut even);
                     add_block(b + 1, &mut odd);
                     b += 2;
