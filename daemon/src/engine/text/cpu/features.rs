@@ -10,7 +10,7 @@ pub enum X86 {
     Avx2,
     /// AVX2 plus AVX-VNNI's 256-bit integer multiply-adds.
     AvxVnni,
-    /// AVX2 plus AVX-512 VNNI's, used at 256 bits.
+    /// AVX2 plus AVX-512 (F, BW, DQ, VL) with VNNI.
     Avx512Vnni,
 }
 
@@ -24,7 +24,11 @@ pub fn x86() -> X86 {
             && is_x86_feature_detected!("f16c");
         if !avx2 {
             X86::None
-        } else if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512vl") {
+        } else if is_x86_feature_detected!("avx512vnni")
+            && is_x86_feature_detected!("avx512vl")
+            && is_x86_feature_detected!("avx512bw")
+            && is_x86_feature_detected!("avx512dq")
+        {
             X86::Avx512Vnni
         } else if is_x86_feature_detected!("avxvnni") {
             X86::AvxVnni

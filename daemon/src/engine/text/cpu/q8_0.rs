@@ -63,6 +63,9 @@ pub struct Q8Rows {
     values: Vec<i8>,
     scales: Vec<f32>,
     inputs: usize,
+    /// For the AVX-512 kernel, which has no byte sign instruction: the
+    /// values plus 128, as unsigned bytes.
+    unsigned: Vec<u8>,
 }
 
 impl Q8Rows {
@@ -80,11 +83,20 @@ impl Q8Rows {
             }
             scales.push(scale);
         }
-        Q8Rows {
+        Self::from_parts(values, scales, inputs)
+    }
+
+    fn from_parts(values: Vec<i8>, scales: Vec<f32>, inputs: usize) -> Self {
+        let mut rows = Q8Rows {
             values,
             scales,
             inputs,
+            unsigned: Vec::new(),
+        };
+        if super::features::x86() == super::features::X86::Avx512Vnni {
+            rows.unsigned = rows.values.iter().map(|v| *v as u8 ^ 0x80).collect();
         }
+        rows
     }
 
     fn rows(&self) -> usize {
@@ -100,7 +112,7 @@ pub fn dot_features(format: Format, bytes: &[u8], first: usize, acts: &Q8Rows, o
     {
         use super::features::{x86, X86};
         let kernel = match x86() {
-            X86::Avx512Vnni => x86_64::features_avx512vnni,
+            X86::Avx512Vnni => x86_64::features_avx512,
             X86::AvxVnni => x86_64::features_avxvnni,
             X86::Avx2 => x86_64::features_avx2,
             X86::None => return portable_features(format, bytes, first, acts, out),
@@ -326,34 +338,172 @@ mod x86_64 {
         "avx2,fma,f16c,avxvnni",
         |a, b| _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b)
     );
-    kernel!(
-        features_avx512vnni,
-        body_avx512vnni,
-        tile_avx512vnni,
-        "avx2,fma,f16c,avx512vnni,avx512vl",
-        |a, b| _mm256_dpbusd_epi32(_mm256_setzero_si256(), a, b)
-    );
+
+    /// The AVX-512 kernel: two blocks per register, the even block in the
+    /// low half and the odd one in the high half, which are the even and
+    /// odd sums of the 256-bit kernels lane for lane. AVX-512 has no byte
+    /// sign instruction, so it multiplies the activations plus 128
+    /// (unsigned) by the signed weights, starting each sum from -128 times
+    /// its four weights: the same integers exactly.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub fn features_avx512(
+        format: Format,
+        bytes: &[u8],
+        first: usize,
+        acts: &Q8Rows,
+        out: &mut [f32],
+    ) {
+        match format {
+            Format::Q8_0 => body_avx512::<0>(bytes, first, acts, out),
+            Format::Q4_0 => body_avx512::<1>(bytes, first, acts, out),
+            Format::Q5_0 => body_avx512::<2>(bytes, first, acts, out),
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn body_avx512<const FORMAT: u8>(bytes: &[u8], first: usize, acts: &Q8Rows, out: &mut [f32]) {
+        let format = [Format::Q8_0, Format::Q4_0, Format::Q5_0][FORMAT as usize];
+        let (rows, blocks, size) = (acts.rows(), acts.inputs / BLOCK, format.block_bytes());
+        assert!(
+            acts.unsigned.len() >= rows * acts.inputs,
+            "activations without their unsigned form"
+        );
+        for (f, sums) in out.chunks_exact_mut(rows).enumerate() {
+            let weights = &bytes[(first + f) * blocks * size..][..blocks * size];
+            for (tile, sums) in sums.chunks_mut(8).enumerate() {
+                let first_row = tile * 8;
+                // A fixed row count keeps the sums in registers.
+                match sums.len() {
+                    1 => tile_avx512::<FORMAT, 1>(weights, acts, first_row, sums),
+                    2 => tile_avx512::<FORMAT, 2>(weights, acts, first_row, sums),
+                    3 => tile_avx512::<FORMAT, 3>(weights, acts, first_row, sums),
+                    4 => tile_avx512::<FORMAT, 4>(weights, acts, first_row, sums),
+                    5 => tile_avx512::<FORMAT, 5>(weights, acts, first_row, sums),
+                    6 => tile_avx512::<FORMAT, 6>(weights, acts, first_row, sums),
+                    7 => tile_avx512::<FORMAT, 7>(weights, acts, first_row, sums),
+                    _ => tile_avx512::<FORMAT, 8>(weights, acts, first_row, sums),
+                }
+            }
+        }
+    }
+
+    /// One weight row with `N` activation rows from `first_row`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn tile_avx512<const FORMAT: u8, const N: usize>(
+        weights: &[u8],
+        acts: &Q8Rows,
+        first_row: usize,
+        sums: &mut [f32],
+    ) {
+        let format = [Format::Q8_0, Format::Q4_0, Format::Q5_0][FORMAT as usize];
+        let (blocks, size) = (acts.inputs / BLOCK, format.block_bytes());
+        assert!(sums.len() == N && weights.len() >= blocks * size);
+        assert!(acts.unsigned.len() >= (first_row + N) * acts.inputs);
+        assert!(acts.scales.len() >= (first_row + N) * blocks);
+        // The first scale of a pair over lanes 0-7, the second over 8-15.
+        let spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        let mut acc = [_mm512_setzero_ps(); N];
+        // Lanes 0-7 take every block's sums, lanes 8-15 only the second of
+        // a pair: a lone last block leaves the odd sums as they are.
+        let add_pair =
+            |p: usize, w: __m512i, w_scale: __m512, lanes: __mmask16, acc: &mut [__m512; N]| {
+                let offset = _mm512_sub_epi32(
+                    _mm512_setzero_si512(),
+                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(-128), w),
+                );
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let row = first_row + i;
+                    // SAFETY: block pair `p` of `row` lies inside both activation
+                    // forms, checked against their lengths above; a lone last
+                    // block's load is 256 bits.
+                    let (x, x_scale) = unsafe {
+                        let at = acts
+                            .unsigned
+                            .as_ptr()
+                            .add(row * acts.inputs + 2 * p * BLOCK);
+                        let scales = acts.scales.as_ptr().add(row * blocks + 2 * p);
+                        if lanes == 0xFFFF {
+                            let pair = _mm_castpd_ps(_mm_load_sd(scales as *const f64));
+                            (
+                                _mm512_loadu_si512(at as *const __m512i),
+                                _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(pair)),
+                            )
+                        } else {
+                            (
+                                _mm512_zextsi256_si512(_mm256_loadu_si256(at as *const __m256i)),
+                                _mm512_set1_ps(*scales),
+                            )
+                        }
+                    };
+                    let products = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(offset, x, w));
+                    let scale = _mm512_mul_ps(w_scale, x_scale);
+                    *acc = _mm512_mask3_fmadd_ps(scale, products, *acc, lanes);
+                }
+            };
+        for p in 0..blocks / 2 {
+            let at = 2 * p * size;
+            // Two blocks span at most two cache lines.
+            prefetch_ahead(weights, at);
+            prefetch_ahead(weights, at + 64);
+            let (first, second) = (&weights[at..][..size], &weights[at + size..][..size]);
+            let w = _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(values(format, first)),
+                values(format, second),
+            );
+            let w_scale = _mm512_insertf32x8::<1>(
+                _mm512_castps256_ps512(_mm256_set1_ps(half(first))),
+                _mm256_set1_ps(half(second)),
+            );
+            add_pair(p, w, w_scale, 0xFFFF, &mut acc);
+        }
+        if blocks % 2 == 1 {
+            let last = &weights[(blocks - 1) * size..][..size];
+            let w = _mm512_zextsi256_si512(values(format, last));
+            let w_scale = _mm512_zextps256_ps512(_mm256_set1_ps(half(last)));
+            add_pair(blocks / 2, w, w_scale, 0x00FF, &mut acc);
+        }
+        for (slot, acc) in sums.iter_mut().zip(acc) {
+            let sum = _mm256_add_ps(
+                _mm512_castps512_ps256(acc),
+                _mm512_extractf32x8_ps::<1>(acc),
+            );
+            let mut lanes = [0f32; 8];
+            // SAFETY: `lanes` holds eight f32.
+            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+            *slot = super::super::f32::horizontal(lanes);
+        }
+    }
+
+    /// A block's f16 scale.
+    #[target_feature(enable = "f16c")]
+    fn half(block: &[u8]) -> f32 {
+        let bits = u16::from_le_bytes([block[0], block[1]]);
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    /// Nine rows fill one 8-row tile and start another; 288 inputs are an
+    /// odd number of blocks, which the 512-bit kernel ends alone.
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
-        let inputs = 256;
-        let x: Vec<f32> = (0..4 * inputs)
-            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
-            .collect();
-        let acts = Q8Rows::quantize(&x, inputs);
-        for format in [Format::Q8_0, Format::Q4_0, Format::Q5_0] {
-            let size = format.block_bytes();
-            let mut weights = Vec::new();
-            for b in 0..inputs / BLOCK {
-                weights.extend(f16::from_f32(0.01 * (b + 1) as f32).to_le_bytes());
-                weights.extend((0..size - 2).map(|i| ((i * 29 + b * 7) % 255) as u8));
+        for inputs in [256, 288] {
+            let x: Vec<f32> = (0..ROWS * inputs)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let acts = Q8Rows::quantize(&x, inputs);
+            for format in [Format::Q8_0, Format::Q4_0, Format::Q5_0] {
+                let size = format.block_bytes();
+                let mut weights = Vec::new();
+                for b in 0..inputs / BLOCK {
+                    weights.extend(f16::from_f32(0.01 * (b + 1) as f32).to_le_bytes());
+                    weights.extend((0..size - 2).map(|i| ((i * 29 + b * 7) % 255) as u8));
+                }
+                check_paths(format, &weights, &acts);
             }
-            check_paths(format, &weights, &acts);
         }
     }
 
@@ -372,15 +522,17 @@ mod tests {
         assert_eq!((values[0], values[16]), (-8, 7));
     }
 
+    const ROWS: usize = 9;
+
     fn check_paths(format: Format, weights: &[u8], acts: &Q8Rows) {
-        let mut portable = [0f32; 4];
+        let mut portable = [0f32; ROWS];
         portable_tile(format, weights, acts, 0, &mut portable);
         #[cfg(target_arch = "x86_64")]
         {
             use super::super::features::{x86, X86};
             let best = x86();
-            let mut got = [0f32; 4];
-            let same = |got: [f32; 4]| got.map(f32::to_bits) == portable.map(f32::to_bits);
+            let mut got = [0f32; ROWS];
+            let same = |got: [f32; ROWS]| got.map(f32::to_bits) == portable.map(f32::to_bits);
             // SAFETY: each path runs only when the CPU has its features.
             unsafe {
                 if best != X86::None {
@@ -388,7 +540,7 @@ mod tests {
                     assert!(same(got), "{format:?} AVX2");
                 }
                 if best == X86::Avx512Vnni {
-                    x86_64::features_avx512vnni(format, weights, 0, acts, &mut got);
+                    x86_64::features_avx512(format, weights, 0, acts, &mut got);
                     assert!(same(got), "{format:?} AVX-512 VNNI");
                 }
                 if std::is_x86_feature_detected!("avxvnni") && best != X86::None {
@@ -399,11 +551,11 @@ mod tests {
         }
         // One row alone equals its place in the tile.
         let inputs = acts.inputs;
-        let row = Q8Rows {
-            values: acts.values[2 * inputs..3 * inputs].to_vec(),
-            scales: acts.scales[2 * inputs / BLOCK..3 * inputs / BLOCK].to_vec(),
+        let row = Q8Rows::from_parts(
+            acts.values[2 * inputs..3 * inputs].to_vec(),
+            acts.scales[2 * inputs / BLOCK..3 * inputs / BLOCK].to_vec(),
             inputs,
-        };
+        );
         let mut alone = [0f32; 1];
         dot_features(format, weights, 0, &row, &mut alone);
         assert_eq!(alone[0].to_bits(), portable[2].to_bits(), "{format:?}");
