@@ -411,11 +411,24 @@ fn attend(
 ) -> Result<Tensor> {
     let seq = q.dim(2)?;
     let len = k.dim(2)?;
+    let flavour = &shape.flavour;
+    if seq == 1 {
+        let heads = super::cpu::attention::Heads {
+            heads: shape.heads,
+            kv_heads: shape.kv_heads,
+            head_dim: shape.head_dim,
+            scale: flavour.attn_scale as f32,
+            softcap: flavour.attn_softcap.map(|cap| cap as f32),
+            first_visible: (offset + 1).saturating_sub(window.unwrap_or(usize::MAX)),
+        };
+        if let Some(out) = super::cpu::attention::attend_one(q, k, v, &heads)? {
+            return Ok(out);
+        }
+    }
     let (kv_heads, group, d) = (shape.kv_heads, shape.heads / shape.kv_heads, shape.head_dim);
     let q = q.reshape((kv_heads, group * seq, d))?;
     let k = k.squeeze(0)?;
     let v = v.squeeze(0)?;
-    let flavour = &shape.flavour;
     let mut scores = (q.matmul(&k.t()?)? * flavour.attn_scale)?.to_dtype(DType::F32)?;
     if let Some(cap) = flavour.attn_softcap {
         scores = softcap(&scores, cap)?;

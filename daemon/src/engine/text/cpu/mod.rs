@@ -8,6 +8,7 @@
 //! daemon's resident memory once read, like any page of the page cache
 //! that a process maps.
 
+pub mod attention;
 mod f32;
 mod features;
 mod kquants;
