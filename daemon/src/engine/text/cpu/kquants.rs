@@ -44,20 +44,12 @@ pub struct K8Rows {
 impl K8Rows {
     pub fn quantize(x: &[f32], inputs: usize) -> Self {
         let mut values = vec![0i8; x.len()];
-        let mut scales = Vec::with_capacity(x.len() / SUPER);
-        let mut sums16 = Vec::with_capacity(x.len() / 16);
-        for (block, out) in x.chunks_exact(SUPER).zip(values.chunks_exact_mut(SUPER)) {
-            let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let inverse = if max == 0.0 { 0.0 } else { 127.0 / max };
-            for (q, v) in out.iter_mut().zip(block) {
-                *q = (v * inverse).round() as i8;
-            }
-            scales.push(max / 127.0);
-            sums16.extend(
-                out.chunks_exact(16)
-                    .map(|g| g.iter().map(|v| *v as i32).sum::<i32>()),
-            );
-        }
+        let maxima = super::quantize_blocks(x, SUPER, &mut values);
+        let scales = maxima.iter().map(|max| max / 127.0).collect();
+        let sums16 = values
+            .chunks_exact(16)
+            .map(|g| g.iter().map(|v| *v as i32).sum::<i32>())
+            .collect();
         K8Rows {
             values,
             scales,

@@ -56,6 +56,60 @@ fn prefetch_ahead<T>(weights: &[T], at: usize) {
     let _ = (weights, at);
 }
 
+/// Quantizes `x` to bytes in blocks of `block` values, each scaled by
+/// `127 / max|x|` and rounded half away from zero; returns each block's
+/// `max|x|`. Compiled for AVX2 where the CPU has it, since `f32::round`
+/// is a library call per value in the build's baseline.
+fn quantize_blocks(x: &[f32], block: usize, values: &mut [i8]) -> Vec<f32> {
+    #[cfg(target_arch = "x86_64")]
+    if features::x86() != features::X86::None {
+        // SAFETY: the CPU has AVX2, checked above.
+        return unsafe { quantize_blocks_avx2(x, block, values) };
+    }
+    quantize_blocks_with(x, block, values)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn quantize_blocks_avx2(x: &[f32], block: usize, values: &mut [i8]) -> Vec<f32> {
+    quantize_blocks_with(x, block, values)
+}
+
+#[inline(always)]
+fn quantize_blocks_with(x: &[f32], block: usize, values: &mut [i8]) -> Vec<f32> {
+    let mut maxima = Vec::with_capacity(x.len() / block);
+    for (block, out) in x.chunks_exact(block).zip(values.chunks_exact_mut(block)) {
+        let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let inverse = if max == 0.0 { 0.0 } else { 127.0 / max };
+        if max.is_finite() {
+            for (q, v) in out.iter_mut().zip(block) {
+                // SAFETY: `|v| <= max`, so the rounded value is a whole
+                // number within ±127 (a saturating cast does not vectorize).
+                *q = unsafe { round_half_away(v * inverse).to_int_unchecked::<i32>() } as i8;
+            }
+        } else {
+            for (q, v) in out.iter_mut().zip(block) {
+                *q = round_half_away(v * inverse) as i8;
+            }
+        }
+        maxima.push(max);
+    }
+    maxima
+}
+
+/// `x.round()` from a truncation, which vectorizes: the fraction
+/// `x - trunc(x)` is exact, and at one half or more the sum moves away
+/// from zero.
+#[inline(always)]
+fn round_half_away(x: f32) -> f32 {
+    let whole = x.trunc();
+    if (x - whole).abs() >= 0.5 {
+        whole + 1f32.copysign(x)
+    } else {
+        whole
+    }
+}
+
 /// Weights of `features × inputs` values, row-major.
 #[derive(Clone, Copy)]
 pub enum Source<'a> {

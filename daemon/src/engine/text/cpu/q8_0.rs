@@ -73,16 +73,11 @@ impl Q8Rows {
     /// values rounded half away from zero.
     pub fn quantize(x: &[f32], inputs: usize) -> Self {
         let mut values = vec![0i8; x.len()];
-        let mut scales = Vec::with_capacity(x.len() / BLOCK);
-        for (block, out) in x.chunks_exact(BLOCK).zip(values.chunks_exact_mut(BLOCK)) {
-            let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
-            let scale = f16::from_f32(max / 127.0).to_f32();
-            let inverse = if max == 0.0 { 0.0 } else { 127.0 / max };
-            for (q, v) in out.iter_mut().zip(block) {
-                *q = (v * inverse).round() as i8;
-            }
-            scales.push(scale);
-        }
+        let maxima = super::quantize_blocks(x, BLOCK, &mut values);
+        let scales = maxima
+            .iter()
+            .map(|max| f16::from_f32(max / 127.0).to_f32())
+            .collect();
         Self::from_parts(values, scales, inputs)
     }
 

@@ -301,3 +301,20 @@ fn a_mapped_quantized_prompt_runs_in_chunks_with_the_decode_sums() {
         assert_eq!(alone, prompt[r * features..(r + 1) * features], "row {r}");
     }
 }
+
+/// The vectorizable rounding is `f32::round` at every kind of value.
+#[test]
+fn rounding_half_away_is_rounds() {
+    let mut cases = vec![
+        0.0f32, -0.0, 0.5, -0.5, 1.5, -1.5, 2.5, 126.5, -126.5, 0.49999997,
+    ];
+    cases.extend((0..2000).map(|i| (i as f32 - 1000.0) * 0.0637));
+    cases.extend([f32::MAX, 8388609.0, 4194304.5]);
+    for x in cases {
+        assert_eq!(
+            super::round_half_away(x).to_bits(),
+            x.round().to_bits(),
+            "{x}"
+        );
+    }
+}
