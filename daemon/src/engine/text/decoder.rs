@@ -9,7 +9,8 @@
 use crate::engine::interrupt;
 use candle_core::{DType, Device, Result, Tensor, D};
 
-use super::cpu::Mapped;
+use super::cpu::attention::{Heads, Sequence};
+use super::cpu::{self, Mapped};
 use super::linear::{Fused, Linear, RmsNorm};
 pub use super::rope::Rope;
 
@@ -104,6 +105,20 @@ pub enum Activation {
 }
 
 impl Shape {
+    /// The attention settings of a new token at `offset`, for the CPU's
+    /// decode attention.
+    fn decode_heads(&self, offset: usize, window: Option<usize>) -> Heads {
+        Heads {
+            heads: self.heads,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            scale: self.flavour.attn_scale as f32,
+            softcap: self.flavour.attn_softcap.map(|cap| cap as f32),
+            // The mask's rule for one new token: keys within the window.
+            first_visible: (offset + 1).saturating_sub(window.unwrap_or(usize::MAX)),
+        }
+    }
+
     /// Bytes of keys and values one position takes in `dtype`.
     pub fn kv_bytes_per_token(&self, dtype: DType) -> u64 {
         (2 * self.layers * self.kv_heads * self.head_dim * dtype.size_in_bytes()) as u64
@@ -296,14 +311,30 @@ impl Decoder {
             let (cos, sin) = &tables[layer.rope];
             let h = layer.attn_norm.forward(&x)?;
             let (q, k, v) = layer.attn.project(&h, &self.shape, cos, sin)?;
-            let mut rows = Vec::with_capacity(batch);
+            let mut sequences = Vec::with_capacity(batch);
             for (i, cache) in caches.iter_mut().enumerate() {
                 let (k, v) = cache.layers[n].append(&k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
-                let q = q.narrow(0, i, 1)?;
                 let offset = positions[i] as usize;
-                rows.push(attend(&q, &k, &v, offset, layer.attn.window, &self.shape)?);
+                sequences.push(Sequence {
+                    q: q.narrow(0, i, 1)?,
+                    k,
+                    v,
+                    heads: self.shape.decode_heads(offset, layer.attn.window),
+                });
             }
-            x = layer.finish(x, &Tensor::stack(&rows, 0)?)?;
+            let attended = match cpu::attention::attend(&sequences)? {
+                Some(attended) => attended,
+                None => {
+                    let window = layer.attn.window;
+                    let rows = sequences
+                        .iter()
+                        .zip(&positions)
+                        .map(|(s, p)| attend(&s.q, &s.k, &s.v, *p as usize, window, &self.shape))
+                        .collect::<Result<Vec<_>>>()?;
+                    Tensor::stack(&rows, 0)?
+                }
+            };
+            x = layer.finish(x, &attended)?;
         }
         self.logits(&x.squeeze(1)?)
     }
@@ -412,19 +443,6 @@ fn attend(
     let seq = q.dim(2)?;
     let len = k.dim(2)?;
     let flavour = &shape.flavour;
-    if seq == 1 {
-        let heads = super::cpu::attention::Heads {
-            heads: shape.heads,
-            kv_heads: shape.kv_heads,
-            head_dim: shape.head_dim,
-            scale: flavour.attn_scale as f32,
-            softcap: flavour.attn_softcap.map(|cap| cap as f32),
-            first_visible: (offset + 1).saturating_sub(window.unwrap_or(usize::MAX)),
-        };
-        if let Some(out) = super::cpu::attention::attend_one(q, k, v, &heads)? {
-            return Ok(out);
-        }
-    }
     let (kv_heads, group, d) = (shape.kv_heads, shape.heads / shape.kv_heads, shape.head_dim);
     let q = q.reshape((kv_heads, group * seq, d))?;
     let k = k.squeeze(0)?;

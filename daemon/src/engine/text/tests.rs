@@ -109,7 +109,7 @@ fn random_llama(dir: &std::path::Path, hidden: usize, layers: usize) -> Decoder 
 /// `cargo test --release -p modeld --lib decode_step_timing -- --ignored --nocapture`.
 /// `PROBE_HIDDEN`, `PROBE_LAYERS` and `PROBE_FORMAT` (`f32`, `q8_0` or
 /// `q4k`, the last two as GGUF) pick the model; `RAYON_NUM_THREADS` the
-/// threads.
+/// threads, `PROBE_BATCHES` (`1,2,4,8`) the batch sizes.
 #[test]
 #[ignore = "a timing probe, not a check"]
 fn decode_step_timing() {
@@ -131,7 +131,12 @@ fn decode_step_timing() {
     if let Some(kind) = kind {
         model = gguf_of(dir.path(), kind);
     }
-    for batch in [1usize, 2, 4, 8] {
+    let batches: Vec<usize> = std::env::var("PROBE_BATCHES")
+        .unwrap_or_else(|_| "1,2,4,8".into())
+        .split(',')
+        .filter_map(|b| b.trim().parse().ok())
+        .collect();
+    for batch in batches {
         let mut caches: Vec<KvCache> = (0..batch).map(|_| KvCache::new(layers, 128)).collect();
         for cache in caches.iter_mut() {
             model.prefill(&[1, 2, 3, 4, 5, 6, 7, 8], cache).unwrap();

@@ -22,47 +22,115 @@ pub struct Heads {
     pub first_visible: usize,
 }
 
-/// `q` `[1, heads, 1, d]` against `k` and `v` `[1, kv_heads, len, d]` (any
-/// strides with contiguous rows, as the cache's views are): returns
-/// `[1, heads * d]`, or `None` when a tensor is not f32 on the CPU.
-pub fn attend_one(q: &Tensor, k: &Tensor, v: &Tensor, heads: &Heads) -> Result<Option<Tensor>> {
-    let (q_storage, q_layout) = q.storage_and_layout();
-    let (k_storage, k_layout) = k.storage_and_layout();
-    let (v_storage, v_layout) = v.storage_and_layout();
-    let (Some(q_data), Some(k_data), Some(v_data)) =
-        (f32s(&q_storage), f32s(&k_storage), f32s(&v_storage))
-    else {
+/// One sequence's new token: `q` `[1, heads, 1, d]` against its `k` and
+/// `v` `[1, kv_heads, len, d]` (any strides with contiguous rows, as the
+/// cache's views are).
+pub struct Sequence {
+    pub q: Tensor,
+    pub k: Tensor,
+    pub v: Tensor,
+    pub heads: Heads,
+}
+
+/// A sequence's tensors as rows, and its length.
+type Views<'a> = (Rows<'a>, Rows<'a>, Rows<'a>, usize);
+
+/// The attention of every sequence, `[batch, 1, heads * d]`, or `None`
+/// when a tensor is not f32 on the CPU. Each (sequence, key head) is one
+/// task on the decode pool: on the caller alone, eight sequences'
+/// attention left the other threads idle.
+pub fn attend(batch: &[Sequence]) -> Result<Option<Tensor>> {
+    let Some(first) = batch.first() else {
         return Ok(None);
     };
-    let d = heads.head_dim;
-    let q = Rows::of(q_data, q_layout, d)?;
-    let (k, v) = (
-        Rows::of(k_data, k_layout, d)?,
-        Rows::of(v_data, v_layout, d)?,
+    let (heads, d, kv_heads) = (
+        first.heads.heads,
+        first.heads.head_dim,
+        first.heads.kv_heads,
     );
-    let len = k_layout.dims()[2];
-    let mut out = vec![0f32; heads.heads * d];
+    if batch
+        .iter()
+        .any(|s| s.heads.heads != heads || s.heads.head_dim != d || s.heads.kv_heads != kv_heads)
+    {
+        candle_core::bail!("attention: sequences of one batch with different heads");
+    }
+    let guards: Vec<_> = batch
+        .iter()
+        .map(|s| [&s.q, &s.k, &s.v].map(Tensor::storage_and_layout))
+        .collect();
+    let mut views: Vec<Views> = Vec::with_capacity(batch.len());
+    for [q, k, v] in &guards {
+        let (Some(qd), Some(kd), Some(vd)) = (f32s(&q.0), f32s(&k.0), f32s(&v.0)) else {
+            return Ok(None);
+        };
+        let len = k.1.dims().get(2).copied().unwrap_or(0);
+        views.push((
+            Rows::of(qd, q.1, d)?,
+            Rows::of(kd, k.1, d)?,
+            Rows::of(vd, v.1, d)?,
+            len,
+        ));
+    }
+    let group = heads / kv_heads;
+    let mut out = vec![0f32; batch.len() * heads * d];
+    let slots = Out(out.as_mut_ptr());
+    let task = |t: usize| {
+        let (n, kv) = (t / kv_heads, t % kv_heads);
+        let first_head = kv * group;
+        // SAFETY: each task writes the heads of one key head of one
+        // sequence, inside `out` and disjoint from every other task's.
+        let out = unsafe { slots.range((n * heads + first_head) * d, group * d) };
+        heads_of(
+            &views[n],
+            &batch[n].heads,
+            first_head..first_head + group,
+            out,
+        );
+    };
+    super::pool::global().run(batch.len() * kv_heads, &task);
+    let shape = (batch.len(), 1, heads * d);
+    Ok(Some(Tensor::from_vec(
+        out,
+        shape,
+        &candle_core::Device::Cpu,
+    )?))
+}
+
+/// A raw output pointer that tasks write disjoint ranges through.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+// SAFETY: each task writes only its own heads' slots.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// # Safety
+    /// The range lies inside the buffer, and no one else writes it.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn range(&self, start: usize, len: usize) -> &mut [f32] {
+        // SAFETY: as the caller promises.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
+}
+
+/// Query heads `range` of one sequence into `out`, with AVX2 and FMA
+/// where the CPU has them.
+fn heads_of(views: &Views, spec: &Heads, range: std::ops::Range<usize>, out: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if super::features::x86() != super::features::X86::None {
         // SAFETY: the CPU has AVX2 and FMA, checked above.
-        unsafe { all_heads_avx2(&q, &k, &v, len, heads, &mut out) };
-        return Ok(Some(output(out, heads)?));
+        unsafe { heads_avx2(views, spec, range, out) };
+        return;
     }
-    all_heads(&q, &k, &v, len, heads, &mut out, dot);
-    Ok(Some(output(out, heads)?))
+    heads_with(views, spec, range, out, dot);
 }
 
-fn output(out: Vec<f32>, heads: &Heads) -> Result<Tensor> {
-    let width = heads.heads * heads.head_dim;
-    Tensor::from_vec(out, (1, width), &candle_core::Device::Cpu)
-}
-
-/// [`all_heads`] compiled for AVX2 and FMA, where its loops vectorize
+/// [`heads_with`] compiled for AVX2 and FMA, where its loops vectorize
 /// eight lanes wide and `mul_add` is one instruction.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-fn all_heads_avx2(q: &Rows, k: &Rows, v: &Rows, len: usize, heads: &Heads, out: &mut [f32]) {
-    all_heads(q, k, v, len, heads, out, |a, b| dot_avx2(a, b))
+fn heads_avx2(views: &Views, spec: &Heads, range: std::ops::Range<usize>, out: &mut [f32]) {
+    heads_with(views, spec, range, out, |a, b| dot_avx2(a, b))
 }
 
 /// Two accumulators of eight lanes, then the tail.
@@ -97,26 +165,24 @@ fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Without FMA in the build's baseline, `mul_add` here calls the library
-/// per value: this runs inlined into [`all_heads_avx2`] wherever it can.
+/// per value: this runs inlined into [`heads_avx2`] wherever it can.
 #[inline(always)]
-fn all_heads(
-    q: &Rows,
-    k: &Rows,
-    v: &Rows,
-    len: usize,
-    heads: &Heads,
+fn heads_with(
+    (q, k, v, len): &Views,
+    spec: &Heads,
+    range: std::ops::Range<usize>,
     out: &mut [f32],
     dot: impl Fn(&[f32], &[f32]) -> f32,
 ) {
-    let group = heads.heads / heads.kv_heads;
-    let mut scores = vec![0f32; len];
-    let visible = heads.first_visible.min(len)..len;
-    for (h, out) in out.chunks_exact_mut(heads.head_dim).enumerate() {
+    let group = spec.heads / spec.kv_heads;
+    let mut scores = vec![0f32; *len];
+    let visible = spec.first_visible.min(*len)..*len;
+    for (h, out) in range.zip(out.chunks_exact_mut(spec.head_dim)) {
         let kv = h / group;
         let query = q.row(h, 0);
         for j in visible.clone() {
-            let score = dot(query, k.row(kv, j)) * heads.scale;
-            scores[j] = match heads.softcap {
+            let score = dot(query, k.row(kv, j)) * spec.scale;
+            scores[j] = match spec.softcap {
                 Some(cap) => (score / cap).tanh() * cap,
                 None => score,
             };
@@ -236,8 +302,14 @@ mod tests {
                 softcap,
                 first_visible,
             };
-            let got = attend_one(&q, &k, &v, &spec).unwrap().unwrap();
             let want = reference(&q, &k, &v, &spec);
+            let one = Sequence {
+                q: q.clone(),
+                k: k.clone(),
+                v: v.clone(),
+                heads: spec,
+            };
+            let got = attend(&[one]).unwrap().unwrap().squeeze(1).unwrap();
             let diff = (got - want)
                 .unwrap()
                 .abs()
@@ -247,6 +319,43 @@ mod tests {
                 .to_vec2::<f32>()
                 .unwrap()[0][0];
             assert!(diff < 1e-5, "softcap {softcap:?}: off by {diff}");
+        }
+    }
+
+    /// A batch's rows are each sequence's alone, bit for bit, whichever
+    /// thread ran which task.
+    #[test]
+    fn a_batch_is_each_sequence_alone() {
+        let device = Device::Cpu;
+        let (heads, kv_heads, d) = (4, 2, 16);
+        let sequence = |len: usize, offset: usize| Sequence {
+            q: Tensor::randn(0f32, 1., (1, heads, 1, d), &device).unwrap(),
+            k: Tensor::randn(0f32, 1., (1, kv_heads, len, d), &device).unwrap(),
+            v: Tensor::randn(0f32, 1., (1, kv_heads, len, d), &device).unwrap(),
+            heads: Heads {
+                heads,
+                kv_heads,
+                head_dim: d,
+                scale: 0.25,
+                softcap: None,
+                first_visible: offset,
+            },
+        };
+        let batch = [sequence(5, 0), sequence(40, 2), sequence(1, 0)];
+        let together = attend(&batch).unwrap().unwrap();
+        for (i, one) in batch.into_iter().enumerate() {
+            let alone = attend(&[one]).unwrap().unwrap();
+            let row = together.narrow(0, i, 1).unwrap();
+            let bits = |t: &Tensor| -> Vec<u32> {
+                t.flatten_all()
+                    .unwrap()
+                    .to_vec1::<f32>()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect()
+            };
+            assert_eq!(bits(&row), bits(&alone), "sequence {i}");
         }
     }
 

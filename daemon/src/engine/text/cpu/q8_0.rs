@@ -64,8 +64,36 @@ pub struct Q8Rows {
     scales: Vec<f32>,
     inputs: usize,
     /// For the AVX-512 kernel, which has no byte sign instruction: the
-    /// values plus 128, as unsigned bytes.
+    /// values plus 128, as unsigned bytes, each pair of blocks interleaved
+    /// four bytes at a time (see [`interleave_pairs`]).
     unsigned: Vec<u8>,
+}
+
+/// Bytes per row of [`Q8Rows::unsigned`]: 64 per pair of blocks.
+fn pair_row_bytes(inputs: usize) -> usize {
+    (inputs / BLOCK).div_ceil(2) * 2 * BLOCK
+}
+
+/// Each pair of blocks as the AVX-512 kernel lays it in a register: the
+/// first block's four-byte groups in the even 32-bit lanes, the second's
+/// in the odd ones, so that the even and odd sums alternate lane by lane
+/// and each lane pair's scales come from one 64-bit broadcast. A lone last
+/// block pairs with zeros (128 unsigned).
+fn interleave_pairs(values: &[i8], inputs: usize) -> Vec<u8> {
+    let width = pair_row_bytes(inputs);
+    let mut out = vec![0x80u8; values.len() / inputs * width];
+    for (row, out) in values.chunks_exact(inputs).zip(out.chunks_exact_mut(width)) {
+        for (b, block) in row.chunks_exact(BLOCK).enumerate() {
+            let (pair, second) = (b / 2, b % 2);
+            for (g, group) in block.chunks_exact(4).enumerate() {
+                let at = pair * 2 * BLOCK + (2 * g + second) * 4;
+                for (o, v) in out[at..at + 4].iter_mut().zip(group) {
+                    *o = *v as u8 ^ 0x80;
+                }
+            }
+        }
+    }
+    out
 }
 
 impl Q8Rows {
@@ -89,7 +117,7 @@ impl Q8Rows {
             unsigned: Vec::new(),
         };
         if super::features::x86() == super::features::X86::Avx512Vnni {
-            rows.unsigned = rows.values.iter().map(|v| *v as u8 ^ 0x80).collect();
+            rows.unsigned = interleave_pairs(&rows.values, inputs);
         }
         rows
     }
@@ -360,7 +388,7 @@ mod x86_64 {
         let format = [Format::Q8_0, Format::Q4_0, Format::Q5_0][FORMAT as usize];
         let (rows, blocks, size) = (acts.rows(), acts.inputs / BLOCK, format.block_bytes());
         assert!(
-            acts.unsigned.len() >= rows * acts.inputs,
+            acts.unsigned.len() >= rows * super::pair_row_bytes(acts.inputs),
             "activations without their unsigned form"
         );
         for (f, sums) in out.chunks_exact_mut(rows).enumerate() {
@@ -392,14 +420,15 @@ mod x86_64 {
     ) {
         let format = [Format::Q8_0, Format::Q4_0, Format::Q5_0][FORMAT as usize];
         let (blocks, size) = (acts.inputs / BLOCK, format.block_bytes());
+        let width = super::pair_row_bytes(acts.inputs);
         assert!(sums.len() == N && weights.len() >= blocks * size);
-        assert!(acts.unsigned.len() >= (first_row + N) * acts.inputs);
+        assert!(acts.unsigned.len() >= (first_row + N) * width);
         assert!(acts.scales.len() >= (first_row + N) * blocks);
-        // The first scale of a pair over lanes 0-7, the second over 8-15.
-        let spread = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+        // Lane 2g takes the first block's group g, lane 2g + 1 the second's.
+        let interleave = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
         let mut acc = [_mm512_setzero_ps(); N];
-        // Lanes 0-7 take every block's sums, lanes 8-15 only the second of
-        // a pair: a lone last block leaves the odd sums as they are.
+        // The even lanes take every block's sums, the odd lanes only the
+        // second of a pair: a lone last block leaves the odd sums as they are.
         let add_pair =
             |p: usize, w: __m512i, w_scale: __m512, lanes: __mmask16, acc: &mut [__m512; N]| {
                 let offset = _mm512_sub_epi32(
@@ -408,63 +437,61 @@ mod x86_64 {
                 );
                 for (i, acc) in acc.iter_mut().enumerate() {
                     let row = first_row + i;
-                    // SAFETY: block pair `p` of `row` lies inside both activation
+                    // SAFETY: pair `p` of `row` lies inside both activation
                     // forms, checked against their lengths above; a lone last
-                    // block's load is 256 bits.
+                    // block reads its one scale.
                     let (x, x_scale) = unsafe {
-                        let at = acts
-                            .unsigned
-                            .as_ptr()
-                            .add(row * acts.inputs + 2 * p * BLOCK);
+                        let at = acts.unsigned.as_ptr().add(row * width + p * 2 * BLOCK);
                         let scales = acts.scales.as_ptr().add(row * blocks + 2 * p);
-                        if lanes == 0xFFFF {
-                            let pair = _mm_castpd_ps(_mm_load_sd(scales as *const f64));
-                            (
-                                _mm512_loadu_si512(at as *const __m512i),
-                                _mm512_permutexvar_ps(spread, _mm512_castps128_ps512(pair)),
-                            )
+                        let x_scale = if lanes == 0xFFFF {
+                            let pair = (scales as *const f64).read_unaligned();
+                            _mm512_castpd_ps(_mm512_set1_pd(pair))
                         } else {
-                            (
-                                _mm512_zextsi256_si512(_mm256_loadu_si256(at as *const __m256i)),
-                                _mm512_set1_ps(*scales),
-                            )
-                        }
+                            _mm512_broadcast_f32x2(_mm_set_ss(*scales))
+                        };
+                        (_mm512_loadu_si512(at as *const __m512i), x_scale)
                     };
                     let products = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(offset, x, w));
                     let scale = _mm512_mul_ps(w_scale, x_scale);
                     *acc = _mm512_mask3_fmadd_ps(scale, products, *acc, lanes);
                 }
             };
+        let pair_of = |first: __m256i, second: __m256i, h0: f32, h1: f32| {
+            let w = _mm512_permutex2var_epi32(
+                _mm512_castsi256_si512(first),
+                interleave,
+                _mm512_castsi256_si512(second),
+            );
+            let scales = _mm_unpacklo_ps(_mm_set_ss(h0), _mm_set_ss(h1));
+            (w, _mm512_broadcast_f32x2(scales))
+        };
         for p in 0..blocks / 2 {
             let at = 2 * p * size;
             // Two blocks span at most two cache lines.
             prefetch_ahead(weights, at);
             prefetch_ahead(weights, at + 64);
             let (first, second) = (&weights[at..][..size], &weights[at + size..][..size]);
-            let w = _mm512_inserti64x4::<1>(
-                _mm512_castsi256_si512(values(format, first)),
+            let (w, w_scale) = pair_of(
+                values(format, first),
                 values(format, second),
-            );
-            let w_scale = _mm512_insertf32x8::<1>(
-                _mm512_castps256_ps512(_mm256_set1_ps(half(first))),
-                _mm256_set1_ps(half(second)),
+                half(first),
+                half(second),
             );
             add_pair(p, w, w_scale, 0xFFFF, &mut acc);
         }
         if blocks % 2 == 1 {
             let last = &weights[(blocks - 1) * size..][..size];
-            let w = _mm512_zextsi256_si512(values(format, last));
-            let w_scale = _mm512_zextps256_ps512(_mm256_set1_ps(half(last)));
-            add_pair(blocks / 2, w, w_scale, 0x00FF, &mut acc);
+            let zero = _mm256_setzero_si256();
+            let (w, w_scale) = pair_of(values(format, last), zero, half(last), 0.0);
+            add_pair(blocks / 2, w, w_scale, 0x5555, &mut acc);
         }
         for (slot, acc) in sums.iter_mut().zip(acc) {
-            let sum = _mm256_add_ps(
-                _mm512_castps512_ps256(acc),
-                _mm512_extractf32x8_ps::<1>(acc),
-            );
-            let mut lanes = [0f32; 8];
-            // SAFETY: `lanes` holds eight f32.
-            unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
+            let mut both = [0f32; 16];
+            // SAFETY: `both` holds sixteen f32.
+            unsafe { _mm512_storeu_ps(both.as_mut_ptr(), acc) };
+            // The even and odd sums of each group, as the 256-bit kernels
+            // add them.
+            let lanes = std::array::from_fn(|g| both[2 * g] + both[2 * g + 1]);
             *slot = super::super::f32::horizontal(lanes);
         }
     }
