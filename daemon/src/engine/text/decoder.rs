@@ -105,17 +105,14 @@ pub enum Activation {
 }
 
 impl Shape {
-    /// The attention settings of a new token at `offset`, for the CPU's
-    /// decode attention.
-    fn decode_heads(&self, offset: usize, window: Option<usize>) -> Heads {
+    /// The attention settings the CPU's decode attention reads.
+    fn decode_heads(&self) -> Heads {
         Heads {
             heads: self.heads,
             kv_heads: self.kv_heads,
             head_dim: self.head_dim,
             scale: self.flavour.attn_scale as f32,
             softcap: self.flavour.attn_softcap.map(|cap| cap as f32),
-            // The mask's rule for one new token: keys within the window.
-            first_visible: (offset + 1).saturating_sub(window.unwrap_or(usize::MAX)),
         }
     }
 
@@ -306,6 +303,7 @@ impl Decoder {
             .iter_mut()
             .map(|rope| rope.at(&positions))
             .collect::<Result<Vec<_>>>()?;
+        let heads = self.shape.decode_heads();
         let mut x = self.embed(tokens)?.unsqueeze(1)?;
         for (n, layer) in self.layers.iter().enumerate() {
             let (cos, sin) = &tables[layer.rope];
@@ -315,14 +313,16 @@ impl Decoder {
             for (i, cache) in caches.iter_mut().enumerate() {
                 let (k, v) = cache.layers[n].append(&k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
                 let offset = positions[i] as usize;
+                let window = layer.attn.window.unwrap_or(usize::MAX);
                 sequences.push(Sequence {
                     q: q.narrow(0, i, 1)?,
                     k,
                     v,
-                    heads: self.shape.decode_heads(offset, layer.attn.window),
+                    // The mask's rule for one new token: keys within the window.
+                    first_visible: (offset + 1).saturating_sub(window),
                 });
             }
-            let attended = match cpu::attention::attend(&sequences)? {
+            let attended = match cpu::attention::attend(&sequences, &heads)? {
                 Some(attended) => attended,
                 None => {
                     let window = layer.attn.window;
@@ -442,11 +442,11 @@ fn attend(
 ) -> Result<Tensor> {
     let seq = q.dim(2)?;
     let len = k.dim(2)?;
-    let flavour = &shape.flavour;
     let (kv_heads, group, d) = (shape.kv_heads, shape.heads / shape.kv_heads, shape.head_dim);
     let q = q.reshape((kv_heads, group * seq, d))?;
     let k = k.squeeze(0)?;
     let v = v.squeeze(0)?;
+    let flavour = &shape.flavour;
     let mut scores = (q.matmul(&k.t()?)? * flavour.attn_scale)?.to_dtype(DType::F32)?;
     if let Some(cap) = flavour.attn_softcap {
         scores = softcap(&scores, cap)?;

@@ -9,7 +9,9 @@
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
 
-/// What the attention of one sequence needs besides its tensors.
+use super::Out;
+
+/// What the attention of every sequence of a batch shares.
 pub struct Heads {
     pub heads: usize,
     pub kv_heads: usize,
@@ -18,8 +20,6 @@ pub struct Heads {
     pub scale: f32,
     /// `tanh(score / cap) * cap` when set.
     pub softcap: Option<f32>,
-    /// Keys before this position are out of the sliding window.
-    pub first_visible: usize,
 }
 
 /// One sequence's new token: `q` `[1, heads, 1, d]` against its `k` and
@@ -29,37 +29,25 @@ pub struct Sequence {
     pub q: Tensor,
     pub k: Tensor,
     pub v: Tensor,
-    pub heads: Heads,
+    /// Keys before this position are out of the sliding window.
+    pub first_visible: usize,
 }
 
-/// A sequence's tensors as rows, and its length.
-type Views<'a> = (Rows<'a>, Rows<'a>, Rows<'a>, usize);
+/// A sequence's tensors as rows, and the positions of its visible keys.
+type Views<'a> = (Rows<'a>, Rows<'a>, Rows<'a>, std::ops::Range<usize>);
 
 /// The attention of every sequence, `[batch, 1, heads * d]`, or `None`
 /// when a tensor is not f32 on the CPU. Each (sequence, key head) is one
 /// task on the decode pool: on the caller alone, eight sequences'
 /// attention left the other threads idle.
-pub fn attend(batch: &[Sequence]) -> Result<Option<Tensor>> {
-    let Some(first) = batch.first() else {
-        return Ok(None);
-    };
-    let (heads, d, kv_heads) = (
-        first.heads.heads,
-        first.heads.head_dim,
-        first.heads.kv_heads,
-    );
-    if batch
-        .iter()
-        .any(|s| s.heads.heads != heads || s.heads.head_dim != d || s.heads.kv_heads != kv_heads)
-    {
-        candle_core::bail!("attention: sequences of one batch with different heads");
-    }
+pub fn attend(batch: &[Sequence], spec: &Heads) -> Result<Option<Tensor>> {
+    let (heads, d, kv_heads) = (spec.heads, spec.head_dim, spec.kv_heads);
     let guards: Vec<_> = batch
         .iter()
         .map(|s| [&s.q, &s.k, &s.v].map(Tensor::storage_and_layout))
         .collect();
     let mut views: Vec<Views> = Vec::with_capacity(batch.len());
-    for [q, k, v] in &guards {
+    for ([q, k, v], sequence) in guards.iter().zip(batch) {
         let (Some(qd), Some(kd), Some(vd)) = (f32s(&q.0), f32s(&k.0), f32s(&v.0)) else {
             return Ok(None);
         };
@@ -68,7 +56,7 @@ pub fn attend(batch: &[Sequence]) -> Result<Option<Tensor>> {
             Rows::of(qd, q.1, d)?,
             Rows::of(kd, k.1, d)?,
             Rows::of(vd, v.1, d)?,
-            len,
+            sequence.first_visible.min(len)..len,
         ));
     }
     let group = heads / kv_heads;
@@ -80,12 +68,7 @@ pub fn attend(batch: &[Sequence]) -> Result<Option<Tensor>> {
         // SAFETY: each task writes the heads of one key head of one
         // sequence, inside `out` and disjoint from every other task's.
         let out = unsafe { slots.range((n * heads + first_head) * d, group * d) };
-        heads_of(
-            &views[n],
-            &batch[n].heads,
-            first_head..first_head + group,
-            out,
-        );
+        heads_of(&views[n], spec, first_head..first_head + group, out);
     };
     super::pool::global().run(batch.len() * kv_heads, &task);
     let shape = (batch.len(), 1, heads * d);
@@ -94,23 +77,6 @@ pub fn attend(batch: &[Sequence]) -> Result<Option<Tensor>> {
         shape,
         &candle_core::Device::Cpu,
     )?))
-}
-
-/// A raw output pointer that tasks write disjoint ranges through.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: each task writes only its own heads' slots.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// # Safety
-    /// The range lies inside the buffer, and no one else writes it.
-    #[allow(clippy::mut_from_ref)]
-    unsafe fn range(&self, start: usize, len: usize) -> &mut [f32] {
-        // SAFETY: as the caller promises.
-        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
-    }
 }
 
 /// Query heads `range` of one sequence into `out`, with AVX2 and FMA
@@ -168,15 +134,14 @@ fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
 /// per value: this runs inlined into [`heads_avx2`] wherever it can.
 #[inline(always)]
 fn heads_with(
-    (q, k, v, len): &Views,
+    (q, k, v, visible): &Views,
     spec: &Heads,
     range: std::ops::Range<usize>,
     out: &mut [f32],
     dot: impl Fn(&[f32], &[f32]) -> f32,
 ) {
     let group = spec.heads / spec.kv_heads;
-    let mut scores = vec![0f32; *len];
-    let visible = spec.first_visible.min(*len)..*len;
+    let mut scores = vec![0f32; visible.end];
     for (h, out) in range.zip(out.chunks_exact_mut(spec.head_dim)) {
         let kv = h / group;
         let query = q.row(h, 0);
@@ -300,16 +265,15 @@ mod tests {
                 head_dim: d,
                 scale: 0.125,
                 softcap,
-                first_visible,
             };
-            let want = reference(&q, &k, &v, &spec);
+            let want = reference(&q, &k, &v, &spec, first_visible);
             let one = Sequence {
                 q: q.clone(),
                 k: k.clone(),
                 v: v.clone(),
-                heads: spec,
+                first_visible,
             };
-            let got = attend(&[one]).unwrap().unwrap().squeeze(1).unwrap();
+            let got = attend(&[one], &spec).unwrap().unwrap().squeeze(1).unwrap();
             let diff = (got - want)
                 .unwrap()
                 .abs()
@@ -328,23 +292,23 @@ mod tests {
     fn a_batch_is_each_sequence_alone() {
         let device = Device::Cpu;
         let (heads, kv_heads, d) = (4, 2, 16);
-        let sequence = |len: usize, offset: usize| Sequence {
+        let spec = Heads {
+            heads,
+            kv_heads,
+            head_dim: d,
+            scale: 0.25,
+            softcap: None,
+        };
+        let sequence = |len: usize, first_visible: usize| Sequence {
             q: Tensor::randn(0f32, 1., (1, heads, 1, d), &device).unwrap(),
             k: Tensor::randn(0f32, 1., (1, kv_heads, len, d), &device).unwrap(),
             v: Tensor::randn(0f32, 1., (1, kv_heads, len, d), &device).unwrap(),
-            heads: Heads {
-                heads,
-                kv_heads,
-                head_dim: d,
-                scale: 0.25,
-                softcap: None,
-                first_visible: offset,
-            },
+            first_visible,
         };
         let batch = [sequence(5, 0), sequence(40, 2), sequence(1, 0)];
-        let together = attend(&batch).unwrap().unwrap();
+        let together = attend(&batch, &spec).unwrap().unwrap();
         for (i, one) in batch.into_iter().enumerate() {
-            let alone = attend(&[one]).unwrap().unwrap();
+            let alone = attend(&[one], &spec).unwrap().unwrap();
             let row = together.narrow(0, i, 1).unwrap();
             let bits = |t: &Tensor| -> Vec<u32> {
                 t.flatten_all()
@@ -359,15 +323,11 @@ mod tests {
         }
     }
 
-    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, spec: &Heads) -> Tensor {
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, spec: &Heads, first_visible: usize) -> Tensor {
         let group = spec.heads / spec.kv_heads;
         let len = k.dim(2).unwrap();
-        let k = k
-            .narrow(2, spec.first_visible, len - spec.first_visible)
-            .unwrap();
-        let v = v
-            .narrow(2, spec.first_visible, len - spec.first_visible)
-            .unwrap();
+        let k = k.narrow(2, first_visible, len - first_visible).unwrap();
+        let v = v.narrow(2, first_visible, len - first_visible).unwrap();
         let q = q.reshape((spec.kv_heads, group, spec.head_dim)).unwrap();
         let k = k.squeeze(0).unwrap().contiguous().unwrap();
         let mut scores = (q.matmul(&k.t().unwrap()).unwrap() * spec.scale as f64).unwrap();

@@ -112,15 +112,16 @@ fn features_with(
     out: &mut [f32],
     sums: &impl Sums,
 ) {
-    let rows = acts.rows();
-    let supers = acts.inputs / SUPER;
-    let row_bytes = supers * kind.block_bytes();
-    for (f, out) in out.chunks_exact_mut(rows).enumerate() {
-        let weights = &bytes[(first + f) * row_bytes..][..row_bytes];
-        for (tile, out) in out.chunks_mut(4).enumerate() {
-            dot_tile(kind, weights, acts, tile * 4, out, sums);
-        }
-    }
+    let row_bytes = acts.inputs / SUPER * kind.block_bytes();
+    super::for_each_tile(
+        bytes,
+        first,
+        row_bytes,
+        acts.rows(),
+        4,
+        out,
+        |weights, first_row, out| dot_tile(kind, weights, acts, first_row, out, sums),
+    );
 }
 
 /// The 6-bit scales and minimums of a Q4_K or Q5_K super-block, as

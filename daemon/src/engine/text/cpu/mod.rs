@@ -137,9 +137,42 @@ pub struct Part<'a> {
 /// A raw output pointer that tasks write disjoint ranges through.
 #[derive(Clone, Copy)]
 struct Out(*mut f32);
-// SAFETY: each task writes only its own features' slots.
+// SAFETY: each task writes only its own slots, through `range`.
 unsafe impl Send for Out {}
 unsafe impl Sync for Out {}
+
+impl Out {
+    /// # Safety
+    /// The range lies inside the buffer, which outlives the slice, and no
+    /// one else touches it meanwhile.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn range(&self, start: usize, len: usize) -> &mut [f32] {
+        // SAFETY: as the caller promises.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(start), len) }
+    }
+}
+
+/// The loops every quantized kernel shares: each weight row of `out`'s
+/// features (`row_bytes` each, from row `first` of `bytes`) with the
+/// activation rows in tiles of at most `width`, as
+/// `tile(weights, first_row, sums)`; `out` holds `rows` sums per feature.
+#[inline(always)]
+fn for_each_tile(
+    bytes: &[u8],
+    first: usize,
+    row_bytes: usize,
+    rows: usize,
+    width: usize,
+    out: &mut [f32],
+    mut tile: impl FnMut(&[u8], usize, &mut [f32]),
+) {
+    for (f, sums) in out.chunks_exact_mut(rows).enumerate() {
+        let weights = &bytes[(first + f) * row_bytes..][..row_bytes];
+        for (t, sums) in sums.chunks_mut(width).enumerate() {
+            tile(weights, t * width, sums);
+        }
+    }
+}
 
 /// `x` (`rows × inputs`, row-major) times the transpose of each part:
 /// one `rows × features` result per part, all computed in one dispatch
@@ -164,8 +197,7 @@ pub fn few_rows(parts: &[Part], x: &[f32], rows: usize, inputs: usize) -> Vec<Ve
         let (n, first, count) = tasks[t];
         // SAFETY: tasks cover disjoint feature ranges of their part's
         // buffer, which outlives the pool run.
-        let out =
-            unsafe { std::slice::from_raw_parts_mut(outs[n].0.add(first * rows), count * rows) };
+        let out = unsafe { outs[n].range(first * rows, count * rows) };
         dot_features(parts[n].source, x, inputs, first, &acts, out);
     };
     let bytes: usize = parts

@@ -148,12 +148,16 @@ pub fn dot_features(format: Format, bytes: &[u8], first: usize, acts: &Q8Rows, o
 }
 
 fn portable_features(format: Format, bytes: &[u8], first: usize, acts: &Q8Rows, out: &mut [f32]) {
-    let rows = acts.rows();
-    let row_bytes = acts.inputs / BLOCK * format.block_bytes();
-    for (f, sums) in out.chunks_exact_mut(rows).enumerate() {
-        let weights = &bytes[(first + f) * row_bytes..][..row_bytes];
-        portable_tile(format, weights, acts, 0, sums);
-    }
+    let (rows, row_bytes) = (acts.rows(), acts.inputs / BLOCK * format.block_bytes());
+    super::for_each_tile(
+        bytes,
+        first,
+        row_bytes,
+        rows,
+        rows,
+        out,
+        |weights, _, sums| portable_tile(format, weights, acts, 0, sums),
+    );
 }
 
 /// The same sums in plain Rust: per block an integer dot product, scaled
@@ -269,19 +273,22 @@ mod x86_64 {
                 assert!(
                     acts.values.len() >= rows * acts.inputs && acts.scales.len() >= rows * blocks
                 );
-                for (f, sums) in out.chunks_exact_mut(rows).enumerate() {
-                    let weights = &bytes[(first + f) * blocks * size..][..blocks * size];
-                    for (tile, sums) in sums.chunks_mut(4).enumerate() {
-                        let first_row = tile * 4;
-                        // A fixed row count keeps the sums in registers.
-                        match sums.len() {
-                            1 => $tile::<FORMAT, 1>(weights, acts, first_row, sums),
-                            2 => $tile::<FORMAT, 2>(weights, acts, first_row, sums),
-                            3 => $tile::<FORMAT, 3>(weights, acts, first_row, sums),
-                            _ => $tile::<FORMAT, 4>(weights, acts, first_row, sums),
-                        }
-                    }
-                }
+                let row_bytes = blocks * size;
+                // A fixed row count keeps the sums in registers.
+                super::super::for_each_tile(
+                    bytes,
+                    first,
+                    row_bytes,
+                    rows,
+                    4,
+                    out,
+                    |weights, first_row, sums| match sums.len() {
+                        1 => $tile::<FORMAT, 1>(weights, acts, first_row, sums),
+                        2 => $tile::<FORMAT, 2>(weights, acts, first_row, sums),
+                        3 => $tile::<FORMAT, 3>(weights, acts, first_row, sums),
+                        _ => $tile::<FORMAT, 4>(weights, acts, first_row, sums),
+                    },
+                );
             }
 
             /// One weight row with `N` activation rows from `first_row`;
@@ -362,9 +369,10 @@ mod x86_64 {
         |a, b| _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b)
     );
 
-    /// The AVX-512 kernel: two blocks per register, the even block in the
-    /// low half and the odd one in the high half, which are the even and
-    /// odd sums of the 256-bit kernels lane for lane. AVX-512 has no byte
+    /// The AVX-512 kernel: two blocks per register, interleaved four bytes
+    /// at a time (see [`super::interleave_pairs`]), so that the even and
+    /// odd lanes hold the even and odd sums of the 256-bit kernels, lane
+    /// for lane. AVX-512 has no byte
     /// sign instruction, so it multiplies the activations plus 128
     /// (unsigned) by the signed weights, starting each sum from -128 times
     /// its four weights: the same integers exactly.
@@ -391,23 +399,26 @@ mod x86_64 {
             acts.unsigned.len() >= rows * super::pair_row_bytes(acts.inputs),
             "activations without their unsigned form"
         );
-        for (f, sums) in out.chunks_exact_mut(rows).enumerate() {
-            let weights = &bytes[(first + f) * blocks * size..][..blocks * size];
-            for (tile, sums) in sums.chunks_mut(8).enumerate() {
-                let first_row = tile * 8;
-                // A fixed row count keeps the sums in registers.
-                match sums.len() {
-                    1 => tile_avx512::<FORMAT, 1>(weights, acts, first_row, sums),
-                    2 => tile_avx512::<FORMAT, 2>(weights, acts, first_row, sums),
-                    3 => tile_avx512::<FORMAT, 3>(weights, acts, first_row, sums),
-                    4 => tile_avx512::<FORMAT, 4>(weights, acts, first_row, sums),
-                    5 => tile_avx512::<FORMAT, 5>(weights, acts, first_row, sums),
-                    6 => tile_avx512::<FORMAT, 6>(weights, acts, first_row, sums),
-                    7 => tile_avx512::<FORMAT, 7>(weights, acts, first_row, sums),
-                    _ => tile_avx512::<FORMAT, 8>(weights, acts, first_row, sums),
-                }
-            }
-        }
+        let row_bytes = blocks * size;
+        // A fixed row count keeps the sums in registers.
+        super::super::for_each_tile(
+            bytes,
+            first,
+            row_bytes,
+            rows,
+            8,
+            out,
+            |weights, first_row, sums| match sums.len() {
+                1 => tile_avx512::<FORMAT, 1>(weights, acts, first_row, sums),
+                2 => tile_avx512::<FORMAT, 2>(weights, acts, first_row, sums),
+                3 => tile_avx512::<FORMAT, 3>(weights, acts, first_row, sums),
+                4 => tile_avx512::<FORMAT, 4>(weights, acts, first_row, sums),
+                5 => tile_avx512::<FORMAT, 5>(weights, acts, first_row, sums),
+                6 => tile_avx512::<FORMAT, 6>(weights, acts, first_row, sums),
+                7 => tile_avx512::<FORMAT, 7>(weights, acts, first_row, sums),
+                _ => tile_avx512::<FORMAT, 8>(weights, acts, first_row, sums),
+            },
+        );
     }
 
     /// One weight row with `N` activation rows from `first_row`.
