@@ -26,6 +26,9 @@ use candle_core::quantized::GgmlDType;
 /// task costs nothing next to reading it.
 const TASK_BYTES: usize = 32 * 1024;
 
+/// Weight rows that the quantized kernels dot at once.
+const KERNEL_ROWS: usize = 16;
+
 /// Products reading fewer bytes of weights run on the calling thread alone:
 /// waking the others would cost more than the work.
 const MIN_SHARED_BYTES: usize = 4 * TASK_BYTES;
@@ -41,16 +44,23 @@ pub const MAX_ROWS: usize = 16;
 const PREFETCH_BYTES: usize = 2048;
 
 /// Asks for the cache line `PREFETCH_BYTES` past `at` bytes into
-/// `weights`. It may lie past the row or the matrix: the address is only
-/// computed, with wrapping arithmetic, and prefetches never fault.
+/// `weights`.
 #[inline(always)]
 fn prefetch_ahead<T>(weights: &[T], at: usize) {
+    prefetch_at(weights, at + PREFETCH_BYTES);
+}
+
+/// Asks for the cache line `at` bytes into `weights`. It may lie past the
+/// slice: the address is only computed, with wrapping arithmetic, and
+/// prefetches never fault.
+#[inline(always)]
+fn prefetch_at<T>(weights: &[T], at: usize) {
     #[cfg(target_arch = "x86_64")]
     {
         use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let ahead = (weights.as_ptr() as *const i8).wrapping_add(at + PREFETCH_BYTES);
+        let line = (weights.as_ptr() as *const i8).wrapping_add(at);
         // SAFETY: a prefetch reads nothing the program can observe.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead) };
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(line) };
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (weights, at);
@@ -216,8 +226,12 @@ pub fn few_rows(parts: &[Part], x: &[f32], rows: usize, inputs: usize) -> Vec<Ve
         .collect()
 }
 
+/// Weight rows per task: about [`TASK_BYTES`], in whole sets of the
+/// sixteen rows that the quantized kernels take at a time.
 fn features_per_task(row_bytes: usize) -> usize {
-    (TASK_BYTES / row_bytes.max(1)).clamp(1, 256)
+    (TASK_BYTES / row_bytes.max(1))
+        .clamp(1, 256)
+        .next_multiple_of(KERNEL_ROWS)
 }
 
 /// The activations quantized once for each block type the parts need.

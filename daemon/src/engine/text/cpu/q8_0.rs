@@ -5,13 +5,17 @@
 //!
 //! candle's dot product converts both f16 scales through a function call
 //! per 32 values, which made it compute-bound at a fifth of the memory's
-//! speed. Here the activations' scales are f32 already, the weights' are
-//! converted inline, and up to four activation rows share each weight
-//! block while it is in registers: AVX-512 VNNI or AVX-VNNI multiply-adds
-//! where the CPU has them, AVX2 otherwise, chosen at run time. Every path
-//! computes the same integer sums (the values lie in ±127, so no 16-bit
-//! sum saturates) and adds them in the same order, so a row's result does
-//! not depend on the batch or on the instructions used.
+//! speed. Here the vector kernels take the same block of sixteen weight
+//! rows (eight in 256-bit registers) and transpose it in registers, so
+//! that each 32-bit lane holds one weight row: eight multiply-adds with an
+//! activation's four bytes broadcast give sixteen whole block sums, which
+//! are converted and scaled once. Every activation row of the batch reuses
+//! the transposed block. Converting each block's eight partial sums for
+//! every activation row, as before, made eight rows cost three times one.
+//! AVX-512 VNNI, AVX-VNNI or AVX2 is chosen at run time. Every path
+//! computes the same integer block sums and adds them to a weight row's
+//! sum block after block, so a result depends neither on the batch nor on
+//! the instructions used.
 
 use half::f16;
 
@@ -63,37 +67,11 @@ pub struct Q8Rows {
     values: Vec<i8>,
     scales: Vec<f32>,
     inputs: usize,
-    /// For the AVX-512 kernel, which has no byte sign instruction: the
-    /// values plus 128, as unsigned bytes, each pair of blocks interleaved
-    /// four bytes at a time (see [`interleave_pairs`]).
-    unsigned: Vec<u8>,
-}
-
-/// Bytes per row of [`Q8Rows::unsigned`]: 64 per pair of blocks.
-fn pair_row_bytes(inputs: usize) -> usize {
-    (inputs / BLOCK).div_ceil(2) * 2 * BLOCK
-}
-
-/// Each pair of blocks as the AVX-512 kernel lays it in a register: the
-/// first block's four-byte groups in the even 32-bit lanes, the second's
-/// in the odd ones, so that the even and odd sums alternate lane by lane
-/// and each lane pair's scales come from one 64-bit broadcast. A lone last
-/// block pairs with zeros (128 unsigned).
-fn interleave_pairs(values: &[i8], inputs: usize) -> Vec<u8> {
-    let width = pair_row_bytes(inputs);
-    let mut out = vec![0x80u8; values.len() / inputs * width];
-    for (row, out) in values.chunks_exact(inputs).zip(out.chunks_exact_mut(width)) {
-        for (b, block) in row.chunks_exact(BLOCK).enumerate() {
-            let (pair, second) = (b / 2, b % 2);
-            for (g, group) in block.chunks_exact(4).enumerate() {
-                let at = pair * 2 * BLOCK + (2 * g + second) * 4;
-                for (o, v) in out[at..at + 4].iter_mut().zip(group) {
-                    *o = *v as u8 ^ 0x80;
-                }
-            }
-        }
-    }
-    out
+    /// -128 times each block's sum: the AVX-512 kernel, which has no byte
+    /// sign instruction, multiplies the weights plus 128 (unsigned) by the
+    /// signed activations and starts each block's sum here, to get the
+    /// same integers exactly.
+    offsets: Vec<i32>,
 }
 
 impl Q8Rows {
@@ -110,16 +88,16 @@ impl Q8Rows {
     }
 
     fn from_parts(values: Vec<i8>, scales: Vec<f32>, inputs: usize) -> Self {
-        let mut rows = Q8Rows {
+        let offsets = values
+            .chunks_exact(BLOCK)
+            .map(|block| -128 * block.iter().map(|v| *v as i32).sum::<i32>())
+            .collect();
+        Q8Rows {
             values,
             scales,
             inputs,
-            unsigned: Vec::new(),
-        };
-        if super::features::x86() == super::features::X86::Avx512Vnni {
-            rows.unsigned = interleave_pairs(&rows.values, inputs);
+            offsets,
         }
-        rows
     }
 
     fn rows(&self) -> usize {
@@ -161,38 +139,30 @@ fn portable_features(format: Format, bytes: &[u8], first: usize, acts: &Q8Rows, 
 }
 
 /// The same sums in plain Rust: per block an integer dot product, scaled
-/// and added into one of two running sums by the block's parity, as the
-/// vector paths do lane by lane.
+/// and added into the weight row's sum, block after block, as each lane
+/// of the vector paths does.
 fn portable_tile(format: Format, weights: &[u8], acts: &Q8Rows, first_row: usize, out: &mut [f32]) {
     let (blocks, size) = (acts.inputs / BLOCK, format.block_bytes());
     for (i, slot) in out.iter_mut().enumerate() {
         let row = first_row + i;
-        let mut lanes = [[0f32; 8]; 2];
+        let mut sum = 0f32;
         for b in 0..blocks {
             let block = &weights[b * size..][..size];
             let w = format.values(block);
             let scale = f16::from_le_bytes([block[0], block[1]]).to_f32_const()
                 * acts.scales[row * blocks + b];
             let x = &acts.values[(row * blocks + b) * BLOCK..][..BLOCK];
-            for (lane, sum) in lanes[b % 2].iter_mut().enumerate() {
-                let dot: i32 = (0..4)
-                    .map(|k| w[lane * 4 + k] as i32 * x[lane * 4 + k] as i32)
-                    .sum();
-                *sum = scale.mul_add(dot as f32, *sum);
-            }
+            let dot: i32 = w.iter().zip(x).map(|(w, x)| *w as i32 * *x as i32).sum();
+            sum = scale.mul_add(dot as f32, sum);
         }
-        let mut lanes8 = [0f32; 8];
-        for (lane, v) in lanes8.iter_mut().enumerate() {
-            *v = lanes[0][lane] + lanes[1][lane];
-        }
-        *slot = super::f32::horizontal(lanes8);
+        *slot = sum;
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 mod x86_64 {
     use super::{Format, Q8Rows, BLOCK};
-    use crate::engine::text::cpu::prefetch_ahead;
+    use crate::engine::text::cpu::prefetch_at;
     use std::arch::x86_64::*;
 
     /// Block `block`'s 32 values as signed bytes.
@@ -245,12 +215,154 @@ mod x86_64 {
         _mm256_and_si256(set, _mm256_set1_epi8(16))
     }
 
-    /// Generates one kernel per instruction set: `$dot` turns a block's
-    /// absolute weights and sign-adjusted activations into eight 32-bit
-    /// sums of four products each. `$body` is monomorphic in the format
-    /// so that decoding a block folds to its few instructions.
+    /// Block `b` of the first `LANES` weight rows in `rows`, as vectors
+    /// of its values, and its scales' f16 bits. Gathering the scales with
+    /// a vector gather was slower than these plain loads.
+    ///
+    /// # Safety
+    /// The CPU must have avx2: this is inlined into kernels
+    /// compiled for them.
+    #[inline(always)]
+    unsafe fn block_of_rows<const LANES: usize>(
+        format: Format,
+        rows: &[u8],
+        row_bytes: usize,
+        b: usize,
+    ) -> ([__m256i; LANES], [u16; LANES]) {
+        // SAFETY: the caller vouches for the CPU's features.
+        unsafe {
+            let size = format.block_bytes();
+            let at = b * size;
+            assert!(LANES * row_bytes <= rows.len() && at + size <= row_bytes);
+            // Loops, not `array::from_fn`, whose closure was not inlined.
+            let (mut vectors, mut bits) = ([_mm256_setzero_si256(); LANES], [0u16; LANES]);
+            for k in 0..LANES {
+                let block = &rows[k * row_bytes + at..][..size];
+                vectors[k] = values(format, block);
+                bits[k] = u16::from_le_bytes([block[0], block[1]]);
+            }
+            (vectors, bits)
+        }
+    }
+
+    /// Block `b` of the first eight weight rows in `rows`, transposed:
+    /// lane `j` of vector `s` holds bytes `4s..4s + 4` of row `j`'s block;
+    /// and their scales.
+    ///
+    /// # Safety
+    /// The CPU must have avx2,fma,f16c: this is inlined into kernels
+    /// compiled for them.
+    #[inline(always)]
+    unsafe fn eight_rows(
+        format: Format,
+        rows: &[u8],
+        row_bytes: usize,
+        b: usize,
+    ) -> ([__m256i; 8], __m256) {
+        // SAFETY: the caller vouches for the CPU's features.
+        unsafe {
+            let (r, bits) = block_of_rows::<8>(format, rows, row_bytes, b);
+            // `bits` holds eight u16.
+            let scales = _mm256_cvtph_ps(_mm_loadu_si128(bits.as_ptr() as *const __m128i));
+            (transpose_8x8(r), scales)
+        }
+    }
+
+    /// The usual 8x8 transpose of 32-bit lanes: pairs of 32-bit lanes,
+    /// then of 64-bit lanes within each 128-bit half, then the halves.
+    ///
+    /// # Safety
+    /// The CPU must have avx2: this is inlined into kernels
+    /// compiled for them.
+    #[inline(always)]
+    unsafe fn transpose_8x8(r: [__m256i; 8]) -> [__m256i; 8] {
+        // SAFETY: the caller vouches for the CPU's features.
+        unsafe {
+            let t = [
+                _mm256_unpacklo_epi32(r[0], r[1]),
+                _mm256_unpackhi_epi32(r[0], r[1]),
+                _mm256_unpacklo_epi32(r[2], r[3]),
+                _mm256_unpackhi_epi32(r[2], r[3]),
+                _mm256_unpacklo_epi32(r[4], r[5]),
+                _mm256_unpackhi_epi32(r[4], r[5]),
+                _mm256_unpacklo_epi32(r[6], r[7]),
+                _mm256_unpackhi_epi32(r[6], r[7]),
+            ];
+            // `u[s]` holds lane `s` of rows 0-3 in its low half and lane
+            // `s + 4` in its high half; `u[s + 4]` the same of rows 4-7.
+            let u = [
+                _mm256_unpacklo_epi64(t[0], t[2]),
+                _mm256_unpackhi_epi64(t[0], t[2]),
+                _mm256_unpacklo_epi64(t[1], t[3]),
+                _mm256_unpackhi_epi64(t[1], t[3]),
+                _mm256_unpacklo_epi64(t[4], t[6]),
+                _mm256_unpackhi_epi64(t[4], t[6]),
+                _mm256_unpacklo_epi64(t[5], t[7]),
+                _mm256_unpackhi_epi64(t[5], t[7]),
+            ];
+            let mut out = [_mm256_setzero_si256(); 8];
+            for s in 0..4 {
+                out[s] = _mm256_permute2x128_si256::<0x20>(u[s], u[s + 4]);
+                out[s + 4] = _mm256_permute2x128_si256::<0x31>(u[s], u[s + 4]);
+            }
+            out
+        }
+    }
+
+    /// Dots every weight row from `first` with every activation row,
+    /// `LANES` weight rows and `TILE` activation rows at a time:
+    /// `tile(rows, first_row, sums)` fills `sums[i][j]` for activation row
+    /// `first_row + i` and weight row `j` in `rows`. A last partial set of
+    /// weight rows is copied after zeros' rows, whose sums are dropped.
+    fn by_tiles<const LANES: usize, const TILE: usize>(
+        bytes: &[u8],
+        first: usize,
+        row_bytes: usize,
+        acts: &Q8Rows,
+        out: &mut [f32],
+        mut tile: impl FnMut(&[u8], usize, &mut [[f32; LANES]; TILE]),
+    ) {
+        let rows = acts.rows();
+        let features = out.len() / rows;
+        let mut padded = Vec::new();
+        for f in (0..features).step_by(LANES) {
+            let count = LANES.min(features - f);
+            let mut weights = &bytes[(first + f) * row_bytes..][..count * row_bytes];
+            if count < LANES {
+                padded.resize(LANES * row_bytes, 0);
+                padded[..weights.len()].copy_from_slice(weights);
+                weights = &padded;
+            }
+            for first_row in (0..rows).step_by(TILE) {
+                let mut sums = [[0f32; LANES]; TILE];
+                tile(weights, first_row, &mut sums);
+                for (i, sums) in sums.iter().enumerate().take(rows - first_row) {
+                    for (j, sum) in sums.iter().enumerate().take(count) {
+                        out[(f + j) * rows + first_row + i] = *sum;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Asks for the next set of `LANES` weight rows (`LANES * size` bytes
+    /// of it per block), so that it streams in while this set is dotted
+    /// column by column, which the hardware prefetchers do not follow.
+    #[inline(always)]
+    fn prefetch_next<const LANES: usize>(rows: &[u8], row_bytes: usize, size: usize, b: usize) {
+        let next = LANES * row_bytes + b * LANES * size;
+        for line in (0..LANES * size).step_by(64) {
+            prefetch_at(rows, next + line);
+        }
+    }
+
+    /// Generates the 256-bit kernels: `$dot` adds to `$acc` the four-byte
+    /// dot products of absolute weights `$a` and sign-adjusted activations
+    /// `$b`, lane by lane. `$body` is monomorphic in the format so that
+    /// decoding a block folds to its few instructions.
     macro_rules! kernel {
-        ($name:ident, $body:ident, $tile:ident, $features:literal, |$a:ident, $b:ident| $dot:expr) => {
+        ($name:ident, $body:ident, $tile:ident, $features:literal,
+         |$acc:ident, $a:ident, $b:ident| $dot:expr) => {
             #[target_feature(enable = $features)]
             pub fn $name(
                 format: Format,
@@ -269,86 +381,71 @@ mod x86_64 {
             #[target_feature(enable = $features)]
             fn $body<const FORMAT: u8>(bytes: &[u8], first: usize, acts: &Q8Rows, out: &mut [f32]) {
                 let format = [Format::Q8_0, Format::Q4_0, Format::Q5_0][FORMAT as usize];
-                let (rows, blocks, size) = (acts.rows(), acts.inputs / BLOCK, format.block_bytes());
-                assert!(
-                    acts.values.len() >= rows * acts.inputs && acts.scales.len() >= rows * blocks
-                );
-                let row_bytes = blocks * size;
+                let row_bytes = acts.inputs / BLOCK * format.block_bytes();
+                let rows = acts.rows();
                 // A fixed row count keeps the sums in registers.
-                super::super::for_each_tile(
+                by_tiles::<8, 4>(
                     bytes,
                     first,
                     row_bytes,
-                    rows,
-                    4,
+                    acts,
                     out,
-                    |weights, first_row, sums| match sums.len() {
-                        1 => $tile::<FORMAT, 1>(weights, acts, first_row, sums),
-                        2 => $tile::<FORMAT, 2>(weights, acts, first_row, sums),
-                        3 => $tile::<FORMAT, 3>(weights, acts, first_row, sums),
-                        _ => $tile::<FORMAT, 4>(weights, acts, first_row, sums),
+                    |w, first_row, sums| match rows - first_row {
+                        1 => $tile::<FORMAT, 1>(w, acts, first_row, sums),
+                        2 => $tile::<FORMAT, 2>(w, acts, first_row, sums),
+                        3 => $tile::<FORMAT, 3>(w, acts, first_row, sums),
+                        _ => $tile::<FORMAT, 4>(w, acts, first_row, sums),
                     },
                 );
             }
 
-            /// One weight row with `N` activation rows from `first_row`;
-            /// even and odd blocks add into separate sums.
+            /// Eight weight rows with `N` activation rows from `first_row`;
+            /// the next set of weight rows is asked for meanwhile.
             #[target_feature(enable = $features)]
             fn $tile<const FORMAT: u8, const N: usize>(
                 weights: &[u8],
                 acts: &Q8Rows,
                 first_row: usize,
-                sums: &mut [f32],
+                sums: &mut [[f32; 8]; 4],
             ) {
                 let format = [Format::Q8_0, Format::Q4_0, Format::Q5_0][FORMAT as usize];
                 let (blocks, size) = (acts.inputs / BLOCK, format.block_bytes());
-                assert!(sums.len() == N && (first_row + N) * blocks <= acts.scales.len());
+                let row_bytes = blocks * size;
+                assert!(N <= 4 && (first_row + N) * blocks <= acts.scales.len());
                 assert!(acts.values.len() >= (first_row + N) * acts.inputs);
-                let mut even = [_mm256_setzero_ps(); N];
-                let mut odd = [_mm256_setzero_ps(); N];
-                let add_block = |b: usize, acc: &mut [__m256; N]| {
-                    let block = &weights[b * size..][..size];
-                    let bits = u16::from_le_bytes([block[0], block[1]]);
-                    let w = values(format, block);
-                    let w_scale = _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)));
-                    let abs_w = _mm256_sign_epi8(w, w);
+                let mut acc = [_mm256_setzero_ps(); N];
+                for b in 0..blocks {
+                    prefetch_next::<8>(weights, row_bytes, size, b);
+                    // SAFETY: this kernel is compiled for AVX2, FMA and F16C.
+                    let (w, w_scales) = unsafe { eight_rows(format, weights, row_bytes, b) };
+                    let mut abs_w = w;
+                    for w in &mut abs_w {
+                        *w = _mm256_sign_epi8(*w, *w);
+                    }
                     for (i, acc) in acc.iter_mut().enumerate() {
                         let at = (first_row + i) * blocks + b;
-                        // SAFETY: `at` is a block of a row inside `acts`,
-                        // checked against its length above.
+                        // SAFETY: block `at` lies inside the activations,
+                        // checked against their length above.
                         let (x, x_scale) = unsafe {
                             (
-                                _mm256_loadu_si256(
-                                    acts.values.as_ptr().add(at * BLOCK) as *const __m256i
-                                ),
+                                acts.values.as_ptr().add(at * BLOCK) as *const i32,
                                 *acts.scales.get_unchecked(at),
                             )
                         };
-                        let signed_x = _mm256_sign_epi8(x, w);
-                        let ($a, $b) = (abs_w, signed_x);
-                        let products = _mm256_cvtepi32_ps($dot);
-                        let scale = _mm256_set1_ps(w_scale * x_scale);
-                        *acc = _mm256_fmadd_ps(scale, products, *acc);
+                        let mut dot = _mm256_setzero_si256();
+                        for s in 0..8 {
+                            // SAFETY: as above; four bytes of the block.
+                            let four = _mm256_set1_epi32(unsafe { x.add(s).read_unaligned() });
+                            let ($acc, $a, $b) = (dot, abs_w[s], _mm256_sign_epi8(four, w[s]));
+                            dot = $dot;
+                        }
+                        let scale = _mm256_mul_ps(w_scales, _mm256_set1_ps(x_scale));
+                        *acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), *acc);
                     }
-                };
-                let mut b = 0;
-                while b + 2 <= blocks {
-                    // Two blocks span at most two cache lines.
-                    prefetch_ahead(weights, b * size);
-                    prefetch_ahead(weights, b * size + 64);
-                    add_block(b, &mut even);
-                    add_block(b + 1, &mut odd);
-                    b += 2;
                 }
-                if b < blocks {
-                    add_block(b, &mut even);
-                }
-                for ((slot, even), odd) in sums.iter_mut().zip(even).zip(odd) {
-                    let sum = _mm256_add_ps(even, odd);
-                    let mut lanes = [0f32; 8];
-                    // SAFETY: `lanes` holds eight f32.
-                    unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), sum) };
-                    *slot = super::super::f32::horizontal(lanes);
+                for (sums, acc) in sums.iter_mut().zip(acc) {
+                    // SAFETY: `sums` holds eight f32.
+                    unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), acc) };
                 }
             }
         };
@@ -359,23 +456,83 @@ mod x86_64 {
         body_avx2,
         tile_avx2,
         "avx2,fma,f16c",
-        |a, b| _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+        |acc, a, b| _mm256_add_epi32(
+            acc,
+            _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1))
+        )
     );
     kernel!(
         features_avxvnni,
         body_avxvnni,
         tile_avxvnni,
         "avx2,fma,f16c,avxvnni",
-        |a, b| _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, b)
+        |acc, a, b| _mm256_dpbusd_avx_epi32(acc, a, b)
     );
 
-    /// The AVX-512 kernel: two blocks per register, interleaved four bytes
-    /// at a time (see [`super::interleave_pairs`]), so that the even and
-    /// odd lanes hold the even and odd sums of the 256-bit kernels, lane
-    /// for lane. AVX-512 has no byte
-    /// sign instruction, so it multiplies the activations plus 128
-    /// (unsigned) by the signed weights, starting each sum from -128 times
-    /// its four weights: the same integers exactly.
+    /// Block `b` of the first sixteen weight rows in `rows` transposed, as
+    /// [`eight_rows`] does for eight.
+    ///
+    /// # Safety
+    /// The CPU must have avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c: this is inlined into kernels
+    /// compiled for them.
+    #[inline(always)]
+    unsafe fn sixteen_rows(
+        format: Format,
+        rows: &[u8],
+        row_bytes: usize,
+        b: usize,
+    ) -> ([__m512i; 8], __m512) {
+        // SAFETY: the caller vouches for the CPU's features.
+        unsafe {
+            let (block, bits) = block_of_rows::<16>(format, rows, row_bytes, b);
+            // `bits` holds sixteen u16.
+            let scales = _mm512_cvtph_ps(_mm256_loadu_si256(bits.as_ptr() as *const __m256i));
+            // Rows k and k + 8 side by side, then the 8x8 transpose of
+            // `transpose_8x8` in both 256-bit halves at once.
+            let mut r = [_mm512_setzero_si512(); 8];
+            for (k, r) in r.iter_mut().enumerate() {
+                *r = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(block[k]), block[k + 8]);
+            }
+            let t = [
+                _mm512_unpacklo_epi32(r[0], r[1]),
+                _mm512_unpackhi_epi32(r[0], r[1]),
+                _mm512_unpacklo_epi32(r[2], r[3]),
+                _mm512_unpackhi_epi32(r[2], r[3]),
+                _mm512_unpacklo_epi32(r[4], r[5]),
+                _mm512_unpackhi_epi32(r[4], r[5]),
+                _mm512_unpacklo_epi32(r[6], r[7]),
+                _mm512_unpackhi_epi32(r[6], r[7]),
+            ];
+            // By 128-bit quarters, `u[s]` holds lane `s` of rows 0-3, lane
+            // `s + 4` of rows 0-3, lane `s` of rows 8-11 and lane `s + 4` of
+            // rows 8-11; `u[s + 4]` the same of rows 4-7 and 12-15.
+            let u = [
+                _mm512_unpacklo_epi64(t[0], t[2]),
+                _mm512_unpackhi_epi64(t[0], t[2]),
+                _mm512_unpacklo_epi64(t[1], t[3]),
+                _mm512_unpackhi_epi64(t[1], t[3]),
+                _mm512_unpacklo_epi64(t[4], t[6]),
+                _mm512_unpackhi_epi64(t[4], t[6]),
+                _mm512_unpacklo_epi64(t[5], t[7]),
+                _mm512_unpackhi_epi64(t[5], t[7]),
+            ];
+            // The even quarters of both for lane `s`, the odd ones for `s + 4`.
+            let even = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0);
+            let odd = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
+            let mut out = [_mm512_setzero_si512(); 8];
+            for s in 0..4 {
+                out[s] = _mm512_permutex2var_epi64(u[s], even, u[s + 4]);
+                out[s + 4] = _mm512_permutex2var_epi64(u[s], odd, u[s + 4]);
+            }
+            (out, scales)
+        }
+    }
+
+    /// The AVX-512 kernel: sixteen weight rows per register. AVX-512 has
+    /// no byte sign instruction, so it multiplies the weights plus 128
+    /// (unsigned) by the signed activations, starting each block's sum
+    /// from -128 times its activations' sum ([`Q8Rows::offsets`]): the
+    /// same integers exactly.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub fn features_avx512(
         format: Format,
@@ -394,124 +551,77 @@ mod x86_64 {
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
     fn body_avx512<const FORMAT: u8>(bytes: &[u8], first: usize, acts: &Q8Rows, out: &mut [f32]) {
         let format = [Format::Q8_0, Format::Q4_0, Format::Q5_0][FORMAT as usize];
-        let (rows, blocks, size) = (acts.rows(), acts.inputs / BLOCK, format.block_bytes());
-        assert!(
-            acts.unsigned.len() >= rows * super::pair_row_bytes(acts.inputs),
-            "activations without their unsigned form"
-        );
-        let row_bytes = blocks * size;
+        let row_bytes = acts.inputs / BLOCK * format.block_bytes();
+        let rows = acts.rows();
         // A fixed row count keeps the sums in registers.
-        super::super::for_each_tile(
+        by_tiles::<16, 8>(
             bytes,
             first,
             row_bytes,
-            rows,
-            8,
+            acts,
             out,
-            |weights, first_row, sums| match sums.len() {
-                1 => tile_avx512::<FORMAT, 1>(weights, acts, first_row, sums),
-                2 => tile_avx512::<FORMAT, 2>(weights, acts, first_row, sums),
-                3 => tile_avx512::<FORMAT, 3>(weights, acts, first_row, sums),
-                4 => tile_avx512::<FORMAT, 4>(weights, acts, first_row, sums),
-                5 => tile_avx512::<FORMAT, 5>(weights, acts, first_row, sums),
-                6 => tile_avx512::<FORMAT, 6>(weights, acts, first_row, sums),
-                7 => tile_avx512::<FORMAT, 7>(weights, acts, first_row, sums),
-                _ => tile_avx512::<FORMAT, 8>(weights, acts, first_row, sums),
+            |w, first_row, sums| match rows - first_row {
+                1 => tile_avx512::<FORMAT, 1>(w, acts, first_row, sums),
+                2 => tile_avx512::<FORMAT, 2>(w, acts, first_row, sums),
+                3 => tile_avx512::<FORMAT, 3>(w, acts, first_row, sums),
+                4 => tile_avx512::<FORMAT, 4>(w, acts, first_row, sums),
+                5 => tile_avx512::<FORMAT, 5>(w, acts, first_row, sums),
+                6 => tile_avx512::<FORMAT, 6>(w, acts, first_row, sums),
+                7 => tile_avx512::<FORMAT, 7>(w, acts, first_row, sums),
+                _ => tile_avx512::<FORMAT, 8>(w, acts, first_row, sums),
             },
         );
     }
 
-    /// One weight row with `N` activation rows from `first_row`.
+    /// Sixteen weight rows with `N` activation rows from `first_row`; the
+    /// next set of weight rows is asked for meanwhile.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
     fn tile_avx512<const FORMAT: u8, const N: usize>(
         weights: &[u8],
         acts: &Q8Rows,
         first_row: usize,
-        sums: &mut [f32],
+        sums: &mut [[f32; 16]; 8],
     ) {
         let format = [Format::Q8_0, Format::Q4_0, Format::Q5_0][FORMAT as usize];
         let (blocks, size) = (acts.inputs / BLOCK, format.block_bytes());
-        let width = super::pair_row_bytes(acts.inputs);
-        assert!(sums.len() == N && weights.len() >= blocks * size);
-        assert!(acts.unsigned.len() >= (first_row + N) * width);
-        assert!(acts.scales.len() >= (first_row + N) * blocks);
-        // Lane 2g takes the first block's group g, lane 2g + 1 the second's.
-        let interleave = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+        let row_bytes = blocks * size;
+        assert!(N <= 8 && (first_row + N) * blocks <= acts.scales.len());
+        assert!(acts.offsets.len() >= (first_row + N) * blocks);
+        assert!(acts.values.len() >= (first_row + N) * acts.inputs);
         let mut acc = [_mm512_setzero_ps(); N];
-        // The even lanes take every block's sums, the odd lanes only the
-        // second of a pair: a lone last block leaves the odd sums as they are.
-        let add_pair =
-            |p: usize, w: __m512i, w_scale: __m512, lanes: __mmask16, acc: &mut [__m512; N]| {
-                let offset = _mm512_sub_epi32(
-                    _mm512_setzero_si512(),
-                    _mm512_dpbusd_epi32(_mm512_setzero_si512(), _mm512_set1_epi8(-128), w),
-                );
-                for (i, acc) in acc.iter_mut().enumerate() {
-                    let row = first_row + i;
-                    // SAFETY: pair `p` of `row` lies inside both activation
-                    // forms, checked against their lengths above; a lone last
-                    // block reads its one scale.
-                    let (x, x_scale) = unsafe {
-                        let at = acts.unsigned.as_ptr().add(row * width + p * 2 * BLOCK);
-                        let scales = acts.scales.as_ptr().add(row * blocks + 2 * p);
-                        let x_scale = if lanes == 0xFFFF {
-                            let pair = (scales as *const f64).read_unaligned();
-                            _mm512_castpd_ps(_mm512_set1_pd(pair))
-                        } else {
-                            _mm512_broadcast_f32x2(_mm_set_ss(*scales))
-                        };
-                        (_mm512_loadu_si512(at as *const __m512i), x_scale)
-                    };
-                    let products = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(offset, x, w));
-                    let scale = _mm512_mul_ps(w_scale, x_scale);
-                    *acc = _mm512_mask3_fmadd_ps(scale, products, *acc, lanes);
+        for b in 0..blocks {
+            prefetch_next::<16>(weights, row_bytes, size, b);
+            // SAFETY: this kernel is compiled for AVX-512.
+            let (w, w_scales) = unsafe { sixteen_rows(format, weights, row_bytes, b) };
+            let mut biased = w;
+            for w in &mut biased {
+                *w = _mm512_xor_si512(*w, _mm512_set1_epi8(-128));
+            }
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let at = (first_row + i) * blocks + b;
+                // SAFETY: block `at` lies inside the activations' three
+                // parts, checked against their lengths above.
+                let (x, x_scale, offset) = unsafe {
+                    (
+                        acts.values.as_ptr().add(at * BLOCK) as *const i32,
+                        *acts.scales.get_unchecked(at),
+                        *acts.offsets.get_unchecked(at),
+                    )
+                };
+                let mut dot = _mm512_set1_epi32(offset);
+                for (s, biased) in biased.iter().enumerate() {
+                    // SAFETY: as above; four bytes of the block.
+                    let four = _mm512_set1_epi32(unsafe { x.add(s).read_unaligned() });
+                    dot = _mm512_dpbusd_epi32(dot, *biased, four);
                 }
-            };
-        let pair_of = |first: __m256i, second: __m256i, h0: f32, h1: f32| {
-            let w = _mm512_permutex2var_epi32(
-                _mm512_castsi256_si512(first),
-                interleave,
-                _mm512_castsi256_si512(second),
-            );
-            let scales = _mm_unpacklo_ps(_mm_set_ss(h0), _mm_set_ss(h1));
-            (w, _mm512_broadcast_f32x2(scales))
-        };
-        for p in 0..blocks / 2 {
-            let at = 2 * p * size;
-            // Two blocks span at most two cache lines.
-            prefetch_ahead(weights, at);
-            prefetch_ahead(weights, at + 64);
-            let (first, second) = (&weights[at..][..size], &weights[at + size..][..size]);
-            let (w, w_scale) = pair_of(
-                values(format, first),
-                values(format, second),
-                half(first),
-                half(second),
-            );
-            add_pair(p, w, w_scale, 0xFFFF, &mut acc);
+                let scale = _mm512_mul_ps(w_scales, _mm512_set1_ps(x_scale));
+                *acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), *acc);
+            }
         }
-        if blocks % 2 == 1 {
-            let last = &weights[(blocks - 1) * size..][..size];
-            let zero = _mm256_setzero_si256();
-            let (w, w_scale) = pair_of(values(format, last), zero, half(last), 0.0);
-            add_pair(blocks / 2, w, w_scale, 0x5555, &mut acc);
+        for (sums, acc) in sums.iter_mut().zip(acc) {
+            // SAFETY: `sums` holds sixteen f32.
+            unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), acc) };
         }
-        for (slot, acc) in sums.iter_mut().zip(acc) {
-            let mut both = [0f32; 16];
-            // SAFETY: `both` holds sixteen f32.
-            unsafe { _mm512_storeu_ps(both.as_mut_ptr(), acc) };
-            // The even and odd sums of each group, as the 256-bit kernels
-            // add them.
-            let lanes = std::array::from_fn(|g| both[2 * g] + both[2 * g + 1]);
-            *slot = super::super::f32::horizontal(lanes);
-        }
-    }
-
-    /// A block's f16 scale.
-    #[target_feature(enable = "f16c")]
-    fn half(block: &[u8]) -> f32 {
-        let bits = u16::from_le_bytes([block[0], block[1]]);
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)))
     }
 }
 
@@ -519,11 +629,12 @@ mod x86_64 {
 mod tests {
     use super::*;
 
-    /// Nine rows fill one 8-row tile and start another; 288 inputs are an
-    /// odd number of blocks, which the 512-bit kernel ends alone.
+    /// Nine activation rows fill one 8-row tile and start another, and
+    /// nineteen weight rows fill a 16-row (and two 8-row) register and
+    /// start another; the widths are odd and even block counts.
     #[test]
     fn every_instruction_set_gives_the_same_bits() {
-        for inputs in [256, 288] {
+        for inputs in [256, 288, 576] {
             let x: Vec<f32> = (0..ROWS * inputs)
                 .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
                 .collect();
@@ -531,8 +642,8 @@ mod tests {
             for format in [Format::Q8_0, Format::Q4_0, Format::Q5_0] {
                 let size = format.block_bytes();
                 let mut weights = Vec::new();
-                for b in 0..inputs / BLOCK {
-                    weights.extend(f16::from_f32(0.01 * (b + 1) as f32).to_le_bytes());
+                for b in 0..FEATURES * inputs / BLOCK {
+                    weights.extend(f16::from_f32(0.01 * (b % 23 + 1) as f32).to_le_bytes());
                     weights.extend((0..size - 2).map(|i| ((i * 29 + b * 7) % 255) as u8));
                 }
                 check_paths(format, &weights, &acts);
@@ -556,41 +667,54 @@ mod tests {
     }
 
     const ROWS: usize = 9;
+    const FEATURES: usize = 19;
 
     fn check_paths(format: Format, weights: &[u8], acts: &Q8Rows) {
-        let mut portable = [0f32; ROWS];
-        portable_tile(format, weights, acts, 0, &mut portable);
+        let mut portable = [0f32; ROWS * FEATURES];
+        portable_features(format, weights, 0, acts, &mut portable);
         #[cfg(target_arch = "x86_64")]
         {
             use super::super::features::{x86, X86};
             let best = x86();
-            let mut got = [0f32; ROWS];
-            let same = |got: [f32; ROWS]| got.map(f32::to_bits) == portable.map(f32::to_bits);
+            let mut got = [0f32; ROWS * FEATURES];
+            let same = |got: &[f32]| {
+                got.iter()
+                    .map(|v| v.to_bits())
+                    .eq(portable.map(f32::to_bits))
+            };
             // SAFETY: each path runs only when the CPU has its features.
             unsafe {
                 if best != X86::None {
                     x86_64::features_avx2(format, weights, 0, acts, &mut got);
-                    assert!(same(got), "{format:?} AVX2");
+                    assert!(same(&got), "{format:?} AVX2");
                 }
                 if best == X86::Avx512Vnni {
                     x86_64::features_avx512(format, weights, 0, acts, &mut got);
-                    assert!(same(got), "{format:?} AVX-512 VNNI");
+                    assert!(same(&got), "{format:?} AVX-512 VNNI");
+                    // A task that starts mid-matrix, on a part of a register.
+                    let mut part = [0f32; ROWS * 5];
+                    x86_64::features_avx512(format, weights, 14, acts, &mut part);
+                    assert!(part
+                        .iter()
+                        .map(|v| v.to_bits())
+                        .eq(portable[14 * ROWS..].iter().map(|v| v.to_bits())));
                 }
                 if std::is_x86_feature_detected!("avxvnni") && best != X86::None {
                     x86_64::features_avxvnni(format, weights, 0, acts, &mut got);
-                    assert!(same(got), "{format:?} AVX-VNNI");
+                    assert!(same(&got), "{format:?} AVX-VNNI");
                 }
             }
         }
-        // One row alone equals its place in the tile.
+        // One row alone equals its place in the batch.
         let inputs = acts.inputs;
         let row = Q8Rows::from_parts(
             acts.values[2 * inputs..3 * inputs].to_vec(),
             acts.scales[2 * inputs / BLOCK..3 * inputs / BLOCK].to_vec(),
             inputs,
         );
-        let mut alone = [0f32; 1];
+        let mut alone = [0f32; FEATURES];
         dot_features(format, weights, 0, &row, &mut alone);
-        assert_eq!(alone[0].to_bits(), portable[2].to_bits(), "{format:?}");
+        let batched = (0..FEATURES).map(|f| portable[f * ROWS + 2].to_bits());
+        assert!(alone.iter().map(|v| v.to_bits()).eq(batched), "{format:?}");
     }
 }
