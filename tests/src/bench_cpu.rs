@@ -47,10 +47,13 @@ pub struct Options {
     pub tokens: usize,
     pub rounds: usize,
     pub python: String,
+    /// Which of `decode`, `ttft` and `batch` to run.
+    pub sections: Vec<String>,
 }
 
 impl Options {
-    /// `--shapes 135m|1.1b|both`, `--tokens N` and `--rounds N`.
+    /// `--shapes 135m|1.1b|both`, `--tokens N`, `--rounds N` and
+    /// `--sections decode,ttft,batch` (all three unless given).
     pub fn parse(args: &[String], python: String) -> Self {
         let value = |name: &str| {
             let index = args.iter().position(|a| a == name)?;
@@ -70,8 +73,21 @@ impl Options {
             tokens: number("--tokens", 128),
             rounds: number("--rounds", 3).max(1),
             python,
+            sections: sections(value("--sections")),
         }
     }
+}
+
+fn sections(given: Option<String>) -> Vec<String> {
+    let all = ["decode", "ttft", "batch"];
+    let Some(given) = given else {
+        return all.map(String::from).to_vec();
+    };
+    let sections: Vec<String> = given.split(',').map(|s| s.trim().to_string()).collect();
+    if let Some(bad) = sections.iter().find(|s| !all.contains(&s.as_str())) {
+        panic!("--sections: a list of decode, ttft and batch, not {bad}");
+    }
+    sections
 }
 
 /// A named model shape.
@@ -136,9 +152,14 @@ pub fn run(options: Options) {
         let files = ModelFiles::build(spec, work.path(), &options.python, &script, llama_ok);
         let llama = llama_ok.then(|| LlamaSide::probe(&options.python, &script, &files));
         let bench = Bench::start(&files, &threads, &options, llama.as_ref());
-        bench.decode_section(&mut report);
-        bench.ttft_section(&mut report);
-        if spec.key == "135m" {
+        let wanted = |name: &str| options.sections.iter().any(|s| s == name);
+        if wanted("decode") {
+            bench.decode_section(&mut report);
+        }
+        if wanted("ttft") {
+            bench.ttft_section(&mut report);
+        }
+        if spec.key == "135m" && wanted("batch") {
             bench.batch_section(&mut report);
         }
         // The next shape's files need the disk space more than these do.

@@ -62,7 +62,7 @@
 //! RPC rounds alternate, medians of N rounds (default 9); see
 //! `bench_http.rs`.
 //!
-//! `cargo run --release -p modeld-e2e --bin bench -- cpu [--shapes 135m|1.1b|both] [--tokens N] [--rounds N] [--python PATH]`:
+//! `cargo run --release -p modeld-e2e --bin bench -- cpu [--shapes 135m|1.1b|both] [--tokens N] [--rounds N] [--sections decode,ttft,batch] [--python PATH]`:
 //! CPU decode against llama.cpp (llama-cpp-python in PATH, default
 //! `python3` or `$MODELD_BENCH_PYTHON`) on random SmolLM-135M- and
 //! TinyLlama-1.1B-shaped llamas in f32, Q8_0 and Q4_K_M: tokens/s at one
@@ -116,7 +116,7 @@ fn main() {
         Some("cpu") => bench_cpu::run(bench_cpu::Options::parse(&args, python(&args))),
         Some("spin") => bench_cpu::spin(),
         _ => {
-            eprintln!("usage: bench rpc [--calls N] | download [--mib N] | generate [--tokens N] | batch [--tokens N] | families [--tokens N] | cache [--repos N] [--mib N] | images [--python PATH] [--steps N] | cancel [--python PATH] | runners [--python PATH] [--all-cpus] | http [--tokens N] [--rounds N] | cpu [--shapes 135m|1.1b|both] [--tokens N] [--rounds N] [--python PATH]");
+            eprintln!("usage: bench rpc [--calls N] | download [--mib N] | generate [--tokens N] | batch [--tokens N] | families [--tokens N] | cache [--repos N] [--mib N] | images [--python PATH] [--steps N] | cancel [--python PATH] | runners [--python PATH] [--all-cpus] | http [--tokens N] [--rounds N] | cpu [--shapes 135m|1.1b|both] [--tokens N] [--rounds N] [--sections decode,ttft,batch] [--python PATH]");
             std::process::exit(2);
         }
     }

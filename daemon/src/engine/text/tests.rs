@@ -100,6 +100,15 @@ fn random_llama(dir: &std::path::Path, hidden: usize, layers: usize) -> Decoder 
         kv_heads,
     };
     modeld_e2e::synthetic::write_model(dir, "llama", shape);
+    // The bench's models have SmolLM's 49152 tokens, whose output head is
+    // a fifth of a 135M model's weights.
+    let vocab = std::env::var("PROBE_VOCAB")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    if let Some(size) = vocab {
+        let vocab = modeld_e2e::synthetic::Vocab { size, tied: true };
+        modeld_e2e::synthetic::write_llama(dir, shape, vocab);
+    }
     let spec = ModelSpec::read(dir).unwrap();
     let file = dir.join("model.safetensors");
     build::from_safetensors(&spec, &[file], &[], DType::F32, &Device::Cpu).unwrap()
@@ -107,8 +116,9 @@ fn random_llama(dir: &std::path::Path, hidden: usize, layers: usize) -> Decoder 
 
 /// Milliseconds per decode step by batch size on a random llama:
 /// `cargo test --release -p modeld --lib decode_step_timing -- --ignored --nocapture`.
-/// `PROBE_HIDDEN`, `PROBE_LAYERS` and `PROBE_FORMAT` (`f32`, `q8_0` or
-/// `q4k`, the last two as GGUF) pick the model; `RAYON_NUM_THREADS` the
+/// `PROBE_HIDDEN`, `PROBE_LAYERS`, `PROBE_VOCAB` (tied embeddings when
+/// given) and `PROBE_FORMAT` (`f32`, `q8_0` or `q4k`, the last two as
+/// GGUF) pick the model; `RAYON_NUM_THREADS` the
 /// threads, `PROBE_BATCHES` (`1,2,4,8`) the batch sizes.
 #[test]
 #[ignore = "a timing probe, not a check"]

@@ -190,12 +190,11 @@ fn for_each_tile(
 pub fn few_rows(parts: &[Part], x: &[f32], rows: usize, inputs: usize) -> Vec<Vec<f32>> {
     debug_assert_eq!(x.len(), rows * inputs);
     let acts = quantized_activations(parts, x, inputs);
-    // Tasks compute feature-major blocks, contiguous per task.
-    let mut by_feature: Vec<Vec<f32>> = parts
+    let mut outputs: Vec<Vec<f32>> = parts
         .iter()
         .map(|p| vec![0f32; p.features * rows])
         .collect();
-    let outs: Vec<Out> = by_feature.iter_mut().map(|v| Out(v.as_mut_ptr())).collect();
+    let outs: Vec<Out> = outputs.iter_mut().map(|v| Out(v.as_mut_ptr())).collect();
     let mut tasks = Vec::new();
     for (n, part) in parts.iter().enumerate() {
         let step = features_per_task(part.source.row_bytes(inputs));
@@ -205,10 +204,26 @@ pub fn few_rows(parts: &[Part], x: &[f32], rows: usize, inputs: usize) -> Vec<Ve
     }
     let work = |t: usize| {
         let (n, first, count) = tasks[t];
+        let features = parts[n].features;
         // SAFETY: tasks cover disjoint feature ranges of their part's
-        // buffer, which outlives the pool run.
-        let out = unsafe { outs[n].range(first * rows, count * rows) };
-        dot_features(parts[n].source, x, inputs, first, &acts, out);
+        // buffer, in every row, and the buffer outlives the pool run.
+        let row = |r: usize| unsafe { outs[n].range(r * features + first, count) };
+        if rows == 1 {
+            dot_features(parts[n].source, x, inputs, first, &acts, row(0));
+            return;
+        }
+        // The kernels write feature-major sums; each task turns its own
+        // into rows while they are in cache, rather than one thread
+        // turning every output after the product.
+        SCRATCH.with_borrow_mut(|sums| {
+            sums.resize(count * rows, 0.0);
+            dot_features(parts[n].source, x, inputs, first, &acts, sums);
+            for r in 0..rows {
+                for (slot, sum) in row(r).iter_mut().zip(sums.iter().skip(r).step_by(rows)) {
+                    *slot = *sum;
+                }
+            }
+        });
     };
     let bytes: usize = parts
         .iter()
@@ -219,11 +234,12 @@ pub fn few_rows(parts: &[Part], x: &[f32], rows: usize, inputs: usize) -> Vec<Ve
     } else {
         pool::global().run(tasks.len(), &work);
     }
-    by_feature
-        .into_iter()
-        .zip(parts)
-        .map(|(values, part)| row_major(&values, rows, part.features))
-        .collect()
+    outputs
+}
+
+thread_local! {
+    /// A task's feature-major sums before they go to their rows.
+    static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Weight rows per task: about [`TASK_BYTES`], in whole sets of the
@@ -271,19 +287,6 @@ fn dot_features(
             quant::dot_features(dtype, bytes, inputs, first, a, out);
         }
     }
-}
-
-fn row_major(by_feature: &[f32], rows: usize, features: usize) -> Vec<f32> {
-    if rows == 1 {
-        return by_feature.to_vec();
-    }
-    let mut out = vec![0f32; rows * features];
-    for (feature, values) in by_feature.chunks_exact(rows).enumerate() {
-        for (row, value) in values.iter().enumerate() {
-            out[row * features + feature] = *value;
-        }
-    }
-    out
 }
 
 #[cfg(test)]
