@@ -136,7 +136,9 @@ fn heads_in_registers<const L: usize>(
         softmax(&mut scores);
         let mut sum = [_mm256_setzero_ps(); L];
         for (j, p) in visible.clone().zip(&scores) {
-            let (p, values) = (_mm256_set1_ps(*p), load::<L>(v.row(kv, j)));
+            let row = v.row(kv, j);
+            ask_ahead::<L>(row);
+            let (p, values) = (_mm256_set1_ps(*p), load::<L>(row));
             for (sum, x) in sum.iter_mut().zip(values) {
                 *sum = _mm256_fmadd_ps(p, x, *sum);
             }
@@ -145,6 +147,16 @@ fn heads_in_registers<const L: usize>(
             // SAFETY: `out` holds eight f32.
             unsafe { _mm256_storeu_ps(out.as_mut_ptr(), *sum) };
         }
+    }
+}
+
+/// Asks for the cache lines of the row 2 KiB past `row`: a key head's
+/// rows lie one after another in the cache, and one core's prefetchers
+/// stop at each 4 KiB page, which left the attention waiting on memory.
+#[inline(always)]
+fn ask_ahead<const L: usize>(row: &[f32]) {
+    for line in (0..32 * L).step_by(64) {
+        super::prefetch_ahead(row, line);
     }
 }
 
@@ -162,7 +174,8 @@ fn load<const L: usize>(row: &[f32]) -> [std::arch::x86_64::__m256; L] {
     out
 }
 
-/// `scores[i]`: the query dotted with key `i`, four keys at a time.
+/// `scores[i]`: the query dotted with key `i`, four keys at a time, then
+/// one at a time; each key's lanes are summed in the same order either way.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
 fn scores_of<'a, const L: usize>(
@@ -171,29 +184,59 @@ fn scores_of<'a, const L: usize>(
     scores: &mut [f32],
 ) {
     use std::arch::x86_64::*;
-    for four in scores.chunks_mut(4) {
+    let mut key = || {
+        let key = keys.next().expect("a key per score");
+        assert!(key.len() >= 8 * L);
+        ask_ahead::<L>(key);
+        key.as_ptr()
+    };
+    let full = scores.len() / 4 * 4;
+    let (fours, rest) = scores.split_at_mut(full);
+    for four in fours.chunks_exact_mut(4) {
+        let rows = [key(), key(), key(), key()];
         let mut acc = [_mm256_setzero_ps(); 4];
-        for acc in acc.iter_mut().take(four.len()) {
-            let key = load::<L>(keys.next().expect("a key per score"));
-            for (q, x) in query.iter().zip(key) {
-                *acc = _mm256_fmadd_ps(*q, x, *acc);
+        for (l, q) in query.iter().enumerate() {
+            for (acc, row) in acc.iter_mut().zip(rows) {
+                // SAFETY: each key holds `8 * L` values, checked above.
+                *acc = _mm256_fmadd_ps(*q, unsafe { _mm256_loadu_ps(row.add(8 * l)) }, *acc);
             }
         }
-        // Lanes summed pairwise across the four: [s0, s1, s2, s3] twice
-        // (low and high halves), then the halves added.
-        let pairs = _mm256_hadd_ps(
-            _mm256_hadd_ps(acc[0], acc[1]),
-            _mm256_hadd_ps(acc[2], acc[3]),
-        );
-        let sums = _mm_add_ps(
-            _mm256_castps256_ps128(pairs),
-            _mm256_extractf128_ps::<1>(pairs),
-        );
-        let mut lanes = [0f32; 4];
-        // SAFETY: `lanes` holds four f32.
-        unsafe { _mm_storeu_ps(lanes.as_mut_ptr(), sums) };
-        four.copy_from_slice(&lanes[..four.len()]);
+        four.copy_from_slice(&lane_sums(acc));
     }
+    for score in rest {
+        let row = key();
+        let mut acc = _mm256_setzero_ps();
+        for (l, q) in query.iter().enumerate() {
+            // SAFETY: as above.
+            acc = _mm256_fmadd_ps(*q, unsafe { _mm256_loadu_ps(row.add(8 * l)) }, acc);
+        }
+        *score = lane_sums([
+            acc,
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+            _mm256_setzero_ps(),
+        ])[0];
+    }
+}
+
+/// Each vector's eight lanes summed: pairwise across the four, giving
+/// [s0, s1, s2, s3] in each 128-bit half, then the halves added.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn lane_sums(acc: [std::arch::x86_64::__m256; 4]) -> [f32; 4] {
+    use std::arch::x86_64::*;
+    let pairs = _mm256_hadd_ps(
+        _mm256_hadd_ps(acc[0], acc[1]),
+        _mm256_hadd_ps(acc[2], acc[3]),
+    );
+    let sums = _mm_add_ps(
+        _mm256_castps256_ps128(pairs),
+        _mm256_extractf128_ps::<1>(pairs),
+    );
+    let mut out = [0f32; 4];
+    // SAFETY: `out` holds four f32.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), sums) };
+    out
 }
 
 /// Two accumulators of eight lanes, then the tail.
