@@ -554,23 +554,37 @@ mod x86_64 {
         let row_bytes = acts.inputs / BLOCK * format.block_bytes();
         let rows = acts.rows();
         // A fixed row count keeps the sums in registers.
-        by_tiles::<16, 8>(
-            bytes,
-            first,
-            row_bytes,
-            acts,
-            out,
-            |w, first_row, sums| match rows - first_row {
-                1 => tile_avx512::<FORMAT, 1>(w, acts, first_row, sums),
-                2 => tile_avx512::<FORMAT, 2>(w, acts, first_row, sums),
-                3 => tile_avx512::<FORMAT, 3>(w, acts, first_row, sums),
-                4 => tile_avx512::<FORMAT, 4>(w, acts, first_row, sums),
-                5 => tile_avx512::<FORMAT, 5>(w, acts, first_row, sums),
-                6 => tile_avx512::<FORMAT, 6>(w, acts, first_row, sums),
-                7 => tile_avx512::<FORMAT, 7>(w, acts, first_row, sums),
-                _ => tile_avx512::<FORMAT, 8>(w, acts, first_row, sums),
-            },
-        );
+        by_tiles::<16, 16>(bytes, first, row_bytes, acts, out, |w, first_row, sums| {
+            tile_rows::<FORMAT>(w, acts, first_row, rows - first_row, sums)
+        });
+    }
+
+    /// The first `count` (at least one) activation rows from `first_row`
+    /// with sixteen weight rows: sixteen at once where there are, which
+    /// transposes each weight block once for a prompt's sixteen rows.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn tile_rows<const FORMAT: u8>(
+        w: &[u8],
+        acts: &Q8Rows,
+        first_row: usize,
+        count: usize,
+        sums: &mut [[f32; 16]],
+    ) {
+        match count {
+            1 => tile_avx512::<FORMAT, 1>(w, acts, first_row, sums),
+            2 => tile_avx512::<FORMAT, 2>(w, acts, first_row, sums),
+            3 => tile_avx512::<FORMAT, 3>(w, acts, first_row, sums),
+            4 => tile_avx512::<FORMAT, 4>(w, acts, first_row, sums),
+            5 => tile_avx512::<FORMAT, 5>(w, acts, first_row, sums),
+            6 => tile_avx512::<FORMAT, 6>(w, acts, first_row, sums),
+            7 => tile_avx512::<FORMAT, 7>(w, acts, first_row, sums),
+            8 => tile_avx512::<FORMAT, 8>(w, acts, first_row, sums),
+            9..=15 => {
+                tile_avx512::<FORMAT, 8>(w, acts, first_row, sums);
+                tile_rows::<FORMAT>(w, acts, first_row + 8, count - 8, &mut sums[8..]);
+            }
+            _ => tile_avx512::<FORMAT, 16>(w, acts, first_row, sums),
+        }
     }
 
     /// Sixteen weight rows with `N` activation rows from `first_row`; the
@@ -580,12 +594,12 @@ mod x86_64 {
         weights: &[u8],
         acts: &Q8Rows,
         first_row: usize,
-        sums: &mut [[f32; 16]; 8],
+        sums: &mut [[f32; 16]],
     ) {
         let format = [Format::Q8_0, Format::Q4_0, Format::Q5_0][FORMAT as usize];
         let (blocks, size) = (acts.inputs / BLOCK, format.block_bytes());
         let row_bytes = blocks * size;
-        assert!(N <= 8 && (first_row + N) * blocks <= acts.scales.len());
+        assert!(N <= sums.len() && (first_row + N) * blocks <= acts.scales.len());
         assert!(acts.offsets.len() >= (first_row + N) * blocks);
         assert!(acts.values.len() >= (first_row + N) * acts.inputs);
         let mut acc = [_mm512_setzero_ps(); N];
@@ -629,7 +643,8 @@ mod x86_64 {
 mod tests {
     use super::*;
 
-    /// Nine activation rows fill one 8-row tile and start another, and
+    /// Twenty-nine activation rows fill a 16-row tile, then an 8-row one,
+    /// then five rows (and seven 4-row tiles and one row in 256 bits), and
     /// nineteen weight rows fill a 16-row (and two 8-row) register and
     /// start another; the widths are odd and even block counts.
     #[test]
@@ -666,7 +681,7 @@ mod tests {
         assert_eq!((values[0], values[16]), (-8, 7));
     }
 
-    const ROWS: usize = 9;
+    const ROWS: usize = 29;
     const FEATURES: usize = 19;
 
     fn check_paths(format: Format, weights: &[u8], acts: &Q8Rows) {

@@ -269,7 +269,7 @@ fn kernel_read_rates() {
             source: Source::Quant(dtype, as_bytes(&words, len)),
             features,
         };
-        for rows in [1, 8] {
+        for rows in [1, 8, 16] {
             let xs = values(rows * inputs, 3);
             let t = best(&|| {
                 std::hint::black_box(few_rows(&[part], &xs, rows, inputs));
