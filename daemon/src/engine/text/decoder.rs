@@ -310,10 +310,10 @@ impl Decoder {
             let h = layer.attn_norm.forward(&x)?;
             let (q, k, v) = layer.attn.project(&h, &self.shape, cos, sin)?;
             let mut sequences = Vec::with_capacity(batch);
+            let window = layer.attn.window.unwrap_or(usize::MAX);
             for (i, cache) in caches.iter_mut().enumerate() {
                 let (k, v) = cache.layers[n].append(&k.narrow(0, i, 1)?, &v.narrow(0, i, 1)?)?;
                 let offset = positions[i] as usize;
-                let window = layer.attn.window.unwrap_or(usize::MAX);
                 sequences.push(Sequence {
                     q: q.narrow(0, i, 1)?,
                     k,

@@ -22,6 +22,19 @@ pub struct Heads {
     pub softcap: Option<f32>,
 }
 
+impl Heads {
+    /// A query's dot product with a key as the softmax takes it: scaled,
+    /// then soft-capped where the model caps.
+    #[inline(always)]
+    fn score(&self, dot: f32) -> f32 {
+        let scaled = dot * self.scale;
+        match self.softcap {
+            Some(cap) => (scaled / cap).tanh() * cap,
+            None => scaled,
+        }
+    }
+}
+
 /// One sequence's new token: `q` `[1, heads, 1, d]` against its `k` and
 /// `v` `[1, kv_heads, len, d]` (any strides with contiguous rows, as the
 /// cache's views are).
@@ -127,11 +140,7 @@ fn heads_in_registers<const L: usize>(
         let keys = visible.clone().map(|j| k.row(kv, j));
         scores_of(&query, keys, &mut scores);
         for score in scores.iter_mut() {
-            let scaled = *score * spec.scale;
-            *score = match spec.softcap {
-                Some(cap) => (scaled / cap).tanh() * cap,
-                None => scaled,
-            };
+            *score = spec.score(*score);
         }
         softmax(&mut scores);
         let mut sum = [_mm256_setzero_ps(); L];
@@ -286,11 +295,7 @@ fn heads_with(
         let kv = h / group;
         let query = q.row(h, 0);
         for j in visible.clone() {
-            let score = dot(query, k.row(kv, j)) * spec.scale;
-            scores[j] = match spec.softcap {
-                Some(cap) => (score / cap).tanh() * cap,
-                None => score,
-            };
+            scores[j] = spec.score(dot(query, k.row(kv, j)));
         }
         softmax(&mut scores[visible.clone()]);
         for j in visible.clone() {

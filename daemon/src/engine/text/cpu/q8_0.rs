@@ -67,7 +67,8 @@ pub struct Q8Rows {
     values: Vec<i8>,
     scales: Vec<f32>,
     inputs: usize,
-    /// -128 times each block's sum: the AVX-512 kernel, which has no byte
+    /// -128 times each block's sum, on CPUs with AVX-512 VNNI (empty
+    /// elsewhere): the AVX-512 kernel, which has no byte
     /// sign instruction, multiplies the weights plus 128 (unsigned) by the
     /// signed activations and starts each block's sum here, to get the
     /// same integers exactly.
@@ -88,10 +89,16 @@ impl Q8Rows {
     }
 
     fn from_parts(values: Vec<i8>, scales: Vec<f32>, inputs: usize) -> Self {
-        let offsets = values
-            .chunks_exact(BLOCK)
-            .map(|block| -128 * block.iter().map(|v| *v as i32).sum::<i32>())
-            .collect();
+        // Only the AVX-512 kernel reads them; the others would pay for
+        // them in every product.
+        let offsets = if super::features::x86() == super::features::X86::Avx512Vnni {
+            values
+                .chunks_exact(BLOCK)
+                .map(|block| -128 * block.iter().map(|v| *v as i32).sum::<i32>())
+                .collect()
+        } else {
+            Vec::new()
+        };
         Q8Rows {
             values,
             scales,
@@ -268,6 +275,36 @@ mod x86_64 {
         }
     }
 
+    /// The first two stages of an 8x8 transpose of 32-bit lanes, which
+    /// stay within each 128-bit quarter: pairs of 32-bit lanes of rows
+    /// `r`, then pairs of 64-bit lanes. The same for 256- and 512-bit
+    /// registers, given their unpack instructions.
+    macro_rules! within_quarters {
+        ($r:expr, $lo32:ident, $hi32:ident, $lo64:ident, $hi64:ident) => {{
+            let r = $r;
+            let t = [
+                $lo32(r[0], r[1]),
+                $hi32(r[0], r[1]),
+                $lo32(r[2], r[3]),
+                $hi32(r[2], r[3]),
+                $lo32(r[4], r[5]),
+                $hi32(r[4], r[5]),
+                $lo32(r[6], r[7]),
+                $hi32(r[6], r[7]),
+            ];
+            [
+                $lo64(t[0], t[2]),
+                $hi64(t[0], t[2]),
+                $lo64(t[1], t[3]),
+                $hi64(t[1], t[3]),
+                $lo64(t[4], t[6]),
+                $hi64(t[4], t[6]),
+                $lo64(t[5], t[7]),
+                $hi64(t[5], t[7]),
+            ]
+        }};
+    }
+
     /// The usual 8x8 transpose of 32-bit lanes: pairs of 32-bit lanes,
     /// then of 64-bit lanes within each 128-bit half, then the halves.
     ///
@@ -278,28 +315,15 @@ mod x86_64 {
     unsafe fn transpose_8x8(r: [__m256i; 8]) -> [__m256i; 8] {
         // SAFETY: the caller vouches for the CPU's features.
         unsafe {
-            let t = [
-                _mm256_unpacklo_epi32(r[0], r[1]),
-                _mm256_unpackhi_epi32(r[0], r[1]),
-                _mm256_unpacklo_epi32(r[2], r[3]),
-                _mm256_unpackhi_epi32(r[2], r[3]),
-                _mm256_unpacklo_epi32(r[4], r[5]),
-                _mm256_unpackhi_epi32(r[4], r[5]),
-                _mm256_unpacklo_epi32(r[6], r[7]),
-                _mm256_unpackhi_epi32(r[6], r[7]),
-            ];
             // `u[s]` holds lane `s` of rows 0-3 in its low half and lane
             // `s + 4` in its high half; `u[s + 4]` the same of rows 4-7.
-            let u = [
-                _mm256_unpacklo_epi64(t[0], t[2]),
-                _mm256_unpackhi_epi64(t[0], t[2]),
-                _mm256_unpacklo_epi64(t[1], t[3]),
-                _mm256_unpackhi_epi64(t[1], t[3]),
-                _mm256_unpacklo_epi64(t[4], t[6]),
-                _mm256_unpackhi_epi64(t[4], t[6]),
-                _mm256_unpacklo_epi64(t[5], t[7]),
-                _mm256_unpackhi_epi64(t[5], t[7]),
-            ];
+            let u = within_quarters!(
+                r,
+                _mm256_unpacklo_epi32,
+                _mm256_unpackhi_epi32,
+                _mm256_unpacklo_epi64,
+                _mm256_unpackhi_epi64
+            );
             let mut out = [_mm256_setzero_si256(); 8];
             for s in 0..4 {
                 out[s] = _mm256_permute2x128_si256::<0x20>(u[s], u[s + 4]);
@@ -473,8 +497,8 @@ mod x86_64 {
     /// [`eight_rows`] does for eight.
     ///
     /// # Safety
-    /// The CPU must have avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c: this is inlined into kernels
-    /// compiled for them.
+    /// The CPU must have avx512f,avx512bw,avx512dq,avx512vl,avx2,fma,f16c:
+    /// this is inlined into kernels compiled for them.
     #[inline(always)]
     unsafe fn sixteen_rows(
         format: Format,
@@ -493,29 +517,16 @@ mod x86_64 {
             for (k, r) in r.iter_mut().enumerate() {
                 *r = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(block[k]), block[k + 8]);
             }
-            let t = [
-                _mm512_unpacklo_epi32(r[0], r[1]),
-                _mm512_unpackhi_epi32(r[0], r[1]),
-                _mm512_unpacklo_epi32(r[2], r[3]),
-                _mm512_unpackhi_epi32(r[2], r[3]),
-                _mm512_unpacklo_epi32(r[4], r[5]),
-                _mm512_unpackhi_epi32(r[4], r[5]),
-                _mm512_unpacklo_epi32(r[6], r[7]),
-                _mm512_unpackhi_epi32(r[6], r[7]),
-            ];
             // By 128-bit quarters, `u[s]` holds lane `s` of rows 0-3, lane
             // `s + 4` of rows 0-3, lane `s` of rows 8-11 and lane `s + 4` of
             // rows 8-11; `u[s + 4]` the same of rows 4-7 and 12-15.
-            let u = [
-                _mm512_unpacklo_epi64(t[0], t[2]),
-                _mm512_unpackhi_epi64(t[0], t[2]),
-                _mm512_unpacklo_epi64(t[1], t[3]),
-                _mm512_unpackhi_epi64(t[1], t[3]),
-                _mm512_unpacklo_epi64(t[4], t[6]),
-                _mm512_unpackhi_epi64(t[4], t[6]),
-                _mm512_unpacklo_epi64(t[5], t[7]),
-                _mm512_unpackhi_epi64(t[5], t[7]),
-            ];
+            let u = within_quarters!(
+                r,
+                _mm512_unpacklo_epi32,
+                _mm512_unpackhi_epi32,
+                _mm512_unpacklo_epi64,
+                _mm512_unpackhi_epi64
+            );
             // The even quarters of both for lane `s`, the odd ones for `s + 4`.
             let even = _mm512_set_epi64(13, 12, 5, 4, 9, 8, 1, 0);
             let odd = _mm512_set_epi64(15, 14, 7, 6, 11, 10, 3, 2);
