@@ -165,7 +165,9 @@ fn kv_bytes(config: &Value, dtype_bytes: u64, context: usize) -> u64 {
 
 /// GGUF weights stay as stored, except the token embeddings, which candle
 /// expands to f32 (and drops the stored copy unless it doubles as the
-/// output layer); the KV cache is f32.
+/// output layer); the KV cache is counted in f32. On the CPU a quantized
+/// model caches f16, and its batch then admits twice the positions in
+/// the same bytes (`kv_tokens`), so the bytes counted stay the bytes used.
 fn gguf_estimate(content: &gguf_file::Content) -> Estimate {
     let stored = |info: &gguf_file::TensorInfo| {
         let dtype = info.ggml_dtype;

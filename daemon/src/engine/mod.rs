@@ -1016,7 +1016,7 @@ fn start_text_worker(
         loras: loras.to_vec(),
     };
     // The batch may fill the KV cache the budget counted for this model.
-    let per_token = built.model.shape.kv_bytes_per_token(built.model.dtype);
+    let per_token = built.model.shape.kv_bytes_per_token(built.model.kv_dtype);
     let kv_tokens = (estimate.kv_cache / per_token.max(1)) as usize;
     let worker = Worker {
         model: built.model,

@@ -167,6 +167,7 @@ fn dense_decoder(
         lm_head,
         ropes: c.ropes(arch, dtype, device)?,
         dtype,
+        kv_dtype: dtype,
     })
 }
 

@@ -216,6 +216,9 @@ pub struct Decoder {
     pub ropes: Vec<Rope>,
     /// The dtype activations run in.
     pub dtype: DType,
+    /// The dtype keys and values are cached in: f16 for quantized weights
+    /// on the CPU, as llama.cpp caches them, else `dtype`.
+    pub kv_dtype: DType,
 }
 
 impl Decoder {
@@ -243,7 +246,8 @@ impl Decoder {
             let (cos, sin) = &tables[layer.rope];
             let h = layer.attn_norm.forward(&x)?;
             let (q, k, v) = layer.attn.project(&h, &self.shape, cos, sin)?;
-            let (k, v) = kv.append(&k, &v)?;
+            let (k, v) = kv.append(&k.to_dtype(self.kv_dtype)?, &v.to_dtype(self.kv_dtype)?)?;
+            let (k, v) = (k.to_dtype(q.dtype())?, v.to_dtype(q.dtype())?);
             let a = attend(&q, &k, &v, offset, layer.attn.window, &self.shape)?;
             x = layer.finish(x, &a.unsqueeze(0)?)?;
         }
@@ -309,6 +313,7 @@ impl Decoder {
             let (cos, sin) = &tables[layer.rope];
             let h = layer.attn_norm.forward(&x)?;
             let (q, k, v) = layer.attn.project(&h, &self.shape, cos, sin)?;
+            let (k, v) = (k.to_dtype(self.kv_dtype)?, v.to_dtype(self.kv_dtype)?);
             let mut sequences = Vec::with_capacity(batch);
             let window = layer.attn.window.unwrap_or(usize::MAX);
             for (i, cache) in caches.iter_mut().enumerate() {
@@ -329,7 +334,10 @@ impl Decoder {
                     let rows = sequences
                         .iter()
                         .zip(&positions)
-                        .map(|(s, p)| attend(&s.q, &s.k, &s.v, *p as usize, window, &self.shape))
+                        .map(|(s, p)| {
+                            let (k, v) = (s.k.to_dtype(s.q.dtype())?, s.v.to_dtype(s.q.dtype())?);
+                            attend(&s.q, &k, &v, *p as usize, window, &self.shape)
+                        })
                         .collect::<Result<Vec<_>>>()?;
                     Tensor::stack(&rows, 0)?
                 }

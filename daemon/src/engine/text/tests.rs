@@ -119,7 +119,8 @@ fn random_llama(dir: &std::path::Path, hidden: usize, layers: usize) -> Decoder 
 /// `PROBE_HIDDEN`, `PROBE_LAYERS`, `PROBE_VOCAB` (tied embeddings when
 /// given) and `PROBE_FORMAT` (`f32`, `q8_0` or `q4k`, the last two as
 /// GGUF) pick the model; `RAYON_NUM_THREADS` the
-/// threads, `PROBE_BATCHES` (`1,2,4,8`) the batch sizes.
+/// threads, `PROBE_BATCHES` (`1,2,4,8`) the batch sizes, `PROBE_PROMPT`
+/// the prompt's length and `PROBE_STEPS` the steps timed after it.
 #[test]
 #[ignore = "a timing probe, not a check"]
 fn decode_step_timing() {
@@ -147,12 +148,18 @@ fn decode_step_timing() {
         .filter_map(|b| b.trim().parse().ok())
         .collect();
     for batch in batches {
-        let mut caches: Vec<KvCache> = (0..batch).map(|_| KvCache::new(layers, 128)).collect();
+        let (prompt_len, steps) = (env("PROBE_PROMPT", 8), env("PROBE_STEPS", 32));
+        let prompt: Vec<u32> = (1..=prompt_len as u32).collect();
+        let mut caches: Vec<KvCache> = (0..batch)
+            .map(|_| KvCache::new(layers, prompt_len + steps))
+            .collect();
+        let started = std::time::Instant::now();
         for cache in caches.iter_mut() {
-            model.prefill(&[1, 2, 3, 4, 5, 6, 7, 8], cache).unwrap();
+            model.prefill(&prompt, cache).unwrap();
         }
+        let prefill_ms = started.elapsed().as_secs_f64() * 1000.0 / batch as f64;
+        eprintln!("{format} batch {batch}: prefill of {prompt_len} tokens {prefill_ms:.2} ms");
         let tokens = vec![9u32; batch];
-        let steps = env("PROBE_STEPS", 32);
         let started = std::time::Instant::now();
         for _ in 0..steps {
             let mut refs: Vec<&mut KvCache> = caches.iter_mut().collect();

@@ -1,5 +1,5 @@
 //! One new token's attention in f32 on the CPU, read where the keys and
-//! values lie in the KV cache.
+//! values lie in the KV cache, which holds f32 or f16.
 //!
 //! Through candle, a decode step's attention was two tiny matrix products
 //! per sequence and layer, each paying the blocked product's set-up, and a
@@ -8,6 +8,7 @@
 //! the scores and once for the weighted values, with no copies.
 
 use candle_core::{CpuStorage, Layout, Result, Storage, Tensor};
+use half::f16;
 
 use super::Out;
 
@@ -46,22 +47,92 @@ pub struct Sequence {
     pub first_visible: usize,
 }
 
+/// A value of the KV cache as the attention reads it.
+pub trait Cached: Copy + Send + Sync + 'static {
+    fn of(storage: &Storage) -> Option<&[Self]>;
+    fn f32(self) -> f32;
+    /// Eight values from `at` as f32 lanes.
+    ///
+    /// # Safety
+    /// Eight values from `at` are readable, and the CPU has AVX2 and F16C:
+    /// this is inlined into functions compiled for them.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn eight(at: *const Self) -> std::arch::x86_64::__m256;
+}
+
+impl Cached for f32 {
+    fn of(storage: &Storage) -> Option<&[Self]> {
+        match storage {
+            Storage::Cpu(CpuStorage::F32(data)) => Some(data),
+            _ => None,
+        }
+    }
+
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn eight(at: *const Self) -> std::arch::x86_64::__m256 {
+        // SAFETY: as the caller promises.
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(at) }
+    }
+}
+
+impl Cached for f16 {
+    fn of(storage: &Storage) -> Option<&[Self]> {
+        match storage {
+            Storage::Cpu(CpuStorage::F16(data)) => Some(data),
+            _ => None,
+        }
+    }
+
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self.to_f32()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn eight(at: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // SAFETY: as the caller promises; f16 is its bits.
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(at as *const __m128i)) }
+    }
+}
+
 /// A sequence's tensors as rows, and the positions of its visible keys.
-type Views<'a> = (Rows<'a>, Rows<'a>, Rows<'a>, std::ops::Range<usize>);
+type Views<'a, T> = (
+    Rows<'a, f32>,
+    Rows<'a, T>,
+    Rows<'a, T>,
+    std::ops::Range<usize>,
+);
 
 /// The attention of every sequence, `[batch, 1, heads * d]`, or `None`
-/// when a tensor is not f32 on the CPU. Each (sequence, key head) is one
-/// task on the decode pool: on the caller alone, eight sequences'
-/// attention left the other threads idle.
+/// when the queries are not f32 on the CPU, or the keys and values not
+/// both f32 or both f16.
 pub fn attend(batch: &[Sequence], spec: &Heads) -> Result<Option<Tensor>> {
+    match batch.first().map(|s| s.k.dtype()) {
+        Some(candle_core::DType::F16) => attend_cached::<f16>(batch, spec),
+        _ => attend_cached::<f32>(batch, spec),
+    }
+}
+
+/// [`attend`] over a cache of `T`. Each (sequence, key head) is one task
+/// on the decode pool: on the caller alone, eight sequences' attention
+/// left the other threads idle.
+fn attend_cached<T: Cached>(batch: &[Sequence], spec: &Heads) -> Result<Option<Tensor>> {
     let (heads, d, kv_heads) = (spec.heads, spec.head_dim, spec.kv_heads);
     let guards: Vec<_> = batch
         .iter()
         .map(|s| [&s.q, &s.k, &s.v].map(Tensor::storage_and_layout))
         .collect();
-    let mut views: Vec<Views> = Vec::with_capacity(batch.len());
+    let mut views: Vec<Views<T>> = Vec::with_capacity(batch.len());
     for ([q, k, v], sequence) in guards.iter().zip(batch) {
-        let (Some(qd), Some(kd), Some(vd)) = (f32s(&q.0), f32s(&k.0), f32s(&v.0)) else {
+        let (Some(qd), Some(kd), Some(vd)) = (f32::of(&q.0), T::of(&k.0), T::of(&v.0)) else {
             return Ok(None);
         };
         let len = k.1.dims().get(2).copied().unwrap_or(0);
@@ -92,29 +163,39 @@ pub fn attend(batch: &[Sequence], spec: &Heads) -> Result<Option<Tensor>> {
     )?))
 }
 
-/// Query heads `range` of one sequence into `out`, with AVX2 and FMA
-/// where the CPU has them.
-fn heads_of(views: &Views, spec: &Heads, range: std::ops::Range<usize>, out: &mut [f32]) {
+/// Query heads `range` of one sequence into `out`, with AVX2, FMA and
+/// F16C where the CPU has them.
+fn heads_of<T: Cached>(
+    views: &Views<T>,
+    spec: &Heads,
+    range: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
     #[cfg(target_arch = "x86_64")]
     if super::features::x86() != super::features::X86::None {
-        // SAFETY: the CPU has AVX2 and FMA, checked above.
+        // SAFETY: the CPU has AVX2, FMA and F16C, checked above.
         unsafe { heads_avx2(views, spec, range, out) };
         return;
     }
     heads_with(views, spec, range, out, dot);
 }
 
-/// [`heads_with`] compiled for AVX2 and FMA, where its loops vectorize
+/// [`heads_with`] compiled for AVX2, FMA and F16C, where its loops vectorize
 /// eight lanes wide and `mul_add` is one instruction; head sizes of 16 to
 /// 128 take [`heads_in_registers`] instead.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn heads_avx2(views: &Views, spec: &Heads, range: std::ops::Range<usize>, out: &mut [f32]) {
+#[target_feature(enable = "avx2,fma,f16c")]
+fn heads_avx2<T: Cached>(
+    views: &Views<T>,
+    spec: &Heads,
+    range: std::ops::Range<usize>,
+    out: &mut [f32],
+) {
     match spec.head_dim {
-        16 => heads_in_registers::<2>(views, spec, range, out),
-        32 => heads_in_registers::<4>(views, spec, range, out),
-        64 => heads_in_registers::<8>(views, spec, range, out),
-        128 => heads_in_registers::<16>(views, spec, range, out),
+        16 => heads_in_registers::<2, T>(views, spec, range, out),
+        32 => heads_in_registers::<4, T>(views, spec, range, out),
+        64 => heads_in_registers::<8, T>(views, spec, range, out),
+        128 => heads_in_registers::<16, T>(views, spec, range, out),
         _ => heads_with(views, spec, range, out, |a, b| dot_avx2(a, b)),
     }
 }
@@ -124,9 +205,9 @@ fn heads_avx2(views: &Views, spec: &Heads, range: std::ops::Range<usize>, out: &
 /// summed across lanes together. Calling a dot product per key, with the
 /// weighted sum in memory, took 80 cycles per head and key.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn heads_in_registers<const L: usize>(
-    (q, k, v, visible): &Views,
+#[target_feature(enable = "avx2,fma,f16c")]
+fn heads_in_registers<const L: usize, T: Cached>(
+    (q, k, v, visible): &Views<T>,
     spec: &Heads,
     range: std::ops::Range<usize>,
     out: &mut [f32],
@@ -136,7 +217,7 @@ fn heads_in_registers<const L: usize>(
     let mut scores = vec![0f32; visible.len()];
     for (h, out) in range.zip(out.chunks_exact_mut(8 * L)) {
         let kv = h / group;
-        let query = load::<L>(q.row(h, 0));
+        let query = load::<L, f32>(q.row(h, 0));
         let keys = visible.clone().map(|j| k.row(kv, j));
         scores_of(&query, keys, &mut scores);
         for score in scores.iter_mut() {
@@ -146,8 +227,8 @@ fn heads_in_registers<const L: usize>(
         let mut sum = [_mm256_setzero_ps(); L];
         for (j, p) in visible.clone().zip(&scores) {
             let row = v.row(kv, j);
-            ask_ahead::<L>(row);
-            let (p, values) = (_mm256_set1_ps(*p), load::<L>(row));
+            ask_ahead::<L, T>(row);
+            let (p, values) = (_mm256_set1_ps(*p), load::<L, T>(row));
             for (sum, x) in sum.iter_mut().zip(values) {
                 *sum = _mm256_fmadd_ps(p, x, *sum);
             }
@@ -163,22 +244,23 @@ fn heads_in_registers<const L: usize>(
 /// rows lie one after another in the cache, and one core's prefetchers
 /// stop at each 4 KiB page, which left the attention waiting on memory.
 #[inline(always)]
-fn ask_ahead<const L: usize>(row: &[f32]) {
-    for line in (0..32 * L).step_by(64) {
+fn ask_ahead<const L: usize, T>(row: &[T]) {
+    for line in (0..8 * L * size_of::<T>()).step_by(64) {
         super::prefetch_ahead(row, line);
     }
 }
 
-/// A row of `8 * L` values as vectors.
+/// A row of `8 * L` values as f32 vectors.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn load<const L: usize>(row: &[f32]) -> [std::arch::x86_64::__m256; L] {
+#[target_feature(enable = "avx2,f16c")]
+fn load<const L: usize, T: Cached>(row: &[T]) -> [std::arch::x86_64::__m256; L] {
     use std::arch::x86_64::*;
     assert!(row.len() >= 8 * L);
     let mut out = [_mm256_setzero_ps(); L];
     for (l, out) in out.iter_mut().enumerate() {
-        // SAFETY: eight values from `8 * l` lie inside the row.
-        *out = unsafe { _mm256_loadu_ps(row.as_ptr().add(8 * l)) };
+        // SAFETY: eight values from `8 * l` lie inside the row; this
+        // function has the features.
+        *out = unsafe { T::eight(row.as_ptr().add(8 * l)) };
     }
     out
 }
@@ -186,17 +268,17 @@ fn load<const L: usize>(row: &[f32]) -> [std::arch::x86_64::__m256; L] {
 /// `scores[i]`: the query dotted with key `i`, four keys at a time, then
 /// one at a time; each key's lanes are summed in the same order either way.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn scores_of<'a, const L: usize>(
+#[target_feature(enable = "avx2,fma,f16c")]
+fn scores_of<'a, const L: usize, T: Cached>(
     query: &[std::arch::x86_64::__m256; L],
-    mut keys: impl Iterator<Item = &'a [f32]>,
+    mut keys: impl Iterator<Item = &'a [T]>,
     scores: &mut [f32],
 ) {
     use std::arch::x86_64::*;
     let mut key = || {
         let key = keys.next().expect("a key per score");
         assert!(key.len() >= 8 * L);
-        ask_ahead::<L>(key);
+        ask_ahead::<L, T>(key);
         key.as_ptr()
     };
     let full = scores.len() / 4 * 4;
@@ -207,7 +289,7 @@ fn scores_of<'a, const L: usize>(
         for (l, q) in query.iter().enumerate() {
             for (acc, row) in acc.iter_mut().zip(rows) {
                 // SAFETY: each key holds `8 * L` values, checked above.
-                *acc = _mm256_fmadd_ps(*q, unsafe { _mm256_loadu_ps(row.add(8 * l)) }, *acc);
+                *acc = _mm256_fmadd_ps(*q, unsafe { T::eight(row.add(8 * l)) }, *acc);
             }
         }
         four.copy_from_slice(&lane_sums(acc));
@@ -217,7 +299,7 @@ fn scores_of<'a, const L: usize>(
         let mut acc = _mm256_setzero_ps();
         for (l, q) in query.iter().enumerate() {
             // SAFETY: as above.
-            acc = _mm256_fmadd_ps(*q, unsafe { _mm256_loadu_ps(row.add(8 * l)) }, acc);
+            acc = _mm256_fmadd_ps(*q, unsafe { T::eight(row.add(8 * l)) }, acc);
         }
         *score = lane_sums([
             acc,
@@ -250,8 +332,8 @@ fn lane_sums(acc: [std::arch::x86_64::__m256; 4]) -> [f32; 4] {
 
 /// Two accumulators of eight lanes, then the tail.
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+#[target_feature(enable = "avx2,fma,f16c")]
+fn dot_avx2<T: Cached>(a: &[f32], b: &[T]) -> f32 {
     use std::arch::x86_64::*;
     let n = a.len().min(b.len());
     let body = n - n % 16;
@@ -264,7 +346,7 @@ fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
             let (x, y) = unsafe {
                 (
                     _mm256_loadu_ps(pa.add(at + 8 * k)),
-                    _mm256_loadu_ps(pb.add(at + 8 * k)),
+                    T::eight(pb.add(at + 8 * k)),
                 )
             };
             *acc = _mm256_fmadd_ps(x, y, *acc);
@@ -275,19 +357,23 @@ fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
     let quad = _mm_add_ps(_mm256_castps256_ps128(sum), _mm256_extractf128_ps::<1>(sum));
     let pair = _mm_add_ps(quad, _mm_movehl_ps(quad, quad));
     let one = _mm_add_ss(pair, _mm_movehdup_ps(pair));
-    let tail: f32 = a[body..n].iter().zip(&b[body..n]).map(|(x, y)| x * y).sum();
+    let tail: f32 = a[body..n]
+        .iter()
+        .zip(&b[body..n])
+        .map(|(x, y)| x * y.f32())
+        .sum();
     _mm_cvtss_f32(one) + tail
 }
 
 /// Without FMA in the build's baseline, `mul_add` here calls the library
 /// per value: this runs inlined into [`heads_avx2`] wherever it can.
 #[inline(always)]
-fn heads_with(
-    (q, k, v, visible): &Views,
+fn heads_with<T: Cached>(
+    (q, k, v, visible): &Views<T>,
     spec: &Heads,
     range: std::ops::Range<usize>,
     out: &mut [f32],
-    dot: impl Fn(&[f32], &[f32]) -> f32,
+    dot: impl Fn(&[f32], &[T]) -> f32,
 ) {
     let group = spec.heads / spec.kv_heads;
     let mut scores = vec![0f32; visible.end];
@@ -301,30 +387,23 @@ fn heads_with(
         for j in visible.clone() {
             let (p, values) = (scores[j], v.row(kv, j));
             for (o, x) in out.iter_mut().zip(values) {
-                *o = p.mul_add(*x, *o);
+                *o = p.mul_add(x.f32(), *o);
             }
         }
     }
 }
 
-fn f32s(storage: &Storage) -> Option<&[f32]> {
-    match storage {
-        Storage::Cpu(CpuStorage::F32(data)) => Some(data),
-        _ => None,
-    }
-}
-
 /// Rows of `d` values of a `[1, heads, positions, d]` view.
-struct Rows<'a> {
-    data: &'a [f32],
+struct Rows<'a, T> {
+    data: &'a [T],
     start: usize,
     head_stride: usize,
     position_stride: usize,
     d: usize,
 }
 
-impl<'a> Rows<'a> {
-    fn of(data: &'a [f32], layout: &Layout, d: usize) -> Result<Self> {
+impl<'a, T> Rows<'a, T> {
+    fn of(data: &'a [T], layout: &Layout, d: usize) -> Result<Self> {
         let (dims, stride) = (layout.dims(), layout.stride());
         if dims.len() != 4 || dims[3] != d || stride[3] != 1 {
             candle_core::bail!("attention: expected [1, heads, positions, {d}] rows, got {dims:?} with strides {stride:?}");
@@ -347,24 +426,24 @@ impl<'a> Rows<'a> {
         self.start + head * self.head_stride + position * self.position_stride
     }
 
-    fn row(&self, head: usize, position: usize) -> &'a [f32] {
+    fn row(&self, head: usize, position: usize) -> &'a [T] {
         &self.data[self.at(head, position)..][..self.d]
     }
 }
 
 /// A dot product in eight lanes, where the CPU has no AVX2.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<T: Cached>(a: &[f32], b: &[T]) -> f32 {
     let mut lanes = [0f32; 8];
     let (a_chunks, b_chunks) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = a_chunks
         .remainder()
         .iter()
         .zip(b_chunks.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, y)| x * y.f32())
         .sum();
     for (x, y) in a_chunks.zip(b_chunks) {
         for ((lane, x), y) in lanes.iter_mut().zip(x).zip(y) {
-            *lane += x * y;
+            *lane += x * y.f32();
         }
     }
     lanes.iter().sum::<f32>() + tail
@@ -392,20 +471,28 @@ mod tests {
     /// Against the same attention written with candle's operations, on a
     /// cache view with room past its length, grouped heads, a window and
     /// a soft cap; at head sizes with registers of their own (64, 16) and
-    /// one without (20), and key counts that are not a multiple of four.
+    /// one without (20), and key counts that are not a multiple of four;
+    /// with an f32 cache and an f16 one.
     #[test]
     fn matches_candle_on_a_strided_cache_view() {
-        for (d, len) in [(20, 9), (64, 11), (16, 4)] {
-            matches_candle_at(d, len);
+        for dtype in [DType::F32, DType::F16] {
+            for (d, len) in [(20, 9), (64, 11), (16, 4)] {
+                matches_candle_at(d, len, dtype);
+            }
         }
     }
 
-    fn matches_candle_at(d: usize, len: usize) {
+    fn matches_candle_at(d: usize, len: usize, dtype: DType) {
         let device = Device::Cpu;
         let (heads, kv_heads, capacity) = (6, 2, 16);
         let q = Tensor::randn(0f32, 1., (1, heads, 1, d), &device).unwrap();
-        let k_all = Tensor::randn(0f32, 1., (1, kv_heads, capacity, d), &device).unwrap();
-        let v_all = Tensor::randn(0f32, 1., (1, kv_heads, capacity, d), &device).unwrap();
+        let cached = || {
+            Tensor::randn(0f32, 1., (1, kv_heads, capacity, d), &device)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap()
+        };
+        let (k_all, v_all) = (cached(), cached());
         let (k, v) = (
             k_all.narrow(2, 0, len).unwrap(),
             v_all.narrow(2, 0, len).unwrap(),
@@ -434,14 +521,23 @@ mod tests {
                 .unwrap()
                 .to_vec2::<f32>()
                 .unwrap()[0][0];
-            assert!(diff < 1e-5, "d {d}, softcap {softcap:?}: off by {diff}");
+            assert!(
+                diff < 1e-5,
+                "{dtype:?}, d {d}, softcap {softcap:?}: off by {diff}"
+            );
         }
     }
 
     /// A batch's rows are each sequence's alone, bit for bit, whichever
-    /// thread ran which task.
+    /// thread ran which task, from an f32 cache and from an f16 one.
     #[test]
     fn a_batch_is_each_sequence_alone() {
+        for dtype in [DType::F32, DType::F16] {
+            a_batch_is_each_sequence_alone_in(dtype);
+        }
+    }
+
+    fn a_batch_is_each_sequence_alone_in(dtype: DType) {
         let device = Device::Cpu;
         let (heads, kv_heads, d) = (4, 2, 16);
         let spec = Heads {
@@ -453,8 +549,12 @@ mod tests {
         };
         let sequence = |len: usize, first_visible: usize| Sequence {
             q: Tensor::randn(0f32, 1., (1, heads, 1, d), &device).unwrap(),
-            k: Tensor::randn(0f32, 1., (1, kv_heads, len, d), &device).unwrap(),
-            v: Tensor::randn(0f32, 1., (1, kv_heads, len, d), &device).unwrap(),
+            k: Tensor::randn(0f32, 1., (1, kv_heads, len, d), &device)
+                .and_then(|t| t.to_dtype(dtype))
+                .unwrap(),
+            v: Tensor::randn(0f32, 1., (1, kv_heads, len, d), &device)
+                .and_then(|t| t.to_dtype(dtype))
+                .unwrap(),
             first_visible,
         };
         let batch = [sequence(5, 0), sequence(40, 2), sequence(1, 0)];
@@ -471,7 +571,7 @@ mod tests {
                     .map(|v| v.to_bits())
                     .collect()
             };
-            assert_eq!(bits(&row), bits(&alone), "sequence {i}");
+            assert_eq!(bits(&row), bits(&alone), "{dtype:?}, sequence {i}");
         }
     }
 
@@ -481,6 +581,10 @@ mod tests {
         let k = k.narrow(2, first_visible, len - first_visible).unwrap();
         let v = v.narrow(2, first_visible, len - first_visible).unwrap();
         let q = q.reshape((spec.kv_heads, group, spec.head_dim)).unwrap();
+        let (k, v) = (
+            k.to_dtype(DType::F32).unwrap(),
+            v.to_dtype(DType::F32).unwrap(),
+        );
         let k = k.squeeze(0).unwrap().contiguous().unwrap();
         let mut scores = (q.matmul(&k.t().unwrap()).unwrap() * spec.scale as f64).unwrap();
         if let Some(cap) = spec.softcap {

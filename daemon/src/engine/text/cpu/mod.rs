@@ -89,7 +89,7 @@ fn quantize_blocks_avx2(x: &[f32], block: usize, values: &mut [i8]) -> Vec<f32> 
 fn quantize_blocks_with(x: &[f32], block: usize, values: &mut [i8]) -> Vec<f32> {
     let mut maxima = Vec::with_capacity(x.len() / block);
     for (block, out) in x.chunks_exact(block).zip(values.chunks_exact_mut(block)) {
-        let max = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let max = max_abs(block);
         let inverse = if max == 0.0 { 0.0 } else { 127.0 / max };
         if max.is_finite() {
             for (q, v) in out.iter_mut().zip(block) {
@@ -105,6 +105,23 @@ fn quantize_blocks_with(x: &[f32], block: usize, values: &mut [i8]) -> Vec<f32> 
         maxima.push(max);
     }
     maxima
+}
+
+/// `max|x|` of a block, ignoring NaNs as `f32::max` does. Eight running
+/// maxima vectorize where one, a chain of dependent scalar steps, did
+/// not: quantizing a prompt's activations took a tenth of its prefill,
+/// on one thread. The maximum is the same in any order.
+#[inline(always)]
+fn max_abs(block: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let chunks = block.chunks_exact(8);
+    let tail = chunks.remainder().iter().fold(0f32, |m, v| m.max(v.abs()));
+    for chunk in chunks {
+        for (m, v) in lanes.iter_mut().zip(chunk) {
+            *m = m.max(v.abs());
+        }
+    }
+    lanes.iter().fold(tail, |m, v| m.max(*v))
 }
 
 /// `x.round()` from a truncation, which vectorizes: the fraction
