@@ -213,15 +213,24 @@ fn trim_cuda_pool(_device: &Device) -> Result<(), String> {
 mod tests {
     use super::*;
 
+    /// The figure is the whole process's, and the other tests running
+    /// beside this one allocate and free too: one of three tries must see
+    /// the block come and go.
     #[test]
     fn freed_cpu_memory_is_seen_as_freed() {
-        let before = used_bytes(&Device::Cpu);
-        let block = vec![1u8; 64 << 20];
-        let held = used_bytes(&Device::Cpu);
-        drop(std::hint::black_box(block));
-        release(&Device::Cpu);
-        let after = used_bytes(&Device::Cpu);
-        assert!(held >= before + (60 << 20), "{before} -> {held}");
-        assert!(after < held - (60 << 20), "{held} -> {after}");
+        let mut seen = Vec::new();
+        for _ in 0..3 {
+            let before = used_bytes(&Device::Cpu);
+            let block = vec![1u8; 64 << 20];
+            let held = used_bytes(&Device::Cpu);
+            drop(std::hint::black_box(block));
+            release(&Device::Cpu);
+            let after = used_bytes(&Device::Cpu);
+            if held >= before + (60 << 20) && after < held - (60 << 20) {
+                return;
+            }
+            seen.push((before, held, after));
+        }
+        panic!("before, held and after the block: {seen:?}");
     }
 }

@@ -6,6 +6,7 @@ pub mod devices;
 pub mod estimate;
 pub mod image;
 pub mod interrupt;
+pub mod math;
 pub mod request;
 pub mod runner;
 pub mod text;

@@ -427,12 +427,15 @@ impl Mlp {
         let [gate, up]: [Tensor; 2] = self.gate_up.forward(x)?.try_into().map_err(|_| {
             candle_core::Error::Msg("gate/up projections: expected 2 outputs".into())
         })?;
-        let gate = match self.activation {
-            Activation::Silu => candle_nn::ops::silu(&gate)?,
-            Activation::GeluTanh => gate.gelu()?,
-            Activation::Gelu => gate.gelu_erf()?,
+        let gated = match self.activation {
+            Activation::Silu => match cpu::gate::silu_times(&gate, &up)? {
+                Some(gated) => gated,
+                None => (candle_nn::ops::silu(&gate)? * up)?,
+            },
+            Activation::GeluTanh => (gate.gelu()? * up)?,
+            Activation::Gelu => (gate.gelu_erf()? * up)?,
         };
-        self.down.forward(&(gate * up)?)
+        self.down.forward(&gated)
     }
 }
 

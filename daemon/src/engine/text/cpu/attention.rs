@@ -449,15 +449,15 @@ fn dot<T: Cached>(a: &[f32], b: &[T]) -> f32 {
     lanes.iter().sum::<f32>() + tail
 }
 
-/// In place, as candle's: less the maximum, exponentiated, over their sum.
+/// In place, as candle's: less the maximum, exponentiated, over their
+/// sum. The exponentials are a loop of their own, which vectorizes.
 #[inline(always)]
 fn softmax(scores: &mut [f32]) {
     let max = scores.iter().fold(f32::NEG_INFINITY, |m, s| m.max(*s));
-    let mut sum = 0f32;
     for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
+        *s = crate::engine::math::exp(*s - max);
     }
+    let sum: f32 = scores.iter().sum();
     for s in scores.iter_mut() {
         *s /= sum;
     }

@@ -11,6 +11,7 @@
 pub mod attention;
 mod f32;
 mod features;
+pub mod gate;
 mod kquants;
 pub mod mapped;
 pub mod pool;
