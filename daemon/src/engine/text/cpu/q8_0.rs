@@ -112,17 +112,48 @@ impl Q8Rows {
     }
 }
 
+/// Where a product's sums go: `put(f, r, sum)` for the task's weight row
+/// `f` (from its first) and activation row `r`.
+pub trait Sums {
+    /// The task's weight rows.
+    fn features(&self) -> usize;
+    fn put(&mut self, feature: usize, row: usize, sum: f32);
+}
+
+/// Sums feature by feature, `out[f * rows + r]`, the other kernels' order.
+pub struct FeatureMajor<'a> {
+    pub out: &'a mut [f32],
+    pub rows: usize,
+}
+
+impl Sums for FeatureMajor<'_> {
+    fn features(&self) -> usize {
+        self.out.len() / self.rows
+    }
+
+    #[inline(always)]
+    fn put(&mut self, feature: usize, row: usize, sum: f32) {
+        self.out[feature * self.rows + row] = sum;
+    }
+}
+
 /// Weight rows `first..` of a `format` matrix in `bytes`, each dotted
-/// with every activation row: fills `out[f * rows + r]`. The instruction
-/// set is picked once per call, and the loops live inside each kernel.
+/// with every activation row: fills `out[f * rows + r]`.
 pub fn dot_features(format: Format, bytes: &[u8], first: usize, acts: &Q8Rows, out: &mut [f32]) {
+    let rows = acts.rows();
+    dot_into(format, bytes, first, acts, &mut FeatureMajor { out, rows });
+}
+
+/// [`dot_features`] into any [`Sums`]. The instruction set is picked once
+/// per call, and the loops live inside each kernel.
+pub fn dot_into<S: Sums>(format: Format, bytes: &[u8], first: usize, acts: &Q8Rows, out: &mut S) {
     #[cfg(target_arch = "x86_64")]
     {
         use super::features::{x86, X86};
         let kernel = match x86() {
-            X86::Avx512Vnni => x86_64::features_avx512,
-            X86::AvxVnni => x86_64::features_avxvnni,
-            X86::Avx2 => x86_64::features_avx2,
+            X86::Avx512Vnni => x86_64::features_avx512::<S>,
+            X86::AvxVnni => x86_64::features_avxvnni::<S>,
+            X86::Avx2 => x86_64::features_avx2::<S>,
             X86::None => return portable_features(format, bytes, first, acts, out),
         };
         // SAFETY: the CPU has the features of the kernel picked for it.
@@ -132,17 +163,22 @@ pub fn dot_features(format: Format, bytes: &[u8], first: usize, acts: &Q8Rows, o
     portable_features(format, bytes, first, acts, out);
 }
 
-fn portable_features(format: Format, bytes: &[u8], first: usize, acts: &Q8Rows, out: &mut [f32]) {
+fn portable_features<S: Sums>(
+    format: Format,
+    bytes: &[u8],
+    first: usize,
+    acts: &Q8Rows,
+    out: &mut S,
+) {
     let (rows, row_bytes) = (acts.rows(), acts.inputs / BLOCK * format.block_bytes());
-    super::for_each_tile(
-        bytes,
-        first,
-        row_bytes,
-        rows,
-        rows,
-        out,
-        |weights, _, sums| portable_tile(format, weights, acts, 0, sums),
-    );
+    let mut sums = vec![0f32; rows];
+    for f in 0..out.features() {
+        let weights = &bytes[(first + f) * row_bytes..][..row_bytes];
+        portable_tile(format, weights, acts, 0, &mut sums);
+        for (r, sum) in sums.iter().enumerate() {
+            out.put(f, r, *sum);
+        }
+    }
 }
 
 /// The same sums in plain Rust: per block an integer dot product, scaled
@@ -168,7 +204,7 @@ fn portable_tile(format: Format, weights: &[u8], acts: &Q8Rows, first_row: usize
 
 #[cfg(target_arch = "x86_64")]
 mod x86_64 {
-    use super::{Format, Q8Rows, BLOCK};
+    use super::{Format, Q8Rows, Sums, BLOCK};
     use crate::engine::text::cpu::prefetch_at;
     use std::arch::x86_64::*;
 
@@ -338,16 +374,17 @@ mod x86_64 {
     /// `tile(rows, first_row, sums)` fills `sums[i][j]` for activation row
     /// `first_row + i` and weight row `j` in `rows`. A last partial set of
     /// weight rows is copied after zeros' rows, whose sums are dropped.
+    #[inline(always)]
     fn by_tiles<const LANES: usize, const TILE: usize>(
         bytes: &[u8],
         first: usize,
         row_bytes: usize,
         acts: &Q8Rows,
-        out: &mut [f32],
+        out: &mut impl Sums,
         mut tile: impl FnMut(&[u8], usize, &mut [[f32; LANES]; TILE]),
     ) {
         let rows = acts.rows();
-        let features = out.len() / rows;
+        let features = out.features();
         let mut padded = Vec::new();
         for f in (0..features).step_by(LANES) {
             let count = LANES.min(features - f);
@@ -362,7 +399,7 @@ mod x86_64 {
                 tile(weights, first_row, &mut sums);
                 for (i, sums) in sums.iter().enumerate().take(rows - first_row) {
                     for (j, sum) in sums.iter().enumerate().take(count) {
-                        out[(f + j) * rows + first_row + i] = *sum;
+                        out.put(f + j, first_row + i, *sum);
                     }
                 }
             }
@@ -388,12 +425,12 @@ mod x86_64 {
         ($name:ident, $body:ident, $tile:ident, $features:literal,
          |$acc:ident, $a:ident, $b:ident| $dot:expr) => {
             #[target_feature(enable = $features)]
-            pub fn $name(
+            pub fn $name<S: Sums>(
                 format: Format,
                 bytes: &[u8],
                 first: usize,
                 acts: &Q8Rows,
-                out: &mut [f32],
+                out: &mut S,
             ) {
                 match format {
                     Format::Q8_0 => $body::<0>(bytes, first, acts, out),
@@ -403,7 +440,12 @@ mod x86_64 {
             }
 
             #[target_feature(enable = $features)]
-            fn $body<const FORMAT: u8>(bytes: &[u8], first: usize, acts: &Q8Rows, out: &mut [f32]) {
+            fn $body<const FORMAT: u8>(
+                bytes: &[u8],
+                first: usize,
+                acts: &Q8Rows,
+                out: &mut impl Sums,
+            ) {
                 let format = [Format::Q8_0, Format::Q4_0, Format::Q5_0][FORMAT as usize];
                 let row_bytes = acts.inputs / BLOCK * format.block_bytes();
                 let rows = acts.rows();
@@ -545,12 +587,12 @@ mod x86_64 {
     /// from -128 times its activations' sum ([`Q8Rows::offsets`]): the
     /// same integers exactly.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
-    pub fn features_avx512(
+    pub fn features_avx512<S: Sums>(
         format: Format,
         bytes: &[u8],
         first: usize,
         acts: &Q8Rows,
-        out: &mut [f32],
+        out: &mut S,
     ) {
         match format {
             Format::Q8_0 => body_avx512::<0>(bytes, first, acts, out),
@@ -560,7 +602,12 @@ mod x86_64 {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
-    fn body_avx512<const FORMAT: u8>(bytes: &[u8], first: usize, acts: &Q8Rows, out: &mut [f32]) {
+    fn body_avx512<const FORMAT: u8>(
+        bytes: &[u8],
+        first: usize,
+        acts: &Q8Rows,
+        out: &mut impl Sums,
+    ) {
         let format = [Format::Q8_0, Format::Q4_0, Format::Q5_0][FORMAT as usize];
         let row_bytes = acts.inputs / BLOCK * format.block_bytes();
         let rows = acts.rows();
@@ -697,7 +744,10 @@ mod tests {
 
     fn check_paths(format: Format, weights: &[u8], acts: &Q8Rows) {
         let mut portable = [0f32; ROWS * FEATURES];
-        portable_features(format, weights, 0, acts, &mut portable);
+        fn sums(out: &mut [f32]) -> FeatureMajor<'_> {
+            FeatureMajor { out, rows: ROWS }
+        }
+        portable_features(format, weights, 0, acts, &mut sums(&mut portable));
         #[cfg(target_arch = "x86_64")]
         {
             use super::super::features::{x86, X86};
@@ -711,22 +761,22 @@ mod tests {
             // SAFETY: each path runs only when the CPU has its features.
             unsafe {
                 if best != X86::None {
-                    x86_64::features_avx2(format, weights, 0, acts, &mut got);
+                    x86_64::features_avx2(format, weights, 0, acts, &mut sums(&mut got));
                     assert!(same(&got), "{format:?} AVX2");
                 }
                 if best == X86::Avx512Vnni {
-                    x86_64::features_avx512(format, weights, 0, acts, &mut got);
+                    x86_64::features_avx512(format, weights, 0, acts, &mut sums(&mut got));
                     assert!(same(&got), "{format:?} AVX-512 VNNI");
                     // A task that starts mid-matrix, on a part of a register.
                     let mut part = [0f32; ROWS * 5];
-                    x86_64::features_avx512(format, weights, 14, acts, &mut part);
+                    x86_64::features_avx512(format, weights, 14, acts, &mut sums(&mut part));
                     assert!(part
                         .iter()
                         .map(|v| v.to_bits())
                         .eq(portable[14 * ROWS..].iter().map(|v| v.to_bits())));
                 }
                 if std::is_x86_feature_detected!("avxvnni") && best != X86::None {
-                    x86_64::features_avxvnni(format, weights, 0, acts, &mut got);
+                    x86_64::features_avxvnni(format, weights, 0, acts, &mut sums(&mut got));
                     assert!(same(&got), "{format:?} AVX-VNNI");
                 }
             }

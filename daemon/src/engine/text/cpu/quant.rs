@@ -84,6 +84,21 @@ fn quantize_rows<B: GgmlType>(x: &[f32], inputs: usize) -> Vec<B> {
     blocks
 }
 
+/// The Q8_0 family's block format and activation rows, whose kernels
+/// hand each sum to a [`q8_0::Sums`]; `None` for the other types.
+pub fn q8_family(dtype: GgmlDType, acts: &Activations) -> Option<(Format, &Q8Rows)> {
+    let format = match dtype {
+        GgmlDType::Q8_0 => Format::Q8_0,
+        GgmlDType::Q5_0 => Format::Q5_0,
+        GgmlDType::Q4_0 => Format::Q4_0,
+        _ => return None,
+    };
+    match acts {
+        Activations::Rows8(rows) => Some((format, rows)),
+        _ => None,
+    }
+}
+
 /// Weight rows `first..first + count` of a `dtype` matrix of `inputs`
 /// columns stored in `bytes`, dotted with every activation row; fills
 /// `out[f * rows + r]`.
