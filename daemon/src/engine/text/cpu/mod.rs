@@ -234,7 +234,7 @@ pub fn few_rows(parts: &[Part], x: &[f32], rows: usize, inputs: usize) -> Vec<Ve
             let mut columns = Columns {
                 out: outs[n],
                 rows,
-                features,
+                stride: features,
                 first,
                 count,
             };
@@ -275,7 +275,8 @@ pub fn few_rows(parts: &[Part], x: &[f32], rows: usize, inputs: usize) -> Vec<Ve
 struct Columns {
     out: Out,
     rows: usize,
-    features: usize,
+    /// The output's row length: every feature of the part.
+    stride: usize,
     first: usize,
     count: usize,
 }
@@ -290,7 +291,7 @@ impl q8_0::Sums for Columns {
         assert!(feature < self.count && row < self.rows);
         // SAFETY: inside the output, checked above, and in this task's
         // own columns, which no other task writes.
-        unsafe { *self.out.0.add(row * self.features + self.first + feature) = sum };
+        unsafe { *self.out.0.add(row * self.stride + self.first + feature) = sum };
     }
 }
 
