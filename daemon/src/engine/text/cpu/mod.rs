@@ -241,8 +241,8 @@ pub fn few_rows(parts: &[Part], x: &[f32], rows: usize, inputs: usize) -> Vec<Ve
             q8_0::dot_into(format, bytes, first, a, &mut columns);
             return;
         }
-        // The kernels write feature-major sums; each task turns its own
-        // into rows while they are in cache, rather than one thread
+        // The other kernels write feature-major sums; each task turns its
+        // own into rows while they are in cache, rather than one thread
         // turning every output after the product.
         SCRATCH.with_borrow_mut(|sums| {
             sums.resize(count * rows, 0.0);
