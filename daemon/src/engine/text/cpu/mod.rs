@@ -67,35 +67,66 @@ fn prefetch_at<T>(weights: &[T], at: usize) {
     let _ = (weights, at);
 }
 
+/// Values from which quantizing activations is split across the pool: a
+/// prompt chunk's took a seventh of its prefill on one thread while the
+/// others waited. A decode step's few rows take microseconds alone.
+const SHARED_QUANTIZE_VALUES: usize = 16 * 1024;
+
 /// Quantizes `x` to bytes in blocks of `block` values, each scaled by
 /// `127 / max|x|` and rounded half away from zero; returns each block's
-/// `max|x|`. Compiled for AVX2 where the CPU has it, since `f32::round`
-/// is a library call per value in the build's baseline.
+/// `max|x|`. Blocks are independent, so which thread takes which changes
+/// nothing.
 fn quantize_blocks(x: &[f32], block: usize, values: &mut [i8]) -> Vec<f32> {
+    let mut maxima = vec![0f32; x.len() / block];
+    if x.len() < SHARED_QUANTIZE_VALUES {
+        quantize_blocks_into(x, block, values, &mut maxima);
+        return maxima;
+    }
+    let per_task = (maxima.len().div_ceil(8)).max(1);
+    let parts: Vec<std::sync::Mutex<(&[f32], &mut [i8], &mut [f32])>> = x
+        .chunks(per_task * block)
+        .zip(values.chunks_mut(per_task * block))
+        .zip(maxima.chunks_mut(per_task))
+        .map(|((x, values), maxima)| std::sync::Mutex::new((x, values, maxima)))
+        .collect();
+    pool::global().run(parts.len(), &|t| {
+        // Each task locks only its own part, so this never waits.
+        let mut part = parts[t].lock().unwrap_or_else(|e| e.into_inner());
+        let (x, values, maxima) = &mut *part;
+        quantize_blocks_into(x, block, values, maxima);
+    });
+    drop(parts);
+    maxima
+}
+
+/// One thread's blocks, compiled for AVX2 where the CPU has it, since
+/// `f32::round` is a library call per value in the build's baseline.
+fn quantize_blocks_into(x: &[f32], block: usize, values: &mut [i8], maxima: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
     if features::x86() != features::X86::None {
         // SAFETY: the CPU has AVX2, checked above.
-        return unsafe { quantize_blocks_avx2(x, block, values) };
+        return unsafe { quantize_blocks_avx2(x, block, values, maxima) };
     }
-    quantize_blocks_with(x, block, values)
+    quantize_blocks_with(x, block, values, maxima)
 }
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn quantize_blocks_avx2(x: &[f32], block: usize, values: &mut [i8]) -> Vec<f32> {
-    quantize_blocks_with(x, block, values)
+fn quantize_blocks_avx2(x: &[f32], block: usize, values: &mut [i8], maxima: &mut [f32]) {
+    quantize_blocks_with(x, block, values, maxima)
 }
 
 #[inline(always)]
-fn quantize_blocks_with(x: &[f32], block: usize, values: &mut [i8]) -> Vec<f32> {
-    let mut maxima = Vec::with_capacity(x.len() / block);
-    for (block, out) in x.chunks_exact(block).zip(values.chunks_exact_mut(block)) {
+fn quantize_blocks_with(x: &[f32], block: usize, values: &mut [i8], maxima: &mut [f32]) {
+    let blocks = x.chunks_exact(block).zip(values.chunks_exact_mut(block));
+    for ((block, out), slot) in blocks.zip(maxima.iter_mut()) {
         let max = max_abs(block);
         let inverse = if max == 0.0 { 0.0 } else { 127.0 / max };
         if max.is_finite() {
             for (q, v) in out.iter_mut().zip(block) {
-                // SAFETY: `|v| <= max`, so the rounded value is a whole
-                // number within ±127 (a saturating cast does not vectorize).
+                // SAFETY: `|v| <= max` and no NaN (whose maximum is NaN),
+                // so the rounded value is a whole number within ±127 (a
+                // saturating cast does not vectorize).
                 *q = unsafe { round_half_away(v * inverse).to_int_unchecked::<i32>() } as i8;
             }
         } else {
@@ -103,26 +134,31 @@ fn quantize_blocks_with(x: &[f32], block: usize, values: &mut [i8]) -> Vec<f32> 
                 *q = round_half_away(v * inverse) as i8;
             }
         }
-        maxima.push(max);
+        *slot = max;
     }
-    maxima
 }
 
-/// `max|x|` of a block, ignoring NaNs as `f32::max` does. Eight running
-/// maxima vectorize where one, a chain of dependent scalar steps, did
-/// not: quantizing a prompt's activations took a tenth of its prefill,
-/// on one thread. The maximum is the same in any order.
+/// `max|x|` of a block, or NaN where the block holds a NaN, so that the
+/// block takes the saturating path rather than converting a NaN unchecked.
+/// Eight running maxima vectorize where one, a chain of dependent scalar
+/// steps, did not: quantizing a prompt's activations took a tenth of its
+/// prefill. The maximum is the same in any order.
 #[inline(always)]
 fn max_abs(block: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
+    let (mut lanes, mut nan) = ([0f32; 8], [false; 8]);
     let chunks = block.chunks_exact(8);
-    let tail = chunks.remainder().iter().fold(0f32, |m, v| m.max(v.abs()));
+    let tail = chunks.remainder();
     for chunk in chunks {
-        for (m, v) in lanes.iter_mut().zip(chunk) {
+        for ((m, n), v) in lanes.iter_mut().zip(nan.iter_mut()).zip(chunk) {
             *m = m.max(v.abs());
+            *n |= v.is_nan();
         }
     }
-    lanes.iter().fold(tail, |m, v| m.max(*v))
+    let max = tail.iter().fold(0f32, |m, v| m.max(v.abs()));
+    if nan.contains(&true) || tail.iter().any(|v| v.is_nan()) {
+        return f32::NAN;
+    }
+    lanes.iter().fold(max, |m, v| m.max(*v))
 }
 
 /// `x.round()` from a truncation, which vectorizes: the fraction

@@ -318,3 +318,27 @@ fn rounding_half_away_is_rounds() {
         );
     }
 }
+
+/// A prompt's activations are quantized on the pool in runs of blocks:
+/// the same bytes and maxima as one block at a time; and a block holding
+/// a NaN comes out as zeros with a NaN maximum, never an unchecked NaN
+/// conversion.
+#[test]
+fn quantizing_on_the_pool_is_quantizing_block_by_block() {
+    let x = values(40 * 576 + 32, 7);
+    assert!(x.len() >= super::SHARED_QUANTIZE_VALUES);
+    let mut shared = vec![0i8; x.len()];
+    let maxima = super::quantize_blocks(&x, 32, &mut shared);
+    for (b, block) in x.chunks_exact(32).enumerate() {
+        let mut alone = [0i8; 32];
+        let max = super::quantize_blocks(block, 32, &mut alone);
+        assert_eq!(max, [maxima[b]], "block {b}");
+        assert_eq!(alone, shared[b * 32..][..32], "block {b}");
+    }
+    let mut block = values(32, 3);
+    block[5] = f32::NAN;
+    let mut out = [1i8; 32];
+    let max = super::quantize_blocks(&block, 32, &mut out);
+    assert!(max[0].is_nan());
+    assert_eq!(out, [0i8; 32]);
+}
