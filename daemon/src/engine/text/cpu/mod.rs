@@ -83,7 +83,7 @@ fn quantize_blocks(x: &[f32], block: usize, values: &mut [i8]) -> Vec<f32> {
         return maxima;
     }
     let per_task = (maxima.len().div_ceil(8)).max(1);
-    let parts: Vec<std::sync::Mutex<(&[f32], &mut [i8], &mut [f32])>> = x
+    let parts: Vec<std::sync::Mutex<BlockRun>> = x
         .chunks(per_task * block)
         .zip(values.chunks_mut(per_task * block))
         .zip(maxima.chunks_mut(per_task))
@@ -98,6 +98,9 @@ fn quantize_blocks(x: &[f32], block: usize, values: &mut [i8]) -> Vec<f32> {
     drop(parts);
     maxima
 }
+
+/// A task's run of blocks: the values, their bytes and their maxima.
+type BlockRun<'a> = (&'a [f32], &'a mut [i8], &'a mut [f32]);
 
 /// One thread's blocks, compiled for AVX2 where the CPU has it, since
 /// `f32::round` is a library call per value in the build's baseline.
