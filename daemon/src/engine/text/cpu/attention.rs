@@ -48,7 +48,7 @@ pub struct Sequence {
 }
 
 /// A value of the KV cache as the attention reads it.
-pub trait Cached: Copy + Send + Sync + 'static {
+trait Cached: Copy + Send + Sync + 'static {
     fn of(storage: &Storage) -> Option<&[Self]>;
     fn f32(self) -> f32;
     /// Eight values from `at` as f32 lanes.
