@@ -7,7 +7,7 @@
 //! own slice of the weights, which is what a decode step is bound by.
 
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
-use candle_core::{CpuStorage, DType, Device, Module, Result, Storage, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use rayon::prelude::*;
 
 use super::cpu::{self, Mapped, Part, Source};
@@ -184,25 +184,19 @@ fn few_rows_f32(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
     let (rows, inputs) = x.dims2()?;
     let features = w.dim(0)?;
     let x = x.contiguous()?;
-    let (x_storage, x_layout) = x.storage_and_layout();
-    let (w_storage, w_layout) = w.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(xs)), Storage::Cpu(CpuStorage::F32(ws))) =
-        (&*x_storage, &*w_storage)
-    else {
-        return Ok(None);
+    let product = |xs: &[f32], ws: &[f32]| {
+        let part = Part {
+            source: Source::F32(ws),
+            features,
+        };
+        let out = cpu::few_rows(&[part], xs, rows, inputs);
+        out.into_iter().next().expect("one part")
     };
-    let (Some((x0, x1)), Some((w0, w1))) =
-        (x_layout.contiguous_offsets(), w_layout.contiguous_offsets())
-    else {
-        return Ok(None);
-    };
-    let part = Part {
-        source: Source::F32(&ws[w0..w1]),
-        features,
-    };
-    let out = cpu::few_rows(&[part], &xs[x0..x1], rows, inputs);
-    let out = out.into_iter().next().expect("one part");
-    Tensor::from_vec(out, (rows, features), &Device::Cpu).map(Some)
+    let out = cpu::with_contiguous_f32(&x, |xs| cpu::with_contiguous_f32(w, |ws| product(xs, ws)));
+    match out.flatten() {
+        Some(out) => Tensor::from_vec(out, (rows, features), &Device::Cpu).map(Some),
+        None => Ok(None),
+    }
 }
 
 /// `x` (`[.., in]`) as f32 rows: their count and values.

@@ -3,8 +3,9 @@
 //! on the step's own thread while the others waited: a twentieth of an
 //! 8-sequence decode step of the 135M shape.
 
-use candle_core::{CpuStorage, Device, Result, Storage, Tensor};
+use candle_core::{Device, Result, Tensor};
 
+use super::with_contiguous_f32;
 use crate::engine::math::silu;
 
 /// `silu(gate) · up` elementwise, or `None` unless both are contiguous
@@ -13,21 +14,11 @@ pub fn silu_times(gate: &Tensor, up: &Tensor) -> Result<Option<Tensor>> {
     if gate.dims() != up.dims() {
         return Ok(None);
     }
-    let (gate_storage, gate_layout) = gate.storage_and_layout();
-    let (up_storage, up_layout) = up.storage_and_layout();
-    let (Storage::Cpu(CpuStorage::F32(g)), Storage::Cpu(CpuStorage::F32(u))) =
-        (&*gate_storage, &*up_storage)
-    else {
-        return Ok(None);
-    };
-    let (Some((g0, g1)), Some((u0, u1))) = (
-        gate_layout.contiguous_offsets(),
-        up_layout.contiguous_offsets(),
-    ) else {
-        return Ok(None);
-    };
-    let out = gated(&g[g0..g1], &u[u0..u1]);
-    Ok(Some(Tensor::from_vec(out, gate.shape(), &Device::Cpu)?))
+    let out = with_contiguous_f32(gate, |g| with_contiguous_f32(up, |u| gated(g, u)));
+    match out.flatten() {
+        Some(out) => Ok(Some(Tensor::from_vec(out, gate.shape(), &Device::Cpu)?)),
+        None => Ok(None),
+    }
 }
 
 fn gated(gate: &[f32], up: &[f32]) -> Vec<f32> {

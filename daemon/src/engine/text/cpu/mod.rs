@@ -21,6 +21,7 @@ pub mod quant;
 pub use mapped::{Mapped, MappedFile};
 
 use candle_core::quantized::GgmlDType;
+use candle_core::{CpuStorage, Storage, Tensor};
 
 /// Bytes of weights one task reads: small, so that a thread that loses its
 /// core delays the product by one task, yet large enough that claiming a
@@ -65,6 +66,18 @@ fn prefetch_at<T>(weights: &[T], at: usize) {
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (weights, at);
+}
+
+/// `f` of a tensor's values, borrowed where they lie, when it is
+/// contiguous f32 on the CPU; `None` otherwise, for callers that then take
+/// candle's way.
+pub fn with_contiguous_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> R) -> Option<R> {
+    let (storage, layout) = t.storage_and_layout();
+    let Storage::Cpu(CpuStorage::F32(values)) = &*storage else {
+        return None;
+    };
+    let (start, end) = layout.contiguous_offsets()?;
+    Some(f(&values[start..end]))
 }
 
 /// Values from which quantizing activations is split across the pool: a

@@ -111,10 +111,10 @@ pub fn dot_features(
     out: &mut [f32],
 ) {
     use GgmlDType::*;
+    if let Some((format, a)) = q8_family(dtype, acts) {
+        return q8_0::dot_features(format, bytes, first, a, out);
+    }
     match (dtype, acts) {
-        (Q4_0, Activations::Rows8(a)) => q8_0::dot_features(Format::Q4_0, bytes, first, a, out),
-        (Q5_0, Activations::Rows8(a)) => q8_0::dot_features(Format::Q5_0, bytes, first, a, out),
-        (Q8_0, Activations::Rows8(a)) => q8_0::dot_features(Format::Q8_0, bytes, first, a, out),
         (Q4_1, Activations::Q8_1(a)) => dot::<BlockQ4_1>(bytes, inputs, first, a, out),
         (Q5_1, Activations::Q8_1(a)) => dot::<BlockQ5_1>(bytes, inputs, first, a, out),
         (Q2K, Activations::Q8K(a)) => dot::<BlockQ2K>(bytes, inputs, first, a, out),
