@@ -42,7 +42,7 @@ impl Linear {
 
     pub fn mapped(weight: Mapped, bias: Option<Tensor>) -> Self {
         Linear {
-            weight: Weight::Mapped(weight),
+            weight: Weight::Mapped(weight.for_products()),
             bias,
         }
     }

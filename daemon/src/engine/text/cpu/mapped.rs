@@ -6,7 +6,7 @@ use std::sync::Arc;
 use candle_core::quantized::GgmlDType;
 use memmap2::{Mmap, MmapOptions};
 
-use super::{quant, Part, Source, MAX_ROWS};
+use super::{packed, quant, Packed, Part, Source, MAX_ROWS};
 
 /// Prompt rows per pass of the decode kernels over quantized weights: the
 /// chunk's quantized activations (a few tens of KiB) stay in cache.
@@ -75,7 +75,20 @@ impl MappedFile {
             dtype,
             features,
             inputs,
+            packed: None,
         })
+    }
+
+    /// Lets the kernel drop `len` bytes at `offset` from this process's
+    /// pages: they stay in the page cache, and come back on a read.
+    fn release(&self, offset: usize, len: usize) -> std::io::Result<()> {
+        // SAFETY: the map is a read-only shared mapping of a file that is
+        // not written under it, so a page read again after MADV_DONTNEED
+        // holds the same bytes; nothing is lost.
+        unsafe {
+            self.map
+                .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, len)
+        }
     }
 }
 
@@ -88,6 +101,9 @@ pub struct Mapped {
     dtype: GgmlDType,
     features: usize,
     inputs: usize,
+    /// The Q8_0 matrix repacked for the kernels, which products then
+    /// read instead of the file.
+    packed: Option<Arc<Packed>>,
 }
 
 impl std::fmt::Debug for Mapped {
@@ -113,7 +129,33 @@ impl Mapped {
         &self.file.map[self.offset..self.offset + self.len]
     }
 
+    /// For products: Q8_0 weights are repacked into the layout their
+    /// kernels want (a copy of the same size, in anonymous memory), and
+    /// the file's pages are released from this process, so the matrix is
+    /// resident once. Row lookups still read the file, and fault in only
+    /// the rows they read. Other types, or a CPU without the vector
+    /// kernels, keep the file's layout.
+    pub fn for_products(mut self) -> Self {
+        if self.dtype != GgmlDType::Q8_0 || !packed::worth_it() {
+            return self;
+        }
+        let packed = Packed::new(self.bytes(), self.features, self.inputs);
+        self.packed = Some(Arc::new(packed));
+        if let Err(e) = self.file.release(self.offset, self.len) {
+            tracing::debug!("could not release repacked weights' file pages: {e}");
+        }
+        self
+    }
+
     pub fn source(&self) -> Source<'_> {
+        if let Some(packed) = &self.packed {
+            return Source::Packed(packed);
+        }
+        self.file_source()
+    }
+
+    /// The matrix as the file stores it.
+    fn file_source(&self) -> Source<'_> {
         let bytes = self.bytes();
         match self.dtype {
             GgmlDType::F32 => {
@@ -147,6 +189,7 @@ impl Mapped {
             Source::Quant(dtype, bytes) => {
                 quant::matmul(dtype, bytes, x, rows, self.features, self.inputs)
             }
+            Source::Packed(_) => Ok(self.in_chunks(x, rows)),
         }
     }
 
@@ -165,11 +208,12 @@ impl Mapped {
 
     /// Row `index` as f32 (an embedding lookup).
     pub fn row(&self, index: usize, out: &mut [f32]) {
-        match self.source() {
+        match self.file_source() {
             Source::F32(w) => out.copy_from_slice(&w[index * self.inputs..][..self.inputs]),
             Source::Quant(dtype, bytes) => {
                 quant::dequantize_row(dtype, bytes, self.inputs, index, out)
             }
+            Source::Packed(_) => unreachable!("the file's layout is never packed"),
         }
     }
 }

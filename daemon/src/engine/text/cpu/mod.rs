@@ -14,11 +14,13 @@ mod features;
 pub mod gate;
 mod kquants;
 pub mod mapped;
+mod packed;
 pub mod pool;
 mod q8_0;
 pub mod quant;
 
 pub use mapped::{Mapped, MappedFile};
+pub use packed::Packed;
 
 use candle_core::quantized::GgmlDType;
 use candle_core::{CpuStorage, Storage, Tensor};
@@ -196,6 +198,8 @@ pub enum Source<'a> {
     F32(&'a [f32]),
     /// GGML blocks of the given type.
     Quant(GgmlDType, &'a [u8]),
+    /// Q8_0 blocks repacked for the kernels.
+    Packed(&'a Packed),
 }
 
 impl Source<'_> {
@@ -203,6 +207,16 @@ impl Source<'_> {
         match self {
             Source::F32(_) => inputs * 4,
             Source::Quant(dtype, _) => inputs / dtype.block_size() * dtype.type_size(),
+            Source::Packed(p) => p.row_bytes(),
+        }
+    }
+
+    /// The activation blocks quantized weights are dotted with.
+    fn activation_kind(&self) -> Option<quant::ActivationKind> {
+        match self {
+            Source::F32(_) => None,
+            Source::Quant(dtype, _) => Some(quant::activation_kind(*dtype)),
+            Source::Packed(_) => Some(quant::ActivationKind::Rows8),
         }
     }
 }
@@ -278,19 +292,18 @@ pub fn few_rows(parts: &[Part], x: &[f32], rows: usize, inputs: usize) -> Vec<Ve
         // SAFETY: tasks cover disjoint feature ranges of their part's
         // buffer, in every row, and the buffer outlives the pool run.
         let row = |r: usize| unsafe { outs[n].range(r * features + first, count) };
-        if rows == 1 {
-            dot_features(parts[n].source, x, inputs, first, &acts, row(0));
+        let mut columns = Columns {
+            out: outs[n],
+            rows,
+            stride: features,
+            first,
+            count,
+        };
+        if rows8_into(parts[n].source, &acts, first, &mut columns) {
             return;
         }
-        if let Some((format, bytes, a)) = q8_family(parts[n].source, &acts) {
-            let mut columns = Columns {
-                out: outs[n],
-                rows,
-                stride: features,
-                first,
-                count,
-            };
-            q8_0::dot_into(format, bytes, first, a, &mut columns);
+        if rows == 1 {
+            dot_features(parts[n].source, x, inputs, first, &acts, row(0));
             return;
         }
         // The other kernels write feature-major sums; each task turns its
@@ -347,18 +360,42 @@ impl q8_0::Sums for Columns {
     }
 }
 
-/// A Q8_0-family part's block format, bytes and activation rows.
-fn q8_family<'a>(
-    source: Source<'a>,
-    acts: &'a [(quant::ActivationKind, quant::Activations)],
-) -> Option<(q8_0::Format, &'a [u8], &'a q8_0::Q8Rows)> {
-    let Source::Quant(dtype, bytes) = source else {
-        return None;
-    };
-    let kind = quant::activation_kind(dtype);
-    let (_, a) = acts.iter().find(|(k, _)| *k == kind)?;
-    let (format, rows) = quant::q8_family(dtype, a)?;
-    Some((format, bytes, rows))
+/// Sums of a Q8_0-family part (as the file stores it or repacked) into
+/// `out`, whose kernels write any sink; `false` for the other parts.
+fn rows8_into(
+    source: Source,
+    acts: &[(quant::ActivationKind, quant::Activations)],
+    first: usize,
+    out: &mut impl q8_0::Sums,
+) -> bool {
+    use quant::ActivationKind::Rows8;
+    match source {
+        Source::Packed(p) => match activations(acts, Rows8) {
+            quant::Activations::Rows8(rows) => packed::dot_into(p, first, rows, out),
+            _ => unreachable!("Rows8 activations are Q8Rows"),
+        },
+        Source::Quant(dtype, bytes) if quant::activation_kind(dtype) == Rows8 => {
+            let Some((format, a)) = quant::q8_family(dtype, activations(acts, Rows8)) else {
+                return false;
+            };
+            q8_0::dot_into(format, bytes, first, a, out);
+        }
+        Source::Quant(..) | Source::F32(_) => return false,
+    }
+    true
+}
+
+/// The activations quantized for `kind`, which [`quantized_activations`]
+/// made for every part.
+fn activations(
+    acts: &[(quant::ActivationKind, quant::Activations)],
+    kind: quant::ActivationKind,
+) -> &quant::Activations {
+    let (_, a) = acts
+        .iter()
+        .find(|(k, _)| *k == kind)
+        .expect("activations quantized for every part");
+    a
 }
 
 thread_local! {
@@ -381,12 +418,9 @@ fn quantized_activations(
     inputs: usize,
 ) -> Vec<(quant::ActivationKind, quant::Activations)> {
     let mut acts: Vec<(quant::ActivationKind, quant::Activations)> = Vec::new();
-    for part in parts {
-        if let Source::Quant(dtype, _) = part.source {
-            let kind = quant::activation_kind(dtype);
-            if !acts.iter().any(|(k, _)| *k == kind) {
-                acts.push((kind, quant::quantize(kind, x, inputs)));
-            }
+    for kind in parts.iter().filter_map(|p| p.source.activation_kind()) {
+        if !acts.iter().any(|(k, _)| *k == kind) {
+            acts.push((kind, quant::quantize(kind, x, inputs)));
         }
     }
     acts
@@ -403,12 +437,13 @@ fn dot_features(
     match source {
         Source::F32(w) => f32::dot_features(w, inputs, first, x, out),
         Source::Quant(dtype, bytes) => {
-            let kind = quant::activation_kind(dtype);
-            let (_, a) = acts
-                .iter()
-                .find(|(k, _)| *k == kind)
-                .expect("activations quantized for every part");
+            let a = activations(acts, quant::activation_kind(dtype));
             quant::dot_features(dtype, bytes, inputs, first, a, out);
+        }
+        Source::Packed(_) => {
+            let rows = x.len() / inputs;
+            let mut sums = q8_0::FeatureMajor { out, rows };
+            assert!(rows8_into(source, acts, first, &mut sums));
         }
     }
 }

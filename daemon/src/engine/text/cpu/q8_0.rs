@@ -107,8 +107,30 @@ impl Q8Rows {
         }
     }
 
-    fn rows(&self) -> usize {
+    pub fn rows(&self) -> usize {
         self.values.len() / self.inputs
+    }
+
+    pub fn inputs(&self) -> usize {
+        self.inputs
+    }
+
+    /// Row `row`'s block `b`: its values and scale.
+    #[inline(always)]
+    pub fn block(&self, row: usize, b: usize) -> (&[i8; BLOCK], f32) {
+        let at = row * self.inputs / BLOCK + b;
+        let values = self.values[at * BLOCK..][..BLOCK]
+            .try_into()
+            .expect("a block is 32 values");
+        (values, self.scales[at])
+    }
+
+    /// [`Q8Rows::block`] and the block's offset for the AVX-512 kernels
+    /// ([`Q8Rows::offsets`], which only CPUs with AVX-512 VNNI fill).
+    #[inline(always)]
+    pub fn block_with_offset(&self, row: usize, b: usize) -> (&[i8; BLOCK], f32, i32) {
+        let (values, scale) = self.block(row, b);
+        (values, scale, self.offsets[row * self.inputs / BLOCK + b])
     }
 }
 
@@ -163,7 +185,7 @@ pub fn dot_into<S: Sums>(format: Format, bytes: &[u8], first: usize, acts: &Q8Ro
     portable_features(format, bytes, first, acts, out);
 }
 
-fn portable_features<S: Sums>(
+pub(super) fn portable_features<S: Sums>(
     format: Format,
     bytes: &[u8],
     first: usize,

@@ -342,3 +342,42 @@ fn quantizing_on_the_pool_is_quantizing_block_by_block() {
     assert!(max[0].is_nan());
     assert_eq!(out, [0i8; 32]);
 }
+
+/// A mapped Q8_0 matrix, repacked for products, gives the file layout's
+/// sums bit for bit for a step, for every row alone, and for a prompt in
+/// chunks; its row lookups still read the file. 300 weight rows are 16-row
+/// groups and a part of one, split into several tasks.
+#[test]
+fn a_repacked_q8_0_matrix_sums_as_the_file_does() {
+    let (features, inputs) = (300, 576);
+    let w = values(features * inputs, 11);
+    let (words, len, dequantized) = quantized(&w, features, inputs, GgmlDType::Q8_0);
+    let blocks = as_bytes(&words, len);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("weights.gguf");
+    let mut bytes = vec![0u8; 64];
+    bytes.extend_from_slice(blocks);
+    std::fs::write(&path, &bytes).unwrap();
+    let file = MappedFile::open(&path).unwrap();
+    let matrix = file.matrix(64, GgmlDType::Q8_0, features, inputs).unwrap();
+    let repacked = matrix.clone().for_products();
+    let file_part = Part {
+        source: Source::Quant(GgmlDType::Q8_0, blocks),
+        features,
+    };
+    for rows in [1, 3, 8, 16, 40] {
+        let x = values(rows * inputs, 12 + rows as u64);
+        let want = matrix.forward(&x, rows).unwrap();
+        let got = repacked.forward(&x, rows).unwrap();
+        let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&got), bits(&want), "{rows} rows");
+        if rows <= MAX_ROWS {
+            let plain = few_rows(&[file_part], &x, rows, inputs).pop().unwrap();
+            assert_eq!(bits(&got), bits(&plain), "{rows} rows, unmapped");
+            assert_alone_equals_batched(&[repacked.part()], &x, rows, inputs);
+        }
+    }
+    let mut row = vec![0f32; inputs];
+    repacked.row(299, &mut row);
+    assert_eq!(row, dequantized[299 * inputs..]);
+}

@@ -1,0 +1,498 @@
+//! Q8_0 weights repacked once at load into the layout [`super::q8_0`]'s
+//! kernels build in registers for every block of every product.
+//!
+//! Those kernels take sixteen weight rows at a time and transpose each
+//! 32-value block so that each 32-bit lane holds one row; at eight
+//! activation rows nearly half of their instructions were that transpose,
+//! gathering the sixteen scales and biasing the bytes for VNNI. Here each
+//! group of sixteen rows is stored that way: per block, eight 64-byte
+//! lines, line `s` holding bytes `4s..4s + 4` of each row's values (row
+//! `j` at byte `4j`) plus 128, and the sixteen scales side by side. A
+//! product then reads the weights front to back, one aligned load per line.
+//!
+//! The same integer block sums are scaled and added in the same order as
+//! in [`super::q8_0`], so the results are those of the file's layout, bit
+//! for bit, alone or in a batch.
+
+use half::f16;
+use rayon::prelude::*;
+
+use super::q8_0::{Q8Rows, Sums, BLOCK};
+
+/// Weight rows per group: one per 32-bit lane of a 512-bit register.
+pub const GROUP: usize = 16;
+
+/// Bytes of a Q8_0 block in the file: an f16 scale and 32 int8 values.
+const FILE_BLOCK: usize = 34;
+
+/// Lines of one block of a group: 16 rows of 32 bytes.
+const LINES: usize = GROUP * BLOCK / 64;
+
+/// How far ahead of a product's reads its lines are asked for.
+const AHEAD: usize = 4096;
+
+/// One cache line, aligned as one.
+#[derive(Clone, Copy)]
+#[repr(C, align(64))]
+struct Line([u8; 64]);
+
+/// A `features × inputs` Q8_0 matrix in groups of [`GROUP`] rows.
+pub struct Packed {
+    /// Group by group, block by block, [`LINES`] lines of biased values.
+    lines: Vec<Line>,
+    /// Group by group, block by block, the group's sixteen scales.
+    scales: Vec<f16>,
+    features: usize,
+    inputs: usize,
+}
+
+impl std::fmt::Debug for Packed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "packed Q8_0 {}x{}", self.features, self.inputs)
+    }
+}
+
+impl Packed {
+    /// Repacks `bytes`, the matrix as the file stores it, row by row; the
+    /// rows that fill the last group are zeros. Groups are repacked on
+    /// rayon's threads, which a load leaves idle.
+    pub fn new(bytes: &[u8], features: usize, inputs: usize) -> Self {
+        assert!(inputs.is_multiple_of(BLOCK), "rows of whole blocks");
+        let blocks = inputs / BLOCK;
+        assert_eq!(bytes.len(), features * blocks * FILE_BLOCK);
+        let groups = features.div_ceil(GROUP);
+        let mut lines = vec![Line([0x80; 64]); groups * blocks * LINES];
+        let mut scales = vec![f16::ZERO; groups * blocks * GROUP];
+        let row_bytes = blocks * FILE_BLOCK;
+        lines
+            .par_chunks_mut(blocks * LINES)
+            .zip(scales.par_chunks_mut(blocks * GROUP))
+            .enumerate()
+            .for_each(|(g, (lines, scales))| {
+                let rows = GROUP.min(features - g * GROUP);
+                let group = &bytes[g * GROUP * row_bytes..][..rows * row_bytes];
+                pack_group(group, rows, blocks, lines, scales);
+            });
+        Packed {
+            lines,
+            scales,
+            features,
+            inputs,
+        }
+    }
+
+    pub fn features(&self) -> usize {
+        self.features
+    }
+
+    pub fn inputs(&self) -> usize {
+        self.inputs
+    }
+
+    /// The bytes the file's layout takes for the same matrix, the measure
+    /// that splits products into tasks.
+    pub fn row_bytes(&self) -> usize {
+        self.inputs / BLOCK * FILE_BLOCK
+    }
+
+    /// Block `b` of group `g`: its lines and scales.
+    #[inline(always)]
+    fn block(&self, g: usize, b: usize) -> (&[Line], &[f16]) {
+        let at = g * self.inputs / BLOCK + b;
+        (
+            &self.lines[at * LINES..][..LINES],
+            &self.scales[at * GROUP..][..GROUP],
+        )
+    }
+}
+
+/// The first `rows` rows of a group, from the file's layout.
+fn pack_group(group: &[u8], rows: usize, blocks: usize, lines: &mut [Line], scales: &mut [f16]) {
+    let row_bytes = blocks * FILE_BLOCK;
+    for j in 0..rows {
+        for b in 0..blocks {
+            let block = &group[j * row_bytes + b * FILE_BLOCK..][..FILE_BLOCK];
+            scales[b * GROUP + j] = f16::from_le_bytes([block[0], block[1]]);
+            for (s, four) in block[2..].chunks_exact(4).enumerate() {
+                let line = &mut lines[b * LINES + s].0[4 * j..][..4];
+                for (slot, value) in line.iter_mut().zip(four) {
+                    *slot = value ^ 0x80;
+                }
+            }
+        }
+    }
+}
+
+/// Weight rows `first..first + out.features()` of `packed` dotted with
+/// every activation row; `first` starts a group, as every product task
+/// does. The instruction set is picked once per call.
+pub fn dot_into<S: Sums>(packed: &Packed, first: usize, acts: &Q8Rows, out: &mut S) {
+    assert!(first.is_multiple_of(GROUP), "a task starts a group");
+    assert!(first + out.features() <= packed.features && acts.inputs() == packed.inputs);
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::features::{x86, X86};
+        let kernel = match x86() {
+            X86::Avx512Vnni => x86_64::avx512::<S>,
+            X86::AvxVnni => x86_64::avxvnni::<S>,
+            X86::Avx2 => x86_64::avx2::<S>,
+            X86::None => return portable(packed, first, acts, out),
+        };
+        // SAFETY: the CPU has the features of the kernel picked for it.
+        unsafe { kernel(packed, first, acts, out) }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    portable(packed, first, acts, out);
+}
+
+/// Whether repacking pays on this CPU: where the vector kernels run.
+pub fn worth_it() -> bool {
+    super::features::x86() != super::features::X86::None
+}
+
+/// The groups a task covers, each with how many of its rows the task
+/// wants: `(group, first feature of the task's in it, rows)`.
+fn groups(first: usize, features: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+    (first..first + features)
+        .step_by(GROUP)
+        .map(move |f| (f / GROUP, f - first, GROUP.min(first + features - f)))
+}
+
+/// The same sums in plain Rust, lane by lane as the vector paths.
+fn portable<S: Sums>(packed: &Packed, first: usize, acts: &Q8Rows, out: &mut S) {
+    let blocks = packed.inputs / BLOCK;
+    for (g, f, rows) in groups(first, out.features()) {
+        for j in 0..rows {
+            for r in 0..acts.rows() {
+                let mut sum = 0f32;
+                for b in 0..blocks {
+                    let (lines, scales) = packed.block(g, b);
+                    let (x, x_scale) = acts.block(r, b);
+                    let dot: i32 = (0..BLOCK)
+                        .map(|i| {
+                            let w = (lines[i / 4].0[4 * j + i % 4] ^ 0x80) as i8;
+                            w as i32 * x[i] as i32
+                        })
+                        .sum();
+                    let scale = scales[j].to_f32_const() * x_scale;
+                    sum = scale.mul_add(dot as f32, sum);
+                }
+                out.put(f + j, r, sum);
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86_64 {
+    use super::{groups, Line, Packed, Q8Rows, Sums, AHEAD, BLOCK, LINES};
+    use crate::engine::text::cpu::prefetch_at;
+    use half::f16;
+    use std::arch::x86_64::*;
+
+    /// Hands a tile's sums to `out`: `sums[i][j]` is activation row
+    /// `first_row + i` with the group's row `j`, of which `rows` are wanted.
+    #[inline(always)]
+    fn put<const W: usize>(
+        out: &mut impl Sums,
+        sums: &[[f32; W]],
+        f: usize,
+        rows: usize,
+        first_row: usize,
+        count: usize,
+    ) {
+        for (i, sums) in sums.iter().enumerate().take(count) {
+            for (j, sum) in sums.iter().enumerate().take(rows) {
+                out.put(f + j, first_row + i, *sum);
+            }
+        }
+    }
+
+    /// The AVX-512 VNNI kernel: a group's sixteen rows in one register,
+    /// up to sixteen activation rows at a time. The biased (unsigned)
+    /// weights times the signed activations, from each block's
+    /// offset in [`Q8Rows`], give the signed products exactly.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
+    pub fn avx512<S: Sums>(packed: &Packed, first: usize, acts: &Q8Rows, out: &mut S) {
+        let rows = acts.rows();
+        for (g, f, wanted) in groups(first, out.features()) {
+            for first_row in (0..rows).step_by(16) {
+                let count = 16.min(rows - first_row);
+                let mut sums = [[0f32; 16]; 16];
+                tile_rows(packed, g, acts, first_row, count, &mut sums);
+                put(out, &sums, f, wanted, first_row, count);
+            }
+        }
+    }
+
+    /// `count` (1 to 16) activation rows from `first_row` with group `g`,
+    /// as many at once as fit the registers.
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn tile_rows(
+        p: &Packed,
+        g: usize,
+        acts: &Q8Rows,
+        first_row: usize,
+        count: usize,
+        sums: &mut [[f32; 16]],
+    ) {
+        match count {
+            1 => tile_avx512::<1>(p, g, acts, first_row, sums),
+            2 => tile_avx512::<2>(p, g, acts, first_row, sums),
+            3 => tile_avx512::<3>(p, g, acts, first_row, sums),
+            4 => tile_avx512::<4>(p, g, acts, first_row, sums),
+            5 => tile_avx512::<5>(p, g, acts, first_row, sums),
+            6 => tile_avx512::<6>(p, g, acts, first_row, sums),
+            7 => tile_avx512::<7>(p, g, acts, first_row, sums),
+            8 => tile_avx512::<8>(p, g, acts, first_row, sums),
+            9..=15 => {
+                tile_avx512::<8>(p, g, acts, first_row, sums);
+                tile_rows(p, g, acts, first_row + 8, count - 8, &mut sums[8..]);
+            }
+            _ => tile_avx512::<16>(p, g, acts, first_row, sums),
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn tile_avx512<const N: usize>(
+        p: &Packed,
+        g: usize,
+        acts: &Q8Rows,
+        first_row: usize,
+        sums: &mut [[f32; 16]],
+    ) {
+        assert!(N <= sums.len() && first_row + N <= acts.rows());
+        let mut acc = [_mm512_setzero_ps(); N];
+        for b in 0..p.inputs / BLOCK {
+            let (lines, scales) = p.block(g, b);
+            prefetch(lines, scales);
+            let w = lines_of(lines);
+            // SAFETY: sixteen f16 are 32 bytes.
+            let w_scales =
+                _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(scales.as_ptr() as *const __m256i) });
+            for (i, acc) in acc.iter_mut().enumerate() {
+                let (x, x_scale, offset) = acts.block_with_offset(first_row + i, b);
+                let mut dot = _mm512_set1_epi32(offset);
+                for (s, w) in w.iter().enumerate() {
+                    dot = _mm512_dpbusd_epi32(dot, *w, _mm512_set1_epi32(four(x, s)));
+                }
+                let scale = _mm512_mul_ps(w_scales, _mm512_set1_ps(x_scale));
+                *acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), *acc);
+            }
+        }
+        for (sums, acc) in sums.iter_mut().zip(acc) {
+            // SAFETY: `sums` holds sixteen f32.
+            unsafe { _mm512_storeu_ps(sums.as_mut_ptr(), acc) };
+        }
+    }
+
+    /// Asks for the lines and scales [`AHEAD`] bytes of lines past this
+    /// block's. The matrix is read front to back, but one core's hardware
+    /// prefetchers stop at each 4 KiB page and keep too few lines in
+    /// flight: without this the kernel waited on its loads.
+    #[inline(always)]
+    fn prefetch(lines: &[Line], scales: &[f16]) {
+        for line in 0..LINES {
+            prefetch_at(lines, AHEAD + 64 * line);
+        }
+        prefetch_at(scales, AHEAD / 16);
+    }
+
+    /// A block's eight lines in registers. Written out, because a loop
+    /// that fills an array was turned into a call to `memcpy` onto the
+    /// stack, which took a third of a step.
+    #[inline(always)]
+    fn lines_of(lines: &[Line]) -> [__m512i; LINES] {
+        assert!(lines.len() >= LINES);
+        let p = lines.as_ptr() as *const __m512i;
+        // SAFETY: eight lines, each 64 bytes aligned to 64.
+        unsafe {
+            [
+                _mm512_load_si512(p),
+                _mm512_load_si512(p.add(1)),
+                _mm512_load_si512(p.add(2)),
+                _mm512_load_si512(p.add(3)),
+                _mm512_load_si512(p.add(4)),
+                _mm512_load_si512(p.add(5)),
+                _mm512_load_si512(p.add(6)),
+                _mm512_load_si512(p.add(7)),
+            ]
+        }
+    }
+
+    /// Bytes `4s..4s + 4` of an activation block, as one 32-bit lane.
+    #[inline(always)]
+    fn four(x: &[i8; BLOCK], s: usize) -> i32 {
+        let b = &x[4 * s..4 * s + 4];
+        i32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])
+    }
+
+    /// Generates the 256-bit kernels, which take each group as two halves
+    /// of eight rows and up to four activation rows at a time: `$dot`
+    /// adds to `$acc` the four-byte dot products of absolute weights `$a`
+    /// and sign-adjusted activations `$b`, lane by lane.
+    macro_rules! kernel {
+        ($name:ident, $tile:ident, $features:literal, |$acc:ident, $a:ident, $b:ident| $dot:expr) => {
+            #[target_feature(enable = $features)]
+            pub fn $name<S: Sums>(packed: &Packed, first: usize, acts: &Q8Rows, out: &mut S) {
+                let rows = acts.rows();
+                for (g, f, wanted) in groups(first, out.features()) {
+                    for half in 0..2 {
+                        let Some(wanted) = wanted.checked_sub(8 * half).filter(|w| *w > 0) else {
+                            continue;
+                        };
+                        for first_row in (0..rows).step_by(4) {
+                            let mut sums = [[0f32; 8]; 4];
+                            let (p, s) = (packed, &mut sums);
+                            match rows - first_row {
+                                1 => $tile::<1>(p, g, half, acts, first_row, s),
+                                2 => $tile::<2>(p, g, half, acts, first_row, s),
+                                3 => $tile::<3>(p, g, half, acts, first_row, s),
+                                _ => $tile::<4>(p, g, half, acts, first_row, s),
+                            }
+                            let count = 4.min(rows - first_row);
+                            put(out, &sums, f + 8 * half, wanted.min(8), first_row, count);
+                        }
+                    }
+                }
+            }
+
+            #[target_feature(enable = $features)]
+            fn $tile<const N: usize>(
+                p: &Packed,
+                g: usize,
+                half: usize,
+                acts: &Q8Rows,
+                first_row: usize,
+                sums: &mut [[f32; 8]; 4],
+            ) {
+                assert!(N <= 4 && first_row + N <= acts.rows() && half < 2);
+                let mut acc = [_mm256_setzero_ps(); N];
+                for b in 0..p.inputs / BLOCK {
+                    let (lines, scales) = p.block(g, b);
+                    if half == 0 {
+                        prefetch(lines, scales);
+                    }
+                    let (mut w, mut abs_w) = (
+                        [_mm256_setzero_si256(); LINES],
+                        [_mm256_setzero_si256(); LINES],
+                    );
+                    for s in 0..LINES {
+                        // SAFETY: the half line is 32 bytes inside a line.
+                        let biased = unsafe {
+                            _mm256_load_si256(lines[s].0.as_ptr().add(32 * half) as *const __m256i)
+                        };
+                        w[s] = _mm256_xor_si256(biased, _mm256_set1_epi8(-128));
+                        abs_w[s] = _mm256_sign_epi8(w[s], w[s]);
+                    }
+                    // SAFETY: eight f16 are 16 bytes inside the group's sixteen.
+                    let w_scales = _mm256_cvtph_ps(unsafe {
+                        _mm_loadu_si128(scales.as_ptr().add(8 * half) as *const __m128i)
+                    });
+                    for (i, acc) in acc.iter_mut().enumerate() {
+                        let (x, x_scale) = acts.block(first_row + i, b);
+                        let mut dot = _mm256_setzero_si256();
+                        for s in 0..LINES {
+                            let four = _mm256_set1_epi32(four(x, s));
+                            let ($acc, $a, $b) = (dot, abs_w[s], _mm256_sign_epi8(four, w[s]));
+                            dot = $dot;
+                        }
+                        let scale = _mm256_mul_ps(w_scales, _mm256_set1_ps(x_scale));
+                        *acc = _mm256_fmadd_ps(scale, _mm256_cvtepi32_ps(dot), *acc);
+                    }
+                }
+                for (sums, acc) in sums.iter_mut().zip(acc) {
+                    // SAFETY: `sums` holds eight f32.
+                    unsafe { _mm256_storeu_ps(sums.as_mut_ptr(), acc) };
+                }
+            }
+        };
+    }
+
+    kernel!(avx2, tile_avx2, "avx2,fma,f16c", |acc, a, b| {
+        _mm256_add_epi32(
+            acc,
+            _mm256_madd_epi16(_mm256_maddubs_epi16(a, b), _mm256_set1_epi16(1)),
+        )
+    });
+    kernel!(
+        avxvnni,
+        tile_avxvnni,
+        "avx2,fma,f16c,avxvnni",
+        |acc, a, b| _mm256_dpbusd_avx_epi32(acc, a, b)
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::features::{x86, X86};
+    use super::super::q8_0::{portable_features, FeatureMajor, Format};
+    use super::*;
+
+    /// Nineteen weight rows (a whole group and three rows of another) and
+    /// 21 activation rows (a 16-row tile and 5, or five 4-row tiles and
+    /// one) give the file layout's portable sums bit for bit, on every
+    /// path the CPU has, and from a task that starts at the second group.
+    #[test]
+    fn packed_products_are_the_files_bit_for_bit() {
+        const FEATURES: usize = 19;
+        const ROWS: usize = 21;
+        for inputs in [64, 288, 576] {
+            let blocks = FEATURES * inputs / BLOCK;
+            let mut bytes = Vec::new();
+            for b in 0..blocks {
+                bytes.extend(f16::from_f32(0.01 * (b % 23 + 1) as f32).to_le_bytes());
+                bytes.extend((0..BLOCK).map(|i| ((i * 29 + b * 7) % 256) as u8));
+            }
+            let x: Vec<f32> = (0..ROWS * inputs)
+                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+                .collect();
+            let acts = Q8Rows::quantize(&x, inputs);
+            let mut want = vec![0f32; FEATURES * ROWS];
+            let mut sums = FeatureMajor {
+                out: &mut want,
+                rows: ROWS,
+            };
+            portable_features(Format::Q8_0, &bytes, 0, &acts, &mut sums);
+            let packed = Packed::new(&bytes, FEATURES, inputs);
+            let check = |name: &str, kernel: &dyn Fn(usize, &mut FeatureMajor)| {
+                let mut got = vec![0f32; FEATURES * ROWS];
+                kernel(
+                    0,
+                    &mut FeatureMajor {
+                        out: &mut got,
+                        rows: ROWS,
+                    },
+                );
+                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "{name}, {inputs} inputs");
+                let mut tail = vec![0f32; (FEATURES - GROUP) * ROWS];
+                kernel(
+                    GROUP,
+                    &mut FeatureMajor {
+                        out: &mut tail,
+                        rows: ROWS,
+                    },
+                );
+                assert_eq!(bits(&tail), bits(&want[GROUP * ROWS..]), "{name} from 16");
+            };
+            check("portable", &|first, out| {
+                portable(&packed, first, &acts, out)
+            });
+            check("best", &|first, out| dot_into(&packed, first, &acts, out));
+            #[cfg(target_arch = "x86_64")]
+            if x86() != X86::None {
+                // SAFETY: the CPU has AVX2, FMA and F16C.
+                check("avx2", &|first, out| unsafe {
+                    x86_64::avx2(&packed, first, &acts, out)
+                });
+                if std::is_x86_feature_detected!("avxvnni") {
+                    // SAFETY: the CPU has AVX-VNNI too.
+                    check("avx-vnni", &|first, out| unsafe {
+                        x86_64::avxvnni(&packed, first, &acts, out)
+                    });
+                }
+            }
+        }
+    }
+}
