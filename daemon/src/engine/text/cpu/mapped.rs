@@ -1,7 +1,7 @@
 //! Weight matrices read straight from a model file mapped into memory.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, OnceLock, Weak};
 
 use candle_core::quantized::GgmlDType;
 use memmap2::{Mmap, MmapOptions};
@@ -101,9 +101,9 @@ pub struct Mapped {
     dtype: GgmlDType,
     features: usize,
     inputs: usize,
-    /// The Q8_0 matrix repacked for the kernels, which products then
-    /// read instead of the file.
-    packed: Option<Arc<Packed>>,
+    /// The Q8_0 matrix repacked for the kernels, which products read
+    /// instead of the file once it is filled.
+    packed: Option<Arc<OnceLock<Packed>>>,
 }
 
 impl std::fmt::Debug for Mapped {
@@ -130,25 +130,49 @@ impl Mapped {
     }
 
     /// For products: Q8_0 weights are repacked into the layout their
-    /// kernels want (a copy of the same size, in anonymous memory), and
-    /// the file's pages are released from this process, so the matrix is
-    /// resident once. Row lookups still read the file, and fault in only
-    /// the rows they read. Other types, or a CPU without the vector
-    /// kernels, keep the file's layout.
+    /// kernels want, on a thread of their own after the load, so that
+    /// the first token need not wait for it; products read the file until
+    /// the copy is ready, with the same results bit for bit. The copy is
+    /// anonymous memory of the same size, and the file's pages are then
+    /// released from this process, so the matrix is resident once. Row
+    /// lookups still read the file, and fault in only the rows they read.
+    /// Other types, or a CPU without the vector kernels, keep the file's
+    /// layout.
     pub fn for_products(mut self) -> Self {
         if self.dtype != GgmlDType::Q8_0 || !packed::worth_it() {
             return self;
         }
-        let packed = Packed::new(self.bytes(), self.features, self.inputs);
-        self.packed = Some(Arc::new(packed));
-        if let Err(e) = self.file.release(self.offset, self.len) {
-            tracing::debug!("could not release repacked weights' file pages: {e}");
-        }
+        let slot = Arc::new(OnceLock::new());
+        repack_later(Repack {
+            map: Arc::downgrade(&self.file.map),
+            offset: self.offset,
+            features: self.features,
+            inputs: self.inputs,
+            slot: Arc::downgrade(&slot),
+        });
+        self.packed = Some(slot);
         self
     }
 
+    /// Repacks the matrix now if the background thread has not yet.
+    pub fn repack_now(&self) {
+        if let Some(slot) = &self.packed {
+            self.fill(slot);
+        }
+    }
+
+    fn fill(&self, slot: &OnceLock<Packed>) {
+        slot.get_or_init(|| {
+            let packed = Packed::new(self.bytes(), self.features, self.inputs);
+            if let Err(e) = self.file.release(self.offset, self.len) {
+                tracing::debug!("could not release repacked weights' file pages: {e}");
+            }
+            packed
+        });
+    }
+
     pub fn source(&self) -> Source<'_> {
-        if let Some(packed) = &self.packed {
+        if let Some(packed) = self.packed.as_ref().and_then(|slot| slot.get()) {
             return Source::Packed(packed);
         }
         self.file_source()
@@ -215,6 +239,55 @@ impl Mapped {
             }
             Source::Packed(_) => unreachable!("the file's layout is never packed"),
         }
+    }
+}
+
+/// A matrix waiting to be repacked; it does not keep its model loaded.
+struct Repack {
+    map: Weak<Mmap>,
+    offset: usize,
+    features: usize,
+    inputs: usize,
+    slot: Weak<OnceLock<Packed>>,
+}
+
+impl Repack {
+    fn run(self) {
+        let (Some(map), Some(slot)) = (self.map.upgrade(), self.slot.upgrade()) else {
+            return; // The model was unloaded first.
+        };
+        let file = MappedFile { map };
+        let dtype = GgmlDType::Q8_0;
+        match file.matrix(self.offset, dtype, self.features, self.inputs) {
+            Ok(matrix) => matrix.fill(&slot),
+            Err(e) => tracing::warn!("not repacking Q8_0 weights: {e}"),
+        }
+    }
+}
+
+/// Queues `job` for the one thread that repacks matrices, one after
+/// another, so that a load's repacking takes one core and not the ones
+/// the first tokens run on.
+fn repack_later(job: Repack) {
+    static QUEUE: OnceLock<Option<mpsc::Sender<Repack>>> = OnceLock::new();
+    let queue = QUEUE.get_or_init(|| {
+        let (sender, jobs) = mpsc::channel::<Repack>();
+        let spawned = std::thread::Builder::new()
+            .name("modeld-repack".into())
+            .spawn(move || jobs.into_iter().for_each(Repack::run));
+        match spawned {
+            Ok(_) => Some(sender),
+            Err(e) => {
+                tracing::warn!(
+                    "no thread to repack Q8_0 weights, which keep the file's layout: {e}"
+                );
+                None
+            }
+        }
+    });
+    if let Some(queue) = queue {
+        // The thread only ends with the process.
+        let _ = queue.send(job);
     }
 }
 

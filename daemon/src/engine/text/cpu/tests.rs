@@ -360,7 +360,19 @@ fn a_repacked_q8_0_matrix_sums_as_the_file_does() {
     std::fs::write(&path, &bytes).unwrap();
     let file = MappedFile::open(&path).unwrap();
     let matrix = file.matrix(64, GgmlDType::Q8_0, features, inputs).unwrap();
+    // The thread that repacks after a load gets there on its own.
+    let later = matrix.clone().for_products();
+    let waited = std::time::Instant::now();
+    while packed::worth_it() && !matches!(later.source(), Source::Packed(_)) {
+        assert!(waited.elapsed().as_secs() < 60, "never repacked");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     let repacked = matrix.clone().for_products();
+    repacked.repack_now();
+    assert_eq!(
+        matches!(repacked.source(), Source::Packed(_)),
+        packed::worth_it()
+    );
     let file_part = Part {
         source: Source::Quant(GgmlDType::Q8_0, blocks),
         features,
