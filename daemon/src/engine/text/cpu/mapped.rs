@@ -129,23 +129,24 @@ impl Mapped {
         &self.file.map[self.offset..self.offset + self.len]
     }
 
-    /// For products: Q8_0 weights are repacked into the layout their
+    /// For products: Q8_0 and Q5_0 weights are repacked into the layout their
     /// kernels want, on a thread of their own after the load, so that
     /// the first token need not wait for it; products read the file until
     /// the copy is ready, with the same results bit for bit. The copy is
     /// anonymous memory of the same size, and the file's pages are then
     /// released from this process, so the matrix is resident once. Row
     /// lookups still read the file, and fault in only the rows they read.
-    /// Other types, or a CPU without the vector kernels, keep the file's
-    /// layout.
+    /// Other types, or a CPU without the kernels that read the layout
+    /// ([`packed::worth_it`]), keep the file's layout.
     pub fn for_products(mut self) -> Self {
-        if self.dtype != GgmlDType::Q8_0 || !packed::worth_it() {
+        if !quant::q8_format(self.dtype).is_some_and(packed::worth_it) {
             return self;
         }
         let slot = Arc::new(OnceLock::new());
         repack_later(Repack {
             map: Arc::downgrade(&self.file.map),
             offset: self.offset,
+            dtype: self.dtype,
             features: self.features,
             inputs: self.inputs,
             slot: Arc::downgrade(&slot),
@@ -163,7 +164,8 @@ impl Mapped {
 
     fn fill(&self, slot: &OnceLock<Packed>) {
         slot.get_or_init(|| {
-            let packed = Packed::new(self.bytes(), self.features, self.inputs);
+            let format = quant::q8_format(self.dtype).expect("a Q8_0-family matrix");
+            let packed = Packed::new(format, self.bytes(), self.features, self.inputs);
             if let Err(e) = self.file.release(self.offset, self.len) {
                 tracing::debug!("could not release repacked weights' file pages: {e}");
             }
@@ -246,6 +248,7 @@ impl Mapped {
 struct Repack {
     map: Weak<Mmap>,
     offset: usize,
+    dtype: GgmlDType,
     features: usize,
     inputs: usize,
     slot: Weak<OnceLock<Packed>>,
@@ -257,10 +260,9 @@ impl Repack {
             return; // The model was unloaded first.
         };
         let file = MappedFile { map };
-        let dtype = GgmlDType::Q8_0;
-        match file.matrix(self.offset, dtype, self.features, self.inputs) {
+        match file.matrix(self.offset, self.dtype, self.features, self.inputs) {
             Ok(matrix) => matrix.fill(&slot),
-            Err(e) => tracing::warn!("not repacking Q8_0 weights: {e}"),
+            Err(e) => tracing::warn!("not repacking {:?} weights: {e}", self.dtype),
         }
     }
 }
@@ -278,9 +280,7 @@ fn repack_later(job: Repack) {
         match spawned {
             Ok(_) => Some(sender),
             Err(e) => {
-                tracing::warn!(
-                    "no thread to repack Q8_0 weights, which keep the file's layout: {e}"
-                );
+                tracing::warn!("no thread to repack weights, which keep the file's layout: {e}");
                 None
             }
         }

@@ -1,5 +1,6 @@
-//! Q8_0 weights repacked once at load into the layout [`super::q8_0`]'s
-//! kernels build in registers for every block of every product.
+//! Q8_0 and Q5_0 weights repacked once at load into the layout
+//! [`super::q8_0`]'s kernels build in registers for every block of every
+//! product.
 //!
 //! Those kernels take sixteen weight rows at a time and transpose each
 //! 32-value block so that each 32-bit lane holds one row; at eight
@@ -10,22 +11,31 @@
 //! `j` at byte `4j`) plus 128, and the sixteen scales side by side. A
 //! product then reads the weights front to back, one aligned load per line.
 //!
+//! Q5_0 (most of a Q4_K_M file whose rows are not whole 256-value
+//! super-blocks) keeps its five bits: per block, four lines of the rows'
+//! nibble bytes the same way, then one line of eight 64-bit masks, mask
+//! `s` holding the high bits of values `4s..4s + 4` of each row. With
+//! AVX-512 a masked byte add puts them in place, where the file's layout
+//! took a dozen instructions a row to spread them; only that kernel
+//! reads packed Q5_0, so other CPUs keep the file's layout for it.
+//!
 //! The same integer block sums are scaled and added in the same order as
 //! in [`super::q8_0`], so the results are those of the file's layout, bit
 //! for bit, alone or in a batch.
 
 use half::f16;
 
-use super::q8_0::{Q8Rows, Sums, BLOCK};
+use super::q8_0::{Format, Q8Rows, Sums, BLOCK};
 
 /// Weight rows per group: one per 32-bit lane of a 512-bit register.
 pub const GROUP: usize = 16;
 
-/// Bytes of a Q8_0 block in the file: an f16 scale and 32 int8 values.
-const FILE_BLOCK: usize = 34;
-
-/// Lines of one block of a group: 16 rows of 32 bytes.
+/// Lines of one Q8_0 block of a group: 16 rows of 32 bytes.
 const LINES: usize = GROUP * BLOCK / 64;
+
+/// Lines of one Q5_0 block of a group: 16 rows of 16 nibble bytes, then
+/// the masks of high bits.
+const Q5_LINES: usize = 5;
 
 /// How far ahead of a product's reads its lines are asked for.
 const AHEAD: usize = 4096;
@@ -35,9 +45,10 @@ const AHEAD: usize = 4096;
 #[repr(C, align(64))]
 struct Line([u8; 64]);
 
-/// A `features × inputs` Q8_0 matrix in groups of [`GROUP`] rows.
+/// A `features × inputs` Q8_0 or Q5_0 matrix in groups of [`GROUP`] rows.
 pub struct Packed {
-    /// Group by group, block by block, [`LINES`] lines of biased values.
+    format: Format,
+    /// Group by group, block by block, the block's lines.
     lines: Vec<Line>,
     /// Group by group, block by block, the group's sixteen scales.
     scales: Vec<f16>,
@@ -47,30 +58,44 @@ pub struct Packed {
 
 impl std::fmt::Debug for Packed {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "packed Q8_0 {}x{}", self.features, self.inputs)
+        let (format, features, inputs) = (self.format, self.features, self.inputs);
+        write!(f, "packed {format:?} {features}x{inputs}")
     }
 }
 
 impl Packed {
-    /// Repacks `bytes`, the matrix as the file stores it, row by row; the
-    /// rows that fill the last group are zeros.
-    pub fn new(bytes: &[u8], features: usize, inputs: usize) -> Self {
+    /// Repacks `bytes`, the `format` matrix as the file stores it, row by
+    /// row; the rows that fill the last group have zero scales.
+    pub fn new(format: Format, bytes: &[u8], features: usize, inputs: usize) -> Self {
         assert!(inputs.is_multiple_of(BLOCK), "rows of whole blocks");
         let blocks = inputs / BLOCK;
-        assert_eq!(bytes.len(), features * blocks * FILE_BLOCK);
+        let row_bytes = blocks * format.block_bytes();
+        assert_eq!(bytes.len(), features * row_bytes);
+        let per_block = lines_per_block(format);
         let groups = features.div_ceil(GROUP);
-        let mut lines = in_huge_pages(groups * blocks * LINES, Line([0x80; 64]));
+        let mut lines = in_huge_pages(groups * blocks * per_block, Line([0; 64]));
         let mut scales = in_huge_pages(groups * blocks * GROUP, f16::ZERO);
-        let row_bytes = blocks * FILE_BLOCK;
         let groups = lines
-            .chunks_exact_mut(blocks * LINES)
+            .chunks_exact_mut(blocks * per_block)
             .zip(scales.chunks_exact_mut(blocks * GROUP));
         for (g, (lines, scales)) in groups.enumerate() {
             let rows = GROUP.min(features - g * GROUP);
             let group = &bytes[g * GROUP * row_bytes..][..rows * row_bytes];
-            pack_group(group, rows, blocks, lines, scales);
+            for j in 0..rows {
+                let row = &group[j * row_bytes..][..row_bytes];
+                for (b, block) in row.chunks_exact(format.block_bytes()).enumerate() {
+                    scales[b * GROUP + j] = f16::from_le_bytes([block[0], block[1]]);
+                    let lines = &mut lines[b * per_block..][..per_block];
+                    match format {
+                        Format::Q8_0 => pack_q8_0(&block[2..], j, lines),
+                        Format::Q5_0 => pack_q5_0(&block[2..], j, lines),
+                        Format::Q4_0 => unreachable!("checked by lines_per_block"),
+                    }
+                }
+            }
         }
         Packed {
+            format,
             lines,
             scales,
             features,
@@ -89,17 +114,54 @@ impl Packed {
     /// The bytes the file's layout takes for the same matrix, the measure
     /// that splits products into tasks.
     pub fn row_bytes(&self) -> usize {
-        self.inputs / BLOCK * FILE_BLOCK
+        self.inputs / BLOCK * self.format.block_bytes()
     }
 
     /// Block `b` of group `g`: its lines and scales.
     #[inline(always)]
     fn block(&self, g: usize, b: usize) -> (&[Line], &[f16]) {
         let at = g * self.inputs / BLOCK + b;
+        let per_block = lines_per_block(self.format);
         (
-            &self.lines[at * LINES..][..LINES],
+            &self.lines[at * per_block..][..per_block],
             &self.scales[at * GROUP..][..GROUP],
         )
+    }
+
+    /// Value `i` of row `j` of a block's `lines`, as a signed integer.
+    fn value(&self, lines: &[Line], j: usize, i: usize) -> i32 {
+        match self.format {
+            Format::Q8_0 => (lines[i / 4].0[4 * j + i % 4] ^ 0x80) as i8 as i32,
+            Format::Q5_0 => {
+                let byte = lines[i % 16 / 4].0[4 * j + i % 4];
+                let low = if i < 16 { byte & 0xF } else { byte >> 4 };
+                let masks = &lines[4].0[8 * (i / 4)..][..8];
+                let mask = u64::from_le_bytes(masks.try_into().expect("eight bytes"));
+                let high = (mask >> (4 * j + i % 4)) & 1;
+                (low as i32 | (high as i32) << 4) - 16
+            }
+            Format::Q4_0 => unreachable!("Q4_0 is not repacked"),
+        }
+    }
+}
+
+/// Lines per block of a group in `format`'s layout.
+fn lines_per_block(format: Format) -> usize {
+    match format {
+        Format::Q8_0 => LINES,
+        Format::Q5_0 => Q5_LINES,
+        Format::Q4_0 => panic!("Q4_0 is not repacked"),
+    }
+}
+
+/// Whether this CPU's kernels read `format` repacked, which is then worth
+/// the copy: Q8_0 wherever the vector kernels run, Q5_0 with AVX-512.
+pub fn worth_it(format: Format) -> bool {
+    use super::features::{x86, X86};
+    match format {
+        Format::Q8_0 => x86() != X86::None,
+        Format::Q5_0 => x86() == X86::Avx512Vnni,
+        Format::Q4_0 => false,
     }
 }
 
@@ -130,23 +192,27 @@ fn in_huge_pages<T: Copy>(len: usize, fill: T) -> Vec<T> {
     values
 }
 
-/// The first `rows` rows of a group, from the file's layout, four bytes
-/// at a time and line by line, so that the writes run front to back.
-fn pack_group(group: &[u8], rows: usize, blocks: usize, lines: &mut [Line], scales: &mut [f16]) {
-    let row_bytes = blocks * FILE_BLOCK;
-    for b in 0..blocks {
-        let block = |j: usize| &group[j * row_bytes + b * FILE_BLOCK..][..FILE_BLOCK];
-        for (j, scale) in scales[b * GROUP..][..rows].iter_mut().enumerate() {
-            let block = block(j);
-            *scale = f16::from_le_bytes([block[0], block[1]]);
+/// Row `j`'s 32 values of a Q8_0 block into the block's lines, biased.
+fn pack_q8_0(values: &[u8], j: usize, lines: &mut [Line]) {
+    for (four, line) in values.chunks_exact(4).zip(lines) {
+        for (slot, value) in line.0[4 * j..][..4].iter_mut().zip(four) {
+            *slot = value ^ 0x80;
         }
-        for (s, line) in lines[b * LINES..][..LINES].iter_mut().enumerate() {
-            for (j, slot) in line.0.chunks_exact_mut(4).take(rows).enumerate() {
-                let four = &block(j)[2 + 4 * s..][..4];
-                let four = u32::from_le_bytes(four.try_into().expect("four bytes"));
-                slot.copy_from_slice(&(four ^ 0x8080_8080).to_le_bytes());
-            }
-        }
+    }
+}
+
+/// Row `j`'s Q5_0 block (high bits, then nibble bytes) into the block's
+/// lines: the nibble bytes four by four, and each four high bits into
+/// their mask.
+fn pack_q5_0(block: &[u8], j: usize, lines: &mut [Line]) {
+    let high = u32::from_le_bytes(block[..4].try_into().expect("four bytes"));
+    for (four, line) in block[4..20].chunks_exact(4).zip(&mut *lines) {
+        line.0[4 * j..][..4].copy_from_slice(four);
+    }
+    for (s, mask) in lines[4].0.chunks_exact_mut(8).enumerate() {
+        let bits = u64::from((high >> (4 * s)) & 0xF) << (4 * j);
+        let old = u64::from_le_bytes((&*mask).try_into().expect("eight bytes"));
+        mask.copy_from_slice(&(old | bits).to_le_bytes());
     }
 }
 
@@ -159,22 +225,17 @@ pub fn dot_into<S: Sums>(packed: &Packed, first: usize, acts: &Q8Rows, out: &mut
     #[cfg(target_arch = "x86_64")]
     {
         use super::features::{x86, X86};
-        let kernel = match x86() {
-            X86::Avx512Vnni => x86_64::avx512::<S>,
-            X86::AvxVnni => x86_64::avxvnni::<S>,
-            X86::Avx2 => x86_64::avx2::<S>,
-            X86::None => return portable(packed, first, acts, out),
+        let kernel = match (x86(), packed.format) {
+            (X86::Avx512Vnni, _) => x86_64::avx512::<S>,
+            (X86::AvxVnni, Format::Q8_0) => x86_64::avxvnni::<S>,
+            (X86::Avx2, Format::Q8_0) => x86_64::avx2::<S>,
+            _ => return portable(packed, first, acts, out),
         };
         // SAFETY: the CPU has the features of the kernel picked for it.
         unsafe { kernel(packed, first, acts, out) }
     }
     #[cfg(not(target_arch = "x86_64"))]
     portable(packed, first, acts, out);
-}
-
-/// Whether repacking pays on this CPU: where the vector kernels run.
-pub fn worth_it() -> bool {
-    super::features::x86() != super::features::X86::None
 }
 
 /// The groups a task covers, each with how many of its rows the task
@@ -196,10 +257,7 @@ fn portable<S: Sums>(packed: &Packed, first: usize, acts: &Q8Rows, out: &mut S) 
                     let (lines, scales) = packed.block(g, b);
                     let (x, x_scale) = acts.block(r, b);
                     let dot: i32 = (0..BLOCK)
-                        .map(|i| {
-                            let w = (lines[i / 4].0[4 * j + i % 4] ^ 0x80) as i8;
-                            w as i32 * x[i] as i32
-                        })
+                        .map(|i| packed.value(lines, j, i) * x[i] as i32)
                         .sum();
                     let scale = scales[j].to_f32_const() * x_scale;
                     sum = scale.mul_add(dot as f32, sum);
@@ -212,7 +270,7 @@ fn portable<S: Sums>(packed: &Packed, first: usize, acts: &Q8Rows, out: &mut S) 
 
 #[cfg(target_arch = "x86_64")]
 mod x86_64 {
-    use super::{groups, Line, Packed, Q8Rows, Sums, AHEAD, BLOCK, LINES};
+    use super::{groups, Format, Line, Packed, Q8Rows, Sums, AHEAD, BLOCK, LINES, Q5_LINES};
     use crate::engine::text::cpu::prefetch_at;
     use half::f16;
     use std::arch::x86_64::*;
@@ -236,17 +294,32 @@ mod x86_64 {
     }
 
     /// The AVX-512 VNNI kernel: a group's sixteen rows in one register,
-    /// up to sixteen activation rows at a time. The biased (unsigned)
-    /// weights times the signed activations, from each block's
-    /// offset in [`Q8Rows`], give the signed products exactly.
+    /// up to sixteen activation rows at a time. The weights as unsigned
+    /// bytes (Q8_0's plus 128, Q5_0's plus 16) times the signed
+    /// activations, from each block's offset in [`Q8Rows`] (-128 times the
+    /// activations' sum, or an eighth of it), give the signed products
+    /// exactly.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
     pub fn avx512<S: Sums>(packed: &Packed, first: usize, acts: &Q8Rows, out: &mut S) {
+        match packed.format {
+            Format::Q5_0 => body_avx512::<S, true>(packed, first, acts, out),
+            _ => body_avx512::<S, false>(packed, first, acts, out),
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
+    fn body_avx512<S: Sums, const Q5: bool>(
+        packed: &Packed,
+        first: usize,
+        acts: &Q8Rows,
+        out: &mut S,
+    ) {
         let rows = acts.rows();
         for (g, f, wanted) in groups(first, out.features()) {
             for first_row in (0..rows).step_by(16) {
                 let count = 16.min(rows - first_row);
                 let mut sums = [[0f32; 16]; 16];
-                tile_rows(packed, g, acts, first_row, count, &mut sums);
+                tile_rows::<Q5>(packed, g, acts, first_row, count, &mut sums);
                 put(out, &sums, f, wanted, first_row, count);
             }
         }
@@ -255,7 +328,7 @@ mod x86_64 {
     /// `count` (1 to 16) activation rows from `first_row` with group `g`,
     /// as many at once as fit the registers.
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
-    fn tile_rows(
+    fn tile_rows<const Q5: bool>(
         p: &Packed,
         g: usize,
         acts: &Q8Rows,
@@ -264,24 +337,24 @@ mod x86_64 {
         sums: &mut [[f32; 16]],
     ) {
         match count {
-            1 => tile_avx512::<1>(p, g, acts, first_row, sums),
-            2 => tile_avx512::<2>(p, g, acts, first_row, sums),
-            3 => tile_avx512::<3>(p, g, acts, first_row, sums),
-            4 => tile_avx512::<4>(p, g, acts, first_row, sums),
-            5 => tile_avx512::<5>(p, g, acts, first_row, sums),
-            6 => tile_avx512::<6>(p, g, acts, first_row, sums),
-            7 => tile_avx512::<7>(p, g, acts, first_row, sums),
-            8 => tile_avx512::<8>(p, g, acts, first_row, sums),
+            1 => tile_avx512::<1, Q5>(p, g, acts, first_row, sums),
+            2 => tile_avx512::<2, Q5>(p, g, acts, first_row, sums),
+            3 => tile_avx512::<3, Q5>(p, g, acts, first_row, sums),
+            4 => tile_avx512::<4, Q5>(p, g, acts, first_row, sums),
+            5 => tile_avx512::<5, Q5>(p, g, acts, first_row, sums),
+            6 => tile_avx512::<6, Q5>(p, g, acts, first_row, sums),
+            7 => tile_avx512::<7, Q5>(p, g, acts, first_row, sums),
+            8 => tile_avx512::<8, Q5>(p, g, acts, first_row, sums),
             9..=15 => {
-                tile_avx512::<8>(p, g, acts, first_row, sums);
-                tile_rows(p, g, acts, first_row + 8, count - 8, &mut sums[8..]);
+                tile_avx512::<8, Q5>(p, g, acts, first_row, sums);
+                tile_rows::<Q5>(p, g, acts, first_row + 8, count - 8, &mut sums[8..]);
             }
-            _ => tile_avx512::<16>(p, g, acts, first_row, sums),
+            _ => tile_avx512::<16, Q5>(p, g, acts, first_row, sums),
         }
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx512vnni,avx2,fma,f16c")]
-    fn tile_avx512<const N: usize>(
+    fn tile_avx512<const N: usize, const Q5: bool>(
         p: &Packed,
         g: usize,
         acts: &Q8Rows,
@@ -293,13 +366,18 @@ mod x86_64 {
         for b in 0..p.inputs / BLOCK {
             let (lines, scales) = p.block(g, b);
             prefetch(lines, scales);
-            let w = lines_of(lines);
+            // SAFETY: this kernel is compiled for AVX-512.
+            let w = if Q5 {
+                unsafe { q5_values(lines) }
+            } else {
+                lines_of(lines)
+            };
             // SAFETY: sixteen f16 are 32 bytes.
             let w_scales =
                 _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(scales.as_ptr() as *const __m256i) });
             for (i, acc) in acc.iter_mut().enumerate() {
                 let (x, x_scale, offset) = acts.block_with_offset(first_row + i, b);
-                let mut dot = _mm512_set1_epi32(offset);
+                let mut dot = _mm512_set1_epi32(if Q5 { offset >> 3 } else { offset });
                 for (s, w) in w.iter().enumerate() {
                     dot = _mm512_dpbusd_epi32(dot, *w, _mm512_set1_epi32(four(x, s)));
                 }
@@ -319,10 +397,57 @@ mod x86_64 {
     /// flight: without this the kernel waited on its loads.
     #[inline(always)]
     fn prefetch(lines: &[Line], scales: &[f16]) {
-        for line in 0..LINES {
+        for line in 0..lines.len() {
             prefetch_at(lines, AHEAD + 64 * line);
         }
-        prefetch_at(scales, AHEAD / 16);
+        // A block's 32 bytes of scales go with its lines.
+        prefetch_at(scales, AHEAD * 32 / (64 * lines.len()));
+    }
+
+    /// A Q5_0 block's values plus 16 as bytes, in Q8_0's lines' order:
+    /// the nibble lines' low then high nibbles, each with its mask's high
+    /// bits added as 16.
+    ///
+    /// # Safety
+    /// The CPU must have avx512f and avx512bw: this is inlined into
+    /// kernels compiled for them.
+    #[inline(always)]
+    unsafe fn q5_values(lines: &[Line]) -> [__m512i; LINES] {
+        assert!(lines.len() >= Q5_LINES);
+        let p = lines.as_ptr() as *const __m512i;
+        let masks = |s: usize| {
+            let bytes = &lines[4].0[8 * s..][..8];
+            u64::from_le_bytes(bytes.try_into().expect("eight bytes"))
+        };
+        // SAFETY: the caller vouches for the CPU's features; four lines,
+        // each 64 bytes aligned to 64.
+        unsafe {
+            let (low, sixteen) = (_mm512_set1_epi8(0x0F), _mm512_set1_epi8(16));
+            let n = [
+                _mm512_load_si512(p),
+                _mm512_load_si512(p.add(1)),
+                _mm512_load_si512(p.add(2)),
+                _mm512_load_si512(p.add(3)),
+            ];
+            let nibble = |s: usize| match s {
+                0..4 => _mm512_and_si512(n[s], low),
+                _ => _mm512_and_si512(_mm512_srli_epi16::<4>(n[s - 4]), low),
+            };
+            let value = |s: usize| {
+                let v = nibble(s);
+                _mm512_mask_add_epi8(v, masks(s), v, sixteen)
+            };
+            [
+                value(0),
+                value(1),
+                value(2),
+                value(3),
+                value(4),
+                value(5),
+                value(6),
+                value(7),
+            ]
+        }
     }
 
     /// A block's eight lines in registers. Written out, because a loop
@@ -458,67 +583,81 @@ mod tests {
 
     /// Nineteen weight rows (a whole group and three rows of another) and
     /// 21 activation rows (a 16-row tile and 5, or five 4-row tiles and
-    /// one) give the file layout's portable sums bit for bit, on every
-    /// path the CPU has, and from a task that starts at the second group.
+    /// one) give the file layout's portable sums bit for bit, in both
+    /// formats, on every path the CPU has, and from a task that starts at
+    /// the second group.
     #[test]
     fn packed_products_are_the_files_bit_for_bit() {
-        const FEATURES: usize = 19;
-        const ROWS: usize = 21;
-        for inputs in [64, 288, 576] {
-            let blocks = FEATURES * inputs / BLOCK;
-            let mut bytes = Vec::new();
-            for b in 0..blocks {
-                bytes.extend(f16::from_f32(0.01 * (b % 23 + 1) as f32).to_le_bytes());
-                bytes.extend((0..BLOCK).map(|i| ((i * 29 + b * 7) % 256) as u8));
+        for format in [Format::Q8_0, Format::Q5_0] {
+            for inputs in [64, 288, 576] {
+                check_format(format, inputs);
             }
-            let x: Vec<f32> = (0..ROWS * inputs)
-                .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
-                .collect();
-            let acts = Q8Rows::quantize(&x, inputs);
-            let mut want = vec![0f32; FEATURES * ROWS];
-            let mut sums = FeatureMajor {
-                out: &mut want,
-                rows: ROWS,
-            };
-            portable_features(Format::Q8_0, &bytes, 0, &acts, &mut sums);
-            let packed = Packed::new(&bytes, FEATURES, inputs);
-            let check = |name: &str, kernel: &dyn Fn(usize, &mut FeatureMajor)| {
-                let mut got = vec![0f32; FEATURES * ROWS];
-                kernel(
-                    0,
-                    &mut FeatureMajor {
-                        out: &mut got,
-                        rows: ROWS,
-                    },
-                );
-                let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-                assert_eq!(bits(&got), bits(&want), "{name}, {inputs} inputs");
-                let mut tail = vec![0f32; (FEATURES - GROUP) * ROWS];
-                kernel(
-                    GROUP,
-                    &mut FeatureMajor {
-                        out: &mut tail,
-                        rows: ROWS,
-                    },
-                );
-                assert_eq!(bits(&tail), bits(&want[GROUP * ROWS..]), "{name} from 16");
-            };
-            check("portable", &|first, out| {
-                portable(&packed, first, &acts, out)
+        }
+    }
+
+    const FEATURES: usize = 19;
+    const ROWS: usize = 21;
+
+    fn check_format(format: Format, inputs: usize) {
+        let blocks = FEATURES * inputs / BLOCK;
+        let mut bytes = Vec::new();
+        for b in 0..blocks {
+            bytes.extend(f16::from_f32(0.01 * (b % 23 + 1) as f32).to_le_bytes());
+            let size = format.block_bytes() - 2;
+            bytes.extend((0..size).map(|i| ((i * 29 + b * 7) % 256) as u8));
+        }
+        let x: Vec<f32> = (0..ROWS * inputs)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let acts = Q8Rows::quantize(&x, inputs);
+        let mut want = vec![0f32; FEATURES * ROWS];
+        let mut sums = FeatureMajor {
+            out: &mut want,
+            rows: ROWS,
+        };
+        portable_features(format, &bytes, 0, &acts, &mut sums);
+        let packed = Packed::new(format, &bytes, FEATURES, inputs);
+        let check = |name: &str, kernel: &dyn Fn(usize, &mut FeatureMajor)| {
+            let mut got = vec![0f32; FEATURES * ROWS];
+            kernel(
+                0,
+                &mut FeatureMajor {
+                    out: &mut got,
+                    rows: ROWS,
+                },
+            );
+            let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(
+                bits(&got),
+                bits(&want),
+                "{format:?} {name}, {inputs} inputs"
+            );
+            let mut tail = vec![0f32; (FEATURES - GROUP) * ROWS];
+            kernel(
+                GROUP,
+                &mut FeatureMajor {
+                    out: &mut tail,
+                    rows: ROWS,
+                },
+            );
+            let from = &want[GROUP * ROWS..];
+            assert_eq!(bits(&tail), bits(from), "{format:?} {name} from 16");
+        };
+        check("portable", &|first, out| {
+            portable(&packed, first, &acts, out)
+        });
+        check("best", &|first, out| dot_into(&packed, first, &acts, out));
+        #[cfg(target_arch = "x86_64")]
+        if x86() != X86::None && format == Format::Q8_0 {
+            // SAFETY: the CPU has AVX2, FMA and F16C.
+            check("avx2", &|first, out| unsafe {
+                x86_64::avx2(&packed, first, &acts, out)
             });
-            check("best", &|first, out| dot_into(&packed, first, &acts, out));
-            #[cfg(target_arch = "x86_64")]
-            if x86() != X86::None {
-                // SAFETY: the CPU has AVX2, FMA and F16C.
-                check("avx2", &|first, out| unsafe {
-                    x86_64::avx2(&packed, first, &acts, out)
+            if std::is_x86_feature_detected!("avxvnni") {
+                // SAFETY: the CPU has AVX-VNNI too.
+                check("avx-vnni", &|first, out| unsafe {
+                    x86_64::avxvnni(&packed, first, &acts, out)
                 });
-                if std::is_x86_feature_detected!("avxvnni") {
-                    // SAFETY: the CPU has AVX-VNNI too.
-                    check("avx-vnni", &|first, out| unsafe {
-                        x86_64::avxvnni(&packed, first, &acts, out)
-                    });
-                }
             }
         }
     }
@@ -529,11 +668,11 @@ mod tests {
     #[ignore = "a timing probe, not a check"]
     fn repack_rate() {
         let (features, inputs) = (8192, 2048);
-        let bytes: Vec<u8> = (0..features * inputs / BLOCK * FILE_BLOCK)
+        let bytes: Vec<u8> = (0..features * inputs / BLOCK * Format::Q8_0.block_bytes())
             .map(|i| (i * 31 % 251) as u8)
             .collect();
         let t = std::time::Instant::now();
-        let packed = Packed::new(&bytes, features, inputs);
+        let packed = Packed::new(Format::Q8_0, &bytes, features, inputs);
         let s = t.elapsed().as_secs_f64();
         println!(
             "repacked {} MB in {:.1} ms: {:.2} GB/s",

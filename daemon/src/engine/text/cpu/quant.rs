@@ -84,15 +84,20 @@ fn quantize_rows<B: GgmlType>(x: &[f32], inputs: usize) -> Vec<B> {
     blocks
 }
 
+/// The block format of a Q8_0-family type; `None` for the other types.
+pub fn q8_format(dtype: GgmlDType) -> Option<Format> {
+    match dtype {
+        GgmlDType::Q8_0 => Some(Format::Q8_0),
+        GgmlDType::Q5_0 => Some(Format::Q5_0),
+        GgmlDType::Q4_0 => Some(Format::Q4_0),
+        _ => None,
+    }
+}
+
 /// The Q8_0 family's block format and activation rows, whose kernels
 /// hand each sum to a [`q8_0::Sums`]; `None` for the other types.
 pub fn q8_family(dtype: GgmlDType, acts: &Activations) -> Option<(Format, &Q8Rows)> {
-    let format = match dtype {
-        GgmlDType::Q8_0 => Format::Q8_0,
-        GgmlDType::Q5_0 => Format::Q5_0,
-        GgmlDType::Q4_0 => Format::Q4_0,
-        _ => return None,
-    };
+    let format = q8_format(dtype)?;
     match acts {
         Activations::Rows8(rows) => Some((format, rows)),
         _ => None,

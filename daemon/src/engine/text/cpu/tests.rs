@@ -343,15 +343,21 @@ fn quantizing_on_the_pool_is_quantizing_block_by_block() {
     assert_eq!(out, [0i8; 32]);
 }
 
-/// A mapped Q8_0 matrix, repacked for products, gives the file layout's
-/// sums bit for bit for a step, for every row alone, and for a prompt in
-/// chunks; its row lookups still read the file. 300 weight rows are 16-row
-/// groups and a part of one, split into several tasks.
+/// A mapped Q8_0 or Q5_0 matrix, repacked for products, gives the file
+/// layout's sums bit for bit for a step, for every row alone, and for a
+/// prompt in chunks; its row lookups still read the file. 300 weight rows
+/// are 16-row groups and a part of one, split into several tasks.
 #[test]
-fn a_repacked_q8_0_matrix_sums_as_the_file_does() {
+fn a_repacked_matrix_sums_as_the_file_does() {
+    for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0] {
+        check_repacked(dtype);
+    }
+}
+
+fn check_repacked(dtype: GgmlDType) {
     let (features, inputs) = (300, 576);
     let w = values(features * inputs, 11);
-    let (words, len, dequantized) = quantized(&w, features, inputs, GgmlDType::Q8_0);
+    let (words, len, dequantized) = quantized(&w, features, inputs, dtype);
     let blocks = as_bytes(&words, len);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("weights.gguf");
@@ -359,22 +365,20 @@ fn a_repacked_q8_0_matrix_sums_as_the_file_does() {
     bytes.extend_from_slice(blocks);
     std::fs::write(&path, &bytes).unwrap();
     let file = MappedFile::open(&path).unwrap();
-    let matrix = file.matrix(64, GgmlDType::Q8_0, features, inputs).unwrap();
+    let matrix = file.matrix(64, dtype, features, inputs).unwrap();
+    let repacks = quant::q8_format(dtype).is_some_and(packed::worth_it);
     // The thread that repacks after a load gets there on its own.
     let later = matrix.clone().for_products();
     let waited = std::time::Instant::now();
-    while packed::worth_it() && !matches!(later.source(), Source::Packed(_)) {
+    while repacks && !matches!(later.source(), Source::Packed(_)) {
         assert!(waited.elapsed().as_secs() < 60, "never repacked");
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     let repacked = matrix.clone().for_products();
     repacked.repack_now();
-    assert_eq!(
-        matches!(repacked.source(), Source::Packed(_)),
-        packed::worth_it()
-    );
+    assert_eq!(matches!(repacked.source(), Source::Packed(_)), repacks);
     let file_part = Part {
-        source: Source::Quant(GgmlDType::Q8_0, blocks),
+        source: Source::Quant(dtype, blocks),
         features,
     };
     for rows in [1, 3, 8, 16, 40] {
@@ -382,10 +386,10 @@ fn a_repacked_q8_0_matrix_sums_as_the_file_does() {
         let want = matrix.forward(&x, rows).unwrap();
         let got = repacked.forward(&x, rows).unwrap();
         let bits = |v: &[f32]| v.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-        assert_eq!(bits(&got), bits(&want), "{rows} rows");
+        assert_eq!(bits(&got), bits(&want), "{dtype:?}, {rows} rows");
         if rows <= MAX_ROWS {
             let plain = few_rows(&[file_part], &x, rows, inputs).pop().unwrap();
-            assert_eq!(bits(&got), bits(&plain), "{rows} rows, unmapped");
+            assert_eq!(bits(&got), bits(&plain), "{dtype:?}, {rows} rows, unmapped");
             assert_alone_equals_batched(&[repacked.part()], &x, rows, inputs);
         }
     }
