@@ -168,6 +168,7 @@ fn dense_decoder(
         ropes: c.ropes(arch, dtype, device)?,
         dtype,
         kv_dtype: dtype,
+        settle: Default::default(),
     })
 }
 

@@ -219,6 +219,10 @@ pub struct Decoder {
     /// The dtype keys and values are cached in: f16 for quantized weights
     /// on the CPU, as llama.cpp caches them, else `dtype`.
     pub kv_dtype: DType,
+    /// Last, so that it drops after the weights: waits for the thread
+    /// that repacks them to let their file go, before an unload measures
+    /// what it freed.
+    pub settle: cpu::SettleOnDrop,
 }
 
 impl Decoder {

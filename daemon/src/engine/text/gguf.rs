@@ -229,6 +229,7 @@ impl GgufReader<'_> {
             ropes: self.ropes(&h)?,
             dtype: DType::F32,
             kv_dtype: self.kv_dtype(),
+            settle: Default::default(),
             shape,
         })
     }

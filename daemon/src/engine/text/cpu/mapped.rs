@@ -1,7 +1,7 @@
 //! Weight matrices read straight from a model file mapped into memory.
 
 use std::path::Path;
-use std::sync::{mpsc, Arc, OnceLock, Weak};
+use std::sync::{mpsc, Arc, Mutex, OnceLock, Weak};
 
 use candle_core::quantized::GgmlDType;
 use memmap2::{Mmap, MmapOptions};
@@ -158,19 +158,40 @@ impl Mapped {
     /// Repacks the matrix now if the background thread has not yet.
     pub fn repack_now(&self) {
         if let Some(slot) = &self.packed {
-            self.fill(slot);
+            if let Some(packed) = self.repacked(|| true) {
+                let _ = slot.set(packed);
+            }
         }
     }
 
-    fn fill(&self, slot: &OnceLock<Packed>) {
-        slot.get_or_init(|| {
-            let format = quant::q8_format(self.dtype).expect("a Q8_0-family matrix");
-            let packed = Packed::new(format, self.bytes(), self.features, self.inputs);
-            if let Err(e) = self.file.release(self.offset, self.len) {
-                tracing::debug!("could not release repacked weights' file pages: {e}");
+    /// The matrix repacked, while `wanted()` holds (checked after each
+    /// group). The file's pages are let go behind the work, a few hundred
+    /// KiB at a time: the process holds the matrix twice for only that
+    /// much, whenever its memory is measured.
+    fn repacked(&self, wanted: impl Fn() -> bool) -> Option<Packed> {
+        let format = quant::q8_format(self.dtype)?;
+        let mut released = 0;
+        let mut next = |done: usize| {
+            if done - released >= RELEASE_BYTES || done == self.len {
+                // The kernel maps a fault's neighbours too (64 KiB around
+                // it, by default, or more), so reading on past a release
+                // maps some pages behind it again, and reading a matrix's
+                // start maps the end of the one before: each release goes
+                // back over them. Pages of tensors in use come back on
+                // their next read.
+                // The last release goes over the whole matrix, for what
+                // faults mapped again further back.
+                let back = if done == self.len { released } else { 0 };
+                let from = (self.offset + released - back).saturating_sub(FAULT_AROUND_BYTES);
+                let to = self.offset + done;
+                if let Err(e) = self.file.release(from, to - from) {
+                    tracing::debug!("could not release repacked weights' file pages: {e}");
+                }
+                released = done;
             }
-            packed
-        });
+            wanted()
+        };
+        Packed::group_by_group(format, self.bytes(), self.features, self.inputs, &mut next)
     }
 
     pub fn source(&self) -> Source<'_> {
@@ -244,6 +265,12 @@ impl Mapped {
     }
 }
 
+/// How much of a matrix's file is let go at a time behind its repacking.
+const RELEASE_BYTES: usize = 256 << 10;
+
+/// More than the span around a page fault that Linux maps with it.
+const FAULT_AROUND_BYTES: usize = 128 << 10;
+
 /// A matrix waiting to be repacked; it does not keep its model loaded.
 struct Repack {
     map: Weak<Mmap>,
@@ -255,16 +282,45 @@ struct Repack {
 }
 
 impl Repack {
+    /// Repacks the matrix unless its model is gone, or goes meanwhile: the
+    /// work then stops after the group at hand. Only the file is held
+    /// meanwhile, and [`settle`] waits for it to be let go.
     fn run(self) {
-        let (Some(map), Some(slot)) = (self.map.upgrade(), self.slot.upgrade()) else {
+        let _busy = BUSY.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(map) = self.map.upgrade() else {
             return; // The model was unloaded first.
         };
         let file = MappedFile { map };
-        match file.matrix(self.offset, self.dtype, self.features, self.inputs) {
-            Ok(matrix) => matrix.fill(&slot),
-            Err(e) => tracing::warn!("not repacking {:?} weights: {e}", self.dtype),
+        let matrix = match file.matrix(self.offset, self.dtype, self.features, self.inputs) {
+            Ok(matrix) => matrix,
+            Err(e) => return tracing::warn!("not repacking {:?} weights: {e}", self.dtype),
+        };
+        let packed = matrix.repacked(|| self.slot.strong_count() > 0);
+        if let (Some(packed), Some(slot)) = (packed, self.slot.upgrade()) {
+            let _ = slot.set(packed);
         }
     }
+}
+
+/// Held by the repacking thread while it works on a matrix.
+static BUSY: Mutex<()> = Mutex::new(());
+
+/// Calls [`settle`] when dropped: the last field of a model, so that its
+/// matrices are gone first.
+#[derive(Debug, Default)]
+pub struct SettleOnDrop;
+
+impl Drop for SettleOnDrop {
+    fn drop(&mut self) {
+        settle();
+    }
+}
+
+/// Waits until the repacking thread holds no matrix of a model that is
+/// gone: an unload then measures what it freed with the model's file
+/// unmapped. A matrix of a model still loaded takes a few milliseconds.
+pub fn settle() {
+    drop(BUSY.lock().unwrap_or_else(|e| e.into_inner()));
 }
 
 /// Queues `job` for the one thread that repacks matrices, one after

@@ -19,7 +19,7 @@ pub mod pool;
 mod q8_0;
 pub mod quant;
 
-pub use mapped::{Mapped, MappedFile};
+pub use mapped::{Mapped, MappedFile, SettleOnDrop};
 pub use packed::Packed;
 
 use candle_core::quantized::GgmlDType;

@@ -67,42 +67,52 @@ impl Packed {
     /// Repacks `bytes`, the `format` matrix as the file stores it, row by
     /// row; the rows that fill the last group have zero scales.
     pub fn new(format: Format, bytes: &[u8], features: usize, inputs: usize) -> Self {
+        Self::group_by_group(format, bytes, features, inputs, |_| true).expect("never stopped")
+    }
+
+    /// [`Packed::new`], a group at a time: after each, `next(done)` hears
+    /// how many of `bytes` are repacked, and stops the work (`None`) by
+    /// returning `false`. The copy grows as the groups are done, so that
+    /// the file's pages can be let go behind it and memory never holds
+    /// much of the matrix twice.
+    pub fn group_by_group(
+        format: Format,
+        bytes: &[u8],
+        features: usize,
+        inputs: usize,
+        mut next: impl FnMut(usize) -> bool,
+    ) -> Option<Self> {
         assert!(inputs.is_multiple_of(BLOCK), "rows of whole blocks");
         let blocks = inputs / BLOCK;
         let row_bytes = blocks * format.block_bytes();
         assert_eq!(bytes.len(), features * row_bytes);
         let per_block = lines_per_block(format);
         let groups = features.div_ceil(GROUP);
-        let mut lines = in_huge_pages(groups * blocks * per_block, Line([0; 64]));
-        let mut scales = in_huge_pages(groups * blocks * GROUP, f16::ZERO);
-        let groups = lines
-            .chunks_exact_mut(blocks * per_block)
-            .zip(scales.chunks_exact_mut(blocks * GROUP));
-        for (g, (lines, scales)) in groups.enumerate() {
+        let mut lines = in_huge_pages(groups * blocks * per_block);
+        let mut scales = in_huge_pages(groups * blocks * GROUP);
+        let (mut group_lines, mut group_scales) = (Vec::new(), Vec::new());
+        for g in 0..groups {
             let rows = GROUP.min(features - g * GROUP);
             let group = &bytes[g * GROUP * row_bytes..][..rows * row_bytes];
-            for j in 0..rows {
-                let row = &group[j * row_bytes..][..row_bytes];
-                for (b, block) in row.chunks_exact(format.block_bytes()).enumerate() {
-                    scales[b * GROUP + j] = f16::from_le_bytes([block[0], block[1]]);
-                    let lines = &mut lines[b * per_block..][..per_block];
-                    match format {
-                        Format::Q8_0 => pack_q8_0(&block[2..], j, lines),
-                        Format::Q5_0 => pack_q5_0(&block[2..], j, lines),
-                        Format::Q4_0 => unreachable!("checked by lines_per_block"),
-                    }
-                }
+            group_lines.clear();
+            group_lines.resize(blocks * per_block, Line([0; 64]));
+            group_scales.clear();
+            group_scales.resize(blocks * GROUP, f16::ZERO);
+            pack_group(format, group, rows, &mut group_lines, &mut group_scales);
+            lines.extend_from_slice(&group_lines);
+            scales.extend_from_slice(&group_scales);
+            if !next(g * GROUP * row_bytes + group.len()) {
+                return None;
             }
         }
-        Packed {
+        Some(Packed {
             format,
             lines,
             scales,
             features,
             inputs,
-        }
+        })
     }
-
     pub fn features(&self) -> usize {
         self.features
     }
@@ -165,13 +175,13 @@ pub fn worth_it(format: Format) -> bool {
     }
 }
 
-/// `len` copies of `fill`, in memory the kernel is asked to back with 2
+/// Room for `len` values, in memory the kernel is asked to back with 2
 /// MiB pages where it can (Linux's transparent huge pages, in `madvise`
 /// mode on most systems): a 4 KiB page fault per 4 KiB made repacking
 /// run at 2 GB/s, and a product's reads walk fewer page tables.
-fn in_huge_pages<T: Copy>(len: usize, fill: T) -> Vec<T> {
+fn in_huge_pages<T>(len: usize) -> Vec<T> {
     const HUGE: usize = 2 << 20;
-    let mut values = Vec::with_capacity(len);
+    let values = Vec::with_capacity(len);
     let start = values.as_ptr() as usize;
     let end = start + len * std::mem::size_of::<T>();
     let first = start.next_multiple_of(HUGE);
@@ -188,8 +198,25 @@ fn in_huge_pages<T: Copy>(len: usize, fill: T) -> Vec<T> {
             );
         }
     }
-    values.resize(len, fill);
     values
+}
+
+/// The first `rows` rows of a group, each row's blocks into the group's
+/// lines and scales.
+fn pack_group(format: Format, group: &[u8], rows: usize, lines: &mut [Line], scales: &mut [f16]) {
+    let per_block = lines_per_block(format);
+    let row_bytes = group.len() / rows;
+    for (j, row) in group.chunks_exact(row_bytes).enumerate() {
+        for (b, block) in row.chunks_exact(format.block_bytes()).enumerate() {
+            scales[b * GROUP + j] = f16::from_le_bytes([block[0], block[1]]);
+            let lines = &mut lines[b * per_block..][..per_block];
+            match format {
+                Format::Q8_0 => pack_q8_0(&block[2..], j, lines),
+                Format::Q5_0 => pack_q5_0(&block[2..], j, lines),
+                Format::Q4_0 => unreachable!("checked by lines_per_block"),
+            }
+        }
+    }
 }
 
 /// Row `j`'s 32 values of a Q8_0 block into the block's lines, biased.
