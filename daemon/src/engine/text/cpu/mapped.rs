@@ -101,8 +101,8 @@ pub struct Mapped {
     dtype: GgmlDType,
     features: usize,
     inputs: usize,
-    /// The Q8_0 matrix repacked for the kernels, which products read
-    /// instead of the file once it is filled.
+    /// The Q8_0 or Q5_0 matrix repacked for the kernels, which products
+    /// read instead of the file once it is filled.
     packed: Option<Arc<OnceLock<Packed>>>,
 }
 
@@ -129,8 +129,8 @@ impl Mapped {
         &self.file.map[self.offset..self.offset + self.len]
     }
 
-    /// For products: Q8_0 and Q5_0 weights are repacked into the layout their
-    /// kernels want, on a thread of their own after the load, so that
+    /// For products: Q8_0 and Q5_0 weights are repacked into the layout
+    /// their kernels want, on a thread of their own after the load, so that
     /// the first token need not wait for it; products read the file until
     /// the copy is ready, with the same results bit for bit. The copy is
     /// anonymous memory of the same size, and the file's pages are then
@@ -174,13 +174,11 @@ impl Mapped {
         let mut next = |done: usize| {
             if done - released >= RELEASE_BYTES || done == self.len {
                 // The kernel maps a fault's neighbours too (64 KiB around
-                // it, by default, or more), so reading on past a release
-                // maps some pages behind it again, and reading a matrix's
-                // start maps the end of the one before: each release goes
-                // back over them. Pages of tensors in use come back on
-                // their next read.
-                // The last release goes over the whole matrix, for what
-                // faults mapped again further back.
+                // it by default), so reading on past a release maps some
+                // pages behind it again, and reading a matrix's start maps
+                // the end of the one before: each release goes back over
+                // them, and the last over the whole matrix. Pages of
+                // tensors in use come back on their next read.
                 let back = if done == self.len { released } else { 0 };
                 let from = (self.offset + released - back).saturating_sub(FAULT_AROUND_BYTES);
                 let to = self.offset + done;
@@ -318,7 +316,8 @@ impl Drop for SettleOnDrop {
 
 /// Waits until the repacking thread holds no matrix of a model that is
 /// gone: an unload then measures what it freed with the model's file
-/// unmapped. A matrix of a model still loaded takes a few milliseconds.
+/// unmapped. A matrix of a model still loaded may take tens of
+/// milliseconds to finish.
 pub fn settle() {
     drop(BUSY.lock().unwrap_or_else(|e| e.into_inner()));
 }
