@@ -368,21 +368,25 @@ fn rows8_into(
     first: usize,
     out: &mut impl q8_0::Sums,
 ) -> bool {
-    use quant::ActivationKind::Rows8;
     match source {
-        Source::Packed(p) => match activations(acts, Rows8) {
-            quant::Activations::Rows8(rows) => packed::dot_into(p, first, rows, out),
-            _ => unreachable!("Rows8 activations are Q8Rows"),
-        },
-        Source::Quant(dtype, bytes) if quant::activation_kind(dtype) == Rows8 => {
-            let Some((format, a)) = quant::q8_family(dtype, activations(acts, Rows8)) else {
+        Source::Packed(p) => packed::dot_into(p, first, rows8(acts), out),
+        Source::Quant(dtype, bytes) => {
+            let Some(format) = quant::q8_format(dtype) else {
                 return false;
             };
-            q8_0::dot_into(format, bytes, first, a, out);
+            q8_0::dot_into(format, bytes, first, rows8(acts), out);
         }
-        Source::Quant(..) | Source::F32(_) => return false,
+        Source::F32(_) => return false,
     }
     true
+}
+
+/// The activations quantized for the Q8_0 family.
+fn rows8(acts: &[(quant::ActivationKind, quant::Activations)]) -> &q8_0::Q8Rows {
+    match activations(acts, quant::ActivationKind::Rows8) {
+        quant::Activations::Rows8(rows) => rows,
+        _ => unreachable!("Rows8 activations are Q8Rows"),
+    }
 }
 
 /// The activations quantized for `kind`, which [`quantized_activations`]
@@ -436,11 +440,11 @@ fn dot_features(
 ) {
     match source {
         Source::F32(w) => f32::dot_features(w, inputs, first, x, out),
-        Source::Quant(dtype, bytes) => {
+        Source::Quant(dtype, bytes) if quant::q8_format(dtype).is_none() => {
             let a = activations(acts, quant::activation_kind(dtype));
             quant::dot_features(dtype, bytes, inputs, first, a, out);
         }
-        Source::Packed(_) => {
+        Source::Quant(..) | Source::Packed(_) => {
             let rows = x.len() / inputs;
             let mut sums = q8_0::FeatureMajor { out, rows };
             assert!(rows8_into(source, acts, first, &mut sums));

@@ -115,10 +115,16 @@ impl Q8Rows {
         self.inputs
     }
 
+    /// The index of row `row`'s block `b` among all blocks.
+    #[inline(always)]
+    fn at(&self, row: usize, b: usize) -> usize {
+        row * self.inputs / BLOCK + b
+    }
+
     /// Row `row`'s block `b`: its values and scale.
     #[inline(always)]
     pub fn block(&self, row: usize, b: usize) -> (&[i8; BLOCK], f32) {
-        let at = row * self.inputs / BLOCK + b;
+        let at = self.at(row, b);
         let values = self.values[at * BLOCK..][..BLOCK]
             .try_into()
             .expect("a block is 32 values");
@@ -130,7 +136,7 @@ impl Q8Rows {
     #[inline(always)]
     pub fn block_with_offset(&self, row: usize, b: usize) -> (&[i8; BLOCK], f32, i32) {
         let (values, scale) = self.block(row, b);
-        (values, scale, self.offsets[row * self.inputs / BLOCK + b])
+        (values, scale, self.offsets[self.at(row, b)])
     }
 }
 
@@ -160,14 +166,8 @@ impl Sums for FeatureMajor<'_> {
 }
 
 /// Weight rows `first..` of a `format` matrix in `bytes`, each dotted
-/// with every activation row: fills `out[f * rows + r]`.
-pub fn dot_features(format: Format, bytes: &[u8], first: usize, acts: &Q8Rows, out: &mut [f32]) {
-    let rows = acts.rows();
-    dot_into(format, bytes, first, acts, &mut FeatureMajor { out, rows });
-}
-
-/// [`dot_features`] into any [`Sums`]. The instruction set is picked once
-/// per call, and the loops live inside each kernel.
+/// with every activation row, into `out`. The instruction set is picked
+/// once per call, and the loops live inside each kernel.
 pub fn dot_into<S: Sums>(format: Format, bytes: &[u8], first: usize, acts: &Q8Rows, out: &mut S) {
     #[cfg(target_arch = "x86_64")]
     {
@@ -811,7 +811,16 @@ mod tests {
             inputs,
         );
         let mut alone = [0f32; FEATURES];
-        dot_features(format, weights, 0, &row, &mut alone);
+        dot_into(
+            format,
+            weights,
+            0,
+            &row,
+            &mut FeatureMajor {
+                out: &mut alone,
+                rows: 1,
+            },
+        );
         let batched = (0..FEATURES).map(|f| portable[f * ROWS + 2].to_bits());
         assert!(alone.iter().map(|v| v.to_bits()).eq(batched), "{format:?}");
     }

@@ -16,7 +16,7 @@ use candle_core::quantized::k_quants::{
 use candle_core::quantized::GgmlDType;
 
 use super::kquants::{self, K8Rows, Kind};
-use super::q8_0::{self, Format, Q8Rows};
+use super::q8_0::{Format, Q8Rows};
 
 /// The weight types the CPU decode runs without dequantizing.
 pub fn supported(dtype: GgmlDType) -> bool {
@@ -94,19 +94,10 @@ pub fn q8_format(dtype: GgmlDType) -> Option<Format> {
     }
 }
 
-/// The Q8_0 family's block format and activation rows, whose kernels
-/// hand each sum to a [`q8_0::Sums`]; `None` for the other types.
-pub fn q8_family(dtype: GgmlDType, acts: &Activations) -> Option<(Format, &Q8Rows)> {
-    let format = q8_format(dtype)?;
-    match acts {
-        Activations::Rows8(rows) => Some((format, rows)),
-        _ => None,
-    }
-}
-
 /// Weight rows `first..first + count` of a `dtype` matrix of `inputs`
 /// columns stored in `bytes`, dotted with every activation row; fills
-/// `out[f * rows + r]`.
+/// `out[f * rows + r]`. The Q8_0 family is not here: its kernels hand each
+/// sum to a [`super::q8_0::Sums`] (`q8_0::dot_into`, through the caller's sink).
 pub fn dot_features(
     dtype: GgmlDType,
     bytes: &[u8],
@@ -116,9 +107,6 @@ pub fn dot_features(
     out: &mut [f32],
 ) {
     use GgmlDType::*;
-    if let Some((format, a)) = q8_family(dtype, acts) {
-        return q8_0::dot_features(format, bytes, first, a, out);
-    }
     match (dtype, acts) {
         (Q4_1, Activations::Q8_1(a)) => dot::<BlockQ4_1>(bytes, inputs, first, a, out),
         (Q5_1, Activations::Q8_1(a)) => dot::<BlockQ5_1>(bytes, inputs, first, a, out),
@@ -127,7 +115,10 @@ pub fn dot_features(
         (Q4K, Activations::K8(a)) => kquants::dot_features(Kind::Q4K, bytes, first, a, out),
         (Q5K, Activations::K8(a)) => kquants::dot_features(Kind::Q5K, bytes, first, a, out),
         (Q6K, Activations::K8(a)) => kquants::dot_features(Kind::Q6K, bytes, first, a, out),
-        _ => unreachable!("{dtype:?} weights are dotted with their own activation blocks"),
+        _ => unreachable!(
+            "{dtype:?} weights are dotted with their own activation blocks, \
+             the Q8_0 family through q8_0::dot_into"
+        ),
     }
 }
 
