@@ -24,11 +24,52 @@ const SPIN: Duration = Duration::from_micros(300);
 const STRAGGLER_TASKS: u32 = 16;
 const STRAGGLER: Duration = Duration::from_millis(1);
 
-/// How long products then run on the caller alone, before the helpers are
-/// tried again. Beside a busy neighbour, three threads share two cores and
-/// a helper taken off its core holds a claimed task for a whole time slice;
-/// two threads then decoded at 0.91-0.95 of one.
-const SOLO: Duration = Duration::from_millis(250);
+/// How long products then run on the caller alone before the helpers are
+/// tried again, after a straggle that came when the helpers had worked
+/// well for [`CALM`]: a virtual machine's core stops for a millisecond a
+/// few times a second even on a quiet host, and a fixed quarter second
+/// alone after each cost two threads a tenth of their speed.
+const SOLO_FIRST: Duration = Duration::from_millis(5);
+
+/// Each straggle soon after the helpers came back doubles the time alone,
+/// up to this. Beside a busy neighbour, three threads share two cores and
+/// a helper taken off its core holds a claimed task for a whole time
+/// slice: two threads then decoded at 0.91-0.95 of one, so the helpers
+/// are tried only now and then.
+const SOLO_LONGEST: Duration = Duration::from_millis(500);
+
+/// Helpers that worked this long since they came back count as well.
+const CALM: Duration = Duration::from_millis(100);
+
+/// When products run on the caller alone, after a straggling helper.
+#[derive(Debug, Clone, Copy, Default)]
+struct Solo {
+    /// Until when products run on the caller alone; kept after it passes,
+    /// as the time the helpers came back.
+    until: Option<Instant>,
+    /// How long the last time alone was.
+    length: Duration,
+}
+
+impl Solo {
+    fn now_alone(&self, now: Instant) -> bool {
+        self.until.is_some_and(|until| now < until)
+    }
+
+    /// A helper straggled at `now`: products run alone for a while, the
+    /// longer the sooner after the last time alone this came.
+    fn straggled(&mut self, now: Instant) {
+        let calm = self
+            .until
+            .is_none_or(|back| now.saturating_duration_since(back) > CALM);
+        self.length = if calm {
+            SOLO_FIRST
+        } else {
+            (self.length * 2).clamp(SOLO_FIRST, SOLO_LONGEST)
+        };
+        self.until = Some(now + self.length);
+    }
+}
 
 /// One product's tasks: `run(i)` for every `i < tasks`, each exactly once.
 struct Job<'a> {
@@ -70,9 +111,9 @@ pub struct Pool {
     shared: &'static Shared,
     helpers: usize,
     /// One job at a time; a second caller (another model's worker) runs
-    /// its tasks alone rather than wait. It holds until when products run
-    /// on the caller alone, after a straggling helper.
-    submit: Mutex<Option<Instant>>,
+    /// its tasks alone rather than wait. It holds when products run on the
+    /// caller alone, after a straggling helper.
+    submit: Mutex<Solo>,
 }
 
 /// The process's pool: one thread per core that rayon would use
@@ -101,7 +142,7 @@ impl Pool {
         Pool {
             shared,
             helpers,
-            submit: Mutex::new(None),
+            submit: Mutex::new(Solo::default()),
         }
     }
 
@@ -122,7 +163,7 @@ impl Pool {
                 return;
             }
         };
-        if guard.is_some_and(|until| Instant::now() < until) {
+        if guard.now_alone(Instant::now()) {
             job.work();
             return;
         }
@@ -143,8 +184,9 @@ impl Pool {
         }
         self.withdraw();
         let patience = STRAGGLER.max(per_task * STRAGGLER_TASKS);
-        let straggled = waiting.is_some_and(|since| since.elapsed() > patience);
-        *guard = straggled.then(|| Instant::now() + SOLO);
+        if waiting.is_some_and(|since| since.elapsed() > patience) {
+            guard.straggled(Instant::now());
+        }
     }
 
     fn offer(&self, job: &Job) {
@@ -260,21 +302,51 @@ mod tests {
         // Until a helper takes a task (it may still be waking up when the
         // caller has done them all).
         let mut tries = 0;
-        while pool.submit.lock().unwrap().is_none() {
+        while pool.submit.lock().unwrap().until.is_none() {
             pool.run(64, &slow);
             tries += 1;
             assert!(tries < 100, "no helper ever took a task");
         }
+        assert_eq!(pool.submit.lock().unwrap().length, SOLO_FIRST);
+        // The time alone is short; hold it open so that a busy machine
+        // running the test cannot let it pass before the next product.
+        pool.submit.lock().unwrap().until = Some(Instant::now() + Duration::from_secs(3600));
         let helpers_ran = AtomicUsize::new(0);
-        pool.run(64, &|_| {
+        let count_helpers = |_| {
             if std::thread::current().id() != caller {
                 helpers_ran.fetch_add(1, SeqCst);
             }
-        });
+            std::thread::sleep(Duration::from_millis(1));
+        };
+        pool.run(64, &count_helpers);
         assert_eq!(helpers_ran.load(SeqCst), 0, "the caller ran every task");
-        *pool.submit.lock().unwrap() = Some(Instant::now());
-        pool.run(4, &|_| {});
-        assert!(pool.submit.lock().unwrap().is_none(), "helpers tried again");
+        pool.submit.lock().unwrap().until = Some(Instant::now());
+        pool.run(64, &count_helpers);
+        assert!(helpers_ran.load(SeqCst) > 0, "helpers tried again");
+    }
+
+    /// Straggles that follow each other double the time alone, up to its
+    /// longest; one after the helpers worked well starts again short.
+    #[test]
+    fn time_alone_grows_with_straggles_close_together() {
+        let mut solo = Solo::default();
+        let start = Instant::now();
+        solo.straggled(start);
+        assert_eq!(solo.length, SOLO_FIRST);
+        assert!(solo.now_alone(start) && !solo.now_alone(start + SOLO_FIRST));
+        let mut lengths = Vec::new();
+        for _ in 0..10 {
+            let soon_after = solo.until.unwrap() + CALM / 2;
+            solo.straggled(soon_after);
+            lengths.push(solo.length);
+        }
+        assert_eq!(lengths[0], SOLO_FIRST * 2);
+        assert!(lengths.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(*lengths.last().unwrap(), SOLO_LONGEST);
+        let calm_after = solo.until.unwrap() + CALM * 2;
+        solo.straggled(calm_after);
+        assert_eq!(solo.length, SOLO_FIRST);
+        assert!(solo.now_alone(calm_after) && !solo.now_alone(calm_after + SOLO_FIRST));
     }
 
     #[test]
