@@ -388,11 +388,16 @@ mod x86_64 {
         first_row: usize,
         sums: &mut [[f32; 16]],
     ) {
-        assert!(N <= sums.len() && first_row + N <= acts.rows());
+        assert!(N <= sums.len());
+        acts.assert_rows(first_row, N, true);
         let mut acc = [_mm512_setzero_ps(); N];
         for b in 0..p.inputs / BLOCK {
             let (lines, scales) = p.block(g, b);
-            prefetch(lines, scales);
+            if Q5 {
+                prefetch::<Q5_LINES>(lines, scales);
+            } else {
+                prefetch::<LINES>(lines, scales);
+            }
             // SAFETY: this kernel is compiled for AVX-512.
             let w = if Q5 {
                 unsafe { q5_values(lines) }
@@ -402,11 +407,18 @@ mod x86_64 {
             // SAFETY: sixteen f16 are 32 bytes.
             let w_scales =
                 _mm512_cvtph_ps(unsafe { _mm256_loadu_si256(scales.as_ptr() as *const __m256i) });
+            let first = acts.at(first_row, b);
             for (i, acc) in acc.iter_mut().enumerate() {
-                let (x, x_scale, offset) = acts.block_with_offset(first_row + i, b);
+                // SAFETY: the rows and their offsets were checked above.
+                let (x, x_scale, offset) = unsafe {
+                    let (x, x_scale) = acts.block_at(first + i);
+                    (x, x_scale, acts.offset_at(first + i))
+                };
                 let mut dot = _mm512_set1_epi32(if Q5 { offset >> 3 } else { offset });
                 for (s, w) in w.iter().enumerate() {
-                    dot = _mm512_dpbusd_epi32(dot, *w, _mm512_set1_epi32(four(x, s)));
+                    // SAFETY: four of the block's 32 bytes.
+                    let four = unsafe { x.add(s).read_unaligned() };
+                    dot = _mm512_dpbusd_epi32(dot, *w, _mm512_set1_epi32(four));
                 }
                 let scale = _mm512_mul_ps(w_scales, _mm512_set1_ps(x_scale));
                 *acc = _mm512_fmadd_ps(scale, _mm512_cvtepi32_ps(dot), *acc);
@@ -422,13 +434,15 @@ mod x86_64 {
     /// block's. The matrix is read front to back, but one core's hardware
     /// prefetchers stop at each 4 KiB page and keep too few lines in
     /// flight: without this the kernel waited on its loads.
+    /// `PER_BLOCK` is the format's lines per block, a constant so that
+    /// the scales' distance is not a division per block.
     #[inline(always)]
-    fn prefetch(lines: &[Line], scales: &[f16]) {
-        for line in 0..lines.len() {
+    fn prefetch<const PER_BLOCK: usize>(lines: &[Line], scales: &[f16]) {
+        for line in 0..PER_BLOCK {
             prefetch_at(lines, AHEAD + 64 * line);
         }
         // A block's 32 bytes of scales go with its lines.
-        prefetch_at(scales, AHEAD * 32 / (64 * lines.len()));
+        prefetch_at(scales, AHEAD * 32 / (64 * PER_BLOCK));
     }
 
     /// A Q5_0 block's values plus 16 as bytes, in Q8_0's lines' order:
@@ -550,7 +564,7 @@ mod x86_64 {
                 for b in 0..p.inputs / BLOCK {
                     let (lines, scales) = p.block(g, b);
                     if half == 0 {
-                        prefetch(lines, scales);
+                        prefetch::<LINES>(lines, scales);
                     }
                     let (mut w, mut abs_w) = (
                         [_mm256_setzero_si256(); LINES],

@@ -62,11 +62,16 @@ impl Format {
     }
 }
 
-/// Activation rows quantized to Q8_0: values and per-block scales.
+/// Activation rows quantized to Q8_0: values and per-block scales, kept
+/// block by block (block 0 of every row, then block 1, ...), so that a
+/// kernel that takes one block of several rows finds them side by side and
+/// steps from row to row by a constant, where indexing each row's blocks
+/// cost a dozen instructions per row and block.
 pub struct Q8Rows {
     values: Vec<i8>,
     scales: Vec<f32>,
     inputs: usize,
+    rows: usize,
     /// -128 times each block's sum, on CPUs with AVX-512 VNNI (empty
     /// elsewhere): the AVX-512 kernel, which has no byte
     /// sign instruction, multiplies the weights plus 128 (unsigned) by the
@@ -88,7 +93,11 @@ impl Q8Rows {
         Self::from_parts(values, scales, inputs)
     }
 
+    /// From rows of `inputs` values one after another and their blocks'
+    /// scales in the same order.
     fn from_parts(values: Vec<i8>, scales: Vec<f32>, inputs: usize) -> Self {
+        let rows = values.len() / inputs;
+        let (values, scales) = block_major(values, scales, rows, inputs / BLOCK);
         // Only the AVX-512 kernel reads them; the others would pay for
         // them in every product.
         let offsets = if super::features::x86() == super::features::X86::Avx512Vnni {
@@ -103,22 +112,24 @@ impl Q8Rows {
             values,
             scales,
             inputs,
+            rows,
             offsets,
         }
     }
 
     pub fn rows(&self) -> usize {
-        self.values.len() / self.inputs
+        self.rows
     }
 
     pub fn inputs(&self) -> usize {
         self.inputs
     }
 
-    /// The index of row `row`'s block `b` among all blocks.
+    /// The index of row `row`'s block `b` among all blocks; row `row + 1`'s
+    /// is the next.
     #[inline(always)]
-    fn at(&self, row: usize, b: usize) -> usize {
-        row * self.inputs / BLOCK + b
+    pub fn at(&self, row: usize, b: usize) -> usize {
+        b * self.rows + row
     }
 
     /// Row `row`'s block `b`: its values and scale.
@@ -131,13 +142,65 @@ impl Q8Rows {
         (values, self.scales[at])
     }
 
-    /// [`Q8Rows::block`] and the block's offset for the AVX-512 kernels
-    /// ([`Q8Rows::offsets`], which only CPUs with AVX-512 VNNI fill).
-    #[inline(always)]
-    pub fn block_with_offset(&self, row: usize, b: usize) -> (&[i8; BLOCK], f32, i32) {
-        let (values, scale) = self.block(row, b);
-        (values, scale, self.offsets[self.at(row, b)])
+    /// Checks that rows `first..first + n` are here (with their offsets
+    /// where `offsets`), so that a kernel may then read their blocks with
+    /// [`Q8Rows::block_at`] and [`Q8Rows::offset_at`].
+    pub fn assert_rows(&self, first: usize, n: usize, offsets: bool) {
+        let blocks = self.rows * (self.inputs / BLOCK);
+        assert!(
+            first + n <= self.rows,
+            "activation rows {first}+{n} of {}",
+            self.rows
+        );
+        assert!(self.scales.len() == blocks && self.values.len() == blocks * BLOCK);
+        assert!(!offsets || self.offsets.len() == blocks, "no VNNI offsets");
     }
+
+    /// Block `at`'s values, as eight groups of four bytes, and its scale.
+    ///
+    /// # Safety
+    /// `at` is [`Q8Rows::at`] of a row and block that
+    /// [`Q8Rows::assert_rows`] checked.
+    #[inline(always)]
+    pub unsafe fn block_at(&self, at: usize) -> (*const i32, f32) {
+        // SAFETY: as the caller promises, `at` is below the block count.
+        unsafe {
+            (
+                self.values.as_ptr().add(at * BLOCK) as *const i32,
+                *self.scales.get_unchecked(at),
+            )
+        }
+    }
+
+    /// Block `at`'s offset for the AVX-512 kernels ([`Q8Rows::offsets`]).
+    ///
+    /// # Safety
+    /// As [`Q8Rows::block_at`], with the offsets checked.
+    #[inline(always)]
+    pub unsafe fn offset_at(&self, at: usize) -> i32 {
+        // SAFETY: as the caller promises.
+        unsafe { *self.offsets.get_unchecked(at) }
+    }
+}
+
+/// Row-major blocks reordered block by block: row `r`'s block `b` moves
+/// from `r * blocks + b` to `b * rows + r`.
+fn block_major(
+    values: Vec<i8>,
+    scales: Vec<f32>,
+    rows: usize,
+    blocks: usize,
+) -> (Vec<i8>, Vec<f32>) {
+    if rows <= 1 {
+        return (values, scales);
+    }
+    let (mut by_block, mut block_scales) = (vec![0i8; values.len()], vec![0f32; scales.len()]);
+    for (from, (block, scale)) in values.chunks_exact(BLOCK).zip(&scales).enumerate() {
+        let to = (from % blocks) * rows + from / blocks;
+        by_block[to * BLOCK..][..BLOCK].copy_from_slice(block);
+        block_scales[to] = *scale;
+    }
+    (by_block, block_scales)
 }
 
 /// Where a product's sums go: `put(f, r, sum)` for the task's weight row
@@ -214,9 +277,8 @@ fn portable_tile(format: Format, weights: &[u8], acts: &Q8Rows, first_row: usize
         for b in 0..blocks {
             let block = &weights[b * size..][..size];
             let w = format.values(block);
-            let scale = f16::from_le_bytes([block[0], block[1]]).to_f32_const()
-                * acts.scales[row * blocks + b];
-            let x = &acts.values[(row * blocks + b) * BLOCK..][..BLOCK];
+            let (x, x_scale) = acts.block(row, b);
+            let scale = f16::from_le_bytes([block[0], block[1]]).to_f32_const() * x_scale;
             let dot: i32 = w.iter().zip(x).map(|(w, x)| *w as i32 * *x as i32).sum();
             sum = scale.mul_add(dot as f32, sum);
         }
@@ -499,8 +561,8 @@ mod x86_64 {
                 let format = [Format::Q8_0, Format::Q4_0, Format::Q5_0][FORMAT as usize];
                 let (blocks, size) = (acts.inputs / BLOCK, format.block_bytes());
                 let row_bytes = blocks * size;
-                assert!(N <= 4 && (first_row + N) * blocks <= acts.scales.len());
-                assert!(acts.values.len() >= (first_row + N) * acts.inputs);
+                assert!(N <= 4);
+                acts.assert_rows(first_row, N, false);
                 let mut acc = [_mm256_setzero_ps(); N];
                 for b in 0..blocks {
                     prefetch_next::<8>(weights, row_bytes, size, b);
@@ -510,16 +572,10 @@ mod x86_64 {
                     for w in &mut abs_w {
                         *w = _mm256_sign_epi8(*w, *w);
                     }
+                    let first = acts.at(first_row, b);
                     for (i, acc) in acc.iter_mut().enumerate() {
-                        let at = (first_row + i) * blocks + b;
-                        // SAFETY: block `at` lies inside the activations,
-                        // checked against their length above.
-                        let (x, x_scale) = unsafe {
-                            (
-                                acts.values.as_ptr().add(at * BLOCK) as *const i32,
-                                *acts.scales.get_unchecked(at),
-                            )
-                        };
+                        // SAFETY: the rows were checked above.
+                        let (x, x_scale) = unsafe { acts.block_at(first + i) };
                         let mut dot = _mm256_setzero_si256();
                         for s in 0..8 {
                             // SAFETY: as above; four bytes of the block.
@@ -679,9 +735,8 @@ mod x86_64 {
         let format = [Format::Q8_0, Format::Q4_0, Format::Q5_0][FORMAT as usize];
         let (blocks, size) = (acts.inputs / BLOCK, format.block_bytes());
         let row_bytes = blocks * size;
-        assert!(N <= sums.len() && (first_row + N) * blocks <= acts.scales.len());
-        assert!(acts.offsets.len() >= (first_row + N) * blocks);
-        assert!(acts.values.len() >= (first_row + N) * acts.inputs);
+        assert!(N <= sums.len());
+        acts.assert_rows(first_row, N, true);
         let mut acc = [_mm512_setzero_ps(); N];
         for b in 0..blocks {
             prefetch_next::<16>(weights, row_bytes, size, b);
@@ -691,16 +746,12 @@ mod x86_64 {
             for w in &mut biased {
                 *w = _mm512_xor_si512(*w, _mm512_set1_epi8(-128));
             }
+            let first = acts.at(first_row, b);
             for (i, acc) in acc.iter_mut().enumerate() {
-                let at = (first_row + i) * blocks + b;
-                // SAFETY: block `at` lies inside the activations' three
-                // parts, checked against their lengths above.
+                // SAFETY: the rows and their offsets were checked above.
                 let (x, x_scale, offset) = unsafe {
-                    (
-                        acts.values.as_ptr().add(at * BLOCK) as *const i32,
-                        *acts.scales.get_unchecked(at),
-                        *acts.offsets.get_unchecked(at),
-                    )
+                    let (x, x_scale) = acts.block_at(first + i);
+                    (x, x_scale, acts.offset_at(first + i))
                 };
                 let mut dot = _mm512_set1_epi32(offset);
                 for (s, biased) in biased.iter().enumerate() {
@@ -742,6 +793,24 @@ mod tests {
                     weights.extend((0..size - 2).map(|i| ((i * 29 + b * 7) % 255) as u8));
                 }
                 check_paths(format, &weights, &acts);
+            }
+        }
+    }
+
+    /// Kept block by block, each row's blocks are still its own: the same
+    /// values and scales as the row quantized alone.
+    #[test]
+    fn a_rows_blocks_are_its_own_quantized_alone() {
+        let inputs = 96;
+        let x: Vec<f32> = (0..5 * inputs)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / (1 + i / inputs) as f32)
+            .collect();
+        let acts = Q8Rows::quantize(&x, inputs);
+        assert_eq!((acts.rows(), acts.at(1, 0), acts.at(0, 1)), (5, 1, 5));
+        for (r, row) in x.chunks_exact(inputs).enumerate() {
+            let alone = Q8Rows::quantize(row, inputs);
+            for b in 0..inputs / BLOCK {
+                assert_eq!(acts.block(r, b), alone.block(0, b), "row {r}, block {b}");
             }
         }
     }
@@ -805,9 +874,13 @@ mod tests {
         }
         // One row alone equals its place in the batch.
         let inputs = acts.inputs;
+        let blocks: Vec<_> = (0..inputs / BLOCK).map(|b| acts.block(2, b)).collect();
         let row = Q8Rows::from_parts(
-            acts.values[2 * inputs..3 * inputs].to_vec(),
-            acts.scales[2 * inputs / BLOCK..3 * inputs / BLOCK].to_vec(),
+            blocks
+                .iter()
+                .flat_map(|(values, _)| values.iter().copied())
+                .collect(),
+            blocks.iter().map(|(_, scale)| *scale).collect(),
             inputs,
         );
         let mut alone = [0f32; FEATURES];
