@@ -149,6 +149,11 @@ impl Pool {
         }
     }
 
+    /// The threads products run on: the helpers and the caller.
+    pub fn threads(&self) -> usize {
+        self.helpers + 1
+    }
+
     /// Runs `run(i)` for `i` in `0..tasks` on the pool and the calling
     /// thread; returns when all are done. Which thread runs a task never
     /// changes its result.
