@@ -157,7 +157,7 @@ impl Mapped {
 
     /// Repacks the matrix now if the background thread has not yet.
     pub fn repack_now(&self) {
-        if let Some(slot) = &self.packed {
+        if let Some(slot) = self.packed.as_ref().filter(|slot| slot.get().is_none()) {
             if let Some(packed) = self.repacked(|| true) {
                 let _ = slot.set(packed);
             }

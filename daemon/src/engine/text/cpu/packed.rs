@@ -410,10 +410,7 @@ mod x86_64 {
             let first = acts.at(first_row, b);
             for (i, acc) in acc.iter_mut().enumerate() {
                 // SAFETY: the rows and their offsets were checked above.
-                let (x, x_scale, offset) = unsafe {
-                    let (x, x_scale) = acts.block_at(first + i);
-                    (x, x_scale, acts.offset_at(first + i))
-                };
+                let (x, x_scale, offset) = unsafe { acts.block_and_offset_at(first + i) };
                 let mut dot = _mm512_set1_epi32(if Q5 { offset >> 3 } else { offset });
                 for (s, w) in w.iter().enumerate() {
                     // SAFETY: four of the block's 32 bytes.

@@ -144,7 +144,7 @@ impl Q8Rows {
 
     /// Checks that rows `first..first + n` are here (with their offsets
     /// where `offsets`), so that a kernel may then read their blocks with
-    /// [`Q8Rows::block_at`] and [`Q8Rows::offset_at`].
+    /// [`Q8Rows::block_at`] and [`Q8Rows::block_and_offset_at`].
     pub fn assert_rows(&self, first: usize, n: usize, offsets: bool) {
         let blocks = self.rows * (self.inputs / BLOCK);
         assert!(
@@ -172,14 +172,18 @@ impl Q8Rows {
         }
     }
 
-    /// Block `at`'s offset for the AVX-512 kernels ([`Q8Rows::offsets`]).
+    /// [`Q8Rows::block_at`] and the block's offset, for the AVX-512
+    /// kernels ([`Q8Rows::offsets`]).
     ///
     /// # Safety
     /// As [`Q8Rows::block_at`], with the offsets checked.
     #[inline(always)]
-    pub unsafe fn offset_at(&self, at: usize) -> i32 {
+    pub unsafe fn block_and_offset_at(&self, at: usize) -> (*const i32, f32, i32) {
         // SAFETY: as the caller promises.
-        unsafe { *self.offsets.get_unchecked(at) }
+        unsafe {
+            let (values, scale) = self.block_at(at);
+            (values, scale, *self.offsets.get_unchecked(at))
+        }
     }
 }
 
@@ -749,10 +753,7 @@ mod x86_64 {
             let first = acts.at(first_row, b);
             for (i, acc) in acc.iter_mut().enumerate() {
                 // SAFETY: the rows and their offsets were checked above.
-                let (x, x_scale, offset) = unsafe {
-                    let (x, x_scale) = acts.block_at(first + i);
-                    (x, x_scale, acts.offset_at(first + i))
-                };
+                let (x, x_scale, offset) = unsafe { acts.block_and_offset_at(first + i) };
                 let mut dot = _mm512_set1_epi32(offset);
                 for (s, biased) in biased.iter().enumerate() {
                     // SAFETY: as above; four bytes of the block.
