@@ -442,8 +442,14 @@ fn one_uid_cannot_take_every_connection() {
     );
     let held: Vec<Client> = (0..3).map(|_| daemon.client()).collect();
     let mut refused = UnixStream::connect(&daemon.socket).unwrap();
+    // A connection let in would never close: fail, rather than hang.
+    refused
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
     let mut line = String::new();
-    refused.read_to_string(&mut line).unwrap();
+    refused
+        .read_to_string(&mut line)
+        .expect("the fourth connection is refused and closed");
     assert!(line.contains("overloaded"), "{line}");
     assert!(line.contains("server.max_connections_per_uid"), "{line}");
     drop(held);
