@@ -136,6 +136,18 @@ enum Kernels {
     Portable,
 }
 
+impl Kernels {
+    /// Whether rows of `d` values take the AVX2 kernels: the best is
+    /// asked for, the CPU has AVX2, FMA and F16C, and `d` is a multiple of
+    /// eight lanes.
+    #[cfg(target_arch = "x86_64")]
+    fn avx2(self, d: usize) -> bool {
+        self == Kernels::Best
+            && super::features::x86() != super::features::X86::None
+            && d.is_multiple_of(8)
+    }
+}
+
 /// The attention of every sequence, `[batch, 1, heads * d]`, or `None`
 /// when the queries are not f32 on the CPU, or the keys and values not
 /// both f32 or both f16.
@@ -350,11 +362,10 @@ fn dot_keys<T: Cached>(
     kernels: Kernels,
 ) {
     let (q, k, kv, keys) = (&view.q, &view.k, task.kv, task.keys.clone());
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = kernels;
     #[cfg(target_arch = "x86_64")]
-    if kernels == Kernels::Best
-        && super::features::x86() != super::features::X86::None
-        && k.d.is_multiple_of(8)
-    {
+    if kernels.avx2(k.d) {
         // SAFETY: the CPU has AVX2, FMA and F16C, checked above. Each
         // pass takes as many keys at once as keeps four sums in flight.
         unsafe {
@@ -387,11 +398,10 @@ fn weigh_values<T: Cached>(
 ) {
     let (v, kv, keys) = (&view.v, task.kv, task.keys.clone());
     let heads = weights.len() / keys.len();
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = kernels;
     #[cfg(target_arch = "x86_64")]
-    if kernels == Kernels::Best
-        && super::features::x86() != super::features::X86::None
-        && v.d.is_multiple_of(8)
-    {
+    if kernels.avx2(v.d) {
         // Eight running sums of eight lanes: as many vectors of each row
         // at once as the heads leave room for in the registers.
         let width = [8, 4, 2, 1]
