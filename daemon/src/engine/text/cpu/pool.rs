@@ -7,7 +7,9 @@
 //! works too, helpers spin for a while between products before they sleep,
 //! and tasks are claimed one at a time from a shared counter, so a helper
 //! that the kernel takes off its core (a busy neighbour) holds back at most
-//! the one small task it claimed, never a fixed share of the work.
+//! the one small task it claimed, never a fixed share of the work. When
+//! the caller still waits long for that task, the pool has more threads
+//! than the cores it gets: one helper fewer takes part for a while.
 
 use std::sync::atomic::{AtomicPtr, AtomicUsize, Ordering::SeqCst};
 use std::sync::{Condvar, Mutex, OnceLock};
@@ -24,50 +26,76 @@ const SPIN: Duration = Duration::from_micros(300);
 const STRAGGLER_TASKS: u32 = 16;
 const STRAGGLER: Duration = Duration::from_millis(1);
 
-/// How long products then run on the caller alone before the helpers are
-/// tried again, after a straggle that came when the helpers had worked
-/// well for [`CALM`]: a virtual machine's core stops for a millisecond a
-/// few times a second even on a quiet host, and a fixed quarter second
-/// alone after each cost two threads a tenth of their speed.
-const SOLO_FIRST: Duration = Duration::from_millis(5);
+/// How long one helper fewer joins the products after a straggle that
+/// came when the helpers had worked well for [`CALM`]: a virtual
+/// machine's core stops for a millisecond a few times a second even on a
+/// quiet host, and a fixed quarter second after each cost two threads a
+/// tenth of their speed.
+const SHRUNK_FIRST: Duration = Duration::from_millis(5);
 
-/// Each straggle soon after the helpers came back doubles the time alone,
-/// up to this. Beside a busy neighbour, three threads share two cores and
-/// a helper taken off its core holds a claimed task for a whole time
-/// slice: two threads then decoded at 0.91-0.95 of one, so the helpers
-/// are tried only now and then.
-const SOLO_LONGEST: Duration = Duration::from_millis(500);
+/// Each straggle soon after a helper came back doubles the time before
+/// the next one is tried, up to this. Beside a busy neighbour, three
+/// threads share two cores and a helper taken off its core holds a
+/// claimed task for a whole time slice: two threads then decoded at
+/// 0.91-0.95 of one, so the helper is tried only now and then.
+const SHRUNK_LONGEST: Duration = Duration::from_millis(500);
 
-/// Helpers that worked this long since they came back count as well.
+/// Helpers that worked this long since one came back count as well.
 const CALM: Duration = Duration::from_millis(100);
 
-/// When products run on the caller alone, after a straggling helper.
-#[derive(Debug, Clone, Copy, Default)]
-struct Solo {
-    /// Until when products run on the caller alone; kept after it passes,
-    /// as the time the helpers came back.
-    until: Option<Instant>,
-    /// How long the last time alone was.
+/// How many helpers join products now. A straggle means that the pool has
+/// more threads than the cores it gets, so one helper fewer joins; after
+/// a while one more is tried again. On two cores that is the caller
+/// alone beside a neighbour; on sixteen it is fifteen threads, not one.
+#[derive(Debug, Clone, Copy)]
+struct Crew {
+    /// The pool's helpers.
+    most: usize,
+    /// The helpers that join now.
+    joining: usize,
+    /// When one more helper is tried, while fewer than `most` join.
+    grow_at: Option<Instant>,
+    /// When a helper last came back.
+    back: Option<Instant>,
+    /// How long the last wait before a helper came back was.
     length: Duration,
 }
 
-impl Solo {
-    fn now_alone(&self, now: Instant) -> bool {
-        self.until.is_some_and(|until| now < until)
+impl Crew {
+    fn new(helpers: usize) -> Self {
+        Crew {
+            most: helpers,
+            joining: helpers,
+            grow_at: None,
+            back: None,
+            length: SHRUNK_FIRST,
+        }
     }
 
-    /// A helper straggled at `now`: products run alone for a while, the
-    /// longer the sooner after the last time alone this came.
+    /// The helpers that join a product starting at `now`, one more than
+    /// before when its wait has passed.
+    fn joining(&mut self, now: Instant) -> usize {
+        if self.grow_at.is_some_and(|at| now >= at) {
+            self.joining += 1;
+            self.back = Some(now);
+            self.grow_at = (self.joining < self.most).then(|| now + self.length);
+        }
+        self.joining
+    }
+
+    /// A helper straggled at `now`: one fewer joins for a while, the
+    /// longer the sooner after a helper came back this came.
     fn straggled(&mut self, now: Instant) {
         let calm = self
-            .until
+            .back
             .is_none_or(|back| now.saturating_duration_since(back) > CALM);
         self.length = if calm {
-            SOLO_FIRST
+            SHRUNK_FIRST
         } else {
-            (self.length * 2).clamp(SOLO_FIRST, SOLO_LONGEST)
+            (self.length * 2).clamp(SHRUNK_FIRST, SHRUNK_LONGEST)
         };
-        self.until = Some(now + self.length);
+        self.joining = self.joining.saturating_sub(1);
+        self.grow_at = Some(now + self.length);
     }
 }
 
@@ -106,17 +134,21 @@ struct Shared {
     /// Helpers that may be reading `job`: the caller waits for none before
     /// the job (on its stack) goes away.
     inside: AtomicUsize,
+    /// Helpers numbered below this join jobs; the others wait on
+    /// `unpark`, off their cores, until it grows past them.
+    joining: AtomicUsize,
     sleeping: Mutex<usize>,
     wake: Condvar,
+    unpark: Condvar,
 }
 
 pub struct Pool {
     shared: &'static Shared,
     helpers: usize,
     /// One job at a time; a second caller (another model's worker) runs
-    /// its tasks alone rather than wait. It holds when products run on the
-    /// caller alone, after a straggling helper.
-    submit: Mutex<Solo>,
+    /// its tasks alone rather than wait. It holds how many helpers join,
+    /// after straggles.
+    submit: Mutex<Crew>,
 }
 
 /// The process's pool: one thread per core that rayon would use
@@ -132,20 +164,22 @@ impl Pool {
             job: AtomicPtr::new(std::ptr::null_mut()),
             generation: AtomicUsize::new(0),
             inside: AtomicUsize::new(0),
+            joining: AtomicUsize::new(threads.saturating_sub(1)),
             sleeping: Mutex::new(0),
             wake: Condvar::new(),
+            unpark: Condvar::new(),
         }));
         let helpers = threads.saturating_sub(1);
         for n in 0..helpers {
             std::thread::Builder::new()
                 .name(format!("modeld-decode-{n}"))
-                .spawn(move || helper(shared))
+                .spawn(move || helper(shared, n))
                 .expect("spawning a decode thread");
         }
         Pool {
             shared,
             helpers,
-            submit: Mutex::new(Solo::default()),
+            submit: Mutex::new(Crew::new(helpers)),
         }
     }
 
@@ -171,10 +205,12 @@ impl Pool {
                 return;
             }
         };
-        if guard.now_alone(Instant::now()) {
+        let joining = guard.joining(Instant::now());
+        if joining == 0 {
             job.work();
             return;
         }
+        self.admit(joining);
         self.offer(&job);
         let started = Instant::now();
         let mine = job.work() as u32;
@@ -194,6 +230,22 @@ impl Pool {
         let patience = STRAGGLER.max(per_task * STRAGGLER_TASKS);
         if waiting.is_some_and(|since| since.elapsed() > patience) {
             guard.straggled(Instant::now());
+        }
+    }
+
+    /// Lets helpers numbered below `joining` take the next jobs, waking
+    /// those that waited for it.
+    fn admit(&self, joining: usize) {
+        let before = self.shared.joining.swap(joining, SeqCst);
+        if joining > before {
+            // Under the lock, so that a helper between its check and its
+            // wait cannot miss the call.
+            let _sleeping = self
+                .shared
+                .sleeping
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            self.shared.unpark.notify_all();
         }
     }
 
@@ -222,10 +274,14 @@ impl Pool {
     }
 }
 
-fn helper(shared: &'static Shared) {
+fn helper(shared: &'static Shared, index: usize) {
     let mut seen = shared.generation.load(SeqCst);
     loop {
         seen = wait_for_job(shared, seen);
+        if shared.joining.load(SeqCst) <= index {
+            wait_to_join(shared, index);
+            continue;
+        }
         shared.inside.fetch_add(1, SeqCst);
         let erased = shared.job.load(SeqCst);
         if !erased.is_null() && shared.generation.load(SeqCst) == seen {
@@ -236,6 +292,18 @@ fn helper(shared: &'static Shared) {
             job.work();
         }
         shared.inside.fetch_sub(1, SeqCst);
+    }
+}
+
+/// Sleeps until helper `index` may join jobs again. Its next job is a
+/// later one: the caller that let it join offers one after.
+fn wait_to_join(shared: &Shared, index: usize) {
+    let mut sleeping = shared.sleeping.lock().unwrap_or_else(|e| e.into_inner());
+    while shared.joining.load(SeqCst) <= index {
+        sleeping = shared
+            .unpark
+            .wait(sleeping)
+            .unwrap_or_else(|e| e.into_inner());
     }
 }
 
@@ -289,13 +357,52 @@ mod tests {
         }
     }
 
-    /// A helper that holds a claimed task too long sends the next
-    /// products to the caller alone, and the helpers come back after.
+    /// Which helpers ran tasks of `pool.run(64, ..)`, by number, each
+    /// task taking a millisecond.
+    fn helpers_that_ran(pool: &Pool) -> Vec<usize> {
+        let ran: Vec<AtomicUsize> = (0..pool.helpers).map(|_| AtomicUsize::new(0)).collect();
+        pool.run(64, &|_| {
+            let name = std::thread::current().name().map(str::to_owned);
+            let helper = name.and_then(|n| n.strip_prefix("modeld-decode-")?.parse::<usize>().ok());
+            if let Some(n) = helper {
+                ran[n].fetch_add(1, SeqCst);
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        });
+        (0..pool.helpers)
+            .filter(|&n| ran[n].load(SeqCst) > 0)
+            .collect()
+    }
+
+    /// Runs products until helper `n` takes a task of one (a helper may
+    /// still be waking up when the caller has done them all), with
+    /// `joining` helpers: a loaded machine running the tests may stall a
+    /// helper and shrink the crew, or let a wait pass, between two.
+    fn until_helper_runs(pool: &Pool, n: usize, joining: usize) -> Vec<usize> {
+        for _ in 0..100 {
+            fix_crew(pool, joining);
+            let ran = helpers_that_ran(pool);
+            if ran.contains(&n) {
+                return ran;
+            }
+        }
+        panic!("helper {n} never took a task");
+    }
+
+    fn fix_crew(pool: &Pool, joining: usize) {
+        let mut crew = pool.submit.lock().unwrap();
+        crew.joining = joining;
+        crew.grow_at = (joining < crew.most).then(|| Instant::now() + Duration::from_secs(3600));
+    }
+
+    /// A helper that holds a claimed task too long sends the next products
+    /// to one helper fewer, not to the caller alone; the last helpers
+    /// wait off their cores, and come back one at a time.
     #[test]
-    fn a_straggling_helper_leaves_the_next_products_to_the_caller() {
-        let pool = Pool::new(2);
+    fn each_straggle_takes_one_helper_away_for_a_while() {
+        let pool = Pool::new(3);
         let caller = std::thread::current().id();
-        // The caller's tasks take 20 µs, a helper's 5 ms: the helper
+        // The caller's tasks take 20 µs, a helper's 5 ms: a helper
         // straggles whenever it takes one.
         let slow = |_| {
             if std::thread::current().id() == caller {
@@ -307,54 +414,73 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(5));
             }
         };
-        // Until a helper takes a task (it may still be waking up when the
-        // caller has done them all).
         let mut tries = 0;
-        while pool.submit.lock().unwrap().until.is_none() {
+        while pool.submit.lock().unwrap().joining == 2 {
             pool.run(64, &slow);
             tries += 1;
             assert!(tries < 100, "no helper ever took a task");
         }
-        assert_eq!(pool.submit.lock().unwrap().length, SOLO_FIRST);
-        // The time alone is short; hold it open so that a busy machine
-        // running the test cannot let it pass before the next product.
-        pool.submit.lock().unwrap().until = Some(Instant::now() + Duration::from_secs(3600));
-        let helpers_ran = AtomicUsize::new(0);
-        let count_helpers = |_| {
-            if std::thread::current().id() != caller {
-                helpers_ran.fetch_add(1, SeqCst);
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        };
-        pool.run(64, &count_helpers);
-        assert_eq!(helpers_ran.load(SeqCst), 0, "the caller ran every task");
-        pool.submit.lock().unwrap().until = Some(Instant::now());
-        pool.run(64, &count_helpers);
-        assert!(helpers_ran.load(SeqCst) > 0, "helpers tried again");
+        {
+            let crew = pool.submit.lock().unwrap();
+            assert_eq!((crew.joining, crew.length), (1, SHRUNK_FIRST));
+            assert!(crew.grow_at.is_some());
+        }
+        assert_eq!(
+            until_helper_runs(&pool, 0, 1),
+            vec![0],
+            "the last one waits"
+        );
+        fix_crew(&pool, 0);
+        assert!(
+            helpers_that_ran(&pool).is_empty(),
+            "the caller ran every task"
+        );
+        // Back one at a time (`waits_grow_with_straggles_close_together`
+        // covers when); the one that waited wakes when let in.
+        assert_eq!(until_helper_runs(&pool, 0, 1), vec![0]);
+        until_helper_runs(&pool, 1, 2);
     }
 
-    /// Straggles that follow each other double the time alone, up to its
-    /// longest; one after the helpers worked well starts again short.
+    /// Straggles that follow each other double the wait before a helper
+    /// is tried again, up to its longest, and take one helper each; one
+    /// after the helpers worked well starts again short.
     #[test]
-    fn time_alone_grows_with_straggles_close_together() {
-        let mut solo = Solo::default();
+    fn waits_grow_with_straggles_close_together() {
+        let mut crew = Crew::new(3);
         let start = Instant::now();
-        solo.straggled(start);
-        assert_eq!(solo.length, SOLO_FIRST);
-        assert!(solo.now_alone(start) && !solo.now_alone(start + SOLO_FIRST));
+        assert_eq!(crew.joining(start), 3);
+        crew.straggled(start);
+        assert_eq!((crew.joining, crew.length), (2, SHRUNK_FIRST));
+        assert_eq!(crew.joining(start), 2);
+        let back = start + SHRUNK_FIRST;
+        assert_eq!(crew.joining(back), 3);
+        assert_eq!(crew.grow_at, None);
         let mut lengths = Vec::new();
+        let mut now = back;
         for _ in 0..10 {
-            let soon_after = solo.until.unwrap() + CALM / 2;
-            solo.straggled(soon_after);
-            lengths.push(solo.length);
+            now += CALM / 2;
+            crew.straggled(now);
+            lengths.push(crew.length);
+            now = crew.grow_at.unwrap();
+            crew.joining(now);
         }
-        assert_eq!(lengths[0], SOLO_FIRST * 2);
+        assert_eq!(lengths[0], SHRUNK_FIRST * 2);
         assert!(lengths.windows(2).all(|w| w[0] <= w[1]));
-        assert_eq!(*lengths.last().unwrap(), SOLO_LONGEST);
-        let calm_after = solo.until.unwrap() + CALM * 2;
-        solo.straggled(calm_after);
-        assert_eq!(solo.length, SOLO_FIRST);
-        assert!(solo.now_alone(calm_after) && !solo.now_alone(calm_after + SOLO_FIRST));
+        assert_eq!(*lengths.last().unwrap(), SHRUNK_LONGEST);
+        let calm_after = now + CALM * 2;
+        crew.straggled(calm_after);
+        assert_eq!(crew.length, SHRUNK_FIRST);
+        for _ in 0..5 {
+            crew.straggled(calm_after);
+        }
+        assert_eq!(crew.joining(calm_after), 0, "never below none");
+        // The helpers come back one per wait.
+        for expected in 1..=3 {
+            let at = crew.grow_at.expect("one more to come back");
+            assert_eq!(crew.joining(at - Duration::from_micros(1)), expected - 1);
+            assert_eq!(crew.joining(at), expected);
+        }
+        assert_eq!(crew.grow_at, None);
     }
 
     #[test]
