@@ -440,7 +440,7 @@ fn one_uid_cannot_take_every_connection() {
         "[server]\nmax_connections = 8\nmax_connections_per_uid = 3\n",
         &[],
     );
-    let held: Vec<Client> = (0..3).map(|_| daemon.client()).collect();
+    let held: Vec<Client> = (0..3).map(|_| admitted_client(&daemon)).collect();
     let mut refused = UnixStream::connect(&daemon.socket).unwrap();
     // A connection let in would never close: fail, rather than hang.
     refused
@@ -457,6 +457,25 @@ fn one_uid_cannot_take_every_connection() {
     daemon
         .call("status", json!({}))
         .expect("a slot is free again");
+}
+
+/// A connection the daemon let in, known by an answered call. The daemon
+/// counts a closed connection until it reads the end of it, so the one
+/// `wait_ready` used may still hold a slot: a connection made then may be
+/// refused, and the slot comes free after.
+fn admitted_client(daemon: &Daemon) -> Client {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let mut client = daemon.client();
+        match client.call_value("status", json!({})) {
+            Ok(_) => return client,
+            Err(err) => assert!(
+                std::time::Instant::now() < deadline,
+                "no connection let in: {err}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A generation request for `tokens` tokens of the endless model, as a line.
