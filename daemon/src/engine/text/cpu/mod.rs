@@ -135,10 +135,90 @@ fn quantize_blocks_into(x: &[f32], block: usize, values: &mut [i8], maxima: &mut
     quantize_blocks_with(x, block, values, maxima)
 }
 
+/// [`quantize_blocks_with`] in AVX2 intrinsics, for blocks of a multiple
+/// of 32 values: the compiler's vectorization of the plain loop kept a
+/// scalar maximum per block (NaN-aware `f32::max`, lane by lane), and
+/// quantizing took a twentieth of an eight-sequence decode step, on the
+/// caller while the other threads waited. The arithmetic is the plain
+/// loop's, so the bytes and maxima are the same bit for bit; a block with
+/// a NaN or an infinity takes the plain loop.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
 fn quantize_blocks_avx2(x: &[f32], block: usize, values: &mut [i8], maxima: &mut [f32]) {
-    quantize_blocks_with(x, block, values, maxima)
+    if !block.is_multiple_of(32) {
+        return quantize_blocks_with(x, block, values, maxima);
+    }
+    let blocks = x.chunks_exact(block).zip(values.chunks_exact_mut(block));
+    for ((block, out), slot) in blocks.zip(maxima.iter_mut()) {
+        let max = x86_quantize::max_abs(block);
+        if !max.is_finite() {
+            quantize_blocks_with(block, block.len(), out, std::slice::from_mut(slot));
+            continue;
+        }
+        let inverse = if max == 0.0 { 0.0 } else { 127.0 / max };
+        // No value is NaN or infinite, and none is larger than `max`.
+        x86_quantize::scaled_bytes(block, inverse, out);
+        *slot = max;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86_quantize {
+    use std::arch::x86_64::*;
+
+    /// `max|x|` of a block of a multiple of 8 values; NaN or infinite
+    /// when the block holds either (the caller then takes the plain loop).
+    #[target_feature(enable = "avx2")]
+    pub fn max_abs(block: &[f32]) -> f32 {
+        assert!(block.len().is_multiple_of(8));
+        let sign = _mm256_set1_ps(-0.0);
+        let (mut max, mut nan) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        for eight in block.chunks_exact(8) {
+            // SAFETY: eight f32.
+            let v = unsafe { _mm256_loadu_ps(eight.as_ptr()) };
+            max = _mm256_max_ps(max, _mm256_andnot_ps(sign, v));
+            nan = _mm256_or_ps(nan, _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v));
+        }
+        if _mm256_movemask_ps(nan) != 0 {
+            return f32::NAN;
+        }
+        let four = _mm_max_ps(_mm256_castps256_ps128(max), _mm256_extractf128_ps::<1>(max));
+        let two = _mm_max_ps(four, _mm_movehl_ps(four, four));
+        let one = _mm_max_ss(two, _mm_movehdup_ps(two));
+        _mm_cvtss_f32(one)
+    }
+
+    /// Each value times `inverse`, rounded half away from zero, as bytes.
+    /// The values must be finite and the products within ±127.5.
+    #[target_feature(enable = "avx2")]
+    pub fn scaled_bytes(block: &[f32], inverse: f32, out: &mut [i8]) {
+        assert!(block.len().is_multiple_of(32) && out.len() == block.len());
+        let (sign, half, one) = (
+            _mm256_set1_ps(-0.0),
+            _mm256_set1_ps(0.5),
+            _mm256_set1_ps(1.0),
+        );
+        let scale = _mm256_set1_ps(inverse);
+        let whole = |at: &[f32]| {
+            // SAFETY: `at` holds at least eight f32.
+            let v = _mm256_mul_ps(unsafe { _mm256_loadu_ps(at.as_ptr()) }, scale);
+            let truncated = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+            let fraction = _mm256_andnot_ps(sign, _mm256_sub_ps(v, truncated));
+            let away = _mm256_cmp_ps::<_CMP_GE_OQ>(fraction, half);
+            let step = _mm256_or_ps(_mm256_and_ps(v, sign), one);
+            _mm256_cvttps_epi32(_mm256_add_ps(truncated, _mm256_and_ps(away, step)))
+        };
+        // packs works within each 128-bit lane: this puts the four
+        // vectors' eight-byte runs back in order.
+        let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+        for (x, out) in block.chunks_exact(32).zip(out.chunks_exact_mut(32)) {
+            let low = _mm256_packs_epi32(whole(&x[0..]), whole(&x[8..]));
+            let high = _mm256_packs_epi32(whole(&x[16..]), whole(&x[24..]));
+            let bytes = _mm256_permutevar8x32_epi32(_mm256_packs_epi16(low, high), order);
+            // SAFETY: 32 bytes.
+            unsafe { _mm256_storeu_si256(out.as_mut_ptr() as *mut __m256i, bytes) };
+        }
+    }
 }
 
 #[inline(always)]

@@ -343,6 +343,45 @@ fn quantizing_on_the_pool_is_quantizing_block_by_block() {
     assert_eq!(out, [0i8; 32]);
 }
 
+/// The AVX2 quantizer gives the plain loop's bytes and maxima bit for bit,
+/// for Q8_0's blocks of 32 and Q8_K's of 256, at values that round
+/// exactly half way, zeros, tiny and huge values, NaNs and infinities.
+#[test]
+fn avx2_quantizing_is_the_plain_loop() {
+    if super::features::x86() == super::features::X86::None {
+        return;
+    }
+    let mut x = values(64 * 256, 5);
+    for (i, v) in x.iter_mut().enumerate() {
+        // Scales of many sizes, so that blocks' maxima differ.
+        *v *= [1.0, 1e-3, 1e3, 1e-30, 3e37][i / 256 % 5];
+    }
+    // A block of halves: 127 / 127 scales 126.5 to itself, which rounds
+    // away from zero.
+    for (i, v) in x[..32].iter_mut().enumerate() {
+        *v = [127.0, 126.5, -126.5, 0.5, -0.5, 1.5, -2.5, 0.0][i % 8];
+    }
+    x[32..64].fill(0.0);
+    x[64..96].fill(-0.0);
+    x[100] = f32::NAN;
+    x[140] = f32::INFINITY;
+    x[170] = f32::NEG_INFINITY;
+    x[300] = f32::MIN_POSITIVE / 4.0;
+    for block in [32, 256] {
+        let (mut fast, mut plain) = (vec![1i8; x.len()], vec![2i8; x.len()]);
+        let (mut fast_max, mut plain_max) =
+            (vec![0f32; x.len() / block], vec![1f32; x.len() / block]);
+        // SAFETY: the CPU has AVX2, checked above.
+        unsafe { super::quantize_blocks_avx2(&x, block, &mut fast, &mut fast_max) };
+        super::quantize_blocks_with(&x, block, &mut plain, &mut plain_max);
+        let differ = fast.iter().zip(&plain).position(|(a, b)| a != b);
+        assert_eq!(differ, None, "blocks of {block}: first byte that differs");
+        let bits = |m: &[f32]| m.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+        assert_eq!(bits(&fast_max), bits(&plain_max), "blocks of {block}");
+    }
+    assert_eq!(&x[..8], &[127.0, 126.5, -126.5, 0.5, -0.5, 1.5, -2.5, 0.0]);
+}
+
 /// A mapped Q8_0 or Q5_0 matrix, repacked for products, gives the file
 /// layout's sums bit for bit for a step, for every row alone, and for a
 /// prompt in chunks; its row lookups still read the file. 300 weight rows
