@@ -55,6 +55,15 @@ impl Options {
     /// `--shapes 135m|1.1b|both`, `--tokens N`, `--rounds N` and
     /// `--sections decode,ttft,batch` (all three unless given).
     pub fn parse(args: &[String], python: String) -> Self {
+        const FLAGS: [&str; 5] = ["--shapes", "--tokens", "--rounds", "--sections", "--python"];
+        // A misspelt flag would otherwise run a quarter hour with defaults.
+        if let Some(unknown) = args
+            .iter()
+            .find(|a| a.starts_with('-') && !FLAGS.contains(&a.as_str()))
+        {
+            eprintln!("bench cpu: unknown flag {unknown}; the flags are {FLAGS:?}");
+            std::process::exit(2);
+        }
         let value = |name: &str| {
             let index = args.iter().position(|a| a == name)?;
             args.get(index + 1).cloned()

@@ -92,8 +92,15 @@ mod bench_runners;
 
 const REQUEST: &str = r#"{"jsonrpc":"2.0","id":1,"method":"status"}"#;
 
+const USAGE: &str = "usage: bench rpc [--calls N] | download [--mib N] | generate [--tokens N] | batch [--tokens N] | families [--tokens N] | cache [--repos N] [--mib N] | images [--python PATH] [--steps N] | cancel [--python PATH] | runners [--python PATH] [--all-cpus] | http [--tokens N] [--rounds N] | cpu [--shapes 135m|1.1b|both] [--tokens N] [--rounds N] [--sections decode,ttft,batch] [--python PATH]";
+
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    // A bench runs for minutes: asking how to call one must not start it.
+    if args.iter().any(|a| a == "--help" || a == "-h") {
+        println!("{USAGE}");
+        return;
+    }
     let calls = flag(&args, "--calls").unwrap_or(2000);
     match args.first().map(String::as_str) {
         Some("rpc") => rpc(calls),
@@ -116,7 +123,7 @@ fn main() {
         Some("cpu") => bench_cpu::run(bench_cpu::Options::parse(&args, python(&args))),
         Some("spin") => bench_cpu::spin(),
         _ => {
-            eprintln!("usage: bench rpc [--calls N] | download [--mib N] | generate [--tokens N] | batch [--tokens N] | families [--tokens N] | cache [--repos N] [--mib N] | images [--python PATH] [--steps N] | cancel [--python PATH] | runners [--python PATH] [--all-cpus] | http [--tokens N] [--rounds N] | cpu [--shapes 135m|1.1b|both] [--tokens N] [--rounds N] [--sections decode,ttft,batch] [--python PATH]");
+            eprintln!("{USAGE}");
             std::process::exit(2);
         }
     }
