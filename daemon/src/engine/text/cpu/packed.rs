@@ -298,7 +298,7 @@ fn portable<S: Sums>(packed: &Packed, first: usize, acts: &Q8Rows, out: &mut S) 
 #[cfg(target_arch = "x86_64")]
 mod x86_64 {
     use super::{groups, Format, Line, Packed, Q8Rows, Sums, AHEAD, BLOCK, LINES, Q5_LINES};
-    use crate::engine::text::cpu::prefetch_at;
+    use crate::engine::text::cpu::prefetch_to_l2_at;
     use half::f16;
     use std::arch::x86_64::*;
 
@@ -436,10 +436,10 @@ mod x86_64 {
     #[inline(always)]
     fn prefetch<const PER_BLOCK: usize>(lines: &[Line], scales: &[f16]) {
         for line in 0..PER_BLOCK {
-            prefetch_at(lines, AHEAD + 64 * line);
+            prefetch_to_l2_at(lines, AHEAD + 64 * line);
         }
         // A block's 32 bytes of scales go with its lines.
-        prefetch_at(scales, AHEAD * 32 / (64 * PER_BLOCK));
+        prefetch_to_l2_at(scales, AHEAD * 32 / (64 * PER_BLOCK));
     }
 
     /// A Q5_0 block's values plus 16 as bytes, in Q8_0's lines' order:
