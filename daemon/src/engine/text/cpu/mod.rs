@@ -66,15 +66,7 @@ fn prefetch_ahead<T>(weights: &[T], at: usize) {
 /// prefetches never fault.
 #[inline(always)]
 fn prefetch_at<T>(weights: &[T], at: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-        let line = (weights.as_ptr() as *const i8).wrapping_add(at);
-        // SAFETY: a prefetch reads nothing the program can observe.
-        unsafe { _mm_prefetch::<_MM_HINT_T0>(line) };
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (weights, at);
+    prefetch_into::<T, false>(weights, at);
 }
 
 /// [`prefetch_at`] into the second-level cache only. The repacked Q8_0
@@ -86,12 +78,25 @@ fn prefetch_at<T>(weights: &[T], at: usize) {
 /// not gain from it.
 #[inline(always)]
 fn prefetch_to_l2_at<T>(weights: &[T], at: usize) {
+    prefetch_into::<T, true>(weights, at);
+}
+
+/// The prefetch of both: into the first-level cache, or with `L2` the
+/// second only.
+#[inline(always)]
+fn prefetch_into<T, const L2: bool>(weights: &[T], at: usize) {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0, _MM_HINT_T1};
         let line = (weights.as_ptr() as *const i8).wrapping_add(at);
         // SAFETY: a prefetch reads nothing the program can observe.
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(line) };
+        unsafe {
+            if L2 {
+                _mm_prefetch::<_MM_HINT_T1>(line)
+            } else {
+                _mm_prefetch::<_MM_HINT_T0>(line)
+            }
+        };
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (weights, at);

@@ -234,9 +234,14 @@ impl Pool {
     }
 
     /// Lets helpers numbered below `joining` take the next jobs, waking
-    /// those that waited for it.
+    /// those that waited for it. Only a change is written: the helpers
+    /// read this line for every product.
     fn admit(&self, joining: usize) {
-        let before = self.shared.joining.swap(joining, SeqCst);
+        let before = self.shared.joining.load(SeqCst);
+        if joining == before {
+            return;
+        }
+        self.shared.joining.store(joining, SeqCst);
         if joining > before {
             // Under the lock, so that a helper between its check and its
             // wait cannot miss the call.
