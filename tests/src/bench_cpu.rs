@@ -12,7 +12,9 @@
 //! end id is out of the vocabulary and the llama.cpp loop ignores its own.
 //!
 //! Sections: decode tokens/s at one thread and at all cores, quiet and with
-//! one busy neighbour process; time to first token after a cold load with
+//! one busy neighbour process in a session of its own and in the daemon's,
+//! beside the streaming ceiling of `bench_neighbour.rs`; time to first
+//! token after a cold load with
 //! the page cache warm; 8 batched clients against 1 (modeld only). Each
 //! figure is the best of `--rounds`. modeld's speed is what a client sees
 //! of its token events; llama.cpp's is timed in the helper around its
@@ -32,6 +34,8 @@ use modeld_e2e::gguf::{write_gguf_with, GgufType};
 use modeld_e2e::synthetic::{make_never_ending, write_llama, Shape, Vocab};
 use modeld_e2e::Daemon;
 use serde_json::{json, Value};
+
+use crate::bench_neighbour::{Ceiling, Neighbour, Session};
 
 const SCRIPT: &str = include_str!("bench_llama.py");
 const VOCAB: usize = 49152;
@@ -133,13 +137,6 @@ static SHAPES: [ShapeSpec; 2] = [
         tied: false,
     },
 ];
-
-/// The hidden `spin` subcommand: the busy neighbour, one core's worth.
-pub fn spin() -> ! {
-    loop {
-        std::hint::spin_loop();
-    }
-}
 
 pub fn run(options: Options) {
     let work = tempfile::Builder::new()
@@ -532,28 +529,6 @@ impl Drop for LlamaCpp {
     }
 }
 
-/// The busy neighbour: this binary's `spin` subcommand, killed on drop.
-struct Neighbour(Child);
-
-impl Neighbour {
-    fn start() -> Self {
-        let exe = std::env::current_exe().expect("own path");
-        Neighbour(
-            Command::new(exe)
-                .arg("spin")
-                .spawn()
-                .expect("start the spinner"),
-        )
-    }
-}
-
-impl Drop for Neighbour {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// One decode run's speed and greedy tokens.
 struct Decode {
     tok_s: f64,
@@ -726,23 +701,34 @@ impl<'a> Bench<'a> {
     }
 
     fn decode_section(&self, report: &mut Report) {
+        let all = self.daemons.last().map_or(1, |(n, _)| *n);
+        let ceilings: Vec<Ceiling> = self
+            .groups()
+            .iter()
+            .map(|group| {
+                let bytes = std::fs::metadata(&group[0].llama_path).expect("weights");
+                Ceiling::measure(bytes.len() as usize, all)
+            })
+            .collect();
         for (threads, daemon) in &self.daemons {
-            for group in self.groups() {
+            for (group, ceiling) in self.groups().iter().zip(&ceilings) {
                 println!(
                     "decode: {} {} at {threads} thread(s); load average {}",
                     self.files.spec.label,
                     group[0].label,
                     load_average()
                 );
-                report
-                    .decode
-                    .extend(self.decode_group(daemon, *threads, &group));
+                let rows = self.decode_group(daemon, *threads, group);
+                report.decode.extend(rows.into_iter().map(|mut row| {
+                    row.ceiling = (*threads == all).then_some(*ceiling);
+                    row
+                }));
             }
         }
     }
 
-    /// Quiet rounds, then rounds beside a busy neighbour, of every format in
-    /// `group` and llama.cpp, alternating.
+    /// Quiet rounds, then rounds beside a busy neighbour in each session, of
+    /// every format in `group` and llama.cpp, alternating.
     fn decode_group(&self, daemon: &Daemon, threads: usize, group: &[&Format]) -> Vec<DecodeRow> {
         for format in group {
             load(daemon, &format.model);
@@ -753,10 +739,10 @@ impl<'a> Bench<'a> {
                 .load(&group[0].llama_path, threads, self.n_ctx());
         }
         let quiet = self.rounds(daemon, group);
-        let busy = {
-            let _neighbour = Neighbour::start();
+        let beside = Session::BOTH.map(|session| {
+            let _neighbour = Neighbour::start(session);
             self.rounds(daemon, group)
-        };
+        });
         for format in group {
             unload(daemon, &format.model);
         }
@@ -767,10 +753,9 @@ impl<'a> Bench<'a> {
                 shape: self.files.spec.label,
                 format: format.label,
                 threads,
-                modeld: quiet.modeld[i],
-                llama: quiet.llama,
-                busy_modeld: busy.modeld[i],
-                busy_llama: busy.llama,
+                quiet: quiet.speeds(i),
+                beside: beside.each_ref().map(|rounds| rounds.speeds(i)),
+                ceiling: None,
                 same: same_tokens(&quiet.tokens[i], quiet.reference(i)),
             })
             .collect()
@@ -910,6 +895,13 @@ impl Rounds {
         }
     }
 
+    fn speeds(&self, i: usize) -> Speeds {
+        Speeds {
+            modeld: self.modeld[i],
+            llama: self.llama,
+        }
+    }
+
     fn new(formats: usize) -> Self {
         Rounds {
             modeld: vec![0.0; formats],
@@ -936,15 +928,30 @@ fn same_tokens(ours: &[u32], theirs: Option<&[u32]>) -> String {
 // ---------------------------------------------------------------------------
 // The tables.
 
+/// Both engines' decode tokens/s in one setting.
+#[derive(Clone, Copy)]
+struct Speeds {
+    modeld: f64,
+    llama: Option<f64>,
+}
+
 struct DecodeRow {
     shape: &'static str,
     format: &'static str,
     threads: usize,
-    modeld: f64,
-    llama: Option<f64>,
-    busy_modeld: f64,
-    busy_llama: Option<f64>,
+    quiet: Speeds,
+    /// Beside the neighbour, in `Session::BOTH`'s order.
+    beside: [Speeds; 2],
+    /// At all cores: the streaming ceiling beside the neighbour.
+    ceiling: Option<Ceiling>,
     same: String,
+}
+
+impl DecodeRow {
+    fn beside(&self, session: Session) -> Speeds {
+        let index = Session::BOTH.iter().position(|s| *s == session);
+        self.beside[index.expect("a session")]
+    }
 }
 
 struct TtftRow {
@@ -991,9 +998,9 @@ impl Report {
                 r.shape,
                 r.format,
                 r.threads,
-                r.modeld,
-                or_dash(r.llama, 1),
-                ratio(r.modeld, r.llama),
+                r.quiet.modeld,
+                or_dash(r.quiet.llama, 1),
+                ratio(r.quiet.modeld, r.quiet.llama),
                 r.same
             );
         }
@@ -1012,34 +1019,70 @@ impl Report {
                 .iter()
                 .find(|r| r.threads == all && r.shape == one.shape && r.format == one.format);
             let Some(many) = many else { continue };
-            let theirs = many.llama.zip(one.llama).map(|(m, o)| m / o);
+            let theirs = many.quiet.llama.zip(one.quiet.llama).map(|(m, o)| m / o);
             println!(
                 "| {} | {} | {:.2} | {} |",
                 one.shape,
                 one.format,
-                many.modeld / one.modeld,
+                many.quiet.modeld / one.quiet.modeld,
                 or_dash(theirs, 2)
             );
         }
     }
 
     fn print_neighbour(&self) {
-        println!("\nDecode tokens/s beside one busy neighbour process (vs quiet: the same engine without it)\n");
-        println!("| shape | format | threads | modeld tok/s | llama.cpp tok/s | ratio | modeld vs quiet | llama.cpp vs quiet |");
-        println!("|---|---|---|---|---|---|---|---|");
+        println!("\nDecode tokens/s beside one busy neighbour process in a session of its own or in the daemon's (vs quiet: the same engine at the same threads without it)\n");
+        println!("| shape | format | threads | neighbour's session | modeld tok/s | llama.cpp tok/s | ratio | modeld vs quiet | llama.cpp vs quiet |");
+        println!("|---|---|---|---|---|---|---|---|---|");
         for r in &self.decode {
-            let theirs = r.busy_llama.zip(r.llama).map(|(b, q)| b / q);
-            println!(
-                "| {} | {} | {} | {:.1} | {} | {} | {:.2} | {} |",
-                r.shape,
-                r.format,
-                r.threads,
-                r.busy_modeld,
-                or_dash(r.busy_llama, 1),
-                ratio(r.busy_modeld, r.busy_llama),
-                r.busy_modeld / r.modeld,
-                or_dash(theirs, 2)
-            );
+            for session in Session::BOTH {
+                let busy = r.beside(session);
+                let theirs = busy.llama.zip(r.quiet.llama).map(|(b, q)| b / q);
+                println!(
+                    "| {} | {} | {} | {} | {:.1} | {} | {} | {:.2} | {} |",
+                    r.shape,
+                    r.format,
+                    r.threads,
+                    session.label(),
+                    busy.modeld,
+                    or_dash(busy.llama, 1),
+                    ratio(busy.modeld, busy.llama),
+                    busy.modeld / r.quiet.modeld,
+                    or_dash(theirs, 2)
+                );
+            }
+        }
+        self.print_neighbour_goal();
+    }
+
+    /// All cores beside the neighbour over one quiet core, against the
+    /// ceiling of threads that read the same bytes and never wait.
+    fn print_neighbour_goal(&self) {
+        println!("\nAll cores beside the neighbour / one core quiet, decode tokens/s (ceiling: threads streaming the GGUF file's bytes, each its own part, never waiting, over one thread quiet)\n");
+        println!("| shape | format | neighbour's session | modeld | llama.cpp | ceiling |");
+        println!("|---|---|---|---|---|---|");
+        for many in &self.decode {
+            let Some(ceiling) = &many.ceiling else {
+                continue;
+            };
+            let one = self
+                .decode
+                .iter()
+                .find(|r| r.threads == 1 && r.shape == many.shape && r.format == many.format);
+            let Some(one) = one else { continue };
+            for session in Session::BOTH {
+                let busy = many.beside(session);
+                let theirs = busy.llama.zip(one.quiet.llama).map(|(b, q)| b / q);
+                println!(
+                    "| {} | {} | {} | {:.2} | {} | {:.2} |",
+                    many.shape,
+                    many.format,
+                    session.label(),
+                    busy.modeld / one.quiet.modeld,
+                    or_dash(theirs, 2),
+                    ceiling.get(session)
+                );
+            }
         }
     }
 

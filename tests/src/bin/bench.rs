@@ -66,7 +66,8 @@
 //! CPU decode against llama.cpp (llama-cpp-python in PATH, default
 //! `python3` or `$MODELD_BENCH_PYTHON`) on random SmolLM-135M- and
 //! TinyLlama-1.1B-shaped llamas in f32, Q8_0 and Q4_K_M: tokens/s at one
-//! thread and at all cores, quiet and beside a busy neighbour, time to first
+//! thread and at all cores, quiet and beside a busy neighbour (in a session
+//! of its own and in the daemon's, against a streaming ceiling), time to first
 //! token after a cold load, and modeld's 8 batched clients against 1; the
 //! engines' rounds alternate, best of N (default 3); see `bench_cpu.rs`.
 
@@ -87,6 +88,8 @@ mod bench_cpu;
 mod bench_families;
 #[path = "../bench_http.rs"]
 mod bench_http;
+#[path = "../bench_neighbour.rs"]
+mod bench_neighbour;
 #[path = "../bench_runners.rs"]
 mod bench_runners;
 
@@ -121,7 +124,7 @@ fn main() {
             flag(&args, "--rounds").unwrap_or(9),
         ),
         Some("cpu") => bench_cpu::run(bench_cpu::Options::parse(&args, python(&args))),
-        Some("spin") => bench_cpu::spin(),
+        Some("spin") => bench_neighbour::spin(),
         _ => {
             eprintln!("{USAGE}");
             std::process::exit(2);
