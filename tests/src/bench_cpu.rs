@@ -14,11 +14,10 @@
 //! Sections: decode tokens/s at one thread and at all cores, quiet and with
 //! one busy neighbour process in a session of its own and in the daemon's,
 //! beside the streaming ceiling of `bench_neighbour.rs`; time to first
-//! token after a cold load with
-//! the page cache warm; 8 batched clients against 1 (modeld only). Each
-//! figure is the best of `--rounds`. modeld's speed is what a client sees
-//! of its token events; llama.cpp's is timed in the helper around its
-//! `llama_decode` calls (`bench_llama.py`).
+//! token after a cold load with the page cache warm; 8 batched clients
+//! against 1 (modeld only). Each figure is the best of `--rounds`. modeld's
+//! speed is what a client sees of its token events; llama.cpp's is timed in
+//! the helper around its `llama_decode` calls (`bench_llama.py`).
 //!
 //! Where llama.cpp's default buffer types fault on a quantized file (a
 //! virtual machine that advertises AMX but traps its instructions), the
