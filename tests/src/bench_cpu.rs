@@ -737,10 +737,15 @@ impl<'a> Bench<'a> {
                 .borrow_mut()
                 .load(&group[0].llama_path, threads, self.n_ctx());
         }
-        let quiet = self.rounds(daemon, group);
+        let steps = self.options.tokens;
+        let quiet = self.rounds(daemon, group, steps);
+        // llama.cpp's threads spin at a barrier after every operation, so
+        // beside the neighbour it runs at a twentieth of its speed or less,
+        // and a full run would take minutes; a quarter of the tokens still
+        // passes thousands of barriers.
         let beside = Session::BOTH.map(|session| {
             let _neighbour = Neighbour::start(session);
-            self.rounds(daemon, group)
+            self.rounds(daemon, group, (steps / 4).max(16))
         });
         for format in group {
             unload(daemon, &format.model);
@@ -760,8 +765,9 @@ impl<'a> Bench<'a> {
             .collect()
     }
 
-    /// The best of the rounds for each engine, in turn within each round.
-    fn rounds(&self, daemon: &Daemon, group: &[&Format]) -> Rounds {
+    /// The best of the rounds for each engine, in turn within each round;
+    /// llama.cpp decodes `llama_steps` tokens.
+    fn rounds(&self, daemon: &Daemon, group: &[&Format], llama_steps: usize) -> Rounds {
         let steps = self.options.tokens;
         let mut best = Rounds::new(group.len());
         for _ in 0..self.options.rounds {
@@ -771,7 +777,7 @@ impl<'a> Bench<'a> {
                 best.tokens[i] = run.tokens;
             }
             if let Some(llama) = &self.llama {
-                let run = llama.borrow_mut().decode(steps);
+                let run = llama.borrow_mut().decode(llama_steps);
                 best.llama = Some(best.llama.unwrap_or(0.0).max(run.tok_s));
                 best.llama_tokens = Some(run.tokens);
             }
