@@ -43,6 +43,9 @@ const FIRST_WORD: usize = 3 + 256;
 const PROMPT_TOKENS: usize = 35;
 const CONTEXT: usize = 4096;
 const BATCH_CLIENTS: usize = 8;
+/// How long llama.cpp decodes beside the neighbour, at most (after the
+/// step that passes it).
+const LLAMA_BESIDE_SECONDS: f64 = 10.0;
 
 /// What the command line asks for.
 pub struct Options {
@@ -502,11 +505,14 @@ impl LlamaCpp {
         self.request(json!({"op": "load", "path": path, "threads": threads, "n_ctx": n_ctx}));
     }
 
-    fn decode(&mut self, steps: usize) -> Decode {
-        let reply = self.request(json!({"op": "decode", "prompt": prompt_ids(0), "tokens": steps}));
+    /// `steps` greedy steps, or fewer when they pass `seconds`.
+    fn decode(&mut self, steps: usize, seconds: Option<f64>) -> Decode {
+        let reply = self.request(json!({"op": "decode", "prompt": prompt_ids(0),
+            "tokens": steps, "seconds": seconds}));
+        let tokens: Vec<u32> = serde_json::from_value(reply["tokens"].clone()).expect("tokens");
         Decode {
-            tok_s: steps as f64 / reply["decode_s"].as_f64().expect("decode_s"),
-            tokens: serde_json::from_value(reply["tokens"].clone()).expect("tokens"),
+            tok_s: (tokens.len() - 1) as f64 / reply["decode_s"].as_f64().expect("decode_s"),
+            tokens,
         }
     }
 
@@ -737,15 +743,13 @@ impl<'a> Bench<'a> {
                 .borrow_mut()
                 .load(&group[0].llama_path, threads, self.n_ctx());
         }
-        let steps = self.options.tokens;
-        let quiet = self.rounds(daemon, group, steps);
+        let quiet = self.rounds(daemon, group, None);
         // llama.cpp's threads spin at a barrier after every operation, so
-        // beside the neighbour it runs at a twentieth of its speed or less,
-        // and a full run would take minutes; a quarter of the tokens still
-        // passes thousands of barriers.
+        // beside the neighbour it can run at a hundredth of its speed, and a
+        // full run would take many minutes.
         let beside = Session::BOTH.map(|session| {
             let _neighbour = Neighbour::start(session);
-            self.rounds(daemon, group, (steps / 4).max(16))
+            self.rounds(daemon, group, Some(LLAMA_BESIDE_SECONDS))
         });
         for format in group {
             unload(daemon, &format.model);
@@ -766,8 +770,8 @@ impl<'a> Bench<'a> {
     }
 
     /// The best of the rounds for each engine, in turn within each round;
-    /// llama.cpp decodes `llama_steps` tokens.
-    fn rounds(&self, daemon: &Daemon, group: &[&Format], llama_steps: usize) -> Rounds {
+    /// llama.cpp stops early after `llama_seconds`, when given.
+    fn rounds(&self, daemon: &Daemon, group: &[&Format], llama_seconds: Option<f64>) -> Rounds {
         let steps = self.options.tokens;
         let mut best = Rounds::new(group.len());
         for _ in 0..self.options.rounds {
@@ -777,7 +781,7 @@ impl<'a> Bench<'a> {
                 best.tokens[i] = run.tokens;
             }
             if let Some(llama) = &self.llama {
-                let run = llama.borrow_mut().decode(llama_steps);
+                let run = llama.borrow_mut().decode(steps, llama_seconds);
                 best.llama = Some(best.llama.unwrap_or(0.0).max(run.tok_s));
                 best.llama_tokens = Some(run.tokens);
             }

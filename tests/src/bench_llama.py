@@ -14,10 +14,11 @@ interpreter the bench is given; needs llama-cpp-python and numpy).
         JSON line on stdout, keeping one model loaded between requests so
         that rounds of the two engines can alternate cheaply:
         {"op": "load", "path", "threads", "n_ctx"} -> {"load_s"}
-        {"op": "decode", "prompt": [ids], "tokens": N} -> {"first_s",
-            "decode_s", "tokens"}: the prompt's prefill gives the first
-            token, then N greedy steps are timed (decode_s), end tokens
-            ignored; "tokens" holds all N + 1 ids.
+        {"op": "decode", "prompt": [ids], "tokens": N, "seconds": S} ->
+            {"first_s", "decode_s", "tokens"}: the prompt's prefill gives
+            the first token, then N greedy steps are timed (decode_s), end
+            tokens ignored, stopping early after the step that passes S
+            seconds (optional); "tokens" holds the first id and one a step.
         {"op": "ttft", "path", "threads", "n_ctx", "prompt": [ids]} ->
             {"load_s", "first_s", "total_s"}: a model built from scratch
             (the timed span starts before Llama() is called), its first
@@ -97,7 +98,7 @@ def step(llm, n_vocab, tokens):
     return int(np.argmax(np.ctypeslib.as_array(logits, shape=(n_vocab,))))
 
 
-def decode(llm, prompt, tokens):
+def decode(llm, prompt, tokens, seconds=None):
     clear(llm)
     n_vocab = llm.n_vocab()
     start = time.perf_counter()
@@ -105,6 +106,8 @@ def decode(llm, prompt, tokens):
     first = time.perf_counter()
     for _ in range(tokens):
         out.append(step(llm, n_vocab, [out[-1]]))
+        if seconds is not None and time.perf_counter() - first > seconds:
+            break
     end = time.perf_counter()
     return {"first_s": first - start, "decode_s": end - first, "tokens": out}
 
@@ -131,7 +134,7 @@ def serve():
                 llm = build(request["path"], request["threads"], request["n_ctx"])
                 reply = {"load_s": time.perf_counter() - start}
             elif op == "decode":
-                reply = decode(llm, request["prompt"], request["tokens"])
+                reply = decode(llm, request["prompt"], request["tokens"], request.get("seconds"))
             elif op == "ttft":
                 llm = None
                 reply = ttft(request)
