@@ -115,7 +115,7 @@ impl Ceiling {
 /// Bytes a second that `threads` threads read together, each summing its
 /// own part of `words` pass after pass until the time is up.
 fn stream_rate(words: &[u64], threads: usize) -> f64 {
-    let part = words.len() / threads;
+    let part = (words.len() / threads).max(1);
     let stop = AtomicBool::new(false);
     let started = Instant::now();
     let passes: usize = std::thread::scope(|scope| {
