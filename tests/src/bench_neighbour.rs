@@ -86,8 +86,8 @@ const STREAM_TIME: Duration = Duration::from_millis(2000);
 /// the neighbour in each session, over one thread alone, in bytes read.
 #[derive(Clone, Copy)]
 pub struct Ceiling {
-    pub own: f64,
-    pub daemons: f64,
+    own: f64,
+    daemons: f64,
 }
 
 impl Ceiling {
