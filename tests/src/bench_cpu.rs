@@ -944,6 +944,16 @@ struct Speeds {
     llama: Option<f64>,
 }
 
+impl Speeds {
+    /// Each engine's speed over its speed in `base`.
+    fn over(self, base: Speeds) -> Speeds {
+        Speeds {
+            modeld: self.modeld / base.modeld,
+            llama: self.llama.zip(base.llama).map(|(s, b)| s / b),
+        }
+    }
+}
+
 struct DecodeRow {
     shape: &'static str,
     format: &'static str,
@@ -1023,18 +1033,16 @@ impl Report {
         println!("| shape | format | modeld | llama.cpp |");
         println!("|---|---|---|---|");
         for one in self.decode.iter().filter(|r| r.threads == 1) {
-            let many = self
-                .decode
-                .iter()
-                .find(|r| r.threads == all && r.shape == one.shape && r.format == one.format);
-            let Some(many) = many else { continue };
-            let theirs = many.quiet.llama.zip(one.quiet.llama).map(|(m, o)| m / o);
+            let Some(many) = self.same_at(one, all) else {
+                continue;
+            };
+            let scaling = many.quiet.over(one.quiet);
             println!(
                 "| {} | {} | {:.2} | {} |",
                 one.shape,
                 one.format,
-                many.quiet.modeld / one.quiet.modeld,
-                or_dash(theirs, 2)
+                scaling.modeld,
+                or_dash(scaling.llama, 2)
             );
         }
     }
@@ -1046,7 +1054,7 @@ impl Report {
         for r in &self.decode {
             for session in Session::BOTH {
                 let busy = r.beside(session);
-                let theirs = busy.llama.zip(r.quiet.llama).map(|(b, q)| b / q);
+                let kept = busy.over(r.quiet);
                 println!(
                     "| {} | {} | {} | {} | {:.1} | {} | {} | {:.2} | {} |",
                     r.shape,
@@ -1056,8 +1064,8 @@ impl Report {
                     busy.modeld,
                     or_dash(busy.llama, 1),
                     ratio(busy.modeld, busy.llama),
-                    busy.modeld / r.quiet.modeld,
-                    or_dash(theirs, 2)
+                    kept.modeld,
+                    or_dash(kept.llama, 2)
                 );
             }
         }
@@ -1074,25 +1082,29 @@ impl Report {
             let Some(ceiling) = &many.ceiling else {
                 continue;
             };
-            let one = self
-                .decode
-                .iter()
-                .find(|r| r.threads == 1 && r.shape == many.shape && r.format == many.format);
-            let Some(one) = one else { continue };
+            let Some(one) = self.same_at(many, 1) else {
+                continue;
+            };
             for session in Session::BOTH {
-                let busy = many.beside(session);
-                let theirs = busy.llama.zip(one.quiet.llama).map(|(b, q)| b / q);
+                let goal = many.beside(session).over(one.quiet);
                 println!(
                     "| {} | {} | {} | {:.2} | {} | {:.2} |",
                     many.shape,
                     many.format,
                     session.label(),
-                    busy.modeld / one.quiet.modeld,
-                    or_dash(theirs, 2),
+                    goal.modeld,
+                    or_dash(goal.llama, 2),
                     ceiling.get(session)
                 );
             }
         }
+    }
+
+    /// The decode row of `row`'s shape and format at `threads`.
+    fn same_at(&self, row: &DecodeRow, threads: usize) -> Option<&DecodeRow> {
+        self.decode
+            .iter()
+            .find(|r| r.threads == threads && r.shape == row.shape && r.format == row.format)
     }
 
     fn print_ttft(&self) {
