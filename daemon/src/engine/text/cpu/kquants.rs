@@ -38,6 +38,11 @@ pub struct K8Rows {
     values: Vec<i8>,
     scales: Vec<f32>,
     sums16: Vec<i32>,
+    /// Per row and super-block, four words: word `k` holds the sums of
+    /// 32-value sub-blocks `2k` and `2k + 1` as its low and high 16 bits
+    /// (each within ±32 × 127), which the repacked kernel multiplies by
+    /// pairs of minimums in one instruction.
+    pair_sums: Vec<i32>,
     inputs: usize,
 }
 
@@ -49,23 +54,53 @@ impl K8Rows {
         let sums16 = values
             .chunks_exact(16)
             .map(|g| g.iter().map(|v| *v as i32).sum::<i32>())
+            .collect::<Vec<_>>();
+        let pair_sums = sums16
+            .chunks_exact(4)
+            .map(|s| {
+                let half = |a: i32, b: i32| (a + b) as i16 as u16 as u32;
+                (half(s[0], s[1]) | half(s[2], s[3]) << 16) as i32
+            })
             .collect();
         K8Rows {
             values,
             scales,
             sums16,
+            pair_sums,
             inputs,
         }
     }
 
-    fn rows(&self) -> usize {
+    pub fn rows(&self) -> usize {
         self.values.len() / self.inputs
     }
 
+    pub fn inputs(&self) -> usize {
+        self.inputs
+    }
+
     /// Row `row`'s values in super-block `b`.
-    fn block(&self, row: usize, b: usize) -> &[i8] {
+    pub fn block(&self, row: usize, b: usize) -> &[i8; SUPER] {
         let supers = self.inputs / SUPER;
-        &self.values[(row * supers + b) * SUPER..][..SUPER]
+        let values = &self.values[(row * supers + b) * SUPER..][..SUPER];
+        values.try_into().expect("a super-block")
+    }
+
+    /// Row `row`'s scale in super-block `b`.
+    pub fn scale(&self, row: usize, b: usize) -> f32 {
+        self.scales[row * self.inputs / SUPER + b]
+    }
+
+    /// The sums of row `row`'s sixteen 16-value groups in super-block `b`.
+    pub fn sums16(&self, row: usize, b: usize) -> &[i32; 16] {
+        let at = (row * self.inputs / SUPER + b) * 16;
+        self.sums16[at..][..16].try_into().expect("sixteen sums")
+    }
+
+    /// Row `row`'s [`K8Rows::pair_sums`] words in super-block `b`.
+    pub fn pair_sums(&self, row: usize, b: usize) -> &[i32; 4] {
+        let at = (row * self.inputs / SUPER + b) * 4;
+        self.pair_sums[at..][..4].try_into().expect("four words")
     }
 }
 
@@ -124,9 +159,27 @@ fn features_with(
     );
 }
 
+/// Adds a Q6_K super-block to a row's sum: `total` is the exact integer
+/// sum of scale × (weight - 32) × activation, `y` the activations' scale.
+/// Every path, file layout or repacked, ends with these operations in
+/// this order, which keeps their results the same bit for bit.
+#[inline(always)]
+pub fn add_q6k(acc: f32, y: f32, d: f32, total: i32) -> f32 {
+    (d * y).mul_add(total as f32, acc)
+}
+
+/// Adds a Q4_K or Q5_K super-block to a row's sum: `sum` is the exact
+/// integer sum of scale × weight × activation, `min_sum` of minimum ×
+/// activation, each with its half (`d`, `dmin`); as [`add_q6k`].
+#[inline(always)]
+pub fn add_q4k(acc: f32, y: f32, (d, sum): (f32, i32), (dmin, min_sum): (f32, i32)) -> f32 {
+    let acc = (d * y).mul_add(sum as f32, acc);
+    (-(dmin * y)).mul_add(min_sum as f32, acc)
+}
+
 /// The 6-bit scales and minimums of a Q4_K or Q5_K super-block, as
 /// llama.cpp packs them into 12 bytes.
-fn scales_and_mins(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
+pub fn scales_and_mins(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
     let mut scales = [0u8; 8];
     let mut mins = [0u8; 8];
     for j in 0..8 {
@@ -141,7 +194,7 @@ fn scales_and_mins(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
     (scales, mins)
 }
 
-fn half_at(bytes: &[u8], at: usize) -> f32 {
+pub fn half_at(bytes: &[u8], at: usize) -> f32 {
     // The const conversion inlines; `to_f32` calls out to detect F16C.
     f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32_const()
 }
@@ -166,7 +219,7 @@ fn dot_tile(
         }
         let block = &weights[at..][..kind.block_bytes()];
         let rows: [&[i8]; 4] =
-            std::array::from_fn(|i| acts.block(first_row + i.min(out.len() - 1), b));
+            std::array::from_fn(|i| acts.block(first_row + i.min(out.len() - 1), b).as_slice());
         match kind {
             Kind::Q6K => {
                 let scales: [i8; 16] = std::array::from_fn(|k| block[192 + k] as i8);
@@ -174,10 +227,9 @@ fn dot_tile(
                 let d = half_at(block, 208);
                 for (i, acc) in acc.iter_mut().enumerate().take(out.len()) {
                     let row = first_row + i;
-                    let groups = &acts.sums16[(row * supers + b) * 16..][..16];
+                    let groups = acts.sums16(row, b);
                     let offset: i32 = scales.iter().zip(groups).map(|(s, g)| *s as i32 * g).sum();
-                    let total = sums[i] - 32 * offset;
-                    *acc = (d * acts.scales[row * supers + b]).mul_add(total as f32, *acc);
+                    *acc = add_q6k(*acc, acts.scale(row, b), d, sums[i] - 32 * offset);
                 }
             }
             Kind::Q4K | Kind::Q5K => {
@@ -190,13 +242,11 @@ fn dot_tile(
                 let (d, dmin) = (half_at(block, 0), half_at(block, 2));
                 for (i, acc) in acc.iter_mut().enumerate().take(out.len()) {
                     let row = first_row + i;
-                    let groups = &acts.sums16[(row * supers + b) * 16..][..16];
+                    let groups = acts.sums16(row, b);
                     let min_sum: i32 = (0..8)
                         .map(|k| mins[k] as i32 * (groups[2 * k] + groups[2 * k + 1]))
                         .sum();
-                    let y = acts.scales[row * supers + b];
-                    *acc = (d * y).mul_add(sums[i] as f32, *acc);
-                    *acc = (-(dmin * y)).mul_add(min_sum as f32, *acc);
+                    *acc = add_q4k(*acc, acts.scale(row, b), (d, sums[i]), (dmin, min_sum));
                 }
             }
         }
@@ -204,36 +254,92 @@ fn dot_tile(
     out.copy_from_slice(&acc[..out.len()]);
 }
 
+/// Value `l` (0 to 255) of a super-block as stored, before its scale and
+/// offset: 4 bits for Q4_K, 5 for Q5_K, 6 for Q6_K.
+#[inline(always)]
+pub fn quant_at(kind: Kind, block: &[u8], l: usize) -> u8 {
+    match kind {
+        Kind::Q4K | Kind::Q5K => {
+            let q = if kind == Kind::Q4K {
+                &block[16..144]
+            } else {
+                &block[48..176]
+            };
+            let (chunk, at) = (l / 64, l % 64);
+            let byte = q[chunk * 32 + at % 32];
+            let low = if at < 32 { byte & 0xF } else { byte >> 4 };
+            if kind == Kind::Q4K {
+                return low;
+            }
+            low | ((block[16 + at % 32] >> (l / 32)) & 1) << 4
+        }
+        Kind::Q6K => {
+            let (half, at) = (l / 128, l % 128);
+            let (quarter, i) = (at / 32, at % 32);
+            let low = block[half * 64 + (quarter % 2) * 32 + i];
+            let low = if quarter < 2 { low & 0xF } else { low >> 4 };
+            let high = (block[128 + half * 32 + i] >> (2 * quarter)) & 3;
+            low | (high << 4)
+        }
+    }
+}
+
+/// Every value of a super-block, as [`quant_at`] gives them one by one,
+/// in plain loops over the file's runs of bytes that compile to vector
+/// code: repacking a load's matrices a value at a time ran at 0.17 GB/s.
+pub fn quant_values(kind: Kind, block: &[u8]) -> [u8; SUPER] {
+    let mut values = [0u8; SUPER];
+    match kind {
+        Kind::Q4K | Kind::Q5K => {
+            let from = if kind == Kind::Q4K { 16 } else { 48 };
+            let q = &block[from..from + 128];
+            for (chunk, bytes) in q.chunks_exact(32).enumerate() {
+                let (low, high) = values[64 * chunk..][..64].split_at_mut(32);
+                for ((low, high), byte) in low.iter_mut().zip(high).zip(bytes) {
+                    (*low, *high) = (byte & 0xF, byte >> 4);
+                }
+            }
+            if kind == Kind::Q5K {
+                let qh = &block[16..48];
+                for (sub, values) in values.chunks_exact_mut(32).enumerate() {
+                    for (value, bits) in values.iter_mut().zip(qh) {
+                        *value |= ((bits >> sub) & 1) << 4;
+                    }
+                }
+            }
+        }
+        Kind::Q6K => {
+            for (half, values) in values.chunks_exact_mut(128).enumerate() {
+                let ql = &block[64 * half..][..64];
+                let qh = &block[128 + 32 * half..][..32];
+                for (quarter, values) in values.chunks_exact_mut(32).enumerate() {
+                    let low = &ql[32 * (quarter % 2)..][..32];
+                    let shift = if quarter < 2 { 0 } else { 4 };
+                    for ((value, low), high) in values.iter_mut().zip(low).zip(qh) {
+                        *value = ((low >> shift) & 0xF) | ((high >> (2 * quarter)) & 3) << 4;
+                    }
+                }
+            }
+        }
+    }
+    values
+}
+
 fn portable_q4k(block: &[u8], scales: &[u8; 8], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
-    let q = &block[16..144];
     portable_sums(rows, n, |l| {
-        let (chunk, at) = (l / 64, l % 64);
-        let byte = q[chunk * 32 + at % 32];
-        let value = if at < 32 { byte & 0xF } else { byte >> 4 };
-        value as i32 * scales[l / 32] as i32
+        quant_at(Kind::Q4K, block, l) as i32 * scales[l / 32] as i32
     })
 }
 
 fn portable_q5k(block: &[u8], scales: &[u8; 8], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
-    let (qh, q) = (&block[16..48], &block[48..176]);
     portable_sums(rows, n, |l| {
-        let (chunk, at) = (l / 64, l % 64);
-        let byte = q[chunk * 32 + at % 32];
-        let low = if at < 32 { byte & 0xF } else { byte >> 4 };
-        let bit = (qh[at % 32] >> (l / 32)) & 1;
-        (low | (bit << 4)) as i32 * scales[l / 32] as i32
+        quant_at(Kind::Q5K, block, l) as i32 * scales[l / 32] as i32
     })
 }
 
 fn portable_q6k(block: &[u8], scales: &[i8; 16], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
-    let (ql, qh) = (&block[0..128], &block[128..192]);
     portable_sums(rows, n, |l| {
-        let (half, at) = (l / 128, l % 128);
-        let (quarter, i) = (at / 32, at % 32);
-        let low = ql[half * 64 + (quarter % 2) * 32 + i];
-        let low = if quarter < 2 { low & 0xF } else { low >> 4 };
-        let high = (qh[half * 32 + i] >> (2 * quarter)) & 3;
-        (low | (high << 4)) as i32 * scales[l / 16] as i32
+        quant_at(Kind::Q6K, block, l) as i32 * scales[l / 16] as i32
     })
 }
 

@@ -6,7 +6,7 @@ use std::sync::{mpsc, Arc, Mutex, OnceLock, Weak};
 use candle_core::quantized::GgmlDType;
 use memmap2::{Mmap, MmapOptions};
 
-use super::{packed, quant, Packed, Part, Source, MAX_ROWS};
+use super::{kpacked, packed, quant, KPacked, Packed, Part, Source, MAX_ROWS};
 
 /// Prompt rows per pass of the decode kernels over quantized weights: the
 /// chunk's quantized activations (a few tens of KiB) stay in cache.
@@ -101,9 +101,23 @@ pub struct Mapped {
     dtype: GgmlDType,
     features: usize,
     inputs: usize,
-    /// The Q8_0 or Q5_0 matrix repacked for the kernels, which products
-    /// read instead of the file once it is filled.
-    packed: Option<Arc<OnceLock<Packed>>>,
+    /// The matrix repacked for the kernels, which products read instead
+    /// of the file once it is filled.
+    packed: Option<Arc<OnceLock<Repacked>>>,
+}
+
+/// A matrix in the layout its kernels want.
+pub enum Repacked {
+    /// Q8_0 or Q5_0.
+    Q8(Packed),
+    /// Q4_K, Q5_K or Q6_K.
+    K(KPacked),
+}
+
+/// Whether products read `dtype` repacked on this CPU.
+pub fn repacks(dtype: GgmlDType) -> bool {
+    quant::q8_format(dtype).is_some_and(packed::worth_it)
+        || quant::k_kind(dtype).is_some() && kpacked::worth_it()
 }
 
 impl std::fmt::Debug for Mapped {
@@ -129,7 +143,7 @@ impl Mapped {
         &self.file.map[self.offset..self.offset + self.len]
     }
 
-    /// For products: Q8_0 and Q5_0 weights are repacked into the layout
+    /// For products: Q8_0, Q5_0 and k-quant weights are repacked into the layout
     /// their kernels want, on a thread of their own after the load, so that
     /// the first token need not wait for it; products read the file until
     /// the copy is ready, with the same results bit for bit. The copy is
@@ -137,9 +151,10 @@ impl Mapped {
     /// released from this process, so the matrix is resident once. Row
     /// lookups still read the file, and fault in only the rows they read.
     /// Other types, or a CPU without the kernels that read the layout
-    /// ([`packed::worth_it`]), keep the file's layout.
+    /// ([`packed::worth_it`], [`kpacked::worth_it`]), keep the file's
+    /// layout.
     pub fn for_products(mut self) -> Self {
-        if !quant::q8_format(self.dtype).is_some_and(packed::worth_it) {
+        if !repacks(self.dtype) {
             return self;
         }
         let slot = Arc::new(OnceLock::new());
@@ -168,8 +183,7 @@ impl Mapped {
     /// group). The file's pages are let go behind the work, a few hundred
     /// KiB at a time: the process holds the matrix twice for only that
     /// much, whenever its memory is measured.
-    fn repacked(&self, wanted: impl Fn() -> bool) -> Option<Packed> {
-        let format = quant::q8_format(self.dtype)?;
+    fn repacked(&self, wanted: impl Fn() -> bool) -> Option<Repacked> {
         let mut released = 0;
         let mut next = |done: usize| {
             if done - released >= RELEASE_BYTES || done == self.len {
@@ -189,12 +203,21 @@ impl Mapped {
             }
             wanted()
         };
-        Packed::group_by_group(format, self.bytes(), self.features, self.inputs, &mut next)
+        let (bytes, features, inputs) = (self.bytes(), self.features, self.inputs);
+        if let Some(kind) = quant::k_kind(self.dtype) {
+            let packed = KPacked::group_by_group(kind, bytes, features, inputs, &mut next);
+            return packed.map(Repacked::K);
+        }
+        let format = quant::q8_format(self.dtype)?;
+        let packed = Packed::group_by_group(format, bytes, features, inputs, &mut next);
+        packed.map(Repacked::Q8)
     }
 
     pub fn source(&self) -> Source<'_> {
-        if let Some(packed) = self.packed.as_ref().and_then(|slot| slot.get()) {
-            return Source::Packed(packed);
+        match self.packed.as_ref().and_then(|slot| slot.get()) {
+            Some(Repacked::Q8(packed)) => return Source::Packed(packed),
+            Some(Repacked::K(packed)) => return Source::PackedK(packed),
+            None => {}
         }
         self.file_source()
     }
@@ -234,7 +257,7 @@ impl Mapped {
             Source::Quant(dtype, bytes) => {
                 quant::matmul(dtype, bytes, x, rows, self.features, self.inputs)
             }
-            Source::Packed(_) => Ok(self.in_chunks(x, rows)),
+            Source::Packed(_) | Source::PackedK(_) => Ok(self.in_chunks(x, rows)),
         }
     }
 
@@ -258,7 +281,9 @@ impl Mapped {
             Source::Quant(dtype, bytes) => {
                 quant::dequantize_row(dtype, bytes, self.inputs, index, out)
             }
-            Source::Packed(_) => unreachable!("the file's layout is never packed"),
+            Source::Packed(_) | Source::PackedK(_) => {
+                unreachable!("the file's layout is never packed")
+            }
         }
     }
 }
@@ -276,7 +301,7 @@ struct Repack {
     dtype: GgmlDType,
     features: usize,
     inputs: usize,
-    slot: Weak<OnceLock<Packed>>,
+    slot: Weak<OnceLock<Repacked>>,
 }
 
 impl Repack {

@@ -12,6 +12,7 @@ pub mod attention;
 mod f32;
 mod features;
 pub mod gate;
+mod kpacked;
 mod kquants;
 pub mod mapped;
 mod packed;
@@ -19,6 +20,7 @@ pub mod pool;
 mod q8_0;
 pub mod quant;
 
+pub use kpacked::KPacked;
 pub use mapped::{Mapped, MappedFile, SettleOnDrop};
 pub use packed::Packed;
 
@@ -311,8 +313,10 @@ pub enum Source<'a> {
     F32(&'a [f32]),
     /// GGML blocks of the given type.
     Quant(GgmlDType, &'a [u8]),
-    /// Q8_0 blocks repacked for the kernels.
+    /// Q8_0 or Q5_0 blocks repacked for the kernels.
     Packed(&'a Packed),
+    /// Q4_K, Q5_K or Q6_K blocks repacked for the kernel.
+    PackedK(&'a KPacked),
 }
 
 impl Source<'_> {
@@ -321,6 +325,7 @@ impl Source<'_> {
             Source::F32(_) => inputs * 4,
             Source::Quant(dtype, _) => inputs / dtype.block_size() * dtype.type_size(),
             Source::Packed(p) => p.row_bytes(),
+            Source::PackedK(p) => p.row_bytes(),
         }
     }
 
@@ -330,6 +335,7 @@ impl Source<'_> {
             Source::F32(_) => None,
             Source::Quant(dtype, _) => Some(quant::activation_kind(*dtype)),
             Source::Packed(_) => Some(quant::ActivationKind::Rows8),
+            Source::PackedK(_) => Some(quant::ActivationKind::K8),
         }
     }
 }
@@ -412,7 +418,7 @@ pub fn few_rows(parts: &[Part], x: &[f32], rows: usize, inputs: usize) -> Vec<Ve
             first,
             count,
         };
-        if rows8_into(parts[n].source, &acts, first, &mut columns) {
+        if sink_into(parts[n].source, &acts, first, &mut columns) {
             return;
         }
         if rows == 1 {
@@ -473,9 +479,10 @@ impl q8_0::Sums for Columns {
     }
 }
 
-/// Sums of a Q8_0-family part (as the file stores it or repacked) into
-/// `out`, whose kernels write any sink; `false` for the other parts.
-fn rows8_into(
+/// Sums of a Q8_0-family part (as the file stores it or repacked) or a
+/// repacked k-quant part into `out`, whose kernels write any sink;
+/// `false` for the other parts.
+fn sink_into(
     source: Source,
     acts: &[(quant::ActivationKind, quant::Activations)],
     first: usize,
@@ -483,6 +490,10 @@ fn rows8_into(
 ) -> bool {
     match source {
         Source::Packed(p) => packed::dot_into(p, first, rows8(acts), out),
+        Source::PackedK(p) => match activations(acts, quant::ActivationKind::K8) {
+            quant::Activations::K8(rows) => kpacked::dot_into(p, first, rows, out),
+            _ => unreachable!("K8 activations are K8Rows"),
+        },
         Source::Quant(dtype, bytes) => {
             let Some(format) = quant::q8_format(dtype) else {
                 return false;
@@ -559,10 +570,10 @@ fn dot_features(
             let a = activations(acts, quant::activation_kind(dtype));
             quant::dot_features(dtype, bytes, inputs, first, a, out);
         }
-        Source::Quant(..) | Source::Packed(_) => {
+        Source::Quant(..) | Source::Packed(_) | Source::PackedK(_) => {
             let rows = x.len() / inputs;
             let mut sums = q8_0::FeatureMajor { out, rows };
-            assert!(rows8_into(source, acts, first, &mut sums));
+            assert!(sink_into(source, acts, first, &mut sums));
         }
     }
 }

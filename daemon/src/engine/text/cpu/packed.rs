@@ -38,12 +38,12 @@ const LINES: usize = GROUP * BLOCK / 64;
 const Q5_LINES: usize = 5;
 
 /// How far ahead of a product's reads its lines are asked for.
-const AHEAD: usize = 4096;
+pub(super) const AHEAD: usize = 4096;
 
 /// One cache line, aligned as one.
 #[derive(Clone, Copy)]
 #[repr(C, align(64))]
-struct Line([u8; 64]);
+pub(super) struct Line(pub(super) [u8; 64]);
 
 /// A `features × inputs` Q8_0 or Q5_0 matrix in groups of [`GROUP`] rows.
 pub struct Packed {
@@ -179,7 +179,7 @@ pub fn worth_it(format: Format) -> bool {
 /// MiB pages where it can (Linux's transparent huge pages, in `madvise`
 /// mode on most systems): a 4 KiB page fault per 4 KiB made repacking
 /// run at 2 GB/s, and a product's reads walk fewer page tables.
-fn in_huge_pages<T>(len: usize) -> Vec<T> {
+pub(super) fn in_huge_pages<T>(len: usize) -> Vec<T> {
     const HUGE: usize = 2 << 20;
     let values = Vec::with_capacity(len);
     let start = values.as_ptr() as usize;
@@ -267,7 +267,7 @@ pub fn dot_into<S: Sums>(packed: &Packed, first: usize, acts: &Q8Rows, out: &mut
 
 /// The groups a task covers, each with how many of its rows the task
 /// wants: `(group, first feature of the task's in it, rows)`.
-fn groups(first: usize, features: usize) -> impl Iterator<Item = (usize, usize, usize)> {
+pub(super) fn groups(first: usize, features: usize) -> impl Iterator<Item = (usize, usize, usize)> {
     (first..first + features)
         .step_by(GROUP)
         .map(move |f| (f / GROUP, f - first, GROUP.min(first + features - f)))

@@ -94,6 +94,17 @@ pub fn q8_format(dtype: GgmlDType) -> Option<Format> {
     }
 }
 
+/// The k-quant kind of `dtype` that modeld's kernels read; `None` for the
+/// other types.
+pub fn k_kind(dtype: GgmlDType) -> Option<Kind> {
+    match dtype {
+        GgmlDType::Q4K => Some(Kind::Q4K),
+        GgmlDType::Q5K => Some(Kind::Q5K),
+        GgmlDType::Q6K => Some(Kind::Q6K),
+        _ => None,
+    }
+}
+
 /// Weight rows `first..first + count` of a `dtype` matrix of `inputs`
 /// columns stored in `bytes`, dotted with every activation row; fills
 /// `out[f * rows + r]`. The Q8_0 family is not here: its kernels hand each

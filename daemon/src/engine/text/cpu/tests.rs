@@ -382,19 +382,23 @@ fn avx2_quantizing_is_the_plain_loop() {
     assert_eq!(&x[..8], &[127.0, 126.5, -126.5, 0.5, -0.5, 1.5, -2.5, 0.0]);
 }
 
-/// A mapped Q8_0 or Q5_0 matrix, repacked for products, gives the file
-/// layout's sums bit for bit for a step, for every row alone, and for a
-/// prompt in chunks; its row lookups still read the file. 300 weight rows
-/// are 16-row groups and a part of one, split into several tasks.
+/// A mapped Q8_0, Q5_0 or k-quant matrix, repacked for products, gives
+/// the file layout's sums bit for bit for a step, for every row alone,
+/// and for a prompt in chunks; its row lookups still read the file. 300
+/// weight rows are 16-row groups and a part of one, split into several
+/// tasks.
 #[test]
 fn a_repacked_matrix_sums_as_the_file_does() {
     for dtype in [GgmlDType::Q8_0, GgmlDType::Q5_0] {
-        check_repacked(dtype);
+        check_repacked(dtype, 576);
+    }
+    for dtype in [GgmlDType::Q4K, GgmlDType::Q5K, GgmlDType::Q6K] {
+        check_repacked(dtype, 512);
     }
 }
 
-fn check_repacked(dtype: GgmlDType) {
-    let (features, inputs) = (300, 576);
+fn check_repacked(dtype: GgmlDType, inputs: usize) {
+    let features = 300;
     let w = values(features * inputs, 11);
     let (words, len, dequantized) = quantized(&w, features, inputs, dtype);
     let blocks = as_bytes(&words, len);
@@ -405,17 +409,18 @@ fn check_repacked(dtype: GgmlDType) {
     std::fs::write(&path, &bytes).unwrap();
     let file = MappedFile::open(&path).unwrap();
     let matrix = file.matrix(64, dtype, features, inputs).unwrap();
-    let repacks = quant::q8_format(dtype).is_some_and(packed::worth_it);
+    let repacks = mapped::repacks(dtype);
+    let is_packed = |s: Source| matches!(s, Source::Packed(_) | Source::PackedK(_));
     // The thread that repacks after a load gets there on its own.
     let later = matrix.clone().for_products();
     let waited = std::time::Instant::now();
-    while repacks && !matches!(later.source(), Source::Packed(_)) {
+    while repacks && !is_packed(later.source()) {
         assert!(waited.elapsed().as_secs() < 60, "never repacked");
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
     let repacked = matrix.clone().for_products();
     repacked.repack_now();
-    assert_eq!(matches!(repacked.source(), Source::Packed(_)), repacks);
+    assert_eq!(is_packed(repacked.source()), repacks);
     let file_part = Part {
         source: Source::Quant(dtype, blocks),
         features,
