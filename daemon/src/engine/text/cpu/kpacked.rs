@@ -16,7 +16,7 @@
 //!   (bits `2k` and `2k + 1` of line `h`, value `4(h + 16k) + i`);
 //! - four lines of scales: Q4_K and Q5_K's eight scales as bytes,
 //!   sub-block by sub-block and row by row, then their minimums two by two
-//!   (row `j`'s pair `k` at bytes `32k + 2j`), ready for 16-bit
+//!   (row `j`'s pair `k` at bytes `128 + 32k + 2j`), ready for 16-bit
 //!   multiply-adds; Q6_K's sixteen signed scales the same way;
 //! - one line of the rows' halves: `d`, then Q4_K and Q5_K's `dmin`.
 //!
@@ -312,8 +312,10 @@ mod x86_64 {
     use crate::engine::text::cpu::prefetch_to_l2_at;
     use std::arch::x86_64::*;
 
-    /// Activation rows a tile takes at most: with a round's sixteen
-    /// weight registers and each row's sum, more would spill.
+    /// Activation rows a tile takes at most. A round holds sixteen value
+    /// registers, and each row an integer and a float sum; at eight rows
+    /// that is 32 registers with the scales, so the float sums, touched
+    /// once per super-block, already go to the stack and back.
     const TILE: usize = 8;
 
     /// The kernel: a group's sixteen rows in one register, up to [`TILE`]
@@ -397,18 +399,22 @@ mod x86_64 {
                 )
             };
             let y: [&[i8; SUPER]; N] = std::array::from_fn(|i| acts.block(first_row + i, b));
-            let ints = if HIGH == 2 {
-                q6k_sums::<N>(lines, scales, &y, acts, first_row, b)
-            } else {
-                q4k_sums::<N, HIGH>(lines, scales, &y)
+            // SAFETY: this kernel is compiled for AVX-512 with VNNI.
+            let (ints, mins) = unsafe {
+                if HIGH == 2 {
+                    let ints = q6k_sums::<N>(lines, scales, &y, acts, first_row, b);
+                    (ints, [_mm512_setzero_si512(); 4])
+                } else {
+                    (q4k_sums::<N, HIGH>(lines, scales, &y), min_pairs(scales))
+                }
             };
             for (i, acc) in acc.iter_mut().enumerate() {
                 let y_scale = _mm512_set1_ps(acts.scale(first_row + i, b));
                 *acc =
                     _mm512_fmadd_ps(_mm512_mul_ps(d, y_scale), _mm512_cvtepi32_ps(ints[i]), *acc);
                 if HIGH < 2 {
-                    let pairs = acts.pair_sums(first_row + i, b);
-                    let min_sum = min_sums(scales, pairs);
+                    // SAFETY: as above.
+                    let min_sum = unsafe { min_sum(&mins, acts.pair_sums(first_row + i, b)) };
                     *acc = _mm512_fnmadd_ps(
                         _mm512_mul_ps(dmin, y_scale),
                         _mm512_cvtepi32_ps(min_sum),
@@ -432,8 +438,12 @@ mod x86_64 {
     }
 
     /// Line `at` of a block, in a register.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 (F, BW) with VNNI: only the kernel, compiled
+    /// for them, calls this.
     #[inline(always)]
-    fn line(lines: &[Line], at: usize) -> __m512i {
+    unsafe fn line(lines: &[Line], at: usize) -> __m512i {
         let line: &Line = &lines[at];
         // SAFETY: a line is 64 bytes aligned to 64; the callers are
         // compiled for AVX-512.
@@ -442,8 +452,12 @@ mod x86_64 {
 
     /// Sub-block `k`'s sixteen scales (bytes, unsigned or `SIGNED`) as
     /// 32-bit lanes.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 (F, BW) with VNNI: only the kernel, compiled
+    /// for them, calls this.
     #[inline(always)]
-    fn scale_lanes<const SIGNED: bool>(scales: &[Line], k: usize) -> __m512i {
+    unsafe fn scale_lanes<const SIGNED: bool>(scales: &[Line], k: usize) -> __m512i {
         assert!(k < 16 && scales.len() >= 4);
         // SAFETY: sixteen bytes inside the four scale lines; the callers
         // are compiled for AVX-512.
@@ -460,8 +474,12 @@ mod x86_64 {
     /// A round's sixteen value registers: lines `8r..8r + 8`'s low
     /// nibbles (values `32r..32r + 32`) then high ones (`128 + 32r..`),
     /// with their high bits from the lines after the nibbles.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 (F, BW) with VNNI: only the kernel, compiled
+    /// for them, calls this.
     #[inline(always)]
-    fn round_values<const HIGH: usize>(lines: &[Line], r: usize) -> [__m512i; 16] {
+    unsafe fn round_values<const HIGH: usize>(lines: &[Line], r: usize) -> [__m512i; 16] {
         // A loop, not `array::from_fn`: a closure does not inherit the
         // caller's target features, and its intrinsics became calls.
         // SAFETY: the callers are compiled for AVX-512.
@@ -509,8 +527,12 @@ mod x86_64 {
 
     /// Q4_K's or Q5_K's sums of scale × weight × activation, per row of
     /// the group, for each activation row.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 (F, BW) with VNNI: only the kernel, compiled
+    /// for them, calls this.
     #[inline(always)]
-    fn q4k_sums<const N: usize, const HIGH: usize>(
+    unsafe fn q4k_sums<const N: usize, const HIGH: usize>(
         lines: &[Line],
         scales: &[Line],
         y: &[&[i8; SUPER]; N],
@@ -540,18 +562,39 @@ mod x86_64 {
         }
     }
 
-    /// Q4_K's or Q5_K's sums of minimum × activation per row of the
-    /// group, for one activation row's pair sums.
+    /// Q4_K's or Q5_K's minimums, pair `k` of each row in a 32-bit lane
+    /// of register `k`, as 16-bit integers.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 (F, BW) with VNNI: only the kernel, compiled
+    /// for them, calls this.
     #[inline(always)]
-    fn min_sums(scales: &[Line], pairs: &[i32; 4]) -> __m512i {
-        // SAFETY: the minimums' four 32-byte runs are the scale lines'
-        // second half; the callers are compiled for AVX-512 with VNNI.
+    unsafe fn min_pairs(scales: &[Line]) -> [__m512i; 4] {
+        assert!(scales.len() >= 4);
+        // SAFETY: the minimums' four 32-byte runs are the second half of
+        // the four scale lines, aligned to 32; the CPU has the features.
         unsafe {
             let runs = (scales.as_ptr() as *const __m256i).add(4);
+            let mut mins = [_mm512_setzero_si512(); 4];
+            for (k, mins) in mins.iter_mut().enumerate() {
+                *mins = _mm512_cvtepu8_epi16(_mm256_load_si256(runs.add(k)));
+            }
+            mins
+        }
+    }
+
+    /// Q4_K's or Q5_K's sums of minimum × activation per row of the
+    /// group, for one activation row's pair sums.
+    ///
+    /// # Safety
+    /// As [`min_pairs`].
+    #[inline(always)]
+    unsafe fn min_sum(mins: &[__m512i; 4], pairs: &[i32; 4]) -> __m512i {
+        // SAFETY: as the caller promises.
+        unsafe {
             let mut sum = _mm512_setzero_si512();
-            for (k, pair) in pairs.iter().enumerate() {
-                let mins = _mm512_cvtepu8_epi16(_mm256_load_si256(runs.add(k)));
-                sum = _mm512_dpwssd_epi32(sum, mins, _mm512_set1_epi32(*pair));
+            for (mins, pair) in mins.iter().zip(pairs) {
+                sum = _mm512_dpwssd_epi32(sum, *mins, _mm512_set1_epi32(*pair));
             }
             sum
         }
@@ -559,8 +602,12 @@ mod x86_64 {
 
     /// Q6_K's sums of scale × (weight - 32) × activation, per row of the
     /// group, for each activation row.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512 (F, BW) with VNNI: only the kernel, compiled
+    /// for them, calls this.
     #[inline(always)]
-    fn q6k_sums<const N: usize>(
+    unsafe fn q6k_sums<const N: usize>(
         lines: &[Line],
         scales: &[Line],
         y: &[&[i8; SUPER]; N],
@@ -603,10 +650,12 @@ mod tests {
     use super::*;
 
     /// Nineteen weight rows (a whole group and three rows of another) and
-    /// eleven activation rows (a tile of eight and one of three), with
-    /// every bit pattern the blocks may hold, give the file layout's sums
-    /// bit for bit in each kind, from the portable path and the kernel,
-    /// and from a task that starts at the second group.
+    /// eleven activation rows (a tile of eight and one of three) give the
+    /// file layout's sums bit for bit in each kind, from the portable path
+    /// and the kernel, and from a task that starts at the second group.
+    /// The bytes run through many patterns, and the first super-block of
+    /// row 2 is at every extreme (largest values, scales and minimums, or
+    /// Q6_K's most negative scales) against an activation row of ±127.
     #[test]
     fn packed_k_products_are_the_files_bit_for_bit() {
         for kind in [Kind::Q4K, Kind::Q5K, Kind::Q6K] {
@@ -633,9 +682,22 @@ mod tests {
                 block[*at..*at + 2].copy_from_slice(&half.to_le_bytes());
             }
         }
-        let x: Vec<f32> = (0..ROWS * inputs)
+        let extreme = &mut bytes[2 * inputs / SUPER * kind.block_bytes()..][..kind.block_bytes()];
+        for (at, byte) in extreme.iter_mut().enumerate() {
+            let half = halves.iter().any(|h| (*h..*h + 2).contains(&at));
+            let q6_scale = kind == Kind::Q6K && (192..208).contains(&at);
+            *byte = match (half, q6_scale) {
+                (true, _) => *byte,
+                (_, true) => 0x80,
+                _ => 0xFF,
+            };
+        }
+        let mut x: Vec<f32> = (0..ROWS * inputs)
             .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
             .collect();
+        for (i, x) in x[..inputs].iter_mut().enumerate() {
+            *x = if i % 3 == 0 { -1.0 } else { 1.0 };
+        }
         let acts = K8Rows::quantize(&x, inputs);
         let mut want = vec![0f32; FEATURES * ROWS];
         kquants::dot_features(kind, &bytes, 0, &acts, &mut want);

@@ -143,11 +143,12 @@ impl Mapped {
         &self.file.map[self.offset..self.offset + self.len]
     }
 
-    /// For products: Q8_0, Q5_0 and k-quant weights are repacked into the layout
-    /// their kernels want, on a thread of their own after the load, so that
-    /// the first token need not wait for it; products read the file until
-    /// the copy is ready, with the same results bit for bit. The copy is
-    /// anonymous memory of the same size, and the file's pages are then
+    /// For products: Q8_0, Q5_0 and k-quant weights are repacked into the
+    /// layout their kernels want, on a thread of their own after the load,
+    /// so that the first token need not wait for it; products read the
+    /// file until the copy is ready, with the same results bit for bit.
+    /// The copy is anonymous memory of about the same size (k-quants 1 to
+    /// 3% more, for their unpacked scales), and the file's pages are then
     /// released from this process, so the matrix is resident once. Row
     /// lookups still read the file, and fault in only the rows they read.
     /// Other types, or a CPU without the kernels that read the layout

@@ -453,9 +453,10 @@ pub fn few_rows(parts: &[Part], x: &[f32], rows: usize, inputs: usize) -> Vec<Ve
 }
 
 /// A task's weight rows `first..first + count` in every row of a
-/// row-major `rows × features` output, which the Q8_0 family's kernels
-/// write straight into: going through feature-major sums and turning them
-/// into rows cost a twentieth of an 8-sequence decode step.
+/// row-major `rows × features` output, which the kernels of the Q8_0
+/// family and of the repacked k-quants write straight into: going through
+/// feature-major sums and turning them into rows cost a twentieth of an
+/// 8-sequence decode step.
 struct Columns {
     out: Out,
     rows: usize,
