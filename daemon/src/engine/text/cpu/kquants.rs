@@ -194,7 +194,7 @@ pub fn scales_and_mins(packed: &[u8]) -> ([u8; 8], [u8; 8]) {
     (scales, mins)
 }
 
-pub fn half_at(bytes: &[u8], at: usize) -> f32 {
+fn half_at(bytes: &[u8], at: usize) -> f32 {
     // The const conversion inlines; `to_f32` calls out to detect F16C.
     f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32_const()
 }
@@ -257,7 +257,7 @@ fn dot_tile(
 /// Value `l` (0 to 255) of a super-block as stored, before its scale and
 /// offset: 4 bits for Q4_K, 5 for Q5_K, 6 for Q6_K.
 #[inline(always)]
-pub fn quant_at(kind: Kind, block: &[u8], l: usize) -> u8 {
+fn quant_at(kind: Kind, block: &[u8], l: usize) -> u8 {
     match kind {
         Kind::Q4K | Kind::Q5K => {
             let q = if kind == Kind::Q4K {
