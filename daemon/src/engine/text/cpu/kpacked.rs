@@ -306,7 +306,7 @@ impl Block<'_> {
 
 #[cfg(target_arch = "x86_64")]
 mod x86_64 {
-    use super::super::packed::AHEAD;
+    use super::super::packed::{x86_64::put, AHEAD};
     use super::{groups, high_bits, lines_per_block, scales_line, KPacked, Kind, Line, Sums};
     use super::{K8Rows, GROUP, SUPER};
     use crate::engine::text::cpu::prefetch_to_l2_at;
@@ -339,11 +339,7 @@ mod x86_64 {
                 let count = TILE.min(rows - first_row);
                 let mut sums = [[0f32; GROUP]; TILE];
                 tile_rows::<HIGH>(p, g, acts, first_row, count, &mut sums);
-                for (i, sums) in sums.iter().enumerate().take(count) {
-                    for (j, sum) in sums.iter().enumerate().take(wanted) {
-                        out.put(f + j, first_row + i, *sum);
-                    }
-                }
+                put(out, &sums, f, wanted, first_row, count);
             }
         }
     }

@@ -296,7 +296,7 @@ fn portable<S: Sums>(packed: &Packed, first: usize, acts: &Q8Rows, out: &mut S) 
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86_64 {
+pub(super) mod x86_64 {
     use super::{groups, Format, Line, Packed, Q8Rows, Sums, AHEAD, BLOCK, LINES, Q5_LINES};
     use crate::engine::text::cpu::prefetch_to_l2_at;
     use half::f16;
@@ -305,7 +305,7 @@ mod x86_64 {
     /// Hands a tile's sums to `out`: `sums[i][j]` is activation row
     /// `first_row + i` with the group's row `j`, of which `rows` are wanted.
     #[inline(always)]
-    fn put<const W: usize>(
+    pub(in crate::engine::text::cpu) fn put<const W: usize>(
         out: &mut impl Sums,
         sums: &[[f32; W]],
         f: usize,
