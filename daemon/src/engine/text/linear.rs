@@ -169,9 +169,29 @@ fn dense_forward(x: &Tensor, w: &Tensor) -> Result<Tensor> {
             None => split_matmul(&x2, w)?,
         }
     } else {
-        x2.matmul(&w.t()?)?
+        match prompt_f32(&x2, w)? {
+            Some(y) => y,
+            None => x2.matmul(&w.t()?)?,
+        }
     };
     y.reshape(with_width(x, w.dim(0)?))
+}
+
+/// A prompt's `x · wᵀ` by [`cpu::prompt_f32`] when both are f32 on the
+/// CPU and it has the instructions; `None` otherwise.
+fn prompt_f32(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    if !matches!(x.device(), Device::Cpu) {
+        return Ok(None);
+    }
+    let (rows, inputs) = x.dims2()?;
+    let features = w.dim(0)?;
+    let x = x.contiguous()?;
+    let product = |xs: &[f32], ws: &[f32]| cpu::prompt_f32(xs, rows, ws, features, inputs);
+    let out = cpu::with_contiguous_f32(&x, |xs| cpu::with_contiguous_f32(w, |ws| product(xs, ws)));
+    match out.flatten().flatten() {
+        Some(out) => Tensor::from_vec(out, (rows, features), &Device::Cpu).map(Some),
+        None => Ok(None),
+    }
 }
 
 fn splits_by_rows(x: &Tensor, rows: usize) -> bool {

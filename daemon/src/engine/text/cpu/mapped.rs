@@ -253,7 +253,11 @@ impl Mapped {
             return Ok(out.pop().expect("one part"));
         }
         match self.source() {
-            Source::F32(w) => Ok(gemm_f32(x, rows, w, self.features, self.inputs)),
+            Source::F32(w) => {
+                let (features, inputs) = (self.features, self.inputs);
+                let product = super::prompt_f32(x, rows, w, features, inputs);
+                Ok(product.unwrap_or_else(|| gemm_f32(x, rows, w, features, inputs)))
+            }
             Source::Quant(dtype, _) if quant::has_own_kernel(dtype) => Ok(self.in_chunks(x, rows)),
             Source::Quant(dtype, bytes) => {
                 quant::matmul(dtype, bytes, x, rows, self.features, self.inputs)
@@ -373,7 +377,13 @@ fn repack_later(job: Repack) {
 }
 
 /// `x · wᵀ` by gemm's blocked product, on rayon's threads.
-fn gemm_f32(x: &[f32], rows: usize, w: &[f32], features: usize, inputs: usize) -> Vec<f32> {
+pub(super) fn gemm_f32(
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    features: usize,
+    inputs: usize,
+) -> Vec<f32> {
     let mut out = vec![0f32; rows * features];
     // SAFETY: `out` is rows × features, `x` rows × inputs and `w`
     // features × inputs, all row-major; `w` is read as its transpose.

@@ -17,6 +17,8 @@ mod kquants;
 pub mod mapped;
 mod packed;
 pub mod pool;
+#[cfg(target_arch = "x86_64")]
+mod prompt;
 mod q8_0;
 pub mod quant;
 
@@ -384,6 +386,25 @@ fn for_each_tile(
         for (t, sums) in sums.chunks_mut(width).enumerate() {
             tile(weights, t * width, sums);
         }
+    }
+}
+
+/// A prompt's `x` (`rows × inputs`) times the transpose of f32 weights
+/// `w` (`features × inputs`) by [`prompt::product`]: `None` where the CPU
+/// lacks its instructions, and the caller takes the `gemm` crate.
+pub fn prompt_f32(
+    x: &[f32],
+    rows: usize,
+    w: &[f32],
+    features: usize,
+    inputs: usize,
+) -> Option<Vec<f32>> {
+    #[cfg(target_arch = "x86_64")]
+    return prompt::product(x, rows, w, features, inputs);
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (x, rows, w, features, inputs);
+        None
     }
 }
 
