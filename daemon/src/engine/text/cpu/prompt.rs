@@ -361,7 +361,10 @@ mod avx512 {
             let mut u = [_mm512_setzero_ps(); LANES];
             for g in 0..4 {
                 let (a, b) = (_mm512_castps_pd(t[4 * g]), _mm512_castps_pd(t[4 * g + 2]));
-                let (c, d) = (_mm512_castps_pd(t[4 * g + 1]), _mm512_castps_pd(t[4 * g + 3]));
+                let (c, d) = (
+                    _mm512_castps_pd(t[4 * g + 1]),
+                    _mm512_castps_pd(t[4 * g + 3]),
+                );
                 u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
                 u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
                 u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
