@@ -127,7 +127,8 @@ impl Drop for Panels {
     fn drop(&mut self) {
         if self.lines.capacity() * size_of::<Line>() <= KEPT_BYTES {
             let lines = std::mem::take(&mut self.lines);
-            KEPT.with(|kept| kept.set(lines));
+            // A thread being torn down keeps nothing.
+            let _ = KEPT.try_with(|kept| kept.set(lines));
         }
     }
 }
@@ -331,7 +332,7 @@ mod avx512 {
         let count = (inputs - from).min(LANES);
         let rows = x.len() / inputs;
         assert!(rows <= LANES && lines.len() > (count - 1) * step);
-        let mask = (1u32 << count) as u16 - 1;
+        let mask = ((1u32 << count) - 1) as u16;
         let mut r = [_mm512_setzero_ps(); LANES];
         for (row, r) in r.iter_mut().enumerate().take(rows) {
             // SAFETY: `count` values from `from` lie in the row.
