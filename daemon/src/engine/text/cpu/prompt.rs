@@ -119,8 +119,8 @@ thread_local! {
     static KEPT: std::cell::Cell<Vec<Line>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
-/// The most panel bytes kept between products: a prompt of a hundred rows
-/// at the widest inputs (14336).
+/// The most panel bytes kept between products: a group of 192 rows at
+/// 5632 inputs takes 4.1 MiB, 96 rows at 14336 inputs 5.3 MiB.
 const KEPT_BYTES: usize = 6 << 20;
 
 impl Drop for Panels {
