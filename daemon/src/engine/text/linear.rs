@@ -184,7 +184,10 @@ fn prompt_f32(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
         return Ok(None);
     }
     let (rows, inputs) = x.dims2()?;
-    let features = w.dim(0)?;
+    let (features, w_inputs) = w.dims2()?;
+    if w_inputs != inputs {
+        return Ok(None); // candle's product reports the mismatch.
+    }
     let x = x.contiguous()?;
     let product = |xs: &[f32], ws: &[f32]| cpu::prompt_f32(xs, rows, ws, features, inputs);
     let out = cpu::with_contiguous_f32(&x, |xs| cpu::with_contiguous_f32(w, |ws| product(xs, ws)));
