@@ -177,26 +177,6 @@ fn dense_forward(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     y.reshape(with_width(x, w.dim(0)?))
 }
 
-/// A prompt's `x · wᵀ` by [`cpu::prompt_f32`] when both are f32 on the
-/// CPU and it has the instructions; `None` otherwise.
-fn prompt_f32(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    if !matches!(x.device(), Device::Cpu) {
-        return Ok(None);
-    }
-    let (rows, inputs) = x.dims2()?;
-    let (features, w_inputs) = w.dims2()?;
-    if w_inputs != inputs {
-        return Ok(None); // candle's product reports the mismatch.
-    }
-    let x = x.contiguous()?;
-    let product = |xs: &[f32], ws: &[f32]| cpu::prompt_f32(xs, rows, ws, features, inputs);
-    let out = cpu::with_contiguous_f32(&x, |xs| cpu::with_contiguous_f32(w, |ws| product(xs, ws)));
-    match out.flatten().flatten() {
-        Some(out) => Tensor::from_vec(out, (rows, features), &Device::Cpu).map(Some),
-        None => Ok(None),
-    }
-}
-
 fn splits_by_rows(x: &Tensor, rows: usize) -> bool {
     matches!(x.device(), Device::Cpu) && rows <= SPLIT_MAX_ROWS
 }
@@ -204,19 +184,47 @@ fn splits_by_rows(x: &Tensor, rows: usize) -> bool {
 /// `x · wᵀ` by [`cpu::few_rows`] when both are f32 in memory; `None` for
 /// other dtypes.
 fn few_rows_f32(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
-    let (rows, inputs) = x.dims2()?;
-    let features = w.dim(0)?;
-    let x = x.contiguous()?;
-    let product = |xs: &[f32], ws: &[f32]| {
+    on_f32(x, w, |xs, ws, (rows, features, inputs)| {
         let part = Part {
             source: Source::F32(ws),
             features,
         };
-        let out = cpu::few_rows(&[part], xs, rows, inputs);
-        out.into_iter().next().expect("one part")
-    };
-    let out = cpu::with_contiguous_f32(&x, |xs| cpu::with_contiguous_f32(w, |ws| product(xs, ws)));
-    match out.flatten() {
+        cpu::few_rows(&[part], xs, rows, inputs).pop()
+    })
+}
+
+/// A prompt's `x · wᵀ` by [`cpu::prompt_f32`] when both are f32 in memory
+/// and the CPU has the instructions; `None` otherwise.
+fn prompt_f32(x: &Tensor, w: &Tensor) -> Result<Option<Tensor>> {
+    on_f32(x, w, |xs, ws, (rows, features, inputs)| {
+        cpu::prompt_f32(xs, rows, ws, features, inputs)
+    })
+}
+
+/// `product(x, w, (rows, features, inputs))` over `x` (`rows × inputs`)
+/// and `w` (`features × inputs`) as f32 values in CPU memory, as a
+/// `rows × features` tensor. `None` when either is elsewhere or of
+/// another dtype, when their inputs differ (candle's product then reports
+/// it), or when `product` declines.
+fn on_f32(
+    x: &Tensor,
+    w: &Tensor,
+    product: impl FnOnce(&[f32], &[f32], (usize, usize, usize)) -> Option<Vec<f32>>,
+) -> Result<Option<Tensor>> {
+    if !matches!(x.device(), Device::Cpu) {
+        return Ok(None);
+    }
+    let (rows, inputs) = x.dims2()?;
+    let (features, w_inputs) = w.dims2()?;
+    if w_inputs != inputs {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let shape = (rows, features, inputs);
+    let out = cpu::with_contiguous_f32(&x, |xs| {
+        cpu::with_contiguous_f32(w, |ws| product(xs, ws, shape))
+    });
+    match out.flatten().flatten() {
         Some(out) => Tensor::from_vec(out, (rows, features), &Device::Cpu).map(Some),
         None => Ok(None),
     }
