@@ -121,6 +121,9 @@ fn random_llama(dir: &std::path::Path, hidden: usize, layers: usize) -> Decoder 
 /// GGUF) pick the model; `RAYON_NUM_THREADS` the
 /// threads, `PROBE_BATCHES` (`1,2,4,8`) the batch sizes, `PROBE_PROMPT`
 /// the prompt's length and `PROBE_STEPS` the steps timed after it.
+/// `PROBE_GGUF` names a GGUF file to time instead (`PROBE_LAYERS` must
+/// then be its layers); its first prefill runs as a load's first prompt
+/// does, while the repacking thread works.
 #[test]
 #[ignore = "a timing probe, not a check"]
 fn decode_step_timing() {
@@ -141,6 +144,9 @@ fn decode_step_timing() {
     };
     if let Some(kind) = kind {
         model = gguf_of(dir.path(), kind);
+    }
+    if let Ok(file) = std::env::var("PROBE_GGUF") {
+        model = load_gguf(std::path::Path::new(&file));
     }
     let batches: Vec<usize> = std::env::var("PROBE_BATCHES")
         .unwrap_or_else(|_| "1,2,4,8".into())

@@ -257,7 +257,7 @@ fn dot_tile(
 /// Value `l` (0 to 255) of a super-block as stored, before its scale and
 /// offset: 4 bits for Q4_K, 5 for Q5_K, 6 for Q6_K.
 #[inline(always)]
-fn quant_at(kind: Kind, block: &[u8], l: usize) -> u8 {
+pub(super) fn quant_at(kind: Kind, block: &[u8], l: usize) -> u8 {
     match kind {
         Kind::Q4K | Kind::Q5K => {
             let q = if kind == Kind::Q4K {
@@ -282,47 +282,6 @@ fn quant_at(kind: Kind, block: &[u8], l: usize) -> u8 {
             low | (high << 4)
         }
     }
-}
-
-/// Every value of a super-block, as [`quant_at`] gives them one by one,
-/// in plain loops over the file's runs of bytes that compile to vector
-/// code: repacking a load's matrices a value at a time ran at 0.17 GB/s.
-pub fn quant_values(kind: Kind, block: &[u8]) -> [u8; SUPER] {
-    let mut values = [0u8; SUPER];
-    match kind {
-        Kind::Q4K | Kind::Q5K => {
-            let from = if kind == Kind::Q4K { 16 } else { 48 };
-            let q = &block[from..from + 128];
-            for (chunk, bytes) in q.chunks_exact(32).enumerate() {
-                let (low, high) = values[64 * chunk..][..64].split_at_mut(32);
-                for ((low, high), byte) in low.iter_mut().zip(high).zip(bytes) {
-                    (*low, *high) = (byte & 0xF, byte >> 4);
-                }
-            }
-            if kind == Kind::Q5K {
-                let qh = &block[16..48];
-                for (sub, values) in values.chunks_exact_mut(32).enumerate() {
-                    for (value, bits) in values.iter_mut().zip(qh) {
-                        *value |= ((bits >> sub) & 1) << 4;
-                    }
-                }
-            }
-        }
-        Kind::Q6K => {
-            for (half, values) in values.chunks_exact_mut(128).enumerate() {
-                let ql = &block[64 * half..][..64];
-                let qh = &block[128 + 32 * half..][..32];
-                for (quarter, values) in values.chunks_exact_mut(32).enumerate() {
-                    let low = &ql[32 * (quarter % 2)..][..32];
-                    let shift = if quarter < 2 { 0 } else { 4 };
-                    for ((value, low), high) in values.iter_mut().zip(low).zip(qh) {
-                        *value = ((low >> shift) & 0xF) | ((high >> (2 * quarter)) & 3) << 4;
-                    }
-                }
-            }
-        }
-    }
-    values
 }
 
 fn portable_q4k(block: &[u8], scales: &[u8; 8], rows: [&[i8]; 4], n: usize) -> [i32; 4] {
