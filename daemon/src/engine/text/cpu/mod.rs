@@ -23,7 +23,7 @@ mod q8_0;
 pub mod quant;
 
 pub use kpacked::KPacked;
-pub use mapped::{Mapped, MappedFile, SettleOnDrop};
+pub use mapped::{Mapped, MappedFile, PromptRunning, SettleOnDrop};
 pub use packed::Packed;
 
 use candle_core::quantized::GgmlDType;
@@ -512,16 +512,20 @@ fn sink_into(
 ) -> bool {
     match source {
         Source::Packed(p) => packed::dot_into(p, first, rows8(acts), out),
-        Source::PackedK(p) => match activations(acts, quant::ActivationKind::K8) {
-            quant::Activations::K8(rows) => kpacked::dot_into(p, first, rows, out),
-            _ => unreachable!("K8 activations are K8Rows"),
+        Source::PackedK(p) => kpacked::dot_into(p, first, k8_rows(acts), out),
+        Source::Quant(dtype, bytes) => match (quant::q8_format(dtype), quant::k_kind(dtype)) {
+            (Some(format), _) => q8_0::dot_into(format, bytes, first, rows8(acts), out),
+            (None, Some(kind)) if kpacked::worth_it() => {
+                let rows = k8_rows(acts);
+                // A decode step's few rows read the file's layout faster
+                // than they could pack it.
+                if rows.rows() <= MAX_ROWS {
+                    return false;
+                }
+                kpacked::dot_file_rows(kind, bytes, first, rows, out);
+            }
+            _ => return false,
         },
-        Source::Quant(dtype, bytes) => {
-            let Some(format) = quant::q8_format(dtype) else {
-                return false;
-            };
-            q8_0::dot_into(format, bytes, first, rows8(acts), out);
-        }
         Source::F32(_) => return false,
     }
     true
@@ -532,6 +536,14 @@ fn rows8(acts: &[(quant::ActivationKind, quant::Activations)]) -> &q8_0::Q8Rows 
     match activations(acts, quant::ActivationKind::Rows8) {
         quant::Activations::Rows8(rows) => rows,
         _ => unreachable!("Rows8 activations are Q8Rows"),
+    }
+}
+
+/// The activations quantized for the k-quants.
+fn k8_rows(acts: &[(quant::ActivationKind, quant::Activations)]) -> &kquants::K8Rows {
+    match activations(acts, quant::ActivationKind::K8) {
+        quant::Activations::K8(rows) => rows,
+        _ => unreachable!("K8 activations are K8Rows"),
     }
 }
 

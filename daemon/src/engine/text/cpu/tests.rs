@@ -382,6 +382,24 @@ fn avx2_quantizing_is_the_plain_loop() {
     assert_eq!(&x[..8], &[127.0, 126.5, -126.5, 0.5, -0.5, 1.5, -2.5, 0.0]);
 }
 
+/// While a prompt runs, the repacking thread waits (after the group at
+/// hand), so that the prompt has every core; it goes on when the prompt
+/// ends.
+#[test]
+fn repacking_waits_while_a_prompt_runs() {
+    let dtype = GgmlDType::Q4K;
+    if !mapped::repacks(dtype) {
+        return; // This CPU keeps the file's layout: nothing is repacked.
+    }
+    let (_dir, matrix, _, _) = mapped_matrix(dtype, 300, 512);
+    let prompt = PromptRunning::start();
+    let later = matrix.for_products();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!is_packed(later.source()), "repacked during the prompt");
+    drop(prompt);
+    wait_for_repacking(&later);
+}
+
 /// A mapped Q8_0, Q5_0 or k-quant matrix, repacked for products, gives
 /// the file layout's sums bit for bit for a step, for every row alone,
 /// and for a prompt in chunks; its row lookups still read the file. 300
@@ -397,26 +415,47 @@ fn a_repacked_matrix_sums_as_the_file_does() {
     }
 }
 
-fn check_repacked(dtype: GgmlDType, inputs: usize) {
-    let features = 300;
+/// A `features × inputs` matrix of `dtype` written after 64 bytes of a
+/// file, then mapped: the folder, the mapped matrix, the file's blocks and
+/// the weights as they dequantize.
+fn mapped_matrix(
+    dtype: GgmlDType,
+    features: usize,
+    inputs: usize,
+) -> (tempfile::TempDir, Mapped, Vec<u8>, Vec<f32>) {
     let w = values(features * inputs, 11);
     let (words, len, dequantized) = quantized(&w, features, inputs, dtype);
-    let blocks = as_bytes(&words, len);
+    let blocks = as_bytes(&words, len).to_vec();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("weights.gguf");
     let mut bytes = vec![0u8; 64];
-    bytes.extend_from_slice(blocks);
+    bytes.extend_from_slice(&blocks);
     std::fs::write(&path, &bytes).unwrap();
     let file = MappedFile::open(&path).unwrap();
     let matrix = file.matrix(64, dtype, features, inputs).unwrap();
-    let repacks = mapped::repacks(dtype);
-    let is_packed = |s: Source| matches!(s, Source::Packed(_) | Source::PackedK(_));
-    // The thread that repacks after a load gets there on its own.
-    let later = matrix.clone().for_products();
+    (dir, matrix, blocks, dequantized)
+}
+
+fn is_packed(source: Source) -> bool {
+    matches!(source, Source::Packed(_) | Source::PackedK(_))
+}
+
+/// Waits for the thread that repacks after a load to get to `matrix`.
+fn wait_for_repacking(matrix: &Mapped) {
     let waited = std::time::Instant::now();
-    while repacks && !is_packed(later.source()) {
+    while !is_packed(matrix.source()) {
         assert!(waited.elapsed().as_secs() < 60, "never repacked");
         std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+fn check_repacked(dtype: GgmlDType, inputs: usize) {
+    let features = 300;
+    let (_dir, matrix, blocks, dequantized) = mapped_matrix(dtype, features, inputs);
+    let blocks = blocks.as_slice();
+    let repacks = mapped::repacks(dtype);
+    if repacks {
+        wait_for_repacking(&matrix.clone().for_products());
     }
     let repacked = matrix.clone().for_products();
     repacked.repack_now();
