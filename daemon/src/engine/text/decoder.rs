@@ -237,6 +237,7 @@ impl Decoder {
             return self.prefill(&all, cache);
         }
         cache.tokens.extend_from_slice(tokens);
+        // The thread that repacks CPU weights after a load waits meanwhile.
         let _running = (tokens.len() > cpu::MAX_ROWS).then(cpu::PromptRunning::start);
         let tables = self
             .ropes

@@ -339,7 +339,7 @@ static PROMPTS: AtomicUsize = AtomicUsize::new(0);
 /// core. Prompts read matrices not yet repacked through the repacked
 /// kernel anyway, packing each task's rows as it goes; with the thread
 /// working beside it, a load's first 35-token prompt (1.1B, Q4_K_M) took
-/// 0.45 to 0.7 s against 0.3 s once all was repacked.
+/// 0.48 to 0.73 s, and 0.45 to 0.48 s with it waiting.
 pub struct PromptRunning(());
 
 impl PromptRunning {
