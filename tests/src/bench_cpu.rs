@@ -20,8 +20,11 @@
 //! the helper around its `llama_decode` calls (`bench_llama.py`).
 //!
 //! Where llama.cpp's default buffer types fault on a quantized file (a
-//! virtual machine that advertises AMX but traps its instructions), the
-//! helper runs with `use_extra_bufts` off and the bench says so.
+//! virtual machine that advertises AMX but traps its instructions, or a
+//! llama.cpp built for instructions this CPU lacks), the helper runs with
+//! `use_extra_bufts` off and the bench says so, with the helper's exit
+//! status: a build for the wrong CPU fails later all the same, so the
+//! status tells which of the two it was.
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
@@ -434,18 +437,22 @@ impl LlamaSide {
     /// (AMX, and weight repacking with them) are turned off, with a note.
     fn probe(python: &str, script: &Path, files: &ModelFiles) -> Self {
         let mut quantized = files.formats.iter().filter(|f| !f.label.starts_with("f32"));
-        let faulty = quantized.find(|f| {
+        let faulty = quantized.find_map(|f| {
             let status = Command::new(python)
                 .arg(script)
                 .arg("probe")
                 .arg(&f.llama_path)
                 .stderr(Stdio::null())
                 .status();
-            !status.is_ok_and(|s| s.success())
+            match status {
+                Ok(status) if status.success() => None,
+                Ok(status) => Some((f, status.to_string())),
+                Err(e) => Some((f, e.to_string())),
+            }
         });
         let flags = match faulty {
-            Some(format) => {
-                println!("note: llama.cpp with its default buffer types fails on {} here (AMX advertised but trapped?): it runs with use_extra_bufts off (no AMX, no weight repacking)", format.label);
+            Some((format, status)) => {
+                println!("note: llama.cpp with its default buffer types fails on {} here ({status}: AMX advertised but trapped, or a build for instructions this CPU lacks?): it runs with use_extra_bufts off (no AMX, no weight repacking)", format.label);
                 vec!["--no-extra-bufts"]
             }
             None => Vec::new(),
