@@ -895,8 +895,10 @@ mod tests {
         println!("{kind:?}: packing alone {rate:.2} GB/s");
     }
 
-    /// How fast a load repacks, the copy's memory included: `cargo test
-    /// --release -p modeld --lib k_repack_rate -- --ignored --nocapture`.
+    /// How fast a load repacks, the copy's memory included, and how fast
+    /// the kernel then reads the copy, in cache and from memory, against
+    /// a plain read of the same lines: `cargo test --release -p modeld
+    /// --lib k_repack_rate -- --ignored --nocapture`.
     #[test]
     #[ignore = "a timing probe, not a check"]
     fn k_repack_rate() {
@@ -919,6 +921,58 @@ mod tests {
                 );
                 assert_eq!(packed.map(|p| p.features()), Some(features));
             }
+            let packed = KPacked::group_by_group(kind, &bytes, features, inputs, |_| true).unwrap();
+            read_rate(kind, &packed, 64, "64 rows in cache");
+            // Eight times the rows, more than the last-level cache holds.
+            let big: Vec<u8> = bytes
+                .iter()
+                .cycle()
+                .take(8 * bytes.len())
+                .copied()
+                .collect();
+            let packed =
+                KPacked::group_by_group(kind, &big, 8 * features, inputs, |_| true).unwrap();
+            read_rate(kind, &packed, 8 * features, "from memory");
+        }
+    }
+
+    /// How fast the kernel reads the repacked `features` first rows of
+    /// `packed` on one thread, for a decode step's few activation rows,
+    /// after a plain read of the same lines: on a shared machine only the
+    /// ratio of the two in one run means much.
+    fn read_rate(kind: Kind, packed: &KPacked, features: usize, what: &str) {
+        let bytes = features * packed.row_bytes();
+        let rounds = (200_000_000 / bytes).max(5);
+        let lines =
+            &packed.lines[..features / GROUP * packed.inputs / SUPER * lines_per_block(kind)];
+        let t = std::time::Instant::now();
+        for _ in 0..rounds {
+            let mut lanes = [0u64; 8];
+            for line in lines {
+                for (lane, word) in lanes.iter_mut().zip(line.0.chunks_exact(8)) {
+                    *lane = lane.wrapping_add(u64::from_le_bytes(word.try_into().unwrap()));
+                }
+            }
+            std::hint::black_box(lanes);
+        }
+        let plain = (rounds * lines.len() * 64) as f64 / t.elapsed().as_secs_f64() / 1e9;
+        println!("{kind:?}: {what}, a plain read of the lines: {plain:.1} GB/s");
+        for rows in [1, 2, 8] {
+            let x: Vec<f32> = (0..rows * packed.inputs)
+                .map(|i| (i % 17) as f32 - 8.0)
+                .collect();
+            let acts = K8Rows::quantize(&x, packed.inputs);
+            let mut got = vec![0f32; features * rows];
+            let t = std::time::Instant::now();
+            for _ in 0..rounds {
+                let mut out = FeatureMajor {
+                    out: &mut got,
+                    rows,
+                };
+                dot_into(packed, 0, &acts, &mut out);
+            }
+            let rate = (rounds * bytes) as f64 / t.elapsed().as_secs_f64() / 1e9;
+            println!("{kind:?}: {what}, {rows} rows: {rate:.1} GB/s of weights");
         }
     }
 }
