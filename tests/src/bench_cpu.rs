@@ -23,8 +23,9 @@
 //! virtual machine that advertises AMX but traps its instructions, or a
 //! llama.cpp built for instructions this CPU lacks), the helper runs with
 //! `use_extra_bufts` off and the bench says so, with the helper's exit
-//! status: a build for the wrong CPU fails later all the same, so the
-//! status tells which of the two it was.
+//! status. Only the first is helped by that: a build for instructions the
+//! CPU lacks dies again in its first decode (SIGILL), and needs a build
+//! for this CPU (BENCHMARKS gives one).
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
