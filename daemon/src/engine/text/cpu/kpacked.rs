@@ -921,9 +921,8 @@ mod tests {
                 );
                 assert_eq!(packed.map(|p| p.features()), Some(features));
             }
-            let packed = KPacked::group_by_group(kind, &bytes, features, inputs, |_| true).unwrap();
-            read_rate(kind, &packed, 64, "64 rows in cache");
-            // Eight times the rows, more than the last-level cache holds.
+            // Eight times the rows, more than the last-level cache holds;
+            // its first 64 rows stay in cache.
             let big: Vec<u8> = bytes
                 .iter()
                 .cycle()
@@ -932,7 +931,8 @@ mod tests {
                 .collect();
             let packed =
                 KPacked::group_by_group(kind, &big, 8 * features, inputs, |_| true).unwrap();
-            read_rate(kind, &packed, 8 * features, "from memory");
+            read_rate(&packed, 64, "64 rows in cache");
+            read_rate(&packed, packed.features(), "from memory");
         }
     }
 
@@ -940,7 +940,8 @@ mod tests {
     /// `packed` on one thread, for a decode step's few activation rows,
     /// after a plain read of the same lines: on a shared machine only the
     /// ratio of the two in one run means much.
-    fn read_rate(kind: Kind, packed: &KPacked, features: usize, what: &str) {
+    fn read_rate(packed: &KPacked, features: usize, what: &str) {
+        let kind = packed.kind;
         let bytes = features * packed.row_bytes();
         let rounds = (200_000_000 / bytes).max(5);
         let lines =
